@@ -1,0 +1,82 @@
+"""Loading the data set and feeding batches, serially or to a tensor-parallel group.
+
+Batches are taken in order, batch after batch, epoch after epoch, with no
+shuffle; a last partial batch is dropped, so every step sees `batch_size` rows.
+
+In a tensor-parallel run every rank of a group must see the same batch. As in
+Megatron (tensor_parallel/data.py:broadcast_data), only tensor-parallel rank 0
+reads the data; it broadcasts each batch to the rest of its group.
+"""
+
+import os
+
+import numpy as np
+import torch
+
+import parallel_state as ps
+
+
+class DataError(ValueError):
+    """A problem with the data files; the message says how to fix it."""
+
+
+def load_split(data_dir, split):
+    """(X, y) numpy arrays of the 'train' or 'valid' split."""
+    arrays = []
+    for name in (f"x{split}.npy", f"y{split}.npy"):
+        path = os.path.join(data_dir, name)
+        if not os.path.exists(path):
+            raise DataError(f"{path} not found; create the data with: python prepare_data.py --data_dir {data_dir}")
+        arrays.append(np.load(path))
+    return tuple(arrays)
+
+
+def iterate_batches(X, y, batch_size):
+    """Endless (inputs, targets) in order; the partial batch at the end of an epoch is dropped."""
+    num_batches = len(X) // batch_size
+    if num_batches == 0:
+        raise DataError(f"{len(X)} training samples are fewer than one batch of {batch_size}")
+    step = 0
+    while True:
+        start = (step % num_batches) * batch_size
+        yield X[start:start + batch_size], y[start:start + batch_size]
+        step += 1
+
+
+def to_tensors(inputs, targets, dtype, device):
+    return (torch.as_tensor(inputs).to(device=device, dtype=dtype),
+            torch.as_tensor(targets).to(device=device, dtype=dtype))
+
+
+def broadcast_batch(batch, num_rows, input_size, dtype):
+    """Tensor-parallel rank 0's (inputs, targets) on every rank of its group.
+
+    Rank 0 passes its numpy batch; the others pass None. Inputs and targets
+    travel as one (rows, input_size + 1) tensor: one broadcast, not two.
+    """
+    device = ps.get_device()
+    if ps.get_tensor_model_parallel_rank() == 0:
+        inputs, targets = to_tensors(*batch, dtype, device)
+        packed = torch.cat([inputs, targets[:, None]], dim=1)
+    else:
+        packed = torch.empty(num_rows, input_size + 1, dtype=dtype, device=device)
+    ps.broadcast(packed)
+    return packed[:, :-1], packed[:, -1]
+
+
+def broadcast_batches(train_data, batch_size, input_size, dtype):
+    """Endless batches for a tensor-parallel group: rank 0 walks (X, y) in order, all receive."""
+    source = iterate_batches(*train_data, batch_size) if train_data is not None else None
+    while True:
+        yield broadcast_batch(next(source) if source else None, batch_size, input_size, dtype)
+
+
+def broadcast_split(arrays, input_size, dtype):
+    """A whole split (e.g. the validation set) on every rank of the group, sent once.
+
+    Rank 0 passes (X, y); the others pass None and learn the row count first.
+    """
+    rank0 = ps.get_tensor_model_parallel_rank() == 0
+    num_rows = torch.tensor([len(arrays[0]) if rank0 else 0], device=ps.get_device())
+    ps.broadcast(num_rows)
+    return broadcast_batch(arrays, int(num_rows.item()), input_size, dtype)

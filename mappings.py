@@ -1,0 +1,111 @@
+"""The conjugate communication operators of the Megatron-LM paper.
+
+Megatron-LM (Shoeybi et al., 2019), Sec. 3, Fig. 3a: the MLP Y = GeLU(XA)B is
+split across ranks with two operators that are each other's transpose:
+
+    f  identity in forward,  all-reduce in backward   (before the column split)
+    g  all-reduce in forward, identity in backward    (after the row split)
+
+f and g are `copy_to_tensor_model_parallel_region` and
+`reduce_from_tensor_model_parallel_region`. The scatter/gather pair moves a
+tensor between replicated and split-along-the-last-dimension form; the layers
+use it for `gather_output=True` and `input_is_parallel=False`.
+
+Same layout as megatron/core/tensor_parallel/mappings.py: private helpers,
+one autograd Function per operator, one public lower-case wrapper each.
+"""
+
+import torch
+
+import parallel_state as ps
+
+
+def _reduce(input_):
+    """All-reduce over the tensor-parallel group (a no-op for one rank)."""
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return input_
+    ps.all_reduce(input_)
+    return input_
+
+
+def _split_along_last_dim(input_):
+    """Keep this rank's contiguous slice of the last dimension."""
+    world_size = ps.get_tensor_model_parallel_world_size()
+    if world_size == 1:
+        return input_
+    return input_.chunk(world_size, dim=-1)[ps.get_tensor_model_parallel_rank()]
+
+
+def _gather_along_last_dim(input_):
+    """Concatenate every rank's slice along the last dimension."""
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return input_
+    return ps.all_gather(input_, dim=-1)
+
+
+class _CopyToModelParallelRegion(torch.autograd.Function):
+    """f: pass the input to the model-parallel region; all-reduce the gradient."""
+
+    @staticmethod
+    def forward(ctx, input_):
+        return input_
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # Each rank holds only its columns' share of dL/dX; the true gradient is the sum.
+        # Clone: autograd may hand the same buffer to other consumers.
+        return _reduce(grad_output.clone())
+
+
+class _ReduceFromModelParallelRegion(torch.autograd.Function):
+    """g: all-reduce the input from the model-parallel region; pass the gradient."""
+
+    @staticmethod
+    def forward(ctx, input_):
+        # The partial sums Y_i B_i are fresh matmul outputs: reduce them in place.
+        ctx.mark_dirty(input_)
+        return _reduce(input_)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output
+
+
+class _ScatterToModelParallelRegion(torch.autograd.Function):
+    """Split the input along its last dimension, keep this rank's chunk; gather in backward."""
+
+    @staticmethod
+    def forward(ctx, input_):
+        return _split_along_last_dim(input_)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _gather_along_last_dim(grad_output)
+
+
+class _GatherFromModelParallelRegion(torch.autograd.Function):
+    """Gather the input from the model-parallel region and concatenate; split in backward."""
+
+    @staticmethod
+    def forward(ctx, input_):
+        return _gather_along_last_dim(input_)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _split_along_last_dim(grad_output)
+
+
+def copy_to_tensor_model_parallel_region(input_):
+    return _CopyToModelParallelRegion.apply(input_)
+
+
+def reduce_from_tensor_model_parallel_region(input_):
+    return _ReduceFromModelParallelRegion.apply(input_)
+
+
+def scatter_to_tensor_model_parallel_region(input_):
+    return _ScatterToModelParallelRegion.apply(input_)
+
+
+def gather_from_tensor_model_parallel_region(input_):
+    return _GatherFromModelParallelRegion.apply(input_)

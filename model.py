@@ -1,0 +1,45 @@
+"""The toy regression model: Linear -> ReLU -> Linear, then a Linear to one output.
+
+`mlp` is the MLP block of Megatron-LM (Shoeybi et al., 2019), Fig. 3a, with
+ReLU for GeLU and no dropout. With tensor_parallel=True the same model is
+built with fc1 split by columns and fc2 by rows; `fc` stays replicated on
+every rank. The swap happens in `MLP.__init__` and nowhere else.
+"""
+
+import torch.nn as nn
+
+from parallel_layers import ColumnParallelLinear, RowParallelLinear
+
+
+class MLP(nn.Module):
+    def __init__(self, input_size, hidden_size, tensor_parallel=False, dtype=None):
+        super().__init__()
+        if tensor_parallel:
+            # X -> f -> X A_i -> ReLU -> Y_i B_i -> g: one all-reduce in forward, one in backward.
+            fc1 = ColumnParallelLinear(input_size, hidden_size, bias=False, gather_output=False, dtype=dtype)
+            fc2 = RowParallelLinear(hidden_size, input_size, bias=False, input_is_parallel=True, dtype=dtype)
+        else:
+            fc1 = nn.Linear(input_size, hidden_size, bias=False, dtype=dtype)
+            fc2 = nn.Linear(hidden_size, input_size, bias=False, dtype=dtype)
+        self.fc1, self.relu, self.fc2 = fc1, nn.ReLU(), fc2
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+class ToyModel(nn.Module):
+    """Parameters `mlp.fc1.weight` (hidden, input), `mlp.fc2.weight` (input, hidden), `fc.weight` (1, input).
+
+    Parameters are drawn in that order from the global generator, by nn.Linear's
+    own init; seeding it the same way gives the same model for every
+    tensor-parallel size.
+    """
+
+    def __init__(self, input_size=64, hidden_size=None, tensor_parallel=False, dtype=None):
+        super().__init__()
+        hidden_size = hidden_size or 32 * input_size
+        self.mlp = MLP(input_size, hidden_size, tensor_parallel=tensor_parallel, dtype=dtype)
+        self.fc = nn.Linear(input_size, 1, bias=False, dtype=dtype)
+
+    def forward(self, x):
+        return self.fc(self.mlp(x))

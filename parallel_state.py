@@ -1,0 +1,156 @@
+"""Process groups, device choice and every collective this repo issues.
+
+Megatron-LM keeps its process groups in module-level globals behind small
+getters (megatron/core/parallel_state.py); so do we. This is also the one
+place that decides the backend (nccl on GPUs, gloo on CPU) and the device
+tensors live on, so the layers never ask which backend runs.
+
+Every collective goes through `all_reduce`, `all_gather` or `broadcast`
+below, which count the calls and bytes they send: that is how the tests and
+the benchmark check the communication against the paper's count.
+"""
+
+import os
+from collections import Counter
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_TENSOR_MODEL_PARALLEL_GROUP = None
+_DEVICE = None
+
+# comm_calls["all_reduce"] = number of calls; comm_bytes[...] = bytes each rank contributed.
+comm_calls = Counter()
+comm_bytes = Counter()
+
+
+class ParallelConfigError(ValueError):
+    """A user error in the parallel set-up; the message says what to do."""
+
+
+def choose_backend(backend: str, local_world_size: int) -> str:
+    """'auto' means nccl when every local rank can have its own GPU, gloo otherwise."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "auto":
+        return "nccl" if gpus >= local_world_size else "gloo"
+    if backend == "nccl" and gpus < local_world_size:
+        raise ParallelConfigError(
+            f"--distributed_backend nccl needs {local_world_size} CUDA GPUs on this node, "
+            f"found {gpus}; use --distributed_backend gloo (or auto) to run on CPU")
+    return backend
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> torch.device:
+    """Join the torchrun job, pick backend and device. Returns the device to use."""
+    global _DEVICE
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = choose_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if backend == "nccl":
+        # One GPU per rank, chosen before the group exists so NCCL binds to it.
+        _DEVICE = torch.device("cuda", local_rank)
+        torch.cuda.set_device(_DEVICE)
+    else:
+        _DEVICE = torch.device("cpu")
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return _DEVICE
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
+    """Split the world into tensor-parallel groups of consecutive ranks.
+
+    With 6 ranks and size 2 the groups are [0, 1], [2, 3], [4, 5], as in Megatron:
+    consecutive ranks share a node, and the tensor-parallel all-reduces are the
+    most frequent, so they should run over the fastest links.
+    """
+    global _TENSOR_MODEL_PARALLEL_GROUP
+    world_size = dist.get_world_size()
+    if world_size % tensor_model_parallel_size != 0:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by --tensor_model_parallel_size "
+            f"{tensor_model_parallel_size}; launch a multiple of it with torchrun --nproc_per_node")
+    rank = dist.get_rank()
+    for start in range(0, world_size, tensor_model_parallel_size):
+        ranks = list(range(start, start + tensor_model_parallel_size))
+        group = dist.new_group(ranks)  # every rank must create every group
+        if rank in ranks:
+            _TENSOR_MODEL_PARALLEL_GROUP = group
+
+
+def model_parallel_is_initialized() -> bool:
+    return _TENSOR_MODEL_PARALLEL_GROUP is not None
+
+
+def get_tensor_model_parallel_group():
+    assert _TENSOR_MODEL_PARALLEL_GROUP is not None, \
+        "call initialize_model_parallel() before building parallel layers"
+    return _TENSOR_MODEL_PARALLEL_GROUP
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return dist.get_world_size(group=get_tensor_model_parallel_group())
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return dist.get_rank(group=get_tensor_model_parallel_group())
+
+
+def get_tensor_model_parallel_src_rank() -> int:
+    """Global rank of this group's tensor-parallel rank 0 (the one that reads data)."""
+    tp = get_tensor_model_parallel_world_size()
+    return (dist.get_rank() // tp) * tp
+
+
+def get_device() -> torch.device:
+    return _DEVICE if _DEVICE is not None else torch.device("cpu")
+
+
+def destroy_model_parallel(barrier: bool = True) -> None:
+    """Leave the job.
+
+    The barrier matters: with gloo, a rank that tears down while its peer is
+    still in a collective can abort the peer ("terminate called without an
+    active exception"). Skip it only when peers may never reach it.
+    """
+    global _TENSOR_MODEL_PARALLEL_GROUP, _DEVICE
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+    _TENSOR_MODEL_PARALLEL_GROUP = None
+    _DEVICE = None
+
+
+# ---------------------------------------------------------------------------
+# Collectives over the tensor-parallel group, counted.
+
+def _count(op: str, tensor: torch.Tensor) -> None:
+    comm_calls[op] += 1
+    comm_bytes[op] += tensor.numel() * tensor.element_size()
+
+
+def reset_comm_stats() -> None:
+    comm_calls.clear()
+    comm_bytes.clear()
+
+
+def all_reduce(tensor: torch.Tensor, async_op: bool = False):
+    """Sum `tensor` in place over the tensor-parallel group."""
+    _count("all_reduce", tensor)
+    return dist.all_reduce(tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
+
+
+def all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along `dim`, in rank order."""
+    _count("all_gather", tensor)
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, tensor, group=get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
+def broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Send tensor-parallel rank 0's `tensor` to the rest of its group, in place."""
+    _count("broadcast", tensor)
+    dist.broadcast(tensor, get_tensor_model_parallel_src_rank(), group=get_tensor_model_parallel_group())
+    return tensor

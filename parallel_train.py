@@ -1,0 +1,134 @@
+"""Train the ToyModel with Megatron-style tensor parallelism, under torchrun.
+
+    torchrun --nproc_per_node 2 parallel_train.py --tensor_model_parallel_size 2
+
+Same model, flags and training loop as train.py. What tensor parallelism adds
+is all here: process groups, the batch broadcast from tensor-parallel rank 0,
+the check that every rank computes the same loss, and the shards put back
+together into a serial state_dict at the end.
+"""
+
+import os
+import socket
+import sys
+
+import torch
+
+import parallel_state as ps
+from data import DataError, broadcast_batches, broadcast_split, load_split
+from parallel_layers import gather_serial_state_dict
+from train import USER_ERRORS, build_model, check_data, get_args_parser, parse_args, train
+
+
+def get_parallel_args():
+    parser = get_args_parser(__doc__.splitlines()[0], out_dir="runs/tensor_parallel")
+    parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
+    parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
+    parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
+                        help="auto: nccl when each rank on a node can have a GPU, else gloo on CPU")
+    args = parse_args(parser)
+    tp = args.tensor_model_parallel_size
+    if tp <= 0:
+        parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
+    if not args.distributed_timeout_minutes > 0:
+        parser.error("--distributed_timeout_minutes must be positive")
+    if args.hidden_size % tp != 0:
+        parser.error(f"--hidden_size {args.hidden_size} is not divisible by --tensor_model_parallel_size {tp}")
+    if "RANK" not in os.environ:
+        if tp > 1:
+            parser.error(f"--tensor_model_parallel_size {tp} needs {tp} processes: launch with "
+                         f"torchrun --nproc_per_node {tp} parallel_train.py ... (or bash bash_parallel_train.sh)")
+        _single_process_env()
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size % tp != 0:
+        parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp}; "
+                     f"launch a multiple of {tp} processes")
+    return args
+
+
+def _single_process_env():
+    """Run as a job of one rank when started with plain `python` (TP=1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def load_data_on_src_rank(args):
+    """Tensor-parallel rank 0 reads the data; its group learns whether that worked.
+
+    Without the shared verdict a bad data file would leave the other ranks
+    waiting for a broadcast that never comes, until the timeout.
+    """
+    data, error = None, None
+    if ps.get_tensor_model_parallel_rank() == 0:
+        try:
+            data = load_split(args.data_dir, "train"), load_split(args.data_dir, "valid")
+            check_data(*data[0], args, "train")
+            check_data(*data[1], args, "valid")
+        except DataError as e:
+            error = e
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=ps.get_device())
+    ps.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        sys.exit(2)  # rank 0 of this group reports the error
+    return data or (None, None)
+
+
+def report_communication(calls, nbytes, args):
+    tp = args.tensor_model_parallel_size
+    print(f"Communication in one training step (measured in iteration 1, tensor-parallel size {tp}):")
+    for op in sorted(calls):
+        print(f"  {op:<10} x{calls[op]}  {nbytes[op] / 1024:8.2f} KiB per rank")
+    print(f"  Megatron-LM (Sec. 3, Fig. 3a) counts 2 all-reduces of batch x input = "
+          f"{args.batch_size}x{args.input_size} elements per MLP step: g in forward, f in backward. "
+          f"f's all-reduce of dL/dX is skipped here: X is the raw data and needs no gradient.")
+
+
+def run(args, device):
+    ps.initialize_model_parallel(args.tensor_model_parallel_size)
+    rank, tp_rank = torch.distributed.get_rank(), ps.get_tensor_model_parallel_rank()
+    model = build_model(args, tensor_parallel=True).to(device)
+
+    train_data, valid_data = load_data_on_src_rank(args)
+    batches = broadcast_batches(train_data, args.batch_size, args.input_size, args.torch_dtype)
+    valid = broadcast_split(valid_data, args.input_size, args.torch_dtype)
+
+    def gather_losses(losses):
+        gathered = ps.all_gather(losses.to(device), dim=0)
+        return gathered.view(args.tensor_model_parallel_size, -1).cpu()
+
+    # The first group's ranks print, as in the original: "Rank 0 Iter 10 Train Loss ...".
+    log_prefix = f"Rank {tp_rank} " if rank < args.tensor_model_parallel_size else None
+    rows, comm = train(model, args, batches, valid, log_prefix=log_prefix, gather_losses=gather_losses,
+                       metrics_path=os.path.join(args.out_dir, "metrics.csv") if rank == 0 else None)
+    state = gather_serial_state_dict(model)
+    if rank == 0:
+        torch.save(state, os.path.join(args.out_dir, "model.pt"))
+        report_communication(*comm, args)
+        print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt")
+
+
+def main():
+    args = get_parallel_args()
+    device = ps.init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+    try:
+        run(args, device)
+    except (*USER_ERRORS, SystemExit):
+        ps.destroy_model_parallel()  # every rank reached the same verdict: leave together
+        raise
+    except BaseException:
+        ps.destroy_model_parallel(barrier=False)  # peers may be stuck in a collective
+        raise
+    ps.destroy_model_parallel()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except USER_ERRORS as e:
+        # Every rank reaches the same error; rank 0 (which also reads the data) says it once.
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 2)
