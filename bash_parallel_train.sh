@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Train the tensor-parallel ToyModel with torchrun, with the original's settings.
+# Works on 2 GPUs (nccl) and on a machine with none (gloo, one process per "GPU").
+# Extra arguments go to parallel_train.py and override these:
+#   GPUS_PER_NODE=4 bash bash_parallel_train.sh --tensor_model_parallel_size 4
+# Multi-node: run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES,
+# and NODE_RANK = 0, 1, ...
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+DATA_DIR=${DATA_DIR:-data}
+
+# Megatron sets this so the async input-gradient all-reduce is queued on the GPU
+# before the weight-gradient matmul it overlaps with.
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-2}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+
+if [ "$NNODES" = 1 ] && [ -z "${MASTER_PORT:-}" ]; then
+    # One node: torchrun picks a free port, so two runs never collide.
+    DISTRIBUTED_ARGS=(--standalone --nproc_per_node "$GPUS_PER_NODE")
+else
+    DISTRIBUTED_ARGS=(--nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+                      --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-6000}")
+fi
+
+[ "$NODE_RANK" != 0 ] || [ -f "$DATA_DIR/xtrain.npy" ] || "$PYTHON" prepare_data.py --data_dir "$DATA_DIR"
+
+"$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" parallel_train.py \
+    --data_dir "$DATA_DIR" \
+    --input_size 64 \
+    --tensor_model_parallel_size 2 \
+    --distributed_timeout_minutes 1.0 \
+    --batch_size 32 \
+    --init_lr 0.001 \
+    --momentum 0.9 \
+    --num_iterations 200 \
+    --update_freq 10 \
+    --distributed_backend "${BACKEND:-auto}" \
+    "$@"
