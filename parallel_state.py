@@ -36,8 +36,8 @@ def choose_backend(backend: str, local_world_size: int) -> str:
         return "nccl" if gpus >= local_world_size else "gloo"
     if backend == "nccl" and gpus < local_world_size:
         raise ParallelConfigError(
-            f"--distributed_backend nccl needs {local_world_size} CUDA GPUs on this node, "
-            f"found {gpus}; use --distributed_backend gloo (or auto) to run on CPU")
+            f"--distributed_backend nccl needs a CUDA GPU for each of the {local_world_size} "
+            f"ranks on this node, found {gpus}; use --distributed_backend gloo (or auto) to run on CPU")
     return backend
 
 

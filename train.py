@@ -27,8 +27,14 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 USER_ERRORS = (DataError, ParallelConfigError, StateDictError)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line that says what is wrong, instead of the whole usage text."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args_parser(description=__doc__.splitlines()[0], out_dir="runs/serial"):
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     # The original's flags, same names; its bash scripts' values as defaults.
     p.add_argument("--input_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=32)
@@ -127,10 +133,10 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
         rows.append([it, pending[-1], valid_loss])
         if it % args.update_freq == 0:
             if log_prefix is not None:
-                print(f"{log_prefix}Iter {it} Train Loss {running:.3f}", flush=True)
+                log(f"{log_prefix}Iter {it} Train Loss {running:.3f}")
             running = 0.0
         if valid_loss is not None and log_prefix is not None:
-            print(f"{log_prefix}Iter {it} Valid Loss {valid_loss:.6f}", flush=True)
+            log(f"{log_prefix}Iter {it} Valid Loss {valid_loss:.6f}")
         if it % args.update_freq == 0 or it == args.num_iterations:
             check_ranks_agree(gather_losses(torch.tensor(pending, dtype=torch.float64)), it)
             if writer:
@@ -139,6 +145,12 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
     if writer:
         writer.close()
     return rows, first_step_comm
+
+
+def log(line):
+    """One write per line, so lines from several ranks on one terminal don't interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def check_ranks_agree(losses, iteration):

@@ -1,0 +1,132 @@
+"""End to end: the scripts as a user runs them, serial against torchrun.
+
+Measured here over the default run (200 iterations, input 64, hidden 2048,
+batch 32), serial against tensor-parallel on CPU/gloo:
+  float32  loss: at most 9.3e-7 relative (TP=2), 1.4e-6 (TP=4)
+           final weights: at most 1.2e-7 absolute (weights of size <= 0.35)
+  float64  loss: at most 3.9e-15 relative; final weights: at most 3.9e-16
+The bounds below leave about 10x over those numbers. A dropped or wrong
+all-reduce moves the loss by more than 1e-2 (and the ranks then disagree,
+which stops the run).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compare_runs import DEFAULT_RTOL, curve_difference, read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = {"float32": DEFAULT_RTOL, "float64": 5e-14}
+WEIGHT_ATOL = {"float32": 1e-6, "float64": 5e-15}
+
+
+def run(*cmd, ok=True, env=None):
+    """Run a command from the repo root; return its combined output."""
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **(env or {})})
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == ok, f"exit {proc.returncode}:\n{out}"
+    return out
+
+
+def torchrun(nproc, *args, ok=True):
+    return run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "parallel_train.py", "--tensor_model_parallel_size", str(nproc), *args, ok=ok,
+               env={"OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    run(sys.executable, "prepare_data.py", "--data_dir", str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def serial_runs(data_dir, tmp_path_factory):
+    """The default serial run, in float32 and float64."""
+    out = {}
+    for dtype in ("float32", "float64"):
+        out[dtype] = str(tmp_path_factory.mktemp(f"serial_{dtype}"))
+        log = run(sys.executable, "train.py", "--data_dir", data_dir, "--update_freq", "10",
+                  "--dtype", dtype, "--out_dir", out[dtype])
+        assert "Iter 10 Train Loss " in log and "Iter 200 Valid Loss " in log
+    return out
+
+
+def assert_same_run(serial_dir, parallel_dir, dtype):
+    a, b = read_metrics(serial_dir), read_metrics(parallel_dir)
+    assert list(a["iteration"]) == list(range(1, 201))
+    assert list(b["iteration"]) == list(range(1, 201))
+    for column in ("train_loss", "valid_loss"):
+        _, rel = curve_difference(a, b, column)
+        assert rel <= RTOL[dtype], f"{column} differs by {rel:.2e} relative"
+    # The shards, put back together, are the serial model's final weights.
+    wa = torch.load(os.path.join(serial_dir, "model.pt"))
+    wb = torch.load(os.path.join(parallel_dir, "model.pt"))
+    assert wa.keys() == wb.keys() == {"mlp.fc1.weight", "mlp.fc2.weight", "fc.weight"}
+    for name in wa:
+        err = (wa[name] - wb[name]).abs().max().item()
+        assert err <= WEIGHT_ATOL[dtype], f"final {name} differs by {err:.2e}"
+
+
+@pytest.mark.parametrize("tp,dtype", [(2, "float32"), (2, "float64"), (4, "float64")])
+def test_parallel_run_matches_serial(tp, dtype, data_dir, serial_runs, tmp_path):
+    log = torchrun(tp, "--data_dir", data_dir, "--update_freq", "10", "--dtype", dtype, "--out_dir", str(tmp_path))
+    for rank in range(tp):
+        assert f"Rank {rank} Iter 200 Train Loss " in log
+    assert "all_reduce x1" in log  # g only: f's backward all-reduce has no gradient to carry
+    assert_same_run(serial_runs[dtype], str(tmp_path), dtype)
+    out = run(sys.executable, "compare_runs.py", serial_runs[dtype], str(tmp_path))
+    assert "MATCH" in out
+
+
+def test_match_report_fails_on_a_different_curve(serial_runs, tmp_path):
+    lines = open(os.path.join(serial_runs["float32"], "metrics.csv")).read().splitlines()
+    it, loss, valid = lines[100].split(",")
+    lines[100] = f"{it},{float(loss) * (1 + 1e-4)},{valid}"  # one loss off by 1e-4 relative
+    (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    out = run(sys.executable, "compare_runs.py", serial_runs["float32"], str(tmp_path), ok=False)
+    assert "DIFFER" in out
+
+
+def test_plain_python_runs_one_rank_and_init_from_shards(data_dir, serial_runs, tmp_path):
+    """parallel_train.py without torchrun is a one-rank job; --init_from continues a run under TP=2."""
+    start = os.path.join(serial_runs["float64"], "model.pt")
+    args = ("--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "20", "--init_from", start)
+    run(sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "serial"))
+    run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1", *args, "--out_dir", str(tmp_path / "tp1"))
+    torchrun(2, *args, "--out_dir", str(tmp_path / "tp2"))
+    a = read_metrics(str(tmp_path / "serial"))
+    assert a["train_loss"][0] < 0.5  # it continued from the trained model, not from scratch
+    for other in ("tp1", "tp2"):
+        _, rel = curve_difference(a, read_metrics(str(tmp_path / other)))
+        assert rel <= RTOL["float64"], other
+
+
+def test_clear_errors(data_dir, tmp_path):
+    out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "2", ok=False)
+    assert "launch with torchrun --nproc_per_node 2" in out and "Traceback" not in out
+    out = run(sys.executable, "train.py", "--data_dir", str(tmp_path / "nowhere"), ok=False)
+    assert f"create the data with: python prepare_data.py --data_dir {tmp_path / 'nowhere'}" in out
+    assert "Traceback" not in out
+    out = torchrun(2, "--data_dir", str(tmp_path / "nowhere"), "--distributed_backend", "gloo", ok=False)
+    assert "create the data with" in out and "Traceback (most recent call last)" not in out.split("error:")[0]
+    out = run(sys.executable, "train.py", "--data_dir", data_dir, "--input_size", "32", ok=False)
+    assert "pass --input_size 64" in out
+    out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1", "--hidden_size", "0", ok=False)
+    assert "--hidden_size must be a positive integer" in out
+    out = torchrun(2, "--hidden_size", "101", ok=False)
+    assert "--hidden_size 101 is not divisible by --tensor_model_parallel_size 2" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without GPUs")
+def test_nccl_without_gpus_is_a_clear_error(data_dir):
+    out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1",
+              "--distributed_backend", "nccl", "--data_dir", data_dir, ok=False)
+    assert "error: --distributed_backend nccl needs a CUDA GPU for each of the 1 ranks on this node, found 0" in out
+    assert "Traceback" not in out
