@@ -13,30 +13,25 @@ missing or wrong communication produces (the curves then part at once, by
 """
 
 import argparse
-import csv
-import os
 import sys
 
 import numpy as np
 
+from metrics import read_metrics
+
 DEFAULT_RTOL = 1e-5
 
 
-def read_metrics(run_dir):
-    """{column: array} from run_dir/metrics.csv; empty cells are NaN."""
-    path = os.path.join(run_dir, "metrics.csv")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run the training first (bash bash_train.sh / bash_parallel_train.sh)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in rows[0]} if rows else {}
-
-
 def curve_difference(a, b, column="train_loss"):
-    """(max absolute, max relative) difference of `column` over the iterations both runs have."""
+    """(max absolute, max relative) difference of `column` over the iterations both runs have.
+
+    None when neither run has a value there (e.g. no validation loss yet).
+    """
     n = min(len(a[column]), len(b[column]))
     x, y = a[column][:n], b[column][:n]
-    keep = ~(np.isnan(x) & np.isnan(y))
+    keep = ~(np.isnan(x) & np.isnan(y))  # a value on one side only gives NaN: a difference
+    if not keep.any():
+        return None
     diff = np.abs(x[keep] - y[keep])
     return float(diff.max()), float((diff / np.abs(x[keep])).max())
 
@@ -51,17 +46,21 @@ def main(argv=None):
         a, b = read_metrics(args.reference), read_metrics(args.other)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    if len(a.get("iteration", [])) != len(b.get("iteration", [])) or not len(a.get("iteration", [])):
-        sys.exit(f"error: the runs have {len(a.get('iteration', []))} and {len(b.get('iteration', []))} "
-                 f"iterations; compare runs of the same length")
-    ok = True
+    n_a, n_b = len(a.get("iteration", [])), len(b.get("iteration", []))
+    if not n_a or not n_b:
+        sys.exit(f"error: a run has no rows ({n_a} and {n_b}); did it stop before its first log line?")
+    ok = n_a == n_b
     for column in ("train_loss", "valid_loss"):
+        if curve_difference(a, b, column) is None:
+            print(f"{column:<10}  no values in common")
+            continue
         abs_diff, rel_diff = curve_difference(a, b, column)
         ok &= bool(rel_diff <= args.rtol)  # NaN (a diverged run) fails too
         print(f"{column:<10}  max abs diff {abs_diff:.3e}  max rel diff {rel_diff:.3e}  "
               f"({'within' if rel_diff <= args.rtol else 'BEYOND'} rtol {args.rtol:g})")
-    print(f"{args.reference} and {args.other}: {'MATCH' if ok else 'DIFFER'} "
-          f"over {len(a['iteration'])} iterations")
+    length = f"over {n_a} iterations" if n_a == n_b else f"over their first {min(n_a, n_b)} iterations, and " \
+        f"the runs have {n_a} and {n_b} iterations (did one stop early?)"
+    print(f"{args.reference} and {args.other}: {'MATCH' if ok else 'DIFFER'} {length}")
     return 0 if ok else 1
 
 

@@ -16,6 +16,7 @@ import torch
 
 import parallel_state as ps
 from data import DataError, broadcast_batches, broadcast_split, load_split
+from metrics import MetricsWriter, save_config
 from parallel_layers import gather_serial_state_dict
 from train import USER_ERRORS, build_model, check_data, get_args_parser, parse_args, train
 
@@ -103,8 +104,13 @@ def run(args, device):
 
     # The first group's ranks print, as in the original: "Rank 0 Iter 10 Train Loss ...".
     log_prefix = f"Rank {tp_rank} " if rank < args.tensor_model_parallel_size else None
+    metrics = None
+    if rank == 0:
+        save_config(args.out_dir, args, device=str(device), backend=torch.distributed.get_backend(),
+                    world_size=torch.distributed.get_world_size())
+        metrics = MetricsWriter(args.out_dir, num_ranks=args.tensor_model_parallel_size)
     rows, comm = train(model, args, batches, valid, log_prefix=log_prefix, gather_losses=gather_losses,
-                       metrics_path=os.path.join(args.out_dir, "metrics.csv") if rank == 0 else None)
+                       metrics=metrics)
     state = gather_serial_state_dict(model)
     if rank == 0:
         torch.save(state, os.path.join(args.out_dir, "model.pt"))

@@ -8,7 +8,6 @@ everything that differs between the two lives there.
 """
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -17,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from data import DataError, iterate_batches, load_split, to_tensors
+from metrics import MetricsWriter, save_config
 from model import ToyModel
 from parallel_layers import StateDictError, gather_serial_state_dict, load_serial_state_dict
 import parallel_state as ps
@@ -96,21 +96,20 @@ def evaluate(model, inputs, targets, chunk_rows=1024):
     return nn.functional.mse_loss(outputs, targets).item()
 
 
-def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[None], metrics_path=None):
+def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[None], metrics=None):
     """The training loop shared by train.py and parallel_train.py.
 
     batches: endless iterator of (inputs, targets) tensors.
     valid: (inputs, targets) of the validation set.
     gather_losses: maps this rank's recent losses, shape (k,), to every
         tensor-parallel rank's, shape (tp, k); they must agree exactly.
-    metrics_path: where to write metrics.csv, or None on ranks that don't write.
+    metrics: a MetricsWriter, or None on ranks that don't write.
     log_prefix: put before each printed line; None prints nothing.
     Returns the rows (iteration, train_loss, valid_loss or None) and the
     collectives of iteration 1, as (calls, bytes) counters.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=args.init_lr, momentum=args.momentum)
     loss_fn = nn.MSELoss()
-    writer = MetricsWriter(metrics_path) if metrics_path else None
     rows, pending, running = [], [], 0.0
     model.train()
     for it in range(1, args.num_iterations + 1):
@@ -138,12 +137,13 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
         if valid_loss is not None and log_prefix is not None:
             log(f"{log_prefix}Iter {it} Valid Loss {valid_loss:.6f}")
         if it % args.update_freq == 0 or it == args.num_iterations:
-            check_ranks_agree(gather_losses(torch.tensor(pending, dtype=torch.float64)), it)
-            if writer:
-                writer.write(rows[-len(pending):])
+            rank_losses = gather_losses(torch.tensor(pending, dtype=torch.float64))
+            if metrics:  # written before the check, so a disagreement is on disk to look at
+                metrics.write(rows[-len(pending):], rank_losses)
+            check_ranks_agree(rank_losses, it)
             pending = []
-    if writer:
-        writer.close()
+    if metrics:
+        metrics.close()
     return rows, first_step_comm
 
 
@@ -160,24 +160,6 @@ def check_ranks_agree(losses, iteration):
                            f"{losses[:, -1].tolist()}; the replicated parameters have drifted apart")
 
 
-class MetricsWriter:
-    """metrics.csv: iteration,train_loss,valid_loss; rows flushed as they come."""
-
-    def __init__(self, path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.file = open(path, "w", newline="")
-        self.csv = csv.writer(self.file)
-        self.csv.writerow(["iteration", "train_loss", "valid_loss"])
-
-    def write(self, rows):
-        # repr() of a float round-trips exactly: float64 curves can be compared at 1e-15.
-        self.csv.writerows([[it, repr(loss), "" if v is None else repr(v)] for it, loss, v in rows])
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
 def main():
     args = parse_args(get_args_parser())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,7 +171,8 @@ def main():
     batches = (to_tensors(xb, yb, args.torch_dtype, device) for xb, yb in iterate_batches(X, y, args.batch_size))
     valid = to_tensors(Xv, yv, args.torch_dtype, device)
 
-    rows, _ = train(model, args, batches, valid, metrics_path=os.path.join(args.out_dir, "metrics.csv"))
+    save_config(args.out_dir, args, device=str(device), tensor_model_parallel_size=1)
+    rows, _ = train(model, args, batches, valid, metrics=MetricsWriter(args.out_dir))
     torch.save(gather_serial_state_dict(model), os.path.join(args.out_dir, "model.pt"))
     if not math.isfinite(rows[-1][1]):
         print(f"warning: the final train loss is {rows[-1][1]}; lower --init_lr", file=sys.stderr)

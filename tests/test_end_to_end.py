@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from compare_runs import DEFAULT_RTOL, curve_difference, read_metrics
+from compare_runs import DEFAULT_RTOL, curve_difference
+from metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = {"float32": DEFAULT_RTOL, "float64": 5e-14}
@@ -92,6 +93,17 @@ def test_match_report_fails_on_a_different_curve(serial_runs, tmp_path):
     (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
     out = run(sys.executable, "compare_runs.py", serial_runs["float32"], str(tmp_path), ok=False)
     assert "DIFFER" in out
+
+
+@pytest.mark.parametrize("kind", ["drop", "average"])
+def test_match_report_catches_a_broken_all_reduce(kind, data_dir, serial_runs, tmp_path):
+    # Dropping g's sum makes the ranks' losses disagree: the run stops at its first check (iteration 10).
+    # Averaging keeps them equal, so the run finishes, on another curve.
+    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "tests/break_all_reduce.py", kind, "--data_dir", data_dir, "--update_freq", "10", "--out_dir", str(tmp_path),
+        ok=kind == "average", env={"OMP_NUM_THREADS": "1"})
+    report = run(sys.executable, "compare_runs.py", serial_runs["float32"], str(tmp_path), ok=False)
+    assert "DIFFER" in report and "BEYOND" in report
 
 
 def test_plain_python_runs_one_rank_and_init_from_shards(data_dir, serial_runs, tmp_path):

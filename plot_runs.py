@@ -1,0 +1,137 @@
+"""Loss-curve pictures of a serial and a tensor-parallel run, written to assets/.
+
+    python plot_runs.py runs/serial runs/tensor_parallel
+
+non_parallel.png     the serial run: train loss each iteration, validation loss
+tensor_parallel.png  the parallel run: every tensor-parallel rank's train loss
+comparison.png       both runs overlaid and, beneath, |serial - parallel| per
+                     iteration on a log axis, with its maximum
+"""
+
+import argparse
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from compare_runs import curve_difference  # noqa: E402
+from metrics import read_config, read_metrics  # noqa: E402
+
+SERIAL_COLOR, PARALLEL_COLOR, VALID_COLOR = "#1f77b4", "#d62728", "#2ca02c"
+
+
+def describe(config):
+    """'input 64, hidden 2048, batch 32, float32, lr 0.001' plus the parallel set-up."""
+    if not config:
+        return "configuration unknown (no config.json)"
+    text = (f"input {config['input_size']}, hidden {config['hidden_size']}, batch {config['batch_size']}, "
+            f"{config['dtype']}, lr {config['init_lr']:g}")
+    if "backend" in config:
+        text += f", TP={config['tensor_model_parallel_size']} over {config['backend']} ({config['device'].split(':')[0]})"
+    return text
+
+
+def rank_columns(metrics):
+    return sorted((k for k in metrics if k.startswith("train_loss_rank")), key=lambda k: int(k[15:]))
+
+
+def plot_losses(ax, metrics, color, label, valid_label, **style):
+    ax.plot(metrics["iteration"], metrics["train_loss"], color=color, label=label, **style)
+    evaluated = ~np.isnan(metrics["valid_loss"])
+    if evaluated.any():
+        ax.plot(metrics["iteration"][evaluated], metrics["valid_loss"][evaluated], "o", ms=7,
+                mfc="none", mec=color if valid_label is None else VALID_COLOR, label=valid_label)
+
+
+def style_loss_axes(ax, title):
+    ax.set_yscale("log")  # the loss falls by two orders of magnitude
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("MSE loss (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+
+
+def plot_serial(serial, config, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_losses(ax, serial, SERIAL_COLOR, "train loss (each iteration)", "validation loss")
+    style_loss_axes(ax, f"Serial ToyModel\n{describe(config)}")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_parallel(parallel, config, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    columns = rank_columns(parallel) or ["train_loss"]
+    colors = plt.cm.tab10(np.arange(len(columns)))
+    for i, (column, color) in enumerate(zip(columns, colors)):
+        # Wider lines underneath, so ranks that agree (they must) stay visible on top of each other.
+        ax.plot(parallel["iteration"], parallel[column], color=color, lw=1.5 + 2.5 * (len(columns) - 1 - i),
+                alpha=0.8, label=f"rank {column[15:] or 0} train loss")
+    equal = all(np.array_equal(parallel[c], parallel[columns[0]]) for c in columns)
+    ax.text(0.02, 0.03, f"{len(columns)} ranks' losses bitwise equal: {'yes' if equal else 'NO'}",
+            transform=ax.transAxes, fontsize=9)
+    style_loss_axes(ax, f"Tensor-parallel ToyModel, every rank\n{describe(config)}")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_comparison(serial, parallel, configs, path):
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    plot_losses(top, serial, SERIAL_COLOR, "serial", None, lw=5, alpha=0.35)
+    plot_losses(top, parallel, PARALLEL_COLOR, "tensor-parallel", None, lw=1.3, ls="--")
+    style_loss_axes(top, f"Serial vs tensor-parallel (circles: validation loss)\n{describe(configs[1])}")
+    top.set_xlabel("")
+
+    n = min(len(serial["iteration"]), len(parallel["iteration"]))
+    diff = np.abs(serial["train_loss"][:n] - parallel["train_loss"][:n])
+    it = serial["iteration"][:n]
+    exact = diff == 0  # can't go on a log axis: counted in the legend instead
+    bottom.semilogy(it[~exact], diff[~exact], ".", color="black", ms=4,
+                    label=f"|serial - parallel| train loss ({exact.sum()} of {n} iterations exactly 0)")
+    i = int(np.argmax(diff))
+    _, max_rel = curve_difference(serial, parallel)  # the numbers compare_runs.py reports
+    bottom.annotate(f"max {diff[i]:.2e} at iteration {int(it[i])}\n(max relative difference {max_rel:.2e})",
+                    xy=(it[i], diff[i]), xytext=(0.03, 0.08), textcoords="axes fraction", fontsize=9,
+                    arrowprops=dict(arrowstyle="->", color="gray"))
+    bottom.set_xlabel("iteration")
+    bottom.set_ylabel("absolute difference")
+    bottom.grid(True, which="both", alpha=0.3)
+    bottom.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def save(fig, path):
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)  # a reader never sees a half-written picture
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("serial", nargs="?", default="runs/serial")
+    p.add_argument("parallel", nargs="?", default="runs/tensor_parallel")
+    p.add_argument("--assets", default="assets", help="where the PNGs go")
+    args = p.parse_args(argv)
+    try:
+        serial, parallel = read_metrics(args.serial), read_metrics(args.parallel)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    if not len(serial.get("iteration", [])) or not len(parallel.get("iteration", [])):
+        sys.exit("error: a metrics.csv has no rows; did its run stop at the start?")
+    configs = read_config(args.serial), read_config(args.parallel)
+    os.makedirs(args.assets, exist_ok=True)
+    plot_serial(serial, configs[0], os.path.join(args.assets, "non_parallel.png"))
+    plot_parallel(parallel, configs[1], os.path.join(args.assets, "tensor_parallel.png"))
+    plot_comparison(serial, parallel, configs, os.path.join(args.assets, "comparison.png"))
+
+
+if __name__ == "__main__":
+    main()

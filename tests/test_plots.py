@@ -1,0 +1,61 @@
+"""The pictures: plot_runs.py and draw_diagram.py write legible PNGs from a run's files."""
+
+import argparse
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+import draw_diagram
+import plot_runs
+from metrics import MetricsWriter, save_config
+
+
+def fake_run(out_dir, num_ranks, offset=0.0):
+    """A 30-iteration run on disk, as train.py / parallel_train.py write it."""
+    args = argparse.Namespace(input_size=64, hidden_size=2048, batch_size=32, dtype="float32", init_lr=0.001,
+                              tensor_model_parallel_size=num_ranks, torch_dtype=torch.float32)
+    extra = {"backend": "gloo", "device": "cpu"} if num_ranks > 1 else {"device": "cpu"}
+    save_config(str(out_dir), args, **extra)
+    writer = MetricsWriter(str(out_dir), num_ranks=num_ranks)
+    losses = 50 * np.exp(-np.arange(1, 31) / 8) + offset
+    rows = [[it, float(loss), float(loss) if it % 10 == 0 else None] for it, loss in zip(range(1, 31), losses)]
+    writer.write(rows, torch.tensor(losses).expand(num_ranks, -1))
+    writer.close()
+
+
+def png_shape(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return matplotlib.image.imread(path).shape
+
+
+def test_plot_runs_writes_three_pictures(tmp_path):
+    fake_run(tmp_path / "serial", 1)
+    fake_run(tmp_path / "parallel", 2, offset=1e-6)
+    plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--assets", str(tmp_path / "assets")])
+    for name in ("non_parallel.png", "tensor_parallel.png", "comparison.png"):
+        height, width, _ = png_shape(tmp_path / "assets" / name)
+        assert width >= 700 and height >= 450, (name, width, height)
+    assert not list((tmp_path / "assets").glob("*.tmp.png"))  # written atomically
+
+
+def test_plot_runs_needs_runs(tmp_path):
+    with pytest.raises(SystemExit, match="run the training first"):
+        plot_runs.main([str(tmp_path / "nothing"), str(tmp_path / "nothing"), "--assets", str(tmp_path)])
+
+
+def test_diagram_for_any_tensor_parallel_size(tmp_path):
+    heights = []
+    for tp in (1, 2, 4):
+        out = tmp_path / f"toy{tp}.png"
+        draw_diagram.main(["--tp", str(tp), "--out", str(out)])
+        height, width, _ = png_shape(out)
+        assert width >= 1500, width
+        heights.append(height)
+    assert heights == sorted(heights) and len(set(heights)) == 3  # a row per rank
+
+
+def test_diagram_refuses_a_split_that_does_not_divide(tmp_path):
+    with pytest.raises(SystemExit):
+        draw_diagram.main(["--tp", "3", "--out", str(tmp_path / "x.png")])
