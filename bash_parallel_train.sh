@@ -13,6 +13,8 @@ DATA_DIR=${DATA_DIR:-data}
 # Megatron sets this so the async input-gradient all-reduce is queued on the GPU
 # before the weight-gradient matmul it overlaps with.
 export CUDA_DEVICE_MAX_CONNECTIONS=1
+# One thread per rank: torchrun's own default, set here so it doesn't print a banner about it.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-2}
 NNODES=${NNODES:-1}
@@ -26,9 +28,25 @@ else
                       --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-6000}")
 fi
 
+if [ "$NODE_RANK" = 0 ] && [ -n "${MASTER_PORT:-}" ]; then
+    # torchrun would fail with a long traceback; say it in one line instead.
+    "$PYTHON" - "$MASTER_PORT" <<'PY' || exit 2
+import socket, sys
+port = int(sys.argv[1])
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torchrun's store does
+    try:
+        s.bind(("", port))
+    except OSError:
+        sys.exit(f"error: MASTER_PORT {port} is already in use (another run?); choose a free port, "
+                 f"or on one node leave MASTER_PORT unset and torchrun picks one")
+PY
+fi
+
 [ "$NODE_RANK" != 0 ] || [ -f "$DATA_DIR/xtrain.npy" ] || "$PYTHON" prepare_data.py --data_dir "$DATA_DIR"
 
-"$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" parallel_train.py \
+# scripts/launch.py is torchrun with a one-line failure report (see its docstring).
+"$PYTHON" scripts/launch.py "${DISTRIBUTED_ARGS[@]}" parallel_train.py \
     --data_dir "$DATA_DIR" \
     --input_size 64 \
     --tensor_model_parallel_size 2 \

@@ -21,14 +21,46 @@ class DataError(ValueError):
 
 
 def load_split(data_dir, split):
-    """(X, y) numpy arrays of the 'train' or 'valid' split."""
+    """(X, y) numpy arrays of the 'train' or 'valid' split, as files, unchecked."""
+    command = f"python prepare_data.py --data_dir {data_dir}"
     arrays = []
     for name in (f"x{split}.npy", f"y{split}.npy"):
         path = os.path.join(data_dir, name)
-        if not os.path.exists(path):
-            raise DataError(f"{path} not found; create the data with: python prepare_data.py --data_dir {data_dir}")
-        arrays.append(np.load(path))
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found; create the data with: {command}")
+        try:
+            arrays.append(np.load(path, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, or pickled objects
+            raise DataError(f"{path} is not a readable .npy array ({e}); recreate the data with: {command}") from None
     return tuple(arrays)
+
+
+def check_split(X, y, split, input_size, min_rows, data_dir):
+    """The checks that make a bad file an error here rather than a crash deep in torch."""
+    remedy = f"recreate it with: python prepare_data.py --data_dir {data_dir}"
+    if X.ndim != 2 or X.shape[1] != input_size:
+        raise DataError(f"{split} inputs have shape {list(X.shape)} but --input_size is {input_size}; "
+                        f"pass --input_size {X.shape[-1]} or recreate the data with prepare_data.py --input_size")
+    if y.ndim != 1 or len(X) != len(y):
+        raise DataError(f"the {split} set has {len(X)} inputs but targets of shape {list(y.shape)}; {remedy}")
+    for name, a in (("inputs", X), ("targets", y)):
+        if a.dtype.kind not in "fiu":
+            raise DataError(f"{split} {name} have dtype {a.dtype}, not numbers; {remedy}")
+        if not np.isfinite(a).all():
+            raise DataError(f"{split} {name} contain {np.count_nonzero(~np.isfinite(a))} NaN or infinite values; "
+                            f"{remedy}")
+    if len(X) < min_rows:
+        raise DataError(f"the {split} set has {len(X)} samples, fewer than {min_rows}"
+                        f"{' (one batch): lower --batch_size' if split == 'train' else ''} or make more data "
+                        f"with prepare_data.py --num_samples")
+
+
+def load_dataset(data_dir, input_size, batch_size):
+    """((X, y) train, (X, y) valid), checked: right shapes, finite numbers, at least one batch."""
+    train, valid = load_split(data_dir, "train"), load_split(data_dir, "valid")
+    check_split(*train, "train", input_size, batch_size, data_dir)
+    check_split(*valid, "valid", input_size, 1, data_dir)
+    return train, valid
 
 
 def iterate_batches(X, y, batch_size):

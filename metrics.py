@@ -1,38 +1,82 @@
-"""A run's record on disk: metrics.csv (one row per iteration) and config.json.
+"""A run's record on disk: metrics.csv, config.json and model.pt in its --out_dir.
 
 metrics.csv columns: iteration, train_loss, valid_loss (empty where not
 evaluated), and in a tensor-parallel run train_loss_rank0 ... rankN-1, each
 rank's own loss (they must be equal: it is how a reader sees that they are).
+
+Every file is replaced atomically (written to a temporary name, then
+renamed), so a reader, a plot or a crash never sees half a file.
 """
 
 import csv
+import io
 import json
 import os
+import time
 
 import numpy as np
+import torch
+
+RUN_FILES = ("metrics.csv", "config.json", "model.pt")
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 class MetricsWriter:
-    """Writes metrics.csv, flushing rows as they come."""
+    """Starts a run's record in out_dir and keeps metrics.csv up to date.
 
-    def __init__(self, out_dir, num_ranks=1):
+    An earlier run's files in out_dir are removed first (with a message), so
+    two runs' rows never mix. Rows are kept in memory; the file is rewritten
+    at most every `min_interval_s` seconds and on close, which bounds the
+    cost of long runs and still leaves every row on disk when a run stops.
+    """
+
+    def __init__(self, out_dir, config, num_ranks=1, min_interval_s=2.0):
         os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, "metrics.csv"), "w", newline="")
-        self.csv = csv.writer(self.file)
+        earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+        if earlier:
+            print(f"note: {out_dir} holds an earlier run ({', '.join(earlier)}); starting it afresh")
+            for name in earlier:
+                os.remove(os.path.join(out_dir, name))
+        atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+        self.path = os.path.join(out_dir, "metrics.csv")
         ranks = [f"train_loss_rank{r}" for r in range(num_ranks)] if num_ranks > 1 else []
-        self.csv.writerow(["iteration", "train_loss", "valid_loss", *ranks])
-        self.num_ranks = num_ranks
+        self.rows = [["iteration", "train_loss", "valid_loss", *ranks]]
+        self.num_ranks, self.min_interval_s, self.last_flush = num_ranks, min_interval_s, float("-inf")
 
     def write(self, rows, rank_losses):
-        """rows: [iteration, train_loss, valid_loss or None]; rank_losses: (ranks, len(rows))."""
+        """rows: [iteration, train_loss, valid_loss or None]; rank_losses: (ranks, len(rows)) or None."""
+        per_rank = rank_losses.t().tolist() if rank_losses is not None else [[""] * self.num_ranks] * len(rows)
         # repr() of a float round-trips exactly: float64 curves can be compared at 1e-15.
-        for (it, loss, valid), per_rank in zip(rows, rank_losses.t().tolist()):
-            ranks = [repr(x) for x in per_rank] if self.num_ranks > 1 else []
-            self.csv.writerow([it, repr(loss), "" if valid is None else repr(valid), *ranks])
-        self.file.flush()
+        for (it, loss, valid), losses in zip(rows, per_rank):
+            ranks = [repr(x) if x != "" else "" for x in losses] if self.num_ranks > 1 else []
+            self.rows.append([it, repr(loss), "" if valid is None else repr(valid), *ranks])
+        if time.monotonic() - self.last_flush >= self.min_interval_s:
+            self.flush()
+
+    def flush(self):
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(self.rows)
+        atomic_write(self.path, lambda f: f.write(text.getvalue().encode()))
+        self.last_flush = time.monotonic()
 
     def close(self):
-        self.file.close()
+        self.flush()
+
+
+def run_config(args, **extra):
+    """The flags and set-up of a run, as written to config.json (for plot titles and readers)."""
+    return {**{k: v for k, v in vars(args).items() if k != "torch_dtype"}, **extra}
+
+
+def save_model(state_dict, out_dir):
+    atomic_write(os.path.join(out_dir, "model.pt"), lambda f: torch.save(state_dict, f))
 
 
 def read_metrics(run_dir):
@@ -45,14 +89,6 @@ def read_metrics(run_dir):
         reader = csv.DictReader(f)
         rows = list(reader)
     return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in reader.fieldnames or []}
-
-
-def save_config(out_dir, args, **extra):
-    """config.json: the flags and set-up of a run, for plot titles and for a reader."""
-    config = {k: v for k, v in vars(args).items() if k != "torch_dtype"}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({**config, **extra}, f, indent=2)
 
 
 def read_config(run_dir):

@@ -11,6 +11,7 @@ the benchmark check the communication against the paper's count.
 """
 
 import os
+import sys
 from collections import Counter
 from datetime import timedelta
 
@@ -121,6 +122,18 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     _DEVICE = None
 
 
+def exit_now(code: int) -> None:
+    """Leave at once, without tearing the process group down.
+
+    For when peers may be gone or stuck mid-collective (a failure, Ctrl-C):
+    Python's normal shutdown would destroy gloo's threads in the middle of an
+    operation and abort ("terminate called without an active exception").
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 # ---------------------------------------------------------------------------
 # Collectives over the tensor-parallel group, counted.
 
@@ -134,10 +147,10 @@ def reset_comm_stats() -> None:
     comm_bytes.clear()
 
 
-def all_reduce(tensor: torch.Tensor, async_op: bool = False):
-    """Sum `tensor` in place over the tensor-parallel group."""
+def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None):
+    """Sum `tensor` in place over the tensor-parallel group (or `group`)."""
     _count("all_reduce", tensor)
-    return dist.all_reduce(tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
+    return dist.all_reduce(tensor, group=group or get_tensor_model_parallel_group(), async_op=async_op)
 
 
 def all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:

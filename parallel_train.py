@@ -8,31 +8,35 @@ the check that every rank computes the same loss, and the shards put back
 together into a serial state_dict at the end.
 """
 
+import math
 import os
 import socket
 import sys
+import traceback
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 import parallel_state as ps
-from data import DataError, broadcast_batches, broadcast_split, load_split
-from metrics import MetricsWriter, save_config
+from data import DataError, broadcast_batches, broadcast_split, load_dataset
+from metrics import MetricsWriter, run_config, save_model
 from parallel_layers import gather_serial_state_dict
-from train import USER_ERRORS, build_model, check_data, get_args_parser, parse_args, train
+from train import USER_ERRORS, build_model, get_args_parser, parse_args, run_cli, train
 
 
-def get_parallel_args():
-    parser = get_args_parser(__doc__.splitlines()[0], out_dir="runs/tensor_parallel")
+def get_parallel_args(argv=None):
+    """Flags, checked before any process-group work, identically on every rank."""
+    parser = get_args_parser("parallel_train.py", __doc__.splitlines()[0], out_dir="runs/tensor_parallel")
     parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
     parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
     parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
                         help="auto: nccl when each rank on a node can have a GPU, else gloo on CPU")
-    args = parse_args(parser)
+    args = parse_args(parser, argv)
     tp = args.tensor_model_parallel_size
     if tp <= 0:
         parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
-    if not args.distributed_timeout_minutes > 0:
-        parser.error("--distributed_timeout_minutes must be positive")
+    if not (args.distributed_timeout_minutes > 0 and math.isfinite(args.distributed_timeout_minutes)):
+        parser.error(f"--distributed_timeout_minutes must be a positive number, got {args.distributed_timeout_minutes}")
     if args.hidden_size % tp != 0:
         parser.error(f"--hidden_size {args.hidden_size} is not divisible by --tensor_model_parallel_size {tp}")
     if "RANK" not in os.environ:
@@ -41,6 +45,9 @@ def get_parallel_args():
                          f"torchrun --nproc_per_node {tp} parallel_train.py ... (or bash bash_parallel_train.sh)")
         _single_process_env()
     world_size = int(os.environ["WORLD_SIZE"])
+    if tp > world_size:
+        parser.error(f"--tensor_model_parallel_size {tp} is larger than the {world_size} processes launched; "
+                     f"launch {tp} (torchrun --nproc_per_node {tp}, or GPUS_PER_NODE={tp} for the bash script)")
     if world_size % tp != 0:
         parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp}; "
                      f"launch a multiple of {tp} processes")
@@ -57,26 +64,25 @@ def _single_process_env():
 
 
 def load_data_on_src_rank(args):
-    """Tensor-parallel rank 0 reads the data; its group learns whether that worked.
+    """Tensor-parallel rank 0 reads the data; every rank learns whether that worked.
 
     Without the shared verdict a bad data file would leave the other ranks
-    waiting for a broadcast that never comes, until the timeout.
+    waiting for a broadcast that never comes, until the timeout. It goes over
+    the whole world, so that every group stops if one cannot start.
     """
-    data, error = None, None
+    data, error = (None, None), None
     if ps.get_tensor_model_parallel_rank() == 0:
         try:
-            data = load_split(args.data_dir, "train"), load_split(args.data_dir, "valid")
-            check_data(*data[0], args, "train")
-            check_data(*data[1], args, "valid")
+            data = load_dataset(args.data_dir, args.input_size, args.batch_size)
         except DataError as e:
             error = e
     failed = torch.tensor([error is not None], dtype=torch.int32, device=ps.get_device())
-    ps.all_reduce(failed)
+    ps.all_reduce(failed, group=torch.distributed.group.WORLD)
     if error is not None:
         raise error
     if failed.item():
-        sys.exit(2)  # rank 0 of this group reports the error
-    return data or (None, None)
+        sys.exit(2)  # the rank that read the bad data reports it
+    return data
 
 
 def report_communication(calls, nbytes, args):
@@ -85,8 +91,8 @@ def report_communication(calls, nbytes, args):
     for op in sorted(calls):
         print(f"  {op:<10} x{calls[op]}  {nbytes[op] / 1024:8.2f} KiB per rank")
     print(f"  Megatron-LM (Sec. 3, Fig. 3a) counts 2 all-reduces of batch x input = "
-          f"{args.batch_size}x{args.input_size} elements per MLP step: g in forward, f in backward. "
-          f"f's all-reduce of dL/dX is skipped here: X is the raw data and needs no gradient.")
+          f"{args.batch_size}x{args.input_size} elements per MLP step: g in forward, f in backward.\n"
+          f"  f's all-reduce of dL/dX is skipped here: X is the raw data and needs no gradient.")
 
 
 def run(args, device):
@@ -106,14 +112,14 @@ def run(args, device):
     log_prefix = f"Rank {tp_rank} " if rank < args.tensor_model_parallel_size else None
     metrics = None
     if rank == 0:
-        save_config(args.out_dir, args, device=str(device), backend=torch.distributed.get_backend(),
-                    world_size=torch.distributed.get_world_size())
-        metrics = MetricsWriter(args.out_dir, num_ranks=args.tensor_model_parallel_size)
-    rows, comm = train(model, args, batches, valid, log_prefix=log_prefix, gather_losses=gather_losses,
-                       metrics=metrics)
+        config = run_config(args, device=str(device), backend=torch.distributed.get_backend(),
+                            world_size=torch.distributed.get_world_size())
+        metrics = MetricsWriter(args.out_dir, config, num_ranks=args.tensor_model_parallel_size)
+    _, comm = train(model, args, batches, valid, log_prefix=log_prefix, gather_losses=gather_losses,
+                    metrics=metrics)
     state = gather_serial_state_dict(model)
     if rank == 0:
-        torch.save(state, os.path.join(args.out_dir, "model.pt"))
+        save_model(state, args.out_dir)
         report_communication(*comm, args)
         print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt")
 
@@ -126,15 +132,33 @@ def main():
     except (*USER_ERRORS, SystemExit):
         ps.destroy_model_parallel()  # every rank reached the same verdict: leave together
         raise
-    except BaseException:
-        ps.destroy_model_parallel(barrier=False)  # peers may be stuck in a collective
-        raise
+    except Exception as e:
+        die_first_error_first(e)
     ps.destroy_model_parallel()
 
 
+def die_first_error_first(error):
+    """Report an unexpected error on this rank, then exit at once.
+
+    This rank's exit is what wakes its peers, who are waiting in a collective:
+    they fail with "connection reset by peer", and torchrun stops the rest. So
+    the real error is printed before exiting, and a rank that only lost a peer
+    says so in one line instead of a second, misleading traceback.
+    """
+    rank = torch.distributed.get_rank()
+    if "by peer" in str(error):  # gloo's words when the other end of a collective went away
+        print(f"error: rank {rank} lost a peer in a collective ({str(error).split('. ')[0].split('] ')[-1]}); "
+              f"another rank failed first", file=sys.stderr, flush=True)
+    else:
+        print(f"rank {rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+    ps.exit_now(1)  # no teardown: peers are stuck in a collective this rank will never join
+
+
+@record  # a bug's traceback (not a user error's: those exit with one line) reaches torchrun's summary
+def cli():
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as e:
-        # Every rank reaches the same error; rank 0 (which also reads the data) says it once.
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 2)
+    cli()

@@ -10,21 +10,28 @@ everything that differs between the two lives there.
 import argparse
 import math
 import os
+import signal
 import sys
 
 import torch
 import torch.nn as nn
 
-from data import DataError, iterate_batches, load_split, to_tensors
-from metrics import MetricsWriter, save_config
+import parallel_state as ps
+from data import DataError, iterate_batches, load_dataset, to_tensors
+from metrics import MetricsWriter, run_config, save_model
 from model import ToyModel
 from parallel_layers import StateDictError, gather_serial_state_dict, load_serial_state_dict
-import parallel_state as ps
 from parallel_state import ParallelConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Mistakes a user can make: reported in one line, no traceback.
-USER_ERRORS = (DataError, ParallelConfigError, StateDictError)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the loss is not finite, or ranks disagree); the message says why."""
+
+
+# What a user can cause: reported in one line, without a traceback.
+USER_ERRORS = (DataError, ParallelConfigError, StateDictError, TrainingStopped)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -33,8 +40,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def get_args_parser(description=__doc__.splitlines()[0], out_dir="runs/serial"):
-    p = ArgumentParser(description=description)
+def get_args_parser(prog="train.py", description=__doc__.splitlines()[0], out_dir="runs/serial"):
+    p = ArgumentParser(prog=prog, description=description)
     # The original's flags, same names; its bash scripts' values as defaults.
     p.add_argument("--input_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=32)
@@ -60,8 +67,8 @@ def parse_args(parser, argv=None):
     for name in ("input_size", "hidden_size", "batch_size", "num_iterations", "update_freq", "eval_interval"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if not args.init_lr > 0:
-        parser.error(f"--init_lr must be positive, got {args.init_lr}")
+    if not (args.init_lr > 0 and math.isfinite(args.init_lr)):
+        parser.error(f"--init_lr must be a positive number, got {args.init_lr}")
     if not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.init_from and not os.path.isfile(args.init_from):
@@ -75,16 +82,16 @@ def build_model(args, tensor_parallel=False):
     torch.manual_seed(args.seed)
     model = ToyModel(args.input_size, args.hidden_size, tensor_parallel=tensor_parallel, dtype=args.torch_dtype)
     if args.init_from:
-        load_serial_state_dict(model, torch.load(args.init_from, map_location="cpu", weights_only=True))
+        try:
+            state_dict = torch.load(args.init_from, map_location="cpu", weights_only=True)
+        except Exception as e:  # any unreadable file: a zip error, an unpickling error, ...
+            raise StateDictError(f"--init_from {args.init_from} is not a state_dict saved with torch.save "
+                                 f"({type(e).__name__}); use a model.pt written by train.py") from None
+        if not isinstance(state_dict, dict):
+            raise StateDictError(f"--init_from {args.init_from} holds a {type(state_dict).__name__}, "
+                                 f"not a state_dict; use a model.pt written by train.py")
+        load_serial_state_dict(model, state_dict)
     return model
-
-
-def check_data(X, y, args, split):
-    if X.ndim != 2 or X.shape[1] != args.input_size:
-        raise DataError(f"{split} inputs have shape {list(X.shape)} but --input_size is {args.input_size}; "
-                        f"pass --input_size {X.shape[-1]} or recreate the data with prepare_data.py --input_size")
-    if len(X) != len(y):
-        raise DataError(f"{split} set has {len(X)} inputs but {len(y)} targets; recreate it with prepare_data.py")
 
 
 @torch.no_grad()
@@ -112,38 +119,47 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
     loss_fn = nn.MSELoss()
     rows, pending, running = [], [], 0.0
     model.train()
-    for it in range(1, args.num_iterations + 1):
-        if it == 1:
-            ps.reset_comm_stats()
-        inputs, targets = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        outputs = model(inputs)
-        loss = loss_fn(outputs[:, 0], targets)
-        loss.backward()
-        optimizer.step()
-        if it == 1:
-            first_step_comm = (ps.comm_calls.copy(), ps.comm_bytes.copy())
+    try:
+        for it in range(1, args.num_iterations + 1):
+            if it == 1:
+                ps.reset_comm_stats()
+            inputs, targets = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            outputs = model(inputs)
+            loss = loss_fn(outputs[:, 0], targets)
+            loss.backward()
+            optimizer.step()
+            if it == 1:
+                first_step_comm = (ps.comm_calls.copy(), ps.comm_bytes.copy())
 
-        pending.append(loss.item())
-        running += pending[-1]
-        valid_loss = None
-        if it % args.eval_interval == 0 or it == args.num_iterations:
-            valid_loss = evaluate(model, *valid)
-        rows.append([it, pending[-1], valid_loss])
-        if it % args.update_freq == 0:
-            if log_prefix is not None:
+            pending.append(loss.item())
+            rows.append([it, pending[-1], None])
+            running += pending[-1]
+            diverged = not math.isfinite(pending[-1])  # the same on every rank: they share the loss
+            valid_loss = None
+            if it % args.eval_interval == 0 or it == args.num_iterations:
+                valid_loss = rows[-1][2] = evaluate(model, *valid)
+            if it % args.update_freq == 0 and log_prefix is not None:
                 log(f"{log_prefix}Iter {it} Train Loss {running:.3f}")
-            running = 0.0
-        if valid_loss is not None and log_prefix is not None:
-            log(f"{log_prefix}Iter {it} Valid Loss {valid_loss:.6f}")
-        if it % args.update_freq == 0 or it == args.num_iterations:
-            rank_losses = gather_losses(torch.tensor(pending, dtype=torch.float64))
-            if metrics:  # written before the check, so a disagreement is on disk to look at
-                metrics.write(rows[-len(pending):], rank_losses)
-            check_ranks_agree(rank_losses, it)
-            pending = []
-    if metrics:
-        metrics.close()
+            if it % args.update_freq == 0:
+                running = 0.0
+            if valid_loss is not None and log_prefix is not None:
+                log(f"{log_prefix}Iter {it} Valid Loss {valid_loss:.6f}")
+            if it % args.update_freq == 0 or it == args.num_iterations or diverged:
+                rank_losses = gather_losses(torch.tensor(pending, dtype=torch.float64))
+                if metrics:  # written before the check, so a disagreement is on disk to look at
+                    metrics.write(rows[-len(pending):], rank_losses)
+                check_ranks_agree(rank_losses, it)
+                pending = []
+            if diverged:
+                raise TrainingStopped(f"the train loss is {rows[-1][1]} at iteration {it}: training "
+                                      f"diverged; lower --init_lr (now {args.init_lr:g}). Metrics up to it are "
+                                      f"in {os.path.join(args.out_dir, 'metrics.csv')}; no model.pt was written")
+    finally:
+        if metrics:  # every row so far reaches the disk, however the loop ends
+            if pending:  # interrupted between log points: no collective now, so no per-rank losses
+                metrics.write(rows[-len(pending):], rank_losses=None)
+            metrics.close()
     return rows, first_step_comm
 
 
@@ -155,32 +171,56 @@ def log(line):
 
 def check_ranks_agree(losses, iteration):
     """Every tensor-parallel rank computes the loss from the same all-reduced output: bitwise equal."""
-    if not torch.equal(losses, losses[:1].expand_as(losses)):
-        raise RuntimeError(f"tensor-parallel ranks disagree on the loss by iteration {iteration}: "
+    bits = losses.view(torch.int64)  # bit patterns: a NaN on every rank is agreement too
+    if not torch.equal(bits, bits[:1].expand_as(bits)):
+        raise TrainingStopped(f"tensor-parallel ranks disagree on the loss by iteration {iteration}: "
                            f"{losses[:, -1].tolist()}; the replicated parameters have drifted apart")
+
+
+class Terminated(BaseException):
+    """SIGTERM (torchrun stopping its workers, or `kill`): unwind, so metrics reach the disk."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def run_cli(main):
+    """Run main(); a user error or Ctrl-C ends it with one line and a non-zero exit status.
+
+    In a parallel run every rank reaches the same error, so rank 0 says it;
+    a data error is found by each group's data-reading rank, which says it.
+    """
+    rank0 = os.environ.get("RANK", "0") == "0"
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main()
+    except USER_ERRORS as e:
+        if rank0 or isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as e:
+        if rank0 and isinstance(e, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr, flush=True)
+        code = 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
+        if torch.distributed.is_initialized():
+            ps.exit_now(code)  # peers may be mid-collective: no barrier, no teardown
+        sys.exit(code)
 
 
 def main():
     args = parse_args(get_args_parser())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args).to(device)
-    X, y = load_split(args.data_dir, "train")
-    Xv, yv = load_split(args.data_dir, "valid")
-    check_data(X, y, args, "train")
-    check_data(Xv, yv, args, "valid")
+    (X, y), valid = load_dataset(args.data_dir, args.input_size, args.batch_size)
     batches = (to_tensors(xb, yb, args.torch_dtype, device) for xb, yb in iterate_batches(X, y, args.batch_size))
-    valid = to_tensors(Xv, yv, args.torch_dtype, device)
+    valid = to_tensors(*valid, args.torch_dtype, device)
 
-    save_config(args.out_dir, args, device=str(device), tensor_model_parallel_size=1)
-    rows, _ = train(model, args, batches, valid, metrics=MetricsWriter(args.out_dir))
-    torch.save(gather_serial_state_dict(model), os.path.join(args.out_dir, "model.pt"))
-    if not math.isfinite(rows[-1][1]):
-        print(f"warning: the final train loss is {rows[-1][1]}; lower --init_lr", file=sys.stderr)
+    metrics = MetricsWriter(args.out_dir, run_config(args, device=str(device), tensor_model_parallel_size=1))
+    train(model, args, batches, valid, metrics=metrics)
+    save_model(gather_serial_state_dict(model), args.out_dir)
     print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

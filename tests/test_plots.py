@@ -9,7 +9,7 @@ import torch
 
 import draw_diagram
 import plot_runs
-from metrics import MetricsWriter, save_config
+from metrics import MetricsWriter, run_config
 
 
 def fake_run(out_dir, num_ranks, offset=0.0):
@@ -17,8 +17,7 @@ def fake_run(out_dir, num_ranks, offset=0.0):
     args = argparse.Namespace(input_size=64, hidden_size=2048, batch_size=32, dtype="float32", init_lr=0.001,
                               tensor_model_parallel_size=num_ranks, torch_dtype=torch.float32)
     extra = {"backend": "gloo", "device": "cpu"} if num_ranks > 1 else {"device": "cpu"}
-    save_config(str(out_dir), args, **extra)
-    writer = MetricsWriter(str(out_dir), num_ranks=num_ranks)
+    writer = MetricsWriter(str(out_dir), run_config(args, **extra), num_ranks=num_ranks)
     losses = 50 * np.exp(-np.arange(1, 31) / 8) + offset
     rows = [[it, float(loss), float(loss) if it % 10 == 0 else None] for it, loss in zip(range(1, 31), losses)]
     writer.write(rows, torch.tensor(losses).expand(num_ranks, -1))

@@ -1,0 +1,30 @@
+"""torchrun, with its failure report cut to one line.
+
+    python scripts/launch.py [torchrun flags] parallel_train.py [flags]
+
+Exactly torchrun (torch.distributed.run), except at the end: when a worker
+fails, torchrun raises ChildFailedError and Python prints a long traceback of
+torchrun's own code after the worker's error. Each worker has already printed
+its error above it, so one line that names the failed rank is enough.
+"""
+
+import signal
+import sys
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ChildFailedError as e:
+        # Which rank failed *first* torchrun can only guess from timing; the first error printed is the cause.
+        outcomes = [f"rank {rank} killed by {signal.Signals(-f.exitcode).name}" if f.exitcode < 0
+                    else f"rank {rank} exited with {f.exitcode}" for rank, f in sorted(e.failures.items())]
+        killed = [o for o in outcomes if "killed" in o]
+        cause = f"{killed[0]} is the cause" if killed else "the first error above is the cause"
+        sys.exit(f"torchrun: {e.name} failed ({', '.join(outcomes)}); {cause}")
+    except SignalException as e:  # Ctrl-C or a kill: the workers have been stopped
+        print(f"torchrun: stopped by signal {e.sigval.name}", file=sys.stderr)
+        sys.exit(128 + e.sigval)

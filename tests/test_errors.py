@@ -1,0 +1,268 @@
+"""Every mistake a user can make, and every fault, ends in one clear line: no traceback first, no hang.
+
+Flag checks run in-process (fast, and fuzzed); data checks on crafted files;
+the multi-rank failures under torchrun, each under a time limit far below a
+minute, though the runs are given --distributed_timeout_minutes 1.
+"""
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prepare_data
+from data import DataError, load_dataset
+from parallel_train import get_parallel_args
+from train import get_args_parser, parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAIL_FAST_S = 30  # multi-rank failures must end well inside the 60 s collective timeout
+
+
+def flag_error(argv, world_size=2, parallel=True):
+    """The one-line error for argv, or None if the flags are accepted."""
+    stderr = io.StringIO()
+    env = {"RANK": "0", "WORLD_SIZE": str(world_size)}
+    try:
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stderr(stderr):
+            get_parallel_args(argv) if parallel else parse_args(get_args_parser(), argv)
+    except SystemExit as e:
+        assert e.code == 2
+        lines = stderr.getvalue().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+    return None
+
+
+@pytest.mark.parametrize("argv,world_size,message", [
+    (["--hidden_size", "101"], 2, "--hidden_size 101 is not divisible by --tensor_model_parallel_size 2"),
+    ([], 3, "world size 3 is not divisible by --tensor_model_parallel_size 2; launch a multiple of 2"),
+    (["--tensor_model_parallel_size", "4"], 2, "--tensor_model_parallel_size 4 is larger than the 2 processes"),
+    (["--tensor_model_parallel_size", "0"], 2, "--tensor_model_parallel_size must be a positive integer, got 0"),
+    (["--input_size", "0"], 2, "--input_size must be a positive integer, got 0"),
+    (["--hidden_size", "-8"], 2, "--hidden_size must be a positive integer, got -8"),
+    (["--batch_size", "0"], 2, "--batch_size must be a positive integer, got 0"),
+    (["--batch_size", "2.5"], 2, "argument --batch_size: invalid int value: '2.5'"),
+    (["--num_iterations", "-1"], 2, "--num_iterations must be a positive integer, got -1"),
+    (["--init_lr", "0"], 2, "--init_lr must be a positive number, got 0.0"),
+    (["--init_lr", "nan"], 2, "--init_lr must be a positive number, got nan"),
+    (["--init_lr", "inf"], 2, "--init_lr must be a positive number, got inf"),
+    (["--momentum", "1"], 2, "--momentum must be in [0, 1), got 1.0"),
+    (["--update_freq", "0"], 2, "--update_freq must be a positive integer, got 0"),
+    (["--eval_interval", "0"], 2, "--eval_interval must be a positive integer, got 0"),
+    (["--distributed_timeout_minutes", "0"], 2, "--distributed_timeout_minutes must be a positive number"),
+    (["--init_from", "no/such.pt"], 2, "--init_from no/such.pt: no such file"),
+])
+def test_flag_errors(argv, world_size, message):
+    error = flag_error(argv, world_size)
+    assert error and error.startswith("parallel_train.py: error: ") and message in error, error
+
+
+def test_plain_python_with_tensor_parallelism_says_how_to_launch():
+    stderr = io.StringIO()
+    with mock.patch.dict(os.environ), contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
+        os.environ.pop("RANK", None)
+        get_parallel_args(["--tensor_model_parallel_size", "2"])
+    assert "launch with torchrun --nproc_per_node 2 parallel_train.py" in stderr.getvalue()
+
+
+sizes = st.integers(min_value=-3, max_value=4096)
+
+
+@settings(max_examples=300, deadline=None)
+@given(input_size=sizes, hidden=st.none() | sizes, batch=sizes, iterations=sizes, update_freq=sizes,
+       eval_interval=sizes, tp=st.integers(-2, 9), world_size=st.integers(1, 9))
+def test_fuzz_size_checks(input_size, hidden, batch, iterations, update_freq, eval_interval, tp, world_size):
+    """Flags are accepted exactly when the sizes make sense; otherwise one line says which doesn't."""
+    argv = ["--input_size", str(input_size), "--batch_size", str(batch), "--num_iterations", str(iterations),
+            "--update_freq", str(update_freq), "--eval_interval", str(eval_interval),
+            "--tensor_model_parallel_size", str(tp)] + ([] if hidden is None else ["--hidden_size", str(hidden)])
+    hidden_size = 32 * input_size if hidden is None else hidden
+    valid = (min(input_size, hidden_size, batch, iterations, update_freq, eval_interval, tp) > 0
+             and hidden_size % tp == 0 and world_size % tp == 0)
+    error = flag_error(argv, world_size)
+    assert (error is None) == valid, (argv, world_size, error)
+
+
+# ---------------------------------------------------------------------------
+# Data files.
+
+def write_data(path, input_size=4, num_samples=100, **replace):
+    """A small valid data set in `path`, with some arrays replaced by the caller's."""
+    path.mkdir(exist_ok=True)
+    arrays = dict(zip(prepare_data.FILES, prepare_data.make_data(num_samples, input_size)))
+    arrays.update(replace)
+    for name, array in arrays.items():
+        np.save(path / name, array)
+    return path
+
+
+def data_error(path, input_size=4, batch_size=32):
+    with pytest.raises(DataError) as e:
+        load_dataset(str(path), input_size, batch_size)
+    return str(e.value)
+
+
+def test_data_errors(tmp_path):
+    assert "not found; create the data with: python prepare_data.py --data_dir" in data_error(tmp_path / "none")
+
+    bad = write_data(tmp_path / "garbage")
+    (bad / "xtrain.npy").write_bytes(b"not an array")
+    assert "xtrain.npy is not a readable .npy array" in data_error(bad)
+
+    bad = write_data(tmp_path / "truncated")
+    content = (bad / "ytrain.npy").read_bytes()
+    (bad / "ytrain.npy").write_bytes(content[: len(content) // 2])
+    assert "ytrain.npy is not a readable .npy array" in data_error(bad)
+
+    bad = write_data(tmp_path / "objects")
+    np.save(bad / "xvalid.npy", np.array([{"a": 1}] * 10, dtype=object), allow_pickle=True)
+    assert "xvalid.npy is not a readable .npy array" in data_error(bad)
+
+    bad = write_data(tmp_path / "lengths", ytrain=np.zeros(89, np.float32))
+    assert "the train set has 90 inputs but targets of shape [89]" in data_error(bad)
+
+    assert "pass --input_size 4" in data_error(write_data(tmp_path / "size"), input_size=8)
+
+    X = prepare_data.make_data(100, 4)[0]
+    X[3, 2] = np.nan
+    assert "train inputs contain 1 NaN or infinite values" in data_error(write_data(tmp_path / "nan", xtrain=X))
+
+    assert "has 90 samples, fewer than 128 (one batch): lower --batch_size" in \
+        data_error(write_data(tmp_path / "few"), batch_size=128)
+
+
+# ---------------------------------------------------------------------------
+# Whole runs, as a user starts them.
+
+def launch(*args, script=("parallel_train.py",), nproc=2, timeout=FAIL_FAST_S):
+    """torchrun through scripts/launch.py, as bash_parallel_train.sh does; (exit code, output, seconds)."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", str(nproc),
+                           *script, "--tensor_model_parallel_size", str(nproc),
+                           "--distributed_timeout_minutes", "1", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def first_problem(output):
+    """The first line that reports a problem: what a user reads first."""
+    for line in output.splitlines():
+        if line.startswith(("error:", "Traceback", "rank ")) or "Error" in line.split(":")[0]:
+            return line
+    return None
+
+
+def test_bad_data_under_torchrun_fails_once_and_fast(tmp_path):
+    X = prepare_data.make_data(100, 64)[0]
+    X[0, 0] = np.inf
+    data = write_data(tmp_path / "data", input_size=64, xtrain=X)
+    code, out, seconds = launch("--data_dir", str(data), "--out_dir", str(tmp_path / "run"))
+    assert code != 0 and seconds < FAIL_FAST_S
+    assert first_problem(out).startswith("error: train inputs contain 1 NaN or infinite values"), out
+    assert out.count("error:") == 1 and "Traceback" not in out
+
+
+def test_bad_init_from_is_named_once(tmp_path):
+    torch.manual_seed(0)
+    state = {"mlp.fc1.weight": torch.zeros(2048, 64), "mlp.fc2.weight": torch.zeros(64, 2048),
+             "fc.weight": torch.zeros(1, 64), "fc.bias": torch.zeros(1)}
+    torch.save(state, tmp_path / "extra.pt")
+    code, out, _ = launch("--init_from", str(tmp_path / "extra.pt"), "--out_dir", str(tmp_path / "run"))
+    assert code != 0
+    assert first_problem(out) == "error: state dict keys do not match the model: missing [], unexpected ['fc.bias']"
+    assert out.count("error:") == 1 and "Traceback" not in out
+    (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
+    proc = subprocess.run([sys.executable, "train.py", "--init_from", str(tmp_path / "garbage.pt")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: --init_from {tmp_path / 'garbage.pt'} is not a state_dict saved with torch.save")
+
+
+def test_diverging_run_stops_with_its_metrics_on_disk(tmp_path):
+    # --init_lr 1 makes the loss NaN at iteration 4 (measured); the agreement check must not mistake NaN for a bug.
+    code, out, _ = launch("--init_lr", "1", "--out_dir", str(tmp_path))
+    assert code != 0
+    assert first_problem(out).startswith("error: the train loss is nan at iteration 4: training diverged; "
+                                         "lower --init_lr (now 1)"), out
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[-1].startswith("4,nan,")
+    assert not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["raise", "die"])
+def test_a_failing_rank_stops_every_rank_and_its_error_comes_first(kind, tmp_path):
+    # tests/inject_fault.py: rank 1 raises, or is killed, after receiving the batch of iteration 5.
+    code, out, seconds = launch("--out_dir", str(tmp_path), script=("tests/inject_fault.py", kind, "1", "5"))
+    assert code != 0 and seconds < FAIL_FAST_S, (code, seconds)
+    last = out.strip().splitlines()[-1]
+    if kind == "raise":
+        assert first_problem(out) == "rank 1 failed:", out
+        assert "RuntimeError: injected fault on rank 1 at iteration 5" in out
+        assert last.endswith("the first error above is the cause"), last
+    else:
+        assert "rank 1 killed by SIGKILL is the cause" in last, last
+    assert "error: rank 0 lost a peer in a collective" in out  # one line, not a second traceback
+    assert out.count("Traceback") == (kind == "raise")
+
+
+def test_ctrl_c_stops_every_rank(tmp_path):
+    """SIGINT to the whole process group, as a terminal sends it."""
+    proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2",
+                             "parallel_train.py", "--tensor_model_parallel_size", "2", "--num_iterations", "1000000",
+                             "--update_freq", "10", "--out_dir", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stdout:  # wait until training runs
+        lines.append(line)
+        if "Iter 20 Train Loss" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        rest, _ = proc.communicate(timeout=FAIL_FAST_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("ranks still running after Ctrl-C")
+    out = "".join(lines) + rest
+    assert proc.returncode != 0
+    assert "Traceback" not in out, out
+    with pytest.raises(ProcessLookupError):  # nothing of the job is left
+        os.killpg(proc.pid, 0)
+    assert (tmp_path / "metrics.csv").read_text().count("\n") > 20  # rows so far reached the disk
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run(["bash", "bash_parallel_train.sh", "--out_dir", str(tmp_path)], cwd=REPO,
+                              capture_output=True, text=True, timeout=FAIL_FAST_S,
+                              env={**os.environ, "MASTER_PORT": str(port), "PYTHON": sys.executable})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: MASTER_PORT {port} is already in use (another run?); choose a free "
+                                   f"port, or on one node leave MASTER_PORT unset and torchrun picks one")
+
+
+def test_rerun_into_the_same_out_dir_starts_afresh(tmp_path):
+    data = write_data(tmp_path / "data", input_size=8, num_samples=400)
+    run = [sys.executable, "train.py", "--data_dir", str(data), "--input_size", "8", "--out_dir", str(tmp_path / "run")]
+    subprocess.run(run + ["--num_iterations", "7"], cwd=REPO, check=True, capture_output=True)
+    second = subprocess.run(run + ["--num_iterations", "3"], cwd=REPO, check=True, capture_output=True, text=True)
+    assert f"note: {tmp_path / 'run'} holds an earlier run" in second.stdout
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["iteration", "1", "2", "3"]  # no rows of the first run
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "metrics.csv", "model.pt"]  # no temp files
