@@ -36,8 +36,9 @@ USER_ERRORS = (DataError, ParallelConfigError, StateDictError, TrainingStopped)
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
-        """One line that says what is wrong, instead of the whole usage text."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        """One line that says what is wrong, instead of the whole usage text; once, from rank 0."""
+        rank0 = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if rank0 else None)
 
 
 def get_args_parser(prog="train.py", description=__doc__.splitlines()[0], out_dir="runs/serial"):

@@ -134,6 +134,7 @@ def test_clear_errors(data_dir, tmp_path):
     assert "--hidden_size must be a positive integer" in out
     out = torchrun(2, "--hidden_size", "101", ok=False)
     assert "--hidden_size 101 is not divisible by --tensor_model_parallel_size 2" in out
+    assert out.count("parallel_train.py: error:") == 1  # said once, by rank 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without GPUs")
