@@ -21,9 +21,7 @@ import parallel_state as ps
 
 
 def _reduce(input_):
-    """All-reduce over the tensor-parallel group (a no-op for one rank)."""
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return input_
+    """All-reduce over the tensor-parallel group, in place."""
     ps.all_reduce(input_)
     return input_
 
@@ -31,15 +29,11 @@ def _reduce(input_):
 def _split_along_last_dim(input_):
     """Keep this rank's contiguous slice of the last dimension."""
     world_size = ps.get_tensor_model_parallel_world_size()
-    if world_size == 1:
-        return input_
     return input_.chunk(world_size, dim=-1)[ps.get_tensor_model_parallel_rank()]
 
 
 def _gather_along_last_dim(input_):
     """Concatenate every rank's slice along the last dimension."""
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return input_
     return ps.all_gather(input_, dim=-1)
 
 
@@ -95,17 +89,23 @@ class _GatherFromModelParallelRegion(torch.autograd.Function):
         return _split_along_last_dim(grad_output)
 
 
+# With one rank every operator is the identity: skip the autograd node and its Python cost.
+
 def copy_to_tensor_model_parallel_region(input_):
-    return _CopyToModelParallelRegion.apply(input_)
+    return input_ if _single_rank() else _CopyToModelParallelRegion.apply(input_)
 
 
 def reduce_from_tensor_model_parallel_region(input_):
-    return _ReduceFromModelParallelRegion.apply(input_)
+    return input_ if _single_rank() else _ReduceFromModelParallelRegion.apply(input_)
 
 
 def scatter_to_tensor_model_parallel_region(input_):
-    return _ScatterToModelParallelRegion.apply(input_)
+    return input_ if _single_rank() else _ScatterToModelParallelRegion.apply(input_)
 
 
 def gather_from_tensor_model_parallel_region(input_):
-    return _GatherFromModelParallelRegion.apply(input_)
+    return input_ if _single_rank() else _GatherFromModelParallelRegion.apply(input_)
+
+
+def _single_rank():
+    return ps.get_tensor_model_parallel_world_size() == 1

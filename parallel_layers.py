@@ -23,6 +23,7 @@ the toy model has no dropout, so one generator is enough.)
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import parallel_state as ps
 from mappings import (
@@ -44,15 +45,14 @@ class LinearWithAsyncAllreduce(torch.autograd.Function):
 
     Autograd asks for dL/dX only when X needs a gradient; when it does not (the
     toy model's X is raw data) neither the matmul nor the all-reduce is done.
+    Layers that need no overlap use F.linear, whose backward runs in C++.
     """
 
     @staticmethod
-    def forward(ctx, input_, weight, bias, async_grad_allreduce):
+    def forward(ctx, input_, weight, bias):
         ctx.save_for_backward(input_, weight)
         ctx.has_bias = bias is not None
-        ctx.async_grad_allreduce = async_grad_allreduce
-        output = torch.matmul(input_, weight.t())
-        return output + bias if bias is not None else output
+        return F.linear(input_, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -60,15 +60,14 @@ class LinearWithAsyncAllreduce(torch.autograd.Function):
         grad_input = handle = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(weight)
-            if ctx.async_grad_allreduce:
-                handle = ps.all_reduce(grad_input, async_op=True)
+            handle = ps.all_reduce(grad_input, async_op=True)
         # Flatten leading dimensions so dL/dW is one (out, in) matmul.
         grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_weight = grad_output_2d.t().matmul(input_.reshape(-1, input_.shape[-1]))
         grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None
         if handle is not None:
             handle.wait()
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias
 
 
 def _master_linear_slice(layer: nn.Module, in_features, out_features, bias, dtype, partition_dim):
@@ -126,12 +125,10 @@ class ColumnParallelLinear(nn.Module):
         _master_linear_slice(self, input_size, output_size, bias, dtype, partition_dim=0)
 
     def forward(self, input_):
-        if self.async_tensor_model_parallel_allreduce:
-            input_parallel = input_  # f happens inside the linear's backward
+        if self.async_tensor_model_parallel_allreduce:  # f happens inside the linear's backward
+            output_parallel = LinearWithAsyncAllreduce.apply(input_, self.weight, self.bias)
         else:
-            input_parallel = copy_to_tensor_model_parallel_region(input_)
-        output_parallel = LinearWithAsyncAllreduce.apply(
-            input_parallel, self.weight, self.bias, self.async_tensor_model_parallel_allreduce)
+            output_parallel = F.linear(copy_to_tensor_model_parallel_region(input_), self.weight, self.bias)
         if self.gather_output:
             return gather_from_tensor_model_parallel_region(output_parallel)
         return output_parallel
@@ -166,7 +163,7 @@ class RowParallelLinear(nn.Module):
             input_parallel = input_
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_)
-        output_parallel = LinearWithAsyncAllreduce.apply(input_parallel, self.weight, None, False)
+        output_parallel = F.linear(input_parallel, self.weight)
         output = reduce_from_tensor_model_parallel_region(output_parallel)
         return output + self.bias if self.bias is not None else output
 

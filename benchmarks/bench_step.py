@@ -1,0 +1,349 @@
+"""What tensor parallelism costs and buys: time one training step, serial and split.
+
+    python benchmarks/bench_step.py                      # every variant, both configurations
+    python benchmarks/bench_step.py --configs original --steps 50
+
+Each variant runs in its own process(es), launched as the trainings are
+(python for serial, torchrun for the parallel ones), one thread per rank:
+
+  serial-1t    the serial ToyModel, 1 thread
+  serial-Nt    the serial ToyModel, N threads (N = ranks of the parallel runs)
+  ours-tpK     our ColumnParallelLinear / RowParallelLinear, K ranks
+  dtensor-tpK  PyTorch's ColwiseParallel / RowwiseParallel (parallelize_module)
+               on the same ToyModel, same seed, same data, same K
+
+A step is zero_grad, forward, loss, backward and the SGD step, with the batch
+already on every rank (the broadcast from rank 0 is data loading, not timed).
+Reported per variant: median and spread over --steps after --warmup, the
+collectives issued per step (ours: counted in parallel_state; DTensor: by its
+CommDebugMode) beside the Megatron paper's count, parameter/gradient/optimizer
+memory per rank against the 1/TP theory, peak resident memory, and achieved
+GFLOP/s as a fraction of this machine's single-thread GEMM throughput for the
+step's own matmul shapes (the ceiling). Writes assets/benchmark.json and
+assets/benchmark.png.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import parallel_state as ps  # noqa: E402
+from model import ToyModel  # noqa: E402
+
+# lr 1e-5 for the compute-heavy size: at 1e-3 it diverges (inf by iteration 14); a finite run is timed.
+CONFIGS = {
+    "original": dict(input_size=64, hidden_size=2048, batch_size=32, lr=1e-3),
+    "compute_heavy": dict(input_size=1024, hidden_size=32768, batch_size=32, lr=1e-5),
+    "tiny": dict(input_size=8, hidden_size=64, batch_size=4, lr=1e-3),  # for the tests
+}
+SEED = 1234
+
+
+# ---------------------------------------------------------------------------
+# Workers: each runs one variant and prints one line "RESULT {json}".
+
+def make_batches(cfg, n, device, dtype=torch.float32):
+    """n fixed batches, the same for every variant (numpy seed 7, as prepare_data.py)."""
+    rng = np.random.RandomState(7)
+    X = rng.randn(n * cfg["batch_size"], cfg["input_size"]).astype(np.float32)
+    y = X @ rng.randn(cfg["input_size"]).astype(np.float32)
+    return [(torch.from_numpy(x).to(device, dtype), torch.from_numpy(t).to(device, dtype))
+            for x, t in zip(np.split(X, n), np.split(y, n))]
+
+
+def time_steps(model, batches, lr, steps, warmup, device, barrier=lambda: None):
+    """Seconds of each of `steps` training steps after `warmup` untimed ones."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    loss_fn = nn.MSELoss()
+    times = []
+    for i in range(warmup + steps):
+        x, y = batches[i % len(batches)]
+        barrier()  # ranks start each step together; not timed
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x)[:, 0], y)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"the loss is {loss.item()} after the timed steps: lower the config's lr")
+    return times, optimizer
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def memory(model, optimizer):
+    """Bytes this rank holds in parameters, gradients and optimizer state, and its peak RSS."""
+    params = [local(p) for p in model.parameters()]
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    state = [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return dict(params=nbytes(params), grads=nbytes([local(p.grad) for p in model.parameters()]),
+                optimizer=nbytes(state), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def count_ours(model, batch):
+    """Collectives of one step, counted by parallel_state: data without and with a gradient."""
+    counts = {}
+    for input_grad in (False, True):
+        x = batch[0].clone().requires_grad_(input_grad)
+        ps.reset_comm_stats()
+        nn.functional.mse_loss(model(x)[:, 0], batch[1]).backward()
+        counts["input_grad" if input_grad else "no_input_grad"] = dict(
+            calls=dict(ps.comm_calls), bytes=dict(ps.comm_bytes))
+    model.zero_grad(set_to_none=True)
+    return counts
+
+
+def count_dtensor(model, batch):
+    from torch.distributed.tensor.debug import CommDebugMode
+    with CommDebugMode() as mode:
+        nn.functional.mse_loss(model(batch[0])[:, 0], batch[1]).backward()
+    model.zero_grad(set_to_none=True)
+    return {"no_input_grad": dict(calls={str(op): n for op, n in mode.get_comm_counts().items()})}
+
+
+def worker(args):
+    cfg = CONFIGS[args.config]
+    torch.set_num_threads(args.threads)
+    if args.variant == "serial":
+        device, rank, tp = torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
+        torch.manual_seed(SEED)
+        model = ToyModel(cfg["input_size"], cfg["hidden_size"]).to(device)
+        barrier = lambda: None
+    else:
+        device = ps.init_distributed("auto", timeout_minutes=5)
+        tp = torch.distributed.get_world_size()
+        ps.initialize_model_parallel(tp)
+        rank = torch.distributed.get_rank()
+        torch.manual_seed(SEED)
+        model = ToyModel(cfg["input_size"], cfg["hidden_size"], tensor_parallel=args.variant == "ours")
+        if args.variant == "dtensor":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+            mesh = init_device_mesh(device.type, (tp,))
+            parallelize_module(model, mesh, {"mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
+        model = model.to(device)
+        barrier = torch.distributed.barrier
+    batches = make_batches(cfg, 8, device)
+    count = {"ours": count_ours, "dtensor": count_dtensor}.get(args.variant, lambda m, b: {})(model, batches[0])
+    times, optimizer = time_steps(model, batches, cfg["lr"], args.steps, args.warmup, device, barrier)
+    result = dict(times=times, memory=memory(model, optimizer), comm=count, tp=tp, device=str(device))
+    if args.variant != "serial":
+        # The ranks of one step are coupled by the all-reduce: report the slowest rank's median.
+        medians = ps.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64), dim=0)
+        result["slowest_rank"] = int(medians.argmax())
+        ps.destroy_model_parallel()
+    if rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def ceiling_worker(args):
+    """Single-thread seconds of each GEMM of one step, with the step's own shapes and layouts."""
+    torch.set_num_threads(1)
+    cfg = CONFIGS[args.config]
+    B, d, h = cfg["batch_size"], cfg["input_size"], cfg["hidden_size"] // args.tp
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = (torch.randn(s, generator=g) for s in ((B, d), (h, d), (d, h)))
+    y1, dz = torch.randn(B, h, generator=g), torch.randn(B, d, generator=g)
+    gemms = {  # the matmuls of LinearWithAsyncAllreduce and nn.Linear for this rank's shards
+        "fc1 forward X A_i": lambda: x.matmul(w1.t()),
+        "fc2 forward Y_i B_i": lambda: y1.matmul(w2.t()),
+        "fc2 backward dL/dY_i": lambda: dz.matmul(w2),
+        "fc2 backward dL/dB_i": lambda: dz.t().matmul(y1),
+        "fc1 backward dL/dA_i": lambda: y1.t().matmul(x),
+    }
+    seconds = {}
+    for name, fn in gemms.items():
+        for _ in range(3):
+            fn()
+        reps = []
+        for _ in range(max(5, args.steps)):
+            start = time.perf_counter()
+            fn()
+            reps.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(reps)
+    flops = 2 * B * d * h  # each of the five GEMMs
+    print("RESULT " + json.dumps(dict(seconds=seconds, flops_per_gemm=flops)), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# The driver: launch every variant, collect, report.
+
+def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=()):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--config", config,
+           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), *extra]
+    if variant in ("ours", "dtensor"):
+        cmd = [sys.executable, os.path.join(REPO, "scripts", "launch.py"), "--standalone",
+               "--nproc_per_node", str(ranks), *cmd[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"error: {variant} ({config}, {ranks} ranks) failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def summarize(name, result, cfg, ceiling):
+    times = np.array(result["times"]) * 1e3
+    tp = result.get("tp", 1)
+    flops = 10 * cfg["batch_size"] * cfg["input_size"] * cfg["hidden_size"] / tp  # five GEMMs, see ceiling_worker
+    median = float(np.median(times))
+    ideal_ms = sum(ceiling[tp]["seconds"].values()) * 1e3
+    return dict(variant=name, tp=tp, median_ms=median, p10_ms=float(np.percentile(times, 10)),
+                p90_ms=float(np.percentile(times, 90)), steps=len(times), gflops=flops / median / 1e6,
+                ceiling_gflops=flops / ideal_ms / 1e6, fraction_of_ceiling=ideal_ms / median,
+                memory=result["memory"], comm=result.get("comm", {}), device=result["device"])
+
+
+def paper_count(cfg, elem=4):
+    """Megatron-LM Sec. 3: per MLP step one all-reduce of batch x input in forward (g), one in backward (f)."""
+    return dict(all_reduce=2, bytes=2 * cfg["batch_size"] * cfg["input_size"] * elem)
+
+
+def print_report(config, cfg, rows):
+    base = next(r for r in rows if r["variant"] == "serial-1t")["median_ms"]
+    print(f"\n== {config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch {cfg['batch_size']} ==")
+    print(f"{'variant':<13}{'median ms':>11}{'p10-p90 ms':>17}{'vs serial-1t':>13}{'GFLOP/s':>9}"
+          f"{'of ceiling':>11}{'params+grads+optim':>20}{'peak RSS':>10}")
+    for r in rows:
+        m = r["memory"]
+        state = (m["params"] + m["grads"] + m["optimizer"]) / 2**20
+        print(f"{r['variant']:<13}{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}"
+              f"{base / r['median_ms']:>12.2f}x{r['gflops']:>9.1f}{r['fraction_of_ceiling']:>10.0%}"
+              f"{state:>16.1f} MiB{m['peak_rss'] / 2**20:>7.0f} MiB")
+    paper = paper_count(cfg)
+    for r in rows:
+        for case, c in r["comm"].items():
+            print(f"  {r['variant']} collectives per step ({case.replace('_', ' ')}): {c['calls']}"
+                  + (f", bytes {c['bytes']}" if "bytes" in c else ""))
+    print(f"  Megatron-LM paper, per MLP step: {paper['all_reduce']} all-reduces, {paper['bytes']} bytes "
+          f"(batch x input fp32, forward g + backward f). Ours sends f's only when the input needs a gradient.")
+
+
+def check_targets(results):
+    """The issue's targets, as ratios measured in this one run."""
+    checks = []
+    get = lambda config, v: next((r["median_ms"] for r in results[config] if r["variant"] == v), None)
+    if "original" in results and get("original", "dtensor-tp2"):
+        checks.append(("original: ours-tp2 <= 0.6 x dtensor-tp2", get("original", "ours-tp2") / get("original", "dtensor-tp2"), 0.6))
+    if "compute_heavy" in results:
+        checks.append(("compute_heavy: ours-tp2 <= 0.55 x serial-1t",
+                       get("compute_heavy", "ours-tp2") / get("compute_heavy", "serial-1t"), 0.55))
+        if get("compute_heavy", "dtensor-tp2"):
+            checks.append(("compute_heavy: ours-tp2 <= dtensor-tp2",
+                           get("compute_heavy", "ours-tp2") / get("compute_heavy", "dtensor-tp2"), 1.0))
+    for config in results:
+        if get(config, "ours-tp1"):
+            checks.append((f"{config}: ours-tp1 <= 1.05 x serial-1t", get(config, "ours-tp1") / get(config, "serial-1t"), 1.05))
+    print("\nTargets:")
+    for name, ratio, limit in checks:
+        print(f"  {'met ' if ratio <= limit else 'MISSED'}  {name}: ratio {ratio:.2f}")
+    return [dict(target=n, ratio=r, limit=lim, met=r <= lim) for n, r, lim in checks]
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (config, rows) in zip(axes[0], results.items()):
+        names = [r["variant"] for r in rows]
+        med = np.array([r["median_ms"] for r in rows])
+        err = np.array([[m - r["p10_ms"] for m, r in zip(med, rows)], [r["p90_ms"] - m for m, r in zip(med, rows)]])
+        colors = ["#7f7f7f" if n.startswith("serial") else "#1f77b4" if n.startswith("ours") else "#ff7f0e"
+                  for n in names]
+        ax.bar(names, med, yerr=err, color=colors, capsize=4)
+        for i, m in enumerate(med):
+            ax.text(i, m, f"{m:.3g}", ha="center", va="bottom", fontsize=8)
+        cfg = CONFIGS[config]
+        ax.set_title(f"{config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch {cfg['batch_size']}",
+                     fontsize=10)
+        ax.set_ylabel("ms per training step (median, p10-p90)")
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("One training step, one thread per rank (grey: serial, blue: ours, orange: PyTorch DTensor TP)",
+                 fontsize=10)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=["original", "compute_heavy"], choices=list(CONFIGS))
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant (after --warmup)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--max_tp", type=int, default=os.cpu_count() if not torch.cuda.is_available()
+                   else torch.cuda.device_count(), help="largest tensor-parallel size (default: cores or GPUs)")
+    p.add_argument("--out", default="assets/benchmark.json")
+    p.add_argument("--plot", default="assets/benchmark.png")
+    # Worker mode (used by the driver).
+    p.add_argument("--worker", choices=["serial", "ours", "dtensor", "ceiling"], help=argparse.SUPPRESS)
+    p.add_argument("--config", default="original", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
+    if args.worker:
+        args.variant = args.worker
+        return ceiling_worker(args) if args.worker == "ceiling" else worker(args)
+
+    tps = [t for t in (1, 2, 4) if t <= max(args.max_tp, 1)]
+    parallel_ranks = max(t for t in tps if t > 1) if len(tps) > 1 else 1
+    results, raw = {}, {}
+    for config in args.configs:
+        cfg, rows = CONFIGS[config], []
+        print(f"benchmarking {config} ...", flush=True)
+        ceiling = {tp: launch("ceiling", config, args.steps, 0, extra=("--tp", str(tp))) for tp in tps}
+        run = lambda name, *a, **k: rows.append(summarize(name, launch(*a, **k), cfg, ceiling))
+        run("serial-1t", "serial", config, args.steps, args.warmup, threads=1)
+        if parallel_ranks > 1:
+            run(f"serial-{parallel_ranks}t", "serial", config, args.steps, args.warmup, threads=parallel_ranks)
+        for tp in tps:
+            run(f"ours-tp{tp}", "ours", config, args.steps, args.warmup, ranks=tp)
+        for tp in tps[1:]:
+            run(f"dtensor-tp{tp}", "dtensor", config, args.steps, args.warmup, ranks=tp)
+        results[config], raw[config] = rows, ceiling
+        print_report(config, cfg, rows)
+    targets = check_targets(results)
+    machine = dict(cpu_count=os.cpu_count(), torch=torch.__version__, platform=sys.platform,
+                   processor=_cpu_name(), gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(dict(machine=machine, configs={c: CONFIGS[c] for c in results}, results=results,
+                       ceiling=raw, targets=targets, steps=args.steps, warmup=args.warmup), f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
+    plot(results, args.plot)
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
