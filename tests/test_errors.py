@@ -145,8 +145,20 @@ def test_data_errors(tmp_path):
 # ---------------------------------------------------------------------------
 # Whole runs, as a user starts them.
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The default data set, made here: a clean clone has no data/."""
+    path = tmp_path_factory.mktemp("data")
+    subprocess.run([sys.executable, "prepare_data.py", "--data_dir", str(path)], cwd=REPO, check=True,
+                   capture_output=True)
+    return str(path)
+
+
 def launch(*args, script=("parallel_train.py",), nproc=2, timeout=FAIL_FAST_S):
-    """torchrun through scripts/launch.py, as bash_parallel_train.sh does; (exit code, output, seconds)."""
+    """torchrun through scripts/launch.py, as bash_parallel_train.sh does; (exit code, output, seconds).
+
+    Flags given later in `args` (e.g. --data_dir) override earlier ones.
+    """
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", str(nproc),
                            *script, "--tensor_model_parallel_size", str(nproc),
@@ -174,25 +186,27 @@ def test_bad_data_under_torchrun_fails_once_and_fast(tmp_path):
     assert out.count("error:") == 1 and "Traceback" not in out
 
 
-def test_bad_init_from_is_named_once(tmp_path):
+def test_bad_init_from_is_named_once(tmp_path, data_dir):
     torch.manual_seed(0)
     state = {"mlp.fc1.weight": torch.zeros(2048, 64), "mlp.fc2.weight": torch.zeros(64, 2048),
              "fc.weight": torch.zeros(1, 64), "fc.bias": torch.zeros(1)}
     torch.save(state, tmp_path / "extra.pt")
-    code, out, _ = launch("--init_from", str(tmp_path / "extra.pt"), "--out_dir", str(tmp_path / "run"))
+    code, out, _ = launch("--init_from", str(tmp_path / "extra.pt"), "--out_dir", str(tmp_path / "run"),
+                          "--data_dir", data_dir)
     assert code != 0
     assert first_problem(out) == "error: state dict keys do not match the model: missing [], unexpected ['fc.bias']"
     assert out.count("error:") == 1 and "Traceback" not in out
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
-    proc = subprocess.run([sys.executable, "train.py", "--init_from", str(tmp_path / "garbage.pt")],
+    proc = subprocess.run([sys.executable, "train.py", "--init_from", str(tmp_path / "garbage.pt"),
+                           "--data_dir", data_dir],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: --init_from {tmp_path / 'garbage.pt'} is not a state_dict saved with torch.save")
 
 
-def test_diverging_run_stops_with_its_metrics_on_disk(tmp_path):
+def test_diverging_run_stops_with_its_metrics_on_disk(tmp_path, data_dir):
     # --init_lr 1 makes the loss NaN at iteration 4 (measured); the agreement check must not mistake NaN for a bug.
-    code, out, _ = launch("--init_lr", "1", "--out_dir", str(tmp_path))
+    code, out, _ = launch("--init_lr", "1", "--out_dir", str(tmp_path), "--data_dir", data_dir)
     assert code != 0
     assert first_problem(out).startswith("error: the train loss is nan at iteration 4: training diverged; "
                                          "lower --init_lr (now 1)"), out
@@ -202,9 +216,10 @@ def test_diverging_run_stops_with_its_metrics_on_disk(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["raise", "die"])
-def test_a_failing_rank_stops_every_rank_and_its_error_comes_first(kind, tmp_path):
+def test_a_failing_rank_stops_every_rank_and_its_error_comes_first(kind, tmp_path, data_dir):
     # tests/inject_fault.py: rank 1 raises, or is killed, after receiving the batch of iteration 5.
-    code, out, seconds = launch("--out_dir", str(tmp_path), script=("tests/inject_fault.py", kind, "1", "5"))
+    code, out, seconds = launch("--out_dir", str(tmp_path), "--data_dir", data_dir,
+                                script=("tests/inject_fault.py", kind, "1", "5"))
     assert code != 0 and seconds < FAIL_FAST_S, (code, seconds)
     last = out.strip().splitlines()[-1]
     if kind == "raise":
@@ -217,11 +232,11 @@ def test_a_failing_rank_stops_every_rank_and_its_error_comes_first(kind, tmp_pat
     assert out.count("Traceback") == (kind == "raise")
 
 
-def test_ctrl_c_stops_every_rank(tmp_path):
+def test_ctrl_c_stops_every_rank(tmp_path, data_dir):
     """SIGINT to the whole process group, as a terminal sends it."""
     proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2",
                              "parallel_train.py", "--tensor_model_parallel_size", "2", "--num_iterations", "1000000",
-                             "--update_freq", "10", "--out_dir", str(tmp_path)],
+                             "--update_freq", "10", "--out_dir", str(tmp_path), "--data_dir", data_dir],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
