@@ -63,12 +63,13 @@ def load_dataset(data_dir, input_size, batch_size):
     return train, valid
 
 
-def iterate_batches(X, y, batch_size):
-    """Endless (inputs, targets) in order; the partial batch at the end of an epoch is dropped."""
+def iterate_batches(X, y, batch_size, start_step=0):
+    """Endless (inputs, targets) in order from batch `start_step` on (for resuming);
+    the partial batch at the end of an epoch is dropped."""
     num_batches = len(X) // batch_size
     if num_batches == 0:
         raise DataError(f"{len(X)} training samples are fewer than one batch of {batch_size}")
-    step = 0
+    step = start_step
     while True:
         start = (step % num_batches) * batch_size
         yield X[start:start + batch_size], y[start:start + batch_size]
@@ -96,11 +97,19 @@ def broadcast_batch(batch, num_rows, input_size, dtype):
     return packed[:, :-1], packed[:, -1]
 
 
-def broadcast_batches(train_data, batch_size, input_size, dtype):
-    """Endless batches for a tensor-parallel group: rank 0 walks (X, y) in order, all receive."""
-    source = iterate_batches(*train_data, batch_size) if train_data is not None else None
+def broadcast_batches(train_data, batch_size, input_size, dtype, start_step=0, share=(0, 1)):
+    """Endless batches for a tensor-parallel group: rank 0 walks (X, y) in order, all receive.
+
+    share = (data-parallel rank, size): the group is one data-parallel replica and
+    gets its contiguous rows of every global batch of `batch_size`.
+    """
+    dp_rank, dp_size = share
+    rows = batch_size // dp_size
+    mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
+    source = iterate_batches(*train_data, batch_size, start_step) if train_data is not None else None
     while True:
-        yield broadcast_batch(next(source) if source else None, batch_size, input_size, dtype)
+        batch = tuple(a[mine] for a in next(source)) if source else None
+        yield broadcast_batch(batch, rows, input_size, dtype)
 
 
 def broadcast_split(arrays, input_size, dtype):

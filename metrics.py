@@ -37,18 +37,29 @@ class MetricsWriter:
     cost of long runs and still leaves every row on disk when a run stops.
     """
 
-    def __init__(self, out_dir, config, num_ranks=1, min_interval_s=2.0):
+    def __init__(self, out_dir, config, num_ranks=1, min_interval_s=2.0, resume_from=0):
         os.makedirs(out_dir, exist_ok=True)
-        earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
-        if earlier:
-            print(f"note: {out_dir} holds an earlier run ({', '.join(earlier)}); starting it afresh")
-            for name in earlier:
-                os.remove(os.path.join(out_dir, name))
-        atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
         self.path = os.path.join(out_dir, "metrics.csv")
         ranks = [f"train_loss_rank{r}" for r in range(num_ranks)] if num_ranks > 1 else []
         self.rows = [["iteration", "train_loss", "valid_loss", *ranks]]
+        if resume_from:
+            # Keep the rows up to the checkpoint; rows after it were recomputed by this run.
+            self.rows += [row for row in self._read_rows() if int(row[0]) <= resume_from]
+        else:
+            earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+            if earlier:
+                print(f"note: {out_dir} holds an earlier run ({', '.join(earlier)}); starting it afresh")
+                for name in earlier:
+                    os.remove(os.path.join(out_dir, name))
+        atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
         self.num_ranks, self.min_interval_s, self.last_flush = num_ranks, min_interval_s, float("-inf")
+
+    def _read_rows(self):
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        return rows[1:] if rows and rows[0] == self.rows[0] else []
 
     def write(self, rows, rank_losses):
         """rows: [iteration, train_loss, valid_loss or None]; rank_losses: (ranks, len(rows)) or None."""

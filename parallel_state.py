@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 _TENSOR_MODEL_PARALLEL_GROUP = None
+_DATA_PARALLEL_GROUP = None
 _DEVICE = None
 
 # comm_calls["all_reduce"] = number of calls; comm_bytes[...] = bytes each rank contributed.
@@ -58,24 +59,32 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> to
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
-    """Split the world into tensor-parallel groups of consecutive ranks.
+    """Split the world (DP x TP ranks) into tensor- and data-parallel groups.
 
-    With 6 ranks and size 2 the groups are [0, 1], [2, 3], [4, 5], as in Megatron:
-    consecutive ranks share a node, and the tensor-parallel all-reduces are the
-    most frequent, so they should run over the fastest links.
+    Tensor-parallel groups are runs of consecutive ranks, as in Megatron: with
+    6 ranks and TP 2 they are [0, 1], [2, 3], [4, 5]. Consecutive ranks share a
+    node, and the tensor-parallel all-reduces are the most frequent, so they
+    get the fastest links. Data-parallel groups hold the ranks with the same
+    tensor-parallel rank ([0, 2, 4], [1, 3, 5]): each holds the same shard of
+    a different replica, so their gradients can be averaged element-wise.
     """
-    global _TENSOR_MODEL_PARALLEL_GROUP
-    world_size = dist.get_world_size()
-    if world_size % tensor_model_parallel_size != 0:
+    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP
+    world_size, tp = dist.get_world_size(), tensor_model_parallel_size
+    if world_size % tp != 0:
         raise ParallelConfigError(
             f"world size {world_size} is not divisible by --tensor_model_parallel_size "
-            f"{tensor_model_parallel_size}; launch a multiple of it with torchrun --nproc_per_node")
+            f"{tp}; launch a multiple of it with torchrun --nproc_per_node")
     rank = dist.get_rank()
-    for start in range(0, world_size, tensor_model_parallel_size):
-        ranks = list(range(start, start + tensor_model_parallel_size))
-        group = dist.new_group(ranks)  # every rank must create every group
+    for start in range(0, world_size, tp):  # every rank must create every group
+        ranks = list(range(start, start + tp))
+        group = dist.new_group(ranks)
         if rank in ranks:
             _TENSOR_MODEL_PARALLEL_GROUP = group
+    for tp_rank in range(tp):
+        ranks = list(range(tp_rank, world_size, tp))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            _DATA_PARALLEL_GROUP = group
 
 
 def model_parallel_is_initialized() -> bool:
@@ -96,6 +105,19 @@ def get_tensor_model_parallel_rank() -> int:
     return dist.get_rank(group=get_tensor_model_parallel_group())
 
 
+def get_data_parallel_group():
+    assert _DATA_PARALLEL_GROUP is not None, "call initialize_model_parallel() first"
+    return _DATA_PARALLEL_GROUP
+
+
+def get_data_parallel_world_size() -> int:
+    return dist.get_world_size(group=get_data_parallel_group())
+
+
+def get_data_parallel_rank() -> int:
+    return dist.get_rank(group=get_data_parallel_group())
+
+
 def get_tensor_model_parallel_src_rank() -> int:
     """Global rank of this group's tensor-parallel rank 0 (the one that reads data)."""
     tp = get_tensor_model_parallel_world_size()
@@ -113,13 +135,12 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     still in a collective can abort the peer ("terminate called without an
     active exception"). Skip it only when peers may never reach it.
     """
-    global _TENSOR_MODEL_PARALLEL_GROUP, _DEVICE
+    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _DEVICE
     if dist.is_initialized():
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-    _TENSOR_MODEL_PARALLEL_GROUP = None
-    _DEVICE = None
+    _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _DEVICE = None
 
 
 def exit_now(code: int) -> None:
@@ -160,6 +181,22 @@ def all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, tensor, group=get_tensor_model_parallel_group())
     return torch.cat(parts, dim=dim)
+
+
+def average_over_data_parallel(tensors) -> None:
+    """Average `tensors` in place over the data-parallel group, in one all-reduce.
+
+    One flat buffer instead of one collective per tensor: on every backend the
+    latency of a collective, not its bytes, dominates for small tensors.
+    """
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    _count("dp_all_reduce", flat)
+    dist.all_reduce(flat, group=get_data_parallel_group())
+    flat /= get_data_parallel_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def broadcast(tensor: torch.Tensor) -> torch.Tensor:

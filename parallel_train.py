@@ -2,10 +2,14 @@
 
     torchrun --nproc_per_node 2 parallel_train.py --tensor_model_parallel_size 2
 
-Same model, flags and training loop as train.py. What tensor parallelism adds
-is all here: process groups, the batch broadcast from tensor-parallel rank 0,
-the check that every rank computes the same loss, and the shards put back
-together into a serial state_dict at the end.
+Same model, flags and training loop as train.py. What parallelism adds is all
+here: process groups, the batch broadcast from tensor-parallel rank 0 (each
+data-parallel replica gets its share of it), the averaging of gradients over
+data-parallel replicas, the check that every rank computes the same loss,
+checkpoints, and the shards put back together into a serial state_dict.
+
+World size = data-parallel size x tensor-parallel size; --batch_size is the
+global batch, split evenly between the data-parallel replicas.
 """
 
 import math
@@ -18,10 +22,11 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import parallel_state as ps
+from checkpointing import load_checkpoint, save_checkpoint
 from data import DataError, broadcast_batches, broadcast_split, load_dataset
 from metrics import MetricsWriter, run_config, save_model
 from parallel_layers import gather_serial_state_dict
-from train import USER_ERRORS, build_model, get_args_parser, parse_args, run_cli, train
+from train import USER_ERRORS, build_model, get_args_parser, make_optimizer, parse_args, run_cli, train
 
 
 def get_parallel_args(argv=None):
@@ -31,7 +36,12 @@ def get_parallel_args(argv=None):
     parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
     parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
                         help="auto: nccl when each rank on a node can have a GPU, else gloo on CPU")
+    parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
+    parser.add_argument("--save_interval", type=int, default=100, help="checkpoint every N iterations")
+    parser.add_argument("--load", default=None, help="resume from the newest checkpoint here, if any")
     args = parse_args(parser, argv)
+    if args.save_interval <= 0:
+        parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
     tp = args.tensor_model_parallel_size
     if tp <= 0:
         parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
@@ -51,6 +61,10 @@ def get_parallel_args(argv=None):
     if world_size % tp != 0:
         parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp}; "
                      f"launch a multiple of {tp} processes")
+    dp = world_size // tp
+    if args.batch_size % dp != 0:
+        parser.error(f"--batch_size {args.batch_size} is not divisible by the data-parallel size {dp} "
+                     f"(world size {world_size} / tensor-parallel size {tp}); each replica takes an equal share")
     return args
 
 
@@ -86,37 +100,51 @@ def load_data_on_src_rank(args):
 
 
 def report_communication(calls, nbytes, args):
-    tp = args.tensor_model_parallel_size
-    print(f"Communication in one training step (measured in iteration 1, tensor-parallel size {tp}):")
+    tp, rows = args.tensor_model_parallel_size, args.batch_size // ps.get_data_parallel_world_size()
+    print(f"Communication in one training step (measured in its first step, tensor-parallel size {tp}):")
     for op in sorted(calls):
         print(f"  {op:<10} x{calls[op]}  {nbytes[op] / 1024:8.2f} KiB per rank")
     print(f"  Megatron-LM (Sec. 3, Fig. 3a) counts 2 all-reduces of batch x input = "
-          f"{args.batch_size}x{args.input_size} elements per MLP step: g in forward, f in backward.\n"
+          f"{rows}x{args.input_size} elements per MLP step: g in forward, f in backward.\n"
           f"  f's all-reduce of dL/dX is skipped here: X is the raw data and needs no gradient.")
 
 
 def run(args, device):
     ps.initialize_model_parallel(args.tensor_model_parallel_size)
     rank, tp_rank = torch.distributed.get_rank(), ps.get_tensor_model_parallel_rank()
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     model = build_model(args, tensor_parallel=True).to(device)
+    optimizer = make_optimizer(model, args)
+    start = load_checkpoint(args.load, model, optimizer, args) if args.load else 0
 
     train_data, valid_data = load_data_on_src_rank(args)
-    batches = broadcast_batches(train_data, args.batch_size, args.input_size, args.torch_dtype)
+    batches = broadcast_batches(train_data, args.batch_size, args.input_size, args.torch_dtype,
+                                start_step=start, share=(dp_rank, dp_size))
     valid = broadcast_split(valid_data, args.input_size, args.torch_dtype)
 
     def gather_losses(losses):
         gathered = ps.all_gather(losses.to(device), dim=0)
         return gathered.view(args.tensor_model_parallel_size, -1).cpu()
 
+    def average_over_replicas(loss):
+        """Data parallelism: each replica saw batch/DP rows; average gradients and loss, in one all-reduce."""
+        if dp_size == 1:
+            return loss
+        loss = loss.detach().reshape(1).clone()
+        ps.average_over_data_parallel([p.grad for p in model.parameters()] + [loss])
+        return loss[0]
+
     # The first group's ranks print, as in the original: "Rank 0 Iter 10 Train Loss ...".
     log_prefix = f"Rank {tp_rank} " if rank < args.tensor_model_parallel_size else None
     metrics = None
     if rank == 0:
         config = run_config(args, device=str(device), backend=torch.distributed.get_backend(),
-                            world_size=torch.distributed.get_world_size())
-        metrics = MetricsWriter(args.out_dir, config, num_ranks=args.tensor_model_parallel_size)
+                            world_size=torch.distributed.get_world_size(), data_parallel_size=dp_size)
+        metrics = MetricsWriter(args.out_dir, config, num_ranks=args.tensor_model_parallel_size, resume_from=start)
+    save = (lambda it, opt: save_checkpoint(args.save, it, model, opt, args)) if args.save else None
     _, comm = train(model, args, batches, valid, log_prefix=log_prefix, gather_losses=gather_losses,
-                    metrics=metrics)
+                    metrics=metrics, optimizer=optimizer, start_iteration=start,
+                    after_backward=average_over_replicas, save_checkpoint=save)
     state = gather_serial_state_dict(model)
     if rank == 0:
         save_model(state, args.out_dir)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import parallel_state as ps
+from checkpointing import CheckpointError
 from data import DataError, iterate_batches, load_dataset, to_tensors
 from metrics import MetricsWriter, run_config, save_model
 from model import ToyModel
@@ -31,7 +32,7 @@ class TrainingStopped(RuntimeError):
 
 
 # What a user can cause: reported in one line, without a traceback.
-USER_ERRORS = (DataError, ParallelConfigError, StateDictError, TrainingStopped)
+USER_ERRORS = (DataError, ParallelConfigError, StateDictError, TrainingStopped, CheckpointError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -104,33 +105,45 @@ def evaluate(model, inputs, targets, chunk_rows=1024):
     return nn.functional.mse_loss(outputs, targets).item()
 
 
-def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[None], metrics=None):
+def make_optimizer(model, args):
+    return torch.optim.SGD(model.parameters(), lr=args.init_lr, momentum=args.momentum)
+
+
+def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[None], metrics=None,
+          optimizer=None, start_iteration=0, after_backward=lambda loss: loss, save_checkpoint=None):
     """The training loop shared by train.py and parallel_train.py.
 
-    batches: endless iterator of (inputs, targets) tensors.
+    batches: endless iterator of (inputs, targets) tensors, from batch start_iteration on.
     valid: (inputs, targets) of the validation set.
     gather_losses: maps this rank's recent losses, shape (k,), to every
         tensor-parallel rank's, shape (tp, k); they must agree exactly.
     metrics: a MetricsWriter, or None on ranks that don't write.
     log_prefix: put before each printed line; None prints nothing.
+    optimizer, start_iteration: a resumed run's; by default a new SGD from iteration 0.
+    after_backward: takes this step's loss once gradients exist and returns the
+        loss to report (data parallelism averages both there).
+    save_checkpoint: called as save_checkpoint(iteration, optimizer) every
+        --save_interval iterations, after that iteration's metrics are on disk.
     Returns the rows (iteration, train_loss, valid_loss or None) and the
-    collectives of iteration 1, as (calls, bytes) counters.
+    collectives of the first step, as (calls, bytes) counters.
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.init_lr, momentum=args.momentum)
+    optimizer = optimizer or make_optimizer(model, args)
     loss_fn = nn.MSELoss()
     rows, pending, running = [], [], 0.0
     model.train()
     try:
-        for it in range(1, args.num_iterations + 1):
-            if it == 1:
+        for it in range(start_iteration + 1, args.num_iterations + 1):
+            first = it == start_iteration + 1
+            if first:
                 ps.reset_comm_stats()
             inputs, targets = next(batches)
             optimizer.zero_grad(set_to_none=True)
             outputs = model(inputs)
             loss = loss_fn(outputs[:, 0], targets)
             loss.backward()
+            loss = after_backward(loss)
             optimizer.step()
-            if it == 1:
+            if first:
                 first_step_comm = (ps.comm_calls.copy(), ps.comm_bytes.copy())
 
             pending.append(loss.item())
@@ -146,12 +159,17 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
                 running = 0.0
             if valid_loss is not None and log_prefix is not None:
                 log(f"{log_prefix}Iter {it} Valid Loss {valid_loss:.6f}")
-            if it % args.update_freq == 0 or it == args.num_iterations or diverged:
+            saving = save_checkpoint is not None and it % args.save_interval == 0 and not diverged
+            if it % args.update_freq == 0 or it == args.num_iterations or diverged or saving:
                 rank_losses = gather_losses(torch.tensor(pending, dtype=torch.float64))
                 if metrics:  # written before the check, so a disagreement is on disk to look at
                     metrics.write(rows[-len(pending):], rank_losses)
                 check_ranks_agree(rank_losses, it)
                 pending = []
+            if saving:
+                if metrics:
+                    metrics.flush()  # a resumed run keeps exactly the rows up to its checkpoint
+                save_checkpoint(it, optimizer)
             if diverged:
                 raise TrainingStopped(f"the train loss is {rows[-1][1]} at iteration {it}: training "
                                       f"diverged; lower --init_lr (now {args.init_lr:g}). Metrics up to it are "

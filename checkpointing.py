@@ -1,0 +1,101 @@
+"""Sharded checkpoints in Megatron-LM's layout, and resuming from them.
+
+    DIR/latest_checkpointed_iteration.txt           "200": the newest complete checkpoint
+    DIR/iter_0000200/mp_rank_00/model_optim_rng.pt  tensor-parallel rank 0's shard
+    DIR/iter_0000200/mp_rank_01/model_optim_rng.pt  ...
+
+Each shard holds that rank's slice of the model, its optimizer state (the
+momentum buffers), the iteration, the sizes it was saved with, the RNG state
+and which dimension each parameter is split along (for merge_checkpoint.py).
+Data-parallel replicas hold identical shards, so only data-parallel rank 0
+writes. Every file is written to a temporary name and renamed, and the
+tracker is written last, after every shard is on disk: a crash mid-save
+leaves the previous checkpoint as the latest, never a half-written one.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import parallel_state as ps
+from metrics import atomic_write
+
+TRACKER = "latest_checkpointed_iteration.txt"
+SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed by this run; the message says why."""
+
+
+def shard_path(directory, iteration, tp_rank):
+    return os.path.join(directory, f"iter_{iteration:07d}", f"mp_rank_{tp_rank:02d}", "model_optim_rng.pt")
+
+
+def save_checkpoint(directory, iteration, model, optimizer, args):
+    if ps.get_data_parallel_rank() == 0:
+        path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        state = dict(
+            iteration=iteration,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            sizes={k: getattr(args, k) for k in SIZES},
+            partition_dims={n: getattr(p, "partition_dim", None) for n, p in model.named_parameters()},
+            rng=dict(torch=torch.get_rng_state()),
+        )
+        atomic_write(path, lambda f: torch.save(state, f))
+    dist.barrier()  # every shard is on disk before the tracker points at it
+    if dist.get_rank() == 0:
+        atomic_write(os.path.join(directory, TRACKER), lambda f: f.write(f"{iteration}\n".encode()))
+
+
+def latest_iteration(directory):
+    """The iteration the tracker names, or None when there is no checkpoint yet."""
+    path = os.path.join(directory, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} should hold an iteration number, not {text!r}")
+    return int(text)
+
+
+def load_shards(directory, iteration):
+    """Every tensor-parallel shard of one iteration, in rank order (for merging)."""
+    shards, tp_rank = [], 0
+    while os.path.isfile(shard_path(directory, iteration, tp_rank)):
+        shards.append(torch.load(shard_path(directory, iteration, tp_rank), map_location="cpu", weights_only=True))
+        tp_rank += 1
+    if not shards:
+        raise CheckpointError(f"no shards in {os.path.dirname(os.path.dirname(shard_path(directory, iteration, 0)))}")
+    return shards
+
+
+def load_checkpoint(directory, model, optimizer, args):
+    """Restore this rank's shard of the newest checkpoint in `directory`; returns its iteration (0: none)."""
+    iteration = latest_iteration(directory)
+    if iteration is None:
+        if dist.get_rank() == 0:
+            print(f"note: no checkpoint in {directory} yet; starting from iteration 0")
+        return 0
+    path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank())
+    first = shard_path(directory, iteration, 0)
+    if not os.path.isfile(first):
+        raise CheckpointError(f"{directory} names iteration {iteration}, but {first} is missing")
+    state = torch.load(path if os.path.isfile(path) else first, map_location="cpu", weights_only=True)
+    saved = state["sizes"]
+    for key in SIZES:
+        if saved[key] != getattr(args, key):
+            raise CheckpointError(
+                f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} {saved[key]}, "
+                f"this run has {getattr(args, key)}; resume with the same sizes, or merge it with "
+                f"merge_checkpoint.py and start from that with --init_from")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if dist.get_rank() == 0:
+        print(f"resuming from {directory} at iteration {iteration}")
+    return iteration
