@@ -4,7 +4,7 @@
 # Extra arguments go to parallel_train.py and override these:
 #   GPUS_PER_NODE=4 bash bash_parallel_train.sh --tensor_model_parallel_size 4
 # Multi-node: run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES,
-# and NODE_RANK = 0, 1, ...
+# and NODE_RANK = 0, 1, ... World size = GPUS_PER_NODE x NNODES = DP x TP.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -19,6 +19,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-2}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+MAX_RESTARTS=${MAX_RESTARTS:-0}  # torchrun restarts the group after a failure; with --save/--load it resumes
 
 if [ "$NNODES" = 1 ] && [ -z "${MASTER_PORT:-}" ]; then
     # One node: torchrun picks a free port, so two runs never collide.
@@ -46,7 +47,7 @@ fi
 [ "$NODE_RANK" != 0 ] || [ -f "$DATA_DIR/xtrain.npy" ] || "$PYTHON" prepare_data.py --data_dir "$DATA_DIR"
 
 # scripts/launch.py is torchrun with a one-line failure report (see its docstring).
-"$PYTHON" scripts/launch.py "${DISTRIBUTED_ARGS[@]}" parallel_train.py \
+"$PYTHON" scripts/launch.py "${DISTRIBUTED_ARGS[@]}" --max-restarts "$MAX_RESTARTS" parallel_train.py \
     --data_dir "$DATA_DIR" \
     --input_size 64 \
     --tensor_model_parallel_size 2 \

@@ -54,8 +54,25 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> to
         torch.cuda.set_device(_DEVICE)
     else:
         _DEVICE = torch.device("cpu")
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend=backend, store=_attempt_store(timedelta(minutes=timeout_minutes)),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=timedelta(minutes=timeout_minutes))
     return _DEVICE
+
+
+def _attempt_store(timeout):
+    """The job's key-value store, seen under a prefix of its own for each torchrun attempt.
+
+    After a failure, `torchrun --max-restarts` starts the group again on the
+    same store; the new ranks must not read the addresses the old ones left
+    there (seen here: gloo then connects to a dead rank's port and fails).
+    Under torchrun its agent hosts the store; without it, rank 0 does.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), timeout=timeout,
+                          is_master=not agent_hosts_store and os.environ["RANK"] == "0")
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:

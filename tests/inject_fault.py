@@ -4,7 +4,8 @@
 
 raise: the rank raises an exception (a bug); die: the rank is killed (SIGKILL),
 as by the out-of-memory killer. Either way it happens just after that rank
-received the batch of ITERATION, while its peers go on into the step.
+received the batch of ITERATION, while its peers go on into the step, and
+only in torchrun's first attempt: a group restarted by --max-restarts runs clean.
 """
 
 import os
@@ -20,8 +21,9 @@ batches = parallel_train.broadcast_batches
 
 
 def faulty_batches(*args, **kwargs):
-    for it, batch in enumerate(batches(*args, **kwargs), start=1):
-        if it == fault_iteration and int(os.environ["RANK"]) == fault_rank:
+    for it, batch in enumerate(batches(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if it == fault_iteration and int(os.environ["RANK"]) == fault_rank and first_attempt:
             if kind == "die":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault on rank {fault_rank} at iteration {it}")

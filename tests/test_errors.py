@@ -89,7 +89,8 @@ def test_fuzz_size_checks(input_size, hidden, batch, iterations, update_freq, ev
             "--tensor_model_parallel_size", str(tp)] + ([] if hidden is None else ["--hidden_size", str(hidden)])
     hidden_size = 32 * input_size if hidden is None else hidden
     valid = (min(input_size, hidden_size, batch, iterations, update_freq, eval_interval, tp) > 0
-             and hidden_size % tp == 0 and world_size % tp == 0)
+             and hidden_size % tp == 0 and world_size % tp == 0
+             and batch % (world_size // tp) == 0)  # each data-parallel replica takes an equal share
     error = flag_error(argv, world_size)
     assert (error is None) == valid, (argv, world_size, error)
 
