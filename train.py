@@ -9,6 +9,7 @@ everything that differs between the two lives there.
 
 import argparse
 import math
+from collections import Counter
 import os
 import signal
 import sys
@@ -130,6 +131,7 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
     optimizer = optimizer or make_optimizer(model, args)
     loss_fn = nn.MSELoss()
     rows, pending, running = [], [], 0.0
+    first_step_comm = (Counter(), Counter())  # stays empty if no step is left to run
     model.train()
     try:
         for it in range(start_iteration + 1, args.num_iterations + 1):
@@ -153,9 +155,9 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
             valid_loss = None
             if it % args.eval_interval == 0 or it == args.num_iterations:
                 valid_loss = rows[-1][2] = evaluate(model, *valid)
-            if it % args.update_freq == 0 and log_prefix is not None:
-                log(f"{log_prefix}Iter {it} Train Loss {running:.3f}")
             if it % args.update_freq == 0:
+                if log_prefix is not None:
+                    log(f"{log_prefix}Iter {it} Train Loss {running:.3f}")
                 running = 0.0
             if valid_loss is not None and log_prefix is not None:
                 log(f"{log_prefix}Iter {it} Valid Loss {valid_loss:.6f}")

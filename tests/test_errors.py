@@ -241,9 +241,9 @@ def test_ctrl_c_stops_every_rank(tmp_path, data_dir):
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
-    for line in proc.stdout:  # wait until training runs
+    for line in proc.stdout:  # wait until rank 0, which writes metrics.csv, has recorded iteration 20
         lines.append(line)
-        if "Iter 20 Train Loss" in line:
+        if line.startswith("Rank 0 Iter 20 Train Loss"):
             break
     os.killpg(proc.pid, signal.SIGINT)
     try:
