@@ -9,7 +9,8 @@ split across ranks with two operators that are each other's transpose:
 f and g are `copy_to_tensor_model_parallel_region` and
 `reduce_from_tensor_model_parallel_region`. The scatter/gather pair moves a
 tensor between replicated and split-along-the-last-dimension form; the layers
-use it for `gather_output=True` and `input_is_parallel=False`.
+use it for `gather_output=True` and `input_is_parallel=False`. Sequence
+parallelism's pair, which replaces f and g, is at the end.
 
 Same layout as megatron/core/tensor_parallel/mappings.py: private helpers,
 one autograd Function per operator, one public lower-case wrapper each.
@@ -35,6 +36,16 @@ def _split_along_last_dim(input_):
 def _gather_along_last_dim(input_):
     """Concatenate every rank's slice along the last dimension."""
     return ps.all_gather(input_, dim=-1)
+
+
+def _gather_along_first_dim(input_):
+    """Concatenate every rank's rows."""
+    return ps.all_gather(input_, dim=0)
+
+
+def _reduce_scatter_along_first_dim(input_):
+    """Sum over ranks and keep this rank's rows of the sum."""
+    return ps.reduce_scatter(input_, dim=0)
 
 
 class _CopyToModelParallelRegion(torch.autograd.Function):
@@ -89,6 +100,36 @@ class _GatherFromModelParallelRegion(torch.autograd.Function):
         return _split_along_last_dim(grad_output)
 
 
+# Sequence parallelism (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large
+# Transformer Models", Sec. 4.2.2, Fig. 5). Outside the tensor-parallel region each rank keeps
+# only its rows (the sequence, in a transformer; the batch, here), and f and g above become a
+# conjugate pair of their own: the same bytes on the wire, since a ring all-reduce *is* a
+# reduce-scatter followed by an all-gather, and 1/TP of the activations outside the region.
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    """Replaces f: all-gather the rows in forward; reduce-scatter the gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, input_):
+        return _gather_along_first_dim(input_)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _reduce_scatter_along_first_dim(grad_output)
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Replaces g: reduce-scatter the rows in forward; all-gather the gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, input_):
+        return _reduce_scatter_along_first_dim(input_)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _gather_along_first_dim(grad_output)
+
+
 # With one rank every operator is the identity: skip the autograd node and its Python cost.
 
 def copy_to_tensor_model_parallel_region(input_):
@@ -105,6 +146,14 @@ def scatter_to_tensor_model_parallel_region(input_):
 
 def gather_from_tensor_model_parallel_region(input_):
     return input_ if _single_rank() else _GatherFromModelParallelRegion.apply(input_)
+
+
+def gather_from_sequence_parallel_region(input_):
+    return input_ if _single_rank() else _GatherFromSequenceParallelRegion.apply(input_)
+
+
+def reduce_scatter_to_sequence_parallel_region(input_):
+    return input_ if _single_rank() else _ReduceScatterToSequenceParallelRegion.apply(input_)
 
 
 def _single_rank():

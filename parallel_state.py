@@ -5,9 +5,10 @@ getters (megatron/core/parallel_state.py); so do we. This is also the one
 place that decides the backend (nccl on GPUs, gloo on CPU) and the device
 tensors live on, so the layers never ask which backend runs.
 
-Every collective goes through `all_reduce`, `all_gather` or `broadcast`
-below, which count the calls and bytes they send: that is how the tests and
-the benchmark check the communication against the paper's count.
+Every collective goes through `all_reduce`, `all_gather`, `reduce_scatter`,
+`broadcast` or `average_over_data_parallel` below, which count the calls and
+bytes they send: that is how the tests and the benchmark check the
+communication against the paper's count.
 """
 
 import os
@@ -198,6 +199,15 @@ def all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, tensor, group=get_tensor_model_parallel_group())
     return torch.cat(parts, dim=dim)
+
+
+def reduce_scatter(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum every rank's `tensor` and keep this rank's chunk of the sum along `dim`."""
+    _count("reduce_scatter", tensor)
+    chunks = [c.contiguous() for c in tensor.chunk(get_tensor_model_parallel_world_size(), dim=dim)]
+    output = torch.empty_like(chunks[get_tensor_model_parallel_rank()])
+    dist.reduce_scatter(output, chunks, group=get_tensor_model_parallel_group())
+    return output
 
 
 def average_over_data_parallel(tensors) -> None:
