@@ -30,6 +30,7 @@ from mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 
@@ -68,6 +69,38 @@ class LinearWithAsyncAllreduce(torch.autograd.Function):
         if handle is not None:
             handle.wait()
         return grad_input, grad_weight, grad_bias
+
+
+class LinearWithSequenceParallel(torch.autograd.Function):
+    """Column-parallel Y = X W^T + b whose input X arrives as this rank's rows.
+
+    Korthikanti et al. (2022), Sec. 4.2.2: forward all-gathers X's rows (in
+    place of f's identity) but saves only this rank's rows for backward, 1/TP
+    of X's memory. Backward all-gathers them again, asynchronously, while
+    dL/dX = dL/dY W is computed; then reduce-scatters dL/dX (f's backward
+    all-reduce becomes a reduce-scatter), asynchronously, while
+    dL/dW = dL/dY^T X is computed. As Megatron's linear with sequence_parallel.
+    As in LinearWithAsyncAllreduce, dL/dX and its reduce-scatter are skipped
+    when X needs no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, input_, weight, bias):
+        ctx.save_for_backward(input_, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(ps.all_gather(input_, dim=0), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_, weight = ctx.saved_tensors
+        gathering = ps.all_gather(input_, dim=0, async_op=True)
+        grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
+        total_input = gathering()
+        scattering = ps.reduce_scatter(grad_input, dim=0, async_op=True) if grad_input is not None else None
+        grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = grad_output_2d.t().matmul(total_input.reshape(-1, total_input.shape[-1]))
+        grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None
+        return (scattering() if scattering else None), grad_weight, grad_bias
 
 
 def _master_linear_slice(layer: nn.Module, in_features, out_features, bias, dtype, partition_dim):
@@ -112,19 +145,25 @@ class ColumnParallelLinear(nn.Module):
         False leaves Y split, ready for a RowParallelLinear (Fig. 3a).
     async_tensor_model_parallel_allreduce: replace f by LinearWithAsyncAllreduce,
         overlapping f's backward all-reduce with the weight-gradient matmul.
+    sequence_parallel: the input is this rank's rows of X (Korthikanti et al.,
+        2022); they are all-gathered here (LinearWithSequenceParallel).
     """
 
     def __init__(self, input_size, output_size, bias=True, gather_output=True,
-                 async_tensor_model_parallel_allreduce=True, dtype=None):
+                 async_tensor_model_parallel_allreduce=True, sequence_parallel=False, dtype=None):
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = _check_divisible(output_size, "output size")
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+        assert not (self.sequence_parallel and gather_output), "sequence parallelism feeds a RowParallelLinear"
         self.async_tensor_model_parallel_allreduce = (
             async_tensor_model_parallel_allreduce and ps.get_tensor_model_parallel_world_size() > 1)
         _master_linear_slice(self, input_size, output_size, bias, dtype, partition_dim=0)
 
     def forward(self, input_):
+        if self.sequence_parallel:  # input_ holds this rank's rows; the Function gathers them
+            return LinearWithSequenceParallel.apply(input_, self.weight, self.bias)
         if self.async_tensor_model_parallel_allreduce:  # f happens inside the linear's backward
             output_parallel = LinearWithAsyncAllreduce.apply(input_, self.weight, self.bias)
         else:
@@ -149,14 +188,22 @@ class RowParallelLinear(nn.Module):
     input_is_parallel: the input is already split (the output of a
         ColumnParallelLinear with gather_output=False); otherwise it is
         scattered here, and gathered again in backward.
+    sequence_parallel: g becomes a reduce-scatter, each rank keeping its rows
+        of Y (Korthikanti et al., 2022); b is then added to those rows only.
     """
 
-    def __init__(self, input_size, output_size, bias=True, input_is_parallel=False, dtype=None):
+    def __init__(self, input_size, output_size, bias=True, input_is_parallel=False, sequence_parallel=False,
+                 dtype=None):
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = _check_divisible(input_size, "input size")
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+        assert not (self.sequence_parallel and not input_is_parallel), "sequence parallelism needs input_is_parallel"
         _master_linear_slice(self, input_size, output_size, bias, dtype, partition_dim=1)
+        if self.bias is not None and self.sequence_parallel:
+            # Added to this rank's rows only: its gradient is partial, to be summed over the group.
+            self.bias.sequence_parallel = True
 
     def forward(self, input_):
         if self.input_is_parallel:
@@ -164,7 +211,10 @@ class RowParallelLinear(nn.Module):
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_)
         output_parallel = F.linear(input_parallel, self.weight)
-        output = reduce_from_tensor_model_parallel_region(output_parallel)
+        if self.sequence_parallel:  # g becomes a reduce-scatter: each rank keeps its rows of the sum
+            output = reduce_scatter_to_sequence_parallel_region(output_parallel)
+        else:
+            output = reduce_from_tensor_model_parallel_region(output_parallel)
         return output + self.bias if self.bias is not None else output
 
     def extra_repr(self):

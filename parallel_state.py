@@ -192,21 +192,37 @@ def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None):
     return dist.all_reduce(tensor, group=group or get_tensor_model_parallel_group(), async_op=async_op)
 
 
-def all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """Concatenate every rank's `tensor` along `dim`, in rank order."""
+def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
+    """Concatenate every rank's `tensor` along `dim`, in rank order.
+
+    With async_op, returns at once a function that waits and returns the result.
+    """
     _count("all_gather", tensor)
     tensor = tensor.contiguous()
     parts = [torch.empty_like(tensor) for _ in range(get_tensor_model_parallel_world_size())]
-    dist.all_gather(parts, tensor, group=get_tensor_model_parallel_group())
+    work = dist.all_gather(parts, tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
+    if async_op:
+        def finish():
+            work.wait()
+            return torch.cat(parts, dim=dim)
+        return finish
     return torch.cat(parts, dim=dim)
 
 
-def reduce_scatter(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum every rank's `tensor` and keep this rank's chunk of the sum along `dim`."""
+def reduce_scatter(tensor: torch.Tensor, dim: int, async_op: bool = False):
+    """Sum every rank's `tensor` and keep this rank's chunk of the sum along `dim`.
+
+    With async_op, returns at once a function that waits and returns the result.
+    """
     _count("reduce_scatter", tensor)
     chunks = [c.contiguous() for c in tensor.chunk(get_tensor_model_parallel_world_size(), dim=dim)]
     output = torch.empty_like(chunks[get_tensor_model_parallel_rank()])
-    dist.reduce_scatter(output, chunks, group=get_tensor_model_parallel_group())
+    work = dist.reduce_scatter(output, chunks, group=get_tensor_model_parallel_group(), async_op=async_op)
+    if async_op:
+        def finish():
+            work.wait()
+            return output
+        return finish
     return output
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import parallel_state as ps
-from distributed import run_distributed
+from distributed import all_ranks, run_distributed
 from parallel_layers import ColumnParallelLinear, RowParallelLinear
 
 ATOL = 1e-14
@@ -26,10 +26,10 @@ def close(actual, expected, what):
     assert err <= ATOL, f"{what}: max abs error {err:.3e} > {ATOL:g}"
 
 
-def _data(out_features):
+def _data(out_features, rows=ROWS):
     g = torch.Generator().manual_seed(1)  # same on every rank
-    return (torch.randn(ROWS, IN, dtype=torch.float64, generator=g),
-            torch.randn(ROWS, out_features, dtype=torch.float64, generator=g))
+    return (torch.randn(rows, IN, dtype=torch.float64, generator=g),
+            torch.randn(rows, out_features, dtype=torch.float64, generator=g))
 
 
 def _check_column_parallel():
@@ -96,6 +96,59 @@ def _check_row_parallel():
                 close(layer.bias.grad, serial.bias.grad, "bias grad")
             assert ps.comm_calls["all_reduce"] == (tp > 1)  # g's backward is the identity
             assert ps.comm_calls["all_gather"] == (not input_is_parallel and tp > 1)  # scatter's backward
+
+
+def _check_sequence_parallel():
+    """Outside the split region each rank holds its rows only (Korthikanti et al., 2022, Sec. 4.2.2)."""
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    rows = 8  # divisible by every tensor-parallel size tested
+    my_rows = lambda t: t.chunk(tp, dim=0)[rank]
+    my_cols = lambda t: t.chunk(tp, dim=-1)[rank]
+    x, dy = _data(OUT, rows)
+    for input_grad in (False, True):
+        torch.manual_seed(0)
+        serial = nn.Linear(IN, OUT, dtype=torch.float64)
+        torch.manual_seed(0)
+        layer = ColumnParallelLinear(IN, OUT, gather_output=False, sequence_parallel=True, dtype=torch.float64)
+        xs, xp = x.clone().requires_grad_(input_grad), my_rows(x).clone().requires_grad_(input_grad)
+        ys = serial(xs)
+        ps.reset_comm_stats()
+        yp = layer(xp)
+        close(yp, my_cols(ys), "column output: every row, this rank's columns")
+        assert ps.comm_calls["all_gather"] == (tp > 1)  # the rows, in place of f's identity
+        ys.backward(dy)
+        yp.backward(my_cols(dy))
+        close(layer.weight.grad, serial.weight.grad.chunk(tp, dim=0)[rank], "column weight grad")
+        close(layer.bias.grad, my_cols(serial.bias.grad), "column bias grad")
+        # Backward gathers the rows again (only this rank's were saved); dL/dX is reduce-scattered if needed.
+        assert ps.comm_calls["all_gather"] == 2 * (tp > 1), dict(ps.comm_calls)
+        assert ps.comm_calls["reduce_scatter"] == (input_grad and tp > 1), dict(ps.comm_calls)
+        assert ps.comm_calls["all_reduce"] == 0
+        if input_grad:
+            close(xp.grad, my_rows(xs.grad), "column input grad")
+
+    torch.manual_seed(0)
+    serial = nn.Linear(IN, OUT, dtype=torch.float64)
+    torch.manual_seed(0)
+    layer = RowParallelLinear(IN, OUT, input_is_parallel=True, sequence_parallel=True, dtype=torch.float64)
+    xs, xp = x.clone().requires_grad_(), my_cols(x).clone().requires_grad_()
+    ys = serial(xs)
+    ps.reset_comm_stats()
+    yp = layer(xp)
+    close(yp, my_rows(ys), "row output: this rank's rows")
+    assert dict(ps.comm_calls) == ({"reduce_scatter": 1} if tp > 1 else {})  # g, as a reduce-scatter
+    ys.backward(dy)
+    yp.backward(my_rows(dy))
+    close(layer.weight.grad, my_cols(serial.weight.grad), "row weight grad")
+    close(xp.grad, my_cols(xs.grad), "row input grad")
+    # The bias was added to this rank's rows only: the ranks' gradients sum to the serial one.
+    close(all_ranks(layer.bias.grad).sum(0), serial.bias.grad, "row bias grad, summed over ranks")
+    assert dict(ps.comm_calls) == ({"reduce_scatter": 1, "all_gather": 1} if tp > 1 else {})
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_sequence_parallel_layers_match_serial(tp):
+    run_distributed(_check_sequence_parallel, tp)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
