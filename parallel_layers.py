@@ -21,6 +21,8 @@ inside the split region and agrees outside it, model_parallel_cuda_manual_seed;
 the toy model has no dropout, so one generator is enough.)
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -221,6 +223,23 @@ class RowParallelLinear(nn.Module):
         return (f"input_size={self.input_size} (per partition {self.input_size_per_partition}), "
                 f"output_size={self.output_size}, bias={self.bias is not None}, "
                 f"input_is_parallel={self.input_is_parallel}")
+
+
+@contextmanager
+def sequence_parallel_disabled(model: nn.Module):
+    """Run forward-only passes (validation) as plain tensor parallelism, on every row.
+
+    They save no activations for backward, so sequence parallelism would save
+    nothing there; the weights and the result are the same.
+    """
+    layers = [m for m in model.modules() if getattr(m, "sequence_parallel", False)]
+    for layer in layers:
+        layer.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.sequence_parallel = True
 
 
 # ---------------------------------------------------------------------------

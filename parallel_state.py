@@ -6,7 +6,7 @@ place that decides the backend (nccl on GPUs, gloo on CPU) and the device
 tensors live on, so the layers never ask which backend runs.
 
 Every collective goes through `all_reduce`, `all_gather`, `reduce_scatter`,
-`broadcast` or `average_over_data_parallel` below, which count the calls and
+`broadcast` or `_all_reduce_coalesced` below, which count the calls and
 bytes they send: that is how the tests and the benchmark check the
 communication against the paper's count.
 """
@@ -226,20 +226,29 @@ def reduce_scatter(tensor: torch.Tensor, dim: int, async_op: bool = False):
     return output
 
 
-def average_over_data_parallel(tensors) -> None:
-    """Average `tensors` in place over the data-parallel group, in one all-reduce.
-
-    One flat buffer instead of one collective per tensor: on every backend the
-    latency of a collective, not its bytes, dominates for small tensors.
-    """
+def _all_reduce_coalesced(tensors, group, name, divide_by=1):
+    """Sum `tensors` in place over `group` (then divide), as one flat buffer in one all-reduce:
+    for small tensors the latency of a collective, not its bytes, dominates on every backend."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    _count("dp_all_reduce", flat)
-    dist.all_reduce(flat, group=get_data_parallel_group())
-    flat /= get_data_parallel_world_size()
+    _count(name, flat)
+    dist.all_reduce(flat, group=group)
+    if divide_by != 1:
+        flat /= divide_by
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def average_over_data_parallel(tensors) -> None:
+    """Average `tensors` in place over the data-parallel group, in one all-reduce."""
+    _all_reduce_coalesced(tensors, get_data_parallel_group(), "dp_all_reduce", get_data_parallel_world_size())
+
+
+def sum_over_tensor_parallel(tensors) -> None:
+    """Sum `tensors` in place over the tensor-parallel group, in one all-reduce
+    (sequence parallelism's partial gradients of replicated weights, and the loss)."""
+    _all_reduce_coalesced(tensors, get_tensor_model_parallel_group(), "all_reduce")
 
 
 def broadcast(tensor: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,15 @@ import sys
 import traceback
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import parallel_state as ps
 from checkpointing import load_checkpoint, save_checkpoint
 from data import DataError, broadcast_batches, broadcast_split, load_dataset
 from metrics import MetricsWriter, run_config, save_model
-from parallel_layers import gather_serial_state_dict
-from train import USER_ERRORS, build_model, get_args_parser, make_optimizer, parse_args, run_cli, train
+from parallel_layers import gather_serial_state_dict, sequence_parallel_disabled
+from train import USER_ERRORS, build_model, evaluate, get_args_parser, make_optimizer, parse_args, run_cli, train
 
 
 def get_parallel_args(argv=None):
@@ -36,6 +37,8 @@ def get_parallel_args(argv=None):
     parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
     parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
                         help="auto: nccl when each rank on a node can have a GPU, else gloo on CPU")
+    parser.add_argument("--sequence_parallel", action="store_true",
+                        help="outside the split region each rank keeps only its rows (Korthikanti et al., 2022)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=100, help="checkpoint every N iterations")
     parser.add_argument("--load", default=None, help="resume from the newest checkpoint here, if any")
@@ -65,6 +68,9 @@ def get_parallel_args(argv=None):
     if args.batch_size % dp != 0:
         parser.error(f"--batch_size {args.batch_size} is not divisible by the data-parallel size {dp} "
                      f"(world size {world_size} / tensor-parallel size {tp}); each replica takes an equal share")
+    if args.sequence_parallel and (args.batch_size // dp) % tp != 0:
+        parser.error(f"--sequence_parallel splits each replica's {args.batch_size // dp} rows between "
+                     f"{tp} tensor-parallel ranks; choose a --batch_size that makes them divisible")
     return args
 
 
@@ -104,6 +110,12 @@ def report_communication(calls, nbytes, args):
     print(f"Communication in one training step (measured in its first step, tensor-parallel size {tp}):")
     for op in sorted(calls):
         print(f"  {op:<10} x{calls[op]}  {nbytes[op] / 1024:8.2f} KiB per rank")
+    if args.sequence_parallel:
+        print(f"  Korthikanti et al. (2022, Sec. 4.2.2): per MLP step, forward 1 all-gather + 1 reduce-scatter, "
+              f"backward 2 all-gathers + 1 reduce-scatter, of {rows}x{args.input_size} elements, plus the small "
+              f"all-reduce of fc's gradient and the loss.\n"
+              f"  The backward reduce-scatter of dL/dX is skipped here: X is the raw data and needs no gradient.")
+        return
     print(f"  Megatron-LM (Sec. 3, Fig. 3a) counts 2 all-reduces of batch x input = "
           f"{rows}x{args.input_size} elements per MLP step: g in forward, f in backward.\n"
           f"  f's all-reduce of dL/dX is skipped here: X is the raw data and needs no gradient.")
@@ -121,17 +133,33 @@ def run(args, device):
     batches = broadcast_batches(train_data, args.batch_size, args.input_size, args.torch_dtype,
                                 start_step=start, share=(dp_rank, dp_size))
     valid = broadcast_split(valid_data, args.input_size, args.torch_dtype)
+    replica_rows = args.batch_size // dp_size
+    if args.sequence_parallel:  # each rank keeps its rows of the replica's batch
+        tp = args.tensor_model_parallel_size
+        batches = (tuple(t.chunk(tp)[tp_rank] for t in batch) for batch in batches)
+
+    def loss_fn(outputs, targets):
+        if not args.sequence_parallel:
+            return F.mse_loss(outputs, targets)
+        # This rank's rows' share of the replica's mean; the shares are summed after backward.
+        return F.mse_loss(outputs, targets, reduction="sum") / replica_rows
+
+    def evaluate_fn(model, inputs, targets):
+        with sequence_parallel_disabled(model):
+            return evaluate(model, inputs, targets)
 
     def gather_losses(losses):
         gathered = ps.all_gather(losses.to(device), dim=0)
         return gathered.view(args.tensor_model_parallel_size, -1).cpu()
 
-    def average_over_replicas(loss):
-        """Data parallelism: each replica saw batch/DP rows; average gradients and loss, in one all-reduce."""
-        if dp_size == 1:
-            return loss
+    def after_backward(loss):
+        """Sum what sequence parallelism left partial, then average over data-parallel replicas."""
         loss = loss.detach().reshape(1).clone()
-        ps.average_over_data_parallel([p.grad for p in model.parameters()] + [loss])
+        if args.sequence_parallel:  # fc's gradient and the loss came from this rank's rows only
+            partial = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+            ps.sum_over_tensor_parallel(partial + [loss])
+        if dp_size > 1:  # each replica saw batch/DP rows
+            ps.average_over_data_parallel([p.grad for p in model.parameters()] + [loss])
         return loss[0]
 
     # The first group's ranks print, as in the original: "Rank 0 Iter 10 Train Loss ...".
@@ -143,8 +171,8 @@ def run(args, device):
         metrics = MetricsWriter(args.out_dir, config, num_ranks=args.tensor_model_parallel_size, resume_from=start)
     save = (lambda it, opt: save_checkpoint(args.save, it, model, opt, args)) if args.save else None
     _, comm = train(model, args, batches, valid, log_prefix=log_prefix, gather_losses=gather_losses,
-                    metrics=metrics, optimizer=optimizer, start_iteration=start,
-                    after_backward=average_over_replicas, save_checkpoint=save)
+                    metrics=metrics, optimizer=optimizer, start_iteration=start, after_backward=after_backward,
+                    save_checkpoint=save, loss_fn=loss_fn, evaluate_fn=evaluate_fn)
     state = gather_serial_state_dict(model)
     if rank == 0:
         save_model(state, args.out_dir)

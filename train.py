@@ -83,7 +83,8 @@ def parse_args(parser, argv=None):
 def build_model(args, tensor_parallel=False):
     """The same model for every run: nn.Linear's init from --seed, or --init_from's weights."""
     torch.manual_seed(args.seed)
-    model = ToyModel(args.input_size, args.hidden_size, tensor_parallel=tensor_parallel, dtype=args.torch_dtype)
+    model = ToyModel(args.input_size, args.hidden_size, tensor_parallel=tensor_parallel,
+                     sequence_parallel=getattr(args, "sequence_parallel", False), dtype=args.torch_dtype)
     if args.init_from:
         try:
             state_dict = torch.load(args.init_from, map_location="cpu", weights_only=True)
@@ -111,7 +112,8 @@ def make_optimizer(model, args):
 
 
 def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[None], metrics=None,
-          optimizer=None, start_iteration=0, after_backward=lambda loss: loss, save_checkpoint=None):
+          optimizer=None, start_iteration=0, after_backward=lambda loss: loss, save_checkpoint=None,
+          loss_fn=nn.functional.mse_loss, evaluate_fn=None):
     """The training loop shared by train.py and parallel_train.py.
 
     batches: endless iterator of (inputs, targets) tensors, from batch start_iteration on.
@@ -125,11 +127,13 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
         loss to report (data parallelism averages both there).
     save_checkpoint: called as save_checkpoint(iteration, optimizer) every
         --save_interval iterations, after that iteration's metrics are on disk.
+    loss_fn, evaluate_fn: this rank's loss of a batch, and the validation loss
+        (sequence parallelism changes both); by default MSE and evaluate().
     Returns the rows (iteration, train_loss, valid_loss or None) and the
     collectives of the first step, as (calls, bytes) counters.
     """
     optimizer = optimizer or make_optimizer(model, args)
-    loss_fn = nn.MSELoss()
+    evaluate_fn = evaluate_fn or evaluate
     rows, pending, running = [], [], 0.0
     first_step_comm = (Counter(), Counter())  # stays empty if no step is left to run
     model.train()
@@ -154,7 +158,7 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
             diverged = not math.isfinite(pending[-1])  # the same on every rank: they share the loss
             valid_loss = None
             if it % args.eval_interval == 0 or it == args.num_iterations:
-                valid_loss = rows[-1][2] = evaluate(model, *valid)
+                valid_loss = rows[-1][2] = evaluate_fn(model, *valid)
             if it % args.update_freq == 0:
                 if log_prefix is not None:
                     log(f"{log_prefix}Iter {it} Train Loss {running:.3f}")
