@@ -114,3 +114,39 @@ def test_training_keeps_replicated_fc_identical_and_matches_serial():
 
 def test_serial_state_dict_loads_into_shards():
     run_distributed(_check_load_serial_state_dict, 2)
+
+
+def _saved_outside_split_region(model, x, y, hidden_per_rank):
+    """Bytes of activations autograd saves for backward outside the split region (fc1's input,
+    fc's input, the loss's inputs): every saved tensor that is neither a parameter nor hidden-wide."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params and (t.dim() == 0 or t.shape[-1] != hidden_per_rank):
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nn.functional.mse_loss(model(x)[:, 0], y)
+    return sum(saved)
+
+
+def _check_sequence_parallel_saves_one_over_tp():
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    # Sizes chosen so no width outside the region (6, 1, the rows) equals the hidden width per rank.
+    d, h, rows = 6, 48, 8
+    torch.manual_seed(0)
+    plain = ToyModel(d, h, tensor_parallel=True, dtype=torch.float64)
+    torch.manual_seed(0)
+    sp = ToyModel(d, h, tensor_parallel=True, sequence_parallel=True, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(rows, d, dtype=torch.float64, generator=g), torch.randn(rows, dtype=torch.float64, generator=g)
+    full = _saved_outside_split_region(plain, x, y, h // tp)
+    mine = _saved_outside_split_region(sp, x.chunk(tp)[rank], y.chunk(tp)[rank], h // tp)
+    assert full > 0 and mine * tp == full, (mine, full)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_saves_one_over_tp_outside_the_split_region(tp):
+    run_distributed(_check_sequence_parallel_saves_one_over_tp, tp)
