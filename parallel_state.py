@@ -55,9 +55,9 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> to
         torch.cuda.set_device(_DEVICE)
     else:
         _DEVICE = torch.device("cpu")
-    dist.init_process_group(backend=backend, store=_attempt_store(timedelta(minutes=timeout_minutes)),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                            timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend=backend, store=_attempt_store(timeout), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     return _DEVICE
 
 
@@ -174,7 +174,7 @@ def exit_now(code: int) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Collectives over the tensor-parallel group, counted.
+# Collectives, counted: over the tensor-parallel group unless they say otherwise.
 
 def _count(op: str, tensor: torch.Tensor) -> None:
     comm_calls[op] += 1

@@ -154,6 +154,8 @@ def run(args, device):
 
     def after_backward(loss):
         """Sum what sequence parallelism left partial, then average over data-parallel replicas."""
+        if not args.sequence_parallel and dp_size == 1:
+            return loss
         loss = loss.detach().reshape(1).clone()
         if args.sequence_parallel:  # fc's gradient and the loss came from this rank's rows only
             partial = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False)]
