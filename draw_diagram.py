@@ -1,10 +1,14 @@
 """Draw the tensor-parallel ToyModel (after Megatron-LM, Fig. 3a) to assets/toy_tensor_parallel.png.
 
     python draw_diagram.py --tp 2 --input_size 64 --batch_size 32
+    python draw_diagram.py --sequence_parallel     # assets/toy_sequence_parallel.png
 
 One row per tensor-parallel rank: the replicated input X, f, X·A_i and its
 ReLU, the partial product Y_i·B_i, g's all-reduce, the replicated fc and the
 loss, with the shapes of each tensor and which operator communicates when.
+With --sequence_parallel (Korthikanti et al., 2022, Sec. 4.2.2), everything
+outside the split region holds only the rank's rows, f becomes an all-gather
+and g a reduce-scatter.
 """
 
 import argparse
@@ -16,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 
-COMPUTE, REPLICATED, COMM = "#dbe9f6", "#e8e8e8", "#fdd9a8"
+COMPUTE, REPLICATED, COMM, ROWS = "#dbe9f6", "#e8e8e8", "#fdd9a8", "#dcefd6"
 # x centre and width of each column, in axis units (0..100).
 COLUMNS = {"X": (6, 9), "f": (16.5, 4.5), "XA": (28, 12), "relu": (38.5, 5), "YB": (49.5, 12),
            "g": (61, 4.5), "Z": (71, 9), "fc": (82, 9), "loss": (93, 8)}
@@ -36,7 +40,22 @@ def arrow(ax, a, b, y):
                 arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1))
 
 
-def draw(tp, input_size, hidden_size, batch_size, path):
+def outside_boxes(tp, r, input_size, batch_size, sequence_parallel):
+    """(text, color) of rank r's boxes outside the split region: replicated, or its rows only."""
+    if not sequence_parallel:
+        return dict(X=(f"X\n{batch_size}x{input_size}\n(replicated)", REPLICATED),
+                    Z=(f"Z = Σ Yi·Bi\n{batch_size}x{input_size}", REPLICATED),
+                    fc=(f"fc (replicated)\n{input_size}x1\n→ {batch_size}x1", REPLICATED),
+                    loss=("MSE loss\n(same on\nevery rank)", REPLICATED))
+    n = batch_size // tp
+    rows = f"rows {r * n}..{(r + 1) * n - 1}"
+    return dict(X=(f"X{r + 1}\n{n}x{input_size}\n({rows})", ROWS),
+                Z=(f"Z{r + 1}: its rows\nof Σ Yi·Bi\n{n}x{input_size}", ROWS),
+                fc=(f"fc (replicated)\n{input_size}x1\n→ {n}x1", ROWS),
+                loss=(f"MSE of its\n{n} rows, summed\nover ranks", ROWS))
+
+
+def draw(tp, input_size, hidden_size, batch_size, path, sequence_parallel=False):
     h = hidden_size // tp
     rows = [(tp - 1 - r) * ROW + 22 for r in range(tp)]
     top, bottom = rows[0] + 9, rows[-1] - 9
@@ -56,29 +75,44 @@ def draw(tp, input_size, hidden_size, batch_size, path):
     for r, y in enumerate(rows):
         i = r + 1
         ax.text(-2.5, y, f"rank {r}", ha="left", va="center", fontsize=9, fontweight="bold")
-        box(ax, "X", y, f"X\n{batch_size}x{input_size}\n(replicated)", REPLICATED)
+        outside = outside_boxes(tp, r, input_size, batch_size, sequence_parallel)
+        box(ax, "X", y, *outside["X"])
         box(ax, "XA", y, f"X·A{i}\n{batch_size}x{input_size} · {input_size}x{h}\n= {batch_size}x{h}", COMPUTE)
         box(ax, "relu", y, f"ReLU\n→ Y{i}", COMPUTE)
         box(ax, "YB", y, f"Y{i}·B{i}\n{batch_size}x{h} · {h}x{input_size}\n= {batch_size}x{input_size} (partial)",
             COMPUTE)
-        box(ax, "Z", y, f"Z = Σ Yi·Bi\n{batch_size}x{input_size}", REPLICATED)
-        box(ax, "fc", y, f"fc (replicated)\n{input_size}x1\n→ {batch_size}x1", REPLICATED)
-        box(ax, "loss", y, "MSE loss\n(same on\nevery rank)", REPLICATED)
+        for column in ("Z", "fc", "loss"):
+            box(ax, column, y, *outside[column])
         for a, b in [("X", "f"), ("f", "XA"), ("XA", "relu"), ("relu", "YB"), ("YB", "g"), ("g", "Z"),
                      ("Z", "fc"), ("fc", "loss")]:
             arrow(ax, a, b, y)
 
     # f and g span every rank: they are the only places ranks talk to each other.
     mid, span = (top + bottom) / 2, top - bottom - 2
-    box(ax, "f", mid, "f", COMM, height=span)
-    box(ax, "g", mid, "g", COMM, height=span)
-    ax.text(COLUMNS["f"][0], bottom - 2.5, "f   forward: identity\n    backward: all-reduce dL/dX\n"
-            f"    ({batch_size}x{input_size}; skipped when X\n    needs no gradient, as here)",
-            ha="left", va="top", fontsize=8.5, family="monospace")
-    ax.text(COLUMNS["g"][0], bottom - 2.5, f"g   forward: all-reduce Σ Yi·Bi\n    ({batch_size}x{input_size})\n"
-            "    backward: identity", ha="left", va="top", fontsize=8.5, family="monospace")
-    ax.text(50, top + 6, f"Tensor-parallel ToyModel, TP={tp} (after Megatron-LM, Shoeybi et al. 2019, Fig. 3a):"
-            f" input {input_size}, hidden {hidden_size}, batch {batch_size}", ha="center", fontsize=11)
+    shape = f"{batch_size}x{input_size}"
+    if not sequence_parallel:
+        f, g = "f", "g"
+        f_note = (f"f   forward: identity\n    backward: all-reduce dL/dX\n"
+                  f"    ({shape}; skipped when X\n    needs no gradient, as here)")
+        g_note = f"g   forward: all-reduce Σ Yi·Bi\n    ({shape})\n    backward: identity"
+        title = f"Tensor-parallel ToyModel, TP={tp} (after Megatron-LM, Shoeybi et al. 2019, Fig. 3a)"
+    else:
+        f, g = "all-\ngather\nrows", "reduce-\nscatter\nrows"
+        f_note = (f"f → forward: all-gather X's rows ({shape})\n"
+                  f"    backward: reduce-scatter dL/dX (skipped:\n    X needs no gradient, as here)\n"
+                  f"    fc1 saves only X{'i' if tp > 1 else '1'} and all-gathers it\n"
+                  f"    again in backward for dL/dA_i")
+        g_note = (f"g → forward: reduce-scatter Σ Yi·Bi ({shape})\n"
+                  f"    backward: all-gather dL/dZ\n"
+                  f"    after backward: one all-reduce of fc's\n    gradient and the loss ({input_size + 1} floats)")
+        title = (f"Sequence-parallel ToyModel, TP={tp} (after Korthikanti et al. 2022, Sec. 4.2.2; "
+                 f"green: this rank's rows only)")
+    box(ax, "f", mid, f, COMM, height=span)
+    box(ax, "g", mid, g, COMM, height=span)
+    ax.text(COLUMNS["f"][0], bottom - 2.5, f_note, ha="left", va="top", fontsize=8.5, family="monospace")
+    ax.text(COLUMNS["g"][0], bottom - 2.5, g_note, ha="left", va="top", fontsize=8.5, family="monospace")
+    ax.text(50, top + 6, f"{title}: input {input_size}, hidden {hidden_size}, batch {batch_size}",
+            ha="center", fontsize=11)
     ax.set_ylim(bottom - 13, top + 9)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -86,6 +120,7 @@ def draw(tp, input_size, hidden_size, batch_size, path):
     plt.close(fig)
     os.replace(tmp, path)
     print(f"wrote {path}")
+    return [t.get_text() for t in ax.texts]  # what the figure says, for the tests
 
 
 def main(argv=None):
@@ -94,13 +129,20 @@ def main(argv=None):
     p.add_argument("--input_size", type=int, default=64)
     p.add_argument("--hidden_size", type=int, default=None, help="default: 32 x input_size")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--out", default="assets/toy_tensor_parallel.png")
+    p.add_argument("--sequence_parallel", action="store_true",
+                   help="draw sequence parallelism: rows split outside the tensor-parallel region")
+    p.add_argument("--out", default=None,
+                   help="default: assets/toy_tensor_parallel.png, or assets/toy_sequence_parallel.png")
     args = p.parse_args(argv)
     hidden = args.hidden_size or 32 * args.input_size
     if min(args.tp, args.input_size, hidden, args.batch_size) <= 0 or hidden % args.tp:
         p.error(f"sizes must be positive and --hidden_size {hidden} divisible by --tp {args.tp}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    draw(args.tp, args.input_size, hidden, args.batch_size, args.out)
+    if args.sequence_parallel and args.batch_size % args.tp:
+        p.error(f"--sequence_parallel splits the {args.batch_size} rows of a batch between {args.tp} ranks: "
+                f"choose a --batch_size divisible by --tp")
+    out = args.out or f"assets/toy_{'sequence' if args.sequence_parallel else 'tensor'}_parallel.png"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    return draw(args.tp, args.input_size, hidden, args.batch_size, out, args.sequence_parallel)
 
 
 if __name__ == "__main__":

@@ -242,6 +242,18 @@ def sequence_parallel_disabled(model: nn.Module):
             layer.sequence_parallel = True
 
 
+def allreduce_sequence_parallel_grads(model: nn.Module, also=()) -> None:
+    """Sum over the tensor-parallel group the gradients each rank took from its rows only.
+
+    Parameters used outside the split region (ToyModel's fc, a transformer's
+    LayerNorms) see batch / TP rows per rank under sequence parallelism, so
+    their gradients are partial sums (Megatron-LM's `_allreduce_layernorm_grads`).
+    `also`: more tensors to sum in the same all-reduce (the loss).
+    """
+    partial = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+    ps.sum_over_tensor_parallel(partial + list(also))
+
+
 # ---------------------------------------------------------------------------
 # Serial state dicts <-> tensor-parallel shards.
 

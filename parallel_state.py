@@ -15,6 +15,7 @@ import os
 import sys
 from collections import Counter
 from datetime import timedelta
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -23,9 +24,11 @@ _TENSOR_MODEL_PARALLEL_GROUP = None
 _DATA_PARALLEL_GROUP = None
 _DEVICE = None
 
-# comm_calls["all_reduce"] = number of calls; comm_bytes[...] = bytes each rank contributed.
+# comm_calls["all_reduce"] = number of calls; comm_bytes[...] = bytes each rank contributed;
+# comm_ring_bytes[...] = bytes each rank sends when the collective runs as a ring (see _count).
 comm_calls = Counter()
 comm_bytes = Counter()
+comm_ring_bytes = Counter()
 
 
 class ParallelConfigError(ValueError):
@@ -176,20 +179,40 @@ def exit_now(code: int) -> None:
 # ---------------------------------------------------------------------------
 # Collectives, counted: over the tensor-parallel group unless they say otherwise.
 
-def _count(op: str, tensor: torch.Tensor) -> None:
+def _count(op: str, tensor: torch.Tensor, ring_share: Fraction) -> None:
+    """Count one call of `op` on `tensor`, this rank's contribution.
+
+    `ring_share` x its bytes is what each rank sends when the collective runs as a
+    ring of p ranks, the bandwidth-optimal schedule NCCL uses: the data moves in
+    chunks of 1/p, one chunk per rank per step. A reduce-scatter of N bytes takes
+    p - 1 steps, (p-1)/p N; an all-gather of N/p bytes per rank sends (p - 1) of
+    them, also (p-1)/p N; an all-reduce is the two, 2(p-1)/p N (Korthikanti et al.,
+    2022, Sec. 4.2.2: why sequence parallelism's pair costs what one all-reduce does).
+    """
+    nbytes = tensor.numel() * tensor.element_size()
     comm_calls[op] += 1
-    comm_bytes[op] += tensor.numel() * tensor.element_size()
+    comm_bytes[op] += nbytes
+    comm_ring_bytes[op] += int(nbytes * ring_share)
 
 
 def reset_comm_stats() -> None:
     comm_calls.clear()
     comm_bytes.clear()
+    comm_ring_bytes.clear()
+
+
+def comm_stats() -> dict:
+    """What was counted since reset_comm_stats(): {op: {"calls", "bytes", "ring_bytes"}}."""
+    return {op: dict(calls=comm_calls[op], bytes=comm_bytes[op], ring_bytes=comm_ring_bytes[op])
+            for op in sorted(comm_calls)}
 
 
 def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None):
     """Sum `tensor` in place over the tensor-parallel group (or `group`)."""
-    _count("all_reduce", tensor)
-    return dist.all_reduce(tensor, group=group or get_tensor_model_parallel_group(), async_op=async_op)
+    group = group or get_tensor_model_parallel_group()
+    p = dist.get_world_size(group)
+    _count("all_reduce", tensor, Fraction(2 * (p - 1), p))
+    return dist.all_reduce(tensor, group=group, async_op=async_op)
 
 
 def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
@@ -197,9 +220,10 @@ def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
 
     With async_op, returns at once a function that waits and returns the result.
     """
-    _count("all_gather", tensor)
+    p = get_tensor_model_parallel_world_size()
+    _count("all_gather", tensor, Fraction(p - 1))
     tensor = tensor.contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(get_tensor_model_parallel_world_size())]
+    parts = [torch.empty_like(tensor) for _ in range(p)]
     work = dist.all_gather(parts, tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
     if async_op:
         def finish():
@@ -214,8 +238,9 @@ def reduce_scatter(tensor: torch.Tensor, dim: int, async_op: bool = False):
 
     With async_op, returns at once a function that waits and returns the result.
     """
-    _count("reduce_scatter", tensor)
-    chunks = [c.contiguous() for c in tensor.chunk(get_tensor_model_parallel_world_size(), dim=dim)]
+    p = get_tensor_model_parallel_world_size()
+    _count("reduce_scatter", tensor, Fraction(p - 1, p))
+    chunks = [c.contiguous() for c in tensor.chunk(p, dim=dim)]
     output = torch.empty_like(chunks[get_tensor_model_parallel_rank()])
     work = dist.reduce_scatter(output, chunks, group=get_tensor_model_parallel_group(), async_op=async_op)
     if async_op:
@@ -230,7 +255,8 @@ def _all_reduce_coalesced(tensors, group, name, divide_by=1):
     """Sum `tensors` in place over `group` (then divide), as one flat buffer in one all-reduce:
     for small tensors the latency of a collective, not its bytes, dominates on every backend."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    _count(name, flat)
+    p = dist.get_world_size(group)
+    _count(name, flat, Fraction(2 * (p - 1), p))
     dist.all_reduce(flat, group=group)
     if divide_by != 1:
         flat /= divide_by
@@ -253,6 +279,7 @@ def sum_over_tensor_parallel(tensors) -> None:
 
 def broadcast(tensor: torch.Tensor) -> torch.Tensor:
     """Send tensor-parallel rank 0's `tensor` to the rest of its group, in place."""
-    _count("broadcast", tensor)
+    p = get_tensor_model_parallel_world_size()
+    _count("broadcast", tensor, Fraction(p - 1, p))  # pipelined chain: p - 1 ranks send it all; the average
     dist.broadcast(tensor, get_tensor_model_parallel_src_rank(), group=get_tensor_model_parallel_group())
     return tensor

@@ -26,7 +26,7 @@ import parallel_state as ps
 from checkpointing import load_checkpoint, save_checkpoint
 from data import DataError, broadcast_batches, broadcast_split, load_dataset
 from metrics import MetricsWriter, run_config, save_model
-from parallel_layers import gather_serial_state_dict, sequence_parallel_disabled
+from parallel_layers import allreduce_sequence_parallel_grads, gather_serial_state_dict, sequence_parallel_disabled
 from train import USER_ERRORS, build_model, evaluate, get_args_parser, make_optimizer, parse_args, run_cli, train
 
 
@@ -105,20 +105,29 @@ def load_data_on_src_rank(args):
     return data
 
 
-def report_communication(calls, nbytes, args):
+def report_communication(stats, args):
+    """Print what one step sent beside what the papers count, in bytes a ring moves per rank."""
     tp, rows = args.tensor_model_parallel_size, args.batch_size // ps.get_data_parallel_world_size()
     print(f"Communication in one training step (measured in its first step, tensor-parallel size {tp}):")
-    for op in sorted(calls):
-        print(f"  {op:<10} x{calls[op]}  {nbytes[op] / 1024:8.2f} KiB per rank")
-    if args.sequence_parallel:
-        print(f"  Korthikanti et al. (2022, Sec. 4.2.2): per MLP step, forward 1 all-gather + 1 reduce-scatter, "
-              f"backward 2 all-gathers + 1 reduce-scatter, of {rows}x{args.input_size} elements, plus the small "
-              f"all-reduce of fc's gradient and the loss.\n"
-              f"  The backward reduce-scatter of dL/dX is skipped here: X is the raw data and needs no gradient.")
+    print(f"  {'collective':<16}{'calls':>5}{'bytes in, per rank':>20}{'sent per rank in a ring':>25}")
+    for op, c in stats.items():
+        print(f"  {op:<15} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB{c['ring_bytes'] / 1024:>21.2f} KiB")
+    kib = rows * args.input_size * args.torch_dtype.itemsize / 1024  # one batch x input activation
+    all_reduce, half = 2 * (tp - 1) / tp * kib, (tp - 1) / tp * kib  # a ring all-reduce = reduce-scatter + all-gather
+    megatron = (f"Megatron-LM (Sec. 3, Fig. 3a): 2 all-reduces of batch x input = {rows}x{args.input_size} "
+                f"({kib:.2f} KiB) per MLP step, g in forward and f in backward, {all_reduce:.2f} KiB sent each: "
+                f"{2 * all_reduce:.2f} KiB.")
+    if not args.sequence_parallel:
+        print(f"  {megatron}\n  f's all-reduce of dL/dX is skipped here: X is the raw data and needs no gradient.")
         return
-    print(f"  Megatron-LM (Sec. 3, Fig. 3a) counts 2 all-reduces of batch x input = "
-          f"{rows}x{args.input_size} elements per MLP step: g in forward, f in backward.\n"
-          f"  f's all-reduce of dL/dX is skipped here: X is the raw data and needs no gradient.")
+    print(f"  Korthikanti et al. (2022, Sec. 4.2.2): per MLP step, forward 1 all-gather + 1 reduce-scatter, backward "
+          f"2 all-gathers + 1 reduce-scatter, of {rows}x{args.input_size} ({kib:.2f} KiB), {half:.2f} KiB sent each: "
+          f"{5 * half:.2f} KiB.\n"
+          f"  Without --sequence_parallel, {megatron}\n"
+          f"  Each all-reduce became a reduce-scatter + an all-gather of the same bytes; the {half:.2f} KiB more is "
+          f"the backward all-gather of fc1's input, the price of saving only this rank's rows of it.\n"
+          f"  The backward reduce-scatter of dL/dX is skipped here: X is the raw data and needs no gradient. "
+          f"The small all-reduce sums fc's gradient and the loss over the rows.")
 
 
 def run(args, device):
@@ -136,7 +145,7 @@ def run(args, device):
     replica_rows = args.batch_size // dp_size
     if args.sequence_parallel:  # each rank keeps its rows of the replica's batch
         tp = args.tensor_model_parallel_size
-        batches = (tuple(t.chunk(tp)[tp_rank] for t in batch) for batch in batches)
+        batches = (tuple(t.chunk(tp)[tp_rank].clone() for t in batch) for batch in batches)  # frees the rest
 
     def loss_fn(outputs, targets):
         if not args.sequence_parallel:
@@ -158,8 +167,7 @@ def run(args, device):
             return loss
         loss = loss.detach().reshape(1).clone()
         if args.sequence_parallel:  # fc's gradient and the loss came from this rank's rows only
-            partial = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False)]
-            ps.sum_over_tensor_parallel(partial + [loss])
+            allreduce_sequence_parallel_grads(model, also=[loss])
         if dp_size > 1:  # each replica saw batch/DP rows
             ps.average_over_data_parallel([p.grad for p in model.parameters()] + [loss])
         return loss[0]
@@ -178,7 +186,7 @@ def run(args, device):
     state = gather_serial_state_dict(model)
     if rank == 0:
         save_model(state, args.out_dir)
-        report_communication(*comm, args)
+        report_communication(comm, args)
         print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt")
 
 

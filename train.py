@@ -9,7 +9,6 @@ everything that differs between the two lives there.
 
 import argparse
 import math
-from collections import Counter
 import os
 import signal
 import sys
@@ -130,12 +129,12 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
     loss_fn, evaluate_fn: this rank's loss of a batch, and the validation loss
         (sequence parallelism changes both); by default MSE and evaluate().
     Returns the rows (iteration, train_loss, valid_loss or None) and the
-    collectives of the first step, as (calls, bytes) counters.
+    collectives of the first step, as parallel_state.comm_stats() gives them.
     """
     optimizer = optimizer or make_optimizer(model, args)
     evaluate_fn = evaluate_fn or evaluate
     rows, pending, running = [], [], 0.0
-    first_step_comm = (Counter(), Counter())  # stays empty if no step is left to run
+    first_step_comm = {}  # stays empty if no step is left to run
     model.train()
     try:
         for it in range(start_iteration + 1, args.num_iterations + 1):
@@ -150,7 +149,7 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
             loss = after_backward(loss)
             optimizer.step()
             if first:
-                first_step_comm = (ps.comm_calls.copy(), ps.comm_bytes.copy())
+                first_step_comm = ps.comm_stats()
 
             pending.append(loss.item())
             rows.append([it, pending[-1], None])

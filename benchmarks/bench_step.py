@@ -9,6 +9,8 @@ Each variant runs in its own process(es), launched as the trainings are
   serial-1t    the serial ToyModel, 1 thread
   serial-Nt    the serial ToyModel, N threads (N = ranks of the parallel runs)
   ours-tpK     our ColumnParallelLinear / RowParallelLinear, K ranks
+  ours-sp-tpK  the same with --sequence_parallel: each rank holds batch / K rows
+               outside the split region (Korthikanti et al., 2022, Sec. 4.2.2)
   dtensor-tpK  PyTorch's ColwiseParallel / RowwiseParallel (parallelize_module)
                on the same ToyModel, same seed, same data, same K
 
@@ -17,7 +19,8 @@ already on every rank (the broadcast from rank 0 is data loading, not timed).
 Reported per variant: median and spread over --steps after --warmup, the
 collectives issued per step (ours: counted in parallel_state; DTensor: by its
 CommDebugMode) beside the Megatron paper's count, parameter/gradient/optimizer
-memory per rank against the 1/TP theory, peak resident memory, and achieved
+memory per rank against the 1/TP theory, the activations saved for backward
+inside and outside the split region (saved_tensors_hooks), peak resident memory, and achieved
 GFLOP/s as a fraction of this machine's single-thread GEMM throughput for the
 step's own matmul shapes (the ceiling). Writes assets/benchmark.json and
 assets/benchmark.png.
@@ -41,6 +44,7 @@ sys.path.insert(0, REPO)
 
 import parallel_state as ps  # noqa: E402
 from model import ToyModel  # noqa: E402
+from parallel_layers import allreduce_sequence_parallel_grads  # noqa: E402
 
 # lr 1e-5 for the compute-heavy size: at 1e-3 it diverges (inf by iteration 14); a finite run is timed.
 CONFIGS = {
@@ -63,18 +67,35 @@ def make_batches(cfg, n, device, dtype=torch.float32):
             for x, t in zip(np.split(X, n), np.split(y, n))]
 
 
-def time_steps(model, batches, lr, steps, warmup, device, barrier=lambda: None, fused=False):
+class Step:
+    """Loss and after-backward work of one variant: plain MSE, or sequence parallelism's
+    per-rank share of it with the partial sums (fc's gradient, the loss) added after backward."""
+
+    def __init__(self, model, batch_size=None):
+        self.model, self.batch_size = model, batch_size  # batch_size: the rows of all TP ranks, under SP
+
+    def loss(self, x, y):
+        if self.batch_size is None:
+            return nn.functional.mse_loss(self.model(x)[:, 0], y)
+        return nn.functional.mse_loss(self.model(x)[:, 0], y, reduction="sum") / self.batch_size
+
+    def after_backward(self, loss):
+        if self.batch_size is not None:
+            allreduce_sequence_parallel_grads(self.model, also=[loss.detach().reshape(1)])
+
+
+def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, fused=False):
     """Seconds of each of `steps` training steps after `warmup` untimed ones."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, fused=fused)
-    loss_fn = nn.MSELoss()
+    optimizer = torch.optim.SGD(step.model.parameters(), lr=lr, momentum=0.9, fused=fused)
     times = []
     for i in range(warmup + steps):
         x, y = batches[i % len(batches)]
         barrier()  # ranks start each step together; not timed
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x)[:, 0], y)
+        loss = step.loss(x, y)
         loss.backward()
+        step.after_backward(loss)
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -98,25 +119,46 @@ def memory(model, optimizer):
                 optimizer=nbytes(state), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def count_ours(model, batch):
+def count_ours(step, batch):
     """Collectives of one step, counted by parallel_state: data without and with a gradient."""
     counts = {}
     for input_grad in (False, True):
         x = batch[0].clone().requires_grad_(input_grad)
         ps.reset_comm_stats()
-        nn.functional.mse_loss(model(x)[:, 0], batch[1]).backward()
+        loss = step.loss(x, batch[1])
+        loss.backward()
+        step.after_backward(loss)
         counts["input_grad" if input_grad else "no_input_grad"] = dict(
-            calls=dict(ps.comm_calls), bytes=dict(ps.comm_bytes))
-    model.zero_grad(set_to_none=True)
+            calls=dict(ps.comm_calls), bytes=dict(ps.comm_bytes), ring_bytes=dict(ps.comm_ring_bytes))
+    step.model.zero_grad(set_to_none=True)
     return counts
 
 
-def count_dtensor(model, batch):
+def count_dtensor(step, batch):
     from torch.distributed.tensor.debug import CommDebugMode
     with CommDebugMode() as mode:
-        nn.functional.mse_loss(model(batch[0])[:, 0], batch[1]).backward()
-    model.zero_grad(set_to_none=True)
+        step.loss(*batch).backward()
+    step.model.zero_grad(set_to_none=True)
     return {"no_input_grad": dict(calls={str(op): n for op, n in mode.get_comm_counts().items()})}
+
+
+def saved_activations(step, batch, hidden_per_rank):
+    """Bytes of the activations one forward saves for backward on this rank, inside the split
+    region (hidden_per_rank wide) and outside it; parameters and repeats of one tensor not counted."""
+    params = {local(p).data_ptr() for p in step.model.parameters()}
+    seen, saved = set(), dict(inside=0, outside=0)
+
+    def pack(t):
+        t = local(t)
+        if t.data_ptr() not in params and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            inside = t.dim() > 0 and t.shape[-1] == hidden_per_rank
+            saved["inside" if inside else "outside"] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step.loss(*batch)
+    return saved
 
 
 def worker(args):
@@ -133,7 +175,8 @@ def worker(args):
         ps.initialize_model_parallel(tp)
         rank = torch.distributed.get_rank()
         torch.manual_seed(SEED)
-        model = ToyModel(cfg["input_size"], cfg["hidden_size"], tensor_parallel=args.variant == "ours")
+        model = ToyModel(cfg["input_size"], cfg["hidden_size"], tensor_parallel=args.variant == "ours",
+                         sequence_parallel=args.sequence_parallel)
         if args.variant == "dtensor":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -142,11 +185,18 @@ def worker(args):
         model = model.to(device)
         barrier = torch.distributed.barrier if tp > 1 else lambda: None
     batches = make_batches(cfg, 8, device)
-    count = {"ours": count_ours, "dtensor": count_dtensor}.get(args.variant, lambda m, b: {})(model, batches[0])
+    step = Step(model)
+    if args.sequence_parallel:  # each rank keeps its rows of every batch, copied so the rest is freed
+        step = Step(model, cfg["batch_size"])
+        rank_rows = lambda t: t.chunk(tp)[ps.get_tensor_model_parallel_rank()].clone()
+        batches = [(rank_rows(x), rank_rows(y)) for x, y in batches]
+    count = {"ours": count_ours, "dtensor": count_dtensor}.get(args.variant, lambda s, b: {})(step, batches[0])
+    activations = saved_activations(step, batches[0], cfg["hidden_size"] // tp)
     # DTensor has no sharding rule for the fused SGD kernel: it always takes the standard one.
     fused = args.fused_sgd and args.variant != "dtensor"
-    times, optimizer = time_steps(model, batches, cfg["lr"], args.steps, args.warmup, device, barrier, fused)
-    result = dict(times=times, memory=memory(model, optimizer), comm=count, tp=tp, device=str(device))
+    times, optimizer = time_steps(step, batches, cfg["lr"], args.steps, args.warmup, device, barrier, fused)
+    result = dict(times=times, memory=dict(memory(model, optimizer), activations=activations), comm=count,
+                  tp=tp, device=str(device))
     if args.variant != "serial":
         # The ranks of one step are coupled by the all-reduce: report the slowest rank's median.
         medians = ps.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64), dim=0)
@@ -214,29 +264,37 @@ def summarize(name, result, cfg, ceiling):
                 memory=result["memory"], comm=result.get("comm", {}), device=result["device"])
 
 
-def paper_count(cfg, elem=4):
-    """Megatron-LM Sec. 3: per MLP step one all-reduce of batch x input in forward (g), one in backward (f)."""
-    return dict(all_reduce=2, bytes=2 * cfg["batch_size"] * cfg["input_size"] * elem)
+def paper_count(cfg, tp, elem=4):
+    """Per MLP step, batch x input fp32 each, and the bytes each rank sends in a ring of tp ranks.
+    Megatron-LM Sec. 3: one all-reduce in forward (g), one in backward (f). Korthikanti et al.
+    (2022, Sec. 4.2.2): forward all-gather + reduce-scatter, backward two all-gathers (one
+    re-gathers fc1's input) + reduce-scatter."""
+    n = cfg["batch_size"] * cfg["input_size"] * elem
+    return dict(tensor_parallel=dict(calls=dict(all_reduce=2), ring_bytes=2 * 2 * (tp - 1) * n // tp),
+                sequence_parallel=dict(calls=dict(all_gather=3, reduce_scatter=2), ring_bytes=5 * (tp - 1) * n // tp))
 
 
 def print_report(config, cfg, rows):
     base = next(r for r in rows if r["variant"] == "serial-1t")["median_ms"]
     print(f"\n== {config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch {cfg['batch_size']} ==")
     print(f"{'variant':<13}{'median ms':>11}{'p10-p90 ms':>17}{'vs serial-1t':>13}{'GFLOP/s':>9}"
-          f"{'of ceiling':>11}{'params+grads+optim':>20}{'peak RSS':>10}")
+          f"{'of ceiling':>11}{'params+grads+optim':>20}{'saved act. in/out':>22}{'peak RSS':>10}")
     for r in rows:
-        m = r["memory"]
+        m, act = r["memory"], r["memory"]["activations"]
         state = (m["params"] + m["grads"] + m["optimizer"]) / 2**20
         print(f"{r['variant']:<13}{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}"
               f"{base / r['median_ms']:>12.2f}x{r['gflops']:>9.1f}{r['fraction_of_ceiling']:>10.0%}"
-              f"{state:>16.1f} MiB{m['peak_rss'] / 2**20:>7.0f} MiB")
-    paper = paper_count(cfg)
+              f"{state:>16.1f} MiB{act['inside'] / 2**10:>11.1f} /{act['outside'] / 2**10:>6.1f} KiB"
+              f"{m['peak_rss'] / 2**20:>7.0f} MiB")
     for r in rows:
         for case, c in r["comm"].items():
-            print(f"  {r['variant']} collectives per step ({case.replace('_', ' ')}): {c['calls']}"
-                  + (f", bytes {c['bytes']}" if "bytes" in c else ""))
-    print(f"  Megatron-LM paper, per MLP step: {paper['all_reduce']} all-reduces, {paper['bytes']} bytes "
-          f"(batch x input fp32, forward g + backward f). Ours sends f's only when the input needs a gradient.")
+            sent = f", sent per rank in a ring {sum(c['ring_bytes'].values())} bytes" if "ring_bytes" in c else ""
+            print(f"  {r['variant']} collectives per step ({case.replace('_', ' ')}): {c['calls']}{sent}")
+    tp = max(r["tp"] for r in rows)
+    paper = paper_count(cfg, tp)
+    print(f"  Papers, per MLP step at TP={tp} (batch x input fp32 each): Megatron-LM {paper['tensor_parallel']}; "
+          f"sequence parallel {paper['sequence_parallel']}. Ours skips what carries dL/dX when the input needs no "
+          f"gradient; sequence parallelism adds a small all-reduce of fc's gradient and the loss.")
 
 
 def check_targets(results):
@@ -306,6 +364,7 @@ def main():
     p.add_argument("--config", default="original", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--sequence_parallel", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if (args.steps is not None and args.steps < 1) or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
@@ -323,12 +382,15 @@ def main():
         print(f"benchmarking {config} ...", flush=True)
         ceiling = {tp: launch("ceiling", config, steps, 0, extra=("--tp", str(tp))) for tp in tps}
         fused = ("--fused_sgd",) if args.fused_sgd else ()
-        run = lambda name, *a, **k: rows.append(summarize(name, launch(*a, **k, extra=fused), cfg, ceiling))
+        run = lambda name, *a, extra=(), **k: rows.append(
+            summarize(name, launch(*a, **k, extra=fused + extra), cfg, ceiling))
         run("serial-1t", "serial", config, steps, args.warmup, threads=1)
         if parallel_ranks > 1:
             run(f"serial-{parallel_ranks}t", "serial", config, steps, args.warmup, threads=parallel_ranks)
         for tp in tps:
             run(f"ours-tp{tp}", "ours", config, steps, args.warmup, ranks=tp)
+        for tp in tps[1:]:
+            run(f"ours-sp-tp{tp}", "ours", config, steps, args.warmup, ranks=tp, extra=("--sequence_parallel",))
         for tp in tps[1:]:
             run(f"dtensor-tp{tp}", "dtensor", config, steps, args.warmup, ranks=tp)
         results[config], raw[config] = rows, ceiling
@@ -339,6 +401,7 @@ def main():
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump(dict(machine=machine, configs={c: CONFIGS[c] for c in results}, results=results,
+                       papers={c: paper_count(CONFIGS[c], parallel_ranks) for c in results},
                        ceiling=raw, targets=targets, warmup=args.warmup, fused_sgd=args.fused_sgd), f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")

@@ -1,6 +1,7 @@
 """Run a test function on several CPU processes joined by gloo, with a hard time limit."""
 
 import os
+import re
 import socket
 import time
 
@@ -11,6 +12,12 @@ import torch.multiprocessing as mp
 import parallel_state as ps
 
 TIMEOUT_S = 60
+
+
+def comm_table(log):
+    """parallel_train.py's communication table: {collective: (calls, KiB in, KiB sent per rank in a ring)}."""
+    return {m[1]: (int(m[2]), float(m[3]), float(m[4]))
+            for m in re.finditer(r"^  (\w+)\s+x(\d+)\s+([\d.]+) KiB\s+([\d.]+) KiB$", log, re.M)}
 
 
 def _free_port():

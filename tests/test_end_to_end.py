@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from compare_runs import DEFAULT_RTOL, curve_difference
+from distributed import comm_table
 from metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,10 @@ def test_parallel_run_matches_serial(tp, dtype, data_dir, serial_runs, tmp_path)
     log = torchrun(tp, "--data_dir", data_dir, "--update_freq", "10", "--dtype", dtype, "--out_dir", str(tmp_path))
     for rank in range(tp):
         assert f"Rank {rank} Iter 200 Train Loss " in log
-    assert "all_reduce x1" in log  # g only: f's backward all-reduce has no gradient to carry
+    # g only: f's backward all-reduce has no gradient to carry. A ring all-reduce of batch x input
+    # (32x64) sends 2 (TP-1)/TP of it per rank.
+    kib = 32 * 64 * {"float32": 4, "float64": 8}[dtype] / 1024
+    assert comm_table(log)["all_reduce"] == pytest.approx((1, kib, 2 * (tp - 1) / tp * kib), abs=0.005), log
     assert_same_run(serial_runs[dtype], str(tmp_path), dtype)
     out = run(sys.executable, "compare_runs.py", serial_runs[dtype], str(tmp_path))
     assert "MATCH" in out

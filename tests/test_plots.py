@@ -58,3 +58,20 @@ def test_diagram_for_any_tensor_parallel_size(tmp_path):
 def test_diagram_refuses_a_split_that_does_not_divide(tmp_path):
     with pytest.raises(SystemExit):
         draw_diagram.main(["--tp", "3", "--out", str(tmp_path / "x.png")])
+
+
+def test_sequence_parallel_diagram_shows_rows_per_rank(tmp_path):
+    out = tmp_path / "sp.png"
+    said = "\n".join(draw_diagram.main(["--sequence_parallel", "--tp", "4", "--batch_size", "32", "--out", str(out)]))
+    assert png_shape(out)[1] >= 1500
+    for rank, rows in enumerate(("0..7", "8..15", "16..23", "24..31")):  # batch / TP rows each, in rank order
+        assert f"X{rank + 1}\n8x64\n(rows {rows})" in said, said
+    assert "all-\ngather\nrows" in said and "reduce-\nscatter\nrows" in said
+    plain = "\n".join(draw_diagram.main(["--tp", "4", "--batch_size", "32", "--out", str(tmp_path / "tp.png")]))
+    assert "X\n32x64\n(replicated)" in plain and "rows 0..7" not in plain and "all-\ngather" not in plain
+
+
+def test_sequence_parallel_diagram_refuses_rows_that_do_not_split(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        draw_diagram.main(["--sequence_parallel", "--batch_size", "33", "--out", str(tmp_path / "x.png")])
+    assert "choose a --batch_size divisible by --tp" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from compare_runs import DEFAULT_RTOL, curve_difference
+from distributed import comm_table
 from metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +69,10 @@ def assert_bitwise_same_run(a_dir, b_dir):
 def test_data_times_tensor_parallel_matches_serial(dtype, data_dir, serial, tmp_path):
     log = launch(4, "--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--dtype", dtype,
                  "--out_dir", str(tmp_path))
-    assert "dp_all_reduce x1" in log  # gradients and loss averaged in one all-reduce per step
+    # Gradients (this rank's shards of fc1 and fc2, fc whole) and the loss averaged in one all-reduce
+    # per step; over DP=2 ranks a ring sends 2 (2-1)/2 = all of it per rank.
+    kib = (2 * 2048 * 64 // 2 + 64 + 1) * {"float32": 4, "float64": 8}[dtype] / 1024
+    assert comm_table(log)["dp_all_reduce"] == pytest.approx((1, kib, kib), abs=0.005), log
     assert_same_curve(serial[dtype], str(tmp_path), dtype)
 
 

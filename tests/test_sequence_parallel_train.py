@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from compare_runs import DEFAULT_RTOL, curve_difference
+from distributed import comm_table
 from metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +44,15 @@ def test_sequence_parallel_matches_serial(nproc, tp, dtype, data_dir, tmp_path):
         assert rel <= RTOL[dtype], f"{column}: {rel:.2e}"
     # Per step: forward all-gather + reduce-scatter; backward all-gather (fc1's rows again) and
     # all-gather (the reduce-scatter's backward); dL/dX's reduce-scatter skipped (X needs no grad);
-    # one small all-reduce of fc's gradient and the loss.
-    assert "all_gather x3" in log and "reduce_scatter x1" in log and "all_reduce x1" in log, log
+    # one small all-reduce of fc's gradient and the loss (64 + 1 values). Each all-gather or
+    # reduce-scatter of a replica's rows x 64 sends (TP-1)/TP of it per rank in a ring, half an all-reduce.
+    elem = {"float32": 4, "float64": 8}[dtype]
+    kib, small = 32 // (nproc // tp) * 64 * elem / 1024, 65 * elem / 1024
+    share = (tp - 1) / tp
+    table = comm_table(log)
+    assert table["all_gather"] == pytest.approx((3, 3 * kib / tp, 3 * share * kib), abs=0.005), log
+    assert table["reduce_scatter"] == pytest.approx((1, kib, share * kib), abs=0.005), log
+    assert table["all_reduce"] == pytest.approx((1, small, 2 * share * small), abs=0.005), log
 
 
 def test_batch_rows_must_split_over_tensor_parallel_ranks(data_dir, tmp_path):
