@@ -45,7 +45,7 @@ def _gather_along_first_dim(input_):
 
 def _reduce_scatter_along_first_dim(input_):
     """Sum over ranks and keep this rank's rows of the sum."""
-    return ps.reduce_scatter(input_, dim=0)
+    return ps.reduce_scatter(input_)
 
 
 class _CopyToModelParallelRegion(torch.autograd.Function):

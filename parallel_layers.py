@@ -98,7 +98,7 @@ class LinearWithSequenceParallel(torch.autograd.Function):
         gathering = ps.all_gather(input_, dim=0, async_op=True)
         grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
         total_input = gathering()
-        scattering = ps.reduce_scatter(grad_input, dim=0, async_op=True) if grad_input is not None else None
+        scattering = ps.reduce_scatter(grad_input, async_op=True) if grad_input is not None else None
         grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_weight = grad_output_2d.t().matmul(total_input.reshape(-1, total_input.shape[-1]))
         grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None

@@ -218,37 +218,41 @@ def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None):
 def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
     """Concatenate every rank's `tensor` along `dim`, in rank order.
 
-    With async_op, returns at once a function that waits and returns the result.
+    One collective into one buffer along the first dimension (Megatron's
+    all_gather_into_tensor); another `dim` is rearranged after, as Megatron's
+    `_gather_along_last_dim`. With async_op, returns at once a function that
+    waits and returns the result.
     """
     p = get_tensor_model_parallel_world_size()
     _count("all_gather", tensor, Fraction(p - 1))
     tensor = tensor.contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(p)]
-    work = dist.all_gather(parts, tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
-    if async_op:
-        def finish():
+    output = tensor.new_empty((p * tensor.shape[0], *tensor.shape[1:]))
+    work = dist.all_gather_single(output, tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
+
+    def finish():
+        if async_op:
             work.wait()
-            return torch.cat(parts, dim=dim)
-        return finish
-    return torch.cat(parts, dim=dim)
+        return output if dim % tensor.dim() == 0 else torch.cat(output.chunk(p), dim=dim)
+    return finish if async_op else finish()
 
 
-def reduce_scatter(tensor: torch.Tensor, dim: int, async_op: bool = False):
-    """Sum every rank's `tensor` and keep this rank's chunk of the sum along `dim`.
+def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
+    """Sum every rank's `tensor` and keep this rank's chunk of the sum along the first
+    dimension (the rows, sequence parallelism's split; Megatron's `_reduce_scatter_along_first_dim`).
 
     With async_op, returns at once a function that waits and returns the result.
     """
     p = get_tensor_model_parallel_world_size()
     _count("reduce_scatter", tensor, Fraction(p - 1, p))
-    chunks = [c.contiguous() for c in tensor.chunk(p, dim=dim)]
-    output = torch.empty_like(chunks[get_tensor_model_parallel_rank()])
-    work = dist.reduce_scatter(output, chunks, group=get_tensor_model_parallel_group(), async_op=async_op)
-    if async_op:
-        def finish():
+    tensor = tensor.contiguous()
+    output = tensor.new_empty((tensor.shape[0] // p, *tensor.shape[1:]))
+    work = dist.reduce_scatter_single(output, tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
+
+    def finish():
+        if async_op:
             work.wait()
-            return output
-        return finish
-    return output
+        return output
+    return finish if async_op else finish()
 
 
 def _all_reduce_coalesced(tensors, group, name, divide_by=1):

@@ -319,16 +319,19 @@ def check_targets(results):
 
 
 def plot(results, path):
+    """Top: ms per step. Bottom: activations saved for backward per rank, inside the split region
+    and outside it (sequence parallelism's 1/TP)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    for ax, (config, rows) in zip(axes[0], results.items()):
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 7.6), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[3, 2]))
+    for (ax, mem_ax), (config, rows) in zip(axes.T, results.items()):
         names = [r["variant"] for r in rows]
         med = np.array([r["median_ms"] for r in rows])
         err = np.array([[m - r["p10_ms"] for m, r in zip(med, rows)], [r["p90_ms"] - m for m, r in zip(med, rows)]])
-        colors = ["#7f7f7f" if n.startswith("serial") else "#1f77b4" if n.startswith("ours") else "#ff7f0e"
-                  for n in names]
+        colors = ["#7f7f7f" if n.startswith("serial") else "#6baed6" if n.startswith("ours-sp")
+                  else "#1f77b4" if n.startswith("ours") else "#ff7f0e" for n in names]
         ax.bar(names, med, yerr=err, color=colors, capsize=4)
         for i, (m, r) in enumerate(zip(med, rows)):  # above the error bar, clear of its cap
             ax.text(i, r["p90_ms"], f"{m:.3g}", ha="center", va="bottom", fontsize=8)
@@ -336,13 +339,27 @@ def plot(results, path):
         ax.set_title(f"{config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch {cfg['batch_size']}",
                      fontsize=10)
         ax.set_ylabel("ms per training step (median, p10-p90)")
-        ax.tick_params(axis="x", rotation=30)
+        ax.tick_params(axis="x", labelbottom=False)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("One training step, one thread per rank (grey: serial, blue: ours, orange: PyTorch DTensor TP)",
-                 fontsize=10)
+
+        inside = np.array([r["memory"]["activations"]["inside"] for r in rows]) / 2**10
+        outside = np.array([r["memory"]["activations"]["outside"] for r in rows]) / 2**10
+        mem_ax.bar(names, inside, color="#c6dbef", label="inside the split region (1/TP with TP)")
+        mem_ax.bar(names, outside, bottom=inside, color="#74c476",
+                   label="outside it: fc1's and fc's inputs, the loss's (1/TP with SP)")
+        for i, (a, b) in enumerate(zip(inside, outside)):
+            mem_ax.text(i, a + b, f"{b:.3g}", ha="center", va="bottom", fontsize=8, color="#238b45")
+        mem_ax.set_ylabel("saved for backward, KiB per rank")
+        mem_ax.set_ylim(0, 1.3 * (inside + outside).max())
+        mem_ax.tick_params(axis="x", rotation=30)
+        mem_ax.grid(axis="y", alpha=0.3)
+        mem_ax.legend(fontsize=7.5, loc="upper right")
+    fig.suptitle("One training step, one thread per rank (grey: serial, blue: ours, light blue: ours with "
+                 "--sequence_parallel, orange: PyTorch DTensor TP)", fontsize=10)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
+    plt.close(fig)
     os.replace(tmp, path)
     print(f"wrote {path}")
 

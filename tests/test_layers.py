@@ -170,7 +170,7 @@ class _Done:
 
 def _with_broken_all_reduce(kind, check):
     def broken(tensor, async_op=False):
-        ps._count("all_reduce", tensor)  # counted like the real one: only the numbers can tell
+        ps._count("all_reduce", tensor, ring_share=1)  # counted like the real one (2 ranks): only the numbers can tell
         if kind == "average":  # mean instead of sum: a classic mix-up with data parallelism
             dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
             tensor /= ps.get_tensor_model_parallel_world_size()
