@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 
+from plot_runs import save  # noqa: E402
+
 COMPUTE, REPLICATED, COMM, ROWS = "#dbe9f6", "#e8e8e8", "#fdd9a8", "#dcefd6"
 # x centre and width of each column, in axis units (0..100).
 COLUMNS = {"X": (6, 9), "f": (16.5, 4.5), "XA": (28, 12), "relu": (38.5, 5), "YB": (49.5, 12),
@@ -92,18 +94,18 @@ def draw(tp, input_size, hidden_size, batch_size, path, sequence_parallel=False)
     shape = f"{batch_size}x{input_size}"
     if not sequence_parallel:
         f, g = "f", "g"
-        f_note = (f"f   forward: identity\n    backward: all-reduce dL/dX\n"
+        f_note = ("f   forward: identity\n    backward: all-reduce dL/dX\n"
                   f"    ({shape}; skipped when X\n    needs no gradient, as here)")
         g_note = f"g   forward: all-reduce Σ Yi·Bi\n    ({shape})\n    backward: identity"
         title = f"Tensor-parallel ToyModel, TP={tp} (after Megatron-LM, Shoeybi et al. 2019, Fig. 3a)"
     else:
         f, g = "all-\ngather\nrows", "reduce-\nscatter\nrows"
         f_note = (f"f → forward: all-gather X's rows ({shape})\n"
-                  f"    backward: reduce-scatter dL/dX (skipped:\n    X needs no gradient, as here)\n"
-                  f"    fc1 saves only X{'i' if tp > 1 else '1'} and all-gathers it\n"
-                  f"    again in backward for dL/dA_i")
+                  "    backward: reduce-scatter dL/dX (skipped:\n    X needs no gradient, as here)\n"
+                  "    fc1 saves only Xi and all-gathers it\n"
+                  "    again in backward for dL/dA_i")
         g_note = (f"g → forward: reduce-scatter Σ Yi·Bi ({shape})\n"
-                  f"    backward: all-gather dL/dZ\n"
+                  "    backward: all-gather dL/dZ\n"
                   f"    after backward: one all-reduce of fc's\n    gradient and the loss ({input_size + 1} floats)")
         title = (f"Sequence-parallel ToyModel, TP={tp} (after Korthikanti et al. 2022, Sec. 4.2.2; "
                  f"green: this rank's rows only)")
@@ -115,11 +117,7 @@ def draw(tp, input_size, hidden_size, batch_size, path, sequence_parallel=False)
             ha="center", fontsize=11)
     ax.set_ylim(bottom - 13, top + 9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    save(fig, path)
     return [t.get_text() for t in ax.texts]  # what the figure says, for the tests
 
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from compare_runs import curve_difference  # noqa: E402
-from metrics import read_config, read_metrics  # noqa: E402
+from metrics import atomic_write, read_config, read_metrics  # noqa: E402
 
 SERIAL_COLOR, PARALLEL_COLOR, VALID_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 
@@ -107,10 +107,9 @@ def plot_comparison(serial, parallel, configs, path):
 
 
 def save(fig, path):
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    """Write `fig` as a PNG; a reader never sees a half-written picture."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)  # a reader never sees a half-written picture
     print(f"wrote {path}")
 
 

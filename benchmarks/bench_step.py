@@ -185,9 +185,8 @@ def worker(args):
         model = model.to(device)
         barrier = torch.distributed.barrier if tp > 1 else lambda: None
     batches = make_batches(cfg, 8, device)
-    step = Step(model)
+    step = Step(model, batch_size=cfg["batch_size"] if args.sequence_parallel else None)
     if args.sequence_parallel:  # each rank keeps its rows of every batch, copied so the rest is freed
-        step = Step(model, cfg["batch_size"])
         rank_rows = lambda t: t.chunk(tp)[ps.get_tensor_model_parallel_rank()].clone()
         batches = [(rank_rows(x), rank_rows(y)) for x, y in batches]
     count = {"ours": count_ours, "dtensor": count_dtensor}.get(args.variant, lambda s, b: {})(step, batches[0])
@@ -321,8 +320,7 @@ def check_targets(results):
 def plot(results, path):
     """Top: ms per step. Bottom: activations saved for backward per rank, inside the split region
     and outside it (sequence parallelism's 1/TP)."""
-    import matplotlib
-    matplotlib.use("Agg")
+    from plot_runs import save  # first: it sets the Agg backend
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 7.6), squeeze=False,
                              gridspec_kw=dict(height_ratios=[3, 2]))
@@ -357,11 +355,7 @@ def plot(results, path):
     fig.suptitle("One training step, one thread per rank (grey: serial, blue: ours, light blue: ours with "
                  "--sequence_parallel, orange: PyTorch DTensor TP)", fontsize=10)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 def main():
