@@ -183,7 +183,7 @@ def _count(op: str, tensor: torch.Tensor, ring_share: Fraction) -> None:
     """Count one call of `op` on `tensor`, this rank's contribution.
 
     `ring_share` x its bytes is what each rank sends when the collective runs as a
-    ring of p ranks, the bandwidth-optimal schedule NCCL uses: the data moves in
+    ring of p ranks (NCCL's ring algorithm, bandwidth-optimal): the data moves in
     chunks of 1/p, one chunk per rank per step. A reduce-scatter of N bytes takes
     p - 1 steps, (p-1)/p N; an all-gather of N/p bytes per rank sends (p - 1) of
     them, also (p-1)/p N; an all-reduce is the two, 2(p-1)/p N (Korthikanti et al.,
