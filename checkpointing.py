@@ -82,10 +82,11 @@ def load_checkpoint(directory, model, optimizer, args):
             print(f"note: no checkpoint in {directory} yet; starting from iteration 0")
         return 0
     path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank())
-    first = shard_path(directory, iteration, 0)
-    if not os.path.isfile(first):
-        raise CheckpointError(f"{directory} names iteration {iteration}, but {first} is missing")
-    state = torch.load(path if os.path.isfile(path) else first, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):  # on several nodes: this node may not see the directory the shard went to
+        raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is missing "
+                              f""
+                              f"(each tensor-parallel rank reads its own shard)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["sizes"]
     for key in SIZES:
         if saved[key] != getattr(args, key):

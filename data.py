@@ -3,17 +3,18 @@
 Batches are taken in order, batch after batch, epoch after epoch, with no
 shuffle; a last partial batch is dropped, so every step sees `batch_size` rows.
 
-In a tensor-parallel run every rank of a group must see the same batch. As in
-Megatron (tensor_parallel/data.py:broadcast_data), only tensor-parallel rank 0
-reads the data; it broadcasts each batch to the rest of its group.
+In a tensor-parallel run every rank of a group must see the same batch.
+Megatron's tensor-parallel rank 0 reads it and broadcasts it to the group
+(tensor_parallel/data.py:broadcast_data). Here every rank reads the same small
+files itself and takes the same rows: no collective per step, which at the
+original size would cost as much as the step's one all-reduce. The price:
+every node needs the data.
 """
 
 import os
 
 import numpy as np
 import torch
-
-import parallel_state as ps
 
 
 class DataError(ValueError):
@@ -63,61 +64,20 @@ def load_dataset(data_dir, input_size, batch_size):
     return train, valid
 
 
-def iterate_batches(X, y, batch_size, start_step=0):
+def iterate_batches(X, y, batch_size, start_step=0, rows=slice(None)):
     """Endless (inputs, targets) in order from batch `start_step` on (for resuming);
-    the partial batch at the end of an epoch is dropped."""
+    the partial batch at the end of an epoch is dropped. `rows`: the part of each
+    batch this rank takes (its data-parallel replica's share, or fewer)."""
     num_batches = len(X) // batch_size
     if num_batches == 0:
         raise DataError(f"{len(X)} training samples are fewer than one batch of {batch_size}")
     step = start_step
     while True:
         start = (step % num_batches) * batch_size
-        yield X[start:start + batch_size], y[start:start + batch_size]
+        yield X[start:start + batch_size][rows], y[start:start + batch_size][rows]
         step += 1
 
 
 def to_tensors(inputs, targets, dtype, device):
     return (torch.as_tensor(inputs).to(device=device, dtype=dtype),
             torch.as_tensor(targets).to(device=device, dtype=dtype))
-
-
-def broadcast_batch(batch, num_rows, input_size, dtype):
-    """Tensor-parallel rank 0's (inputs, targets) on every rank of its group.
-
-    Rank 0 passes its numpy batch; the others pass None. Inputs and targets
-    travel as one (rows, input_size + 1) tensor: one broadcast, not two.
-    """
-    device = ps.get_device()
-    if ps.get_tensor_model_parallel_rank() == 0:
-        inputs, targets = to_tensors(*batch, dtype, device)
-        packed = torch.cat([inputs, targets[:, None]], dim=1)
-    else:
-        packed = torch.empty(num_rows, input_size + 1, dtype=dtype, device=device)
-    ps.broadcast(packed)
-    return packed[:, :-1], packed[:, -1]
-
-
-def broadcast_batches(train_data, batch_size, input_size, dtype, start_step=0, share=(0, 1)):
-    """Endless batches for a tensor-parallel group: rank 0 walks (X, y) in order, all receive.
-
-    share = (data-parallel rank, size): the group is one data-parallel replica and
-    gets its contiguous rows of every global batch of `batch_size`.
-    """
-    dp_rank, dp_size = share
-    rows = batch_size // dp_size
-    mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
-    source = iterate_batches(*train_data, batch_size, start_step) if train_data is not None else None
-    while True:
-        batch = tuple(a[mine] for a in next(source)) if source else None
-        yield broadcast_batch(batch, rows, input_size, dtype)
-
-
-def broadcast_split(arrays, input_size, dtype):
-    """A whole split (e.g. the validation set) on every rank of the group, sent once.
-
-    Rank 0 passes (X, y); the others pass None and learn the row count first.
-    """
-    rank0 = ps.get_tensor_model_parallel_rank() == 0
-    num_rows = torch.tensor([len(arrays[0]) if rank0 else 0], device=ps.get_device())
-    ps.broadcast(num_rows)
-    return broadcast_batch(arrays, int(num_rows.item()), input_size, dtype)

@@ -60,16 +60,16 @@ class LinearWithAsyncAllreduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input_, weight = ctx.saved_tensors
-        grad_input = handle = None
+        grad_input = reducing = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(weight)
-            handle = ps.all_reduce(grad_input, async_op=True)
+            reducing = ps.all_reduce(grad_input, async_op=True)
         # Flatten leading dimensions so dL/dW is one (out, in) matmul.
         grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_weight = grad_output_2d.t().matmul(input_.reshape(-1, input_.shape[-1]))
         grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None
-        if handle is not None:
-            handle.wait()
+        if reducing is not None:
+            grad_input = reducing()
         return grad_input, grad_weight, grad_bias
 
 

@@ -11,7 +11,10 @@ bytes they send: that is how the tests and the benchmark check the
 communication against the paper's count.
 """
 
+import inspect
+import json
 import os
+import socket
 import sys
 from collections import Counter
 from datetime import timedelta
@@ -23,6 +26,8 @@ import torch.distributed as dist
 _TENSOR_MODEL_PARALLEL_GROUP = None
 _DATA_PARALLEL_GROUP = None
 _DEVICE = None
+_STAGE_THROUGH_HOST = False  # gloo with CUDA tensors: collectives run on host copies
+BACKEND_NOTE = None  # why 'auto' fell back to gloo on a machine with GPUs, if it did
 
 # comm_calls["all_reduce"] = number of calls; comm_bytes[...] = bytes each rank contributed;
 # comm_ring_bytes[...] = bytes each rank sends when the collective runs as a ring (see _count).
@@ -35,33 +40,96 @@ class ParallelConfigError(ValueError):
     """A user error in the parallel set-up; the message says what to do."""
 
 
-def choose_backend(backend: str, local_world_size: int) -> str:
-    """'auto' means nccl when every local rank can have its own GPU, gloo otherwise."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if backend == "auto":
-        return "nccl" if gpus >= local_world_size else "gloo"
-    if backend == "nccl" and gpus < local_world_size:
-        raise ParallelConfigError(
-            f"--distributed_backend nccl needs a CUDA GPU for each of the {local_world_size} "
-            f"ranks on this node, found {gpus}; use --distributed_backend gloo (or auto) to run on CPU")
-    return backend
+class DeviceMismatchError(RuntimeError):
+    """A tensor handed to a collective is not on the run's device (a bug in the caller)."""
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> torch.device:
-    """Join the torchrun job, pick backend and device. Returns the device to use."""
-    global _DEVICE
+def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0, device: str = "auto") -> torch.device:
+    """Join the torchrun job with one backend and one device type for every rank. Returns this rank's device.
+
+    The choice is made from what every rank reports, so all nodes agree (see `_choose`).
+    """
+    global _DEVICE, _STAGE_THROUGH_HOST
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(minutes=timeout_minutes)
+    store = _attempt_store(timeout)
+    backend, device_type, note = _choose(store, backend, device, rank, world_size)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    backend = choose_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if backend == "nccl":
-        # One GPU per rank, chosen before the group exists so NCCL binds to it.
-        _DEVICE = torch.device("cuda", local_rank)
-        torch.cuda.set_device(_DEVICE)
+    if device_type == "cuda":
+        # NCCL: one GPU per rank, so local ranks map one to one (checked in _choose);
+        # gloo may share a GPU between ranks.
+        _DEVICE = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(_DEVICE)  # before the group exists, so NCCL binds to it
     else:
         _DEVICE = torch.device("cpu")
-    timeout = timedelta(minutes=timeout_minutes)
-    dist.init_process_group(backend=backend, store=_attempt_store(timeout), rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    _STAGE_THROUGH_HOST = backend == "gloo" and device_type == "cuda"
+    kwargs = {}
+    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kwargs["device_id"] = _DEVICE  # torch >= 2.3: the group knows its GPU from the start
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                            **kwargs)
+    global BACKEND_NOTE
+    BACKEND_NOTE = note
+    if note and rank == 0:
+        print(f"note: {note}", flush=True)
     return _DEVICE
+
+
+def _choose(store, backend, device, rank, world_size):
+    """(backend, device type, note) for the whole job, the same on every rank.
+
+    Each rank writes to the job's store which GPU it would use and reads what
+    the others wrote; all then decide from the same facts (`decide_backend`).
+    """
+    store.set(f"gpu_of_rank_{rank}", json.dumps(this_rank_gpu()))
+    seen = [json.loads(store.get(f"gpu_of_rank_{r}")) for r in range(world_size)]
+    return decide_backend(seen, backend, device)
+
+
+def this_rank_gpu() -> dict:
+    """This rank's machine and the GPU it would take (cuda:LOCAL_RANK), by UUID; None without one."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu = None
+    if gpus:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        gpu = str(getattr(torch.cuda.get_device_properties(local_rank % gpus), "uuid", local_rank % gpus))
+        if local_rank >= gpus:
+            gpu += f" (shared by local rank {local_rank})"
+    return dict(host=socket.gethostname(), gpu=gpu)
+
+
+def decide_backend(seen, backend, device):
+    """The job's (backend, device type, note) from every rank's this_rank_gpu(), in rank order.
+
+    NCCL needs a GPU of its own for every rank: a node with no GPUs, or two
+    launchers on one machine that both map LOCAL_RANK 0 to cuda:0, rule it
+    out ("Duplicate GPU detected"). 'auto' then falls back to gloo and says
+    so; 'nccl' is an error. Device 'auto' is cuda when every rank has a GPU
+    (gloo then shares a GPU between ranks), else cpu.
+    """
+    gpu_ids = [s["gpu"] for s in seen]
+    where = lambda r: f"rank {r} (on {seen[r]['host']})"
+    without = [r for r, g in enumerate(gpu_ids) if g is None]
+    shared = [r for r, g in enumerate(gpu_ids) if g is not None and (gpu_ids.index(g) != r or "shared" in g)]
+    why_not_nccl = (f"{where(without[0])} has no GPU" if without else
+                    f"{where(shared[0])} would share a GPU with another rank (NCCL refuses two ranks on one GPU)"
+                    if shared else None)
+    if backend == "nccl" and why_not_nccl:
+        raise ParallelConfigError(f"--distributed_backend nccl needs a GPU of its own for each of the {len(seen)} "
+                                  f"ranks, but {why_not_nccl}; use --distributed_backend gloo (or auto)")
+    if device == "cuda" and without:
+        raise ParallelConfigError(f"--device cuda, but {where(without[0])} has no GPU; use --device cpu (or auto)")
+    if backend == "nccl" and device == "cpu":
+        raise ParallelConfigError("--distributed_backend nccl moves CUDA tensors only; use --device cuda (or auto), "
+                                  "or --distributed_backend gloo for CPU")
+    device_type = "cuda" if device == "cuda" or (device == "auto" and not without) else "cpu"
+    note = None
+    if backend == "auto":
+        backend = "nccl" if not why_not_nccl and device_type == "cuda" else "gloo"
+        if backend == "gloo" and any(gpu_ids):  # a real fallback: there are GPUs, NCCL can't have them
+            note = (f"using gloo, not nccl: {why_not_nccl or '--device cpu'}; tensors on {device_type}"
+                    + (", each collective through host memory" if device_type == "cuda" else ""))
+    return backend, device_type, note
 
 
 def _attempt_store(timeout):
@@ -77,6 +145,11 @@ def _attempt_store(timeout):
                           int(os.environ["WORLD_SIZE"]), timeout=timeout,
                           is_master=not agent_hosts_store and os.environ["RANK"] == "0")
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def backend_report() -> dict:
+    """What config.json records of the job's communication set-up."""
+    return dict(backend=dist.get_backend(), device_type=get_device().type, backend_note=BACKEND_NOTE)
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
@@ -162,6 +235,8 @@ def destroy_model_parallel(barrier: bool = True) -> None:
             dist.barrier()
         dist.destroy_process_group()
     _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _DEVICE = None
+_STAGE_THROUGH_HOST = False  # gloo with CUDA tensors: collectives run on host copies
+BACKEND_NOTE = None  # why 'auto' fell back to gloo on a machine with GPUs, if it did
 
 
 def exit_now(code: int) -> None:
@@ -207,12 +282,51 @@ def comm_stats() -> dict:
             for op in sorted(comm_calls)}
 
 
+def _check_device(op: str, tensor: torch.Tensor) -> None:
+    """The one device rule: every collective's tensor lives on the run's device."""
+    if _DEVICE is not None and tensor.device != _DEVICE:
+        raise DeviceMismatchError(f"{op} was given a tensor on {tensor.device}, but this run's collectives use "
+                                  f"{_DEVICE}; move it with .to(parallel_state.get_device())")
+
+
+def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor the backend moves: a host copy when gloo carries CUDA tensors (as gloo's own
+    CUDA path does), else the tensor itself."""
+    return tensor.cpu() if _STAGE_THROUGH_HOST else tensor
+
+
+def _finish(work, result, async_op):
+    """Wait for `work` (when async), then return result(). With async_op, returns a function that does."""
+    def finish():
+        if work is not None:
+            work.wait()
+        return result()
+    return finish if async_op else finish()
+
+
+# Torch 2.13 renamed the one-buffer collectives; older torches have only the old names.
+def _all_gather_one_buffer(output, input_, group, async_op):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input_, group=group, async_op=async_op)
+
+
+def _reduce_scatter_one_buffer(output, input_, group, async_op):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input_, group=group, async_op=async_op)
+
+
 def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None):
-    """Sum `tensor` in place over the tensor-parallel group (or `group`)."""
+    """Sum `tensor` in place over the tensor-parallel group (or `group`) and return it.
+
+    With async_op, returns at once a function that waits and returns it.
+    """
+    _check_device("all_reduce", tensor)
     group = group or get_tensor_model_parallel_group()
     p = dist.get_world_size(group)
     _count("all_reduce", tensor, Fraction(2 * (p - 1), p))
-    return dist.all_reduce(tensor, group=group, async_op=async_op)
+    wire = _on_wire(tensor)
+    work = dist.all_reduce(wire, group=group, async_op=async_op)
+    return _finish(work if async_op else None, lambda: tensor if wire is tensor else tensor.copy_(wire), async_op)
 
 
 def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
@@ -223,17 +337,17 @@ def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
     `_gather_along_last_dim`. With async_op, returns at once a function that
     waits and returns the result.
     """
+    _check_device("all_gather", tensor)
     p = get_tensor_model_parallel_world_size()
     _count("all_gather", tensor, Fraction(p - 1))
-    tensor = tensor.contiguous()
-    output = tensor.new_empty((p * tensor.shape[0], *tensor.shape[1:]))
-    work = dist.all_gather_single(output, tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
+    wire = _on_wire(tensor.contiguous())
+    output = wire.new_empty((p * tensor.shape[0], *tensor.shape[1:]))
+    work = _all_gather_one_buffer(output, wire, get_tensor_model_parallel_group(), async_op)
 
-    def finish():
-        if async_op:
-            work.wait()
-        return output if dim % tensor.dim() == 0 else torch.cat(output.chunk(p), dim=dim)
-    return finish if async_op else finish()
+    def result():
+        out = output.to(tensor.device)
+        return out if dim % tensor.dim() == 0 else torch.cat(out.chunk(p), dim=dim)
+    return _finish(work if async_op else None, result, async_op)
 
 
 def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
@@ -242,31 +356,29 @@ def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
 
     With async_op, returns at once a function that waits and returns the result.
     """
+    _check_device("reduce_scatter", tensor)
     p = get_tensor_model_parallel_world_size()
     _count("reduce_scatter", tensor, Fraction(p - 1, p))
-    tensor = tensor.contiguous()
-    output = tensor.new_empty((tensor.shape[0] // p, *tensor.shape[1:]))
-    work = dist.reduce_scatter_single(output, tensor, group=get_tensor_model_parallel_group(), async_op=async_op)
-
-    def finish():
-        if async_op:
-            work.wait()
-        return output
-    return finish if async_op else finish()
+    wire = _on_wire(tensor.contiguous())
+    output = wire.new_empty((tensor.shape[0] // p, *tensor.shape[1:]))
+    work = _reduce_scatter_one_buffer(output, wire, get_tensor_model_parallel_group(), async_op)
+    return _finish(work if async_op else None, lambda: output.to(tensor.device), async_op)
 
 
 def _all_reduce_coalesced(tensors, group, name, divide_by=1):
     """Sum `tensors` in place over `group` (then divide), as one flat buffer in one all-reduce:
     for small tensors the latency of a collective, not its bytes, dominates on every backend."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
+    _check_device(name, flat)
     p = dist.get_world_size(group)
     _count(name, flat, Fraction(2 * (p - 1), p))
-    dist.all_reduce(flat, group=group)
+    wire = _on_wire(flat)
+    dist.all_reduce(wire, group=group)
     if divide_by != 1:
-        flat /= divide_by
+        wire /= divide_by
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.copy_(wire[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
@@ -281,9 +393,18 @@ def sum_over_tensor_parallel(tensors) -> None:
     _all_reduce_coalesced(tensors, get_tensor_model_parallel_group(), "all_reduce")
 
 
-def broadcast(tensor: torch.Tensor) -> torch.Tensor:
-    """Send tensor-parallel rank 0's `tensor` to the rest of its group, in place."""
-    p = get_tensor_model_parallel_world_size()
-    _count("broadcast", tensor, Fraction(p - 1, p))  # pipelined chain: p - 1 ranks send it all; the average
-    dist.broadcast(tensor, get_tensor_model_parallel_src_rank(), group=get_tensor_model_parallel_group())
-    return tensor
+def average_replicated(tensors, partial_over_tensor_parallel: bool) -> None:
+    """Average over data-parallel replicas, in one all-reduce over *all* ranks, tensors that every
+    tensor-parallel rank holds whole (fc's gradient, the loss).
+
+    Why not the data-parallel groups ([0, 2, 4] and [1, 3, 5] at TP 2): those are separate
+    communicators, and nothing promises that they add in the same order (NCCL picks rings and
+    trees per communicator), so fc could drift apart by an ulp between tensor-parallel ranks.
+    One all-reduce over one communicator gives every rank the same bits. To make its sum the
+    data-parallel sum, only tensor-parallel rank 0 contributes, unless each rank holds a
+    partial sum of its own rows (sequence parallelism): then every rank adds its part.
+    """
+    if not partial_over_tensor_parallel and get_tensor_model_parallel_rank() != 0:
+        for t in tensors:
+            t.zero_()
+    _all_reduce_coalesced(tensors, dist.group.WORLD, "replicated_all_reduce", get_data_parallel_world_size())

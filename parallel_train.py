@@ -3,10 +3,10 @@
     torchrun --nproc_per_node 2 parallel_train.py --tensor_model_parallel_size 2
 
 Same model, flags and training loop as train.py. What parallelism adds is all
-here: process groups, the batch broadcast from tensor-parallel rank 0 (each
-data-parallel replica gets its share of it), the averaging of gradients over
-data-parallel replicas, the check that every rank computes the same loss,
-checkpoints, and the shards put back together into a serial state_dict.
+here: process groups, the rows of each batch a rank takes (its data-parallel
+replica's share), the averaging of gradients over data-parallel replicas, the
+check that every rank computes the same loss, checkpoints, and the shards put
+back together into a serial state_dict.
 
 World size = data-parallel size x tensor-parallel size; --batch_size is the
 global batch, split evenly between the data-parallel replicas.
@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import parallel_state as ps
-from checkpointing import load_checkpoint, save_checkpoint
-from data import DataError, broadcast_batches, broadcast_split, load_dataset
+from checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from data import DataError, iterate_batches, load_dataset, to_tensors
 from metrics import MetricsWriter, run_config, save_model
 from parallel_layers import allreduce_sequence_parallel_grads, gather_serial_state_dict, sequence_parallel_disabled
-from train import USER_ERRORS, build_model, evaluate, get_args_parser, make_optimizer, parse_args, run_cli, train
+from train import (USER_ERRORS, build_model, evaluate, get_args_parser, make_optimizer, parse_args,
+                   pin_float32_precision, run_cli, train)
 
 
 def get_parallel_args(argv=None):
@@ -36,7 +37,8 @@ def get_parallel_args(argv=None):
     parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
     parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
     parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
-                        help="auto: nccl when each rank on a node can have a GPU, else gloo on CPU")
+                        help="auto: nccl when every rank of the job has a GPU of its own, else gloo (said in "
+                             "one line when GPUs are there)")
     parser.add_argument("--sequence_parallel", action="store_true",
                         help="outside the split region each rank keeps only its rows (Korthikanti et al., 2022)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
@@ -83,35 +85,40 @@ def _single_process_env():
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def load_data_on_src_rank(args):
-    """Tensor-parallel rank 0 reads the data; every rank learns whether that worked.
+def on_every_rank(fn, *args):
+    """fn(*args) on every rank, and every rank learns whether it worked everywhere.
 
-    Without the shared verdict a bad data file would leave the other ranks
-    waiting for a broadcast that never comes, until the timeout. It goes over
-    the whole world, so that every group stops if one cannot start.
+    Reading files (the data, a checkpoint shard) can fail on some ranks only,
+    e.g. on a node that lacks them. Without the shared verdict the others
+    would wait in their next collective until the timeout. The first rank
+    that failed says why, naming its machine; the others leave quietly.
     """
-    data, error = (None, None), None
-    if ps.get_tensor_model_parallel_rank() == 0:
-        try:
-            data = load_dataset(args.data_dir, args.input_size, args.batch_size)
-        except DataError as e:
-            error = e
-    failed = torch.tensor([error is not None], dtype=torch.int32, device=ps.get_device())
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except (DataError, CheckpointError) as e:
+        error = e
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    failed = torch.zeros(world, dtype=torch.int32, device=ps.get_device())
+    failed[rank] = error is not None
     ps.all_reduce(failed, group=torch.distributed.group.WORLD)
-    if error is not None:
-        raise error
-    if failed.item():
-        sys.exit(2)  # the rank that read the bad data reports it
-    return data
+    if not failed.any():
+        return result
+    if rank != int(failed.nonzero()[0]):
+        sys.exit(2)
+    if not failed.all():
+        error = type(error)(f"{error} (on {socket.gethostname()}; every node needs its files)")
+    error.reported_by_this_rank = True
+    raise error
 
 
 def report_communication(stats, args):
     """Print what one step sent beside what the papers count, in bytes a ring moves per rank."""
     tp, rows = args.tensor_model_parallel_size, args.batch_size // ps.get_data_parallel_world_size()
     print(f"Communication in one training step (measured in its first step, tensor-parallel size {tp}):")
-    print(f"  {'collective':<16}{'calls':>5}{'bytes in, per rank':>20}{'sent per rank in a ring':>25}")
+    print(f"  {'collective':<23}{'calls':>5}{'bytes in, per rank':>20}{'sent per rank in a ring':>25}")
     for op, c in stats.items():
-        print(f"  {op:<15} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB{c['ring_bytes'] / 1024:>21.2f} KiB")
+        print(f"  {op:<22} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB{c['ring_bytes'] / 1024:>21.2f} KiB")
     kib = rows * args.input_size * args.torch_dtype.itemsize / 1024  # one batch x input activation
     all_reduce, half = 2 * (tp - 1) / tp * kib, (tp - 1) / tp * kib  # a ring all-reduce = reduce-scatter + all-gather
     megatron = (f"Megatron-LM (Sec. 3, Fig. 3a): 2 all-reduces of batch x input = {rows}x{args.input_size} "
@@ -130,22 +137,22 @@ def report_communication(stats, args):
           f"The small all-reduce sums fc's gradient and the loss over the rows.")
 
 
-def run(args, device):
+def run(args, device, precision):
     ps.initialize_model_parallel(args.tensor_model_parallel_size)
-    rank, tp_rank = torch.distributed.get_rank(), ps.get_tensor_model_parallel_rank()
+    rank, tp, tp_rank = torch.distributed.get_rank(), args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     model = build_model(args, tensor_parallel=True).to(device)
     optimizer = make_optimizer(model, args)
-    start = load_checkpoint(args.load, model, optimizer, args) if args.load else 0
+    start = on_every_rank(load_checkpoint, args.load, model, optimizer, args) if args.load else 0
 
-    train_data, valid_data = load_data_on_src_rank(args)
-    batches = broadcast_batches(train_data, args.batch_size, args.input_size, args.torch_dtype,
-                                start_step=start, share=(dp_rank, dp_size))
-    valid = broadcast_split(valid_data, args.input_size, args.torch_dtype)
+    (X, y), valid = on_every_rank(load_dataset, args.data_dir, args.input_size, args.batch_size)
+    # This replica's rows of every global batch; under sequence parallelism, this rank's rows of those.
     replica_rows = args.batch_size // dp_size
-    if args.sequence_parallel:  # each rank keeps its rows of the replica's batch
-        tp = args.tensor_model_parallel_size
-        batches = (tuple(t.chunk(tp)[tp_rank].clone() for t in batch) for batch in batches)  # frees the rest
+    rows = slice(dp_rank * replica_rows, (dp_rank + 1) * replica_rows)
+    if args.sequence_parallel:
+        rows = slice(rows.start + tp_rank * replica_rows // tp, rows.start + (tp_rank + 1) * replica_rows // tp)
+    batches = iterate_batches(*to_tensors(X, y, args.torch_dtype, device), args.batch_size, start, rows)
+    valid = to_tensors(*valid, args.torch_dtype, device)
 
     def loss_fn(outputs, targets):
         if not args.sequence_parallel:
@@ -159,26 +166,29 @@ def run(args, device):
 
     def gather_losses(losses):
         gathered = ps.all_gather(losses.to(device), dim=0)
-        return gathered.view(args.tensor_model_parallel_size, -1).cpu()
+        return gathered.view(tp, -1).cpu()
 
     def after_backward(loss):
-        """Sum what sequence parallelism left partial, then average over data-parallel replicas."""
+        """Sum what sequence parallelism left partial, and average over data-parallel replicas."""
         if not args.sequence_parallel and dp_size == 1:
             return loss
         loss = loss.detach().reshape(1).clone()
-        if args.sequence_parallel:  # fc's gradient and the loss came from this rank's rows only
+        if dp_size == 1:  # sequence parallelism: fc's gradient and the loss came from this rank's rows only
             allreduce_sequence_parallel_grads(model, also=[loss])
-        if dp_size > 1:  # each replica saw batch/DP rows
-            ps.average_over_data_parallel([p.grad for p in model.parameters()] + [loss])
+        else:  # each replica saw batch / DP rows
+            split = [p.grad for p in model.parameters() if getattr(p, "tensor_model_parallel", False)]
+            whole = [p.grad for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)]
+            ps.average_over_data_parallel(split)
+            ps.average_replicated(whole + [loss], partial_over_tensor_parallel=args.sequence_parallel)
         return loss[0]
 
     # The first group's ranks print, as in the original: "Rank 0 Iter 10 Train Loss ...".
-    log_prefix = f"Rank {tp_rank} " if rank < args.tensor_model_parallel_size else None
+    log_prefix = f"Rank {tp_rank} " if rank < tp else None
     metrics = None
     if rank == 0:
-        config = run_config(args, device=str(device), backend=torch.distributed.get_backend(),
-                            world_size=torch.distributed.get_world_size(), data_parallel_size=dp_size)
-        metrics = MetricsWriter(args.out_dir, config, num_ranks=args.tensor_model_parallel_size, resume_from=start)
+        config = run_config(args, device=str(device), world_size=torch.distributed.get_world_size(),
+                            data_parallel_size=dp_size, **ps.backend_report(), **precision)
+        metrics = MetricsWriter(args.out_dir, config, num_ranks=tp, resume_from=start)
     save = (lambda it, opt: save_checkpoint(args.save, it, model, opt, args)) if args.save else None
     _, comm = train(model, args, batches, valid, log_prefix=log_prefix, gather_losses=gather_losses,
                     metrics=metrics, optimizer=optimizer, start_iteration=start, after_backward=after_backward,
@@ -192,9 +202,10 @@ def run(args, device):
 
 def main():
     args = get_parallel_args()
-    device = ps.init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+    precision = pin_float32_precision()
+    device = ps.init_distributed(args.distributed_backend, args.distributed_timeout_minutes, args.device)
     try:
-        run(args, device)
+        run(args, device, precision)
     except (*USER_ERRORS, SystemExit):
         ps.destroy_model_parallel()  # every rank reached the same verdict: leave together
         raise

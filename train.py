@@ -12,6 +12,8 @@ import math
 import os
 import signal
 import sys
+import threading
+import time
 
 import torch
 import torch.nn as nn
@@ -25,6 +27,27 @@ from parallel_layers import StateDictError, gather_serial_state_dict, load_seria
 from parallel_state import ParallelConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def pin_float32_precision() -> dict:
+    """Full-precision float32 matmuls and convolutions: TF32 off, in serial and parallel runs alike.
+
+    On Ampere and later GPUs, TF32 (enabled by torch.set_float32_matmul_precision("high")
+    or by an image that sets TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1) rounds matmul inputs to
+    10 mantissa bits: serial and tensor-parallel float32 curves then differ by ~1e-3
+    instead of round-off (~1e-6), and the comparison says nothing. Returns what
+    config.json records.
+    """
+    override = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
+    if override not in (None, "0"):
+        os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "0"  # read by torch at its first CUDA matmul
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    if torch.backends.cuda.matmul.allow_tf32:  # torch read the override before we could unset it
+        raise ParallelConfigError("TF32 could not be switched off (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="
+                                  f"{override} was read already); unset it before starting")
+    return dict(float32_matmul_precision="highest (TF32 off)",
+                tf32_override_in_environment=override)
 
 
 class TrainingStopped(RuntimeError):
@@ -55,6 +78,8 @@ def get_args_parser(prog="train.py", description=__doc__.splitlines()[0], out_di
     # Ours.
     p.add_argument("--hidden_size", type=int, default=None, help="default: 32 x input_size")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: cuda when there is a GPU (for every rank), else cpu")
     p.add_argument("--seed", type=int, default=1234, help="seeds nn.Linear's init (same model for any TP size)")
     p.add_argument("--init_from", default=None, help="serial state_dict (.pt) to start from")
     p.add_argument("--eval_interval", type=int, default=50, help="validation loss every N iterations and at the end")
@@ -133,7 +158,7 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
     """
     optimizer = optimizer or make_optimizer(model, args)
     evaluate_fn = evaluate_fn or evaluate
-    rows, pending, running = [], [], 0.0
+    rows, pending, unwritten, running = [], [], [], 0.0
     first_step_comm = {}  # stays empty if no step is left to run
     model.train()
     try:
@@ -150,39 +175,51 @@ def train(model, args, batches, valid, log_prefix="", gather_losses=lambda t: t[
             optimizer.step()
             if first:
                 first_step_comm = ps.comm_stats()
+            # The loss stays on the device until a log point: reading it every step would make
+            # the CPU wait for the GPU (and the collectives) each time.
+            pending.append(loss.detach())
 
-            pending.append(loss.item())
-            rows.append([it, pending[-1], None])
-            running += pending[-1]
-            diverged = not math.isfinite(pending[-1])  # the same on every rank: they share the loss
-            valid_loss = None
-            if it % args.eval_interval == 0 or it == args.num_iterations:
-                valid_loss = rows[-1][2] = evaluate_fn(model, *valid)
-            if it % args.update_freq == 0:
-                if log_prefix is not None:
-                    log(f"{log_prefix}Iter {it} Train Loss {running:.3f}")
-                running = 0.0
-            if valid_loss is not None and log_prefix is not None:
-                log(f"{log_prefix}Iter {it} Valid Loss {valid_loss:.6f}")
-            saving = save_checkpoint is not None and it % args.save_interval == 0 and not diverged
-            if it % args.update_freq == 0 or it == args.num_iterations or diverged or saving:
-                rank_losses = gather_losses(torch.tensor(pending, dtype=torch.float64))
-                if metrics:  # written before the check, so a disagreement is on disk to look at
-                    metrics.write(rows[-len(pending):], rank_losses)
-                check_ranks_agree(rank_losses, it)
-                pending = []
+            evaluating = it % args.eval_interval == 0 or it == args.num_iterations
+            saving = save_checkpoint is not None and it % args.save_interval == 0
+            if not (it % args.update_freq == 0 or evaluating or saving):
+                continue
+            losses = torch.stack(pending).to("cpu", torch.float64)  # one device-to-host copy
+            diverged = next((k for k, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
+            if diverged is not None:  # the same on every rank: they share the loss
+                losses = losses[:diverged + 1]
+            new_rows = [[it - len(pending) + 1 + k, v, None] for k, v in enumerate(losses.tolist())]
+            rows += new_rows
+            pending, unwritten = [], new_rows
+            if evaluating and diverged is None:
+                rows[-1][2] = evaluate_fn(model, *valid)
+            for row in new_rows:
+                running += row[1]
+                if row[0] % args.update_freq == 0:
+                    if log_prefix is not None:
+                        log(f"{log_prefix}Iter {row[0]} Train Loss {running:.3f}")
+                    running = 0.0
+            if rows[-1][2] is not None and log_prefix is not None:
+                log(f"{log_prefix}Iter {it} Valid Loss {rows[-1][2]:.6f}")
+            rank_losses = gather_losses(losses)
+            if metrics:  # written before the check, so a disagreement is on disk to look at
+                metrics.write(new_rows, rank_losses)
+            unwritten = []
+            check_ranks_agree(rank_losses, rows[-1][0])
+            if diverged is not None:
+                raise TrainingStopped(f"the train loss is {rows[-1][1]} at iteration {rows[-1][0]}: training "
+                                      f"diverged; lower --init_lr (now {args.init_lr:g}). Metrics up to it are "
+                                      f"in {os.path.join(args.out_dir, 'metrics.csv')}; no model.pt was written")
             if saving:
                 if metrics:
                     metrics.flush()  # a resumed run keeps exactly the rows up to its checkpoint
                 save_checkpoint(it, optimizer)
-            if diverged:
-                raise TrainingStopped(f"the train loss is {rows[-1][1]} at iteration {it}: training "
-                                      f"diverged; lower --init_lr (now {args.init_lr:g}). Metrics up to it are "
-                                      f"in {os.path.join(args.out_dir, 'metrics.csv')}; no model.pt was written")
     finally:
         if metrics:  # every row so far reaches the disk, however the loop ends
-            if pending:  # interrupted between log points: no collective now, so no per-rank losses
-                metrics.write(rows[-len(pending):], rank_losses=None)
+            # Interrupted before a log point wrote them: no collective now, so no per-rank losses.
+            first_pending = rows[-1][0] + 1 if rows else start_iteration + 1
+            unwritten += [[first_pending + k, float(t), None] for k, t in enumerate(pending)]
+            if unwritten:
+                metrics.write(unwritten, rank_losses=None)
             metrics.close()
     return rows, first_step_comm
 
@@ -209,18 +246,47 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+STUCK_GRACE_S = 2.0
+
+
+def _leave_if_stuck_after_a_signal():
+    """A thread that ends the process when a signal's Python handler can't run.
+
+    Python runs signal handlers between bytecodes, in the main thread. A rank
+    whose peer died under NCCL is blocked inside a CUDA sync (NCCL reports no
+    "connection reset" as gloo does), so torchrun's SIGTERM would wait out its
+    30 s grace. The C-level handler still writes the signal number to the
+    wakeup fd; this thread reads it, gives the main thread STUCK_GRACE_S to
+    unwind normally, and otherwise leaves with one line.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch():
+        signum = os.read(read_fd, 1)[0]
+        time.sleep(STUCK_GRACE_S)
+        print(f"error: rank {os.environ.get('RANK', 0)} was still inside a collective {STUCK_GRACE_S:g} s after "
+              f"{signal.Signals(signum).name} (a peer is gone); leaving", file=sys.stderr, flush=True)
+        ps.exit_now(128 + signum)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_cli(main):
     """Run main(); a user error or Ctrl-C ends it with one line and a non-zero exit status.
 
     In a parallel run every rank reaches the same error, so rank 0 says it;
-    a data error is found by each group's data-reading rank, which says it.
+    an error that only some ranks met (a file they can't read) is said by
+    the first of them.
     """
     rank0 = os.environ.get("RANK", "0") == "0"
     signal.signal(signal.SIGTERM, _terminate)
+    if "RANK" in os.environ:  # under torchrun: peers can leave this rank stuck in a collective
+        _leave_if_stuck_after_a_signal()
     try:
         main()
     except USER_ERRORS as e:
-        if rank0 or isinstance(e, DataError):
+        if getattr(e, "reported_by_this_rank", rank0):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except (KeyboardInterrupt, Terminated) as e:
@@ -233,14 +299,20 @@ def run_cli(main):
 
 
 def main():
-    args = parse_args(get_args_parser())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parser = get_args_parser()
+    args = parse_args(parser)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
+    precision = pin_float32_precision()
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     model = build_model(args).to(device)
     (X, y), valid = load_dataset(args.data_dir, args.input_size, args.batch_size)
-    batches = (to_tensors(xb, yb, args.torch_dtype, device) for xb, yb in iterate_batches(X, y, args.batch_size))
+    # The whole (small) data set goes to the device once; a batch is then a slice of it.
+    batches = iterate_batches(*to_tensors(X, y, args.torch_dtype, device), args.batch_size)
     valid = to_tensors(*valid, args.torch_dtype, device)
 
-    metrics = MetricsWriter(args.out_dir, run_config(args, device=str(device), tensor_model_parallel_size=1))
+    metrics = MetricsWriter(args.out_dir, run_config(args, device=str(device), tensor_model_parallel_size=1,
+                                                     **precision))
     train(model, args, batches, valid, metrics=metrics)
     save_model(gather_serial_state_dict(model), args.out_dir)
     print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt")

@@ -14,8 +14,23 @@ Each variant runs in its own process(es), launched as the trainings are
   dtensor-tpK  PyTorch's ColwiseParallel / RowwiseParallel (parallelize_module)
                on the same ToyModel, same seed, same data, same K
 
+and, beside the step, the whole training iteration (batch delivery, step,
+bookkeeping: what a user waits for), timed between one batch and the next:
+
+  loop-serial       train.py's own loop
+  loop-ours-tpK     parallel_train.py's own loop
+  loop-dtensor-tpK  the usual loop around DTensor: tensor-parallel rank 0 reads
+                    the batch and broadcasts it (Megatron's broadcast_data),
+                    the loss is read with .item() every step
+
+On GPUs: steps are timed up to a torch.cuda.synchronize, memory is the peak
+GPU memory (torch.cuda.max_memory_allocated), the GEMM ceiling is timed on
+the GPU, and CUDA_DEVICE_MAX_CONNECTIONS is 1 as training sets it. The serial
+N-threads variant and peak RSS mean something only on a CPU and run there
+only; a variant needing more GPUs than the machine has is skipped, saying so.
+
 A step is zero_grad, forward, loss, backward and the SGD step, with the batch
-already on every rank (the broadcast from rank 0 is data loading, not timed).
+already on every rank (data delivery is timed by the loop variants).
 Reported per variant: median and spread over --steps after --warmup, the
 collectives issued per step (ours: counted in parallel_state; DTensor: by its
 CommDebugMode) beside the Megatron paper's count, parameter/gradient/optimizer
@@ -27,12 +42,14 @@ assets/benchmark.png.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -45,6 +62,7 @@ sys.path.insert(0, REPO)
 import parallel_state as ps  # noqa: E402
 from model import ToyModel  # noqa: E402
 from parallel_layers import allreduce_sequence_parallel_grads  # noqa: E402
+from train import pin_float32_precision  # noqa: E402
 
 # lr 1e-5 for the compute-heavy size: at 1e-3 it diverges (inf by iteration 14); a finite run is timed.
 CONFIGS = {
@@ -91,6 +109,8 @@ def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, f
     for i in range(warmup + steps):
         x, y = batches[i % len(batches)]
         barrier()  # ranks start each step together; not timed
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = step.loss(x, y)
@@ -110,13 +130,16 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def memory(model, optimizer):
-    """Bytes this rank holds in parameters, gradients and optimizer state, and its peak RSS."""
+def memory(model, optimizer, device):
+    """Bytes this rank holds in parameters, gradients and optimizer state, and its peak memory:
+    resident set size on a CPU, allocated GPU memory on a GPU."""
     params = [local(p) for p in model.parameters()]
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     state = [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    on_gpu = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return dict(params=nbytes(params), grads=nbytes([local(p.grad) for p in model.parameters()]),
-                optimizer=nbytes(state), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                optimizer=nbytes(state), peak=peak, peak_kind="GPU allocated" if on_gpu else "RSS")
 
 
 def count_ours(step, batch):
@@ -135,7 +158,10 @@ def count_ours(step, batch):
 
 
 def count_dtensor(step, batch):
-    from torch.distributed.tensor.debug import CommDebugMode
+    try:
+        from torch.distributed.tensor.debug import CommDebugMode
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor.debug import CommDebugMode
     with CommDebugMode() as mode:
         step.loss(*batch).backward()
     step.model.zero_grad(set_to_none=True)
@@ -164,13 +190,14 @@ def saved_activations(step, batch, hidden_per_rank):
 def worker(args):
     cfg = CONFIGS[args.config]
     torch.set_num_threads(args.threads)
+    pin_float32_precision()
     if args.variant == "serial":
-        device, rank, tp = torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
+        device, rank, tp = torch.device(args.device), 0, 1
         torch.manual_seed(SEED)
         model = ToyModel(cfg["input_size"], cfg["hidden_size"]).to(device)
         barrier = lambda: None
     else:
-        device = ps.init_distributed("auto", timeout_minutes=5)
+        device = ps.init_distributed("auto", timeout_minutes=5, device=args.device)
         tp = torch.distributed.get_world_size()
         ps.initialize_model_parallel(tp)
         rank = torch.distributed.get_rank()
@@ -194,11 +221,11 @@ def worker(args):
     # DTensor has no sharding rule for the fused SGD kernel: it always takes the standard one.
     fused = args.fused_sgd and args.variant != "dtensor"
     times, optimizer = time_steps(step, batches, cfg["lr"], args.steps, args.warmup, device, barrier, fused)
-    result = dict(times=times, memory=dict(memory(model, optimizer), activations=activations), comm=count,
+    result = dict(times=times, memory=dict(memory(model, optimizer, device), activations=activations), comm=count,
                   tp=tp, device=str(device))
     if args.variant != "serial":
         # The ranks of one step are coupled by the all-reduce: report the slowest rank's median.
-        medians = ps.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64), dim=0)
+        medians = ps.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64, device=device), dim=0)
         result["slowest_rank"] = int(medians.argmax())
         ps.destroy_model_parallel()
     if rank == 0:
@@ -206,13 +233,15 @@ def worker(args):
 
 
 def ceiling_worker(args):
-    """Single-thread seconds of each GEMM of one step, with the step's own shapes and layouts."""
+    """Seconds of each GEMM of one step, with the step's own shapes and layouts, on the device
+    the steps run on (a CPU: one thread)."""
     torch.set_num_threads(1)
     cfg = CONFIGS[args.config]
+    device = torch.device(args.device)
     B, d, h = cfg["batch_size"], cfg["input_size"], cfg["hidden_size"] // args.tp
     g = torch.Generator().manual_seed(0)
-    x, w1, w2 = (torch.randn(s, generator=g) for s in ((B, d), (h, d), (d, h)))
-    y1, dz = torch.randn(B, h, generator=g), torch.randn(B, d, generator=g)
+    x, w1, w2 = (torch.randn(s, generator=g).to(device) for s in ((B, d), (h, d), (d, h)))
+    y1, dz = torch.randn(B, h, generator=g).to(device), torch.randn(B, d, generator=g).to(device)
     gemms = {  # the matmuls of LinearWithAsyncAllreduce and nn.Linear for this rank's shards
         "fc1 forward X A_i": lambda: x.matmul(w1.t()),
         "fc2 forward Y_i B_i": lambda: y1.matmul(w2.t()),
@@ -221,34 +250,138 @@ def ceiling_worker(args):
         "fc1 backward dL/dA_i": lambda: y1.t().matmul(x),
     }
     seconds = {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    inner = 20 if device.type == "cuda" else 1  # a GPU GEMM takes microseconds: time 20 in a row
     for name, fn in gemms.items():
         for _ in range(3):
             fn()
         reps = []
         for _ in range(max(5, args.steps)):
+            sync()
             start = time.perf_counter()
-            fn()
-            reps.append(time.perf_counter() - start)
+            for _ in range(inner):
+                fn()
+            sync()
+            reps.append((time.perf_counter() - start) / inner)
         seconds[name] = statistics.median(reps)
     flops = 2 * B * d * h  # each of the five GEMMs
     print("RESULT " + json.dumps(dict(seconds=seconds, flops_per_gemm=flops)), flush=True)
 
 
+def write_data(cfg):
+    """A data set of the config's input size in a new directory (prepare_data.py's recipe)."""
+    import prepare_data
+    directory = tempfile.mkdtemp(prefix="bench_data_")
+    for name, array in zip(prepare_data.FILES, prepare_data.make_data(4000, cfg["input_size"])):
+        np.save(os.path.join(directory, name), array)
+    return directory
+
+
+def loop_worker(args):
+    """Seconds of each whole training iteration: from taking one batch to taking the next."""
+    cfg = CONFIGS[args.config]
+    torch.set_num_threads(args.threads)
+    n = args.warmup + args.steps
+    data_dir, out_dir = write_data(cfg), tempfile.mkdtemp(prefix="bench_run_")
+    stamps = []
+
+    def timed(batches):
+        for batch in batches:
+            stamps.append(time.perf_counter())
+            yield batch
+
+    flags = ["--data_dir", data_dir, "--out_dir", out_dir, "--input_size", str(cfg["input_size"]),
+             "--hidden_size", str(cfg["hidden_size"]), "--batch_size", str(cfg["batch_size"]),
+             "--init_lr", str(cfg["lr"]), "--num_iterations", str(n + 1), "--update_freq", "10",
+             "--eval_interval", str(n + 1), "--device", args.device]  # validation after the last timed iteration
+    if args.variant == "loop-dtensor":
+        return dtensor_loop(cfg, n + 1, data_dir, timed, stamps, args)
+    if args.variant == "loop-serial":
+        import train as script
+    else:
+        import parallel_train as script
+        flags += ["--tensor_model_parallel_size", os.environ["WORLD_SIZE"], "--distributed_timeout_minutes", "5"]
+    untimed = script.iterate_batches
+    script.iterate_batches = lambda *a, **k: timed(untimed(*a, **k))
+    sys.argv = [script.__file__, *flags]
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its "Iter ..." lines
+        script.main()
+    if os.environ.get("RANK", "0") == "0":
+        report_loop(stamps, args)
+
+
+def dtensor_loop(cfg, n, data_dir, timed, stamps, args):
+    """The loop one writes around DTensor: rank 0 of the group reads the batch and broadcasts it,
+    every rank steps, the loss is read every step and printed every 10."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from data import iterate_batches, load_dataset
+    pin_float32_precision()
+    device = ps.init_distributed("auto", timeout_minutes=5, device=args.device)
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(SEED)
+    model = ToyModel(cfg["input_size"], cfg["hidden_size"])
+    parallelize_module(model, init_device_mesh(device.type, (tp,)),
+                       {"mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
+    B, d = cfg["batch_size"], cfg["input_size"]
+    source = iterate_batches(*load_dataset(data_dir, d, B)[0], B) if rank == 0 else iter(lambda: None, 0)
+    running, quiet = 0.0, open(os.devnull, "w")
+    for it, batch in zip(range(1, n + 1), timed(source)):
+        if rank == 0:
+            packed = torch.cat([torch.as_tensor(batch[0]), torch.as_tensor(batch[1])[:, None]], 1).to(device)
+        else:
+            packed = torch.empty(B, d + 1, device=device)
+        dist.broadcast(packed, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(packed[:, :-1])[:, 0], packed[:, -1])
+        loss.backward()
+        optimizer.step()
+        running += loss.item()
+        if it % 10 == 0:
+            print(f"Rank {rank} Iter {it} Train Loss {running:.3f}", file=quiet)
+            running = 0.0
+    dist.barrier()
+    ps.destroy_model_parallel()
+    if rank == 0:
+        report_loop(stamps, args)
+
+
+def report_loop(stamps, args):
+    times = np.diff(stamps)[args.warmup:].tolist()  # iteration i: from batch i to batch i + 1
+    print("RESULT " + json.dumps(dict(times=times, tp=int(os.environ.get("WORLD_SIZE", 1)), device=args.device)),
+          flush=True)
+
+
 # ---------------------------------------------------------------------------
 # The driver: launch every variant, collect, report.
 
+LOOPS = ("loop-serial", "loop-ours", "loop-dtensor")
+DEVICE = "cpu"  # the driver's --device, passed to every worker
+
+
 def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=()):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--config", config,
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--config", config, "--device", DEVICE,
            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), *extra]
-    if variant in ("ours", "dtensor"):
+    if variant in ("ours", "dtensor", "loop-ours", "loop-dtensor"):
         cmd = [sys.executable, os.path.join(REPO, "scripts", "launch.py"), "--standalone",
                "--nproc_per_node", str(ranks), *cmd[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # As bash_parallel_train.sh sets it: the async all-reduce is queued before the matmul it overlaps.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"error: {variant} ({config}, {ranks} ranks) failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
     return json.loads(lines[0][len("RESULT "):])
+
+
+def summarize_loop(name, result):
+    times = np.array(result["times"]) * 1e3
+    return dict(variant=name, tp=result["tp"], mean_ms=float(times.mean()), median_ms=float(np.median(times)),
+                p10_ms=float(np.percentile(times, 10)), p90_ms=float(np.percentile(times, 90)), steps=len(times),
+                device=result["device"])
 
 
 def summarize(name, result, cfg, ceiling):
@@ -273,22 +406,28 @@ def paper_count(cfg, tp, elem=4):
                 sequence_parallel=dict(calls=dict(all_gather=3, reduce_scatter=2), ring_bytes=5 * (tp - 1) * n // tp))
 
 
-def print_report(config, cfg, rows):
+def print_report(config, cfg, rows, loops):
     base = next(r for r in rows if r["variant"] == "serial-1t")["median_ms"]
     print(f"\n== {config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch {cfg['batch_size']} ==")
     print(f"{'variant':<13}{'median ms':>11}{'p10-p90 ms':>17}{'vs serial-1t':>13}{'GFLOP/s':>9}"
-          f"{'of ceiling':>11}{'params+grads+optim':>20}{'saved act. in/out':>22}{'peak RSS':>10}")
+          f"{'of ceiling':>11}{'params+grads+optim':>20}{'saved act. in/out':>22}{'peak':>10}")
     for r in rows:
         m, act = r["memory"], r["memory"]["activations"]
         state = (m["params"] + m["grads"] + m["optimizer"]) / 2**20
         print(f"{r['variant']:<13}{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}"
               f"{base / r['median_ms']:>12.2f}x{r['gflops']:>9.1f}{r['fraction_of_ceiling']:>10.0%}"
               f"{state:>16.1f} MiB{act['inside'] / 2**10:>11.1f} /{act['outside'] / 2**10:>6.1f} KiB"
-              f"{m['peak_rss'] / 2**20:>7.0f} MiB")
+              f"{m['peak'] / 2**20:>7.0f} MiB")
     for r in rows:
         for case, c in r["comm"].items():
             sent = f", sent per rank in a ring {sum(c['ring_bytes'].values())} bytes" if "ring_bytes" in c else ""
             print(f"  {r['variant']} collectives per step ({case.replace('_', ' ')}): {c['calls']}{sent}")
+    print(f"  peak: {rows[0]['memory']['peak_kind']}")
+    if loops:
+        print("  Whole training iteration (batch delivery, step, bookkeeping), ms:")
+        for r in loops:
+            print(f"  {r['variant']:<18} mean {r['mean_ms']:8.3f}   median {r['median_ms']:8.3f}   "
+                  f"p10-p90 {r['p10_ms']:.3f}-{r['p90_ms']:.3f}")
     tp = max(r["tp"] for r in rows)
     paper = paper_count(cfg, tp)
     print(f"  Papers, per MLP step at TP={tp} (batch x input fp32 each): Megatron-LM {paper['tensor_parallel']}; "
@@ -296,35 +435,52 @@ def print_report(config, cfg, rows):
           f"gradient; sequence parallelism adds a small all-reduce of fc's gradient and the loss.")
 
 
+TARGETS = [  # (config, variant, reference, limit, statistic): variant <= limit x reference
+    ("original", "loop-ours-tp2", "loop-dtensor-tp2", 0.45, "mean_ms"),
+    ("compute_heavy", "loop-ours-tp2", "loop-serial", 0.6, "mean_ms"),
+    ("original", "ours-tp2", "dtensor-tp2", 0.6, "median_ms"),
+    ("compute_heavy", "ours-tp2", "serial-1t", 0.55, "median_ms"),
+    ("compute_heavy", "ours-tp2", "dtensor-tp2", 1.0, "median_ms"),
+    ("original", "ours-tp1", "serial-1t", 1.05, "median_ms"),
+    ("compute_heavy", "ours-tp1", "serial-1t", 1.05, "median_ms"),
+]
+
+
 def check_targets(results):
-    """The issue's targets, as ratios measured in this one run."""
+    """The issue's targets, as ratios measured in this one run; a target whose variants did not
+    run here (too few GPUs, another config) is said to be skipped."""
     checks = []
-    get = lambda config, v: next((r["median_ms"] for r in results[config] if r["variant"] == v), None)
-    if "original" in results and get("original", "dtensor-tp2"):
-        checks.append(("original: ours-tp2 <= 0.6 x dtensor-tp2", get("original", "ours-tp2") / get("original", "dtensor-tp2"), 0.6))
-    if "compute_heavy" in results:
-        checks.append(("compute_heavy: ours-tp2 <= 0.55 x serial-1t",
-                       get("compute_heavy", "ours-tp2") / get("compute_heavy", "serial-1t"), 0.55))
-        if get("compute_heavy", "dtensor-tp2"):
-            checks.append(("compute_heavy: ours-tp2 <= dtensor-tp2",
-                           get("compute_heavy", "ours-tp2") / get("compute_heavy", "dtensor-tp2"), 1.0))
-    for config in results:
-        if get(config, "ours-tp1"):
-            checks.append((f"{config}: ours-tp1 <= 1.05 x serial-1t", get(config, "ours-tp1") / get(config, "serial-1t"), 1.05))
     print("\nTargets:")
-    for name, ratio, limit in checks:
-        print(f"  {'met ' if ratio <= limit else 'MISSED'}  {name}: ratio {ratio:.2f}")
-    return [dict(target=n, ratio=r, limit=lim, met=r <= lim) for n, r, lim in checks]
+    for config, variant, reference, limit, stat in TARGETS:
+        name = f"{config}: {variant} <= {limit} x {reference} ({stat.split('_')[0]})"
+        rows = {r["variant"]: r for r in results.get(config, [])}
+        if variant not in rows or reference not in rows:
+            print(f"  skipped {name}: not measured here")
+            continue
+        ratio = rows[variant][stat] / rows[reference][stat]
+        checks.append(dict(target=name, ratio=ratio, limit=limit, met=ratio <= limit))
+        print(f"  {'met    ' if ratio <= limit else 'MISSED '} {name}: ratio {ratio:.2f}")
+    return checks
 
 
-def plot(results, path):
-    """Top: ms per step. Bottom: activations saved for backward per rank, inside the split region
-    and outside it (sequence parallelism's 1/TP)."""
+def plot(results, loops, path, per_rank="one thread per rank"):
+    """Top: ms per step. Middle: ms per whole training iteration (mean). Bottom: activations saved
+    for backward per rank, inside the split region and outside it (sequence parallelism's 1/TP)."""
     from plot_runs import save  # first: it sets the Agg backend
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 7.6), squeeze=False,
-                             gridspec_kw=dict(height_ratios=[3, 2]))
-    for (ax, mem_ax), (config, rows) in zip(axes.T, results.items()):
+    fig, axes = plt.subplots(3, len(results), figsize=(6 * len(results), 10.5), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[3, 2, 2]))
+    for (ax, loop_ax, mem_ax), (config, rows) in zip(axes.T, results.items()):
+        loop_rows = loops[config]
+        mean = [r["mean_ms"] for r in loop_rows]
+        loop_ax.bar([r["variant"] for r in loop_rows], mean, color=[
+            "#7f7f7f" if "serial" in r["variant"] else "#ff7f0e" if "dtensor" in r["variant"] else "#1f77b4"
+            for r in loop_rows])
+        for i, m in enumerate(mean):
+            loop_ax.text(i, m, f"{m:.3g}", ha="center", va="bottom", fontsize=8)
+        loop_ax.set_ylabel("ms per training iteration (mean)", fontsize=9)
+        loop_ax.set_ylim(0, 1.2 * max(mean))
+        loop_ax.grid(axis="y", alpha=0.3)
         names = [r["variant"] for r in rows]
         med = np.array([r["median_ms"] for r in rows])
         err = np.array([[m - r["p10_ms"] for m, r in zip(med, rows)], [r["p90_ms"] - m for m, r in zip(med, rows)]])
@@ -352,8 +508,9 @@ def plot(results, path):
         mem_ax.tick_params(axis="x", rotation=30)
         mem_ax.grid(axis="y", alpha=0.3)
         mem_ax.legend(fontsize=7.5, loc="upper right")
-    fig.suptitle("One training step, one thread per rank (grey: serial, blue: ours, light blue: ours with "
-                 "--sequence_parallel, orange: PyTorch DTensor TP)", fontsize=10)
+    fig.suptitle(f"One training step, and one whole iteration of each training loop, {per_rank}\n"
+                 "(grey: serial, blue: ours, light blue: ours with --sequence_parallel, orange: PyTorch DTensor TP)",
+                 fontsize=10)
     fig.tight_layout()
     save(fig, path)
 
@@ -366,12 +523,13 @@ def main():
     p.add_argument("--fused_sgd", action="store_true",
                    help="fused SGD for serial and ours (DTensor can't use it); default: standard SGD for all")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--max_tp", type=int, default=os.cpu_count() if not torch.cuda.is_available()
-                   else torch.cuda.device_count(), help="largest tensor-parallel size (default: cores or GPUs)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: the GPUs when there are any, else the CPU")
+    p.add_argument("--max_tp", type=int, default=None, help="largest tensor-parallel size (default: cores or GPUs)")
     p.add_argument("--out", default="assets/benchmark.json")
     p.add_argument("--plot", default="assets/benchmark.png")
     # Worker mode (used by the driver).
-    p.add_argument("--worker", choices=["serial", "ours", "dtensor", "ceiling"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["serial", "ours", "dtensor", "ceiling", *LOOPS], help=argparse.SUPPRESS)
     p.add_argument("--config", default="original", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
@@ -379,24 +537,38 @@ def main():
     args = p.parse_args()
     if (args.steps is not None and args.steps < 1) or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and not gpus:
+        p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
+    args.device = "cuda" if args.device == "auto" and gpus else "cpu" if args.device == "auto" else args.device
     if args.worker:
         args.variant = args.worker
+        if args.worker in LOOPS:
+            return loop_worker(args)
         return ceiling_worker(args) if args.worker == "ceiling" else worker(args)
 
-    tps = [t for t in (1, 2, 4) if t <= max(args.max_tp, 1)]
-    parallel_ranks = max(t for t in tps if t > 1) if len(tps) > 1 else 1
-    results, raw = {}, {}
+    global DEVICE
+    DEVICE, on_gpu = args.device, args.device == "cuda"
+    fits = gpus if on_gpu else os.cpu_count()  # NCCL: a GPU per rank; CPU: a core per rank
+    max_tp = args.max_tp or fits
+    tps = [t for t in (1, 2, 4) if t <= min(max_tp, fits)]
+    too_big = [t for t in (2, 4) if t <= max(max_tp, 2) and t not in tps]
+    parallel_ranks = max(tps)
+    results, loops, raw = {}, {}, {}
     for config in args.configs:
-        cfg, rows = CONFIGS[config], []
+        cfg, rows, loop_rows = CONFIGS[config], [], []
         # A 1 ms step on shared cores is noisy: take more samples where they are cheap.
         steps = args.steps or (30 if config == "compute_heavy" else 300)
-        print(f"benchmarking {config} ...", flush=True)
+        print(f"benchmarking {config} on {args.device} ...", flush=True)
+        for t in too_big:
+            print(f"  skipped ours-tp{t}, ours-sp-tp{t}, dtensor-tp{t} and their loops: {t} ranks need "
+                  f"{t} {'GPUs (NCCL: one per rank)' if on_gpu else 'cores'}, this machine has {fits}", flush=True)
         ceiling = {tp: launch("ceiling", config, steps, 0, extra=("--tp", str(tp))) for tp in tps}
         fused = ("--fused_sgd",) if args.fused_sgd else ()
         run = lambda name, *a, extra=(), **k: rows.append(
             summarize(name, launch(*a, **k, extra=fused + extra), cfg, ceiling))
         run("serial-1t", "serial", config, steps, args.warmup, threads=1)
-        if parallel_ranks > 1:
+        if parallel_ranks > 1 and not on_gpu:  # threads of a CPU: no meaning on a GPU
             run(f"serial-{parallel_ranks}t", "serial", config, steps, args.warmup, threads=parallel_ranks)
         for tp in tps:
             run(f"ours-tp{tp}", "ours", config, steps, args.warmup, ranks=tp)
@@ -404,19 +576,28 @@ def main():
             run(f"ours-sp-tp{tp}", "ours", config, steps, args.warmup, ranks=tp, extra=("--sequence_parallel",))
         for tp in tps[1:]:
             run(f"dtensor-tp{tp}", "dtensor", config, steps, args.warmup, ranks=tp)
-        results[config], raw[config] = rows, ceiling
-        print_report(config, cfg, rows)
-    targets = check_targets(results)
+        loop = lambda name, variant, ranks: loop_rows.append(
+            summarize_loop(name, launch(variant, config, steps, args.warmup, ranks=ranks)))
+        loop("loop-serial", "loop-serial", 1)
+        for tp in tps:
+            loop(f"loop-ours-tp{tp}", "loop-ours", tp)
+        for tp in tps[1:]:
+            loop(f"loop-dtensor-tp{tp}", "loop-dtensor", tp)
+        results[config], loops[config], raw[config] = rows, loop_rows, ceiling
+        print_report(config, cfg, rows, loop_rows)
+    targets = check_targets({c: results[c] + loops[c] for c in results})
     machine = dict(cpu_count=os.cpu_count(), torch=torch.__version__, platform=sys.platform,
-                   processor=_cpu_name(), gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+                   processor=_cpu_name(), gpus=gpus, device=args.device,
+                   gpu_name=torch.cuda.get_device_name(0) if on_gpu else None)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
-        json.dump(dict(machine=machine, configs={c: CONFIGS[c] for c in results}, results=results,
+        json.dump(dict(machine=machine, configs={c: CONFIGS[c] for c in results}, results=results, loops=loops,
                        papers={c: paper_count(CONFIGS[c], parallel_ranks) for c in results},
                        ceiling=raw, targets=targets, warmup=args.warmup, fused_sgd=args.fused_sgd), f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
-    plot(results, args.plot)
+    plot(results, loops, args.plot, per_rank=f"one GPU per rank ({machine['gpu_name']})" if on_gpu else
+         "one thread per rank")
 
 
 def _cpu_name():

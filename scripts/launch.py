@@ -22,7 +22,9 @@ if __name__ == "__main__":
         # Which rank failed *first* torchrun can only guess from timing; the first error printed is the cause.
         outcomes = [f"rank {rank} killed by {signal.Signals(-f.exitcode).name}" if f.exitcode < 0
                     else f"rank {rank} exited with {f.exitcode}" for rank, f in sorted(e.failures.items())]
-        killed = [o for o in outcomes if "killed" in o]
+        # torchrun itself stops the survivors with SIGTERM: only another signal (SIGKILL, from
+        # the out-of-memory killer, say) marks a cause.
+        killed = [o for o in outcomes if "killed" in o and "SIGTERM" not in o]
         cause = f"{killed[0]} is the cause" if killed else "the first error above is the cause"
         sys.exit(f"torchrun: {e.name} failed ({', '.join(outcomes)}); {cause}")
     except SignalException as e:  # Ctrl-C or a kill: the workers have been stopped

@@ -30,7 +30,7 @@ def _worker(rank, world_size, port, tp_size, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)  # one thread per rank: 4 ranks share 2 cores without thrashing
-    ps.init_distributed(backend="gloo", timeout_minutes=TIMEOUT_S / 60)
+    ps.init_distributed(backend="gloo", timeout_minutes=TIMEOUT_S / 60, device="cpu")
     ps.initialize_model_parallel(tp_size)
     try:
         fn(*args)

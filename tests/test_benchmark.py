@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_accounting(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "benchmarks/bench_step.py", "--configs", "tiny", "--steps", "3", "--warmup", "1",
-                    "--max_tp", "2", "--out", str(out), "--plot", str(tmp_path / "bench.png")],
+                    "--max_tp", "2", "--device", "cpu", "--out", str(out), "--plot", str(tmp_path / "bench.png")],
                    cwd=REPO, check=True, capture_output=True, timeout=300)
     report = json.loads(out.read_text())
     cfg = report["configs"]["tiny"]

@@ -146,15 +146,6 @@ def test_data_errors(tmp_path):
 # ---------------------------------------------------------------------------
 # Whole runs, as a user starts them.
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The default data set, made here: a clean clone has no data/."""
-    path = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "prepare_data.py", "--data_dir", str(path)], cwd=REPO, check=True,
-                   capture_output=True)
-    return str(path)
-
-
 def launch(*args, script=("parallel_train.py",), nproc=2, timeout=FAIL_FAST_S):
     """torchrun through scripts/launch.py, as bash_parallel_train.sh does; (exit code, output, seconds).
 
@@ -282,3 +273,26 @@ def test_rerun_into_the_same_out_dir_starts_afresh(tmp_path):
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["iteration", "1", "2", "3"]  # no rows of the first run
     assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "metrics.csv", "model.pt"]  # no temp files
+
+
+def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path):
+    """Losses stay on the device until a log point; if its collective fails (a peer is gone), the
+    rows it was about to write, and those of steps after the last log point, still reach the disk."""
+    from data import iterate_batches
+    from metrics import MetricsWriter, read_metrics
+    from train import build_model, train
+    args = parse_args(get_args_parser(), ["--input_size", "4", "--hidden_size", "8", "--batch_size", "2",
+                                          "--update_freq", "10", "--out_dir", str(tmp_path)])
+    X, y = torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(40)
+    calls = []
+
+    def peer_gone_at_second_log_point(losses):
+        calls.append(len(losses))
+        if len(calls) == 2:
+            raise RuntimeError("Connection reset by peer")
+        return losses[None]
+
+    with pytest.raises(RuntimeError, match="by peer"):
+        train(build_model(args), args, iterate_batches(X, y, 2), (X, y), log_prefix=None,
+              gather_losses=peer_gone_at_second_log_point, metrics=MetricsWriter(str(tmp_path), {}))
+    assert list(read_metrics(str(tmp_path))["iteration"]) == list(range(1, 21))

@@ -163,18 +163,13 @@ def test_row_parallel_linear_matches_serial(tp):
 
 # The checks above must be able to fail: break the all-reduce the way a bug would.
 
-class _Done:
-    def wait(self):
-        pass
-
-
 def _with_broken_all_reduce(kind, check):
     def broken(tensor, async_op=False):
         ps._count("all_reduce", tensor, ring_share=1)  # counted like the real one (2 ranks): only the numbers can tell
         if kind == "average":  # mean instead of sum: a classic mix-up with data parallelism
             dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
             tensor /= ps.get_tensor_model_parallel_world_size()
-        return _Done() if async_op else None  # "drop": the tensor is left as it was
+        return (lambda: tensor) if async_op else tensor  # "drop": the tensor is left as it was
 
     ps.all_reduce = broken
     check()

@@ -34,22 +34,6 @@ def launch(nproc, *args, script=("parallel_train.py",), restarts=0):
                 "--max-restarts", str(restarts), *script, *args])
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data"))
-    run([sys.executable, "prepare_data.py", "--data_dir", path])
-    return path
-
-
-@pytest.fixture(scope="module")
-def serial(data_dir, tmp_path_factory):
-    out = {}
-    for dtype in ("float32", "float64"):
-        out[dtype] = str(tmp_path_factory.mktemp(f"serial_{dtype}"))
-        run([sys.executable, "train.py", "--data_dir", data_dir, "--dtype", dtype, "--out_dir", out[dtype]])
-    return out
-
-
 def assert_same_curve(a_dir, b_dir, dtype):
     a, b = read_metrics(a_dir), read_metrics(b_dir)
     assert len(a["iteration"]) == len(b["iteration"])
@@ -66,14 +50,18 @@ def assert_bitwise_same_run(a_dir, b_dir):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_data_times_tensor_parallel_matches_serial(dtype, data_dir, serial, tmp_path):
+def test_data_times_tensor_parallel_matches_serial(dtype, data_dir, serial_runs, tmp_path):
     log = launch(4, "--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--dtype", dtype,
                  "--out_dir", str(tmp_path))
-    # Gradients (this rank's shards of fc1 and fc2, fc whole) and the loss averaged in one all-reduce
-    # per step; over DP=2 ranks a ring sends 2 (2-1)/2 = all of it per rank.
-    kib = (2 * 2048 * 64 // 2 + 64 + 1) * {"float32": 4, "float64": 8}[dtype] / 1024
-    assert comm_table(log)["dp_all_reduce"] == pytest.approx((1, kib, kib), abs=0.005), log
-    assert_same_curve(serial[dtype], str(tmp_path), dtype)
+    # This rank's shards of fc1's and fc2's gradients averaged over its data-parallel group: over DP=2
+    # ranks a ring sends 2 (2-1)/2 = all of it per rank. fc's gradient and the loss averaged in one
+    # all-reduce over all 4 ranks (identical bits on every tensor-parallel rank): a ring sends 2 (4-1)/4.
+    elem = {"float32": 4, "float64": 8}[dtype]
+    kib, small = 2 * 2048 * 64 // 2 * elem / 1024, (64 + 1) * elem / 1024
+    table = comm_table(log)
+    assert table["dp_all_reduce"] == pytest.approx((1, kib, kib), abs=0.005), log
+    assert table["replicated_all_reduce"] == pytest.approx((1, small, 1.5 * small), abs=0.005), log
+    assert_same_curve(serial_runs[dtype], str(tmp_path), dtype)
 
 
 def test_batch_must_split_evenly_over_replicas(data_dir, tmp_path):
@@ -91,7 +79,7 @@ def free_port():
 
 
 @pytest.mark.parametrize("per_node,tp", [(1, 2), (2, 2)])
-def test_two_nodes_on_one_machine(per_node, tp, data_dir, serial, tmp_path):
+def test_two_nodes_on_one_machine(per_node, tp, data_dir, serial_runs, tmp_path):
     """Two launchers over 127.0.0.1, as two machines would run bash_parallel_train.sh."""
     env = {**ENV, "NNODES": "2", "GPUS_PER_NODE": str(per_node), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "DATA_DIR": data_dir}
@@ -100,10 +88,10 @@ def test_two_nodes_on_one_machine(per_node, tp, data_dir, serial, tmp_path):
                               stderr=subprocess.STDOUT, text=True) for n in (1, 0)]
     outputs = [p.communicate(timeout=240)[0] for p in nodes]
     assert all(p.returncode == 0 for p in nodes), outputs
-    assert_same_curve(serial["float32"], str(tmp_path), "float32")
+    assert_same_curve(serial_runs["float32"], str(tmp_path), "float32")
 
 
-def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, serial, tmp_path):
+def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, serial_runs, tmp_path):
     common = ["--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--dtype", "float64"]
     launch(2, *common, "--out_dir", str(tmp_path / "full"), "--save", str(tmp_path / "ck_full"))
     # Megatron's layout: one shard per tensor-parallel rank, and the tracker.
@@ -124,7 +112,7 @@ def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, se
     # The merged shards are the serial run's final weights.
     merged = str(tmp_path / "merged.pt")
     run([sys.executable, "merge_checkpoint.py", str(tmp_path / "ck_full"), "--out", merged])
-    serial_final = torch.load(os.path.join(serial["float64"], "model.pt"))
+    serial_final = torch.load(os.path.join(serial_runs["float64"], "model.pt"))
     for name, weight in torch.load(merged).items():
         assert (weight - serial_final[name]).abs().max() <= 5e-15, name  # measured 3.9e-16 (test_end_to_end)
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, as README's "On GPUs" section reports them: the machine, the tests
+# marked gpu, both bash scripts and their comparison, the benchmark on the GPU, then the whole suite.
+# Logs and results go to $OUT (default gpu_checks/). Each part has its own time limit; the suite
+# gets what is left of BUDGET_S (default 560 s) and is cut off there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHON=${PYTHON:-python3}
+part() { echo "== $1 ($(date +%T))"; }
+
+part machine
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl',
+'.'.join(map(str, torch.cuda.nccl.version())), torch.cuda.device_count(), 'GPU(s)')"; } 2>&1 | tee "$OUT/machine.txt"
+
+part "gpu tests"
+timeout 240 "$PYTHON" -m pytest -q -rA -m gpu -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
+
+part "bash scripts"
+{ DATA_DIR=/tmp/gpu_data timeout 60 bash bash_train.sh --out_dir runs/serial | tail -3
+  DATA_DIR=/tmp/gpu_data timeout 90 bash bash_parallel_train.sh --out_dir runs/tensor_parallel | tail -12
+  "$PYTHON" compare_runs.py runs/serial runs/tensor_parallel
+  DATA_DIR=/tmp/gpu_data timeout 60 bash bash_train.sh --out_dir runs/serial64 --dtype float64 | tail -1
+  "$PYTHON" train.py --data_dir /tmp/gpu_data --dtype float64 --device cpu --update_freq 50 --out_dir runs/cpu64 | tail -1
+  echo "serial float64, CUDA vs CPU:"; "$PYTHON" compare_runs.py runs/cpu64 runs/serial64
+  "$PYTHON" -c "import json; c = json.load(open('runs/tensor_parallel/config.json')); print({k: c[k] for k in
+('backend', 'device', 'backend_note', 'float32_matmul_precision')})"
+  # Iteration cost in a full run: 1000 more iterations, timed from outside.
+  for n in 200 1200; do TIMEFORMAT="serial, $n iterations: %R s"; time "$PYTHON" train.py --data_dir /tmp/gpu_data \
+      --num_iterations $n --update_freq 10 --eval_interval 100000 --out_dir /tmp/t_s >/dev/null; done
+} 2>&1 | tee "$OUT/scripts.txt"
+
+part benchmark
+timeout 200 "$PYTHON" benchmarks/bench_step.py --out "$OUT/benchmark_gpu.json" --plot "$OUT/benchmark_gpu.png" 2>&1 \
+    | tee "$OUT/benchmark.txt" | grep -v "^  .* collectives per step"
+
+part "whole suite"
+# pytest-xdist, where installed, runs tests side by side: the suite is latency-bound, not compute-bound.
+XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-6}")
+timeout $(( ${BUDGET_S:-560} - SECONDS )) "$PYTHON" -m pytest -q -p no:cacheprovider $XDIST 2>&1 | tail -40 \
+    | tee "$OUT/suite.txt"
+part done

@@ -1,0 +1,171 @@
+"""Issue 11 on any machine: one backend and device for the whole job, the device rule, TF32 pinned,
+older torches' collective names, replicated weights identical by construction, missing shards named,
+and a rank stuck in C code (as under NCCL when a peer dies) leaving soon."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+
+import parallel_state as ps
+from compare_runs import curve_difference
+from distributed import all_ranks, run_distributed
+from metrics import read_metrics
+from train import pin_float32_precision
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RTOL_FLOAT64 = 5e-14  # as test_end_to_end.py: measured 3.9e-15 (TP=2) and 4.4e-15 (SP TP=2), serial vs parallel
+
+
+def run(cmd, ok=True, timeout=240):
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == ok, f"exit {proc.returncode}:\n{out}"
+    return out, time.monotonic() - start
+
+
+def launch(nproc, *args, script="parallel_train.py", ok=True):
+    return run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", str(nproc), script, *args],
+               ok=ok)
+
+
+# ---------------------------------------------------------------------------
+# One backend and one device for the whole job, decided from what every rank reports.
+
+def choose(ranks, backend="auto", device="auto"):
+    """The job's choice when rank r runs on host ranks[r][0] as local rank ranks[r][1] and sees the
+    GPUs with UUIDs ranks[r][2]."""
+    seen = []
+    for host, local_rank, uuids in ranks:
+        with mock.patch.dict(os.environ, {"LOCAL_RANK": str(local_rank)}), \
+                mock.patch("socket.gethostname", return_value=host), \
+                mock.patch("torch.cuda.is_available", return_value=bool(uuids)), \
+                mock.patch("torch.cuda.device_count", return_value=len(uuids)), \
+                mock.patch("torch.cuda.get_device_properties", lambda i, uuids=uuids: SimpleNamespace(uuid=uuids[i])):
+            seen.append(ps.this_rank_gpu())
+    return ps.decide_backend(seen, backend, device)
+
+
+def test_a_gpu_per_rank_is_nccl_on_cuda_without_a_word():
+    assert choose([("a", 0, ["g0", "g1"]), ("a", 1, ["g0", "g1"])]) == ("nccl", "cuda", None)
+
+
+def test_no_gpus_anywhere_is_gloo_on_cpu_without_a_word():
+    assert choose([("a", 0, []), ("a", 1, [])]) == ("gloo", "cpu", None)
+
+
+def test_two_ranks_on_one_gpu_fall_back_to_gloo_on_the_gpu_and_say_so():
+    backend, device, note = choose([("a", 0, ["g0"]), ("a", 1, ["g0"])])
+    assert (backend, device) == ("gloo", "cuda")
+    assert note.startswith("using gloo, not nccl: rank 1 (on a) would share a GPU with another rank")
+    with pytest.raises(ps.ParallelConfigError, match="nccl needs a GPU of its own for each of the 2 ranks, but "
+                                                     "rank 1 .on a. would share a GPU"):
+        choose([("a", 0, ["g0"]), ("a", 1, ["g0"])], backend="nccl")
+
+
+def test_two_launchers_on_one_machine_never_put_two_nccl_ranks_on_one_gpu():
+    # Both "nodes" have LOCAL_RANK 0 and would take cuda:0 (the same UUID): NCCL is ruled out for the job.
+    backend, _, note = choose([("a", 0, ["g0", "g1"]), ("a", 0, ["g0", "g1"])])
+    assert backend == "gloo" and "rank 1 (on a) would share a GPU" in note
+
+
+def test_a_node_without_gpus_makes_the_whole_job_gloo_on_cpu():
+    # Decided per node, node 0 would pick nccl and node 1 gloo, and they would wait for each other.
+    backend, device, note = choose([("a", 0, ["g0"]), ("b", 0, [])])
+    assert (backend, device) == ("gloo", "cpu") and "rank 1 (on b) has no GPU" in note
+    with pytest.raises(ps.ParallelConfigError, match="--device cuda, but rank 1 .on b. has no GPU"):
+        choose([("a", 0, ["g0"]), ("b", 0, [])], device="cuda")
+    with pytest.raises(ps.ParallelConfigError, match="nccl moves CUDA tensors only"):
+        choose([("a", 0, ["g0"])], backend="nccl", device="cpu")
+
+
+def test_every_collective_checks_the_device():
+    with mock.patch.object(ps, "_DEVICE", torch.device("cpu")):
+        for op in (lambda t: ps.all_reduce(t), lambda t: ps.all_gather(t, dim=0), lambda t: ps.reduce_scatter(t)):
+            with pytest.raises(ps.DeviceMismatchError) as e:
+                op(torch.empty(4, device="meta"))
+            assert "was given a tensor on meta, but this run's collectives use cpu" in str(e.value)
+            assert "\n" not in str(e.value)
+
+
+def test_tf32_is_switched_off_whatever_the_environment_asked():
+    torch.set_float32_matmul_precision("high")
+    with mock.patch.dict(os.environ, {"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"}):
+        recorded = pin_float32_precision()
+        assert os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "0"
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert recorded == {"float32_matmul_precision": "highest (TF32 off)", "tf32_override_in_environment": "1"}
+
+
+# ---------------------------------------------------------------------------
+# Runs.
+
+def test_older_torch_names_give_the_same_run(data_dir, tmp_path):
+    """Without 2.13's all_gather_single / reduce_scatter_single (as on torch 2.4 to 2.12), sequence
+    parallelism (all-gathers and reduce-scatters) and model.pt (all-gathers) still equal serial."""
+    common = ["--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "50", "--update_freq", "10"]
+    run([sys.executable, "train.py", *common, "--out_dir", str(tmp_path / "serial")])
+    launch(2, "--tensor_model_parallel_size", "2", "--sequence_parallel", *common, "--out_dir", str(tmp_path / "old"),
+           script="tests/without_new_collective_names.py")
+    _, rel = curve_difference(read_metrics(str(tmp_path / "serial")), read_metrics(str(tmp_path / "old")))
+    assert rel <= RTOL_FLOAT64
+    serial, old = (torch.load(tmp_path / d / "model.pt") for d in ("serial", "old"))
+    assert all((serial[k] - old[k]).abs().max() <= 5e-15 for k in serial)  # measured 3.9e-16 (test_end_to_end)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config["float32_matmul_precision"] == "highest (TF32 off)"
+    assert (config["backend"], config["device_type"]) == (("gloo", "cpu") if not torch.cuda.is_available()
+                                                          else ("gloo", "cuda"))
+
+
+def _check_replicated_average_is_bitwise_identical():
+    """Every rank starts from different numbers; afterwards all hold the same bits, and they are
+    the data-parallel mean of what tensor-parallel rank 0 of each replica held."""
+    rank, tp_rank = torch.distributed.get_rank(), ps.get_tensor_model_parallel_rank()
+    values = [torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in range(6)]
+    t = values[rank].clone()
+    ps.average_replicated([t], partial_over_tensor_parallel=False)
+    everyone = all_ranks(t)
+    assert torch.equal(everyone, everyone[:1].expand_as(everyone))
+    torch.testing.assert_close(t, (values[0] + values[2] + values[4]) / 3, rtol=0, atol=4e-16)
+    # Sequence parallelism: every rank holds a partial sum of its rows; all of them add up.
+    t = values[rank].clone()
+    ps.average_replicated([t], partial_over_tensor_parallel=True)
+    everyone = all_ranks(t)
+    assert torch.equal(everyone, everyone[:1].expand_as(everyone)) and tp_rank in (0, 1)
+    torch.testing.assert_close(t, sum(values) / 3, rtol=0, atol=2e-15)
+
+
+def test_replicated_gradients_are_averaged_identically_on_every_rank():
+    run_distributed(_check_replicated_average_is_bitwise_identical, 6, tp_size=2)
+
+
+def test_a_missing_shard_is_named(data_dir, tmp_path):
+    ck = tmp_path / "ck"
+    common = ["--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--save_interval", "10"]
+    launch(2, *common, "--num_iterations", "10", "--save", str(ck), "--out_dir", str(tmp_path / "a"))
+    missing = ck / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt"
+    missing.unlink()
+    out, seconds = launch(2, *common, "--load", str(ck), "--out_dir", str(tmp_path / "b"), ok=False)
+    assert f"error: {ck} names iteration 10, but {missing} is missing" in out, out
+    assert out.count("error:") == 1 and "Traceback" not in out and seconds < 30
+
+
+def test_a_rank_stuck_in_c_code_leaves_soon_after_its_peer_fails(data_dir, tmp_path):
+    """As under NCCL: rank 1 raises, rank 0 is blocked where Python's signal handlers can't run.
+    Without the watcher thread, rank 0 would outlive torchrun's SIGTERM until its 30 s grace ends."""
+    out, seconds = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2",
+                        "tests/inject_fault.py", "stuck", "1", "5", "--tensor_model_parallel_size", "2",
+                        "--data_dir", data_dir, "--out_dir", str(tmp_path), "--distributed_timeout_minutes", "1"],
+                       ok=False)
+    assert seconds < 20, seconds  # 2 s grace after torchrun's SIGTERM, and start-up
+    assert out.index("rank 1 failed:") < out.index("error: rank 0 was still inside a collective 2 s after SIGTERM")
+    assert out.strip().splitlines()[-1].endswith("the first error above is the cause"), out
