@@ -2,13 +2,14 @@
 
 Megatron-LM keeps its process groups in module-level globals behind small
 getters (megatron/core/parallel_state.py); so do we. This is also the one
-place that decides the backend (nccl on GPUs, gloo on CPU) and the device
-tensors live on, so the layers never ask which backend runs.
+place that decides, once for the whole job, the backend (nccl when every rank
+has a GPU of its own, else gloo) and the device tensors live on, so the
+layers never ask which backend runs.
 
-Every collective goes through `all_reduce`, `all_gather`, `reduce_scatter`,
-`broadcast` or `_all_reduce_coalesced` below, which count the calls and
-bytes they send: that is how the tests and the benchmark check the
-communication against the paper's count.
+Every collective goes through `all_reduce`, `all_gather`, `reduce_scatter`
+or `_all_reduce_coalesced` below, which check the tensor's device and count
+the calls and bytes they send: that is how the tests and the benchmark check
+the communication against the paper's count.
 """
 
 import inspect
@@ -49,7 +50,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0, devic
 
     The choice is made from what every rank reports, so all nodes agree (see `_choose`).
     """
-    global _DEVICE, _STAGE_THROUGH_HOST
+    global _DEVICE, _STAGE_THROUGH_HOST, BACKEND_NOTE
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = timedelta(minutes=timeout_minutes)
     store = _attempt_store(timeout)
@@ -68,7 +69,6 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0, devic
         kwargs["device_id"] = _DEVICE  # torch >= 2.3: the group knows its GPU from the start
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             **kwargs)
-    global BACKEND_NOTE
     BACKEND_NOTE = note
     if note and rank == 0:
         print(f"note: {note}", flush=True)
