@@ -84,7 +84,6 @@ def load_checkpoint(directory, model, optimizer, args):
     path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank())
     if not os.path.isfile(path):  # on several nodes: this node may not see the directory the shard went to
         raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is missing "
-                              f""
                               f"(each tensor-parallel rank reads its own shard)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["sizes"]

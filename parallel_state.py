@@ -212,12 +212,6 @@ def get_data_parallel_rank() -> int:
     return dist.get_rank(group=get_data_parallel_group())
 
 
-def get_tensor_model_parallel_src_rank() -> int:
-    """Global rank of this group's tensor-parallel rank 0 (the one that reads data)."""
-    tp = get_tensor_model_parallel_world_size()
-    return (dist.get_rank() // tp) * tp
-
-
 def get_device() -> torch.device:
     return _DEVICE if _DEVICE is not None else torch.device("cpu")
 
@@ -229,14 +223,13 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     still in a collective can abort the peer ("terminate called without an
     active exception"). Skip it only when peers may never reach it.
     """
-    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _DEVICE
+    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _DEVICE, _STAGE_THROUGH_HOST, BACKEND_NOTE
     if dist.is_initialized():
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-    _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _DEVICE = None
-_STAGE_THROUGH_HOST = False  # gloo with CUDA tensors: collectives run on host copies
-BACKEND_NOTE = None  # why 'auto' fell back to gloo on a machine with GPUs, if it did
+    _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _DEVICE = BACKEND_NOTE = None
+    _STAGE_THROUGH_HOST = False
 
 
 def exit_now(code: int) -> None:
@@ -296,7 +289,8 @@ def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(work, result, async_op):
-    """Wait for `work` (when async), then return result(). With async_op, returns a function that does."""
+    """Wait for `work` (None for a collective that ran synchronously), then return result().
+    With async_op, returns a function that does."""
     def finish():
         if work is not None:
             work.wait()
@@ -326,7 +320,7 @@ def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None):
     _count("all_reduce", tensor, Fraction(2 * (p - 1), p))
     wire = _on_wire(tensor)
     work = dist.all_reduce(wire, group=group, async_op=async_op)
-    return _finish(work if async_op else None, lambda: tensor if wire is tensor else tensor.copy_(wire), async_op)
+    return _finish(work, lambda: tensor if wire is tensor else tensor.copy_(wire), async_op)
 
 
 def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
@@ -347,7 +341,7 @@ def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
     def result():
         out = output.to(tensor.device)
         return out if dim % tensor.dim() == 0 else torch.cat(out.chunk(p), dim=dim)
-    return _finish(work if async_op else None, result, async_op)
+    return _finish(work, result, async_op)
 
 
 def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
@@ -362,7 +356,7 @@ def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
     wire = _on_wire(tensor.contiguous())
     output = wire.new_empty((tensor.shape[0] // p, *tensor.shape[1:]))
     work = _reduce_scatter_one_buffer(output, wire, get_tensor_model_parallel_group(), async_op)
-    return _finish(work if async_op else None, lambda: output.to(tensor.device), async_op)
+    return _finish(work, lambda: output.to(tensor.device), async_op)
 
 
 def _all_reduce_coalesced(tensors, group, name, divide_by=1):

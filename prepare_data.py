@@ -24,6 +24,16 @@ def make_data(num_samples=20000, input_size=64, seed=7, noise=0.001):
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
 
 
+def save_data(arrays, data_dir):
+    """Write make_data's four arrays as FILES in data_dir."""
+    os.makedirs(data_dir, exist_ok=True)
+    for name, array in zip(FILES, arrays):
+        path = os.path.join(data_dir, name)
+        tmp = path + ".tmp.npy"
+        np.save(tmp, array)
+        os.replace(tmp, path)  # never leave a half-written file under the real name
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default="data")
@@ -36,12 +46,7 @@ def main():
         parser.error("--num_samples must be at least 10 and --input_size at least 1")
 
     arrays = make_data(args.num_samples, args.input_size, args.seed, args.noise)
-    os.makedirs(args.data_dir, exist_ok=True)
-    for name, array in zip(FILES, arrays):
-        path = os.path.join(args.data_dir, name)
-        tmp = path + ".tmp.npy"
-        np.save(tmp, array)
-        os.replace(tmp, path)  # never leave a half-written file under the real name
+    save_data(arrays, args.data_dir)
     print(f"wrote {len(arrays[0])} train and {len(arrays[2])} valid samples of size "
           f"{args.input_size} to {args.data_dir}/")
 
