@@ -11,12 +11,16 @@ Data-parallel replicas hold identical shards, so only data-parallel rank 0
 writes. Every file is written to a temporary name and renamed, and the
 tracker is written last, after every shard is on disk: a crash mid-save
 leaves the previous checkpoint as the latest, never a half-written one.
+
+At the end, the serial form of a model (one full state_dict, as model.pt and
+--init_from hold it): loaded into any tensor-parallel size, and gathered back.
 """
 
 import os
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 import parallel_state as ps
 from metrics import atomic_write
@@ -99,3 +103,46 @@ def load_checkpoint(directory, model, optimizer, args):
     if dist.get_rank() == 0:
         print(f"resuming from {directory} at iteration {iteration}")
     return iteration
+
+
+# ---------------------------------------------------------------------------
+# Serial state dicts <-> tensor-parallel shards.
+
+class StateDictError(ValueError):
+    """A state dict that does not fit the model; the message names the keys."""
+
+
+def load_serial_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Load a serial model's state_dict, keeping this rank's slice of each split parameter.
+
+    Works for the serial model too (nothing is split there). Missing, extra or
+    wrongly shaped keys are named in the error.
+    """
+    params = dict(model.named_parameters())
+    missing = sorted(params.keys() - state_dict.keys())
+    extra = sorted(state_dict.keys() - params.keys())
+    if missing or extra:
+        raise StateDictError(f"state dict keys do not match the model: missing {missing}, unexpected {extra}")
+    tp_size = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    for name, param in params.items():
+        full = state_dict[name]
+        dim = getattr(param, "partition_dim", None)
+        expected = list(param.shape)
+        if dim is not None:
+            expected[dim] *= tp_size
+        if list(full.shape) != expected:
+            raise StateDictError(f"{name} has shape {list(full.shape)}, the model needs {expected}")
+        if dim is not None:
+            full = full.chunk(tp_size, dim=dim)[ps.get_tensor_model_parallel_rank()]
+        with torch.no_grad():
+            param.copy_(full)
+
+
+def gather_serial_state_dict(model: nn.Module) -> dict:
+    """The full serial state_dict (on the CPU), put together from every rank's shards."""
+    state = {}
+    for name, param in model.named_parameters():
+        dim = getattr(param, "partition_dim", None)
+        full = param.detach() if dim is None else ps.all_gather(param.detach(), dim=dim)
+        state[name] = full.cpu().clone()
+    return state

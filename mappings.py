@@ -7,16 +7,20 @@ split across ranks with two operators that are each other's transpose:
     g  all-reduce in forward, identity in backward    (after the row split)
 
 f and g are `copy_to_tensor_model_parallel_region` and
-`reduce_from_tensor_model_parallel_region`. The scatter/gather pair moves a
-tensor between replicated and split-along-the-last-dimension form; the layers
-use it for `gather_output=True` and `input_is_parallel=False`. Sequence
-parallelism's pair, which replaces f and g, is at the end.
+`reduce_from_tensor_model_parallel_region`; a default tensor-parallel run calls
+exactly these. `LinearWithAsyncAllreduce`, beside them, is f fused with the
+linear layer after it so that f's backward all-reduce overlaps a matmul: the
+option `async_tensor_model_parallel_allreduce`. The scatter/gather pair moves
+a tensor between replicated and split-along-the-last-dimension form; the
+layers use it for `gather_output=True` and `input_is_parallel=False`.
+(Sequence parallelism's pair, which replaces f and g, is in sequence_parallel.py.)
 
 Same layout as megatron/core/tensor_parallel/mappings.py: private helpers,
 one autograd Function per operator, one public lower-case wrapper each.
 """
 
 import torch
+import torch.nn.functional as F
 
 import parallel_state as ps
 
@@ -36,16 +40,6 @@ def _split_along_last_dim(input_):
 def _gather_along_last_dim(input_):
     """Concatenate every rank's slice along the last dimension."""
     return ps.all_gather(input_, dim=-1)
-
-
-def _gather_along_first_dim(input_):
-    """Concatenate every rank's rows."""
-    return ps.all_gather(input_, dim=0)
-
-
-def _reduce_scatter_along_first_dim(input_):
-    """Sum over ranks and keep this rank's rows of the sum."""
-    return ps.reduce_scatter(input_)
 
 
 class _CopyToModelParallelRegion(torch.autograd.Function):
@@ -76,6 +70,41 @@ class _ReduceFromModelParallelRegion(torch.autograd.Function):
         return grad_output
 
 
+class LinearWithAsyncAllreduce(torch.autograd.Function):
+    """f followed by Y = X W^T + b, with f's backward all-reduce overlapping dL/dW's matmul.
+
+    Computes what F.linear(copy_to_tensor_model_parallel_region(X), W, b) does
+    (tests/test_layers.py checks it), but issues the all-reduce of
+    dL/dX = dL/dY W asynchronously and computes dL/dW = dL/dY^T X while it is on
+    the wire. Megatron's LinearWithGradAccumulationAndAsyncCommunication, without
+    its fused gradient accumulation; ColumnParallelLinear uses it when
+    async_tensor_model_parallel_allreduce=True. Autograd asks for dL/dX only
+    when X needs a gradient: the toy model's X is raw data, so there is nothing
+    to overlap there, and the default run uses f itself.
+    """
+
+    @staticmethod
+    def forward(ctx, input_, weight, bias):
+        ctx.save_for_backward(input_, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(input_, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_, weight = ctx.saved_tensors
+        grad_input = reducing = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.matmul(weight)
+            reducing = ps.all_reduce(grad_input, async_op=True)
+        # Flatten leading dimensions so dL/dW is one (out, in) matmul.
+        grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = grad_output_2d.t().matmul(input_.reshape(-1, input_.shape[-1]))
+        grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None
+        if reducing is not None:
+            grad_input = reducing()
+        return grad_input, grad_weight, grad_bias
+
+
 class _ScatterToModelParallelRegion(torch.autograd.Function):
     """Split the input along its last dimension, keep this rank's chunk; gather in backward."""
 
@@ -100,36 +129,6 @@ class _GatherFromModelParallelRegion(torch.autograd.Function):
         return _split_along_last_dim(grad_output)
 
 
-# Sequence parallelism (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large
-# Transformer Models", Sec. 4.2.2, Fig. 5). Outside the tensor-parallel region each rank keeps
-# only its rows (the sequence, in a transformer; the batch, here), and f and g above become a
-# conjugate pair of their own: the same bytes on the wire, since a ring all-reduce *is* a
-# reduce-scatter followed by an all-gather, and 1/TP of the activations outside the region.
-
-class _GatherFromSequenceParallelRegion(torch.autograd.Function):
-    """Replaces f: all-gather the rows in forward; reduce-scatter the gradient in backward."""
-
-    @staticmethod
-    def forward(ctx, input_):
-        return _gather_along_first_dim(input_)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return _reduce_scatter_along_first_dim(grad_output)
-
-
-class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
-    """Replaces g: reduce-scatter the rows in forward; all-gather the gradient in backward."""
-
-    @staticmethod
-    def forward(ctx, input_):
-        return _reduce_scatter_along_first_dim(input_)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return _gather_along_first_dim(grad_output)
-
-
 # With one rank every operator is the identity: skip the autograd node and its Python cost.
 
 def copy_to_tensor_model_parallel_region(input_):
@@ -140,20 +139,18 @@ def reduce_from_tensor_model_parallel_region(input_):
     return input_ if _single_rank() else _ReduceFromModelParallelRegion.apply(input_)
 
 
+def linear_with_async_allreduce(input_, weight, bias):
+    if _single_rank():
+        return F.linear(input_, weight, bias)
+    return LinearWithAsyncAllreduce.apply(input_, weight, bias)
+
+
 def scatter_to_tensor_model_parallel_region(input_):
     return input_ if _single_rank() else _ScatterToModelParallelRegion.apply(input_)
 
 
 def gather_from_tensor_model_parallel_region(input_):
     return input_ if _single_rank() else _GatherFromModelParallelRegion.apply(input_)
-
-
-def gather_from_sequence_parallel_region(input_):
-    return input_ if _single_rank() else _GatherFromSequenceParallelRegion.apply(input_)
-
-
-def reduce_scatter_to_sequence_parallel_region(input_):
-    return input_ if _single_rank() else _ReduceScatterToSequenceParallelRegion.apply(input_)
 
 
 def _single_rank():

@@ -3,9 +3,7 @@
 `mlp` is the MLP block of Megatron-LM (Shoeybi et al., 2019), Fig. 3a, with
 ReLU for GeLU and no dropout. With tensor_parallel=True the same model is
 built with fc1 split by columns and fc2 by rows; `fc` stays replicated on
-every rank. The swap happens in `MLP.__init__` and nowhere else. With
-sequence_parallel=True as well, each rank also holds only its rows of the
-batch outside the split region (fc1's input, fc2's output, fc, the loss).
+every rank. The swap happens in `MLP.__init__` and nowhere else.
 """
 
 import torch.nn as nn
@@ -14,11 +12,11 @@ from parallel_layers import ColumnParallelLinear, RowParallelLinear
 
 
 class MLP(nn.Module):
-    def __init__(self, input_size, hidden_size, tensor_parallel=False, sequence_parallel=False, dtype=None):
+    def __init__(self, input_size, hidden_size, tensor_parallel=False, sequence_parallel=False,
+                 dtype=None):
         super().__init__()
         if tensor_parallel:
             # X -> f -> X A_i -> ReLU -> Y_i B_i -> g: one all-reduce in forward, one in backward.
-            # Sequence parallel: f -> all-gather rows, g -> reduce-scatter rows (Korthikanti et al., 2022).
             fc1 = ColumnParallelLinear(input_size, hidden_size, bias=False, gather_output=False,
                                        sequence_parallel=sequence_parallel, dtype=dtype)
             fc2 = RowParallelLinear(hidden_size, input_size, bias=False, input_is_parallel=True,
@@ -33,22 +31,24 @@ class MLP(nn.Module):
 
 
 class ToyModel(nn.Module):
-    """Parameters `mlp.fc1.weight` (hidden, input), `mlp.fc2.weight` (input, hidden), `fc.weight` (1, input).
+    """Parameters `mlp.fc1.weight` (hidden, input), `mlp.fc2.weight` (input, hidden),
+    `fc.weight` (1, input).
 
     Parameters are drawn in that order from the global generator, by nn.Linear's
     own init; seeding it the same way gives the same model for every
-    tensor-parallel size.
+    tensor-parallel size. sequence_parallel (Korthikanti et al., 2022) is passed
+    to the parallel layers, as Megatron does: see sequence_parallel.py.
     """
 
-    def __init__(self, input_size=64, hidden_size=None, tensor_parallel=False, sequence_parallel=False, dtype=None):
+    def __init__(self, input_size=64, hidden_size=None, tensor_parallel=False,
+                 sequence_parallel=False, dtype=None):
         super().__init__()
         hidden_size = hidden_size or 32 * input_size
         self.mlp = MLP(input_size, hidden_size, tensor_parallel, sequence_parallel, dtype=dtype)
         self.fc = nn.Linear(input_size, 1, bias=False, dtype=dtype)
-        if sequence_parallel:
-            # fc sees only this rank's rows: its gradient is partial, summed over the tensor-parallel
-            # group after backward, as Megatron does for LayerNorm weights under sequence parallelism.
-            self.fc.weight.sequence_parallel = True
+        # Under sequence parallelism fc sees this rank's rows only: its gradient is partial,
+        # summed after backward (as Megatron marks its LayerNorm weights).
+        self.fc.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x):
         return self.fc(self.mlp(x))

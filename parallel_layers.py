@@ -12,6 +12,11 @@ PyTorch stores a Linear weight as (out, in) and computes X W^T, so A's columns
 are the rows of fc1.weight (partition_dim 0) and B's rows are the columns of
 fc2.weight (partition_dim 1).
 
+Each layer's forward is Fig. 3a as written: f, this rank's columns, (ReLU),
+this rank's rows, g. Two options hand the communication to fused autograd
+Functions, each in one marked branch: async_tensor_model_parallel_allreduce
+(mappings.py, beside f) and sequence_parallel (sequence_parallel.py).
+
 Parameters: each layer draws the full "master" weight exactly as `nn.Linear`
 would, from the (identically seeded) global generator, and keeps its own slice,
 as megatron/core/tensor_parallel/layers.py:_initialize_affine_weight_cpu does.
@@ -21,8 +26,6 @@ inside the split region and agrees outside it, model_parallel_cuda_manual_seed;
 the toy model has no dropout, so one generator is enough.)
 """
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,111 +34,11 @@ import parallel_state as ps
 from mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
+    linear_with_async_allreduce,
     reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-
-
-class LinearWithAsyncAllreduce(torch.autograd.Function):
-    """Y = X W^T + b whose backward all-reduces dL/dX while dL/dW is computed.
-
-    Used by ColumnParallelLinear in place of f: f's backward all-reduce of the
-    input gradient is issued asynchronously right after dL/dX = dL/dY W is
-    known, and the weight-gradient matmul dL/dW = dL/dY^T X runs while it is on
-    the wire. Megatron's LinearWithGradAccumulationAndAsyncCommunication,
-    without its fused gradient accumulation.
-
-    Autograd asks for dL/dX only when X needs a gradient; when it does not (the
-    toy model's X is raw data) neither the matmul nor the all-reduce is done.
-    Layers that need no overlap use F.linear, whose backward runs in C++.
-    """
-
-    @staticmethod
-    def forward(ctx, input_, weight, bias):
-        ctx.save_for_backward(input_, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(input_, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input_, weight = ctx.saved_tensors
-        grad_input = reducing = None
-        if ctx.needs_input_grad[0]:
-            grad_input = grad_output.matmul(weight)
-            reducing = ps.all_reduce(grad_input, async_op=True)
-        # Flatten leading dimensions so dL/dW is one (out, in) matmul.
-        grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_weight = grad_output_2d.t().matmul(input_.reshape(-1, input_.shape[-1]))
-        grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None
-        if reducing is not None:
-            grad_input = reducing()
-        return grad_input, grad_weight, grad_bias
-
-
-class LinearWithSequenceParallel(torch.autograd.Function):
-    """Column-parallel Y = X W^T + b whose input X arrives as this rank's rows.
-
-    Korthikanti et al. (2022), Sec. 4.2.2: forward all-gathers X's rows (in
-    place of f's identity) but saves only this rank's rows for backward, 1/TP
-    of X's memory. Backward all-gathers them again, asynchronously, while
-    dL/dX = dL/dY W is computed; then reduce-scatters dL/dX (f's backward
-    all-reduce becomes a reduce-scatter), asynchronously, while
-    dL/dW = dL/dY^T X is computed. As Megatron's linear with sequence_parallel.
-    As in LinearWithAsyncAllreduce, dL/dX and its reduce-scatter are skipped
-    when X needs no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, input_, weight, bias):
-        ctx.save_for_backward(input_, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(ps.all_gather(input_, dim=0), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input_, weight = ctx.saved_tensors
-        gathering = ps.all_gather(input_, dim=0, async_op=True)
-        grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
-        total_input = gathering()
-        scattering = ps.reduce_scatter(grad_input, async_op=True) if grad_input is not None else None
-        grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_weight = grad_output_2d.t().matmul(total_input.reshape(-1, total_input.shape[-1]))
-        grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None
-        return (scattering() if scattering else None), grad_weight, grad_bias
-
-
-def _master_linear_slice(layer: nn.Module, in_features, out_features, bias, dtype, partition_dim):
-    """Create layer.weight (and bias) as this rank's slice of an nn.Linear's parameters."""
-    # Built on the CPU: the same generator and the same draws as the serial model.
-    master = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-    tp_size = ps.get_tensor_model_parallel_world_size()
-    rank = ps.get_tensor_model_parallel_rank()
-    weight = master.weight.detach().chunk(tp_size, dim=partition_dim)[rank]
-    layer.weight = nn.Parameter(weight.clone())
-    set_tensor_model_parallel_attributes(layer.weight, partition_dim)
-    if not bias:
-        layer.register_parameter("bias", None)
-    elif partition_dim == 0:  # the column split splits the bias with the outputs
-        layer.bias = nn.Parameter(master.bias.detach().chunk(tp_size)[rank].clone())
-        set_tensor_model_parallel_attributes(layer.bias, 0)
-    else:  # the row split adds the full bias once, after the reduction
-        layer.bias = nn.Parameter(master.bias.detach().clone())
-
-
-def set_tensor_model_parallel_attributes(param: torch.Tensor, partition_dim: int) -> None:
-    """Mark `param` as this rank's slice along `partition_dim` (Megatron's attribute names)."""
-    param.tensor_model_parallel = True
-    param.partition_dim = partition_dim
-
-
-def _check_divisible(size, what):
-    tp_size = ps.get_tensor_model_parallel_world_size()
-    if size % tp_size != 0:
-        raise ps.ParallelConfigError(
-            f"{what} {size} is not divisible by the tensor-parallel size {tp_size}; "
-            f"choose a size that is a multiple of it")
-    return size // tp_size
+from sequence_parallel import linear_with_sequence_parallel, reduce_scatter_to_sequence_parallel_region
 
 
 class ColumnParallelLinear(nn.Module):
@@ -145,14 +48,15 @@ class ColumnParallelLinear(nn.Module):
 
     gather_output: all-gather [Y_1, ..., Y_p] so every rank holds the full Y;
         False leaves Y split, ready for a RowParallelLinear (Fig. 3a).
-    async_tensor_model_parallel_allreduce: replace f by LinearWithAsyncAllreduce,
-        overlapping f's backward all-reduce with the weight-gradient matmul.
+    async_tensor_model_parallel_allreduce: f and the matmul as one Function
+        (mappings.LinearWithAsyncAllreduce) whose backward overlaps f's
+        all-reduce with the weight-gradient matmul; same result as f.
     sequence_parallel: the input is this rank's rows of X (Korthikanti et al.,
-        2022); they are all-gathered here (LinearWithSequenceParallel).
+        2022); they are all-gathered here (sequence_parallel.py).
     """
 
     def __init__(self, input_size, output_size, bias=True, gather_output=True,
-                 async_tensor_model_parallel_allreduce=True, sequence_parallel=False, dtype=None):
+                 async_tensor_model_parallel_allreduce=False, sequence_parallel=False, dtype=None):
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = _check_divisible(output_size, "output size")
@@ -164,12 +68,14 @@ class ColumnParallelLinear(nn.Module):
         _master_linear_slice(self, input_size, output_size, bias, dtype, partition_dim=0)
 
     def forward(self, input_):
-        if self.sequence_parallel:  # input_ holds this rank's rows; the Function gathers them
-            return LinearWithSequenceParallel.apply(input_, self.weight, self.bias)
-        if self.async_tensor_model_parallel_allreduce:  # f happens inside the linear's backward
-            output_parallel = LinearWithAsyncAllreduce.apply(input_, self.weight, self.bias)
-        else:
-            output_parallel = F.linear(copy_to_tensor_model_parallel_region(input_), self.weight, self.bias)
+        if not (self.sequence_parallel or self.async_tensor_model_parallel_allreduce):
+            # Fig. 3a: f (the identity here; it all-reduces dL/dX in backward), then X A_i + b_i.
+            input_parallel = copy_to_tensor_model_parallel_region(input_)
+            output_parallel = F.linear(input_parallel, self.weight, self.bias)
+        elif self.sequence_parallel:  # X arrives as this rank's rows: sequence_parallel.py
+            output_parallel = linear_with_sequence_parallel(input_, self.weight, self.bias)
+        else:  # f fused with the matmul, its all-reduce overlapping dL/dW: mappings.py
+            output_parallel = linear_with_async_allreduce(input_, self.weight, self.bias)
         if self.gather_output:
             return gather_from_tensor_model_parallel_region(output_parallel)
         return output_parallel
@@ -212,11 +118,11 @@ class RowParallelLinear(nn.Module):
             input_parallel = input_
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_)
-        output_parallel = F.linear(input_parallel, self.weight)
-        if self.sequence_parallel:  # g becomes a reduce-scatter: each rank keeps its rows of the sum
+        output_parallel = F.linear(input_parallel, self.weight)  # Y_i B_i
+        if not self.sequence_parallel:
+            output = reduce_from_tensor_model_parallel_region(output_parallel)  # g: Z = sum_i Y_i B_i
+        else:  # g becomes a reduce-scatter, each rank keeping its rows: sequence_parallel.py
             output = reduce_scatter_to_sequence_parallel_region(output_parallel)
-        else:
-            output = reduce_from_tensor_model_parallel_region(output_parallel)
         return output + self.bias if self.bias is not None else output
 
     def extra_repr(self):
@@ -225,73 +131,37 @@ class RowParallelLinear(nn.Module):
                 f"input_is_parallel={self.input_is_parallel}")
 
 
-@contextmanager
-def sequence_parallel_disabled(model: nn.Module):
-    """Run forward-only passes (validation) as plain tensor parallelism, on every row.
-
-    They save no activations for backward, so sequence parallelism would save
-    nothing there; the weights and the result are the same.
-    """
-    layers = [m for m in model.modules() if getattr(m, "sequence_parallel", False)]
-    for layer in layers:
-        layer.sequence_parallel = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.sequence_parallel = True
-
-
-def allreduce_sequence_parallel_grads(model: nn.Module, also=()) -> None:
-    """Sum over the tensor-parallel group the gradients each rank took from its rows only.
-
-    Parameters used outside the split region (ToyModel's fc, a transformer's
-    LayerNorms) see batch / TP rows per rank under sequence parallelism, so
-    their gradients are partial sums (Megatron-LM's `_allreduce_layernorm_grads`).
-    `also`: more tensors to sum in the same all-reduce (the loss).
-    """
-    partial = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False)]
-    ps.sum_over_tensor_parallel(partial + list(also))
-
-
 # ---------------------------------------------------------------------------
-# Serial state dicts <-> tensor-parallel shards.
+# Master-weight initialization (Megatron's _initialize_affine_weight_cpu).
 
-class StateDictError(ValueError):
-    """A state dict that does not fit the model; the message names the keys."""
-
-
-def load_serial_state_dict(model: nn.Module, state_dict: dict) -> None:
-    """Load a serial model's state_dict, keeping this rank's slice of each split parameter.
-
-    Works for the serial model too (nothing is split there). Missing, extra or
-    wrongly shaped keys are named in the error.
-    """
-    params = dict(model.named_parameters())
-    missing = sorted(params.keys() - state_dict.keys())
-    extra = sorted(state_dict.keys() - params.keys())
-    if missing or extra:
-        raise StateDictError(f"state dict keys do not match the model: missing {missing}, unexpected {extra}")
-    tp_size = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-    for name, param in params.items():
-        full = state_dict[name]
-        dim = getattr(param, "partition_dim", None)
-        expected = list(param.shape)
-        if dim is not None:
-            expected[dim] *= tp_size
-        if list(full.shape) != expected:
-            raise StateDictError(f"{name} has shape {list(full.shape)}, the model needs {expected}")
-        if dim is not None:
-            full = full.chunk(tp_size, dim=dim)[ps.get_tensor_model_parallel_rank()]
-        with torch.no_grad():
-            param.copy_(full)
+def _master_linear_slice(layer: nn.Module, in_features, out_features, bias, dtype, partition_dim):
+    """Create layer.weight (and bias) as this rank's slice of an nn.Linear's parameters."""
+    # Built on the CPU: the same generator and the same draws as the serial model.
+    master = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    rank = ps.get_tensor_model_parallel_rank()
+    weight = master.weight.detach().chunk(tp_size, dim=partition_dim)[rank]
+    layer.weight = nn.Parameter(weight.clone())
+    set_tensor_model_parallel_attributes(layer.weight, partition_dim)
+    if not bias:
+        layer.register_parameter("bias", None)
+    elif partition_dim == 0:  # the column split splits the bias with the outputs
+        layer.bias = nn.Parameter(master.bias.detach().chunk(tp_size)[rank].clone())
+        set_tensor_model_parallel_attributes(layer.bias, 0)
+    else:  # the row split adds the full bias once, after the reduction
+        layer.bias = nn.Parameter(master.bias.detach().clone())
 
 
-def gather_serial_state_dict(model: nn.Module) -> dict:
-    """The full serial state_dict (on the CPU), put together from every rank's shards."""
-    state = {}
-    for name, param in model.named_parameters():
-        dim = getattr(param, "partition_dim", None)
-        full = param.detach() if dim is None else ps.all_gather(param.detach(), dim=dim)
-        state[name] = full.cpu().clone()
-    return state
+def set_tensor_model_parallel_attributes(param: torch.Tensor, partition_dim: int) -> None:
+    """Mark `param` as this rank's slice along `partition_dim` (Megatron's attribute names)."""
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+
+
+def _check_divisible(size, what):
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    if size % tp_size != 0:
+        raise ps.ParallelConfigError(
+            f"{what} {size} is not divisible by the tensor-parallel size {tp_size}; "
+            f"choose a size that is a multiple of it")
+    return size // tp_size

@@ -16,7 +16,6 @@ import inspect
 import json
 import os
 import socket
-import sys
 from collections import Counter
 from datetime import timedelta
 from fractions import Fraction
@@ -53,7 +52,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0, devic
     global _DEVICE, _STAGE_THROUGH_HOST, BACKEND_NOTE
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = timedelta(minutes=timeout_minutes)
-    store = _attempt_store(timeout)
+    from operations import torchrun_store  # one prefix per torchrun restart attempt
+    store = torchrun_store(timeout)
     backend, device_type, note = _choose(store, backend, device, rank, world_size)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":
@@ -130,21 +130,6 @@ def decide_backend(seen, backend, device):
             note = (f"using gloo, not nccl: {why_not_nccl or '--device cpu'}; tensors on {device_type}"
                     + (", each collective through host memory" if device_type == "cuda" else ""))
     return backend, device_type, note
-
-
-def _attempt_store(timeout):
-    """The job's key-value store, seen under a prefix of its own for each torchrun attempt.
-
-    After a failure, `torchrun --max-restarts` starts the group again on the
-    same store; the new ranks must not read the addresses the old ones left
-    there (seen here: gloo then connects to a dead rank's port and fails).
-    Under torchrun its agent hosts the store; without it, rank 0 does.
-    """
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), timeout=timeout,
-                          is_master=not agent_hosts_store and os.environ["RANK"] == "0")
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def backend_report() -> dict:
@@ -230,18 +215,6 @@ def destroy_model_parallel(barrier: bool = True) -> None:
         dist.destroy_process_group()
     _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _DEVICE = BACKEND_NOTE = None
     _STAGE_THROUGH_HOST = False
-
-
-def exit_now(code: int) -> None:
-    """Leave at once, without tearing the process group down.
-
-    For when peers may be gone or stuck mid-collective (a failure, Ctrl-C):
-    Python's normal shutdown would destroy gloo's threads in the middle of an
-    operation and abort ("terminate called without an active exception").
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 # ---------------------------------------------------------------------------

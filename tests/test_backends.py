@@ -17,7 +17,7 @@ import parallel_state as ps
 from compare_runs import curve_difference
 from distributed import all_ranks, run_distributed
 from metrics import read_metrics
-from train import pin_float32_precision
+from operations import pin_float32_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -275,24 +275,27 @@ def test_rerun_into_the_same_out_dir_starts_afresh(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "metrics.csv", "model.pt"]  # no temp files
 
 
-def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path):
+def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path, monkeypatch):
     """Losses stay on the device until a log point; if its collective fails (a peer is gone), the
     rows it was about to write, and those of steps after the last log point, still reach the disk."""
     from data import iterate_batches
+    from logbook import Logbook
     from metrics import MetricsWriter, read_metrics
-    from train import build_model, train
+    from train import build_model, evaluate, make_optimizer, train
     args = parse_args(get_args_parser(), ["--input_size", "4", "--hidden_size", "8", "--batch_size", "2",
                                           "--update_freq", "10", "--out_dir", str(tmp_path)])
     X, y = torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(40)
     calls = []
 
-    def peer_gone_at_second_log_point(losses):
+    def peer_gone_at_second_log_point(self, losses):
         calls.append(len(losses))
         if len(calls) == 2:
             raise RuntimeError("Connection reset by peer")
         return losses[None]
 
+    monkeypatch.setattr(Logbook, "_losses_of_every_rank", peer_gone_at_second_log_point)
+    model = build_model(args)
     with pytest.raises(RuntimeError, match="by peer"):
-        train(build_model(args), args, iterate_batches(X, y, 2), (X, y), log_prefix=None,
-              gather_losses=peer_gone_at_second_log_point, metrics=MetricsWriter(str(tmp_path), {}))
+        with Logbook(args, lambda: evaluate(model, X, y), MetricsWriter(str(tmp_path), {}), None) as logbook:
+            train(model, make_optimizer(model, args), iterate_batches(X, y, 2), logbook, args)
     assert list(read_metrics(str(tmp_path))["iteration"]) == list(range(1, 21))

@@ -146,6 +146,47 @@ def _check_sequence_parallel():
     assert dict(ps.comm_calls) == ({"reduce_scatter": 1, "all_gather": 1} if tp > 1 else {})
 
 
+def _check_overlapped_f_computes_what_f_does():
+    """async_tensor_model_parallel_allreduce=True (mappings.LinearWithAsyncAllreduce) against the
+    default, f then F.linear: the same output and gradients, and the same one all-reduce of dL/dX."""
+    results = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        layer = ColumnParallelLinear(IN, OUT, gather_output=False, dtype=torch.float64,
+                                     async_tensor_model_parallel_allreduce=overlap)
+        x, dy = _data(OUT)
+        x.requires_grad_()
+        ps.reset_comm_stats()
+        y = layer(x)
+        y.backward(dy.chunk(ps.get_tensor_model_parallel_world_size(), dim=-1)[ps.get_tensor_model_parallel_rank()])
+        results.append((y, x.grad, layer.weight.grad, layer.bias.grad, dict(ps.comm_calls)))
+    (*f, f_calls), (*fused, fused_calls) = results
+    for what, a, b in zip(("output", "input grad", "weight grad", "bias grad"), f, fused):
+        close(b, a, what)
+    assert f_calls == fused_calls == {"all_reduce": 1}
+
+
+def _check_default_run_meets_f_and_g():
+    """The default tensor-parallel ToyModel calls f and g of mappings.py, once each per forward."""
+    import mappings
+    import parallel_layers
+    from model import ToyModel
+    calls = []
+    for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region"):
+        op = getattr(mappings, name)
+        setattr(parallel_layers, name, lambda t, op=op, name=name: calls.append(name) or op(t))
+    ToyModel(IN, OUT, tensor_parallel=True)(torch.randn(ROWS, IN))
+    assert calls == ["copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region"]
+
+
+def test_overlapped_f_computes_what_f_does():
+    run_distributed(_check_overlapped_f_computes_what_f_does, 2)
+
+
+def test_default_run_meets_f_and_g():
+    run_distributed(_check_default_run_meets_f_and_g, 2)
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_sequence_parallel_layers_match_serial(tp):
     run_distributed(_check_sequence_parallel, tp)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import parallel_state as ps
 from distributed import all_ranks, run_distributed
 from model import ToyModel
-from parallel_layers import StateDictError, gather_serial_state_dict, load_serial_state_dict
+from checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
 
 ATOL = 1e-14
 INPUT, HIDDEN, BATCH = 8, 32, 16

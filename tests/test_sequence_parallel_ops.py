@@ -10,7 +10,7 @@ import torch
 
 import parallel_state as ps
 from distributed import run_distributed
-from mappings import gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region
+from sequence_parallel import gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region
 
 ATOL = 1e-14
 COLS = 3

@@ -1,0 +1,160 @@
+"""Everything a training loop does besides the step, behind one call: `logbook.step(it, loss)`.
+
+The losses stay on the device until a log point: reading one every step
+would make the CPU wait for the GPU (and the collectives) each time. A log
+point comes every --update_freq iterations, every --eval_interval, at every
+checkpoint and at the last iteration. There the logbook
+
+  * copies the pending losses to the host (one copy) and prints the original's
+    "Iter N Train Loss" lines (the sum of the last --update_freq losses);
+  * computes the validation loss when it is due;
+  * gathers every tensor-parallel rank's losses and writes them to metrics.csv,
+    then checks that they are bitwise equal;
+  * stops a run whose loss is not finite, at its first such iteration;
+  * saves a checkpoint when one is due, after that iteration's rows are on disk.
+
+Used as a context manager, it writes every row so far however the loop ends.
+"""
+
+import math
+import os
+import sys
+
+import torch
+
+import parallel_state as ps
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the loss is not finite, or ranks disagree); the message says why."""
+
+
+class Logbook:
+    """args: the run's flags (update_freq, eval_interval, num_iterations, init_lr, out_dir).
+    validate: returns the validation loss. metrics: a MetricsWriter, or None on
+    ranks that don't write. log_prefix: put before each printed line; None prints
+    nothing. start: the iteration a resumed run starts after.
+    """
+
+    def __init__(self, args, validate, metrics=None, log_prefix="", start=0):
+        self.args, self.validate, self.metrics, self.log_prefix = args, validate, metrics, log_prefix
+        self.save, self.save_interval = None, None
+        self.rows, self.pending, self.unwritten, self.running = [], [], [], 0.0
+        self.start = start
+        self.first_step_comm = {}  # the collectives of the first step; stays empty if none ran
+
+    def save_every(self, interval, save):
+        """Call save(iteration) every `interval` iterations, after that iteration's rows are on disk."""
+        self.save, self.save_interval = save, interval
+
+    def step(self, it, loss):
+        if not self.pending and not self.rows:
+            self.first_step_comm = ps.comm_stats()
+        self.pending.append(loss.detach())
+        args = self.args
+        evaluating = it % args.eval_interval == 0 or it == args.num_iterations
+        saving = self.save is not None and it % self.save_interval == 0
+        if it % args.update_freq == 0 or evaluating or saving:
+            self._log_point(it, evaluating, saving)
+
+    def _log_point(self, it, evaluating, saving):
+        losses = torch.stack(self.pending).to("cpu", torch.float64)  # one device-to-host copy
+        diverged = next((k for k, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
+        if diverged is not None:  # the same on every rank: they share the loss
+            losses = losses[:diverged + 1]
+        first = it - len(self.pending) + 1
+        new_rows = [[first + k, v, None] for k, v in enumerate(losses.tolist())]
+        self.rows += new_rows
+        self.pending, self.unwritten = [], new_rows
+        if evaluating and diverged is None:
+            self.rows[-1][2] = self.validate()
+        self._print(new_rows, it)
+        rank_losses = self._losses_of_every_rank(losses)
+        if self.metrics:  # written before the check, so a disagreement is on disk to look at
+            self.metrics.write(new_rows, rank_losses)
+        self.unwritten = []
+        check_ranks_agree(rank_losses, self.rows[-1][0])
+        if diverged is not None:
+            iteration, loss = self.rows[-1][:2]
+            raise TrainingStopped(
+                f"the train loss is {loss} at iteration {iteration}: training diverged; lower "
+                f"--init_lr (now {self.args.init_lr:g}). Metrics up to it are in "
+                f"{os.path.join(self.args.out_dir, 'metrics.csv')}; no model.pt was written")
+        if saving:
+            if self.metrics:
+                self.metrics.flush()  # a resumed run keeps exactly the rows up to its checkpoint
+            self.save(it)
+
+    def _print(self, new_rows, it):
+        for row in new_rows:
+            self.running += row[1]
+            if row[0] % self.args.update_freq == 0:
+                if self.log_prefix is not None:
+                    log(f"{self.log_prefix}Iter {row[0]} Train Loss {self.running:.3f}")
+                self.running = 0.0
+        if self.rows[-1][2] is not None and self.log_prefix is not None:
+            log(f"{self.log_prefix}Iter {it} Valid Loss {self.rows[-1][2]:.6f}")
+
+    def _losses_of_every_rank(self, losses):
+        """(tp, k): every tensor-parallel rank's last k losses (one all-gather); (1, k) serially."""
+        if not ps.model_parallel_is_initialized():
+            return losses[None]
+        gathered = ps.all_gather(losses.to(ps.get_device()), dim=0)
+        return gathered.view(ps.get_tensor_model_parallel_world_size(), -1).cpu()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.metrics:  # every row so far reaches the disk, however the loop ends
+            # Interrupted before a log point wrote them: no collective now, so no per-rank losses.
+            first_pending = self.rows[-1][0] + 1 if self.rows else self.start + 1
+            self.unwritten += [[first_pending + k, float(t), None] for k, t in enumerate(self.pending)]
+            if self.unwritten:
+                self.metrics.write(self.unwritten, rank_losses=None)
+            self.metrics.close()
+        return False
+
+
+def log(line):
+    """One write per line, so lines from several ranks on one terminal don't interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def check_ranks_agree(losses, iteration):
+    """Every tensor-parallel rank computes the loss from the same all-reduced output: bitwise equal."""
+    bits = losses.view(torch.int64)  # bit patterns: a NaN on every rank is agreement too
+    if not torch.equal(bits, bits[:1].expand_as(bits)):
+        raise TrainingStopped(f"tensor-parallel ranks disagree on the loss by iteration {iteration}: "
+                              f"{losses[:, -1].tolist()}; the replicated parameters have drifted apart")
+
+
+def report_communication(stats, args):
+    """Print what one step sent beside what the papers count, in bytes a ring moves per rank."""
+    tp, rows = args.tensor_model_parallel_size, args.batch_size // ps.get_data_parallel_world_size()
+    print("Communication in one training step (measured in its first step, "
+          f"tensor-parallel size {tp}):")
+    print(f"  {'collective':<23}{'calls':>5}{'bytes in, per rank':>20}{'sent per rank in a ring':>25}")
+    for op, c in stats.items():
+        print(f"  {op:<22} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB"
+              f"{c['ring_bytes'] / 1024:>21.2f} KiB")
+    kib = rows * args.input_size * args.torch_dtype.itemsize / 1024  # one batch x input activation
+    # A ring all-reduce = reduce-scatter + all-gather.
+    all_reduce, half = 2 * (tp - 1) / tp * kib, (tp - 1) / tp * kib
+    megatron = (f"Megatron-LM (Sec. 3, Fig. 3a): 2 all-reduces of batch x input = "
+                f"{rows}x{args.input_size} ({kib:.2f} KiB) per MLP step, g in forward and f in "
+                f"backward, {all_reduce:.2f} KiB sent each: {2 * all_reduce:.2f} KiB.")
+    if not args.sequence_parallel:
+        print(f"  {megatron}\n  f's all-reduce of dL/dX is skipped here: X is the raw data and "
+              "needs no gradient.")
+        return
+    print(f"  Korthikanti et al. (2022, Sec. 4.2.2): per MLP step, forward 1 all-gather + 1 "
+          f"reduce-scatter, backward 2 all-gathers + 1 reduce-scatter, of {rows}x{args.input_size} "
+          f"({kib:.2f} KiB), {half:.2f} KiB sent each: {5 * half:.2f} KiB.\n"
+          f"  Without --sequence_parallel, {megatron}\n"
+          f"  Each all-reduce became a reduce-scatter + an all-gather of the same bytes; the "
+          f"{half:.2f} KiB more is the backward all-gather of fc1's input, the price of saving "
+          f"only this rank's rows of it.\n"
+          f"  The backward reduce-scatter of dL/dX is skipped here: X is the raw data and needs no "
+          f"gradient. The small all-reduce sums fc's gradient and the loss over the rows.")

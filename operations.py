@@ -1,0 +1,232 @@
+"""Operations: what running the scripts safely takes, none of it tensor parallelism.
+
+Nothing here is needed to read how the model is split (model.py, mappings.py,
+parallel_layers.py, parallel_state.py, train.py, parallel_train.py); it is
+what makes the runs behave when something goes wrong:
+
+  * one-line errors instead of tracebacks (`ArgumentParser`, `run_cli`),
+  * signals: SIGTERM unwinds so metrics reach the disk, Ctrl-C ends every
+    rank, and a watcher thread ends a rank stuck in C code after a signal,
+  * exits without tearing gloo down when peers may be mid-collective,
+  * torchrun's key-value store under a prefix per restart attempt,
+  * a shared verdict on file reads, and one line for a rank that lost a peer,
+  * TF32 pinned off, so float32 serial and parallel curves agree to round-off.
+"""
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+import parallel_state as ps
+from checkpointing import CheckpointError, StateDictError
+from data import DataError
+from logbook import TrainingStopped
+from parallel_state import ParallelConfigError
+
+# What a user can cause: reported in one line, without a traceback.
+USER_ERRORS = (DataError, ParallelConfigError, StateDictError, TrainingStopped, CheckpointError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line that says what is wrong, instead of the whole usage text; once, from rank 0."""
+        rank0 = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if rank0 else None)
+
+
+def pin_float32_precision() -> dict:
+    """Full-precision float32 matmuls and convolutions: TF32 off, in serial and parallel runs alike.
+
+    On Ampere and later GPUs, TF32 (enabled by torch.set_float32_matmul_precision("high")
+    or by an image that sets TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1) rounds matmul inputs to
+    10 mantissa bits: serial and tensor-parallel float32 curves then differ by ~1e-3
+    instead of round-off (~1e-6), and the comparison says nothing. Returns what
+    config.json records.
+    """
+    override = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
+    if override not in (None, "0"):
+        os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "0"  # read by torch at its first CUDA matmul
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    if torch.backends.cuda.matmul.allow_tf32:  # torch read the override before we could unset it
+        raise ParallelConfigError("TF32 could not be switched off (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="
+                                  f"{override} was read already); unset it before starting")
+    return dict(float32_matmul_precision="highest (TF32 off)",
+                tf32_override_in_environment=override)
+
+
+# ---------------------------------------------------------------------------
+# Ending a run: one line, the right exit status, no hang.
+
+class Terminated(BaseException):
+    """SIGTERM (torchrun stopping its workers, or `kill`): unwind, so metrics reach the disk."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def run_cli(main):
+    """Run main(); a user error or Ctrl-C ends it with one line and a non-zero exit status.
+
+    In a parallel run every rank reaches the same error, so rank 0 says it;
+    an error that only some ranks met (a file they can't read) is said by
+    the first of them.
+    """
+    rank0 = os.environ.get("RANK", "0") == "0"
+    signal.signal(signal.SIGTERM, _terminate)
+    if "RANK" in os.environ:  # under torchrun: peers can leave this rank stuck in a collective
+        _leave_if_stuck_after_a_signal()
+    try:
+        main()
+    except USER_ERRORS as e:
+        if getattr(e, "reported_by_this_rank", rank0):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as e:
+        if rank0 and isinstance(e, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr, flush=True)
+        code = 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
+        if dist.is_initialized():
+            exit_now(code)  # peers may be mid-collective: no barrier, no teardown
+        sys.exit(code)
+
+
+STUCK_GRACE_S = 2.0
+
+
+def _leave_if_stuck_after_a_signal():
+    """A thread that ends the process when a signal's Python handler can't run.
+
+    Python runs signal handlers between bytecodes, in the main thread. A rank
+    whose peer died under NCCL is blocked inside a CUDA sync (NCCL reports no
+    "connection reset" as gloo does), so torchrun's SIGTERM would wait out its
+    30 s grace. The C-level handler still writes the signal number to the
+    wakeup fd; this thread reads it, gives the main thread STUCK_GRACE_S to
+    unwind normally, and otherwise leaves with one line.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch():
+        signum = os.read(read_fd, 1)[0]
+        time.sleep(STUCK_GRACE_S)
+        print(f"error: rank {os.environ.get('RANK', 0)} was still inside a collective "
+              f"{STUCK_GRACE_S:g} s after {signal.Signals(signum).name} (a peer is gone); leaving",
+              file=sys.stderr, flush=True)
+        exit_now(128 + signum)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def exit_now(code: int) -> None:
+    """Leave at once, without tearing the process group down.
+
+    For when peers may be gone or stuck mid-collective (a failure, Ctrl-C):
+    Python's normal shutdown would destroy gloo's threads in the middle of an
+    operation and abort ("terminate called without an active exception").
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@contextmanager
+def leaving_together():
+    """Around a parallel run: every rank leaves the job together, or the first failure is told.
+
+    A user error reaches every rank alike, so they leave through the barrier
+    together. Anything else (a bug, a lost peer) may have happened on one rank
+    only: it says so and exits at once (die_first_error_first).
+    """
+    try:
+        yield
+    except (*USER_ERRORS, SystemExit):
+        ps.destroy_model_parallel()  # every rank reached the same verdict: leave together
+        raise
+    except Exception as e:
+        die_first_error_first(e)
+    ps.destroy_model_parallel()
+
+
+def die_first_error_first(error):
+    """Report an unexpected error on this rank, then exit at once.
+
+    This rank's exit is what wakes its peers, who are waiting in a collective:
+    they fail with "connection reset by peer", and torchrun stops the rest. So
+    the real error is printed before exiting, and a rank that only lost a peer
+    says so in one line instead of a second, misleading traceback.
+    """
+    rank = dist.get_rank()
+    if "by peer" in str(error):  # gloo's words when the other end of a collective went away
+        cause = str(error).split(". ")[0].split("] ")[-1]
+        print(f"error: rank {rank} lost a peer in a collective ({cause}); another rank failed first",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"rank {rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+    exit_now(1)  # no teardown: peers are stuck in a collective this rank will never join
+
+
+# ---------------------------------------------------------------------------
+# Launch quirks.
+
+def torchrun_store(timeout):
+    """The job's key-value store, seen under a prefix of its own for each torchrun attempt.
+
+    After a failure, `torchrun --max-restarts` starts the group again on the
+    same store; the new ranks must not read the addresses the old ones left
+    there (seen here: gloo then connects to a dead rank's port and fails).
+    Under torchrun its agent hosts the store; without it, rank 0 does.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), timeout=timeout,
+                          is_master=not agent_hosts_store and os.environ["RANK"] == "0")
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def single_process_env():
+    """Run as a job of one rank when started with plain `python` (TP=1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def on_every_rank(fn, *args):
+    """fn(*args) on every rank, and every rank learns whether it worked everywhere.
+
+    Reading files (the data, a checkpoint shard) can fail on some ranks only,
+    e.g. on a node that lacks them. Without the shared verdict the others
+    would wait in their next collective until the timeout. The first rank
+    that failed says why, naming its machine; the others leave quietly.
+    """
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except (DataError, CheckpointError) as e:
+        error = e
+    world, rank = dist.get_world_size(), dist.get_rank()
+    failed = torch.zeros(world, dtype=torch.int32, device=ps.get_device())
+    failed[rank] = error is not None
+    ps.all_reduce(failed, group=dist.group.WORLD)
+    if not failed.any():
+        return result
+    if rank != int(failed.nonzero()[0]):
+        sys.exit(2)
+    if not failed.all():
+        error = type(error)(f"{error} (on {socket.gethostname()}; every node needs its files)")
+    error.reported_by_this_rank = True
+    raise error
