@@ -34,7 +34,8 @@ class CheckpointError(ValueError):
 
 
 def shard_path(directory, iteration, tp_rank):
-    return os.path.join(directory, f"iter_{iteration:07d}", f"mp_rank_{tp_rank:02d}", "model_optim_rng.pt")
+    return os.path.join(directory, f"iter_{iteration:07d}", f"mp_rank_{tp_rank:02d}",
+                        "model_optim_rng.pt")
 
 
 def save_checkpoint(directory, iteration, model, optimizer, args):
@@ -46,7 +47,8 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             sizes={k: getattr(args, k) for k in SIZES},
-            partition_dims={n: getattr(p, "partition_dim", None) for n, p in model.named_parameters()},
+            partition_dims={n: getattr(p, "partition_dim", None)
+                            for n, p in model.named_parameters()},
             rng=dict(torch=torch.get_rng_state()),
         )
         atomic_write(path, lambda f: torch.save(state, f))
@@ -71,22 +73,28 @@ def load_shards(directory, iteration):
     """Every tensor-parallel shard of one iteration, in rank order (for merging)."""
     shards, tp_rank = [], 0
     while os.path.isfile(shard_path(directory, iteration, tp_rank)):
-        shards.append(torch.load(shard_path(directory, iteration, tp_rank), map_location="cpu", weights_only=True))
+        path = shard_path(directory, iteration, tp_rank)
+        shards.append(torch.load(path, map_location="cpu", weights_only=True))
         tp_rank += 1
     if not shards:
-        raise CheckpointError(f"no shards in {os.path.dirname(os.path.dirname(shard_path(directory, iteration, 0)))}")
+        where = os.path.dirname(os.path.dirname(shard_path(directory, iteration, 0)))
+        raise CheckpointError(f"no shards in {where}")
     return shards
 
 
 def load_checkpoint(directory, model, optimizer, args):
-    """Restore this rank's shard of the newest checkpoint in `directory`; returns its iteration (0: none)."""
+    """Restore this rank's shard of the newest checkpoint in `directory`.
+
+    Returns its iteration, or 0 when there is none yet.
+    """
     iteration = latest_iteration(directory)
     if iteration is None:
         if dist.get_rank() == 0:
             print(f"note: no checkpoint in {directory} yet; starting from iteration 0")
         return 0
     path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank())
-    if not os.path.isfile(path):  # on several nodes: this node may not see the directory the shard went to
+    # On several nodes, this node may not see the directory the shard went to.
+    if not os.path.isfile(path):
         raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is missing "
                               f"(each tensor-parallel rank reads its own shard)")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -94,9 +102,9 @@ def load_checkpoint(directory, model, optimizer, args):
     for key in SIZES:
         if saved[key] != getattr(args, key):
             raise CheckpointError(
-                f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} {saved[key]}, "
-                f"this run has {getattr(args, key)}; resume with the same sizes, or merge it with "
-                f"merge_checkpoint.py and start from that with --init_from")
+                f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} "
+                f"{saved[key]}, this run has {getattr(args, key)}; resume with the same sizes, or "
+                "merge it with merge_checkpoint.py and start from that with --init_from")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -122,7 +130,8 @@ def load_serial_state_dict(model: nn.Module, state_dict: dict) -> None:
     missing = sorted(params.keys() - state_dict.keys())
     extra = sorted(state_dict.keys() - params.keys())
     if missing or extra:
-        raise StateDictError(f"state dict keys do not match the model: missing {missing}, unexpected {extra}")
+        raise StateDictError(f"state dict keys do not match the model: missing {missing}, "
+                             f"unexpected {extra}")
     tp_size = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     for name, param in params.items():
         full = state_dict[name]

@@ -40,7 +40,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("reference", nargs="?", default="runs/serial")
     p.add_argument("other", nargs="?", default="runs/tensor_parallel")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="largest relative difference allowed")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="largest relative difference "
+                                                                    "allowed")
     args = p.parse_args(argv)
     try:
         a, b = read_metrics(args.reference), read_metrics(args.other)
@@ -48,7 +49,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     n_a, n_b = len(a.get("iteration", [])), len(b.get("iteration", []))
     if not n_a or not n_b:
-        sys.exit(f"error: a run has no rows ({n_a} and {n_b}); did it stop before its first log line?")
+        sys.exit(f"error: a run has no rows ({n_a} and {n_b}); did it stop before its first log "
+                 "line?")
     ok = n_a == n_b
     for column in ("train_loss", "valid_loss"):
         if curve_difference(a, b, column) is None:
@@ -58,8 +60,10 @@ def main(argv=None):
         ok &= bool(rel_diff <= args.rtol)  # NaN (a diverged run) fails too
         print(f"{column:<10}  max abs diff {abs_diff:.3e}  max rel diff {rel_diff:.3e}  "
               f"({'within' if rel_diff <= args.rtol else 'BEYOND'} rtol {args.rtol:g})")
-    length = f"over {n_a} iterations" if n_a == n_b else f"over their first {min(n_a, n_b)} iterations, and " \
-        f"the runs have {n_a} and {n_b} iterations (did one stop early?)"
+    length = f"over {n_a} iterations"
+    if n_a != n_b:
+        length = (f"over their first {min(n_a, n_b)} iterations, and the runs have {n_a} and "
+                  f"{n_b} iterations (did one stop early?)")
     print(f"{args.reference} and {args.other}: {'MATCH' if ok else 'DIFFER'} {length}")
     return 0 if ok else 1
 

@@ -32,7 +32,8 @@ def load_split(data_dir, split):
         try:
             arrays.append(np.load(path, allow_pickle=False))
         except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, or pickled objects
-            raise DataError(f"{path} is not a readable .npy array ({e}); recreate the data with: {command}") from None
+            raise DataError(f"{path} is not a readable .npy array ({e}); recreate the data with: "
+                            f"{command}") from None
     return tuple(arrays)
 
 
@@ -40,20 +41,22 @@ def check_split(X, y, split, input_size, min_rows, data_dir):
     """The checks that make a bad file an error here rather than a crash deep in torch."""
     remedy = f"recreate it with: python prepare_data.py --data_dir {data_dir}"
     if X.ndim != 2 or X.shape[1] != input_size:
-        raise DataError(f"{split} inputs have shape {list(X.shape)} but --input_size is {input_size}; "
-                        f"pass --input_size {X.shape[-1]} or recreate the data with prepare_data.py --input_size")
+        raise DataError(f"{split} inputs have shape {list(X.shape)} but --input_size is "
+                        f"{input_size}; pass --input_size {X.shape[-1]} or recreate the data with "
+                        "prepare_data.py --input_size")
     if y.ndim != 1 or len(X) != len(y):
-        raise DataError(f"the {split} set has {len(X)} inputs but targets of shape {list(y.shape)}; {remedy}")
+        raise DataError(f"the {split} set has {len(X)} inputs but targets of shape "
+                        f"{list(y.shape)}; {remedy}")
     for name, a in (("inputs", X), ("targets", y)):
         if a.dtype.kind not in "fiu":
             raise DataError(f"{split} {name} have dtype {a.dtype}, not numbers; {remedy}")
         if not np.isfinite(a).all():
-            raise DataError(f"{split} {name} contain {np.count_nonzero(~np.isfinite(a))} NaN or infinite values; "
-                            f"{remedy}")
+            raise DataError(f"{split} {name} contain {np.count_nonzero(~np.isfinite(a))} NaN or "
+                            f"infinite values; {remedy}")
     if len(X) < min_rows:
         raise DataError(f"the {split} set has {len(X)} samples, fewer than {min_rows}"
-                        f"{' (one batch): lower --batch_size' if split == 'train' else ''} or make more data "
-                        f"with prepare_data.py --num_samples")
+                        f"{' (one batch): lower --batch_size' if split == 'train' else ''} or make "
+                        "more data with prepare_data.py --num_samples")
 
 
 def load_dataset(data_dir, input_size, batch_size):

@@ -67,11 +67,12 @@ def draw(tp, input_size, hidden_size, batch_size, path, sequence_parallel=False)
     ax.axis("off")
 
     # The tensor-parallel region, between f and g: each rank holds 1/TP of A and B.
-    ax.add_patch(Rectangle((COLUMNS["f"][0], bottom), COLUMNS["g"][0] - COLUMNS["f"][0], top - bottom,
+    left, right = COLUMNS["f"][0], COLUMNS["g"][0]
+    ax.add_patch(Rectangle((left, bottom), right - left, top - bottom,
                            fc="#f4f8fc", ec="#9bbbd9", ls="--", lw=1, zorder=0))
     ax.text((COLUMNS["f"][0] + COLUMNS["g"][0]) / 2, top + 1.5,
-            f"tensor-parallel region: rank i holds A_i ({input_size}x{h}, its rows of mlp.fc1.weight) "
-            f"and B_i ({h}x{input_size}, its columns of mlp.fc2.weight)",
+            f"tensor-parallel region: rank i holds A_i ({input_size}x{h}, its rows of "
+            f"mlp.fc1.weight) and B_i ({h}x{input_size}, its columns of mlp.fc2.weight)",
             ha="center", fontsize=9, color="#3a6ea5")
 
     for r, y in enumerate(rows):
@@ -79,14 +80,16 @@ def draw(tp, input_size, hidden_size, batch_size, path, sequence_parallel=False)
         ax.text(-2.5, y, f"rank {r}", ha="left", va="center", fontsize=9, fontweight="bold")
         outside = outside_boxes(tp, r, input_size, batch_size, sequence_parallel)
         box(ax, "X", y, *outside["X"])
-        box(ax, "XA", y, f"X·A{i}\n{batch_size}x{input_size} · {input_size}x{h}\n= {batch_size}x{h}", COMPUTE)
+        box(ax, "XA", y, f"X·A{i}\n{batch_size}x{input_size} · {input_size}x{h}\n"
+                         f"= {batch_size}x{h}", COMPUTE)
         box(ax, "relu", y, f"ReLU\n→ Y{i}", COMPUTE)
-        box(ax, "YB", y, f"Y{i}·B{i}\n{batch_size}x{h} · {h}x{input_size}\n= {batch_size}x{input_size} (partial)",
+        box(ax, "YB", y, f"Y{i}·B{i}\n{batch_size}x{h} · {h}x{input_size}\n= "
+                         f"{batch_size}x{input_size} (partial)",
             COMPUTE)
         for column in ("Z", "fc", "loss"):
             box(ax, column, y, *outside[column])
-        for a, b in [("X", "f"), ("f", "XA"), ("XA", "relu"), ("relu", "YB"), ("YB", "g"), ("g", "Z"),
-                     ("Z", "fc"), ("fc", "loss")]:
+        for a, b in [("X", "f"), ("f", "XA"), ("XA", "relu"), ("relu", "YB"), ("YB", "g"),
+                     ("g", "Z"), ("Z", "fc"), ("fc", "loss")]:
             arrow(ax, a, b, y)
 
     # f and g span every rank: they are the only places ranks talk to each other.
@@ -97,22 +100,24 @@ def draw(tp, input_size, hidden_size, batch_size, path, sequence_parallel=False)
         f_note = ("f   forward: identity\n    backward: all-reduce dL/dX\n"
                   f"    ({shape}; skipped when X\n    needs no gradient, as here)")
         g_note = f"g   forward: all-reduce Σ Yi·Bi\n    ({shape})\n    backward: identity"
-        title = f"Tensor-parallel ToyModel, TP={tp} (after Megatron-LM, Shoeybi et al. 2019, Fig. 3a)"
+        title = (f"Tensor-parallel ToyModel, TP={tp} "
+                 "(after Megatron-LM, Shoeybi et al. 2019, Fig. 3a)")
     else:
         f, g = "all-\ngather\nrows", "reduce-\nscatter\nrows"
         f_note = (f"f → forward: all-gather X's rows ({shape})\n"
-                  "    backward: reduce-scatter dL/dX (skipped:\n    X needs no gradient, as here)\n"
-                  "    fc1 saves only Xi and all-gathers it\n"
-                  "    again in backward for dL/dA_i")
+                  "    backward: reduce-scatter dL/dX (skipped:\n    X needs no gradient, as "
+                  "here)\n    fc1 saves only Xi and all-gathers it\n    again in backward for "
+                  "dL/dA_i")
         g_note = (f"g → forward: reduce-scatter Σ Yi·Bi ({shape})\n"
-                  "    backward: all-gather dL/dZ\n"
-                  f"    after backward: one all-reduce of fc's\n    gradient and the loss ({input_size + 1} floats)")
+                  "    backward: all-gather dL/dZ\n    after backward: one all-reduce of fc's\n    "
+                  f"gradient and the loss ({input_size + 1} floats)")
         title = (f"Sequence-parallel ToyModel, TP={tp} (after Korthikanti et al. 2022, Sec. 4.2.2; "
                  f"green: this rank's rows only)")
     box(ax, "f", mid, f, COMM, height=span)
     box(ax, "g", mid, g, COMM, height=span)
-    ax.text(COLUMNS["f"][0], bottom - 2.5, f_note, ha="left", va="top", fontsize=8.5, family="monospace")
-    ax.text(COLUMNS["g"][0], bottom - 2.5, g_note, ha="left", va="top", fontsize=8.5, family="monospace")
+    for column, note in (("f", f_note), ("g", g_note)):
+        ax.text(COLUMNS[column][0], bottom - 2.5, note, ha="left", va="top", fontsize=8.5,
+                family="monospace")
     ax.text(50, top + 6, f"{title}: input {input_size}, hidden {hidden_size}, batch {batch_size}",
             ha="center", fontsize=11)
     ax.set_ylim(bottom - 13, top + 9)
@@ -130,15 +135,17 @@ def main(argv=None):
     p.add_argument("--sequence_parallel", action="store_true",
                    help="draw sequence parallelism: rows split outside the tensor-parallel region")
     p.add_argument("--out", default=None,
-                   help="default: assets/toy_tensor_parallel.png, or assets/toy_sequence_parallel.png")
+                   help="default: assets/toy_tensor_parallel.png, or "
+                        "assets/toy_sequence_parallel.png")
     args = p.parse_args(argv)
     hidden = args.hidden_size or 32 * args.input_size
     if min(args.tp, args.input_size, hidden, args.batch_size) <= 0 or hidden % args.tp:
         p.error(f"sizes must be positive and --hidden_size {hidden} divisible by --tp {args.tp}")
     if args.sequence_parallel and args.batch_size % args.tp:
-        p.error(f"--sequence_parallel splits the {args.batch_size} rows of a batch between {args.tp} ranks: "
-                f"choose a --batch_size divisible by --tp")
-    out = args.out or f"assets/toy_{'sequence' if args.sequence_parallel else 'tensor'}_parallel.png"
+        p.error(f"--sequence_parallel splits the {args.batch_size} rows of a batch between "
+                f"{args.tp} ranks: choose a --batch_size divisible by --tp")
+    kind = "sequence" if args.sequence_parallel else "tensor"
+    out = args.out or f"assets/toy_{kind}_parallel.png"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     return draw(args.tp, args.input_size, hidden, args.batch_size, out, args.sequence_parallel)
 

@@ -37,14 +37,16 @@ class Logbook:
     """
 
     def __init__(self, args, validate, metrics=None, log_prefix="", start=0):
-        self.args, self.validate, self.metrics, self.log_prefix = args, validate, metrics, log_prefix
+        self.args, self.validate, self.metrics = args, validate, metrics
+        self.log_prefix = log_prefix
         self.save, self.save_interval = None, None
         self.rows, self.pending, self.unwritten, self.running = [], [], [], 0.0
         self.start = start
         self.first_step_comm = {}  # the collectives of the first step; stays empty if none ran
 
     def save_every(self, interval, save):
-        """Call save(iteration) every `interval` iterations, after that iteration's rows are on disk."""
+        """Call save(iteration) every `interval` iterations, once that iteration's rows are on
+        disk."""
         self.save, self.save_interval = save, interval
 
     def step(self, it, loss):
@@ -109,7 +111,8 @@ class Logbook:
         if self.metrics:  # every row so far reaches the disk, however the loop ends
             # Interrupted before a log point wrote them: no collective now, so no per-rank losses.
             first_pending = self.rows[-1][0] + 1 if self.rows else self.start + 1
-            self.unwritten += [[first_pending + k, float(t), None] for k, t in enumerate(self.pending)]
+            self.unwritten += [[first_pending + k, float(t), None]
+                               for k, t in enumerate(self.pending)]
             if self.unwritten:
                 self.metrics.write(self.unwritten, rank_losses=None)
             self.metrics.close()
@@ -123,11 +126,13 @@ def log(line):
 
 
 def check_ranks_agree(losses, iteration):
-    """Every tensor-parallel rank computes the loss from the same all-reduced output: bitwise equal."""
+    """Every tensor-parallel rank computes the loss from the same all-reduced output: bitwise
+    equal."""
     bits = losses.view(torch.int64)  # bit patterns: a NaN on every rank is agreement too
     if not torch.equal(bits, bits[:1].expand_as(bits)):
-        raise TrainingStopped(f"tensor-parallel ranks disagree on the loss by iteration {iteration}: "
-                              f"{losses[:, -1].tolist()}; the replicated parameters have drifted apart")
+        raise TrainingStopped("tensor-parallel ranks disagree on the loss by iteration "
+                              f"{iteration}: {losses[:, -1].tolist()}; the replicated parameters "
+                              "have drifted apart")
 
 
 def report_communication(stats, args):
@@ -135,7 +140,8 @@ def report_communication(stats, args):
     tp, rows = args.tensor_model_parallel_size, args.batch_size // ps.get_data_parallel_world_size()
     print("Communication in one training step (measured in its first step, "
           f"tensor-parallel size {tp}):")
-    print(f"  {'collective':<23}{'calls':>5}{'bytes in, per rank':>20}{'sent per rank in a ring':>25}")
+    print(f"  {'collective':<23}{'calls':>5}{'bytes in, per rank':>20}"
+          f"{'sent per rank in a ring':>25}")
     for op, c in stats.items():
         print(f"  {op:<22} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB"
               f"{c['ring_bytes'] / 1024:>21.2f} KiB")

@@ -19,7 +19,8 @@ from metrics import atomic_write
 
 
 def merge(shards):
-    """Concatenate each split parameter's shards along its partition dimension; take replicated ones once."""
+    """Concatenate each split parameter's shards along its partition dimension; take replicated
+    ones once."""
     merged = {}
     for name, dim in shards[0]["partition_dims"].items():
         parts = [shard["model"][name] for shard in shards]
@@ -30,17 +31,22 @@ def merge(shards):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("directory", help="the --save directory of a run")
-    p.add_argument("--iteration", type=int, default=None, help="default: the newest (the tracker's)")
+    p.add_argument("--iteration", type=int, default=None,
+                   help="default: the newest (the tracker's)")
     p.add_argument("--out", required=True, help="where to write the serial state_dict (.pt)")
     args = p.parse_args(argv)
     try:
-        iteration = args.iteration if args.iteration is not None else latest_iteration(args.directory)
+        iteration = args.iteration
         if iteration is None:
-            raise CheckpointError(f"no checkpoint in {args.directory} (no latest_checkpointed_iteration.txt)")
+            iteration = latest_iteration(args.directory)
+        if iteration is None:
+            raise CheckpointError(f"no checkpoint in {args.directory} (no "
+                                  "latest_checkpointed_iteration.txt)")
         shards = load_shards(args.directory, iteration)
         if len(shards) != shards[0]["sizes"]["tensor_model_parallel_size"]:
-            raise CheckpointError(f"{args.directory} iteration {iteration} has {len(shards)} shards, but was saved "
-                                  f"with tensor-parallel size {shards[0]['sizes']['tensor_model_parallel_size']}")
+            raise CheckpointError(f"{args.directory} iteration {iteration} has {len(shards)} "
+                                  "shards, but was saved with tensor-parallel size "
+                                  f"{shards[0]['sizes']['tensor_model_parallel_size']}")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     state = merge(shards)

@@ -48,11 +48,14 @@ class MetricsWriter:
         else:
             earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
             if earlier:
-                print(f"note: {out_dir} holds an earlier run ({', '.join(earlier)}); starting it afresh")
+                print(f"note: {out_dir} holds an earlier run ({', '.join(earlier)}); starting it "
+                      "afresh")
                 for name in earlier:
                     os.remove(os.path.join(out_dir, name))
-        atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
-        self.num_ranks, self.min_interval_s, self.last_flush = num_ranks, min_interval_s, float("-inf")
+        text = json.dumps(config, indent=2).encode()
+        atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(text))
+        self.num_ranks, self.min_interval_s = num_ranks, min_interval_s
+        self.last_flush = float("-inf")
 
     def _read_rows(self):
         if not os.path.isfile(self.path):
@@ -62,8 +65,12 @@ class MetricsWriter:
         return rows[1:] if rows and rows[0] == self.rows[0] else []
 
     def write(self, rows, rank_losses):
-        """rows: [iteration, train_loss, valid_loss or None]; rank_losses: (ranks, len(rows)) or None."""
-        per_rank = rank_losses.t().tolist() if rank_losses is not None else [[""] * self.num_ranks] * len(rows)
+        """rows: [iteration, train_loss, valid_loss or None];
+        rank_losses: (ranks, len(rows)) or None."""
+        if rank_losses is not None:
+            per_rank = rank_losses.t().tolist()
+        else:
+            per_rank = [[""] * self.num_ranks] * len(rows)
         # repr() of a float round-trips exactly: float64 curves can be compared at 1e-15.
         for (it, loss, valid), losses in zip(rows, per_rank):
             ranks = [repr(x) if x != "" else "" for x in losses] if self.num_ranks > 1 else []
@@ -99,7 +106,8 @@ def read_metrics(run_dir):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in reader.fieldnames or []}
+    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows])
+            for k in reader.fieldnames or []}
 
 
 def read_config(run_dir):

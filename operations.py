@@ -13,6 +13,7 @@ what makes the runs behave when something goes wrong:
   * TF32 pinned off, so float32 serial and parallel curves agree to round-off.
 """
 
+import argparse
 import os
 import signal
 import socket
@@ -21,8 +22,6 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-
-import argparse
 
 import torch
 import torch.distributed as dist
@@ -55,12 +54,14 @@ def pin_float32_precision() -> dict:
     """
     override = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
     if override not in (None, "0"):
-        os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "0"  # read by torch at its first CUDA matmul
+        # Read by torch at its first CUDA matmul.
+        os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "0"
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = False
     if torch.backends.cuda.matmul.allow_tf32:  # torch read the override before we could unset it
-        raise ParallelConfigError("TF32 could not be switched off (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="
-                                  f"{override} was read already); unset it before starting")
+        raise ParallelConfigError("TF32 could not be switched off "
+                                  f"(TORCH_ALLOW_TF32_CUBLAS_OVERRIDE={override} was read "
+                                  "already); unset it before starting")
     return dict(float32_matmul_precision="highest (TF32 off)",
                 tf32_override_in_environment=override)
 
@@ -170,7 +171,8 @@ def die_first_error_first(error):
     rank = dist.get_rank()
     if "by peer" in str(error):  # gloo's words when the other end of a collective went away
         cause = str(error).split(". ")[0].split("] ")[-1]
-        print(f"error: rank {rank} lost a peer in a collective ({cause}); another rank failed first",
+        print(f"error: rank {rank} lost a peer in a collective ({cause}); another rank failed "
+              "first",
               file=sys.stderr, flush=True)
     else:
         print(f"rank {rank} failed:", file=sys.stderr)

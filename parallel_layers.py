@@ -38,7 +38,10 @@ from mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from sequence_parallel import linear_with_sequence_parallel, reduce_scatter_to_sequence_parallel_region
+from sequence_parallel import (
+    linear_with_sequence_parallel,
+    reduce_scatter_to_sequence_parallel_region,
+)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -62,7 +65,8 @@ class ColumnParallelLinear(nn.Module):
         self.output_size_per_partition = _check_divisible(output_size, "output size")
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
-        assert not (self.sequence_parallel and gather_output), "sequence parallelism feeds a RowParallelLinear"
+        assert not (self.sequence_parallel and gather_output), \
+            "sequence parallelism feeds a RowParallelLinear"
         self.async_tensor_model_parallel_allreduce = (
             async_tensor_model_parallel_allreduce and ps.get_tensor_model_parallel_world_size() > 1)
         _master_linear_slice(self, input_size, output_size, bias, dtype, partition_dim=0)
@@ -100,14 +104,15 @@ class RowParallelLinear(nn.Module):
         of Y (Korthikanti et al., 2022); b is then added to those rows only.
     """
 
-    def __init__(self, input_size, output_size, bias=True, input_is_parallel=False, sequence_parallel=False,
-                 dtype=None):
+    def __init__(self, input_size, output_size, bias=True, input_is_parallel=False,
+                 sequence_parallel=False, dtype=None):
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = _check_divisible(input_size, "input size")
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
-        assert not (self.sequence_parallel and not input_is_parallel), "sequence parallelism needs input_is_parallel"
+        assert not (self.sequence_parallel and not input_is_parallel), \
+            "sequence parallelism needs input_is_parallel"
         _master_linear_slice(self, input_size, output_size, bias, dtype, partition_dim=1)
         if self.bias is not None and self.sequence_parallel:
             # Added to this rank's rows only: its gradient is partial, to be summed over the group.
@@ -120,7 +125,8 @@ class RowParallelLinear(nn.Module):
             input_parallel = scatter_to_tensor_model_parallel_region(input_)
         output_parallel = F.linear(input_parallel, self.weight)  # Y_i B_i
         if not self.sequence_parallel:
-            output = reduce_from_tensor_model_parallel_region(output_parallel)  # g: Z = sum_i Y_i B_i
+            # g: Z = sum_i Y_i B_i
+            output = reduce_from_tensor_model_parallel_region(output_parallel)
         else:  # g becomes a reduce-scatter, each rank keeping its rows: sequence_parallel.py
             output = reduce_scatter_to_sequence_parallel_region(output_parallel)
         return output + self.bias if self.bias is not None else output

@@ -44,8 +44,11 @@ class DeviceMismatchError(RuntimeError):
     """A tensor handed to a collective is not on the run's device (a bug in the caller)."""
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0, device: str = "auto") -> torch.device:
-    """Join the torchrun job with one backend and one device type for every rank. Returns this rank's device.
+def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
+                     device: str = "auto") -> torch.device:
+    """Join the torchrun job with one backend and one device type for every rank.
+
+    Returns this rank's device.
 
     The choice is made from what every rank reports, so all nodes agree (see `_choose`).
     """
@@ -67,8 +70,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0, devic
     kwargs = {}
     if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         kwargs["device_id"] = _DEVICE  # torch >= 2.3: the group knows its GPU from the start
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                            **kwargs)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout, **kwargs)
     BACKEND_NOTE = note
     if note and rank == 0:
         print(f"note: {note}", flush=True)
@@ -87,12 +90,14 @@ def _choose(store, backend, device, rank, world_size):
 
 
 def this_rank_gpu() -> dict:
-    """This rank's machine and the GPU it would take (cuda:LOCAL_RANK), by UUID; None without one."""
+    """This rank's machine and the GPU it would take (cuda:LOCAL_RANK), by UUID; None without
+    one."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpu = None
     if gpus:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        gpu = str(getattr(torch.cuda.get_device_properties(local_rank % gpus), "uuid", local_rank % gpus))
+        properties = torch.cuda.get_device_properties(local_rank % gpus)
+        gpu = str(getattr(properties, "uuid", local_rank % gpus))
         if local_rank >= gpus:
             gpu += f" (shared by local rank {local_rank})"
     return dict(host=socket.gethostname(), gpu=gpu)
@@ -110,31 +115,38 @@ def decide_backend(seen, backend, device):
     gpu_ids = [s["gpu"] for s in seen]
     where = lambda r: f"rank {r} (on {seen[r]['host']})"
     without = [r for r, g in enumerate(gpu_ids) if g is None]
-    shared = [r for r, g in enumerate(gpu_ids) if g is not None and (gpu_ids.index(g) != r or "shared" in g)]
+    shared = [r for r, g in enumerate(gpu_ids)
+              if g is not None and (gpu_ids.index(g) != r or "shared" in g)]
     why_not_nccl = (f"{where(without[0])} has no GPU" if without else
-                    f"{where(shared[0])} would share a GPU with another rank (NCCL refuses two ranks on one GPU)"
+                    f"{where(shared[0])} would share a GPU with another rank (NCCL refuses two "
+                    "ranks on one GPU)"
                     if shared else None)
     if backend == "nccl" and why_not_nccl:
-        raise ParallelConfigError(f"--distributed_backend nccl needs a GPU of its own for each of the {len(seen)} "
-                                  f"ranks, but {why_not_nccl}; use --distributed_backend gloo (or auto)")
+        raise ParallelConfigError("--distributed_backend nccl needs a GPU of its own for each of "
+                                  f"the {len(seen)} ranks, but {why_not_nccl}; use "
+                                  "--distributed_backend gloo (or auto)")
     if device == "cuda" and without:
-        raise ParallelConfigError(f"--device cuda, but {where(without[0])} has no GPU; use --device cpu (or auto)")
+        raise ParallelConfigError(f"--device cuda, but {where(without[0])} has no GPU; "
+                                  "use --device cpu (or auto)")
     if backend == "nccl" and device == "cpu":
-        raise ParallelConfigError("--distributed_backend nccl moves CUDA tensors only; use --device cuda (or auto), "
-                                  "or --distributed_backend gloo for CPU")
+        raise ParallelConfigError("--distributed_backend nccl moves CUDA tensors only; use "
+                                  "--device cuda (or auto), or --distributed_backend gloo for CPU")
     device_type = "cuda" if device == "cuda" or (device == "auto" and not without) else "cpu"
     note = None
     if backend == "auto":
         backend = "nccl" if not why_not_nccl and device_type == "cuda" else "gloo"
-        if backend == "gloo" and any(gpu_ids):  # a real fallback: there are GPUs, NCCL can't have them
-            note = (f"using gloo, not nccl: {why_not_nccl or '--device cpu'}; tensors on {device_type}"
+        # A real fallback: there are GPUs, NCCL can't have them.
+        if backend == "gloo" and any(gpu_ids):
+            note = (f"using gloo, not nccl: {why_not_nccl or '--device cpu'}; tensors on "
+                    f"{device_type}"
                     + (", each collective through host memory" if device_type == "cuda" else ""))
     return backend, device_type, note
 
 
 def backend_report() -> dict:
     """What config.json records of the job's communication set-up."""
-    return dict(backend=dist.get_backend(), device_type=get_device().type, backend_note=BACKEND_NOTE)
+    return dict(backend=dist.get_backend(), device_type=get_device().type,
+                backend_note=BACKEND_NOTE)
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
@@ -208,7 +220,8 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     still in a collective can abort the peer ("terminate called without an
     active exception"). Skip it only when peers may never reach it.
     """
-    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _DEVICE, _STAGE_THROUGH_HOST, BACKEND_NOTE
+    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _DEVICE, _STAGE_THROUGH_HOST
+    global BACKEND_NOTE
     if dist.is_initialized():
         if barrier:
             dist.barrier()
@@ -251,8 +264,9 @@ def comm_stats() -> dict:
 def _check_device(op: str, tensor: torch.Tensor) -> None:
     """The one device rule: every collective's tensor lives on the run's device."""
     if _DEVICE is not None and tensor.device != _DEVICE:
-        raise DeviceMismatchError(f"{op} was given a tensor on {tensor.device}, but this run's collectives use "
-                                  f"{_DEVICE}; move it with .to(parallel_state.get_device())")
+        raise DeviceMismatchError(f"{op} was given a tensor on {tensor.device}, but this run's "
+                                  f"collectives use {_DEVICE}; move it with "
+                                  ".to(parallel_state.get_device())")
 
 
 def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
@@ -319,7 +333,8 @@ def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
 
 def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
     """Sum every rank's `tensor` and keep this rank's chunk of the sum along the first
-    dimension (the rows, sequence parallelism's split; Megatron's `_reduce_scatter_along_first_dim`).
+    dimension (the rows, sequence parallelism's split; Megatron's
+    `_reduce_scatter_along_first_dim`).
 
     With async_op, returns at once a function that waits and returns the result.
     """
@@ -351,7 +366,8 @@ def _all_reduce_coalesced(tensors, group, name, divide_by=1):
 
 def average_over_data_parallel(tensors) -> None:
     """Average `tensors` in place over the data-parallel group, in one all-reduce."""
-    _all_reduce_coalesced(tensors, get_data_parallel_group(), "dp_all_reduce", get_data_parallel_world_size())
+    _all_reduce_coalesced(tensors, get_data_parallel_group(), "dp_all_reduce",
+                          get_data_parallel_world_size())
 
 
 def sum_over_tensor_parallel(tensors) -> None:
@@ -374,4 +390,5 @@ def average_replicated(tensors, partial_over_tensor_parallel: bool) -> None:
     if not partial_over_tensor_parallel and get_tensor_model_parallel_rank() != 0:
         for t in tensors:
             t.zero_()
-    _all_reduce_coalesced(tensors, dist.group.WORLD, "replicated_all_reduce", get_data_parallel_world_size())
+    _all_reduce_coalesced(tensors, dist.group.WORLD, "replicated_all_reduce",
+                          get_data_parallel_world_size())

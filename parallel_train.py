@@ -24,55 +24,15 @@ from checkpointing import gather_serial_state_dict, load_checkpoint, save_checkp
 from data import iterate_batches, load_dataset, to_tensors
 from logbook import Logbook, report_communication
 from metrics import MetricsWriter, run_config, save_model
-from operations import leaving_together, on_every_rank, pin_float32_precision, run_cli, \
-    single_process_env
+from operations import (
+    leaving_together,
+    on_every_rank,
+    pin_float32_precision,
+    run_cli,
+    single_process_env,
+)
 from sequence_parallel import allreduce_sequence_parallel_grads, sequence_parallel_disabled
 from train import build_model, evaluate, get_args_parser, make_optimizer, parse_args
-
-
-def get_parallel_args(argv=None):
-    """Flags, checked before any process-group work, identically on every rank."""
-    parser = get_args_parser("parallel_train.py", __doc__.splitlines()[0], out_dir="runs/tensor_parallel")
-    parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
-    parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
-    parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
-                        help="auto: nccl when every rank of the job has a GPU of its own, else gloo (said in "
-                             "one line when GPUs are there)")
-    parser.add_argument("--sequence_parallel", action="store_true",
-                        help="outside the split region each rank keeps only its rows (Korthikanti et al., 2022)")
-    parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
-    parser.add_argument("--save_interval", type=int, default=100, help="checkpoint every N iterations")
-    parser.add_argument("--load", default=None, help="resume from the newest checkpoint here, if any")
-    args = parse_args(parser, argv)
-    if args.save_interval <= 0:
-        parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
-    tp = args.tensor_model_parallel_size
-    if tp <= 0:
-        parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
-    if not (args.distributed_timeout_minutes > 0 and math.isfinite(args.distributed_timeout_minutes)):
-        parser.error(f"--distributed_timeout_minutes must be a positive number, got {args.distributed_timeout_minutes}")
-    if args.hidden_size % tp != 0:
-        parser.error(f"--hidden_size {args.hidden_size} is not divisible by --tensor_model_parallel_size {tp}")
-    if "RANK" not in os.environ:
-        if tp > 1:
-            parser.error(f"--tensor_model_parallel_size {tp} needs {tp} processes: launch with "
-                         f"torchrun --nproc_per_node {tp} parallel_train.py ... (or bash bash_parallel_train.sh)")
-        single_process_env()
-    world_size = int(os.environ["WORLD_SIZE"])
-    if tp > world_size:
-        parser.error(f"--tensor_model_parallel_size {tp} is larger than the {world_size} processes launched; "
-                     f"launch {tp} (torchrun --nproc_per_node {tp}, or GPUS_PER_NODE={tp} for the bash script)")
-    if world_size % tp != 0:
-        parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp}; "
-                     f"launch a multiple of {tp} processes")
-    dp = world_size // tp
-    if args.batch_size % dp != 0:
-        parser.error(f"--batch_size {args.batch_size} is not divisible by the data-parallel size {dp} "
-                     f"(world size {world_size} / tensor-parallel size {tp}); each replica takes an equal share")
-    if args.sequence_parallel and (args.batch_size // dp) % tp != 0:
-        parser.error(f"--sequence_parallel splits each replica's {args.batch_size // dp} rows between "
-                     f"{tp} tensor-parallel ranks; choose a --batch_size that makes them divisible")
-    return args
 
 
 def train(model, optimizer, batches, logbook, args, start=0):
@@ -163,7 +123,66 @@ def main():
         run(args, device, precision)
 
 
-@record  # a bug's traceback (not a user error's: those exit with one line) reaches torchrun's summary
+def get_parallel_args(argv=None):
+    """Flags, checked before any process-group work, identically on every rank."""
+    parser = get_args_parser("parallel_train.py", __doc__.splitlines()[0],
+                             out_dir="runs/tensor_parallel")
+    parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
+    parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
+    parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
+                        help="auto: nccl when every rank of the job has a GPU of its own, else "
+                             "gloo (said in "
+                             "one line when GPUs are there)")
+    parser.add_argument("--sequence_parallel", action="store_true",
+                        help="outside the split region each rank keeps only its rows (Korthikanti "
+                             "et al., 2022)")
+    parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
+    parser.add_argument("--save_interval", type=int, default=100,
+                        help="checkpoint every N iterations")
+    parser.add_argument("--load", default=None, help="resume from the newest checkpoint here, if "
+                                                     "any")
+    args = parse_args(parser, argv)
+    if args.save_interval <= 0:
+        parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
+    tp = args.tensor_model_parallel_size
+    if tp <= 0:
+        parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
+    timeout = args.distributed_timeout_minutes
+    if not (timeout > 0 and math.isfinite(timeout)):
+        parser.error("--distributed_timeout_minutes must be a positive number, got "
+                     f"{args.distributed_timeout_minutes}")
+    if args.hidden_size % tp != 0:
+        parser.error(f"--hidden_size {args.hidden_size} is not divisible by "
+                     f"--tensor_model_parallel_size {tp}")
+    if "RANK" not in os.environ:
+        if tp > 1:
+            parser.error(f"--tensor_model_parallel_size {tp} needs {tp} processes: launch with "
+                         f"torchrun --nproc_per_node {tp} parallel_train.py ... (or bash "
+                         "bash_parallel_train.sh)")
+        single_process_env()
+    world_size = int(os.environ["WORLD_SIZE"])
+    if tp > world_size:
+        parser.error(f"--tensor_model_parallel_size {tp} is larger than the {world_size} "
+                     "processes launched; "
+                     f"launch {tp} (torchrun --nproc_per_node {tp}, or GPUS_PER_NODE={tp} for the "
+                     "bash script)")
+    if world_size % tp != 0:
+        parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
+                     f"{tp}; launch a multiple of {tp} processes")
+    dp = world_size // tp
+    if args.batch_size % dp != 0:
+        parser.error(f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
+                     f"{dp} (world size {world_size} / tensor-parallel size {tp}); each replica "
+                     "takes an equal share")
+    if args.sequence_parallel and (args.batch_size // dp) % tp != 0:
+        parser.error(f"--sequence_parallel splits each replica's {args.batch_size // dp} rows "
+                     f"between {tp} tensor-parallel ranks; choose a --batch_size that makes them "
+                     "divisible")
+    return args
+
+
+# A bug's traceback (not a user error's: those exit with one line) reaches torchrun's summary.
+@record
 def cli():
     run_cli(main)
 

@@ -28,15 +28,17 @@ def describe(config):
     """'input 64, hidden 2048, batch 32, float32, lr 0.001' plus the parallel set-up."""
     if not config:
         return "configuration unknown (no config.json)"
-    text = (f"input {config['input_size']}, hidden {config['hidden_size']}, batch {config['batch_size']}, "
-            f"{config['dtype']}, lr {config['init_lr']:g}")
+    text = (f"input {config['input_size']}, hidden {config['hidden_size']}, batch "
+            f"{config['batch_size']}, {config['dtype']}, lr {config['init_lr']:g}")
     if "backend" in config:
-        text += f", TP={config['tensor_model_parallel_size']} over {config['backend']} ({config['device'].split(':')[0]})"
+        device = config['device'].split(':')[0]
+        text += f", TP={config['tensor_model_parallel_size']} over {config['backend']} ({device})"
     return text
 
 
 def rank_columns(metrics):
-    return sorted((k for k in metrics if k.startswith("train_loss_rank")), key=lambda k: int(k[15:]))
+    columns = [k for k in metrics if k.startswith("train_loss_rank")]
+    return sorted(columns, key=lambda k: int(k[len("train_loss_rank"):]))
 
 
 def plot_losses(ax, metrics, color, label, valid_label, **style):
@@ -70,8 +72,9 @@ def plot_parallel(parallel, config, path):
     colors = plt.cm.tab10(np.arange(len(columns)))
     for i, (column, color) in enumerate(zip(columns, colors)):
         # Wider lines underneath, so ranks that agree (they must) stay visible on top of each other.
-        ax.plot(parallel["iteration"], parallel[column], color=color, lw=1.5 + 2.5 * (len(columns) - 1 - i),
-                alpha=0.8, label=f"rank {column[15:] or 0} train loss")
+        ax.plot(parallel["iteration"], parallel[column], color=color,
+                lw=1.5 + 2.5 * (len(columns) - 1 - i), alpha=0.8,
+                label=f"rank {column[15:] or 0} train loss")
     equal = all(np.array_equal(parallel[c], parallel[columns[0]]) for c in columns)
     ax.text(0.02, 0.03, f"{len(columns)} ranks' losses bitwise equal: {'yes' if equal else 'NO'}",
             transform=ax.transAxes, fontsize=9)
@@ -81,10 +84,12 @@ def plot_parallel(parallel, config, path):
 
 
 def plot_comparison(serial, parallel, configs, path):
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
     plot_losses(top, serial, SERIAL_COLOR, "serial", None, lw=5, alpha=0.35)
     plot_losses(top, parallel, PARALLEL_COLOR, "tensor-parallel", None, lw=1.3, ls="--")
-    style_loss_axes(top, f"Serial vs tensor-parallel (circles: validation loss)\n{describe(configs[1])}")
+    style_loss_axes(top, "Serial vs tensor-parallel (circles: validation "
+                         f"loss)\n{describe(configs[1])}")
     top.set_xlabel("")
 
     n = min(len(serial["iteration"]), len(parallel["iteration"]))
@@ -92,12 +97,14 @@ def plot_comparison(serial, parallel, configs, path):
     it = serial["iteration"][:n]
     exact = diff == 0  # can't go on a log axis: counted in the legend instead
     bottom.semilogy(it[~exact], diff[~exact], ".", color="black", ms=4,
-                    label=f"|serial - parallel| train loss ({exact.sum()} of {n} iterations exactly 0)")
+                    label=f"|serial - parallel| train loss ({exact.sum()} of {n} iterations "
+                          "exactly 0)")
     i = int(np.argmax(diff))
     _, max_rel = curve_difference(serial, parallel)  # the numbers compare_runs.py reports
-    bottom.annotate(f"max {diff[i]:.2e} at iteration {int(it[i])}\n(max relative difference {max_rel:.2e})",
-                    xy=(it[i], diff[i]), xytext=(0.03, 0.08), textcoords="axes fraction", fontsize=9,
-                    arrowprops=dict(arrowstyle="->", color="gray"))
+    bottom.annotate(f"max {diff[i]:.2e} at iteration {int(it[i])}\n"
+                    f"(max relative difference {max_rel:.2e})",
+                    xy=(it[i], diff[i]), xytext=(0.03, 0.08), textcoords="axes fraction",
+                    fontsize=9, arrowprops=dict(arrowstyle="->", color="gray"))
     bottom.set_xlabel("iteration")
     bottom.set_ylabel("absolute difference")
     bottom.grid(True, which="both", alpha=0.3)

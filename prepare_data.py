@@ -40,7 +40,8 @@ def main():
     parser.add_argument("--num_samples", type=int, default=20000)
     parser.add_argument("--input_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--noise", type=float, default=0.001, help="std of the Gaussian label noise")
+    parser.add_argument("--noise", type=float, default=0.001,
+                        help="std of the Gaussian label noise")
     args = parser.parse_args()
     if args.num_samples < 10 or args.input_size < 1:
         parser.error("--num_samples must be at least 10 and --input_size at least 1")

@@ -64,7 +64,8 @@ from model import ToyModel  # noqa: E402
 from operations import pin_float32_precision  # noqa: E402
 from sequence_parallel import allreduce_sequence_parallel_grads  # noqa: E402
 
-# lr 1e-5 for the compute-heavy size: at 1e-3 it diverges (inf by iteration 14); a finite run is timed.
+# lr 1e-5 for the compute-heavy size: at 1e-3 it diverges (inf by iteration 14); a finite run is
+# timed.
 CONFIGS = {
     "original": dict(input_size=64, hidden_size=2048, batch_size=32, lr=1e-3),
     "compute_heavy": dict(input_size=1024, hidden_size=32768, batch_size=32, lr=1e-5),
@@ -90,7 +91,8 @@ class Step:
     per-rank share of it with the partial sums (fc's gradient, the loss) added after backward."""
 
     def __init__(self, model, batch_size=None):
-        self.model, self.batch_size = model, batch_size  # batch_size: the rows of all TP ranks, under SP
+        # batch_size: the rows of all TP ranks, under SP
+        self.model, self.batch_size = model, batch_size
 
     def loss(self, x, y):
         if self.batch_size is None:
@@ -122,7 +124,8 @@ def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, f
         if i >= warmup:
             times.append(time.perf_counter() - start)
     if not torch.isfinite(loss):
-        raise RuntimeError(f"the loss is {loss.item()} after the timed steps: lower the config's lr")
+        raise RuntimeError(f"the loss is {loss.item()} after the timed steps: lower the "
+                           "config's lr")
     return times, optimizer
 
 
@@ -137,7 +140,10 @@ def memory(model, optimizer, device):
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     state = [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     on_gpu = device.type == "cuda"
-    peak = torch.cuda.max_memory_allocated(device) if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return dict(params=nbytes(params), grads=nbytes([local(p.grad) for p in model.parameters()]),
                 optimizer=nbytes(state), peak=peak, peak_kind="GPU allocated" if on_gpu else "RSS")
 
@@ -152,7 +158,8 @@ def count_ours(step, batch):
         loss.backward()
         step.after_backward(loss)
         counts["input_grad" if input_grad else "no_input_grad"] = dict(
-            calls=dict(ps.comm_calls), bytes=dict(ps.comm_bytes), ring_bytes=dict(ps.comm_ring_bytes))
+            calls=dict(ps.comm_calls), bytes=dict(ps.comm_bytes),
+            ring_bytes=dict(ps.comm_ring_bytes))
     step.model.zero_grad(set_to_none=True)
     return counts
 
@@ -170,7 +177,8 @@ def count_dtensor(step, batch):
 
 def saved_activations(step, batch, hidden_per_rank):
     """Bytes of the activations one forward saves for backward on this rank, inside the split
-    region (hidden_per_rank wide) and outside it; parameters and repeats of one tensor not counted."""
+    region (hidden_per_rank wide) and outside it; parameters and repeats of one tensor not
+    counted."""
     params = {local(p).data_ptr() for p in step.model.parameters()}
     seen, saved = set(), dict(inside=0, outside=0)
 
@@ -202,30 +210,42 @@ def worker(args):
         ps.initialize_model_parallel(tp)
         rank = torch.distributed.get_rank()
         torch.manual_seed(SEED)
-        model = ToyModel(cfg["input_size"], cfg["hidden_size"], tensor_parallel=args.variant == "ours",
+        model = ToyModel(cfg["input_size"], cfg["hidden_size"],
+                         tensor_parallel=args.variant == "ours",
                          sequence_parallel=args.sequence_parallel)
         if args.variant == "dtensor":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+            from torch.distributed.tensor.parallel import (
+                ColwiseParallel,
+                RowwiseParallel,
+                parallelize_module,
+            )
             mesh = init_device_mesh(device.type, (tp,))
-            parallelize_module(model, mesh, {"mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
+            parallelize_module(model, mesh,
+                               {"mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
         model = model.to(device)
         barrier = torch.distributed.barrier if tp > 1 else lambda: None
     batches = make_batches(cfg, 8, device)
     step = Step(model, batch_size=cfg["batch_size"] if args.sequence_parallel else None)
-    if args.sequence_parallel:  # each rank keeps its rows of every batch, copied so the rest is freed
+    # each rank keeps its rows of every batch, copied so the rest is freed
+    if args.sequence_parallel:
         rank_rows = lambda t: t.chunk(tp)[ps.get_tensor_model_parallel_rank()].clone()
         batches = [(rank_rows(x), rank_rows(y)) for x, y in batches]
-    count = {"ours": count_ours, "dtensor": count_dtensor}.get(args.variant, lambda s, b: {})(step, batches[0])
+    count = {"ours": count_ours,
+             "dtensor": count_dtensor}.get(args.variant, lambda s, b: {})(step, batches[0])
     activations = saved_activations(step, batches[0], cfg["hidden_size"] // tp)
     # DTensor has no sharding rule for the fused SGD kernel: it always takes the standard one.
     fused = args.fused_sgd and args.variant != "dtensor"
-    times, optimizer = time_steps(step, batches, cfg["lr"], args.steps, args.warmup, device, barrier, fused)
-    result = dict(times=times, memory=dict(memory(model, optimizer, device), activations=activations), comm=count,
+    times, optimizer = time_steps(step, batches, cfg["lr"], args.steps, args.warmup, device,
+                                  barrier, fused)
+    result = dict(times=times,
+                  memory=dict(memory(model, optimizer, device),
+                              activations=activations), comm=count,
                   tp=tp, device=str(device))
     if args.variant != "serial":
         # The ranks of one step are coupled by the all-reduce: report the slowest rank's median.
-        medians = ps.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64, device=device), dim=0)
+        medians = ps.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64,
+                                             device=device), dim=0)
         result["slowest_rank"] = int(medians.argmax())
         ps.destroy_model_parallel()
     if rank == 0:
@@ -292,14 +312,16 @@ def loop_worker(args):
     flags = ["--data_dir", data_dir, "--out_dir", out_dir, "--input_size", str(cfg["input_size"]),
              "--hidden_size", str(cfg["hidden_size"]), "--batch_size", str(cfg["batch_size"]),
              "--init_lr", str(cfg["lr"]), "--num_iterations", str(n + 1), "--update_freq", "10",
-             "--eval_interval", str(n + 1), "--device", args.device]  # validation after the last timed iteration
+             # validation after the last timed iteration
+             "--eval_interval", str(n + 1), "--device", args.device]
     if args.variant == "loop-dtensor":
         return dtensor_loop(cfg, n + 1, data_dir, timed, stamps, args)
     if args.variant == "loop-serial":
         import train as script
     else:
         import parallel_train as script
-        flags += ["--tensor_model_parallel_size", os.environ["WORLD_SIZE"], "--distributed_timeout_minutes", "5"]
+        flags += ["--tensor_model_parallel_size", os.environ["WORLD_SIZE"],
+                  "--distributed_timeout_minutes", "5"]
     untimed = script.iterate_batches
     script.iterate_batches = lambda *a, **k: timed(untimed(*a, **k))
     sys.argv = [script.__file__, *flags]
@@ -314,7 +336,12 @@ def dtensor_loop(cfg, n, data_dir, timed, stamps, args):
     every rank steps, the loss is read every step and printed every 10."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
     from data import iterate_batches, load_dataset
     pin_float32_precision()
     device = ps.init_distributed("auto", timeout_minutes=5, device=args.device)
@@ -326,11 +353,13 @@ def dtensor_loop(cfg, n, data_dir, timed, stamps, args):
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
     B, d = cfg["batch_size"], cfg["input_size"]
-    source = iterate_batches(*load_dataset(data_dir, d, B)[0], B) if rank == 0 else iter(lambda: None, 0)
+    source = iterate_batches(*load_dataset(data_dir, d, B)[0],
+                             B) if rank == 0 else iter(lambda: None, 0)
     running = 0.0
     for it, batch in zip(range(1, n + 1), timed(source)):
         if rank == 0:
-            packed = torch.cat([torch.as_tensor(batch[0]), torch.as_tensor(batch[1])[:, None]], 1).to(device)
+            packed = torch.cat([torch.as_tensor(batch[0]), torch.as_tensor(batch[1])[:, None]],
+                               1).to(device)
         else:
             packed = torch.empty(B, d + 1, device=device)
         dist.broadcast(packed, 0)
@@ -340,7 +369,8 @@ def dtensor_loop(cfg, n, data_dir, timed, stamps, args):
         optimizer.step()
         running += loss.item()
         if it % 10 == 0:
-            print(f"Rank {rank} Iter {it} Train Loss {running:.3f}")  # the driver keeps only RESULT lines
+            # the driver keeps only RESULT lines
+            print(f"Rank {rank} Iter {it} Train Loss {running:.3f}")
             running = 0.0
     dist.barrier()
     ps.destroy_model_parallel()
@@ -350,7 +380,8 @@ def dtensor_loop(cfg, n, data_dir, timed, stamps, args):
 
 def report_loop(stamps, args):
     times = np.diff(stamps)[args.warmup:].tolist()  # iteration i: from batch i to batch i + 1
-    print("RESULT " + json.dumps(dict(times=times, tp=int(os.environ.get("WORLD_SIZE", 1)), device=args.device)),
+    print("RESULT " + json.dumps(dict(times=times, tp=int(os.environ.get("WORLD_SIZE", 1)),
+                                      device=args.device)),
           flush=True)
 
 
@@ -362,35 +393,43 @@ DEVICE = "cpu"  # the driver's --device, passed to every worker
 
 
 def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=()):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--config", config, "--device", DEVICE,
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--config", config,
+           "--device", DEVICE,
            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), *extra]
     if variant in ("ours", "dtensor", "loop-ours", "loop-dtensor"):
         cmd = [sys.executable, os.path.join(REPO, "scripts", "launch.py"), "--standalone",
                "--nproc_per_node", str(ranks), *cmd[1:]]
-    # As bash_parallel_train.sh sets it: the async all-reduce is queued before the matmul it overlaps.
+    # As bash_parallel_train.sh sets it: the async all-reduce is queued before the matmul it
+    # overlaps.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"error: {variant} ({config}, {ranks} ranks) failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        sys.exit(f"error: {variant} ({config}, {ranks} ranks) "
+                 f"failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
     return json.loads(lines[0][len("RESULT "):])
 
 
 def summarize_loop(name, result):
     times = np.array(result["times"]) * 1e3
-    return dict(variant=name, tp=result["tp"], mean_ms=float(times.mean()), median_ms=float(np.median(times)),
-                p10_ms=float(np.percentile(times, 10)), p90_ms=float(np.percentile(times, 90)), steps=len(times),
+    return dict(variant=name, tp=result["tp"], mean_ms=float(times.mean()),
+                median_ms=float(np.median(times)),
+                p10_ms=float(np.percentile(times,
+                                           10)), p90_ms=float(np.percentile(times,
+                                                                            90)), steps=len(times),
                 device=result["device"])
 
 
 def summarize(name, result, cfg, ceiling):
     times = np.array(result["times"]) * 1e3
     tp = result.get("tp", 1)
-    flops = 10 * cfg["batch_size"] * cfg["input_size"] * cfg["hidden_size"] / tp  # five GEMMs, see ceiling_worker
+    # five GEMMs, see ceiling_worker
+    flops = 10 * cfg["batch_size"] * cfg["input_size"] * cfg["hidden_size"] / tp
     median = float(np.median(times))
     ideal_ms = sum(ceiling[tp]["seconds"].values()) * 1e3
     return dict(variant=name, tp=tp, median_ms=median, p10_ms=float(np.percentile(times, 10)),
-                p90_ms=float(np.percentile(times, 90)), steps=len(times), gflops=flops / median / 1e6,
+                p90_ms=float(np.percentile(times,
+                                           90)), steps=len(times), gflops=flops / median / 1e6,
                 ceiling_gflops=flops / ideal_ms / 1e6, fraction_of_ceiling=ideal_ms / median,
                 memory=result["memory"], comm=result.get("comm", {}), device=result["device"])
 
@@ -401,13 +440,16 @@ def paper_count(cfg, tp, elem=4):
     (2022, Sec. 4.2.2): forward all-gather + reduce-scatter, backward two all-gathers (one
     re-gathers fc1's input) + reduce-scatter."""
     n = cfg["batch_size"] * cfg["input_size"] * elem
-    return dict(tensor_parallel=dict(calls=dict(all_reduce=2), ring_bytes=2 * 2 * (tp - 1) * n // tp),
-                sequence_parallel=dict(calls=dict(all_gather=3, reduce_scatter=2), ring_bytes=5 * (tp - 1) * n // tp))
+    return dict(tensor_parallel=dict(calls=dict(all_reduce=2),
+                                     ring_bytes=2 * 2 * (tp - 1) * n // tp),
+                sequence_parallel=dict(calls=dict(all_gather=3, reduce_scatter=2),
+                                       ring_bytes=5 * (tp - 1) * n // tp))
 
 
 def print_report(config, cfg, rows, loops):
     base = next(r for r in rows if r["variant"] == "serial-1t")["median_ms"]
-    print(f"\n== {config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch {cfg['batch_size']} ==")
+    print(f"\n== {config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch "
+          f"{cfg['batch_size']} ==")
     print(f"{'variant':<13}{'median ms':>11}{'p10-p90 ms':>17}{'vs serial-1t':>13}{'GFLOP/s':>9}"
           f"{'of ceiling':>11}{'params+grads+optim':>20}{'saved act. in/out':>22}{'peak':>10}")
     for r in rows:
@@ -415,12 +457,16 @@ def print_report(config, cfg, rows, loops):
         state = (m["params"] + m["grads"] + m["optimizer"]) / 2**20
         print(f"{r['variant']:<13}{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}"
               f"{base / r['median_ms']:>12.2f}x{r['gflops']:>9.1f}{r['fraction_of_ceiling']:>10.0%}"
-              f"{state:>16.1f} MiB{act['inside'] / 2**10:>11.1f} /{act['outside'] / 2**10:>6.1f} KiB"
+              f"{state:>16.1f} MiB{act['inside'] / 2**10:>11.1f} /"
+              f"{act['outside'] / 2**10:>6.1f} KiB"
               f"{m['peak'] / 2**20:>7.0f} MiB")
     for r in rows:
         for case, c in r["comm"].items():
-            sent = f", sent per rank in a ring {sum(c['ring_bytes'].values())} bytes" if "ring_bytes" in c else ""
-            print(f"  {r['variant']} collectives per step ({case.replace('_', ' ')}): {c['calls']}{sent}")
+            sent = ""
+            if "ring_bytes" in c:
+                sent = f", sent per rank in a ring {sum(c['ring_bytes'].values())} bytes"
+            print(f"  {r['variant']} collectives per step ({case.replace('_', ' ')}): "
+                  f"{c['calls']}{sent}")
     print(f"  peak: {rows[0]['memory']['peak_kind']}")
     if loops:
         print("  Whole training iteration (batch delivery, step, bookkeeping), ms:")
@@ -429,9 +475,10 @@ def print_report(config, cfg, rows, loops):
                   f"p10-p90 {r['p10_ms']:.3f}-{r['p90_ms']:.3f}")
     tp = max(r["tp"] for r in rows)
     paper = paper_count(cfg, tp)
-    print(f"  Papers, per MLP step at TP={tp} (batch x input fp32 each): Megatron-LM {paper['tensor_parallel']}; "
-          f"sequence parallel {paper['sequence_parallel']}. Ours skips what carries dL/dX when the input needs no "
-          f"gradient; sequence parallelism adds a small all-reduce of fc's gradient and the loss.")
+    print(f"  Papers, per MLP step at TP={tp} (batch x input fp32 each): Megatron-LM "
+          f"{paper['tensor_parallel']}; sequence parallel {paper['sequence_parallel']}. Ours skips "
+          "what carries dL/dX when the input needs no gradient; sequence parallelism adds a small "
+          "all-reduce of fc's gradient and the loss.")
 
 
 TARGETS = [  # (config, variant, reference, limit, statistic): variant <= limit x reference
@@ -465,15 +512,17 @@ def check_targets(results):
 def plot(results, loops, path, per_rank="one thread per rank"):
     """Top: ms per step. Middle: ms per whole training iteration (mean). Bottom: activations saved
     for backward per rank, inside the split region and outside it (sequence parallelism's 1/TP)."""
-    from plot_runs import save  # first: it sets the Agg backend
     import matplotlib.pyplot as plt
+
+    from plot_runs import save  # first: it sets the Agg backend
     fig, axes = plt.subplots(3, len(results), figsize=(6 * len(results), 10.5), squeeze=False,
                              gridspec_kw=dict(height_ratios=[3, 2, 2]))
     for (ax, loop_ax, mem_ax), (config, rows) in zip(axes.T, results.items()):
         loop_rows = loops[config]
         mean = [r["mean_ms"] for r in loop_rows]
         loop_ax.bar([r["variant"] for r in loop_rows], mean, color=[
-            "#7f7f7f" if "serial" in r["variant"] else "#ff7f0e" if "dtensor" in r["variant"] else "#1f77b4"
+            "#7f7f7f" if "serial" in r["variant"]
+            else "#ff7f0e" if "dtensor" in r["variant"] else "#1f77b4"
             for r in loop_rows])
         for i, m in enumerate(mean):
             loop_ax.text(i, m, f"{m:.3g}", ha="center", va="bottom", fontsize=8)
@@ -482,14 +531,16 @@ def plot(results, loops, path, per_rank="one thread per rank"):
         loop_ax.grid(axis="y", alpha=0.3)
         names = [r["variant"] for r in rows]
         med = np.array([r["median_ms"] for r in rows])
-        err = np.array([[m - r["p10_ms"] for m, r in zip(med, rows)], [r["p90_ms"] - m for m, r in zip(med, rows)]])
+        err = np.array([[m - r["p10_ms"] for m, r in zip(med, rows)],
+                        [r["p90_ms"] - m for m, r in zip(med, rows)]])
         colors = ["#7f7f7f" if n.startswith("serial") else "#6baed6" if n.startswith("ours-sp")
                   else "#1f77b4" if n.startswith("ours") else "#ff7f0e" for n in names]
         ax.bar(names, med, yerr=err, color=colors, capsize=4)
         for i, (m, r) in enumerate(zip(med, rows)):  # above the error bar, clear of its cap
             ax.text(i, r["p90_ms"], f"{m:.3g}", ha="center", va="bottom", fontsize=8)
         cfg = CONFIGS[config]
-        ax.set_title(f"{config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch {cfg['batch_size']}",
+        ax.set_title(f"{config}: input {cfg['input_size']}, hidden {cfg['hidden_size']}, batch "
+                     f"{cfg['batch_size']}",
                      fontsize=10)
         ax.set_ylabel("ms per training step (median, p10-p90)")
         ax.tick_params(axis="x", labelbottom=False)
@@ -508,7 +559,8 @@ def plot(results, loops, path, per_rank="one thread per rank"):
         mem_ax.grid(axis="y", alpha=0.3)
         mem_ax.legend(fontsize=7.5, loc="upper right")
     fig.suptitle(f"One training step, and one whole iteration of each training loop, {per_rank}\n"
-                 "(grey: serial, blue: ours, light blue: ours with --sequence_parallel, orange: PyTorch DTensor TP)",
+                 "(grey: serial, blue: ours, light blue: ours with --sequence_parallel, orange: "
+                 "PyTorch DTensor TP)",
                  fontsize=10)
     fig.tight_layout()
     save(fig, path)
@@ -516,19 +568,24 @@ def plot(results, loops, path, per_rank="one thread per rank"):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=["original", "compute_heavy"], choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=["original", "compute_heavy"],
+                   choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per variant, after --warmup (default: 300 for steps under 10 ms, else 30)")
+                   help="timed steps per variant, after --warmup (default: 300 for steps under 10 "
+                        "ms, else 30)")
     p.add_argument("--fused_sgd", action="store_true",
-                   help="fused SGD for serial and ours (DTensor can't use it); default: standard SGD for all")
+                   help="fused SGD for serial and ours (DTensor can't use it); default: standard "
+                        "SGD for all")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: the GPUs when there are any, else the CPU")
-    p.add_argument("--max_tp", type=int, default=None, help="largest tensor-parallel size (default: cores or GPUs)")
+    p.add_argument("--max_tp", type=int, default=None, help="largest tensor-parallel size "
+                                                            "(default: cores or GPUs)")
     p.add_argument("--out", default="assets/benchmark.json")
     p.add_argument("--plot", default="assets/benchmark.png")
     # Worker mode (used by the driver).
-    p.add_argument("--worker", choices=["serial", "ours", "dtensor", "ceiling", *LOOPS], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["serial", "ours", "dtensor", "ceiling", *LOOPS],
+                   help=argparse.SUPPRESS)
     p.add_argument("--config", default="original", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
@@ -539,7 +596,8 @@ def main():
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "cuda" and not gpus:
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
-    args.device = "cuda" if args.device == "auto" and gpus else "cpu" if args.device == "auto" else args.device
+    if args.device == "auto":
+        args.device = "cuda" if gpus else "cpu"
     if args.worker:
         args.variant = args.worker
         if args.worker in LOOPS:
@@ -560,19 +618,22 @@ def main():
         steps = args.steps or (30 if config == "compute_heavy" else 300)
         print(f"benchmarking {config} on {args.device} ...", flush=True)
         for t in too_big:
-            print(f"  skipped ours-tp{t}, ours-sp-tp{t}, dtensor-tp{t} and their loops: {t} ranks need "
-                  f"{t} {'GPUs (NCCL: one per rank)' if on_gpu else 'cores'}, this machine has {fits}", flush=True)
+            needs = "GPUs (NCCL: one per rank)" if on_gpu else "cores"
+            print(f"  skipped ours-tp{t}, ours-sp-tp{t}, dtensor-tp{t} and their loops: "
+                  f"{t} ranks need {t} {needs}, this machine has {fits}", flush=True)
         ceiling = {tp: launch("ceiling", config, steps, 0, extra=("--tp", str(tp))) for tp in tps}
         fused = ("--fused_sgd",) if args.fused_sgd else ()
         run = lambda name, *a, extra=(), **k: rows.append(
             summarize(name, launch(*a, **k, extra=fused + extra), cfg, ceiling))
         run("serial-1t", "serial", config, steps, args.warmup, threads=1)
         if parallel_ranks > 1 and not on_gpu:  # threads of a CPU: no meaning on a GPU
-            run(f"serial-{parallel_ranks}t", "serial", config, steps, args.warmup, threads=parallel_ranks)
+            run(f"serial-{parallel_ranks}t", "serial", config, steps, args.warmup,
+                threads=parallel_ranks)
         for tp in tps:
             run(f"ours-tp{tp}", "ours", config, steps, args.warmup, ranks=tp)
         for tp in tps[1:]:
-            run(f"ours-sp-tp{tp}", "ours", config, steps, args.warmup, ranks=tp, extra=("--sequence_parallel",))
+            run(f"ours-sp-tp{tp}", "ours", config, steps, args.warmup, ranks=tp,
+                extra=("--sequence_parallel",))
         for tp in tps[1:]:
             run(f"dtensor-tp{tp}", "dtensor", config, steps, args.warmup, ranks=tp)
         loop = lambda name, variant, ranks: loop_rows.append(
@@ -590,19 +651,23 @@ def main():
                    gpu_name=torch.cuda.get_device_name(0) if on_gpu else None)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
-        json.dump(dict(machine=machine, configs={c: CONFIGS[c] for c in results}, results=results, loops=loops,
+        json.dump(dict(machine=machine, configs={c: CONFIGS[c] for c in results}, results=results,
+                       loops=loops,
                        papers={c: paper_count(CONFIGS[c], parallel_ranks) for c in results},
-                       ceiling=raw, targets=targets, warmup=args.warmup, fused_sgd=args.fused_sgd), f, indent=1)
+                       ceiling=raw, targets=targets, warmup=args.warmup, fused_sgd=args.fused_sgd),
+                  f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
-    plot(results, loops, args.plot, per_rank=f"one GPU per rank ({machine['gpu_name']})" if on_gpu else
+    plot(results, loops, args.plot,
+         per_rank=f"one GPU per rank ({machine['gpu_name']})" if on_gpu else
          "one thread per rank")
 
 
 def _cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":",
+                                   1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return "unknown"
 

@@ -19,9 +19,11 @@ if __name__ == "__main__":
     try:
         main()
     except ChildFailedError as e:
-        # Which rank failed *first* torchrun can only guess from timing; the first error printed is the cause.
+        # Which rank failed *first* torchrun can only guess from timing; the first error printed
+        # is the cause.
         outcomes = [f"rank {rank} killed by {signal.Signals(-f.exitcode).name}" if f.exitcode < 0
-                    else f"rank {rank} exited with {f.exitcode}" for rank, f in sorted(e.failures.items())]
+                    else f"rank {rank} exited with {f.exitcode}"
+                    for rank, f in sorted(e.failures.items())]
         # torchrun itself stops the survivors with SIGTERM: only another signal (SIGKILL, from
         # the out-of-memory killer, say) marks a cause.
         killed = [o for o in outcomes if "killed" in o and "SIGTERM" not in o]

@@ -41,7 +41,8 @@ def serial_runs(data_dir, tmp_path_factory):
     out = {}
     for dtype in ("float32", "float64"):
         out[dtype] = str(tmp_path_factory.mktemp(f"serial_{dtype}"))
-        log = _run(sys.executable, "train.py", "--data_dir", data_dir, "--update_freq", "10", "--dtype", dtype,
+        log = _run(sys.executable, "train.py", "--data_dir", data_dir, "--update_freq", "10",
+                   "--dtype", dtype,
                    "--out_dir", out[dtype])
         assert "Iter 10 Train Loss " in log and "Iter 200 Valid Loss " in log
     return out

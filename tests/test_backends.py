@@ -21,7 +21,8 @@ from operations import pin_float32_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-RTOL_FLOAT64 = 5e-14  # as test_end_to_end.py: measured 3.9e-15 (TP=2) and 4.4e-15 (SP TP=2), serial vs parallel
+# as test_end_to_end.py: measured 3.9e-15 (TP=2) and 4.4e-15 (SP TP=2), serial vs parallel
+RTOL_FLOAT64 = 5e-14
 
 
 def run(cmd, ok=True, timeout=240):
@@ -33,7 +34,8 @@ def run(cmd, ok=True, timeout=240):
 
 
 def launch(nproc, *args, script="parallel_train.py", ok=True):
-    return run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", str(nproc), script, *args],
+    return run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", str(nproc),
+                script, *args],
                ok=ok)
 
 
@@ -49,7 +51,8 @@ def choose(ranks, backend="auto", device="auto"):
                 mock.patch("socket.gethostname", return_value=host), \
                 mock.patch("torch.cuda.is_available", return_value=bool(uuids)), \
                 mock.patch("torch.cuda.device_count", return_value=len(uuids)), \
-                mock.patch("torch.cuda.get_device_properties", lambda i, uuids=uuids: SimpleNamespace(uuid=uuids[i])):
+                mock.patch("torch.cuda.get_device_properties", lambda i,
+                           uuids=uuids: SimpleNamespace(uuid=uuids[i])):
             seen.append(ps.this_rank_gpu())
     return ps.decide_backend(seen, backend, device)
 
@@ -65,14 +68,17 @@ def test_no_gpus_anywhere_is_gloo_on_cpu_without_a_word():
 def test_two_ranks_on_one_gpu_fall_back_to_gloo_on_the_gpu_and_say_so():
     backend, device, note = choose([("a", 0, ["g0"]), ("a", 1, ["g0"])])
     assert (backend, device) == ("gloo", "cuda")
-    assert note.startswith("using gloo, not nccl: rank 1 (on a) would share a GPU with another rank")
-    with pytest.raises(ps.ParallelConfigError, match="nccl needs a GPU of its own for each of the 2 ranks, but "
+    assert note.startswith(
+        "using gloo, not nccl: rank 1 (on a) would share a GPU with another rank")
+    with pytest.raises(ps.ParallelConfigError,
+                       match="nccl needs a GPU of its own for each of the 2 ranks, but "
                                                      "rank 1 .on a. would share a GPU"):
         choose([("a", 0, ["g0"]), ("a", 1, ["g0"])], backend="nccl")
 
 
 def test_two_launchers_on_one_machine_never_put_two_nccl_ranks_on_one_gpu():
-    # Both "nodes" have LOCAL_RANK 0 and would take cuda:0 (the same UUID): NCCL is ruled out for the job.
+    # Both "nodes" have LOCAL_RANK 0 and would take cuda:0 (the same UUID): NCCL is ruled out for
+    # the job.
     backend, _, note = choose([("a", 0, ["g0", "g1"]), ("a", 0, ["g0", "g1"])])
     assert backend == "gloo" and "rank 1 (on a) would share a GPU" in note
 
@@ -89,7 +95,8 @@ def test_a_node_without_gpus_makes_the_whole_job_gloo_on_cpu():
 
 def test_every_collective_checks_the_device():
     with mock.patch.object(ps, "_DEVICE", torch.device("cpu")):
-        for op in (lambda t: ps.all_reduce(t), lambda t: ps.all_gather(t, dim=0), lambda t: ps.reduce_scatter(t)):
+        for op in (lambda t: ps.all_reduce(t), lambda t: ps.all_gather(t, dim=0),
+                   lambda t: ps.reduce_scatter(t)):
             with pytest.raises(ps.DeviceMismatchError) as e:
                 op(torch.empty(4, device="meta"))
             assert "was given a tensor on meta, but this run's collectives use cpu" in str(e.value)
@@ -103,7 +110,8 @@ def test_tf32_is_switched_off_whatever_the_environment_asked():
         assert os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "0"
     assert torch.get_float32_matmul_precision() == "highest"
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    assert recorded == {"float32_matmul_precision": "highest (TF32 off)", "tf32_override_in_environment": "1"}
+    assert recorded == {"float32_matmul_precision": "highest (TF32 off)",
+                        "tf32_override_in_environment": "1"}
 
 
 # ---------------------------------------------------------------------------
@@ -112,17 +120,22 @@ def test_tf32_is_switched_off_whatever_the_environment_asked():
 def test_older_torch_names_give_the_same_run(data_dir, tmp_path):
     """Without 2.13's all_gather_single / reduce_scatter_single (as on torch 2.4 to 2.12), sequence
     parallelism (all-gathers and reduce-scatters) and model.pt (all-gathers) still equal serial."""
-    common = ["--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "50", "--update_freq", "10"]
+    common = ["--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "50",
+              "--update_freq", "10"]
     run([sys.executable, "train.py", *common, "--out_dir", str(tmp_path / "serial")])
-    launch(2, "--tensor_model_parallel_size", "2", "--sequence_parallel", *common, "--out_dir", str(tmp_path / "old"),
+    launch(2, "--tensor_model_parallel_size", "2", "--sequence_parallel", *common, "--out_dir",
+           str(tmp_path / "old"),
            script="tests/without_new_collective_names.py")
-    _, rel = curve_difference(read_metrics(str(tmp_path / "serial")), read_metrics(str(tmp_path / "old")))
+    _, rel = curve_difference(read_metrics(str(tmp_path / "serial")),
+                              read_metrics(str(tmp_path / "old")))
     assert rel <= RTOL_FLOAT64
     serial, old = (torch.load(tmp_path / d / "model.pt") for d in ("serial", "old"))
-    assert all((serial[k] - old[k]).abs().max() <= 5e-15 for k in serial)  # measured 3.9e-16 (test_end_to_end)
+    # measured 3.9e-16 (test_end_to_end)
+    assert all((serial[k] - old[k]).abs().max() <= 5e-15 for k in serial)
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     assert config["float32_matmul_precision"] == "highest (TF32 off)"
-    assert (config["backend"], config["device_type"]) == (("gloo", "cpu") if not torch.cuda.is_available()
+    assert (config["backend"],
+            config["device_type"]) == (("gloo", "cpu") if not torch.cuda.is_available()
                                                           else ("gloo", "cuda"))
 
 
@@ -130,7 +143,8 @@ def _check_replicated_average_is_bitwise_identical():
     """Every rank starts from different numbers; afterwards all hold the same bits, and they are
     the data-parallel mean of what tensor-parallel rank 0 of each replica held."""
     rank, tp_rank = torch.distributed.get_rank(), ps.get_tensor_model_parallel_rank()
-    values = [torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in range(6)]
+    values = [torch.randn(5, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(r)) for r in range(6)]
     t = values[rank].clone()
     ps.average_replicated([t], partial_over_tensor_parallel=False)
     everyone = all_ranks(t)
@@ -151,7 +165,8 @@ def test_replicated_gradients_are_averaged_identically_on_every_rank():
 def test_a_missing_shard_is_named(data_dir, tmp_path):
     ck = tmp_path / "ck"
     common = ["--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--save_interval", "10"]
-    launch(2, *common, "--num_iterations", "10", "--save", str(ck), "--out_dir", str(tmp_path / "a"))
+    launch(2, *common, "--num_iterations", "10", "--save", str(ck), "--out_dir",
+           str(tmp_path / "a"))
     missing = ck / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt"
     missing.unlink()
     out, seconds = launch(2, *common, "--load", str(ck), "--out_dir", str(tmp_path / "b"), ok=False)
@@ -161,11 +176,14 @@ def test_a_missing_shard_is_named(data_dir, tmp_path):
 
 def test_a_rank_stuck_in_c_code_leaves_soon_after_its_peer_fails(data_dir, tmp_path):
     """As under NCCL: rank 1 raises, rank 0 is blocked where Python's signal handlers can't run.
-    Without the watcher thread, rank 0 would outlive torchrun's SIGTERM until its 30 s grace ends."""
-    out, seconds = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2",
-                        "tests/inject_fault.py", "stuck", "1", "5", "--tensor_model_parallel_size", "2",
-                        "--data_dir", data_dir, "--out_dir", str(tmp_path), "--distributed_timeout_minutes", "1"],
+    Without the watcher thread, rank 0 would outlive torchrun's SIGTERM until its 30 s grace
+    ends."""
+    out, seconds = run([sys.executable, "scripts/launch.py", "--standalone",
+                        "--nproc_per_node", "2", "tests/inject_fault.py", "stuck", "1", "5",
+                        "--tensor_model_parallel_size", "2", "--data_dir", data_dir,
+                        "--out_dir", str(tmp_path), "--distributed_timeout_minutes", "1"],
                        ok=False)
     assert seconds < 20, seconds  # 2 s grace after torchrun's SIGTERM, and start-up
-    assert out.index("rank 1 failed:") < out.index("error: rank 0 was still inside a collective 2 s after SIGTERM")
+    stuck = "error: rank 0 was still inside a collective 2 s after SIGTERM"
+    assert out.index("rank 1 failed:") < out.index(stuck)
     assert out.strip().splitlines()[-1].endswith("the first error above is the cause"), out

@@ -36,7 +36,8 @@ def run(*cmd, ok=True, env=None):
 
 
 def torchrun(nproc, *args, ok=True):
-    return run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    return run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(nproc),
                "parallel_train.py", "--tensor_model_parallel_size", str(nproc), *args, ok=ok,
                env={"OMP_NUM_THREADS": "1"})
 
@@ -59,13 +60,15 @@ def assert_same_run(serial_dir, parallel_dir, dtype):
 
 @pytest.mark.parametrize("tp,dtype", [(2, "float32"), (2, "float64"), (4, "float64")])
 def test_parallel_run_matches_serial(tp, dtype, data_dir, serial_runs, tmp_path):
-    log = torchrun(tp, "--data_dir", data_dir, "--update_freq", "10", "--dtype", dtype, "--out_dir", str(tmp_path))
+    log = torchrun(tp, "--data_dir", data_dir, "--update_freq", "10", "--dtype", dtype, "--out_dir",
+                   str(tmp_path))
     for rank in range(tp):
         assert f"Rank {rank} Iter 200 Train Loss " in log
     # g only: f's backward all-reduce has no gradient to carry. A ring all-reduce of batch x input
     # (32x64) sends 2 (TP-1)/TP of it per rank.
     kib = 32 * 64 * {"float32": 4, "float64": 8}[dtype] / 1024
-    assert comm_table(log)["all_reduce"] == pytest.approx((1, kib, 2 * (tp - 1) / tp * kib), abs=0.005), log
+    assert comm_table(log)["all_reduce"] == pytest.approx((1, kib, 2 * (tp - 1) / tp * kib),
+                                                          abs=0.005), log
     assert_same_run(serial_runs[dtype], str(tmp_path), dtype)
     out = run(sys.executable, "compare_runs.py", serial_runs[dtype], str(tmp_path))
     assert "MATCH" in out
@@ -82,21 +85,25 @@ def test_match_report_fails_on_a_different_curve(serial_runs, tmp_path):
 
 @pytest.mark.parametrize("kind", ["drop", "average"])
 def test_match_report_catches_a_broken_all_reduce(kind, data_dir, serial_runs, tmp_path):
-    # Dropping g's sum makes the ranks' losses disagree: the run stops at its first check (iteration 10).
-    # Averaging keeps them equal, so the run finishes, on another curve.
+    # Dropping g's sum makes the ranks' losses disagree: the run stops at its first check (iteration
+    # 10). Averaging keeps them equal, so the run finishes, on another curve.
     run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "tests/break_all_reduce.py", kind, "--data_dir", data_dir, "--update_freq", "10", "--out_dir", str(tmp_path),
+        "tests/break_all_reduce.py", kind, "--data_dir", data_dir, "--update_freq", "10",
+        "--out_dir", str(tmp_path),
         ok=kind == "average", env={"OMP_NUM_THREADS": "1"})
     report = run(sys.executable, "compare_runs.py", serial_runs["float32"], str(tmp_path), ok=False)
     assert "DIFFER" in report and "BEYOND" in report
 
 
 def test_plain_python_runs_one_rank_and_init_from_shards(data_dir, serial_runs, tmp_path):
-    """parallel_train.py without torchrun is a one-rank job; --init_from continues a run under TP=2."""
+    """parallel_train.py without torchrun is a one-rank job; --init_from continues a run under TP=2.
+    """
     start = os.path.join(serial_runs["float64"], "model.pt")
-    args = ("--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "20", "--init_from", start)
+    args = ("--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "20", "--init_from",
+            start)
     run(sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "serial"))
-    run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1", *args, "--out_dir", str(tmp_path / "tp1"))
+    run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1", *args,
+        "--out_dir", str(tmp_path / "tp1"))
     torchrun(2, *args, "--out_dir", str(tmp_path / "tp2"))
     a = read_metrics(str(tmp_path / "serial"))
     assert a["train_loss"][0] < 0.5  # it continued from the trained model, not from scratch
@@ -111,21 +118,26 @@ def test_clear_errors(data_dir, tmp_path):
     out = run(sys.executable, "train.py", "--data_dir", str(tmp_path / "nowhere"), ok=False)
     assert f"create the data with: python prepare_data.py --data_dir {tmp_path / 'nowhere'}" in out
     assert "Traceback" not in out
-    out = torchrun(2, "--data_dir", str(tmp_path / "nowhere"), "--distributed_backend", "gloo", ok=False)
-    assert "create the data with" in out and "Traceback (most recent call last)" not in out.split("error:")[0]
+    out = torchrun(2, "--data_dir", str(tmp_path / "nowhere"), "--distributed_backend", "gloo",
+                   ok=False)
+    assert "create the data with" in out
+    assert "Traceback (most recent call last)" not in out.split("error:")[0]
     out = run(sys.executable, "train.py", "--data_dir", data_dir, "--input_size", "32", ok=False)
     assert "pass --input_size 64" in out
-    out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1", "--hidden_size", "0", ok=False)
+    out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1",
+              "--hidden_size", "0", ok=False)
     assert "--hidden_size must be a positive integer" in out
     out = torchrun(2, "--hidden_size", "101", ok=False)
     assert "--hidden_size 101 is not divisible by --tensor_model_parallel_size 2" in out
     assert out.count("parallel_train.py: error:") == 1  # said once, by rank 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without GPUs")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the message for a machine without GPUs")
 def test_nccl_without_gpus_is_a_clear_error(data_dir):
     out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1",
               "--distributed_backend", "nccl", "--data_dir", data_dir, ok=False)
-    assert "error: --distributed_backend nccl needs a GPU of its own for each of the 1 ranks, but rank 0 (on " in out
+    assert ("error: --distributed_backend nccl needs a GPU of its own for each of the 1 ranks, "
+            "but rank 0 (on ") in out
     assert "has no GPU; use --distributed_backend gloo (or auto)" in out
     assert "Traceback" not in out

@@ -1,4 +1,5 @@
-"""Every mistake a user can make, and every fault, ends in one clear line: no traceback first, no hang.
+"""Every mistake a user can make, and every fault, ends in one clear line: no traceback first, no
+hang.
 
 Flag checks run in-process (fast, and fuzzed); data checks on crafted files;
 the multi-rank failures under torchrun, each under a time limit far below a
@@ -45,10 +46,14 @@ def flag_error(argv, world_size=2, parallel=True):
 
 
 @pytest.mark.parametrize("argv,world_size,message", [
-    (["--hidden_size", "101"], 2, "--hidden_size 101 is not divisible by --tensor_model_parallel_size 2"),
-    ([], 3, "world size 3 is not divisible by --tensor_model_parallel_size 2; launch a multiple of 2"),
-    (["--tensor_model_parallel_size", "4"], 2, "--tensor_model_parallel_size 4 is larger than the 2 processes"),
-    (["--tensor_model_parallel_size", "0"], 2, "--tensor_model_parallel_size must be a positive integer, got 0"),
+    (["--hidden_size", "101"], 2, "--hidden_size 101 is not divisible by "
+                                  "--tensor_model_parallel_size 2"),
+    ([], 3, "world size 3 is not divisible by --tensor_model_parallel_size 2; "
+            "launch a multiple of 2"),
+    (["--tensor_model_parallel_size", "4"], 2,
+     "--tensor_model_parallel_size 4 is larger than the 2 processes"),
+    (["--tensor_model_parallel_size", "0"], 2,
+     "--tensor_model_parallel_size must be a positive integer, got 0"),
     (["--input_size", "0"], 2, "--input_size must be a positive integer, got 0"),
     (["--hidden_size", "-8"], 2, "--hidden_size must be a positive integer, got -8"),
     (["--batch_size", "0"], 2, "--batch_size must be a positive integer, got 0"),
@@ -60,7 +65,8 @@ def flag_error(argv, world_size=2, parallel=True):
     (["--momentum", "1"], 2, "--momentum must be in [0, 1), got 1.0"),
     (["--update_freq", "0"], 2, "--update_freq must be a positive integer, got 0"),
     (["--eval_interval", "0"], 2, "--eval_interval must be a positive integer, got 0"),
-    (["--distributed_timeout_minutes", "0"], 2, "--distributed_timeout_minutes must be a positive number"),
+    (["--distributed_timeout_minutes", "0"], 2,
+     "--distributed_timeout_minutes must be a positive number"),
     (["--init_from", "no/such.pt"], 2, "--init_from no/such.pt: no such file"),
 ])
 def test_flag_errors(argv, world_size, message):
@@ -82,11 +88,15 @@ sizes = st.integers(min_value=-3, max_value=4096)
 @settings(max_examples=300, deadline=None)
 @given(input_size=sizes, hidden=st.none() | sizes, batch=sizes, iterations=sizes, update_freq=sizes,
        eval_interval=sizes, tp=st.integers(-2, 9), world_size=st.integers(1, 9))
-def test_fuzz_size_checks(input_size, hidden, batch, iterations, update_freq, eval_interval, tp, world_size):
-    """Flags are accepted exactly when the sizes make sense; otherwise one line says which doesn't."""
-    argv = ["--input_size", str(input_size), "--batch_size", str(batch), "--num_iterations", str(iterations),
+def test_fuzz_size_checks(input_size, hidden, batch, iterations, update_freq, eval_interval, tp,
+                          world_size):
+    """Flags are accepted exactly when the sizes make sense; otherwise one line says which doesn't.
+    """
+    argv = ["--input_size", str(input_size), "--batch_size", str(batch), "--num_iterations",
+            str(iterations),
             "--update_freq", str(update_freq), "--eval_interval", str(eval_interval),
-            "--tensor_model_parallel_size", str(tp)] + ([] if hidden is None else ["--hidden_size", str(hidden)])
+            "--tensor_model_parallel_size", str(tp)] + ([] if hidden is None else ["--hidden_size",
+                                                                                   str(hidden)])
     hidden_size = 32 * input_size if hidden is None else hidden
     valid = (min(input_size, hidden_size, batch, iterations, update_freq, eval_interval, tp) > 0
              and hidden_size % tp == 0 and world_size % tp == 0
@@ -115,7 +125,8 @@ def data_error(path, input_size=4, batch_size=32):
 
 
 def test_data_errors(tmp_path):
-    assert "not found; create the data with: python prepare_data.py --data_dir" in data_error(tmp_path / "none")
+    assert ("not found; create the data with: python prepare_data.py --data_dir"
+            in data_error(tmp_path / "none"))
 
     bad = write_data(tmp_path / "garbage")
     (bad / "xtrain.npy").write_bytes(b"not an array")
@@ -137,7 +148,8 @@ def test_data_errors(tmp_path):
 
     X = prepare_data.make_data(100, 4)[0]
     X[3, 2] = np.nan
-    assert "train inputs contain 1 NaN or infinite values" in data_error(write_data(tmp_path / "nan", xtrain=X))
+    nan = write_data(tmp_path / "nan", xtrain=X)
+    assert "train inputs contain 1 NaN or infinite values" in data_error(nan)
 
     assert "has 90 samples, fewer than 128 (one batch): lower --batch_size" in \
         data_error(write_data(tmp_path / "few"), batch_size=128)
@@ -147,12 +159,14 @@ def test_data_errors(tmp_path):
 # Whole runs, as a user starts them.
 
 def launch(*args, script=("parallel_train.py",), nproc=2, timeout=FAIL_FAST_S):
-    """torchrun through scripts/launch.py, as bash_parallel_train.sh does; (exit code, output, seconds).
+    """torchrun through scripts/launch.py, as bash_parallel_train.sh does; (exit code, output,
+    seconds).
 
     Flags given later in `args` (e.g. --data_dir) override earlier ones.
     """
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", str(nproc),
+    proc = subprocess.run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node",
+                           str(nproc),
                            *script, "--tensor_model_parallel_size", str(nproc),
                            "--distributed_timeout_minutes", "1", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout,
@@ -174,7 +188,8 @@ def test_bad_data_under_torchrun_fails_once_and_fast(tmp_path):
     data = write_data(tmp_path / "data", input_size=64, xtrain=X)
     code, out, seconds = launch("--data_dir", str(data), "--out_dir", str(tmp_path / "run"))
     assert code != 0 and seconds < FAIL_FAST_S
-    assert first_problem(out).startswith("error: train inputs contain 1 NaN or infinite values"), out
+    assert first_problem(out).startswith(
+        "error: train inputs contain 1 NaN or infinite values"), out
     assert out.count("error:") == 1 and "Traceback" not in out
 
 
@@ -183,25 +198,29 @@ def test_bad_init_from_is_named_once(tmp_path, data_dir):
     state = {"mlp.fc1.weight": torch.zeros(2048, 64), "mlp.fc2.weight": torch.zeros(64, 2048),
              "fc.weight": torch.zeros(1, 64), "fc.bias": torch.zeros(1)}
     torch.save(state, tmp_path / "extra.pt")
-    code, out, _ = launch("--init_from", str(tmp_path / "extra.pt"), "--out_dir", str(tmp_path / "run"),
+    code, out, _ = launch("--init_from", str(tmp_path / "extra.pt"), "--out_dir",
+                          str(tmp_path / "run"),
                           "--data_dir", data_dir)
     assert code != 0
-    assert first_problem(out) == "error: state dict keys do not match the model: missing [], unexpected ['fc.bias']"
+    assert first_problem(out) == ("error: state dict keys do not match the model: missing [], "
+                                  "unexpected ['fc.bias']")
     assert out.count("error:") == 1 and "Traceback" not in out
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
     proc = subprocess.run([sys.executable, "train.py", "--init_from", str(tmp_path / "garbage.pt"),
                            "--data_dir", data_dir],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith(f"error: --init_from {tmp_path / 'garbage.pt'} is not a state_dict saved with torch.save")
+    assert proc.stderr.startswith(f"error: --init_from {tmp_path / 'garbage.pt'} is not a "
+                                  "state_dict saved with torch.save")
 
 
 def test_diverging_run_stops_with_its_metrics_on_disk(tmp_path, data_dir):
-    # --init_lr 1 makes the loss NaN at iteration 4 (measured); the agreement check must not mistake NaN for a bug.
+    # --init_lr 1 makes the loss NaN at iteration 4 (measured); the agreement check must not mistake
+    # NaN for a bug.
     code, out, _ = launch("--init_lr", "1", "--out_dir", str(tmp_path), "--data_dir", data_dir)
     assert code != 0
-    assert first_problem(out).startswith("error: the train loss is nan at iteration 4: training diverged; "
-                                         "lower --init_lr (now 1)"), out
+    assert first_problem(out).startswith("error: the train loss is nan at iteration 4: training "
+                                         "diverged; lower --init_lr (now 1)"), out
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and rows[-1].startswith("4,nan,")
     assert not (tmp_path / "model.pt").exists()
@@ -226,13 +245,17 @@ def test_a_failing_rank_stops_every_rank_and_its_error_comes_first(kind, tmp_pat
 
 def test_ctrl_c_stops_every_rank(tmp_path, data_dir):
     """SIGINT to the whole process group, as a terminal sends it."""
-    proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2",
-                             "parallel_train.py", "--tensor_model_parallel_size", "2", "--num_iterations", "1000000",
-                             "--update_freq", "10", "--out_dir", str(tmp_path), "--data_dir", data_dir],
+    proc = subprocess.Popen([sys.executable, "scripts/launch.py", "--standalone",
+                             "--nproc_per_node", "2",
+                             "parallel_train.py", "--tensor_model_parallel_size", "2",
+                             "--num_iterations", "1000000",
+                             "--update_freq", "10", "--out_dir", str(tmp_path), "--data_dir",
+                             data_dir],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
-    for line in proc.stdout:  # wait until rank 0, which writes metrics.csv, has recorded iteration 20
+    # wait until rank 0, which writes metrics.csv, has recorded iteration 20
+    for line in proc.stdout:
         lines.append(line)
         if line.startswith("Rank 0 Iter 20 Train Loss"):
             break
@@ -256,33 +279,42 @@ def test_port_in_use_is_one_line(tmp_path):
         s.bind(("", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run(["bash", "bash_parallel_train.sh", "--out_dir", str(tmp_path)], cwd=REPO,
+        proc = subprocess.run(["bash", "bash_parallel_train.sh", "--out_dir", str(tmp_path)],
+                              cwd=REPO,
                               capture_output=True, text=True, timeout=FAIL_FAST_S,
-                              env={**os.environ, "MASTER_PORT": str(port), "PYTHON": sys.executable})
+                              env={**os.environ, "MASTER_PORT": str(port),
+                                   "PYTHON": sys.executable})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"error: MASTER_PORT {port} is already in use (another run?); choose a free "
-                                   f"port, or on one node leave MASTER_PORT unset and torchrun picks one")
+    assert proc.stderr.strip() == (f"error: MASTER_PORT {port} is already in use (another run?); "
+                                   "choose a free port, or on one node leave MASTER_PORT unset and "
+                                   "torchrun picks one")
 
 
 def test_rerun_into_the_same_out_dir_starts_afresh(tmp_path):
     data = write_data(tmp_path / "data", input_size=8, num_samples=400)
-    run = [sys.executable, "train.py", "--data_dir", str(data), "--input_size", "8", "--out_dir", str(tmp_path / "run")]
+    run = [sys.executable, "train.py", "--data_dir", str(data), "--input_size", "8", "--out_dir",
+           str(tmp_path / "run")]
     subprocess.run(run + ["--num_iterations", "7"], cwd=REPO, check=True, capture_output=True)
-    second = subprocess.run(run + ["--num_iterations", "3"], cwd=REPO, check=True, capture_output=True, text=True)
+    second = subprocess.run(run + ["--num_iterations", "3"], cwd=REPO, check=True,
+                            capture_output=True, text=True)
     assert f"note: {tmp_path / 'run'} holds an earlier run" in second.stdout
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows] == ["iteration", "1", "2", "3"]  # no rows of the first run
-    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "metrics.csv", "model.pt"]  # no temp files
+    # no rows of the first run
+    assert [r.split(",")[0] for r in rows] == ["iteration", "1", "2", "3"]
+    # no temp files
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "metrics.csv", "model.pt"]
 
 
 def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path, monkeypatch):
     """Losses stay on the device until a log point; if its collective fails (a peer is gone), the
-    rows it was about to write, and those of steps after the last log point, still reach the disk."""
+    rows it was about to write, and those of steps after the last log point, still reach the
+    disk."""
     from data import iterate_batches
     from logbook import Logbook
     from metrics import MetricsWriter, read_metrics
     from train import build_model, evaluate, make_optimizer, train
-    args = parse_args(get_args_parser(), ["--input_size", "4", "--hidden_size", "8", "--batch_size", "2",
+    args = parse_args(get_args_parser(),
+                      ["--input_size", "4", "--hidden_size", "8", "--batch_size", "2",
                                           "--update_freq", "10", "--out_dir", str(tmp_path)])
     X, y = torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(40)
     calls = []
@@ -296,6 +328,7 @@ def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path, 
     monkeypatch.setattr(Logbook, "_losses_of_every_rank", peer_gone_at_second_log_point)
     model = build_model(args)
     with pytest.raises(RuntimeError, match="by peer"):
-        with Logbook(args, lambda: evaluate(model, X, y), MetricsWriter(str(tmp_path), {}), None) as logbook:
+        with Logbook(args, lambda: evaluate(model, X, y), MetricsWriter(str(tmp_path), {}),
+                     None) as logbook:
             train(model, make_optimizer(model, args), iterate_batches(X, y, 2), logbook, args)
     assert list(read_metrics(str(tmp_path))["iteration"]) == list(range(1, 21))

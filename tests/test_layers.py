@@ -45,7 +45,9 @@ def _check_column_parallel():
                                              async_tensor_model_parallel_allreduce=async_allreduce,
                                              dtype=torch.float64)
                 # Master-weight init: this rank's slice of the very same nn.Linear, bit for bit.
-                assert torch.equal(layer.weight, mine(serial.weight)) and torch.equal(layer.bias, mine(serial.bias))
+                assert torch.equal(layer.weight,
+                                   mine(serial.weight)) and torch.equal(layer.bias,
+                                                                        mine(serial.bias))
 
                 x, dy = _data(OUT)
                 xs, xp = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
@@ -74,7 +76,8 @@ def _check_row_parallel():
             torch.manual_seed(0)
             serial = nn.Linear(IN, OUT, bias=bias, dtype=torch.float64)
             torch.manual_seed(0)
-            layer = RowParallelLinear(IN, OUT, bias=bias, input_is_parallel=input_is_parallel, dtype=torch.float64)
+            layer = RowParallelLinear(IN, OUT, bias=bias, input_is_parallel=input_is_parallel,
+                                      dtype=torch.float64)
             assert torch.equal(layer.weight, mine(serial.weight))
             if bias:  # added once, after the all-reduce: replicated, not split
                 assert torch.equal(layer.bias, serial.bias)
@@ -95,11 +98,13 @@ def _check_row_parallel():
             if bias:
                 close(layer.bias.grad, serial.bias.grad, "bias grad")
             assert ps.comm_calls["all_reduce"] == (tp > 1)  # g's backward is the identity
-            assert ps.comm_calls["all_gather"] == (not input_is_parallel and tp > 1)  # scatter's backward
+            # scatter's backward
+            assert ps.comm_calls["all_gather"] == (not input_is_parallel and tp > 1)
 
 
 def _check_sequence_parallel():
-    """Outside the split region each rank holds its rows only (Korthikanti et al., 2022, Sec. 4.2.2)."""
+    """Outside the split region each rank holds its rows only (Korthikanti et al., 2022, Sec.
+    4.2.2)."""
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     rows = 8  # divisible by every tensor-parallel size tested
     my_rows = lambda t: t.chunk(tp, dim=0)[rank]
@@ -109,7 +114,8 @@ def _check_sequence_parallel():
         torch.manual_seed(0)
         serial = nn.Linear(IN, OUT, dtype=torch.float64)
         torch.manual_seed(0)
-        layer = ColumnParallelLinear(IN, OUT, gather_output=False, sequence_parallel=True, dtype=torch.float64)
+        layer = ColumnParallelLinear(IN, OUT, gather_output=False, sequence_parallel=True,
+                                     dtype=torch.float64)
         xs, xp = x.clone().requires_grad_(input_grad), my_rows(x).clone().requires_grad_(input_grad)
         ys = serial(xs)
         ps.reset_comm_stats()
@@ -120,7 +126,8 @@ def _check_sequence_parallel():
         yp.backward(my_cols(dy))
         close(layer.weight.grad, serial.weight.grad.chunk(tp, dim=0)[rank], "column weight grad")
         close(layer.bias.grad, my_cols(serial.bias.grad), "column bias grad")
-        # Backward gathers the rows again (only this rank's were saved); dL/dX is reduce-scattered if needed.
+        # Backward gathers the rows again (only this rank's were saved); dL/dX is reduce-scattered
+        # if needed.
         assert ps.comm_calls["all_gather"] == 2 * (tp > 1), dict(ps.comm_calls)
         assert ps.comm_calls["reduce_scatter"] == (input_grad and tp > 1), dict(ps.comm_calls)
         assert ps.comm_calls["all_reduce"] == 0
@@ -130,13 +137,15 @@ def _check_sequence_parallel():
     torch.manual_seed(0)
     serial = nn.Linear(IN, OUT, dtype=torch.float64)
     torch.manual_seed(0)
-    layer = RowParallelLinear(IN, OUT, input_is_parallel=True, sequence_parallel=True, dtype=torch.float64)
+    layer = RowParallelLinear(IN, OUT, input_is_parallel=True, sequence_parallel=True,
+                              dtype=torch.float64)
     xs, xp = x.clone().requires_grad_(), my_cols(x).clone().requires_grad_()
     ys = serial(xs)
     ps.reset_comm_stats()
     yp = layer(xp)
     close(yp, my_rows(ys), "row output: this rank's rows")
-    assert dict(ps.comm_calls) == ({"reduce_scatter": 1} if tp > 1 else {})  # g, as a reduce-scatter
+    # g, as a reduce-scatter
+    assert dict(ps.comm_calls) == ({"reduce_scatter": 1} if tp > 1 else {})
     ys.backward(dy)
     yp.backward(my_rows(dy))
     close(layer.weight.grad, my_cols(serial.weight.grad), "row weight grad")
@@ -148,7 +157,8 @@ def _check_sequence_parallel():
 
 def _check_overlapped_f_computes_what_f_does():
     """async_tensor_model_parallel_allreduce=True (mappings.LinearWithAsyncAllreduce) against the
-    default, f then F.linear: the same output and gradients, and the same one all-reduce of dL/dX."""
+    default, f then F.linear: the same output and gradients, and the same one all-reduce of
+    dL/dX."""
     results = []
     for overlap in (False, True):
         torch.manual_seed(0)
@@ -158,7 +168,8 @@ def _check_overlapped_f_computes_what_f_does():
         x.requires_grad_()
         ps.reset_comm_stats()
         y = layer(x)
-        y.backward(dy.chunk(ps.get_tensor_model_parallel_world_size(), dim=-1)[ps.get_tensor_model_parallel_rank()])
+        y.backward(dy.chunk(ps.get_tensor_model_parallel_world_size(),
+                            dim=-1)[ps.get_tensor_model_parallel_rank()])
         results.append((y, x.grad, layer.weight.grad, layer.bias.grad, dict(ps.comm_calls)))
     (*f, f_calls), (*fused, fused_calls) = results
     for what, a, b in zip(("output", "input grad", "weight grad", "bias grad"), f, fused):
@@ -172,11 +183,13 @@ def _check_default_run_meets_f_and_g():
     import parallel_layers
     from model import ToyModel
     calls = []
-    for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region"):
+    for name in ("copy_to_tensor_model_parallel_region",
+                 "reduce_from_tensor_model_parallel_region"):
         op = getattr(mappings, name)
         setattr(parallel_layers, name, lambda t, op=op, name=name: calls.append(name) or op(t))
     ToyModel(IN, OUT, tensor_parallel=True)(torch.randn(ROWS, IN))
-    assert calls == ["copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region"]
+    assert calls == ["copy_to_tensor_model_parallel_region",
+                     "reduce_from_tensor_model_parallel_region"]
 
 
 def test_overlapped_f_computes_what_f_does():
@@ -206,7 +219,8 @@ def test_row_parallel_linear_matches_serial(tp):
 
 def _with_broken_all_reduce(kind, check):
     def broken(tensor, async_op=False):
-        ps._count("all_reduce", tensor, ring_share=1)  # counted like the real one (2 ranks): only the numbers can tell
+        # counted like the real one (2 ranks): only the numbers can tell
+        ps._count("all_reduce", tensor, ring_share=1)
         if kind == "average":  # mean instead of sum: a classic mix-up with data parallelism
             dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
             tensor /= ps.get_tensor_model_parallel_world_size()

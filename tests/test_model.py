@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 import parallel_state as ps
+from checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
 from distributed import all_ranks, run_distributed
 from model import ToyModel
-from checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
 
 ATOL = 1e-14
 INPUT, HIDDEN, BATCH = 8, 32, 16
@@ -34,7 +34,8 @@ def _models(seed=0):
 
 def _batch(step=0):
     g = torch.Generator().manual_seed(100 + step)  # the same batch on every rank
-    return torch.randn(BATCH, INPUT, dtype=torch.float64, generator=g), torch.randn(BATCH, dtype=torch.float64, generator=g)
+    return torch.randn(BATCH, INPUT, dtype=torch.float64,
+                       generator=g), torch.randn(BATCH, dtype=torch.float64, generator=g)
 
 
 def _step(model, x, y):
@@ -63,9 +64,11 @@ def _check_one_step():
             expected = grads[name] if dim is None else grads[name].chunk(
                 ps.get_tensor_model_parallel_world_size(), dim)[ps.get_tensor_model_parallel_rank()]
             close(param.grad, expected, f"grad of {name}")
-        # One all-reduce per step when the data needs no gradient (g only), two when it does (g and f).
+        # One all-reduce per step when the data needs no gradient (g only), two when it does (g and
+        # f).
         tp = ps.get_tensor_model_parallel_world_size()
-        assert ps.comm_calls["all_reduce"] == (0 if tp == 1 else 1 + input_grad), dict(ps.comm_calls)
+        expected = 0 if tp == 1 else 1 + input_grad
+        assert ps.comm_calls["all_reduce"] == expected, dict(ps.comm_calls)
         assert ps.comm_bytes["all_reduce"] == ps.comm_calls["all_reduce"] * BATCH * INPUT * 8
         if input_grad:
             close(xp.grad, xs.grad, "input grad")
@@ -82,7 +85,8 @@ def _check_training_keeps_replicas_identical():
             opt.step()
     # fc is replicated: every rank must hold exactly the same weights after training.
     replicas = all_ranks(parallel.fc.weight.detach())
-    assert torch.equal(replicas, replicas[:1].expand_as(replicas)), "fc.weight differs between ranks"
+    assert torch.equal(replicas,
+                       replicas[:1].expand_as(replicas)), "fc.weight differs between ranks"
     for name, full in gather_serial_state_dict(parallel).items():
         close(full, serial.state_dict()[name], f"trained {name}")
 
@@ -99,7 +103,9 @@ def _check_load_serial_state_dict():
     with pytest.raises(StateDictError, match=r"missing \['fc.weight'\], unexpected \['fc.bias'\]"):
         load_serial_state_dict(parallel, bad)
     bad = dict(serial.state_dict(), **{"mlp.fc1.weight": torch.zeros(HIDDEN + 4, INPUT)})
-    with pytest.raises(StateDictError, match=rf"mlp.fc1.weight has shape \[{HIDDEN + 4}, {INPUT}\], the model needs \[{HIDDEN}, {INPUT}\]"):
+    with pytest.raises(StateDictError,
+                       match=rf"mlp.fc1.weight has shape \[{HIDDEN + 4}, {INPUT}\], "
+                             rf"the model needs \[{HIDDEN}, {INPUT}\]"):
         load_serial_state_dict(parallel, bad)
 
 
@@ -118,7 +124,8 @@ def test_serial_state_dict_loads_into_shards():
 
 def _saved_outside_split_region(model, x, y, hidden_per_rank):
     """Bytes of activations autograd saves for backward outside the split region (fc1's input,
-    fc's input, the loss's inputs): every saved tensor that is neither a parameter nor hidden-wide."""
+    fc's input, the loss's inputs): every saved tensor that is neither a parameter nor
+    hidden-wide."""
     params = {p.data_ptr() for p in model.parameters()}
     saved = []
 
@@ -141,7 +148,8 @@ def _check_sequence_parallel_saves_one_over_tp():
     torch.manual_seed(0)
     sp = ToyModel(d, h, tensor_parallel=True, sequence_parallel=True, dtype=torch.float64)
     g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(rows, d, dtype=torch.float64, generator=g), torch.randn(rows, dtype=torch.float64, generator=g)
+    x, y = torch.randn(rows, d, dtype=torch.float64,
+                       generator=g), torch.randn(rows, dtype=torch.float64, generator=g)
     full = _saved_outside_split_region(plain, x, y, h // tp)
     mine = _saved_outside_split_region(sp, x.chunk(tp)[rank], y.chunk(tp)[rank], h // tp)
     assert full > 0 and mine * tp == full, (mine, full)

@@ -14,12 +14,14 @@ from metrics import MetricsWriter, run_config
 
 def fake_run(out_dir, num_ranks, offset=0.0):
     """A 30-iteration run on disk, as train.py / parallel_train.py write it."""
-    args = argparse.Namespace(input_size=64, hidden_size=2048, batch_size=32, dtype="float32", init_lr=0.001,
+    args = argparse.Namespace(input_size=64, hidden_size=2048, batch_size=32, dtype="float32",
+                              init_lr=0.001,
                               tensor_model_parallel_size=num_ranks, torch_dtype=torch.float32)
     extra = {"backend": "gloo", "device": "cpu"} if num_ranks > 1 else {"device": "cpu"}
     writer = MetricsWriter(str(out_dir), run_config(args, **extra), num_ranks=num_ranks)
     losses = 50 * np.exp(-np.arange(1, 31) / 8) + offset
-    rows = [[it, float(loss), float(loss) if it % 10 == 0 else None] for it, loss in zip(range(1, 31), losses)]
+    rows = [[it, float(loss), float(loss) if it % 10 == 0 else None] for it,
+            loss in zip(range(1, 31), losses)]
     writer.write(rows, torch.tensor(losses).expand(num_ranks, -1))
     writer.close()
 
@@ -32,7 +34,8 @@ def png_shape(path):
 def test_plot_runs_writes_three_pictures(tmp_path):
     fake_run(tmp_path / "serial", 1)
     fake_run(tmp_path / "parallel", 2, offset=1e-6)
-    plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--assets", str(tmp_path / "assets")])
+    plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--assets",
+                    str(tmp_path / "assets")])
     for name in ("non_parallel.png", "tensor_parallel.png", "comparison.png"):
         height, width, _ = png_shape(tmp_path / "assets" / name)
         assert width >= 700 and height >= 450, (name, width, height)
@@ -41,7 +44,8 @@ def test_plot_runs_writes_three_pictures(tmp_path):
 
 def test_plot_runs_needs_runs(tmp_path):
     with pytest.raises(SystemExit, match="run the training first"):
-        plot_runs.main([str(tmp_path / "nothing"), str(tmp_path / "nothing"), "--assets", str(tmp_path)])
+        plot_runs.main([str(tmp_path / "nothing"), str(tmp_path / "nothing"), "--assets",
+                        str(tmp_path)])
 
 
 def test_diagram_for_any_tensor_parallel_size(tmp_path):
@@ -62,16 +66,21 @@ def test_diagram_refuses_a_split_that_does_not_divide(tmp_path):
 
 def test_sequence_parallel_diagram_shows_rows_per_rank(tmp_path):
     out = tmp_path / "sp.png"
-    said = "\n".join(draw_diagram.main(["--sequence_parallel", "--tp", "4", "--batch_size", "32", "--out", str(out)]))
+    said = "\n".join(draw_diagram.main(["--sequence_parallel", "--tp", "4", "--batch_size", "32",
+                                        "--out", str(out)]))
     assert png_shape(out)[1] >= 1500
-    for rank, rows in enumerate(("0..7", "8..15", "16..23", "24..31")):  # batch / TP rows each, in rank order
+    # batch / TP rows each, in rank order
+    for rank, rows in enumerate(("0..7", "8..15", "16..23", "24..31")):
         assert f"X{rank + 1}\n8x64\n(rows {rows})" in said, said
     assert "all-\ngather\nrows" in said and "reduce-\nscatter\nrows" in said
-    plain = "\n".join(draw_diagram.main(["--tp", "4", "--batch_size", "32", "--out", str(tmp_path / "tp.png")]))
-    assert "X\n32x64\n(replicated)" in plain and "rows 0..7" not in plain and "all-\ngather" not in plain
+    plain = "\n".join(draw_diagram.main(["--tp", "4", "--batch_size", "32", "--out",
+                                         str(tmp_path / "tp.png")]))
+    assert "X\n32x64\n(replicated)" in plain
+    assert "rows 0..7" not in plain and "all-\ngather" not in plain
 
 
 def test_sequence_parallel_diagram_refuses_rows_that_do_not_split(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        draw_diagram.main(["--sequence_parallel", "--batch_size", "33", "--out", str(tmp_path / "x.png")])
+        draw_diagram.main(["--sequence_parallel", "--batch_size", "33", "--out",
+                           str(tmp_path / "x.png")])
     assert "choose a --batch_size divisible by --tp" in capsys.readouterr().err

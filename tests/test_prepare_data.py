@@ -33,7 +33,8 @@ def test_defaults_are_bit_identical_to_the_original(tmp_path):
 
 
 def test_flags(tmp_path):
-    d = prepare(tmp_path, "--num_samples", "1000", "--input_size", "8", "--seed", "3", "--noise", "0")
+    d = prepare(tmp_path, "--num_samples", "1000", "--input_size", "8", "--seed", "3",
+                "--noise", "0")
     assert d["xtrain.npy"].shape == (900, 8) and d["xvalid.npy"].shape == (100, 8)
     assert d["ytrain.npy"].shape == (900,) and d["ytrain.npy"].dtype == np.float32
     # Noise 0: y is exactly X w, with w the draw that follows X from the same seed.

@@ -1,7 +1,8 @@
 """Scaling out: data x tensor parallelism, multi-node launch, sharded checkpoints, exact resume,
 merging, resharding, and surviving a lost rank. Each proved equal to the serial run.
 
-Measured here (200 iterations, default sizes), against serial: DP=2 x TP=2 float32 loss within 9.8e-7
+Measured here (200 iterations, default sizes), against serial: DP=2 x TP=2 float32 loss within
+9.8e-7
 relative, float64 within 4e-15 (bound: 5e-14, as in test_end_to_end.py). Resumed and restarted runs
 are compared bitwise: same operations on the same values, on CPU.
 """
@@ -43,7 +44,8 @@ def assert_same_curve(a_dir, b_dir, dtype):
 
 
 def assert_bitwise_same_run(a_dir, b_dir):
-    with open(os.path.join(a_dir, "metrics.csv")) as fa, open(os.path.join(b_dir, "metrics.csv")) as fb:
+    with open(os.path.join(a_dir,
+                           "metrics.csv")) as fa, open(os.path.join(b_dir, "metrics.csv")) as fb:
         assert fa.read() == fb.read()  # every row, once, bit for bit
     wa, wb = (torch.load(os.path.join(d, "model.pt")) for d in (a_dir, b_dir))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -53,9 +55,10 @@ def assert_bitwise_same_run(a_dir, b_dir):
 def test_data_times_tensor_parallel_matches_serial(dtype, data_dir, serial_runs, tmp_path):
     log = launch(4, "--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--dtype", dtype,
                  "--out_dir", str(tmp_path))
-    # This rank's shards of fc1's and fc2's gradients averaged over its data-parallel group: over DP=2
-    # ranks a ring sends 2 (2-1)/2 = all of it per rank. fc's gradient and the loss averaged in one
-    # all-reduce over all 4 ranks (identical bits on every tensor-parallel rank): a ring sends 2 (4-1)/4.
+    # This rank's shards of fc1's and fc2's gradients averaged over its data-parallel group: over
+    # DP=2 ranks a ring sends 2 (2-1)/2 = all of it per rank. fc's gradient and the loss averaged in
+    # one all-reduce over all 4 ranks (identical bits on every tensor-parallel rank): a ring sends 2
+    # (4-1)/4.
     elem = {"float32": 4, "float64": 8}[dtype]
     kib, small = 2 * 2048 * 64 // 2 * elem / 1024, (64 + 1) * elem / 1024
     table = comm_table(log)
@@ -65,10 +68,12 @@ def test_data_times_tensor_parallel_matches_serial(dtype, data_dir, serial_runs,
 
 
 def test_batch_must_split_evenly_over_replicas(data_dir, tmp_path):
-    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "4", "parallel_train.py",
+    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "4",
+               "parallel_train.py",
                "--tensor_model_parallel_size", "1", "--batch_size", "30", "--data_dir", data_dir,
                "--out_dir", str(tmp_path)], ok=False)
-    assert ("--batch_size 30 is not divisible by the data-parallel size 4 (world size 4 / tensor-parallel size 1)"
+    assert ("--batch_size 30 is not divisible by the data-parallel size 4 (world size 4 / "
+            "tensor-parallel size 1)"
             in out)
 
 
@@ -83,27 +88,31 @@ def test_two_nodes_on_one_machine(per_node, tp, data_dir, serial_runs, tmp_path)
     """Two launchers over 127.0.0.1, as two machines would run bash_parallel_train.sh."""
     env = {**ENV, "NNODES": "2", "GPUS_PER_NODE": str(per_node), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "DATA_DIR": data_dir}
-    args = ["bash", "bash_parallel_train.sh", "--tensor_model_parallel_size", str(tp), "--out_dir", str(tmp_path)]
-    nodes = [subprocess.Popen(args, cwd=REPO, env={**env, "NODE_RANK": str(n)}, stdout=subprocess.PIPE,
+    args = ["bash", "bash_parallel_train.sh", "--tensor_model_parallel_size", str(tp), "--out_dir",
+            str(tmp_path)]
+    nodes = [subprocess.Popen(args, cwd=REPO, env={**env, "NODE_RANK": str(n)},
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for n in (1, 0)]
     outputs = [p.communicate(timeout=240)[0] for p in nodes]
     assert all(p.returncode == 0 for p in nodes), outputs
     assert_same_curve(serial_runs["float32"], str(tmp_path), "float32")
 
 
-def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, serial_runs, tmp_path):
+def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, serial_runs,
+                                                                    tmp_path):
     common = ["--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--dtype", "float64"]
     launch(2, *common, "--out_dir", str(tmp_path / "full"), "--save", str(tmp_path / "ck_full"))
     # Megatron's layout: one shard per tensor-parallel rank, and the tracker.
     assert (tmp_path / "ck_full" / "latest_checkpointed_iteration.txt").read_text() == "200\n"
     for it in (100, 200):
         for r in (0, 1):
-            assert (tmp_path / "ck_full" / f"iter_{it:07d}" / f"mp_rank_{r:02d}" / "model_optim_rng.pt").is_file()
+            shard = tmp_path / "ck_full" / f"iter_{it:07d}" / f"mp_rank_{r:02d}"
+            assert (shard / "model_optim_rng.pt").is_file()
 
     # Stopped after iteration 130 (last checkpoint 100), then resumed: the same run, bit for bit.
     ck = str(tmp_path / "ck")
-    launch(2, *common, "--out_dir", str(tmp_path / "resumed"), "--save", ck, "--save_interval", "50",
-           "--num_iterations", "130")
+    launch(2, *common, "--out_dir", str(tmp_path / "resumed"), "--save", ck,
+           "--save_interval", "50", "--num_iterations", "130")
     log = launch(2, *common, "--out_dir", str(tmp_path / "resumed"), "--save", ck, "--load", ck,
                  "--save_interval", "50")
     assert "resuming from" in log and "at iteration 100" in log
@@ -114,10 +123,12 @@ def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, se
     run([sys.executable, "merge_checkpoint.py", str(tmp_path / "ck_full"), "--out", merged])
     serial_final = torch.load(os.path.join(serial_runs["float64"], "model.pt"))
     for name, weight in torch.load(merged).items():
-        assert (weight - serial_final[name]).abs().max() <= 5e-15, name  # measured 3.9e-16 (test_end_to_end)
+        # measured 3.9e-16 (test_end_to_end)
+        assert (weight - serial_final[name]).abs().max() <= 5e-15, name
 
     # Reshard: TP=2's checkpoint, merged, continues under TP=4 as it does serially.
-    more = ["--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "50", "--init_from", merged]
+    more = ["--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "50", "--init_from",
+            merged]
     run([sys.executable, "train.py", *more, "--out_dir", str(tmp_path / "cont_serial")])
     launch(4, *more, "--tensor_model_parallel_size", "4", "--out_dir", str(tmp_path / "cont_tp4"))
     assert_same_curve(str(tmp_path / "cont_serial"), str(tmp_path / "cont_tp4"), "float64")
@@ -127,12 +138,15 @@ def test_mismatched_checkpoints_are_refused(data_dir, tmp_path):
     ck = str(tmp_path / "ck")
     launch(2, "--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--num_iterations", "10",
            "--save", ck, "--save_interval", "10", "--out_dir", str(tmp_path / "a"))
-    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "4", "parallel_train.py",
+    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "4",
+               "parallel_train.py",
                "--tensor_model_parallel_size", "4", "--data_dir", data_dir, "--load", ck,
                "--out_dir", str(tmp_path / "b")], ok=False)
     assert "was saved with tensor model parallel size 2, this run has 4" in out
-    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2", "parallel_train.py",
-               "--tensor_model_parallel_size", "2", "--hidden_size", "1024", "--data_dir", data_dir, "--load", ck,
+    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2",
+               "parallel_train.py",
+               "--tensor_model_parallel_size", "2", "--hidden_size", "1024", "--data_dir", data_dir,
+               "--load", ck,
                "--out_dir", str(tmp_path / "c")], ok=False)
     assert "was saved with hidden size 2048, this run has 1024" in out
 
@@ -140,7 +154,8 @@ def test_mismatched_checkpoints_are_refused(data_dir, tmp_path):
 def test_a_lost_rank_is_restarted_and_resumes_exactly(data_dir, tmp_path):
     common = ["--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--save_interval", "50"]
     launch(2, *common, "--out_dir", str(tmp_path / "full"))
-    # Rank 1 is SIGKILLed at iteration 130 in torchrun's first attempt; the restarted group resumes at 100.
+    # Rank 1 is SIGKILLed at iteration 130 in torchrun's first attempt; the restarted group resumes
+    # at 100.
     ck = str(tmp_path / "ck")
     log = launch(2, *common, "--out_dir", str(tmp_path / "restarted"), "--save", ck, "--load", ck,
                  script=("tests/inject_fault.py", "die", "1", "130"), restarts=1)

@@ -1,4 +1,5 @@
-"""Sequence parallelism's operators (Korthikanti et al., 2022, Sec. 4.2.2) against their definitions.
+"""Sequence parallelism's operators (Korthikanti et al., 2022, Sec. 4.2.2) against their
+definitions.
 
 Each rank holds different values here, as it does under sequence parallelism. Float64; sums
 taken in another order than gloo's differ by round-off only: ATOL as in test_layers.py (measured
@@ -10,7 +11,10 @@ import torch
 
 import parallel_state as ps
 from distributed import run_distributed
-from sequence_parallel import gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region
+from sequence_parallel import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 
 ATOL = 1e-14
 COLS = 3
@@ -18,7 +22,8 @@ COLS = 3
 
 def value(rank, rows, seed):
     """What rank `rank` holds: any rank can compute any other rank's tensor."""
-    return torch.randn(rows, COLS, dtype=torch.float64, generator=torch.Generator().manual_seed(100 * seed + rank))
+    return torch.randn(rows, COLS, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(100 * seed + rank))
 
 
 def close(actual, expected, what):
@@ -40,9 +45,11 @@ def _check_operators():
     close(x.grad, sum(value(r, rows, 2) for r in everyone).chunk(tp)[rank], "gather's backward")
     if tp > 1:
         assert dict(ps.comm_calls) == {"all_gather": 1, "reduce_scatter": 1}
-        assert dict(ps.comm_bytes) == {"all_gather": rows // tp * COLS * 8, "reduce_scatter": rows * COLS * 8}
+        assert dict(ps.comm_bytes) == {"all_gather": rows // tp * COLS * 8,
+                                       "reduce_scatter": rows * COLS * 8}
 
-    # After the row-parallel layer: reduce-scatter the partial sums; backward all-gathers the gradient.
+    # After the row-parallel layer: reduce-scatter the partial sums; backward all-gathers the
+    # gradient.
     z = value(rank, rows, 3).requires_grad_()
     out = reduce_scatter_to_sequence_parallel_region(z)
     close(out, sum(value(r, rows, 3) for r in everyone).chunk(tp)[rank], "reduce-scatter")
@@ -52,7 +59,8 @@ def _check_operators():
     # Why it is free: a reduce-scatter followed by an all-gather is an all-reduce.
     t = value(rank, rows, 5)
     with torch.no_grad():
-        both = gather_from_sequence_parallel_region(reduce_scatter_to_sequence_parallel_region(t.clone()))
+        scattered = reduce_scatter_to_sequence_parallel_region(t.clone())
+        both = gather_from_sequence_parallel_region(scattered)
         reduced = t.clone()
         if tp > 1:
             ps.all_reduce(reduced)

@@ -25,7 +25,8 @@ def run(cmd, ok=True):
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("nproc,tp,dtype", [(2, 2, "float64"), (4, 4, "float32"), (4, 2, "float64")])
+@pytest.mark.parametrize("nproc,tp,dtype",
+                         [(2, 2, "float64"), (4, 4, "float32"), (4, 2, "float64")])
 def test_sequence_parallel_matches_serial(nproc, tp, dtype, data_dir, serial_runs, tmp_path):
     log = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", str(nproc),
                "parallel_train.py", "--tensor_model_parallel_size", str(tp), "--sequence_parallel",
@@ -37,7 +38,8 @@ def test_sequence_parallel_matches_serial(nproc, tp, dtype, data_dir, serial_run
     # Per step: forward all-gather + reduce-scatter; backward all-gather (fc1's rows again) and
     # all-gather (the reduce-scatter's backward); dL/dX's reduce-scatter skipped (X needs no grad);
     # one small all-reduce of fc's gradient and the loss (64 + 1 values). Each all-gather or
-    # reduce-scatter of a replica's rows x 64 sends (TP-1)/TP of it per rank in a ring, half an all-reduce.
+    # reduce-scatter of a replica's rows x 64 sends (TP-1)/TP of it per rank in a ring, half an
+    # all-reduce.
     elem = {"float32": 4, "float64": 8}[dtype]
     kib, small = 32 // (nproc // tp) * 64 * elem / 1024, 65 * elem / 1024
     share = (tp - 1) / tp
@@ -46,14 +48,20 @@ def test_sequence_parallel_matches_serial(nproc, tp, dtype, data_dir, serial_run
     assert table["reduce_scatter"] == pytest.approx((1, kib, share * kib), abs=0.005), log
     if nproc == tp:
         assert table["all_reduce"] == pytest.approx((1, small, 2 * share * small), abs=0.005), log
-    else:  # with data parallelism it goes over all ranks, averaged over replicas (parallel_state.average_replicated)
+    # with data parallelism it goes over all ranks, averaged over replicas
+    # (parallel_state.average_replicated)
+    else:
         world_share = (nproc - 1) / nproc
         assert "all_reduce" not in table
-        assert table["replicated_all_reduce"] == pytest.approx((1, small, 2 * world_share * small), abs=0.005), log
+        assert table["replicated_all_reduce"] == pytest.approx((1, small, 2 * world_share * small),
+                                                               abs=0.005), log
 
 
 def test_batch_rows_must_split_over_tensor_parallel_ranks(data_dir, tmp_path):
-    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2", "parallel_train.py",
-               "--sequence_parallel", "--batch_size", "33", "--data_dir", data_dir, "--out_dir", str(tmp_path)],
+    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2",
+               "parallel_train.py",
+               "--sequence_parallel", "--batch_size", "33", "--data_dir", data_dir, "--out_dir",
+               str(tmp_path)],
               ok=False)
-    assert "--sequence_parallel splits each replica's 33 rows between 2 tensor-parallel ranks" in out
+    assert ("--sequence_parallel splits each replica's 33 rows between 2 tensor-parallel ranks"
+            in out)
