@@ -262,7 +262,7 @@ def ceiling_worker(args):
     g = torch.Generator().manual_seed(0)
     x, w1, w2 = (torch.randn(s, generator=g).to(device) for s in ((B, d), (h, d), (d, h)))
     y1, dz = torch.randn(B, h, generator=g).to(device), torch.randn(B, d, generator=g).to(device)
-    gemms = {  # the matmuls of LinearWithAsyncAllreduce and nn.Linear for this rank's shards
+    gemms = {  # the matmuls of the layers, forward and backward, for this rank's shards
         "fc1 forward X A_i": lambda: x.matmul(w1.t()),
         "fc2 forward Y_i B_i": lambda: y1.matmul(w2.t()),
         "fc2 backward dL/dY_i": lambda: dz.matmul(w2),
