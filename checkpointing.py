@@ -139,8 +139,13 @@ def load_serial_state_dict(model: nn.Module, state_dict: dict) -> None:
         expected = list(param.shape)
         if dim is not None:
             expected[dim] *= tp_size
+        padded = expected[0]
+        if hasattr(param, "vocab_size"):  # a vocabulary padded for TP: the serial model has none
+            expected[0] = param.vocab_size
         if list(full.shape) != expected:
             raise StateDictError(f"{name} has shape {list(full.shape)}, the model needs {expected}")
+        if padded != expected[0]:
+            full = torch.cat([full, full.new_zeros(padded - expected[0], *full.shape[1:])])
         if dim is not None:
             full = full.chunk(tp_size, dim=dim)[ps.get_tensor_model_parallel_rank()]
         with torch.no_grad():
@@ -153,5 +158,7 @@ def gather_serial_state_dict(model: nn.Module) -> dict:
     for name, param in model.named_parameters():
         dim = getattr(param, "partition_dim", None)
         full = param.detach() if dim is None else ps.all_gather(param.detach(), dim=dim)
+        if hasattr(param, "vocab_size"):
+            full = full[:param.vocab_size]  # without the padding rows
         state[name] = full.cpu().clone()
     return state

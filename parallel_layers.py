@@ -137,6 +137,57 @@ class RowParallelLinear(nn.Module):
                 f"input_is_parallel={self.input_is_parallel}")
 
 
+class VocabParallelEmbedding(nn.Module):
+    """An embedding table split along the vocabulary (Megatron-LM, Sec. 3, last paragraphs).
+
+    Rank i holds rows [i V/p, (i+1) V/p) of the (padded) table. A token outside
+    that range looks up zeros; the ranks' partial lookups are then summed by
+    g, one all-reduce of batch x sequence x width: every rank ends with every
+    token's embedding. The same table, tied, is the output layer
+    (cross_entropy.py), which is why it is split along the vocabulary.
+
+    num_embeddings: the vocabulary; it is padded to a multiple of the
+    tensor-parallel size (`vocab_size_with_padding`, Megatron's
+    make_vocab_size_divisible_by) with zero rows that no token looks up.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, dtype=None):
+        super().__init__()
+        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings_padded = vocab_size_with_padding(num_embeddings, tp)
+        self.num_embeddings_per_partition = self.num_embeddings_padded // tp
+        self.vocab_start_index = rank * self.num_embeddings_per_partition
+        self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
+        # The serial table, drawn as nn.Embedding draws it, padded, and this rank's rows kept.
+        master = nn.Embedding(num_embeddings, embedding_dim, dtype=dtype).weight.detach()
+        padded = torch.cat([master, master.new_zeros(self.num_embeddings_padded - num_embeddings,
+                                                     embedding_dim)])
+        self.weight = nn.Parameter(padded.chunk(tp)[rank].clone())
+        set_tensor_model_parallel_attributes(self.weight, 0)
+        self.weight.vocab_size = num_embeddings  # rows beyond are padding: state dicts drop them
+
+    def forward(self, input_):
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return F.embedding(input_, self.weight)
+        not_here = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+        local = (input_ - self.vocab_start_index).masked_fill(not_here, 0)
+        output_parallel = F.embedding(local, self.weight).masked_fill(not_here.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(output_parallel)  # g: sum the lookups
+
+    def extra_repr(self):
+        return (f"num_embeddings={self.num_embeddings} (padded {self.num_embeddings_padded}, "
+                f"per partition {self.num_embeddings_per_partition}), "
+                f"embedding_dim={self.embedding_dim}")
+
+
+def vocab_size_with_padding(vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by=1):
+    """The vocabulary rounded up to a multiple of make_vocab_size_divisible_by x TP (Megatron's
+    _vocab_size_with_padding; it pads to 128 x TP for GEMM efficiency, one is enough here)."""
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
 # ---------------------------------------------------------------------------
 # Master-weight initialization (Megatron's _initialize_affine_weight_cpu).
 

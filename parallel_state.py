@@ -296,8 +296,9 @@ def _reduce_scatter_one_buffer(output, input_, group, async_op):
     return fn(output, input_, group=group, async_op=async_op)
 
 
-def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None):
-    """Sum `tensor` in place over the tensor-parallel group (or `group`) and return it.
+def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None, op: str = "sum"):
+    """Sum (op="max": take the maximum of) `tensor` in place over the tensor-parallel group
+    (or `group`) and return it.
 
     With async_op, returns at once a function that waits and returns it.
     """
@@ -306,7 +307,8 @@ def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None):
     p = dist.get_world_size(group)
     _count("all_reduce", tensor, Fraction(2 * (p - 1), p))
     wire = _on_wire(tensor)
-    work = dist.all_reduce(wire, group=group, async_op=async_op)
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    work = dist.all_reduce(wire, op=reduce_op, group=group, async_op=async_op)
     return _finish(work, lambda: tensor if wire is tensor else tensor.copy_(wire), async_op)
 
 

@@ -218,7 +218,7 @@ def test_row_parallel_linear_matches_serial(tp):
 # The checks above must be able to fail: break the all-reduce the way a bug would.
 
 def _with_broken_all_reduce(kind, check):
-    def broken(tensor, async_op=False):
+    def broken(tensor, async_op=False, group=None, op="sum"):
         # counted like the real one (2 ranks): only the numbers can tell
         ps._count("all_reduce", tensor, ring_share=1)
         if kind == "average":  # mean instead of sum: a classic mix-up with data parallelism

@@ -1,0 +1,85 @@
+"""Dropout's random numbers under tensor parallelism: Megatron's RNG tracker, on CPU and CUDA.
+
+Megatron-LM (Shoeybi et al., 2019), App. B.2: dropout outside the
+model-parallel regions (after a block's row-parallel output, before the
+residual) acts on a tensor every rank holds whole, so every rank must draw
+the same mask, or the replicas part; dropout inside a region (the attention
+probabilities of this rank's heads) acts on this rank's part only, so each
+rank must draw a mask of its own, or the "random" mask repeats across the
+split. Hence two streams:
+
+  * the default generator, seeded identically on every tensor-parallel rank:
+    the outside dropouts draw from it;
+  * a tensor-model-parallel generator, seeded per rank, kept by the tracker:
+    the inside dropouts draw from it, under `get_rng_tracker().fork()`.
+
+As Megatron's `model_parallel_cuda_manual_seed` and `get_cuda_rng_tracker`
+(tensor_parallel/random.py), with the CPU generator tracked beside the CUDA
+one, so the same code runs where there is no GPU. (Named rng_tracker.py: a
+module random.py would shadow Python's own for every script here.)
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+import parallel_state as ps
+
+MODEL_PARALLEL_RNG = "model-parallel-rng"
+_TENSOR_PARALLEL_SEED_OFFSET = 2718  # Megatron's: keeps the two streams' seeds apart
+
+
+def _get_states():
+    """(CPU state, CUDA state or None): the CUDA generator counts where the run uses it."""
+    on_cuda = torch.cuda.is_available() and (torch.cuda.is_initialized()
+                                             or ps.get_device().type == "cuda")
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if on_cuda else None
+
+
+def _set_states(states):
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+class RNGStatesTracker:
+    """Named generator states; `fork(name)` draws from one of them instead of the default."""
+
+    def __init__(self):
+        self.states = {}
+
+    def add(self, name, seed):
+        if name in self.states:
+            raise ValueError(f"RNG state {name!r} exists already")
+        default = _get_states()
+        torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
+        self.states[name] = _get_states()
+        _set_states(default)
+
+    @contextmanager
+    def fork(self, name=MODEL_PARALLEL_RNG):
+        """Draw from the named stream inside the block; the default stream is left where it was."""
+        default = _get_states()
+        _set_states(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = _get_states()  # the stream goes on from here next time
+            _set_states(default)
+
+
+_RNG_TRACKER = RNGStatesTracker()
+
+
+def get_rng_tracker() -> RNGStatesTracker:
+    return _RNG_TRACKER
+
+
+def model_parallel_manual_seed(seed: int) -> None:
+    """Seed both streams: the default one alike on every tensor-parallel rank (outside the split
+    region), the tracker's one differently on each (inside it)."""
+    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    torch.manual_seed(seed)
+    _RNG_TRACKER.states.clear()
+    _RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank)

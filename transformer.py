@@ -1,0 +1,155 @@
+"""A toy GPT: the rest of Megatron-LM's Sec. 3 — attention split by heads, the vocabulary split.
+
+Tokens -> word + position embeddings -> `num_layers` pre-LayerNorm blocks
+(causal self-attention, then ToyModel's MLP, each added to the residual
+stream after dropout) -> a final LayerNorm -> logits through the word
+embeddings again (tied) -> mean cross-entropy over every predicted token.
+
+With tensor_parallel=True the same model is built with the parallel layers
+swapped in, in `__init__`s below and nowhere else:
+
+  * attention (Fig. 3b): query, key and value are one ColumnParallelLinear whose
+    split falls on whole heads, so rank i computes heads i H/p ... (i+1) H/p - 1
+    with no communication; the output projection is a RowParallelLinear whose
+    g is the attention's one all-reduce in forward. Its f is the other, in
+    backward: two per block each way, with the MLP's pair (Fig. 4).
+  * the word embeddings are a VocabParallelEmbedding (rows split along the
+    vocabulary, one all-reduce of the lookups), and the output layer uses the
+    same rows: f on the hidden states, a local matmul giving this rank's slice
+    of the logits (Megatron's `parallel_lm_logits`), and
+    vocab_parallel_cross_entropy, so the batch x sequence x vocabulary logits
+    are never gathered.
+  * dropout outside the split regions draws the same mask on every rank,
+    dropout of the attention probabilities (inside, this rank's heads) a mask
+    of its own: rng_tracker.py.
+
+Position embeddings and LayerNorms are replicated on every rank.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import parallel_state as ps
+from cross_entropy import vocab_parallel_cross_entropy
+from mappings import copy_to_tensor_model_parallel_region
+from model import MLP
+from parallel_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from rng_tracker import get_rng_tracker
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention; with tensor_parallel, this rank's heads (Fig. 3b).
+
+    Q, K and V come from one linear layer whose output rows are ordered head by
+    head ([q_h, k_h, v_h] for h = 0, 1, ...), Megatron's layout: a contiguous
+    1/p of the rows is whole heads with their three projections, so one
+    ColumnParallelLinear (one f) splits the attention by heads.
+    """
+
+    def __init__(self, width, num_heads, tensor_parallel=False, dropout=0.0, dtype=None):
+        super().__init__()
+        tp = ps.get_tensor_model_parallel_world_size() if tensor_parallel else 1
+        if width % num_heads != 0:
+            raise ps.ParallelConfigError(f"--input_size {width} is not divisible by "
+                                         f"--num_attention_heads {num_heads}")
+        if num_heads % tp != 0:
+            raise ps.ParallelConfigError(
+                f"{num_heads} attention heads are not divisible by the tensor-parallel size {tp}; "
+                "choose --num_attention_heads a multiple of it")
+        self.heads_per_rank, self.head_dim = num_heads // tp, width // num_heads
+        self.dropout = dropout
+        if tensor_parallel:
+            self.query_key_value = ColumnParallelLinear(width, 3 * width, gather_output=False,
+                                                        dtype=dtype)
+            self.dense = RowParallelLinear(width, width, input_is_parallel=True, dtype=dtype)
+        else:
+            self.query_key_value = nn.Linear(width, 3 * width, dtype=dtype)
+            self.dense = nn.Linear(width, width, dtype=dtype)
+
+    def forward(self, x):
+        batch, seq = x.shape[:2]
+        qkv = self.query_key_value(x).view(batch, seq, self.heads_per_rank, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4)  # each (batch, heads, seq, head_dim)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+        probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
+        if self.training and self.dropout > 0:
+            # Inside the split region, this rank's heads: a mask of its own (the tracker's stream).
+            with get_rng_tracker().fork():
+                probs = F.dropout(probs, self.dropout)
+        context = (probs @ v).transpose(1, 2).reshape(batch, seq, -1)
+        return self.dense(context)  # g: the sum over the ranks' heads
+
+
+class Block(nn.Module):
+    """x + dropout(attention(LN(x))), then x + dropout(MLP(LN(x))): pre-LayerNorm, as GPT-2."""
+
+    def __init__(self, width, hidden, num_heads, tensor_parallel=False, dropout=0.0, dtype=None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, dtype=dtype)
+        self.attention = SelfAttention(width, num_heads, tensor_parallel, dropout, dtype)
+        self.ln_2 = nn.LayerNorm(width, dtype=dtype)
+        self.mlp = MLP(width, hidden, tensor_parallel, dtype=dtype)
+        self.dropout = dropout
+
+    def forward(self, x):
+        # Outside the split regions: the same mask on every rank (the default stream).
+        x = x + F.dropout(self.attention(self.ln_1(x)), self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.ln_2(x)), self.dropout, self.training)
+
+
+class ToyTransformer(nn.Module):
+    """Parameters, in the order they are drawn from the global generator:
+
+        word_embeddings.weight        (vocab, width)   split along the vocabulary
+        position_embeddings.weight    (seq, width)     replicated
+        blocks.N.ln_1.{weight,bias}   (width,)         replicated
+        blocks.N.attention.query_key_value.{weight (3 width, width), bias (3 width,)}
+                                      rows [q_h; k_h; v_h] head after head: split by heads
+        blocks.N.attention.dense.{weight (width, width), bias (width,)}
+                                                       split by heads (columns); bias replicated
+        blocks.N.ln_2.{weight,bias}   (width,)
+        blocks.N.mlp.fc1.weight       (hidden, width)  as ToyModel's
+        blocks.N.mlp.fc2.weight       (width, hidden)
+        ln_f.{weight,bias}            (width,)
+
+    The output layer is word_embeddings.weight again (tied). Seeding the
+    global generator the same way gives the same model for every
+    tensor-parallel size; the vocabulary is padded for TP inside
+    VocabParallelEmbedding, never in the serial state_dict.
+    """
+
+    def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
+                 tensor_parallel=False, dropout=0.0, dtype=None):
+        super().__init__()
+        self.vocab_size, self.tensor_parallel = vocab_size, tensor_parallel
+        hidden = hidden or 4 * width
+        embedding = VocabParallelEmbedding if tensor_parallel else nn.Embedding
+        self.word_embeddings = embedding(vocab_size, width, dtype=dtype)
+        self.position_embeddings = nn.Embedding(seq_length, width, dtype=dtype)
+        self.blocks = nn.ModuleList(Block(width, hidden, num_heads, tensor_parallel, dropout, dtype)
+                                    for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(width, dtype=dtype)
+        self.dropout = dropout
+
+    def forward(self, tokens):
+        """The final hidden states (batch, seq, width); `loss` turns them into the loss."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.word_embeddings(tokens) + self.position_embeddings(positions)
+        x = F.dropout(x, self.dropout, self.training)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def loss(self, hidden, targets):
+        """Mean cross-entropy of the next token, through the tied output layer."""
+        if not self.tensor_parallel:
+            logits = F.linear(hidden, self.word_embeddings.weight)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        # parallel_lm_logits: f, then this rank's vocabulary slice of the logits, never gathered.
+        logits_parallel = F.linear(copy_to_tensor_model_parallel_region(hidden),
+                                   self.word_embeddings.weight)
+        return vocab_parallel_cross_entropy(logits_parallel, targets, self.vocab_size).mean()
