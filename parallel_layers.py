@@ -149,9 +149,11 @@ class VocabParallelEmbedding(nn.Module):
     num_embeddings: the vocabulary; it is padded to a multiple of the
     tensor-parallel size (`vocab_size_with_padding`, Megatron's
     make_vocab_size_divisible_by) with zero rows that no token looks up.
+    init_method: applied to the full serial table after nn.Embedding's own
+    init, as a serial model applies it to its nn.Embedding (Megatron's).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, dtype=None):
+    def __init__(self, num_embeddings, embedding_dim, init_method=None, dtype=None):
         super().__init__()
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -161,6 +163,8 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
         # The serial table, drawn as nn.Embedding draws it, padded, and this rank's rows kept.
         master = nn.Embedding(num_embeddings, embedding_dim, dtype=dtype).weight.detach()
+        if init_method is not None:
+            init_method(master)
         padded = torch.cat([master, master.new_zeros(self.num_embeddings_padded - num_embeddings,
                                                      embedding_dim)])
         self.weight = nn.Parameter(padded.chunk(tp)[rank].clone())

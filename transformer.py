@@ -126,10 +126,18 @@ class ToyTransformer(nn.Module):
                  tensor_parallel=False, dropout=0.0, dtype=None):
         super().__init__()
         self.vocab_size, self.tensor_parallel = vocab_size, tensor_parallel
-        hidden = hidden or 4 * width
-        embedding = VocabParallelEmbedding if tensor_parallel else nn.Embedding
-        self.word_embeddings = embedding(vocab_size, width, dtype=dtype)
+        hidden = hidden or 32 * width  # as ToyModel's
+        # N(0, 0.02), GPT-2's and Megatron's init_method_normal. With nn.Embedding's N(0, 1) the
+        # tied output layer's first logits are ~12 wide and the first loss ~59 (measured at the
+        # defaults), not log(vocab) = 3.9.
+        init = lambda weight: nn.init.normal_(weight, std=0.02)
+        if tensor_parallel:
+            self.word_embeddings = VocabParallelEmbedding(vocab_size, width, init, dtype=dtype)
+        else:
+            self.word_embeddings = nn.Embedding(vocab_size, width, dtype=dtype)
+            init(self.word_embeddings.weight)
         self.position_embeddings = nn.Embedding(seq_length, width, dtype=dtype)
+        init(self.position_embeddings.weight)
         self.blocks = nn.ModuleList(Block(width, hidden, num_heads, tensor_parallel, dropout, dtype)
                                     for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(width, dtype=dtype)

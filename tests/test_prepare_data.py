@@ -43,3 +43,22 @@ def test_flags(tmp_path):
     w = rng.randn(8).astype(np.float32)
     assert np.array_equal(d["xtrain.npy"], X[:900])
     assert np.array_equal(d["yvalid.npy"], (X @ w[:, None])[900:, 0])
+
+
+def test_token_data_for_the_transformer(tmp_path):
+    """--model transformer: sequences of seq_length + 1 tokens in [0, vocab) that repeat with
+    period 4 after 4 random ones, the same from the same seed, and the regression data untouched."""
+    def tokens(directory, *args):
+        subprocess.run([sys.executable, "prepare_data.py", "--model", "transformer", "--data_dir",
+                        str(directory), "--num_samples", "100", *args],
+                       cwd=REPO, check=True, capture_output=True)
+        return [np.load(directory / name) for name in ("tokens_train.npy", "tokens_valid.npy")]
+
+    train, valid = tokens(tmp_path / "a", "--vocab_size", "10", "--seq_length", "12")
+    assert train.shape == (90, 13) and valid.shape == (10, 13) and train.dtype == np.int64
+    assert train.min() >= 0 and train.max() == 9
+    assert np.array_equal(train[:, 4:], train[:, :-4]), "every token repeats the one 4 back"
+    again, _ = tokens(tmp_path / "b", "--vocab_size", "10", "--seq_length", "12")
+    other, _ = tokens(tmp_path / "c", "--vocab_size", "10", "--seq_length", "12", "--seed", "8")
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    assert not (tmp_path / "a" / "xtrain.npy").exists()
