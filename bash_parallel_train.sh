@@ -3,12 +3,13 @@
 # Works on 2 GPUs (nccl) and on a machine with none (gloo, one process per "GPU").
 # Extra arguments go to parallel_train.py and override these:
 #   GPUS_PER_NODE=4 bash bash_parallel_train.sh --tensor_model_parallel_size 4
+#   bash bash_parallel_train.sh --model transformer      # the toy GPT of transformer.py
 # Multi-node: run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES,
 # and NODE_RANK = 0, 1, ... World size = GPUS_PER_NODE x NNODES = DP x TP.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-DATA_DIR=${DATA_DIR:-data}
+. scripts/model_defaults.sh "$@"  # MODEL, DATA_DIR, DATA_FILE, INIT_LR
 
 # Megatron sets this so the async input-gradient all-reduce is queued on the GPU
 # before the weight-gradient matmul it overlaps with.
@@ -44,7 +45,7 @@ with socket.socket() as s:
 PY
 fi
 
-[ "$NODE_RANK" != 0 ] || [ -f "$DATA_DIR/xtrain.npy" ] || "$PYTHON" prepare_data.py --data_dir "$DATA_DIR"
+[ "$NODE_RANK" != 0 ] || [ -f "$DATA_DIR/$DATA_FILE" ] || "$PYTHON" prepare_data.py --model "$MODEL" --data_dir "$DATA_DIR"
 
 # scripts/launch.py is torchrun with a one-line failure report (see its docstring).
 "$PYTHON" scripts/launch.py "${DISTRIBUTED_ARGS[@]}" --max-restarts "$MAX_RESTARTS" parallel_train.py \
@@ -53,7 +54,7 @@ fi
     --tensor_model_parallel_size 2 \
     --distributed_timeout_minutes 1.0 \
     --batch_size 32 \
-    --init_lr 0.001 \
+    --init_lr "$INIT_LR" \
     --momentum 0.9 \
     --num_iterations 200 \
     --update_freq 10 \

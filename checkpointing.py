@@ -24,9 +24,17 @@ import torch.nn as nn
 
 import parallel_state as ps
 from metrics import atomic_write
+from rng_tracker import get_rng_tracker
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype")
+TRANSFORMER_SIZES = ("model", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
+
+
+def sizes(args):
+    """What a checkpoint must match to be resumed: the model's sizes and the split."""
+    keys = SIZES + (TRANSFORMER_SIZES if args.model == "transformer" else ())
+    return {k: getattr(args, k) for k in keys}
 
 
 class CheckpointError(ValueError):
@@ -46,10 +54,14 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
             iteration=iteration,
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
-            sizes={k: getattr(args, k) for k in SIZES},
+            sizes=sizes(args),
             partition_dims={n: getattr(p, "partition_dim", None)
                             for n, p in model.named_parameters()},
-            rng=dict(torch=torch.get_rng_state()),
+            # Vocabularies padded for TP: merging keeps the first vocab_size rows.
+            vocab_sizes={n: p.vocab_size for n, p in model.named_parameters()
+                         if hasattr(p, "vocab_size")},
+            rng=dict(torch=torch.get_rng_state(),
+                     tracker=dict(get_rng_tracker().states)),
         )
         atomic_write(path, lambda f: torch.save(state, f))
     dist.barrier()  # every shard is on disk before the tracker points at it
@@ -98,16 +110,17 @@ def load_checkpoint(directory, model, optimizer, args):
         raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is missing "
                               f"(each tensor-parallel rank reads its own shard)")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["sizes"]
-    for key in SIZES:
-        if saved[key] != getattr(args, key):
+    for key, value in sizes(args).items():
+        was = state["sizes"].get(key, "toy" if key == "model" else None)
+        if was != value:
             raise CheckpointError(
                 f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} "
-                f"{saved[key]}, this run has {getattr(args, key)}; resume with the same sizes, or "
+                f"{was}, this run has {value}; resume with the same sizes, or "
                 "merge it with merge_checkpoint.py and start from that with --init_from")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
+    get_rng_tracker().states.update(state["rng"].get("tracker", {}))  # dropout's own streams
     if dist.get_rank() == 0:
         print(f"resuming from {directory} at iteration {iteration}")
     return iteration

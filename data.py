@@ -67,6 +67,38 @@ def load_dataset(data_dir, input_size, batch_size):
     return train, valid
 
 
+def load_token_dataset(data_dir, vocab_size, seq_length, batch_size):
+    """(train, valid) token arrays for the toy transformer, checked: sequences of seq_length + 1
+    integers in [0, vocab_size), at least one batch."""
+    command = f"python prepare_data.py --model transformer --data_dir {data_dir}"
+    splits = []
+    for split, min_rows in (("train", batch_size), ("valid", 1)):
+        path = os.path.join(data_dir, f"tokens_{split}.npy")
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found; create the data with: {command}")
+        try:
+            tokens = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path} is not a readable .npy array ({e}); recreate the data with: "
+                            f"{command}") from None
+        if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+            raise DataError(f"{path} holds {tokens.dtype} of shape {list(tokens.shape)}, not "
+                            f"sequences of tokens; recreate the data with: {command}")
+        if tokens.shape[1] != seq_length + 1:
+            raise DataError(f"{path} has sequences of {tokens.shape[1] - 1} + 1 tokens but "
+                            f"--seq_length is {seq_length}; pass --seq_length "
+                            f"{tokens.shape[1] - 1} or recreate the data with --seq_length")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            raise DataError(f"{path} has tokens up to {tokens.max()} but --vocab_size is "
+                            f"{vocab_size}; pass --vocab_size {tokens.max() + 1} or recreate the "
+                            "data with --vocab_size")
+        if len(tokens) < min_rows:
+            raise DataError(f"the {split} set has {len(tokens)} sequences, fewer than {min_rows}; "
+                            "lower --batch_size or make more data with --num_samples")
+        splits.append((tokens[:, :-1], tokens[:, 1:]))  # inputs, and the next token of each
+    return splits
+
+
 def iterate_batches(X, y, batch_size, start_step=0, rows=slice(None)):
     """Endless (inputs, targets) in order from batch `start_step` on (for resuming);
     the partial batch at the end of an epoch is dropped. `rows`: the part of each
@@ -82,5 +114,7 @@ def iterate_batches(X, y, batch_size, start_step=0, rows=slice(None)):
 
 
 def to_tensors(inputs, targets, dtype, device):
-    return (torch.as_tensor(inputs).to(device=device, dtype=dtype),
-            torch.as_tensor(targets).to(device=device, dtype=dtype))
+    """On the device; real numbers in `dtype`, tokens as int64."""
+    cast = lambda a: torch.as_tensor(a).to(device=device, dtype=dtype if a.dtype.kind == "f"
+                                           else torch.int64)
+    return cast(inputs), cast(targets)

@@ -145,6 +145,9 @@ def report_communication(stats, args):
     for op, c in stats.items():
         print(f"  {op:<22} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB"
               f"{c['ring_bytes'] / 1024:>21.2f} KiB")
+    if args.model == "transformer":
+        _report_transformer_papers(args, tp, rows)
+        return
     kib = rows * args.input_size * args.torch_dtype.itemsize / 1024  # one batch x input activation
     # A ring all-reduce = reduce-scatter + all-gather.
     all_reduce, half = 2 * (tp - 1) / tp * kib, (tp - 1) / tp * kib
@@ -164,3 +167,18 @@ def report_communication(stats, args):
           f"only this rank's rows of it.\n"
           f"  The backward reduce-scatter of dL/dX is skipped here: X is the raw data and needs no "
           f"gradient. The small all-reduce sums fc's gradient and the loss over the rows.")
+
+
+def _report_transformer_papers(args, tp, rows):
+    """The paper's count for the toy transformer, beside the table report_communication printed."""
+    tokens, size = rows * args.seq_length, args.torch_dtype.itemsize
+    kib = tokens * args.input_size * size / 1024  # batch x sequence x width
+    layers = args.num_layers
+    logits = tokens * args.vocab_size * size / 1024
+    print(f"  Megatron-LM (Sec. 3, Fig. 4): per block 2 all-reduces of batch x sequence x width = "
+          f"{rows}x{args.seq_length}x{args.input_size} ({kib:.2f} KiB) in forward (g) and 2 in "
+          f"backward (f); {layers} block(s): {4 * layers}. The embedding's lookups: 1 in forward. "
+          f"The output layer: f on the hidden states, 1 in backward; the cross-entropy: the max, "
+          f"then the sum of exponentials with the target's logit, {3 * tokens * size / 1024:.2f} "
+          f"KiB per rank in all, instead of gathering {logits:.2f} KiB of logits "
+          f"(tensor-parallel size {tp}).")

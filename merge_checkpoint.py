@@ -25,6 +25,8 @@ def merge(shards):
     for name, dim in shards[0]["partition_dims"].items():
         parts = [shard["model"][name] for shard in shards]
         merged[name] = parts[0].clone() if dim is None else torch.cat(parts, dim=dim)
+    for name, vocab_size in shards[0].get("vocab_sizes", {}).items():
+        merged[name] = merged[name][:vocab_size].clone()  # without the rows padded for TP
     return merged
 
 

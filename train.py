@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
-from data import iterate_batches, load_dataset, to_tensors
+from data import iterate_batches, load_dataset, load_token_dataset, to_tensors
 from logbook import Logbook
 from metrics import MetricsWriter, run_config, save_model
 from model import ToyModel
 from operations import ArgumentParser, pin_float32_precision, run_cli
+from rng_tracker import model_parallel_manual_seed
+from transformer import ToyTransformer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -33,7 +35,7 @@ def get_args_parser(prog="train.py", description=__doc__.splitlines()[0], out_di
     p.add_argument("--init_lr", type=float, default=0.001)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--num_iterations", type=int, default=200)
-    p.add_argument("--data_dir", default="data")
+    p.add_argument("--data_dir", default=None, help="default: data (data_transformer)")
     p.add_argument("--update_freq", type=int, default=50,
                    help="print the running train loss every N iterations")
     # Ours.
@@ -46,7 +48,17 @@ def get_args_parser(prog="train.py", description=__doc__.splitlines()[0], out_di
     p.add_argument("--init_from", default=None, help="serial state_dict (.pt) to start from")
     p.add_argument("--eval_interval", type=int, default=50,
                    help="validation loss every N iterations and at the end")
-    p.add_argument("--out_dir", default=out_dir, help="where metrics.csv and model.pt go")
+    p.add_argument("--out_dir", default=None,
+                   help=f"where metrics.csv and model.pt go; default: {out_dir} "
+                        f"({out_dir.replace('runs/', 'runs/transformer_')})")
+    # The toy transformer (transformer.py): the rest of Sec. 3.
+    p.add_argument("--model", choices=["toy", "transformer"], default="toy")
+    p.add_argument("--vocab_size", type=int, default=50, help="transformer: tokens")
+    p.add_argument("--seq_length", type=int, default=16, help="transformer: tokens per sequence")
+    p.add_argument("--num_attention_heads", type=int, default=4)
+    p.add_argument("--num_layers", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.0, help="transformer: dropout probability")
+    p.set_defaults(default_out_dir=out_dir)
     return p
 
 
@@ -55,7 +67,7 @@ def parse_args(parser, argv=None):
     if args.hidden_size is None:
         args.hidden_size = 32 * args.input_size
     positive = ("input_size", "hidden_size", "batch_size", "num_iterations", "update_freq",
-                "eval_interval")
+                "eval_interval", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -63,6 +75,17 @@ def parse_args(parser, argv=None):
         parser.error(f"--init_lr must be a positive number, got {args.init_lr}")
     if not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    transformer = args.model == "transformer"
+    if transformer and args.input_size % args.num_attention_heads != 0:
+        parser.error(f"--input_size {args.input_size} is not divisible by "
+                     f"--num_attention_heads {args.num_attention_heads}")
+    args.data_dir = args.data_dir or ("data_transformer" if transformer else "data")
+    default_out_dir = args.__dict__.pop("default_out_dir")
+    if transformer:
+        default_out_dir = default_out_dir.replace("runs/", "runs/transformer_")
+    args.out_dir = args.out_dir or default_out_dir
     if args.init_from and not os.path.isfile(args.init_from):
         parser.error(f"--init_from {args.init_from}: no such file")
     args.torch_dtype = DTYPES[args.dtype]
@@ -71,9 +94,14 @@ def parse_args(parser, argv=None):
 
 def build_model(args, tensor_parallel=False, sequence_parallel=False):
     """The same model for every run: nn.Linear's init from --seed, or --init_from's weights."""
-    torch.manual_seed(args.seed)
-    model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
-                     dtype=args.torch_dtype)
+    model_parallel_manual_seed(args.seed)  # and dropout's streams (rng_tracker.py)
+    if args.model == "transformer":
+        model = ToyTransformer(args.vocab_size, args.seq_length, args.input_size, args.hidden_size,
+                               args.num_attention_heads, args.num_layers, tensor_parallel,
+                               args.dropout, dtype=args.torch_dtype)
+    else:
+        model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
+                         dtype=args.torch_dtype)
     if args.init_from:
         try:
             state_dict = torch.load(args.init_from, map_location="cpu", weights_only=True)
@@ -89,13 +117,26 @@ def build_model(args, tensor_parallel=False, sequence_parallel=False):
     return model
 
 
+def load_data(args):
+    """((inputs, targets) train, (inputs, targets) valid) as numpy arrays, checked."""
+    if args.model == "transformer":
+        return load_token_dataset(args.data_dir, args.vocab_size, args.seq_length, args.batch_size)
+    return load_dataset(args.data_dir, args.input_size, args.batch_size)
+
+
 @torch.no_grad()
 def evaluate(model, inputs, targets, chunk_rows=1024):
-    """Mean squared error over a whole split, in chunks to bound activation memory."""
+    """The loss over a whole split, in chunks to bound activation memory: mean squared error, or
+    the transformer's mean cross-entropy over every token."""
     model.eval()
-    outputs = torch.cat([model(x)[:, 0] for x in inputs.split(chunk_rows)])
+    if isinstance(model, ToyTransformer):
+        chunks = zip(inputs.split(chunk_rows), targets.split(chunk_rows))
+        loss = sum(model.loss(model(x), y).item() * len(x) for x, y in chunks) / len(inputs)
+    else:
+        outputs = torch.cat([model(x)[:, 0] for x in inputs.split(chunk_rows)])
+        loss = F.mse_loss(outputs, targets).item()
     model.train()
-    return F.mse_loss(outputs, targets).item()
+    return loss
 
 
 def make_optimizer(model, args):
@@ -109,7 +150,10 @@ def train(model, optimizer, batches, logbook, args):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
         outputs = model(inputs)
-        loss = F.mse_loss(outputs[:, 0], targets)
+        if args.model == "transformer":  # mean cross-entropy of the next token
+            loss = model.loss(outputs, targets)
+        else:
+            loss = F.mse_loss(outputs[:, 0], targets)
         loss.backward()
         optimizer.step()
         logbook.step(it, loss)  # logging, validation, metrics.csv: logbook.py
@@ -124,7 +168,7 @@ def main():
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     model = build_model(args).to(device)
     optimizer = make_optimizer(model, args)
-    (X, y), valid = load_dataset(args.data_dir, args.input_size, args.batch_size)
+    (X, y), valid = load_data(args)
     # The whole (small) data set goes to the device once; a batch is then a slice of it.
     batches = iterate_batches(*to_tensors(X, y, args.torch_dtype, device), args.batch_size)
     valid = to_tensors(*valid, args.torch_dtype, device)
