@@ -30,6 +30,11 @@ def describe(config):
         return "configuration unknown (no config.json)"
     text = (f"input {config['input_size']}, hidden {config['hidden_size']}, batch "
             f"{config['batch_size']}, {config['dtype']}, lr {config['init_lr']:g}")
+    if config.get("model") == "transformer":
+        text = (f"vocab {config['vocab_size']}, seq {config['seq_length']}, width "
+                f"{config['input_size']}, {config['num_attention_heads']} heads, "
+                f"{config['num_layers']} block(s), batch {config['batch_size']}, "
+                f"{config['dtype']}, lr {config['init_lr']:g}")
     if "backend" in config:
         device = config['device'].split(':')[0]
         text += f", TP={config['tensor_model_parallel_size']} over {config['backend']} ({device})"
@@ -49,10 +54,15 @@ def plot_losses(ax, metrics, color, label, valid_label, **style):
                 mfc="none", mec=color if valid_label is None else VALID_COLOR, label=valid_label)
 
 
-def style_loss_axes(ax, title):
+def model_name(config):
+    return "ToyTransformer" if config.get("model") == "transformer" else "ToyModel"
+
+
+def style_loss_axes(ax, title, config):
     ax.set_yscale("log")  # the loss falls by two orders of magnitude
     ax.set_xlabel("iteration")
-    ax.set_ylabel("MSE loss (log scale)")
+    loss = "cross-entropy" if config.get("model") == "transformer" else "MSE"
+    ax.set_ylabel(f"{loss} loss (log scale)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
@@ -61,7 +71,7 @@ def style_loss_axes(ax, title):
 def plot_serial(serial, config, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_losses(ax, serial, SERIAL_COLOR, "train loss (each iteration)", "validation loss")
-    style_loss_axes(ax, f"Serial ToyModel\n{describe(config)}")
+    style_loss_axes(ax, f"Serial {model_name(config)}\n{describe(config)}", config)
     fig.tight_layout()
     save(fig, path)
 
@@ -78,7 +88,8 @@ def plot_parallel(parallel, config, path):
     equal = all(np.array_equal(parallel[c], parallel[columns[0]]) for c in columns)
     ax.text(0.02, 0.03, f"{len(columns)} ranks' losses bitwise equal: {'yes' if equal else 'NO'}",
             transform=ax.transAxes, fontsize=9)
-    style_loss_axes(ax, f"Tensor-parallel ToyModel, every rank\n{describe(config)}")
+    style_loss_axes(ax, f"Tensor-parallel {model_name(config)}, every rank\n{describe(config)}",
+                    config)
     fig.tight_layout()
     save(fig, path)
 
@@ -89,7 +100,7 @@ def plot_comparison(serial, parallel, configs, path):
     plot_losses(top, serial, SERIAL_COLOR, "serial", None, lw=5, alpha=0.35)
     plot_losses(top, parallel, PARALLEL_COLOR, "tensor-parallel", None, lw=1.3, ls="--")
     style_loss_axes(top, "Serial vs tensor-parallel (circles: validation "
-                         f"loss)\n{describe(configs[1])}")
+                         f"loss)\n{describe(configs[1])}", configs[1] or {})
     top.set_xlabel("")
 
     n = min(len(serial["iteration"]), len(parallel["iteration"]))
