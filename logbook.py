@@ -182,3 +182,8 @@ def _report_transformer_papers(args, tp, rows):
           f"then the sum of exponentials with the target's logit, {3 * tokens * size / 1024:.2f} "
           f"KiB per rank in all, instead of gathering {logits:.2f} KiB of logits "
           f"(tensor-parallel size {tp}).")
+    if args.sequence_parallel:
+        print("  With --sequence_parallel (Korthikanti et al., 2022, Sec. 4.2.2): each block's "
+              "all-reduces become a reduce-scatter and an all-gather, the blocks' inputs are "
+              "all-gathered again in backward, the sequence is gathered before the output layer, "
+              "and one small all-reduce sums the LayerNorms' and biases' gradients.")

@@ -378,19 +378,21 @@ def sum_over_tensor_parallel(tensors) -> None:
     _all_reduce_coalesced(tensors, get_tensor_model_parallel_group(), "all_reduce")
 
 
-def average_replicated(tensors, partial_over_tensor_parallel: bool) -> None:
+def average_replicated(whole, partial=()) -> None:
     """Average over data-parallel replicas, in one all-reduce over *all* ranks, tensors that every
-    tensor-parallel rank holds whole (fc's gradient, the loss).
+    tensor-parallel rank holds: `whole` (fc's gradient, the loss) or, under sequence parallelism,
+    as a partial sum over its own rows (`partial`: the sum over the group is the whole).
 
     Why not the data-parallel groups ([0, 2, 4] and [1, 3, 5] at TP 2): those are separate
     communicators, and nothing promises that they add in the same order (NCCL picks rings and
     trees per communicator), so fc could drift apart by an ulp between tensor-parallel ranks.
     One all-reduce over one communicator gives every rank the same bits. To make its sum the
-    data-parallel sum, only tensor-parallel rank 0 contributes, unless each rank holds a
-    partial sum of its own rows (sequence parallelism): then every rank adds its part.
+    data-parallel sum, only tensor-parallel rank 0 contributes the whole tensors; every rank
+    adds its part of the partial ones.
     """
-    if not partial_over_tensor_parallel and get_tensor_model_parallel_rank() != 0:
-        for t in tensors:
+    whole, partial = list(whole), list(partial)
+    if get_tensor_model_parallel_rank() != 0:
+        for t in whole:
             t.zero_()
-    _all_reduce_coalesced(tensors, dist.group.WORLD, "replicated_all_reduce",
+    _all_reduce_coalesced(whole + partial, dist.group.WORLD, "replicated_all_reduce",
                           get_data_parallel_world_size())

@@ -49,27 +49,34 @@ def train(model, optimizer, batches, logbook, args, start=0):
         else:  # the mean over this replica's rows (under sequence parallelism, this rank's share)
             loss = F.mse_loss(outputs[:, 0], targets, reduction="sum") / replica_rows
         loss.backward()
+        # Under sequence parallelism ToyModel's loss is this rank's rows' share; the
+        # transformer's is whole (it gathers the sequence before its output layer).
+        partial_loss = args.sequence_parallel and args.model == "toy"
         if ps.get_data_parallel_world_size() > 1:  # replicas saw different rows: average them
-            loss = average_over_data_parallel_replicas(model, loss, args.sequence_parallel)
-        elif args.sequence_parallel:  # fc and the loss saw this rank's rows only: sum them
-            loss = allreduce_sequence_parallel_grads(model, loss)
+            loss = average_over_data_parallel_replicas(model, loss, partial_loss)
+        elif args.sequence_parallel:  # weights outside the split region saw 1/p of the rows
+            loss = allreduce_sequence_parallel_grads(model, loss, partial_loss)
         optimizer.step()
         logbook.step(it, loss)  # logging, validation, the ranks' agreement, checkpoints
 
 
-def average_over_data_parallel_replicas(model, loss, sequence_parallel):
+def average_over_data_parallel_replicas(model, loss, partial_loss):
     """Average every gradient and the loss over the data-parallel replicas; returns the loss.
 
-    Each rank's shards of fc1 and fc2 over its data-parallel group; fc's gradient
-    and the loss, which every tensor-parallel rank holds (whole, or under sequence
-    parallelism as its rows' part), in one all-reduce over all ranks
-    (parallel_state.average_replicated says why).
+    Each rank's shards of the split weights over its data-parallel group; what
+    every tensor-parallel rank holds, whole (fc's gradient, the loss) or under
+    sequence parallelism as its rows' part (`sequence_parallel` parameters), in
+    one all-reduce over all ranks (parallel_state.average_replicated says why).
     """
     loss = loss.detach().reshape(1).clone()
-    split = [p.grad for p in model.parameters() if getattr(p, "tensor_model_parallel", False)]
-    whole = [p.grad for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)]
-    ps.average_over_data_parallel(split)
-    ps.average_replicated(whole + [loss], partial_over_tensor_parallel=sequence_parallel)
+    kind = lambda p: ("split" if getattr(p, "tensor_model_parallel", False) else
+                      "partial" if getattr(p, "sequence_parallel", False) else "whole")
+    grads = {"split": [], "partial": [], "whole": []}
+    for p in model.parameters():
+        grads[kind(p)].append(p.grad)
+    grads["partial" if partial_loss else "whole"].append(loss)
+    ps.average_over_data_parallel(grads["split"])
+    ps.average_replicated(grads["whole"], grads["partial"])
     return loss[0]
 
 
@@ -86,7 +93,7 @@ def run(args, device, precision):
     # This replica's rows of every global batch; under sequence parallelism, this rank's of those.
     n = args.batch_size // dp_size
     rows = slice(dp_rank * n, (dp_rank + 1) * n)
-    if args.sequence_parallel:
+    if args.sequence_parallel and args.model == "toy":  # (the transformer splits its sequence)
         rows = slice(rows.start + tp_rank * n // tp, rows.start + (tp_rank + 1) * n // tp)
     batches = iterate_batches(*to_tensors(X, y, args.torch_dtype, device), args.batch_size, start,
                               rows)
@@ -179,9 +186,10 @@ def get_parallel_args(argv=None):
     if args.model == "transformer" and args.num_attention_heads % tp != 0:
         parser.error(f"--num_attention_heads {args.num_attention_heads} is not divisible by "
                      f"--tensor_model_parallel_size {tp}; each rank computes whole heads")
-    if args.model == "transformer" and args.sequence_parallel:
-        parser.error("--sequence_parallel is not built for --model transformer yet; leave it out")
-    if args.sequence_parallel and (args.batch_size // dp) % tp != 0:
+    if args.model == "transformer" and args.sequence_parallel and args.seq_length % tp != 0:
+        parser.error(f"--sequence_parallel splits the {args.seq_length} tokens of a sequence "
+                     f"between {tp} tensor-parallel ranks; choose a --seq_length that they divide")
+    if args.model == "toy" and args.sequence_parallel and (args.batch_size // dp) % tp != 0:
         parser.error(f"--sequence_parallel splits each replica's {args.batch_size // dp} rows "
                      f"between {tp} tensor-parallel ranks; choose a --batch_size that makes them "
                      "divisible")

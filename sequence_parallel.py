@@ -34,6 +34,12 @@ def _gather_along_first_dim(input_):
     return ps.all_gather(input_, dim=0)
 
 
+def _split_along_first_dim(input_):
+    """Keep this rank's rows."""
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    return input_.chunk(tp, dim=0)[rank].contiguous()
+
+
 def _reduce_scatter_along_first_dim(input_):
     """Sum over ranks and keep this rank's rows of the sum."""
     return ps.reduce_scatter(input_)
@@ -57,6 +63,18 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input_):
         return _reduce_scatter_along_first_dim(input_)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _gather_along_first_dim(grad_output)
+
+
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Enter the sequence-parallel region: keep this rank's rows; all-gather the gradient."""
+
+    @staticmethod
+    def forward(ctx, input_):
+        return _split_along_first_dim(input_)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -100,6 +118,10 @@ def gather_from_sequence_parallel_region(input_):
     return input_ if _single_rank() else _GatherFromSequenceParallelRegion.apply(input_)
 
 
+def scatter_to_sequence_parallel_region(input_):
+    return input_ if _single_rank() else _ScatterToSequenceParallelRegion.apply(input_)
+
+
 def reduce_scatter_to_sequence_parallel_region(input_):
     return input_ if _single_rank() else _ReduceScatterToSequenceParallelRegion.apply(input_)
 
@@ -114,17 +136,20 @@ def _single_rank():
     return ps.get_tensor_model_parallel_world_size() == 1
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+def allreduce_sequence_parallel_grads(model: nn.Module, loss: torch.Tensor,
+                                      loss_is_partial: bool = True) -> torch.Tensor:
     """Sum over the tensor-parallel group what each rank took from its rows only; returns the loss.
 
     Parameters used outside the split region (ToyModel's fc, a transformer's
-    LayerNorms, marked `sequence_parallel`) see batch / TP rows per rank, so
+    LayerNorms, marked `sequence_parallel`) see 1/TP of the rows per rank, so
     their gradients are partial sums (Megatron-LM's `_allreduce_layernorm_grads`);
-    so is each rank's loss. One all-reduce carries both.
+    so is each rank's loss in ToyModel, whose loss is taken on each rank's rows.
+    (The transformer gathers the sequence before its loss: loss_is_partial=False.)
+    One all-reduce carries them all.
     """
     loss = loss.detach().reshape(1).clone()
     partial = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False)]
-    ps.sum_over_tensor_parallel(partial + [loss])
+    ps.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))
     return loss[0]
 
 

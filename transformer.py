@@ -22,6 +22,14 @@ swapped in, in `__init__`s below and nowhere else:
   * dropout outside the split regions draws the same mask on every rank,
     dropout of the attention probabilities (inside, this rank's heads) a mask
     of its own: rng_tracker.py.
+  * sequence_parallel (Korthikanti et al., 2022): outside the split regions
+    each rank keeps 1/p of the sequence; the blocks' layers all-gather it and
+    reduce-scatter their outputs (sequence_parallel.py), the sequence is
+    gathered again before the output layer, and the LayerNorms' gradients,
+    taken on 1/p of the tokens, are summed over the group after backward.
+
+The blocks work on (sequence, batch, width), Megatron's layout, so that the
+sequence is the first dimension, the one sequence parallelism splits.
 
 Position embeddings and LayerNorms are replicated on every rank.
 """
@@ -38,6 +46,10 @@ from mappings import copy_to_tensor_model_parallel_region
 from model import MLP
 from parallel_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from rng_tracker import get_rng_tracker
+from sequence_parallel import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 
 
 class SelfAttention(nn.Module):
@@ -49,7 +61,8 @@ class SelfAttention(nn.Module):
     ColumnParallelLinear (one f) splits the attention by heads.
     """
 
-    def __init__(self, width, num_heads, tensor_parallel=False, dropout=0.0, dtype=None):
+    def __init__(self, width, num_heads, tensor_parallel=False, dropout=0.0,
+                 sequence_parallel=False, dtype=None):
         super().__init__()
         tp = ps.get_tensor_model_parallel_world_size() if tensor_parallel else 1
         if width % num_heads != 0:
@@ -62,17 +75,20 @@ class SelfAttention(nn.Module):
         self.heads_per_rank, self.head_dim = num_heads // tp, width // num_heads
         self.dropout = dropout
         if tensor_parallel:
-            self.query_key_value = ColumnParallelLinear(width, 3 * width, gather_output=False,
-                                                        dtype=dtype)
-            self.dense = RowParallelLinear(width, width, input_is_parallel=True, dtype=dtype)
+            self.query_key_value = ColumnParallelLinear(
+                width, 3 * width, gather_output=False, sequence_parallel=sequence_parallel,
+                dtype=dtype)
+            self.dense = RowParallelLinear(width, width, input_is_parallel=True,
+                                           sequence_parallel=sequence_parallel, dtype=dtype)
         else:
             self.query_key_value = nn.Linear(width, 3 * width, dtype=dtype)
             self.dense = nn.Linear(width, width, dtype=dtype)
 
     def forward(self, x):
-        batch, seq = x.shape[:2]
-        qkv = self.query_key_value(x).view(batch, seq, self.heads_per_rank, 3, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 2, 1, 4)  # each (batch, heads, seq, head_dim)
+        qkv = self.query_key_value(x)  # (seq, batch, 3 width / p): the whole sequence
+        seq, batch = qkv.shape[:2]
+        qkv = qkv.view(seq, batch, self.heads_per_rank, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 1, 2, 0, 4)  # each (batch, heads, seq, head_dim)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
         probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
@@ -80,25 +96,39 @@ class SelfAttention(nn.Module):
             # Inside the split region, this rank's heads: a mask of its own (the tracker's stream).
             with get_rng_tracker().fork():
                 probs = F.dropout(probs, self.dropout)
-        context = (probs @ v).transpose(1, 2).reshape(batch, seq, -1)
+        context = (probs @ v).permute(2, 0, 1, 3).reshape(seq, batch, -1)
         return self.dense(context)  # g: the sum over the ranks' heads
+
+
+def dropout_outside(x, p, training, sequence_parallel):
+    """Dropout outside the split regions. Every rank holds the same tensor there, and draws the
+    same mask from the default stream; under sequence parallelism each holds its own rows, and
+    draws from its own stream (as Megatron forks the tracker there)."""
+    if not training or p == 0:
+        return x
+    if not sequence_parallel:
+        return F.dropout(x, p)
+    with get_rng_tracker().fork():
+        return F.dropout(x, p)
 
 
 class Block(nn.Module):
     """x + dropout(attention(LN(x))), then x + dropout(MLP(LN(x))): pre-LayerNorm, as GPT-2."""
 
-    def __init__(self, width, hidden, num_heads, tensor_parallel=False, dropout=0.0, dtype=None):
+    def __init__(self, width, hidden, num_heads, tensor_parallel=False, dropout=0.0,
+                 sequence_parallel=False, dtype=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, dtype=dtype)
-        self.attention = SelfAttention(width, num_heads, tensor_parallel, dropout, dtype)
+        self.attention = SelfAttention(width, num_heads, tensor_parallel, dropout,
+                                       sequence_parallel, dtype)
         self.ln_2 = nn.LayerNorm(width, dtype=dtype)
-        self.mlp = MLP(width, hidden, tensor_parallel, dtype=dtype)
-        self.dropout = dropout
+        self.mlp = MLP(width, hidden, tensor_parallel, sequence_parallel, dtype=dtype)
+        self.dropout, self.sequence_parallel = dropout, sequence_parallel
 
     def forward(self, x):
-        # Outside the split regions: the same mask on every rank (the default stream).
-        x = x + F.dropout(self.attention(self.ln_1(x)), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.ln_2(x)), self.dropout, self.training)
+        drop = lambda t: dropout_outside(t, self.dropout, self.training, self.sequence_parallel)
+        x = x + drop(self.attention(self.ln_1(x)))
+        return x + drop(self.mlp(self.ln_2(x)))
 
 
 class ToyTransformer(nn.Module):
@@ -123,9 +153,10 @@ class ToyTransformer(nn.Module):
     """
 
     def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
-                 tensor_parallel=False, dropout=0.0, dtype=None):
+                 tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None):
         super().__init__()
         self.vocab_size, self.tensor_parallel = vocab_size, tensor_parallel
+        self.sequence_parallel = sequence_parallel and tensor_parallel
         hidden = hidden or 32 * width  # as ToyModel's
         # N(0, 0.02), GPT-2's and Megatron's init_method_normal. With nn.Embedding's N(0, 1) the
         # tied output layer's first logits are ~12 wide and the first loss ~59 (measured at the
@@ -138,26 +169,40 @@ class ToyTransformer(nn.Module):
             init(self.word_embeddings.weight)
         self.position_embeddings = nn.Embedding(seq_length, width, dtype=dtype)
         init(self.position_embeddings.weight)
-        self.blocks = nn.ModuleList(Block(width, hidden, num_heads, tensor_parallel, dropout, dtype)
-                                    for _ in range(num_layers))
+        self.blocks = nn.ModuleList(
+            Block(width, hidden, num_heads, tensor_parallel, dropout, self.sequence_parallel,
+                  dtype)
+            for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(width, dtype=dtype)
         self.dropout = dropout
+        for module in self.modules():  # their gradients come from 1/p of the tokens: summed
+            if isinstance(module, nn.LayerNorm):
+                for p in module.parameters():
+                    p.sequence_parallel = self.sequence_parallel
 
     def forward(self, tokens):
-        """The final hidden states (batch, seq, width); `loss` turns them into the loss."""
+        """The final hidden states, (seq, batch, width), or this rank's rows of the sequence
+        under sequence parallelism; `loss` turns them into the loss."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.word_embeddings(tokens) + self.position_embeddings(positions)
-        x = F.dropout(x, self.dropout, self.training)
+        x = x.transpose(0, 1).contiguous()  # (seq, batch, width)
+        if self.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)
+        x = dropout_outside(x, self.dropout, self.training, self.sequence_parallel)
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
 
     def loss(self, hidden, targets):
-        """Mean cross-entropy of the next token, through the tied output layer."""
+        """Mean cross-entropy of the next token (targets: (batch, seq)), through the tied output
+        layer."""
         if not self.tensor_parallel:
-            logits = F.linear(hidden, self.word_embeddings.weight)
+            logits = F.linear(hidden.transpose(0, 1), self.word_embeddings.weight)
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        # parallel_lm_logits: f, then this rank's vocabulary slice of the logits, never gathered.
-        logits_parallel = F.linear(copy_to_tensor_model_parallel_region(hidden),
-                                   self.word_embeddings.weight)
+        if self.sequence_parallel:  # the whole sequence again; the gather's backward sums, as f
+            hidden = gather_from_sequence_parallel_region(hidden)
+        else:  # f, as Megatron's parallel_lm_logits
+            hidden = copy_to_tensor_model_parallel_region(hidden)
+        # This rank's vocabulary slice of the logits, never gathered.
+        logits_parallel = F.linear(hidden.transpose(0, 1), self.word_embeddings.weight)
         return vocab_parallel_cross_entropy(logits_parallel, targets, self.vocab_size).mean()

@@ -146,13 +146,13 @@ def _check_replicated_average_is_bitwise_identical():
     values = [torch.randn(5, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(r)) for r in range(6)]
     t = values[rank].clone()
-    ps.average_replicated([t], partial_over_tensor_parallel=False)
+    ps.average_replicated([t])
     everyone = all_ranks(t)
     assert torch.equal(everyone, everyone[:1].expand_as(everyone))
     torch.testing.assert_close(t, (values[0] + values[2] + values[4]) / 3, rtol=0, atol=4e-16)
     # Sequence parallelism: every rank holds a partial sum of its rows; all of them add up.
     t = values[rank].clone()
-    ps.average_replicated([t], partial_over_tensor_parallel=True)
+    ps.average_replicated([], [t])
     everyone = all_ranks(t)
     assert torch.equal(everyone, everyone[:1].expand_as(everyone)) and tp_rank in (0, 1)
     torch.testing.assert_close(t, sum(values) / 3, rtol=0, atol=2e-15)

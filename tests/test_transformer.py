@@ -82,6 +82,36 @@ def _check_step():
                 assert (all_ranks(p.grad) == p.grad).all(), name
 
 
+def _check_sequence_parallel_step():
+    """Under sequence parallelism each rank holds 1/p of the sequence outside the split regions;
+    the LayerNorms' and the row-parallel biases' gradients are partial, summed after backward."""
+    from sequence_parallel import allreduce_sequence_parallel_grads
+    tp = ps.get_tensor_model_parallel_world_size()
+    vocab_size = 10
+    rng_tracker.model_parallel_manual_seed(0)
+    serial = ToyTransformer(vocab_size, SEQ + 3, WIDTH, HIDDEN, HEADS, LAYERS,
+                            dtype=torch.float64)
+    rng_tracker.model_parallel_manual_seed(0)
+    parallel = ToyTransformer(vocab_size, SEQ + 3, WIDTH, HIDDEN, HEADS, LAYERS,
+                              tensor_parallel=True, sequence_parallel=True, dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(vocab_size, (BATCH, SEQ + 4), generator=g)  # 8 tokens: TP 4 divides
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    hidden = parallel(inputs)
+    assert hidden.shape[0] == (SEQ + 3) // tp, "this rank's rows of the sequence"
+    loss = parallel.loss(hidden, targets)
+    loss.backward()
+    loss = allreduce_sequence_parallel_grads(parallel, loss, loss_is_partial=False)
+    serial_loss = serial.loss(serial(inputs), targets)
+    serial_loss.backward()
+    close(loss, serial_loss, "loss")
+    params = dict(parallel.named_parameters())
+    for name, p in serial.named_parameters():
+        close(params[name].grad, _my_slice(params[name], p.grad), f"{name} grad")
+        if getattr(params[name], "partition_dim", None) is None:
+            assert (all_ranks(params[name].grad) == params[name].grad).all(), name
+
+
 def _check_dropout():
     tp = ps.get_tensor_model_parallel_world_size()
     tokens, targets = _batch(12)
@@ -100,6 +130,11 @@ def _check_dropout():
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_transformer_step_matches_serial(tp):
     run_distributed(_check_step, tp)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_transformer_sequence_parallel_step_matches_serial(tp):
+    run_distributed(_check_sequence_parallel_step, tp)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
