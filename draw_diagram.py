@@ -29,15 +29,15 @@ COLUMNS = {"X": (6, 9), "f": (16.5, 4.5), "XA": (28, 12), "relu": (38.5, 5), "YB
 ROW = 16  # vertical distance between ranks
 
 
-def box(ax, column, y, text, color, height=11):
-    x, w = COLUMNS[column]
+def box(ax, column, y, text, color, height=11, columns=COLUMNS):
+    x, w = columns[column]
     ax.add_patch(FancyBboxPatch((x - w / 2, y - height / 2), w, height, boxstyle="round,pad=0.4",
                                 fc=color, ec="#555555", lw=1))
     ax.text(x, y, text, ha="center", va="center", fontsize=8.5)
 
 
-def arrow(ax, a, b, y):
-    (xa, wa), (xb, wb) = COLUMNS[a], COLUMNS[b]
+def arrow(ax, a, b, y, columns=COLUMNS):
+    (xa, wa), (xb, wb) = columns[a], columns[b]
     ax.annotate("", xy=(xb - wb / 2 - 0.5, y), xytext=(xa + wa / 2 + 0.5, y),
                 arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1))
 
@@ -137,7 +137,22 @@ def main(argv=None):
     p.add_argument("--out", default=None,
                    help="default: assets/toy_tensor_parallel.png, or "
                         "assets/toy_sequence_parallel.png")
+    p.add_argument("--model", choices=["toy", "transformer"], default="toy",
+                   help="transformer: the block of transformer.py, split by heads and vocabulary "
+                        "(assets/transformer_tensor_parallel.png)")
+    p.add_argument("--vocab_size", type=int, default=50, help="transformer")
+    p.add_argument("--seq_length", type=int, default=16, help="transformer")
+    p.add_argument("--num_attention_heads", type=int, default=4, help="transformer")
     args = p.parse_args(argv)
+    if args.model == "transformer":
+        from diagram_transformer import draw_transformer
+        if args.num_attention_heads % args.tp or args.tp <= 0:
+            p.error(f"--num_attention_heads {args.num_attention_heads} must be divisible by "
+                    f"--tp {args.tp}")
+        out = args.out or "assets/transformer_tensor_parallel.png"
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        return draw_transformer(args.tp, args.input_size, args.num_attention_heads,
+                                args.vocab_size, args.seq_length, args.batch_size, out)
     hidden = args.hidden_size or 32 * args.input_size
     if min(args.tp, args.input_size, hidden, args.batch_size) <= 0 or hidden % args.tp:
         p.error(f"sizes must be positive and --hidden_size {hidden} divisible by --tp {args.tp}")

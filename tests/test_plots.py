@@ -84,3 +84,17 @@ def test_sequence_parallel_diagram_refuses_rows_that_do_not_split(tmp_path, caps
         draw_diagram.main(["--sequence_parallel", "--batch_size", "33", "--out",
                            str(tmp_path / "x.png")])
     assert "choose a --batch_size divisible by --tp" in capsys.readouterr().err
+
+
+def test_transformer_diagram_shows_heads_and_vocabulary_per_rank(tmp_path, capsys):
+    out = tmp_path / "transformer.png"
+    said = "\n".join(draw_diagram.main(["--model", "transformer", "--tp", "4", "--out", str(out)]))
+    assert png_shape(out)[1] >= 1500
+    assert "vocabulary 50 (padded to 52)" in said
+    for rank, rows in enumerate(("0..12", "13..25", "26..38", "39..49\n+2 padded")):
+        assert f"E_{rank}: vocab rows\n{rows}" in said, said
+        assert f"head {rank}\nQKV" in said
+    assert said.count("all-\nreduce\nmax,") == 1 and "never the 32x16x50 logits" in said
+    with pytest.raises(SystemExit):
+        draw_diagram.main(["--model", "transformer", "--tp", "3", "--out", str(tmp_path / "x.png")])
+    assert "--num_attention_heads 4 must be divisible by --tp 3" in capsys.readouterr().err
