@@ -36,11 +36,21 @@ from parallel_state import ParallelConfigError
 USER_ERRORS = (DataError, ParallelConfigError, StateDictError, TrainingStopped, CheckpointError)
 
 
+class QuietExit(SystemExit):
+    """Exit status 2 on a rank that leaves the error's one line to another rank."""
+
+
+# torchrun stops the whole job when the first rank exits: a rank that says nothing waits this
+# long before leaving, so the rank that says the error is not stopped before it has said it.
+REPORTER_FIRST_S = 1.0
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """One line that says what is wrong, instead of the whole usage text; once, from rank 0."""
-        rank0 = os.environ.get("RANK", "0") == "0"
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if rank0 else None)
+        if os.environ.get("RANK", "0") != "0":
+            raise QuietExit(2)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def pin_float32_precision() -> dict:
@@ -93,7 +103,12 @@ def run_cli(main):
     except USER_ERRORS as e:
         if getattr(e, "reported_by_this_rank", rank0):
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            _wait_for_the_reporter()
         sys.exit(2)
+    except QuietExit:
+        _wait_for_the_reporter()
+        raise
     except (KeyboardInterrupt, Terminated) as e:
         if rank0 and isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr, flush=True)
@@ -101,6 +116,13 @@ def run_cli(main):
         if dist.is_initialized():
             exit_now(code)  # peers may be mid-collective: no barrier, no teardown
         sys.exit(code)
+
+
+def _wait_for_the_reporter():
+    try:
+        time.sleep(REPORTER_FIRST_S)
+    except Terminated:  # torchrun stopping this rank once the reporter left: what it waits for
+        pass
 
 
 STUCK_GRACE_S = 2.0
@@ -227,7 +249,7 @@ def on_every_rank(fn, *args):
     if not failed.any():
         return result
     if rank != int(failed.nonzero()[0]):
-        sys.exit(2)
+        raise QuietExit(2)
     if not failed.all():
         error = type(error)(f"{error} (on {socket.gethostname()}; every node needs its files)")
     error.reported_by_this_rank = True
