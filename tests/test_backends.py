@@ -134,9 +134,8 @@ def test_older_torch_names_give_the_same_run(data_dir, tmp_path):
     assert all((serial[k] - old[k]).abs().max() <= 5e-15 for k in serial)
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     assert config["float32_matmul_precision"] == "highest (TF32 off)"
-    assert (config["backend"],
-            config["device_type"]) == (("gloo", "cpu") if not torch.cuda.is_available()
-                                                          else ("gloo", "cuda"))
+    expected = ("gloo", "cuda") if torch.cuda.is_available() else ("gloo", "cpu")
+    assert (config["backend"], config["device_type"]) == expected
 
 
 def _check_replicated_average_is_bitwise_identical():
