@@ -101,28 +101,40 @@ def run_cli(main):
     try:
         main()
     except USER_ERRORS as e:
+        _leaving_with(2)
         if getattr(e, "reported_by_this_rank", rank0):
             print(f"error: {e}", file=sys.stderr, flush=True)
         else:
-            _wait_for_the_reporter()
+            time.sleep(REPORTER_FIRST_S)
         sys.exit(2)
     except QuietExit:
-        _wait_for_the_reporter()
+        _leaving_with(2)
+        time.sleep(REPORTER_FIRST_S)
         raise
     except (KeyboardInterrupt, Terminated) as e:
+        code = 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
+        _leaving_with(code)
         if rank0 and isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr, flush=True)
-        code = 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
         if dist.is_initialized():
             exit_now(code)  # peers may be mid-collective: no barrier, no teardown
         sys.exit(code)
+    except SystemExit as e:  # --help, or a flag error said by argparse
+        _leaving_with(e.code)
+        raise
+    _leaving_with(0)
 
 
-def _wait_for_the_reporter():
-    try:
-        time.sleep(REPORTER_FIRST_S)
-    except Terminated:  # torchrun stopping this rank once the reporter left: what it waits for
-        pass
+def _leaving_with(code):
+    """From here on, SIGTERM ends the process at once with the status it is already leaving with.
+
+    torchrun stops the other ranks as soon as one exits. A rank still waiting
+    for the reporter, or still in Python's shutdown (weakref finalizers,
+    atexit), would otherwise raise Terminated there and print a traceback
+    after the one line.
+    """
+    code = 0 if code is None else code if isinstance(code, int) else 1  # as SystemExit does
+    signal.signal(signal.SIGTERM, lambda signum, frame: exit_now(code))
 
 
 STUCK_GRACE_S = 2.0

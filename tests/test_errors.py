@@ -273,6 +273,29 @@ def test_ctrl_c_stops_every_rank(tmp_path, data_dir):
     assert (tmp_path / "metrics.csv").read_text().count("\n") > 20  # rows so far reached the disk
 
 
+SLOW_SHUTDOWN = """
+import atexit, time
+from data import DataError
+from operations import run_cli
+atexit.register(time.sleep, 5)  # a slow interpreter shutdown, as on 2 busy cores
+
+def main():
+    raise DataError("no data")
+run_cli(main)
+"""
+
+
+def test_sigterm_during_shutdown_keeps_the_exit_status_and_the_one_line():
+    """torchrun stops the other ranks when one exits; a rank still shutting down must not then
+    print a traceback from inside a finalizer (seen once in CI), nor change its exit status."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SHUTDOWN], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = proc.stdout.readline()  # said before the shutdown starts
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=FAIL_FAST_S)
+    assert (first, rest, proc.returncode) == ("error: no data\n", "", 2)
+
+
 def test_port_in_use_is_one_line(tmp_path):
     import socket
     with socket.socket() as s:
