@@ -12,11 +12,16 @@ writes. Every file is written to a temporary name and renamed, and the
 tracker is written last, after every shard is on disk: a crash mid-save
 leaves the previous checkpoint as the latest, never a half-written one.
 
+A checkpoint resumes at any tensor-parallel and data-parallel size: a rank
+whose size differs from the saved one reads the saved shards that overlap its
+slice and cuts its part, momentum included (reshard.py).
+
 At the end, the serial form of a model (one full state_dict, as model.pt and
 --init_from hold it): loaded into any tensor-parallel size, and gathered back.
 """
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -24,10 +29,12 @@ import torch.nn as nn
 
 import parallel_state as ps
 from metrics import atomic_write
-from rng_tracker import get_rng_tracker
+from reshard import reshard
+from rng_tracker import get_rng_tracker, seed_tensor_parallel_stream
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype")
+RESHARDABLE = ("tensor_model_parallel_size",)  # the rest must match: they change the model
 TRANSFORMER_SIZES = ("model", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
 
 
@@ -81,21 +88,58 @@ def latest_iteration(directory):
     return int(text)
 
 
+def shard_reader(directory, iteration):
+    """(read, saved_tp): read(tp_rank) gives that saved shard, read once and checked to belong to
+    this checkpoint; saved_tp is the tensor-parallel size it was saved at, from the first shard
+    this node sees (on several nodes without a shared disk, each sees its own)."""
+    where = os.path.join(directory, f"iter_{iteration:07d}")
+    if not os.path.isdir(where):
+        raise CheckpointError(f"{os.path.join(directory, TRACKER)} names iteration {iteration}, "
+                              f"but {where} is missing")
+    seen = sorted(int(d[len("mp_rank_"):]) for d in os.listdir(where)
+                  if re.fullmatch(r"mp_rank_\d\d", d))
+    seen = [r for r in seen if os.path.isfile(shard_path(directory, iteration, r))]
+    if not seen:
+        raise CheckpointError(f"{directory} names iteration {iteration}, but {where} holds no "
+                              "shards")
+    cache = {}
+
+    def read(tp_rank):
+        if tp_rank in cache:
+            return cache[tp_rank]
+        path = shard_path(directory, iteration, tp_rank)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is "
+                                  "missing (an incomplete checkpoint)")
+        try:
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, or not a checkpoint at all
+            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); it is truncated "
+                                  "or not a checkpoint shard") from None
+        if shard["iteration"] != iteration:
+            raise CheckpointError(f"{path} holds iteration {shard['iteration']}, not "
+                                  f"{iteration}: shards of two checkpoints are mixed")
+        was = shard["sizes"]["tensor_model_parallel_size"]
+        if cache and was != saved_tp:
+            raise CheckpointError(f"{path} was saved at tensor-parallel size {was}, "
+                                  f"{shard_path(directory, iteration, seen[0])} at {saved_tp}: "
+                                  "shards of two checkpoints are mixed")
+        cache[tp_rank] = shard
+        return shard
+
+    saved_tp = read(seen[0])["sizes"]["tensor_model_parallel_size"]
+    return read, saved_tp
+
+
 def load_shards(directory, iteration):
     """Every tensor-parallel shard of one iteration, in rank order (for merging)."""
-    shards, tp_rank = [], 0
-    while os.path.isfile(shard_path(directory, iteration, tp_rank)):
-        path = shard_path(directory, iteration, tp_rank)
-        shards.append(torch.load(path, map_location="cpu", weights_only=True))
-        tp_rank += 1
-    if not shards:
-        where = os.path.dirname(os.path.dirname(shard_path(directory, iteration, 0)))
-        raise CheckpointError(f"no shards in {where}")
-    return shards
+    read, saved_tp = shard_reader(directory, iteration)
+    return [read(tp_rank) for tp_rank in range(saved_tp)]
 
 
 def load_checkpoint(directory, model, optimizer, args):
-    """Restore this rank's shard of the newest checkpoint in `directory`.
+    """Restore this rank's shard of the newest checkpoint in `directory`, at any size: read as
+    saved, or cut from the saved shards that overlap it when the tensor-parallel size changed.
 
     Returns its iteration, or 0 when there is none yet.
     """
@@ -104,25 +148,28 @@ def load_checkpoint(directory, model, optimizer, args):
         if dist.get_rank() == 0:
             print(f"note: no checkpoint in {directory} yet; starting from iteration 0")
         return 0
-    path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank())
-    # On several nodes, this node may not see the directory the shard went to.
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is missing "
-                              f"(each tensor-parallel rank reads its own shard)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    read, saved_tp = shard_reader(directory, iteration)
+    saved = read(tp_rank * saved_tp // tp)  # the first shard this rank needs
     for key, value in sizes(args).items():
-        was = state["sizes"].get(key, "toy" if key == "model" else None)
-        if was != value:
+        was = saved["sizes"].get(key, "toy" if key == "model" else None)
+        if was != value and key not in RESHARDABLE:
             raise CheckpointError(
                 f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} "
                 f"{was}, this run has {value}; resume with the same sizes, or "
                 "merge it with merge_checkpoint.py and start from that with --init_from")
+    state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
-    get_rng_tracker().states.update(state["rng"].get("tracker", {}))  # dropout's own streams
+    if "tracker" in state["rng"]:
+        get_rng_tracker().states.update(state["rng"]["tracker"])  # dropout's own streams
+    else:  # this rank's stream belonged to another split: a new one, that repeats no mask
+        seed_tensor_parallel_stream(args.seed + iteration)
     if dist.get_rank() == 0:
-        print(f"resuming from {directory} at iteration {iteration}")
+        changed = f", resharded from tensor-parallel size {saved_tp} to {tp}"
+        print(f"resuming from {directory} at iteration {iteration}"
+              f"{changed if saved_tp != tp else ''}")
     return iteration
 
 

@@ -1,11 +1,18 @@
-"""Merge a checkpoint's tensor-parallel shards into one serial ToyModel state_dict.
+"""Merge a checkpoint's tensor-parallel shards into one serial state_dict, or cut them for another
+tensor-parallel size.
 
     python merge_checkpoint.py checkpoints --out merged.pt        # the newest iteration
     python merge_checkpoint.py checkpoints --iteration 100 --out merged.pt
+    python merge_checkpoint.py checkpoints --tensor_model_parallel_size 4 --save checkpoints_tp4
 
-The result has the serial keys (mlp.fc1.weight, mlp.fc2.weight, fc.weight) and
-loads with `train.py --init_from merged.pt`, or `parallel_train.py --init_from`
-at any tensor-parallel size: merge, then reshard (e.g. TP=2 -> TP=4).
+--out writes the serial keys (mlp.fc1.weight, mlp.fc2.weight, fc.weight; the
+transformer's, with its unpadded vocabulary): it loads with `train.py
+--init_from merged.pt`, or `parallel_train.py --init_from` at any
+tensor-parallel size, as a new run. --save writes a checkpoint in the same
+Megatron layout at the given tensor-parallel size, optimizer state and
+iteration included: `parallel_train.py --load` continues it as the saved run
+would have gone on. (`--load` also reshards by itself at load time; this is
+the same cut, done offline.)
 """
 
 import argparse
@@ -14,8 +21,15 @@ import sys
 
 import torch
 
-from checkpointing import CheckpointError, latest_iteration, load_shards
+from checkpointing import (
+    TRACKER,
+    CheckpointError,
+    latest_iteration,
+    load_shards,
+    shard_path,
+)
 from metrics import atomic_write
+from reshard import reshard
 
 
 def merge(shards):
@@ -30,27 +44,64 @@ def merge(shards):
     return merged
 
 
+def check_divisible(sizes, tp):
+    """The sizes a tensor-parallel size must divide, as parallel_train.py's flags check them."""
+    if tp < 1:
+        raise CheckpointError(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
+    if sizes["hidden_size"] % tp:
+        raise CheckpointError(f"its hidden size {sizes['hidden_size']} is not divisible by "
+                              f"--tensor_model_parallel_size {tp}")
+    heads = sizes.get("num_attention_heads")
+    if sizes.get("model") == "transformer" and heads % tp:
+        raise CheckpointError(f"its {heads} attention heads are not divisible by "
+                              f"--tensor_model_parallel_size {tp}")
+
+
+def save_resharded(shards, iteration, tp, directory):
+    """The checkpoint at tensor-parallel size tp, each shard written before the tracker."""
+    if os.path.exists(os.path.join(directory, TRACKER)):
+        raise CheckpointError(f"{directory} holds a checkpoint already; choose a new --save "
+                              "directory")
+    for tp_rank in range(tp):
+        state = reshard(shards.__getitem__, len(shards), tp, tp_rank)
+        path = shard_path(directory, iteration, tp_rank)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(os.path.join(directory, TRACKER), lambda f: f.write(f"{iteration}\n".encode()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("directory", help="the --save directory of a run")
     p.add_argument("--iteration", type=int, default=None,
                    help="default: the newest (the tracker's)")
-    p.add_argument("--out", required=True, help="where to write the serial state_dict (.pt)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="where to write the serial state_dict (.pt)")
+    out.add_argument("--save", help="a new checkpoint directory, at --tensor_model_parallel_size")
+    p.add_argument("--tensor_model_parallel_size", type=int, default=None,
+                   help="with --save: the tensor-parallel size to cut the checkpoint for")
     args = p.parse_args(argv)
+    if (args.save is None) != (args.tensor_model_parallel_size is None):
+        p.error("--save and --tensor_model_parallel_size go together")
     try:
+        if os.path.isfile(args.directory):
+            raise CheckpointError(f"{args.directory} is a file; name the --save directory of a "
+                                  "run")
         iteration = args.iteration
         if iteration is None:
             iteration = latest_iteration(args.directory)
         if iteration is None:
-            raise CheckpointError(f"no checkpoint in {args.directory} (no "
-                                  "latest_checkpointed_iteration.txt)")
+            raise CheckpointError(f"no checkpoint in {args.directory} (no {TRACKER})")
         shards = load_shards(args.directory, iteration)
-        if len(shards) != shards[0]["sizes"]["tensor_model_parallel_size"]:
-            raise CheckpointError(f"{args.directory} iteration {iteration} has {len(shards)} "
-                                  "shards, but was saved with tensor-parallel size "
-                                  f"{shards[0]['sizes']['tensor_model_parallel_size']}")
-    except CheckpointError as e:
+        if args.save:
+            check_divisible(shards[0]["sizes"], args.tensor_model_parallel_size)
+            save_resharded(shards, iteration, args.tensor_model_parallel_size, args.save)
+    except (CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
+    if args.save:
+        print(f"cut the {len(shards)} shards of iteration {iteration} into "
+              f"{args.tensor_model_parallel_size} in {args.save}, momentum included")
+        return
     state = merge(shards)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write(args.out, lambda f: torch.save(state, f))

@@ -45,6 +45,8 @@ class MetricsWriter:
         if resume_from:
             # Keep the rows up to the checkpoint; rows after it were recomputed by this run.
             self.rows += [row for row in self._read_rows() if int(row[0]) <= resume_from]
+            self.rows[0] = self.rows[0] + [f"train_loss_rank{r}" for r in
+                                           range(len(self.rows[0]) - 3, self._ranks_before)]
         else:
             earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
             if earlier:
@@ -58,11 +60,18 @@ class MetricsWriter:
         self.last_flush = float("-inf")
 
     def _read_rows(self):
+        """The earlier rows, in this run's columns; a run resumed at another tensor-parallel size
+        keeps the earlier ranks' columns too (empty in its own rows)."""
+        self._ranks_before = 0
         if not os.path.isfile(self.path):
             return []
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
-        return rows[1:] if rows and rows[0] == self.rows[0] else []
+        if not rows or rows[0][:3] != self.rows[0][:3]:
+            return []
+        self._ranks_before = len(rows[0]) - 3
+        width = max(len(rows[0]), len(self.rows[0]))
+        return [row + [""] * (width - len(row)) for row in rows[1:]]
 
     def write(self, rows, rank_losses):
         """rows: [iteration, train_loss, valid_loss or None];
@@ -74,7 +83,8 @@ class MetricsWriter:
         # repr() of a float round-trips exactly: float64 curves can be compared at 1e-15.
         for (it, loss, valid), losses in zip(rows, per_rank):
             ranks = [repr(x) if x != "" else "" for x in losses] if self.num_ranks > 1 else []
-            self.rows.append([it, repr(loss), "" if valid is None else repr(valid), *ranks])
+            row = [it, repr(loss), "" if valid is None else repr(valid), *ranks]
+            self.rows.append(row + [""] * (len(self.rows[0]) - len(row)))
         if time.monotonic() - self.last_flush >= self.min_interval_s:
             self.flush()
 

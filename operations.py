@@ -53,6 +53,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def file_in_the_way(directory):
+    """The file that keeps `directory` from being made (it, or a parent of it), or None."""
+    path = os.path.normpath(directory)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path if path and not os.path.isdir(path) else None
+
+
 def pin_float32_precision() -> dict:
     """Full-precision float32 matmuls and convolutions: TF32 off, in serial and parallel runs alike.
 

@@ -6,6 +6,10 @@ non_parallel.png     the serial run: train loss each iteration, validation loss
 tensor_parallel.png  the parallel run: every tensor-parallel rank's train loss
 comparison.png       both runs overlaid and, beneath, |serial - parallel| per
                      iteration on a log axis, with its maximum
+
+    python plot_runs.py A B --labels "stayed at TP=2" "TP=2, then TP=4" --comparison x.png
+
+draws only the comparison of any two runs, under those names.
 """
 
 import argparse
@@ -94,22 +98,22 @@ def plot_parallel(parallel, config, path):
     save(fig, path)
 
 
-def plot_comparison(serial, parallel, configs, path):
+def plot_comparison(serial, parallel, configs, path, labels=("serial", "tensor-parallel")):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
-    plot_losses(top, serial, SERIAL_COLOR, "serial", None, lw=5, alpha=0.35)
-    plot_losses(top, parallel, PARALLEL_COLOR, "tensor-parallel", None, lw=1.3, ls="--")
-    style_loss_axes(top, "Serial vs tensor-parallel (circles: validation "
-                         f"loss)\n{describe(configs[1])}", configs[1] or {})
+    plot_losses(top, serial, SERIAL_COLOR, labels[0], None, lw=5, alpha=0.35)
+    plot_losses(top, parallel, PARALLEL_COLOR, labels[1], None, lw=1.3, ls="--")
+    style_loss_axes(top, f"{labels[0][0].upper() + labels[0][1:]} vs {labels[1]} (circles: "
+                         f"validation loss)\n{describe(configs[1])}", configs[1] or {})
     top.set_xlabel("")
 
     n = min(len(serial["iteration"]), len(parallel["iteration"]))
     diff = np.abs(serial["train_loss"][:n] - parallel["train_loss"][:n])
     it = serial["iteration"][:n]
     exact = diff == 0  # can't go on a log axis: counted in the legend instead
+    names = "serial - parallel" if labels[0] == "serial" else "difference"
     bottom.semilogy(it[~exact], diff[~exact], ".", color="black", ms=4,
-                    label=f"|serial - parallel| train loss ({exact.sum()} of {n} iterations "
-                          "exactly 0)")
+                    label=f"|{names}| train loss ({exact.sum()} of {n} iterations exactly 0)")
     i = int(np.argmax(diff))
     _, max_rel = curve_difference(serial, parallel)  # the numbers compare_runs.py reports
     bottom.annotate(f"max {diff[i]:.2e} at iteration {int(it[i])}\n"
@@ -136,6 +140,10 @@ def main(argv=None):
     p.add_argument("serial", nargs="?", default="runs/serial")
     p.add_argument("parallel", nargs="?", default="runs/tensor_parallel")
     p.add_argument("--assets", default="assets", help="where the PNGs go")
+    p.add_argument("--labels", nargs=2, default=["serial", "tensor-parallel"],
+                   metavar=("FIRST", "SECOND"), help="the two runs' names in the comparison")
+    p.add_argument("--comparison", default=None, metavar="PNG",
+                   help="write only the comparison, here")
     args = p.parse_args(argv)
     try:
         serial, parallel = read_metrics(args.serial), read_metrics(args.parallel)
@@ -144,6 +152,9 @@ def main(argv=None):
     if not len(serial.get("iteration", [])) or not len(parallel.get("iteration", [])):
         sys.exit("error: a metrics.csv has no rows; did its run stop at the start?")
     configs = read_config(args.serial), read_config(args.parallel)
+    if args.comparison:
+        os.makedirs(os.path.dirname(os.path.abspath(args.comparison)), exist_ok=True)
+        return plot_comparison(serial, parallel, configs, args.comparison, args.labels)
     os.makedirs(args.assets, exist_ok=True)
     plot_serial(serial, configs[0], os.path.join(args.assets, "non_parallel.png"))
     plot_parallel(parallel, configs[1], os.path.join(args.assets, "tensor_parallel.png"))

@@ -12,7 +12,6 @@ targets cannot be predicted, so the loss falls from log(vocab) towards
 (PERIOD - 1) / seq_length x log(vocab).
 """
 
-import argparse
 import os
 
 import numpy as np
@@ -53,7 +52,8 @@ def save_data(arrays, data_dir, names=FILES):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from operations import ArgumentParser, file_in_the_way  # here: importing it takes torch's time
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["toy", "transformer"], default="toy")
     parser.add_argument("--data_dir", default=None,
                         help="default: data, or data_transformer for --model transformer")
@@ -65,18 +65,20 @@ def main():
     parser.add_argument("--vocab_size", type=int, default=50, help="tokens (--model transformer)")
     parser.add_argument("--seq_length", type=int, default=16, help="tokens per sequence (ditto)")
     args = parser.parse_args()
+    data_dir = args.data_dir or ("data_transformer" if args.model == "transformer" else "data")
+    if file_in_the_way(data_dir):
+        parser.error(f"--data_dir {data_dir}: {file_in_the_way(data_dir)} is a file; name a "
+                     "directory")
     if args.num_samples < 10 or args.input_size < 1:
         parser.error("--num_samples must be at least 10 and --input_size at least 1")
     if args.model == "transformer":
         if args.vocab_size < 2 or args.seq_length < PERIOD:
             parser.error(f"--vocab_size must be at least 2 and --seq_length at least {PERIOD}")
-        data_dir = args.data_dir or "data_transformer"
         train, valid = make_tokens(args.num_samples, args.seq_length, args.vocab_size, args.seed)
         save_data((train, valid), data_dir, TOKEN_FILES)
         print(f"wrote {len(train)} train and {len(valid)} valid sequences of "
               f"{args.seq_length} + 1 tokens (vocabulary {args.vocab_size}) to {data_dir}/")
         return
-    data_dir = args.data_dir or "data"
     arrays = make_data(args.num_samples, args.input_size, args.seed, args.noise)
     save_data(arrays, data_dir)
     print(f"wrote {len(arrays[0])} train and {len(arrays[2])} valid samples of size "

@@ -79,7 +79,14 @@ def get_rng_tracker() -> RNGStatesTracker:
 def model_parallel_manual_seed(seed: int) -> None:
     """Seed both streams: the default one alike on every tensor-parallel rank (outside the split
     region), the tracker's one differently on each (inside it)."""
-    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     torch.manual_seed(seed)
+    seed_tensor_parallel_stream(seed)
+
+
+def seed_tensor_parallel_stream(seed: int) -> None:
+    """Seed the tracker's stream only, differently on each tensor-parallel rank (also when a
+    checkpoint is resumed at another tensor-parallel size: the saved streams were the old
+    split's)."""
+    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     _RNG_TRACKER.states.clear()
     _RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank)

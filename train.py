@@ -20,7 +20,7 @@ from data import iterate_batches, load_dataset, load_token_dataset, to_tensors
 from logbook import Logbook
 from metrics import MetricsWriter, run_config, save_model
 from model import ToyModel
-from operations import ArgumentParser, pin_float32_precision, run_cli
+from operations import ArgumentParser, file_in_the_way, pin_float32_precision, run_cli
 from rng_tracker import model_parallel_manual_seed
 from transformer import ToyTransformer
 
@@ -88,6 +88,10 @@ def parse_args(parser, argv=None):
     args.out_dir = args.out_dir or default_out_dir
     if args.init_from and not os.path.isfile(args.init_from):
         parser.error(f"--init_from {args.init_from}: no such file")
+    for flag in ("out_dir", "save", "load"):  # directories (--save, --load: parallel_train.py's)
+        path = getattr(args, flag, None)
+        if path and file_in_the_way(path):
+            parser.error(f"--{flag} {path}: {file_in_the_way(path)} is a file; name a directory")
     args.torch_dtype = DTYPES[args.dtype]
     return args
 

@@ -169,7 +169,8 @@ def test_a_missing_shard_is_named(data_dir, tmp_path):
     missing = ck / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt"
     missing.unlink()
     out, seconds = launch(2, *common, "--load", str(ck), "--out_dir", str(tmp_path / "b"), ok=False)
-    assert f"error: {ck} names iteration 10, but {missing} is missing" in out, out
+    assert f"error: {ck} names iteration 10, but {missing} is missing (an incomplete " \
+           "checkpoint)" in out, out
     assert out.count("error:") == 1 and "Traceback" not in out and seconds < 30
 
 

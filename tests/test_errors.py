@@ -27,6 +27,7 @@ from parallel_train import get_parallel_args
 from train import get_args_parser, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")  # a file where a directory is wanted
 FAIL_FAST_S = 30  # multi-rank failures must end well inside the 60 s collective timeout
 
 
@@ -68,6 +69,9 @@ def flag_error(argv, world_size=2, parallel=True):
     (["--distributed_timeout_minutes", "0"], 2,
      "--distributed_timeout_minutes must be a positive number"),
     (["--init_from", "no/such.pt"], 2, "--init_from no/such.pt: no such file"),
+    (["--load", README], 2, f"--load {README}: {README} is a file; name a directory"),
+    (["--save", f"{README}/ck"], 2, f"--save {README}/ck: {README} is a file; name a directory"),
+    (["--out_dir", README], 2, f"--out_dir {README}: {README} is a file; name a directory"),
 ])
 def test_flag_errors(argv, world_size, message):
     error = flag_error(argv, world_size)

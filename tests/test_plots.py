@@ -1,6 +1,8 @@
 """The pictures: plot_runs.py and draw_diagram.py write legible PNGs from a run's files."""
 
 import argparse
+import csv
+import os
 
 import matplotlib.image
 import numpy as np
@@ -98,3 +100,35 @@ def test_transformer_diagram_shows_heads_and_vocabulary_per_rank(tmp_path, capsy
     with pytest.raises(SystemExit):
         draw_diagram.main(["--model", "transformer", "--tp", "3", "--out", str(tmp_path / "x.png")])
     assert "--num_attention_heads 4 must be divisible by --tp 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("before,after", [(2, 4), (4, 1)])
+def test_a_run_resumed_at_another_size_keeps_its_earlier_rows(tmp_path, before, after):
+    """metrics.csv of a run whose tensor-parallel size changed at iteration 20: the rows before
+    it, with the earlier ranks' columns; the rows after it, with the new ranks'."""
+    fake_run(tmp_path / "run", before)
+    args = argparse.Namespace(tensor_model_parallel_size=after)
+    writer = MetricsWriter(str(tmp_path / "run"), run_config(args), num_ranks=after,
+                           resume_from=20)
+    writer.write([[21, 1.5, None]], torch.full((after, 1), 1.5) if after > 1 else None)
+    writer.close()
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    ranks = max(before, after)
+    assert rows[0] == ["iteration", "train_loss", "valid_loss",
+                       *[f"train_loss_rank{r}" for r in range(ranks)]]
+    assert [int(row[0]) for row in rows[1:]] == list(range(1, 22))
+    assert all(len(row) == 3 + ranks for row in rows)
+    assert rows[20][3:3 + before] == [rows[20][1]] * before  # iteration 20, as it was written
+    written = after if after > 1 else 0  # a run of one rank writes no rank columns
+    assert rows[21][3:] == ["1.5"] * written + [""] * (ranks - written)
+
+
+def test_plot_runs_compares_any_two_runs_under_their_names(tmp_path):
+    fake_run(tmp_path / "stayed", 2)
+    fake_run(tmp_path / "changed", 2, offset=1e-7)
+    plot_runs.main([str(tmp_path / "stayed"), str(tmp_path / "changed"), "--labels", "stayed",
+                    "changed", "--comparison", str(tmp_path / "pictures" / "change.png")])
+    assert os.listdir(tmp_path / "pictures") == ["change.png"]
+    height, width, _ = png_shape(tmp_path / "pictures" / "change.png")
+    assert width >= 700 and height >= 450

@@ -15,10 +15,11 @@ import sys
 import pytest
 import torch
 
+from compare_runs import curve_difference
 from data import DataError, load_token_dataset
 from distributed import comm_table
 from test_errors import flag_error
-from test_scale import assert_bitwise_same_run, assert_same_curve, launch, run
+from test_scale import RTOL, assert_bitwise_same_run, assert_same_curve, launch, rows_after, run
 
 COMMON = ["--model", "transformer", "--dtype", "float64", "--num_iterations", "30",
           "--update_freq", "10", "--init_lr", "0.01"]
@@ -68,6 +69,25 @@ def test_transformer_resumes_exactly_with_dropout_and_merges_unpadded(token_dir,
     final = torch.load(tmp_path / "full" / "model.pt")
     assert merged["word_embeddings.weight"].shape == (50, 64)
     assert all(torch.equal(merged[k], final[k]) for k in final)
+
+
+def test_transformer_changes_tensor_parallel_size_mid_run(token_dir, serial, tmp_path):
+    """TP=4 (vocabulary padded 50 -> 52) to iteration 20, then TP=2 with sequence parallelism
+    (unpadded) from its checkpoint: the curve is the serial one, which never changed."""
+    ck = str(tmp_path / "ck")
+    launch(4, *COMMON, "--data_dir", token_dir, "--tensor_model_parallel_size", "4",
+           "--num_iterations", "20", "--save", ck, "--save_interval", "20",
+           "--out_dir", str(tmp_path))
+    log = launch(2, *COMMON, "--data_dir", token_dir, "--tensor_model_parallel_size", "2",
+                 "--sequence_parallel", "--load", ck, "--out_dir", str(tmp_path))
+    assert "at iteration 20, resharded from tensor-parallel size 4 to 2" in log
+    # All 30 train losses (20 at TP=4, 10 at TP=2); validation where both runs took it (the
+    # stopped run also took one at its last iteration, 20).
+    for column, after in (("train_loss", 0), ("valid_loss", 20)):
+        _, rel = curve_difference(rows_after(serial, after), rows_after(str(tmp_path), after),
+                                  column)
+        assert rel <= RTOL["float64"], f"{column}: {rel:.2e}"
+    assert len(rows_after(str(tmp_path), 0)["iteration"]) == 30
 
 
 @pytest.mark.parametrize("args,message", [
