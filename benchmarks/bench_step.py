@@ -332,7 +332,8 @@ def write_data(cfg):
 
 def loop_worker(args):
     """Seconds of each whole training iteration: from taking one batch to taking the next."""
-    cfg = CONFIGS[args.config]
+    cfg = dict(CONFIGS[args.config], **({"hidden_size": args.hidden_size} if args.hidden_size
+                                        else {}))
     torch.set_num_threads(args.threads)
     n = args.warmup + args.steps
     data_dir, out_dir = write_data(cfg), tempfile.mkdtemp(prefix="bench_run_")
@@ -569,30 +570,39 @@ def check_targets(results):
     return checks
 
 
+def plot_loops(loop_ax, loop_rows):
+    mean = [r["mean_ms"] for r in loop_rows]
+    loop_ax.bar([r["variant"] for r in loop_rows], mean, color=[
+        "#7f7f7f" if "serial" in r["variant"]
+        else "#ff7f0e" if "dtensor" in r["variant"] else "#1f77b4"
+        for r in loop_rows])
+    for i, m in enumerate(mean):
+        loop_ax.text(i, m, f"{m:.3g}", ha="center", va="bottom", fontsize=8)
+    loop_ax.set_ylabel("ms per training iteration (mean)", fontsize=9)
+    loop_ax.set_ylim(0, 1.2 * max(mean))
+    loop_ax.grid(axis="y", alpha=0.3)
+
+
 def plot(results, loops, path, per_rank="one thread per rank"):
     """Top: ms per step. Middle: ms per whole training iteration (mean). Bottom: activations saved
     for backward per rank, inside the split region and outside it (sequence parallelism's 1/TP)."""
     import matplotlib.pyplot as plt
 
     from plot_runs import save  # first: it sets the Agg backend
-    fig, axes = plt.subplots(3, len(results), figsize=(6 * len(results), 10.5), squeeze=False,
-                             gridspec_kw=dict(height_ratios=[3, 2, 2]))
-    for (ax, loop_ax, mem_ax), (config, rows) in zip(axes.T, results.items()):
-        loop_rows = loops[config]
-        mean = [r["mean_ms"] for r in loop_rows]
-        if not loop_rows:
+    with_loops = any(loops.values())  # the transformer alone has none: no middle row then
+    fig, axes = plt.subplots(3 if with_loops else 2, len(results),
+                             figsize=(max(8, 6 * len(results)), 10.5 if with_loops else 8),
+                             squeeze=False,
+                             gridspec_kw=dict(height_ratios=[3, 2, 2] if with_loops else [3, 2]))
+    for column, (config, rows) in zip(axes.T, results.items()):
+        ax, mem_ax = column[0], column[-1]
+        loop_ax, loop_rows = (column[1] if with_loops else None), loops[config]
+        if loop_ax is not None and loop_rows:
+            plot_loops(loop_ax, loop_rows)
+        elif loop_ax is not None:
             loop_ax.text(0.5, 0.5, "whole training loops: timed for the ToyModel only",
                          ha="center", va="center", fontsize=9, transform=loop_ax.transAxes)
             loop_ax.set_axis_off()
-        loop_ax.bar([r["variant"] for r in loop_rows], mean, color=[
-            "#7f7f7f" if "serial" in r["variant"]
-            else "#ff7f0e" if "dtensor" in r["variant"] else "#1f77b4"
-            for r in loop_rows])
-        for i, m in enumerate(mean):
-            loop_ax.text(i, m, f"{m:.3g}", ha="center", va="bottom", fontsize=8)
-        loop_ax.set_ylabel("ms per training iteration (mean)", fontsize=9)
-        loop_ax.set_ylim(0, 1.2 * max(mean, default=1))
-        loop_ax.grid(axis="y", alpha=0.3)
         names = [r["variant"] for r in rows]
         med = np.array([r["median_ms"] for r in rows])
         err = np.array([[m - r["p10_ms"] for m, r in zip(med, rows)],
@@ -621,7 +631,8 @@ def plot(results, loops, path, per_rank="one thread per rank"):
         mem_ax.tick_params(axis="x", rotation=30)
         mem_ax.grid(axis="y", alpha=0.3)
         mem_ax.legend(fontsize=7.5, loc="upper right")
-    fig.suptitle(f"One training step, and one whole iteration of each training loop, {per_rank}\n"
+    loops_too = ", and one whole iteration of each training loop" if with_loops else ""
+    fig.suptitle(f"One training step{loops_too}, {per_rank}\n"
                  "(grey: serial, blue: ours, light blue: ours with --sequence_parallel, orange: "
                  "PyTorch DTensor TP)",
                  fontsize=10)
@@ -653,6 +664,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--sequence_parallel", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--hidden_size", type=int, default=None, help=argparse.SUPPRESS)  # scaling.py
     args = p.parse_args()
     if (args.steps is not None and args.steps < 1) or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")

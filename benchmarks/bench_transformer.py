@@ -14,6 +14,7 @@ step), the same collectives, memory and saved-activation accounting. Compared:
            vocabulary for `loss_parallel`'s cross-entropy.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,9 +26,9 @@ from transformer import ToyTransformer
 def make_token_batches(cfg, n, device):
     """n fixed batches of (tokens, next tokens), prepare_data.py's task (seed 7) for every
     variant."""
-    tokens, _ = prepare_data.make_tokens(n * cfg["batch_size"], cfg["seq_length"],
-                                         cfg["vocab_size"], seed=7)
-    tokens = torch.from_numpy(tokens).to(device)
+    train, valid = prepare_data.make_tokens(n * cfg["batch_size"], cfg["seq_length"],
+                                            cfg["vocab_size"], seed=7)
+    tokens = torch.from_numpy(np.concatenate([train, valid])).to(device)  # n whole batches
     return [(t[:, :-1], t[:, 1:]) for t in tokens.chunk(n)]
 
 

@@ -1,0 +1,373 @@
+"""When does tensor parallelism pay? The crossover across hidden sizes, measured and predicted.
+
+    python benchmarks/scaling.py            # ~5 minutes on 2 CPU cores
+    python benchmarks/scaling.py --quick    # a coarser grid, fewer iterations, one round
+
+The sweep: for each hidden size H of a log grid (input 64, batch 32, the
+original's), the whole training iteration of the loop the scripts run
+(train.py's serially, parallel_train.py's at TP = 2, and 4 where there are 4
+cores or GPUs), timed as bench_step.py times its loops: one thread per rank,
+warm-up, median and p10-p90 over the iterations.
+
+The cost model, fitted from separate measurements, never from the sweep:
+
+    serial:  T_1(H) = o_1 + C(H)
+    TP = p:  T_p(H) = o_p + C(H / p) + alpha + beta n
+
+  C(w)   one rank's compute at MLP width w: the step of the serial ToyModel
+         of width w (a TP rank's shards are that model), timed without the loop
+         in processes of one thread, piece by piece: forward with the loss,
+         backward (five GEMMs, 10 B I w FLOPs: fc1 forward, fc2 forward, fc2's
+         input and weight gradients, fc1's weight gradient; X needs none), and
+         the SGD step with momentum over the 2 I w weights (memory-bound). For
+         TP = p, p such processes run side by side, as the ranks do: they share
+         the memory bus and the last-level cache, and the slowest one counts;
+  alpha, beta   the all-reduce's latency and cost per byte, fitted to a
+         message-size sweep of the collective itself (n = B I 4 bytes per
+         step: g's all-reduce; f's carries nothing, X needs no gradient);
+  o_1, o_p   what an iteration costs besides: Python, autograd, the loop and
+         its log points; each taken once, at the smallest H, as measured
+         minus the model's other terms there.
+
+The predicted crossover H* is where T_1 = T_p; the measured one is
+interpolated (log-log) between the two grid points where serial / TP
+crosses 1. Writes assets/scaling.json and assets/scaling.png.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+import bench_step  # noqa: E402
+
+INPUT, BATCH, ELEM = 64, 32, 4  # the original's sizes, float32
+GRID = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+QUICK_GRID = [512, 2048, 8192, 32768]
+
+
+# ---------------------------------------------------------------------------
+# What a step computes and sends (the model's arithmetic).
+
+def gemm_flops(width, batch=BATCH, inputs=INPUT):
+    """FLOPs of one rank's five GEMMs in a step at MLP width `width` (= H / p)."""
+    return 5 * 2 * batch * inputs * width
+
+
+def allreduce_bytes(tp, batch=BATCH, inputs=INPUT, elem=ELEM):
+    """Bytes each rank all-reduces per step: g's output, batch x input; none at TP = 1."""
+    return batch * inputs * elem if tp > 1 else 0
+
+
+def predict(width_costs, alpha, beta, overheads, hidden, tp):
+    """Seconds per iteration at hidden size `hidden` and tensor-parallel size `tp`;
+    width_costs[tp][w]: C(w) of one rank among tp."""
+    comm = alpha + beta * allreduce_bytes(tp) if tp > 1 else 0.0
+    return overheads[tp] + width_costs[tp][hidden // tp] + comm
+
+
+def crossover(hidden, speedup):
+    """The hidden size where speedup (serial / TP) first crosses 1 upwards, interpolated linearly
+    in log(hidden) and log(speedup) between the two grid points around it; None if it never
+    does."""
+    for (h0, s0), (h1, s1) in zip(zip(hidden, speedup), zip(hidden[1:], speedup[1:])):
+        if s0 < 1 <= s1:
+            f = -np.log(s0) / (np.log(s1) - np.log(s0))
+            return float(np.exp(np.log(h0) + f * (np.log(h1) - np.log(h0))))
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Workers: separate measurements for the model.
+
+def compute_worker(args):
+    """C(w) for each width: one rank's step computed alone, piece by piece, on one thread.
+
+    A TP rank at H / p computes what the serial ToyModel of width H / p computes (its
+    shards are that model's weights): so C(w) is that model's step, zero_grad and forward
+    with the loss, backward, the SGD step, each timed, without the loop around it (data,
+    log points: those are the overhead). Timing each GEMM alone instead, its operands stay
+    in the cache between repetitions; in a step the weights, their gradients and momentum
+    (3 x 2 I w floats) pass through it together, and from a few MiB on they no longer fit.
+    """
+    import torch.nn.functional as F
+
+    from model import ToyModel
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    g = torch.Generator().manual_seed(0)
+    costs = {}
+    for w in args.widths:
+        torch.manual_seed(0)
+        model = ToyModel(INPUT, w).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=0.9)
+        x, y = torch.randn(BATCH, INPUT, generator=g).to(device), \
+            torch.randn(BATCH, generator=g).to(device)
+        state = {}
+
+        def forward():
+            optimizer.zero_grad(set_to_none=True)
+            state["loss"] = F.mse_loss(model(x)[:, 0], y)
+
+        pieces = {"forward": forward, "backward": lambda: state["loss"].backward(),
+                  "sgd": optimizer.step}
+        reps = max(30, min(300, int(4e9 / gemm_flops(w))))
+        times = {name: [] for name in pieces}
+        for i in range(reps + 3):
+            for name, fn in pieces.items():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                if i >= 3:  # the first step allocates the momentum buffers
+                    times[name].append(time.perf_counter() - start)
+        costs[w] = {name: statistics.median(t) for name, t in times.items()}
+    print("RESULT " + json.dumps(costs), flush=True)
+
+
+def allreduce_worker(args):
+    """Median seconds of one all-reduce per message size, as the training issues it."""
+    import parallel_state as ps
+    torch.set_num_threads(1)
+    device = ps.init_distributed("auto", timeout_minutes=5, device=args.device)
+    ps.initialize_model_parallel(torch.distributed.get_world_size())
+    result = {}
+    for n in args.sizes:
+        t = torch.ones(n // ELEM, device=device)
+        times = []
+        for i in range(args.reps + 5):
+            torch.distributed.barrier()  # start together: each rank times the collective only
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            ps.all_reduce(t)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 5:
+                times.append(time.perf_counter() - start)
+        # coupled ranks: the slowest rank's median
+        median = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+        result[n] = float(ps.all_gather(median, dim=0).max())
+    torch.distributed.barrier()
+    ps.destroy_model_parallel()
+    if os.environ["RANK"] == "0":
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def fit_alpha_beta(sizes, seconds):
+    """Least squares of seconds = alpha + beta bytes, each point weighted by 1/seconds (relative
+    error: the small messages count as much as the large)."""
+    n, t = np.array(sizes, float), np.array(seconds, float)
+    a = np.stack([np.ones_like(n), n], 1) / t[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
+    return float(alpha), float(beta)
+
+
+# ---------------------------------------------------------------------------
+# The driver.
+
+def run_worker(cmd, ranks=1):
+    if ranks > 1:
+        cmd = [os.path.join(REPO, "scripts", "launch.py"), "--standalone", "--nproc_per_node",
+               str(ranks), *cmd]
+    return run_side_by_side(cmd, 1)[0]
+
+
+def run_side_by_side(cmd, copies, device="cpu"):
+    """Run `copies` processes of cmd at once (as the ranks of a TP job run: sharing the memory
+    bus and the last-level cache); each one's RESULT. On GPUs, each copy has a GPU of its own."""
+    procs = []
+    for i in range(copies):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        procs.append(subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.exit(f"error: {' '.join(cmd[:4])} failed:\n{out[-2000:]}{err[-3000:]}")
+        results.append(json.loads(lines[0][len("RESULT "):]))
+    return results
+
+
+def iterations_for(hidden, quick):
+    """Enough iterations for a stable median in about a second or two of each point."""
+    n = 300 if hidden <= 2048 else 120 if hidden <= 8192 else 60
+    return max(20, n // 3) if quick else n
+
+
+def measure_compute(grid, tp, device):
+    """{width: {piece: seconds}} of one rank among tp, tp copies side by side, the slowest."""
+    widths = [str(h // tp) for h in grid]
+    ranks = run_side_by_side([os.path.abspath(__file__), "--device", device, "--worker",
+                              "compute", "--widths", *widths], tp, device)
+    return {int(w): {piece: max(r[w][piece] for r in ranks) for piece in ranks[0][w]}
+            for w in widths}
+
+
+def measure_loops(grid, tps, args):
+    """{(hidden, tp): seconds of each timed iteration} of the training loops."""
+    times = {}
+    for hidden in grid:
+        steps = iterations_for(hidden, args.quick)
+        for tp in (1, *tps):
+            print(f"  hidden {hidden}: {'serial' if tp == 1 else f'tp{tp}'}, {steps} iterations",
+                  flush=True)
+            result = bench_step.launch("loop-serial" if tp == 1 else "loop-ours", "original",
+                                       steps, args.warmup, ranks=tp,
+                                       extra=("--hidden_size", str(hidden)))
+            times[hidden, tp] = result["times"]
+    return times
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a coarser grid and fewer iterations")
+    p.add_argument("--grid", type=int, nargs="+", default=None, help="hidden sizes (default: "
+                   f"{GRID}; --quick: {QUICK_GRID})")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--max_tp", type=int, default=None)
+    p.add_argument("--out", default="assets/scaling.json")
+    p.add_argument("--plot", default="assets/scaling.png")
+    p.add_argument("--worker", choices=["compute", "allreduce"], help=argparse.SUPPRESS)
+    p.add_argument("--widths", type=int, nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--sizes", type=int, nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--reps", type=int, default=200, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "auto":
+        args.device = "cuda" if gpus else "cpu"
+    if args.worker == "compute":
+        return compute_worker(args)
+    if args.worker == "allreduce":
+        return allreduce_worker(args)
+
+    grid = sorted(args.grid or (QUICK_GRID if args.quick else GRID))
+    fits = gpus if args.device == "cuda" else os.cpu_count()
+    tps = [t for t in (2, 4) if t <= min(args.max_tp or fits, fits)]
+    bench_step.DEVICE = args.device
+    for t in (2, 4):
+        if t not in tps:
+            print(f"skipped TP={t}: {t} ranks need {t} {'GPUs' if gpus else 'cores'}, this "
+                  f"machine has {fits}")
+    if any(h % 4 for h in grid) or min(grid) < 4:
+        p.error("--grid: hidden sizes must be multiples of 4, at least 4")
+
+    # Shared machines drift by tens of percent within minutes (measured here: the same step
+    # 3.6-6.3 ms a minute apart): the pieces and the loops are measured in alternating rounds
+    # and pooled, so that both see the same spells.
+    rounds = 1 if args.quick else 2
+    runs, loop_times = {tp: [] for tp in (1, *tps)}, {}
+    for r in range(rounds):
+        for tp in (1, *tps):
+            print(f"round {r + 1}/{rounds}: one rank's compute per width, {tp} side by side ...",
+                  flush=True)
+            runs[tp].append(measure_compute(grid, tp, args.device))
+        print(f"round {r + 1}/{rounds}: the training loops ...", flush=True)
+        for key, times in measure_loops(grid, tps, args).items():
+            loop_times.setdefault(key, []).extend(times)
+    costs = {tp: {w: {piece: float(np.mean([run[w][piece] for run in tp_runs]))
+                      for piece in tp_runs[0][w]} for w in tp_runs[0]}
+             for tp, tp_runs in runs.items()}
+    width_costs = {tp: {w: sum(c.values()) for w, c in by_width.items()}
+                   for tp, by_width in costs.items()}
+    alpha = beta = None
+    fit_sizes = [2 ** k for k in range(8, 23, 2)]  # 256 B ... 4 MiB
+    if tps:
+        print("timing the all-reduce over message sizes ...", flush=True)
+        seconds = run_worker([os.path.abspath(__file__), "--device", args.device, "--worker",
+                              "allreduce", "--reps", "20" if args.quick else "200",
+                              "--sizes", *map(str, fit_sizes)], ranks=2)
+        alpha, beta = fit_alpha_beta(fit_sizes, [seconds[str(n)] for n in fit_sizes])
+    points = []
+    for (hidden, tp), times in loop_times.items():
+        points.append(dict(hidden_size=hidden, variant="serial" if tp == 1 else f"tp{tp}", tp=tp,
+                           measured=dict(median=float(np.median(times)),
+                                         p10=float(np.percentile(times, 10)),
+                                         p90=float(np.percentile(times, 90)),
+                                         iterations=len(times))))
+
+    # The overheads, from the smallest size only.
+    smallest = {pt["tp"]: pt for pt in points if pt["hidden_size"] == grid[0]}
+    overheads = {tp: pt["measured"]["median"] - predict(width_costs, alpha, beta,
+                                                         {tp: 0.0}, grid[0], tp)
+                 for tp, pt in smallest.items()}
+    for pt in points:
+        pt["predicted"] = predict(width_costs, alpha, beta, overheads, pt["hidden_size"], pt["tp"])
+    report = dict(
+        machine=dict(processor=bench_step._cpu_name(), cpu_count=os.cpu_count(), gpus=gpus,
+                     device=args.device, torch=torch.__version__,
+                     gpu_name=torch.cuda.get_device_name(0) if args.device == "cuda" else None),
+        sizes=dict(input_size=INPUT, batch_size=BATCH, dtype="float32", grid=grid),
+        model=dict(alpha_s=alpha, beta_s_per_byte=beta, allreduce_bytes=allreduce_bytes(2),
+                   overhead_s={str(tp): o for tp, o in overheads.items()},
+                   compute_s={str(tp): {str(w): c for w, c in by_width.items()}
+                              for tp, by_width in costs.items()},
+                   step_gflops={str(tp): {str(w): gemm_flops(w) / (c["forward"] + c["backward"])
+                                          / 1e9 for w, c in by_width.items()}
+                                for tp, by_width in costs.items()},
+                   allreduce_sizes=fit_sizes,
+                   allreduce_s=[seconds[str(n)] for n in fit_sizes] if tps else None),
+        points=points)
+    report["crossover_hidden_size"] = {}
+    for tp in tps:
+        rows = {kind: [pt[kind]["median"] if kind == "measured" else pt[kind]
+                       for pt in points if pt["tp"] == tp] for kind in ("measured", "predicted")}
+        serial = {kind: [pt[kind]["median"] if kind == "measured" else pt[kind]
+                         for pt in points if pt["tp"] == 1] for kind in ("measured", "predicted")}
+        speedup = {k: list(np.array(serial[k]) / np.array(rows[k])) for k in rows}
+        report["crossover_hidden_size"][f"tp{tp}"] = {k: crossover(grid, s)
+                                                      for k, s in speedup.items()}
+    within = [abs(pt["predicted"] / pt["measured"]["median"] - 1) <= 0.3 for pt in points]
+    report["targets"] = dict(points_within_30_percent=sum(within), points=len(points))
+    print_report(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
+    from scaling_plot import plot
+    plot(report, args.plot)
+
+
+def print_report(report):
+    m = report["model"]
+    if m["alpha_s"] is not None:
+        print(f"\nall-reduce: alpha {m['alpha_s'] * 1e6:.0f} us, beta "
+              f"{m['beta_s_per_byte'] * 1e12:.1f} ps/byte ({1 / m['beta_s_per_byte'] / 1e9:.2f} "
+              f"GB/s); {m['allreduce_bytes']} bytes per step")
+    print("overheads: " + ", ".join(f"TP={tp} {o * 1e3:.3f} ms" for tp, o in
+                                    m["overhead_s"].items()))
+    print(f"{'hidden':>8}{'variant':>8}{'measured ms (p10-p90)':>28}{'predicted ms':>14}"
+          f"{'error':>8}")
+    for pt in report["points"]:
+        me = pt["measured"]
+        print(f"{pt['hidden_size']:>8}{pt['variant']:>8}{me['median'] * 1e3:>11.3f} "
+              f"({me['p10'] * 1e3:.3f}-{me['p90'] * 1e3:.3f}){pt['predicted'] * 1e3:>14.3f}"
+              f"{pt['predicted'] / me['median'] - 1:>+8.0%}")
+    for variant, c in report["crossover_hidden_size"].items():
+        show = lambda h: "none in the grid" if h is None else f"{h:.0f}"
+        print(f"crossover {variant}: measured {show(c['measured'])}, predicted "
+              f"{show(c['predicted'])}")
+    t = report["targets"]
+    print(f"model within 30% of the measured median: {t['points_within_30_percent']} of "
+          f"{t['points']} points")
+
+
+if __name__ == "__main__":
+    main()
