@@ -62,7 +62,7 @@ sys.path.insert(0, REPO)
 import bench_transformer  # noqa: E402
 import parallel_state as ps  # noqa: E402
 from model import ToyModel  # noqa: E402
-from operations import pin_float32_precision  # noqa: E402
+from operations import ArgumentParser, pin_float32_precision  # noqa: E402
 from sequence_parallel import allreduce_sequence_parallel_grads  # noqa: E402
 
 # lr 1e-5 for the compute-heavy size: at 1e-3 it diverges (inf by iteration 14); a finite run is
@@ -641,7 +641,7 @@ def plot(results, loops, path, per_rank="one thread per rank"):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("--configs", nargs="+", default=["original", "compute_heavy", "transformer"],
                    choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=None,

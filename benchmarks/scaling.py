@@ -50,6 +50,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 import bench_step  # noqa: E402
+from operations import ArgumentParser  # noqa: E402
 
 INPUT, BATCH, ELEM = 64, 32, 4  # the original's sizes, float32
 GRID = [512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -223,7 +224,7 @@ def measure_loops(grid, tps, args):
     """{(hidden, tp): seconds of each timed iteration} of the training loops."""
     times = {}
     for hidden in grid:
-        steps = iterations_for(hidden, args.quick)
+        steps = args.iterations or iterations_for(hidden, args.quick)
         for tp in (1, *tps):
             print(f"  hidden {hidden}: {'serial' if tp == 1 else f'tp{tp}'}, {steps} iterations",
                   flush=True)
@@ -235,11 +236,13 @@ def measure_loops(grid, tps, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("--quick", action="store_true", help="a coarser grid and fewer iterations")
     p.add_argument("--grid", type=int, nargs="+", default=None, help="hidden sizes (default: "
                    f"{GRID}; --quick: {QUICK_GRID})")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=None,
+                   help="timed iterations per point (default: 300 at small sizes, fewer at large)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--max_tp", type=int, default=None)
     p.add_argument("--out", default="assets/scaling.json")
@@ -249,6 +252,11 @@ def main():
     p.add_argument("--sizes", type=int, nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=200, help=argparse.SUPPRESS)
     args = p.parse_args()
+    grid = sorted(args.grid or (QUICK_GRID if args.quick else GRID))
+    if any(h % 4 for h in grid) or min(grid) < 4:
+        p.error("--grid: hidden sizes must be multiples of 4, at least 4")
+    if (args.iterations is not None and args.iterations < 1) or args.warmup < 0:
+        p.error("--iterations must be at least 1 and --warmup at least 0")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "auto":
         args.device = "cuda" if gpus else "cpu"
@@ -257,7 +265,6 @@ def main():
     if args.worker == "allreduce":
         return allreduce_worker(args)
 
-    grid = sorted(args.grid or (QUICK_GRID if args.quick else GRID))
     fits = gpus if args.device == "cuda" else os.cpu_count()
     tps = [t for t in (2, 4) if t <= min(args.max_tp or fits, fits)]
     bench_step.DEVICE = args.device
@@ -265,8 +272,6 @@ def main():
         if t not in tps:
             print(f"skipped TP={t}: {t} ranks need {t} {'GPUs' if gpus else 'cores'}, this "
                   f"machine has {fits}")
-    if any(h % 4 for h in grid) or min(grid) < 4:
-        p.error("--grid: hidden sizes must be multiples of 4, at least 4")
 
     # Shared machines drift by tens of percent within minutes (measured here: the same step
     # 3.6-6.3 ms a minute apart): the pieces and the loops are measured in alternating rounds

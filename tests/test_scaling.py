@@ -63,6 +63,7 @@ def test_alpha_beta_are_recovered_from_a_clean_sweep():
 
 def test_quick_sweep_writes_valid_files(tmp_path):
     subprocess.run([sys.executable, "benchmarks/scaling.py", "--quick", "--grid", "16", "64",
+                    "--iterations", "20", "--warmup", "2",
                     "--max_tp", "2", "--device", "cpu", "--out", str(tmp_path / "s.json"),
                     "--plot", str(tmp_path / "s.png")],
                    cwd=REPO, check=True, capture_output=True, timeout=300)
