@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # A run that changes its tensor-parallel size half way, beside one that does not:
 #   bash scripts/change_tp_size.sh                  # TP=2 -> TP=4 at iteration 100
-#   FROM=4 TO=2 bash scripts/change_tp_size.sh --model transformer
+#   FROM=4 TO=2 PICTURE=/tmp/change.png bash scripts/change_tp_size.sh --model transformer
 # 1. TP=$FROM trains to iteration 100, checkpoints, and stops;
 # 2. TP=$TO resumes that checkpoint (parallel_train.py --load cuts the shards for it, momentum
 #    included) and finishes at 200, in the same --out_dir;
 # 3. TP=$FROM trains 200 iterations without stopping;
-# 4. assets/change_tp_size.png overlays the two, with their difference beneath.
+# 4. $PICTURE (assets/change_tp_size.png) overlays the two, with their difference beneath.
 # Extra arguments go to both trainings. On GPUs, TP=4 needs 4 of them; without, 4 processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 FROM=${FROM:-2} TO=${TO:-4} RUNS=${RUNS:-runs/change_tp_size}
+PICTURE=${PICTURE:-assets/change_tp_size.png}
 rm -rf "$RUNS"
 train() { GPUS_PER_NODE=$1 bash bash_parallel_train.sh --tensor_model_parallel_size "$@"; }
 train "$FROM" "$@" --num_iterations 100 --save "$RUNS/checkpoints" --save_interval 100 \
@@ -19,5 +20,5 @@ train "$FROM" "$@" --num_iterations 100 --save "$RUNS/checkpoints" --save_interv
 train "$TO" "$@" --load "$RUNS/checkpoints" --out_dir "$RUNS/changed" | grep resuming
 train "$FROM" "$@" --out_dir "$RUNS/stayed" >> "$RUNS.log"
 "$PYTHON" compare_runs.py "$RUNS/stayed" "$RUNS/changed"
-"$PYTHON" plot_runs.py "$RUNS/stayed" "$RUNS/changed" --comparison assets/change_tp_size.png \
+"$PYTHON" plot_runs.py "$RUNS/stayed" "$RUNS/changed" --comparison "$PICTURE" \
     --labels "stayed at TP=$FROM" "TP=$FROM, then TP=$TO from iteration 100"
