@@ -120,7 +120,7 @@ def shard_reader(directory, iteration):
             raise CheckpointError(f"{path} holds iteration {shard['iteration']}, not "
                                   f"{iteration}: shards of two checkpoints are mixed")
         was = shard["sizes"]["tensor_model_parallel_size"]
-        if cache and was != saved_tp:
+        if cache and was != saved_tp:  # saved_tp: the first shard's, read below
             raise CheckpointError(f"{path} was saved at tensor-parallel size {was}, "
                                   f"{shard_path(directory, iteration, seen[0])} at {saved_tp}: "
                                   "shards of two checkpoints are mixed")

@@ -43,10 +43,14 @@ class MetricsWriter:
         ranks = [f"train_loss_rank{r}" for r in range(num_ranks)] if num_ranks > 1 else []
         self.rows = [["iteration", "train_loss", "valid_loss", *ranks]]
         if resume_from:
-            # Keep the rows up to the checkpoint; rows after it were recomputed by this run.
-            self.rows += [row for row in self._read_rows() if int(row[0]) <= resume_from]
-            self.rows[0] = self.rows[0] + [f"train_loss_rank{r}" for r in
-                                           range(len(self.rows[0]) - 3, self._ranks_before)]
+            # Keep the rows up to the checkpoint; rows after it were recomputed by this run. A run
+            # resumed at another tensor-parallel size keeps the earlier ranks' columns too (empty
+            # in its own rows).
+            header, earlier = self._read_rows()
+            self.rows[0] = max(self.rows[0], header, key=len)
+            width = len(self.rows[0])
+            self.rows += [row + [""] * (width - len(row)) for row in earlier
+                          if int(row[0]) <= resume_from]
         else:
             earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
             if earlier:
@@ -60,18 +64,14 @@ class MetricsWriter:
         self.last_flush = float("-inf")
 
     def _read_rows(self):
-        """The earlier rows, in this run's columns; a run resumed at another tensor-parallel size
-        keeps the earlier ranks' columns too (empty in its own rows)."""
-        self._ranks_before = 0
+        """(header, rows) of the earlier metrics.csv; nothing if there is none of this kind."""
         if not os.path.isfile(self.path):
-            return []
+            return [], []
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
         if not rows or rows[0][:3] != self.rows[0][:3]:
-            return []
-        self._ranks_before = len(rows[0]) - 3
-        width = max(len(rows[0]), len(self.rows[0]))
-        return [row + [""] * (width - len(row)) for row in rows[1:]]
+            return [], []
+        return rows[0], rows[1:]
 
     def write(self, rows, rank_losses):
         """rows: [iteration, train_loss, valid_loss or None];

@@ -66,9 +66,8 @@ def main():
     parser.add_argument("--seq_length", type=int, default=16, help="tokens per sequence (ditto)")
     args = parser.parse_args()
     data_dir = args.data_dir or ("data_transformer" if args.model == "transformer" else "data")
-    if file_in_the_way(data_dir):
-        parser.error(f"--data_dir {data_dir}: {file_in_the_way(data_dir)} is a file; name a "
-                     "directory")
+    if file := file_in_the_way(data_dir):
+        parser.error(f"--data_dir {data_dir}: {file} is a file; name a directory")
     if args.num_samples < 10 or args.input_size < 1:
         parser.error("--num_samples must be at least 10 and --input_size at least 1")
     if args.model == "transformer":

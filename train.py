@@ -90,8 +90,8 @@ def parse_args(parser, argv=None):
         parser.error(f"--init_from {args.init_from}: no such file")
     for flag in ("out_dir", "save", "load"):  # directories (--save, --load: parallel_train.py's)
         path = getattr(args, flag, None)
-        if path and file_in_the_way(path):
-            parser.error(f"--{flag} {path}: {file_in_the_way(path)} is a file; name a directory")
+        if path and (file := file_in_the_way(path)):
+            parser.error(f"--{flag} {path}: {file} is a file; name a directory")
     args.torch_dtype = DTYPES[args.dtype]
     return args
 

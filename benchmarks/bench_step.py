@@ -727,7 +727,7 @@ def main():
         print_report(config, cfg, rows, loop_rows)
     targets = check_targets({c: results[c] + loops[c] for c in results})
     machine = dict(cpu_count=os.cpu_count(), torch=torch.__version__, platform=sys.platform,
-                   processor=_cpu_name(), gpus=gpus, device=args.device,
+                   processor=cpu_name(), gpus=gpus, device=args.device,
                    gpu_name=torch.cuda.get_device_name(0) if on_gpu else None)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
@@ -743,7 +743,7 @@ def main():
          "one thread per rank")
 
 
-def _cpu_name():
+def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":",

@@ -315,7 +315,7 @@ def main():
     for pt in points:
         pt["predicted"] = predict(width_costs, alpha, beta, overheads, pt["hidden_size"], pt["tp"])
     report = dict(
-        machine=dict(processor=bench_step._cpu_name(), cpu_count=os.cpu_count(), gpus=gpus,
+        machine=dict(processor=bench_step.cpu_name(), cpu_count=os.cpu_count(), gpus=gpus,
                      device=args.device, torch=torch.__version__,
                      gpu_name=torch.cuda.get_device_name(0) if args.device == "cuda" else None),
         sizes=dict(input_size=INPUT, batch_size=BATCH, dtype="float32", grid=grid),
@@ -329,15 +329,14 @@ def main():
                    allreduce_sizes=fit_sizes,
                    allreduce_s=[seconds[str(n)] for n in fit_sizes] if tps else None),
         points=points)
-    report["crossover_hidden_size"] = {}
-    for tp in tps:
-        rows = {kind: [pt[kind]["median"] if kind == "measured" else pt[kind]
-                       for pt in points if pt["tp"] == tp] for kind in ("measured", "predicted")}
-        serial = {kind: [pt[kind]["median"] if kind == "measured" else pt[kind]
-                         for pt in points if pt["tp"] == 1] for kind in ("measured", "predicted")}
-        speedup = {k: list(np.array(serial[k]) / np.array(rows[k])) for k in rows}
-        report["crossover_hidden_size"][f"tp{tp}"] = {k: crossover(grid, s)
-                                                      for k, s in speedup.items()}
+    def curve(tp, kind):  # seconds per iteration over the grid, in order
+        return np.array([pt["measured"]["median"] if kind == "measured" else pt["predicted"]
+                         for pt in points if pt["tp"] == tp])
+
+    report["crossover_hidden_size"] = {
+        f"tp{tp}": {kind: crossover(grid, list(curve(1, kind) / curve(tp, kind)))
+                    for kind in ("measured", "predicted")}
+        for tp in tps}
     within = [abs(pt["predicted"] / pt["measured"]["median"] - 1) <= 0.3 for pt in points]
     report["targets"] = dict(points_within_30_percent=sum(within), points=len(points))
     print_report(report)
