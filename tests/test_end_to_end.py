@@ -1,4 +1,6 @@
-"""End to end: the scripts as a user runs them, serial against torchrun.
+"""End to end: the scripts with a user's flags, serial against tensor-parallel. The runs go
+through the session's rank processes as torchrun would start them (distributed.run_script);
+test_errors.py and test_scale.py launch real torchruns for what only a launcher shows.
 
 Measured here over the default run (200 iterations, input 64, hidden 2048,
 batch 32), serial against tensor-parallel on CPU/gloo:
@@ -11,44 +13,24 @@ which stops the run).
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from compare_runs import DEFAULT_RTOL, curve_difference
-from distributed import comm_table
-from metrics import read_metrics
+from curves import assert_same_curve, rows_after
+from distributed import comm_table, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RTOL = {"float32": DEFAULT_RTOL, "float64": 5e-14}
 WEIGHT_ATOL = {"float32": 1e-6, "float64": 5e-15}
 
 
-def run(*cmd, ok=True, env=None):
-    """Run a command from the repo root; return its combined output."""
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, **(env or {})})
-    out = proc.stdout + proc.stderr
-    assert (proc.returncode == 0) == ok, f"exit {proc.returncode}:\n{out}"
-    return out
-
-
 def torchrun(nproc, *args, ok=True):
-    return run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(nproc),
-               "parallel_train.py", "--tensor_model_parallel_size", str(nproc), *args, ok=ok,
-               env={"OMP_NUM_THREADS": "1"})
+    """parallel_train.py as `torchrun --nproc_per_node nproc` starts it, at TP = nproc."""
+    return run_script("parallel_train.py", "--tensor_model_parallel_size", nproc, *args,
+                      nproc=nproc, ok=ok).out
 
 
 def assert_same_run(serial_dir, parallel_dir, dtype):
-    a, b = read_metrics(serial_dir), read_metrics(parallel_dir)
-    assert list(a["iteration"]) == list(range(1, 201))
-    assert list(b["iteration"]) == list(range(1, 201))
-    for column in ("train_loss", "valid_loss"):
-        _, rel = curve_difference(a, b, column)
-        assert rel <= RTOL[dtype], f"{column} differs by {rel:.2e} relative"
+    assert_same_curve(serial_dir, parallel_dir, dtype)
     # The shards, put back together, are the serial model's final weights.
     wa = torch.load(os.path.join(serial_dir, "model.pt"))
     wb = torch.load(os.path.join(parallel_dir, "model.pt"))
@@ -70,8 +52,8 @@ def test_parallel_run_matches_serial(tp, dtype, data_dir, serial_runs, tmp_path)
     assert comm_table(log)["all_reduce"] == pytest.approx((1, kib, 2 * (tp - 1) / tp * kib),
                                                           abs=0.005), log
     assert_same_run(serial_runs[dtype], str(tmp_path), dtype)
-    out = run(sys.executable, "compare_runs.py", serial_runs[dtype], str(tmp_path))
-    assert "MATCH" in out
+    out = run_script("compare_runs.py", serial_runs[dtype], str(tmp_path)).out
+    assert "MATCH over 200 iterations" in out
 
 
 def test_match_report_fails_on_a_different_curve(serial_runs, tmp_path):
@@ -79,20 +61,25 @@ def test_match_report_fails_on_a_different_curve(serial_runs, tmp_path):
     it, loss, valid = lines[100].split(",")
     lines[100] = f"{it},{float(loss) * (1 + 1e-4)},{valid}"  # one loss off by 1e-4 relative
     (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
-    out = run(sys.executable, "compare_runs.py", serial_runs["float32"], str(tmp_path), ok=False)
-    assert "DIFFER" in out
+    out = run_script("compare_runs.py", serial_runs["float32"], str(tmp_path), ok=False).out
+    assert "train_loss  max abs diff" in out and "(BEYOND rtol 1e-05)" in out
+    assert "DIFFER over 200 iterations" in out
 
 
 @pytest.mark.parametrize("kind", ["drop", "average"])
 def test_match_report_catches_a_broken_all_reduce(kind, data_dir, serial_runs, tmp_path):
     # Dropping g's sum makes the ranks' losses disagree: the run stops at its first check (iteration
     # 10). Averaging keeps them equal, so the run finishes, on another curve.
-    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "tests/break_all_reduce.py", kind, "--data_dir", data_dir, "--update_freq", "10",
-        "--out_dir", str(tmp_path),
-        ok=kind == "average", env={"OMP_NUM_THREADS": "1"})
-    report = run(sys.executable, "compare_runs.py", serial_runs["float32"], str(tmp_path), ok=False)
-    assert "DIFFER" in report and "BEYOND" in report
+    out = run_script("tests/break_all_reduce.py", kind, "--data_dir", data_dir, "--update_freq",
+                     "10", "--out_dir", tmp_path, nproc=2, ok=kind == "average").out
+    if kind == "drop":
+        assert "error: tensor-parallel ranks disagree on the loss by iteration 10" in out, out
+    else:
+        assert "Rank 1 Iter 200 Train Loss" in out
+    report = run_script("compare_runs.py", serial_runs["float32"], str(tmp_path), ok=False).out
+    assert "BEYOND" in report
+    assert ("DIFFER over 200 iterations" if kind == "average" else
+            "DIFFER over their first 10 iterations, and the runs have 200 and 10") in report
 
 
 def test_plain_python_runs_one_rank_and_init_from_shards(data_dir, serial_runs, tmp_path):
@@ -101,31 +88,30 @@ def test_plain_python_runs_one_rank_and_init_from_shards(data_dir, serial_runs, 
     start = os.path.join(serial_runs["float64"], "model.pt")
     args = ("--data_dir", data_dir, "--dtype", "float64", "--num_iterations", "20", "--init_from",
             start)
-    run(sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "serial"))
-    run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1", *args,
-        "--out_dir", str(tmp_path / "tp1"))
+    run_script("train.py", *args, "--out_dir", tmp_path / "serial")
+    run_script("parallel_train.py", "--tensor_model_parallel_size", "1", *args,
+               "--out_dir", tmp_path / "tp1")  # plain python: no torchrun
     torchrun(2, *args, "--out_dir", str(tmp_path / "tp2"))
-    a = read_metrics(str(tmp_path / "serial"))
-    assert a["train_loss"][0] < 0.5  # it continued from the trained model, not from scratch
+    a = str(tmp_path / "serial")
+    assert rows_after(a)["train_loss"][0] < 0.5  # it continued from the trained model
     for other in ("tp1", "tp2"):
-        _, rel = curve_difference(a, read_metrics(str(tmp_path / other)))
-        assert rel <= RTOL["float64"], other
+        assert_same_curve(a, str(tmp_path / other), "float64")
 
 
 def test_clear_errors(data_dir, tmp_path):
-    out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "2", ok=False)
+    out = run_script("parallel_train.py", "--tensor_model_parallel_size", "2", ok=False).out
     assert "launch with torchrun --nproc_per_node 2" in out and "Traceback" not in out
-    out = run(sys.executable, "train.py", "--data_dir", str(tmp_path / "nowhere"), ok=False)
+    out = run_script("train.py", "--data_dir", tmp_path / "nowhere", ok=False).out
     assert f"create the data with: python prepare_data.py --data_dir {tmp_path / 'nowhere'}" in out
     assert "Traceback" not in out
     out = torchrun(2, "--data_dir", str(tmp_path / "nowhere"), "--distributed_backend", "gloo",
                    ok=False)
     assert "create the data with" in out
     assert "Traceback (most recent call last)" not in out.split("error:")[0]
-    out = run(sys.executable, "train.py", "--data_dir", data_dir, "--input_size", "32", ok=False)
+    out = run_script("train.py", "--data_dir", data_dir, "--input_size", "32", ok=False).out
     assert "pass --input_size 64" in out
-    out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1",
-              "--hidden_size", "0", ok=False)
+    out = run_script("parallel_train.py", "--tensor_model_parallel_size", "1",
+                     "--hidden_size", "0", ok=False).out
     assert "--hidden_size must be a positive integer" in out
     out = torchrun(2, "--hidden_size", "101", ok=False)
     assert "--hidden_size 101 is not divisible by --tensor_model_parallel_size 2" in out
@@ -135,8 +121,8 @@ def test_clear_errors(data_dir, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="checks the message for a machine without GPUs")
 def test_nccl_without_gpus_is_a_clear_error(data_dir):
-    out = run(sys.executable, "parallel_train.py", "--tensor_model_parallel_size", "1",
-              "--distributed_backend", "nccl", "--data_dir", data_dir, ok=False)
+    out = run_script("parallel_train.py", "--tensor_model_parallel_size", "1",
+                     "--distributed_backend", "nccl", "--data_dir", data_dir, ok=False).out
     assert ("error: --distributed_backend nccl needs a GPU of its own for each of the 1 ranks, "
             "but rank 0 (on ") in out
     assert "has no GPU; use --distributed_backend gloo (or auto)" in out
