@@ -4,37 +4,19 @@ Measured here over the default 200 iterations: float32 within 1.2e-6 relative (T
 4.4e-15 (TP=2) and 3.7e-15 (DP=2 x TP=2); bounds as in test_end_to_end.py.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from compare_runs import DEFAULT_RTOL, curve_difference
-from distributed import comm_table
-from metrics import read_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RTOL = {"float32": DEFAULT_RTOL, "float64": 5e-14}
-
-
-def run(cmd, ok=True):
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert (proc.returncode == 0) == ok, f"exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+from curves import assert_same_curve
+from distributed import comm_table, run_script
 
 
 @pytest.mark.parametrize("nproc,tp,dtype",
                          [(2, 2, "float64"), (4, 4, "float32"), (4, 2, "float64")])
 def test_sequence_parallel_matches_serial(nproc, tp, dtype, data_dir, serial_runs, tmp_path):
-    log = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", str(nproc),
-               "parallel_train.py", "--tensor_model_parallel_size", str(tp), "--sequence_parallel",
-               "--data_dir", data_dir, "--dtype", dtype, "--out_dir", str(tmp_path / "sp")])
-    serial, sp = read_metrics(serial_runs[dtype]), read_metrics(str(tmp_path / "sp"))
-    for column in ("train_loss", "valid_loss"):
-        _, rel = curve_difference(serial, sp, column)
-        assert rel <= RTOL[dtype], f"{column}: {rel:.2e}"
+    log = run_script("parallel_train.py", "--tensor_model_parallel_size", tp,
+                     "--sequence_parallel", "--data_dir", data_dir, "--dtype", dtype, "--out_dir",
+                     tmp_path / "sp", nproc=nproc).out
+    assert_same_curve(serial_runs[dtype], str(tmp_path / "sp"), dtype)
     # Per step: forward all-gather + reduce-scatter; backward all-gather (fc1's rows again) and
     # all-gather (the reduce-scatter's backward); dL/dX's reduce-scatter skipped (X needs no grad);
     # one small all-reduce of fc's gradient and the loss (64 + 1 values). Each all-gather or
@@ -58,10 +40,7 @@ def test_sequence_parallel_matches_serial(nproc, tp, dtype, data_dir, serial_run
 
 
 def test_batch_rows_must_split_over_tensor_parallel_ranks(data_dir, tmp_path):
-    out = run([sys.executable, "scripts/launch.py", "--standalone", "--nproc_per_node", "2",
-               "parallel_train.py",
-               "--sequence_parallel", "--batch_size", "33", "--data_dir", data_dir, "--out_dir",
-               str(tmp_path)],
-              ok=False)
+    out = run_script("parallel_train.py", "--sequence_parallel", "--batch_size", "33",
+                     "--data_dir", data_dir, "--out_dir", tmp_path, nproc=2, ok=False).out
     assert ("--sequence_parallel splits each replica's 33 rows between 2 tensor-parallel ranks"
             in out)

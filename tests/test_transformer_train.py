@@ -10,16 +10,14 @@ docs/transformer.md), while float64 agrees to 1e-16, so the model is right and f
 round-off is what grows.
 """
 
-import sys
-
 import pytest
 import torch
 
-from compare_runs import curve_difference
+from curves import assert_bitwise_same_run, assert_same_curve, rows_after
 from data import DataError, load_token_dataset
-from distributed import comm_table
+from distributed import comm_table, run_script
 from test_errors import flag_error
-from test_scale import RTOL, assert_bitwise_same_run, assert_same_curve, launch, rows_after, run
+from test_scale import launch
 
 COMMON = ["--model", "transformer", "--dtype", "float64", "--num_iterations", "30",
           "--update_freq", "10", "--init_lr", "0.01"]
@@ -28,14 +26,14 @@ COMMON = ["--model", "transformer", "--dtype", "float64", "--num_iterations", "3
 @pytest.fixture(scope="module")
 def token_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tokens"))
-    run([sys.executable, "prepare_data.py", "--model", "transformer", "--data_dir", path])
+    run_script("prepare_data.py", "--model", "transformer", "--data_dir", path)
     return path
 
 
 @pytest.fixture(scope="module")
 def serial(token_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("transformer_serial"))
-    run([sys.executable, "train.py", *COMMON, "--data_dir", token_dir, "--out_dir", out])
+    run_script("train.py", *COMMON, "--data_dir", token_dir, "--out_dir", out)
     return out
 
 
@@ -64,7 +62,7 @@ def test_transformer_resumes_exactly_with_dropout_and_merges_unpadded(token_dir,
                  "--out_dir", str(tmp_path / "resumed"))
     assert "resuming from" in log and "at iteration 20" in log
     assert_bitwise_same_run(str(tmp_path / "full"), str(tmp_path / "resumed"))
-    run([sys.executable, "merge_checkpoint.py", ck, "--out", str(tmp_path / "merged.pt")])
+    run_script("merge_checkpoint.py", ck, "--out", tmp_path / "merged.pt")
     merged = torch.load(tmp_path / "merged.pt")
     final = torch.load(tmp_path / "full" / "model.pt")
     assert merged["word_embeddings.weight"].shape == (50, 64)
@@ -83,11 +81,9 @@ def test_transformer_changes_tensor_parallel_size_mid_run(token_dir, serial, tmp
     assert "at iteration 20, resharded from tensor-parallel size 4 to 2" in log
     # All 30 train losses (20 at TP=4, 10 at TP=2); validation where both runs took it (the
     # stopped run also took one at its last iteration, 20).
-    for column, after in (("train_loss", 0), ("valid_loss", 20)):
-        _, rel = curve_difference(rows_after(serial, after), rows_after(str(tmp_path), after),
-                                  column)
-        assert rel <= RTOL["float64"], f"{column}: {rel:.2e}"
-    assert len(rows_after(str(tmp_path), 0)["iteration"]) == 30
+    assert_same_curve(serial, str(tmp_path), "float64", columns=["train_loss"])
+    assert_same_curve(rows_after(serial, 20), rows_after(str(tmp_path), 20), "float64")
+    assert len(rows_after(str(tmp_path))["iteration"]) == 30
 
 
 @pytest.mark.parametrize("args,message", [
