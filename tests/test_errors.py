@@ -2,8 +2,11 @@
 hang.
 
 Flag checks run in-process (fast, and fuzzed); data checks on crafted files;
-the multi-rank failures under torchrun, each under a time limit far below a
-minute, though the runs are given --distributed_timeout_minutes 1.
+runs that fail the same way on every rank in the session's rank processes
+(distributed.run_script); the failures that involve the launcher (one rank
+failing or killed, Ctrl-C, torchrun's SIGTERM, a port in use) under a real
+torchrun, each under a time limit far below a minute, though the runs are given
+--distributed_timeout_minutes 1.
 """
 
 import contextlib
@@ -23,6 +26,7 @@ from hypothesis import strategies as st
 
 import prepare_data
 from data import DataError, load_dataset
+from distributed import run_script
 from parallel_train import get_parallel_args
 from train import get_args_parser, parse_args
 
@@ -210,19 +214,18 @@ def test_bad_init_from_is_named_once(tmp_path, data_dir):
                                   "unexpected ['fc.bias']")
     assert out.count("error:") == 1 and "Traceback" not in out
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
-    proc = subprocess.run([sys.executable, "train.py", "--init_from", str(tmp_path / "garbage.pt"),
-                           "--data_dir", data_dir],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(f"error: --init_from {tmp_path / 'garbage.pt'} is not a "
-                                  "state_dict saved with torch.save")
+    run = run_script("train.py", "--init_from", tmp_path / "garbage.pt", "--data_dir", data_dir,
+                     "--out_dir", tmp_path / "serial", ok=False)
+    assert run.code == 2
+    assert run.stderr.startswith(f"error: --init_from {tmp_path / 'garbage.pt'} is not a "
+                                 "state_dict saved with torch.save")
 
 
 def test_diverging_run_stops_with_its_metrics_on_disk(tmp_path, data_dir):
     # --init_lr 1 makes the loss NaN at iteration 4 (measured); the agreement check must not mistake
     # NaN for a bug.
-    code, out, _ = launch("--init_lr", "1", "--out_dir", str(tmp_path), "--data_dir", data_dir)
-    assert code != 0
+    out = run_script("parallel_train.py", "--tensor_model_parallel_size", "2", "--init_lr", "1",
+                     "--out_dir", tmp_path, "--data_dir", data_dir, nproc=2, ok=False).out
     assert first_problem(out).startswith("error: the train loss is nan at iteration 4: training "
                                          "diverged; lower --init_lr (now 1)"), out
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
@@ -319,11 +322,9 @@ def test_port_in_use_is_one_line(tmp_path):
 
 def test_rerun_into_the_same_out_dir_starts_afresh(tmp_path):
     data = write_data(tmp_path / "data", input_size=8, num_samples=400)
-    run = [sys.executable, "train.py", "--data_dir", str(data), "--input_size", "8", "--out_dir",
-           str(tmp_path / "run")]
-    subprocess.run(run + ["--num_iterations", "7"], cwd=REPO, check=True, capture_output=True)
-    second = subprocess.run(run + ["--num_iterations", "3"], cwd=REPO, check=True,
-                            capture_output=True, text=True)
+    run = ["train.py", "--data_dir", data, "--input_size", "8", "--out_dir", tmp_path / "run"]
+    run_script(*run, "--num_iterations", "7")
+    second = run_script(*run, "--num_iterations", "3")
     assert f"note: {tmp_path / 'run'} holds an earlier run" in second.stdout
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     # no rows of the first run

@@ -1,13 +1,10 @@
 """prepare_data.py reproduces the original repo's data set bit for bit."""
 
 import hashlib
-import os
-import subprocess
-import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from distributed import run_script
 
 # SHA-256 of the files the original repo's prepare_data.py writes, measured by
 # running it here (numpy 2.4, x86_64). X is pure RNG output and portable; y goes
@@ -21,8 +18,7 @@ ORIGINAL_SHA256 = {
 
 
 def prepare(tmp_path, *args):
-    subprocess.run([sys.executable, "prepare_data.py", "--data_dir", str(tmp_path), *args],
-                   cwd=REPO, check=True, capture_output=True)
+    run_script("prepare_data.py", "--data_dir", tmp_path, *args)
     return {name: np.load(tmp_path / name) for name in ORIGINAL_SHA256}
 
 
@@ -49,9 +45,8 @@ def test_token_data_for_the_transformer(tmp_path):
     """--model transformer: sequences of seq_length + 1 tokens in [0, vocab) that repeat with
     period 4 after 4 random ones, the same from the same seed, and the regression data untouched."""
     def tokens(directory, *args):
-        subprocess.run([sys.executable, "prepare_data.py", "--model", "transformer", "--data_dir",
-                        str(directory), "--num_samples", "100", *args],
-                       cwd=REPO, check=True, capture_output=True)
+        run_script("prepare_data.py", "--model", "transformer", "--data_dir", directory,
+                   "--num_samples", "100", *args)
         return [np.load(directory / name) for name in ("tokens_train.npy", "tokens_valid.npy")]
 
     train, valid = tokens(tmp_path / "a", "--vocab_size", "10", "--seq_length", "12")
