@@ -27,6 +27,7 @@ import re
 import runpy
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -117,6 +118,47 @@ def run_script(script, *argv, nproc=None, ok=True, env=None, timeout=SCRIPT_TIME
     if ok is not None:
         assert (run.code == 0) == ok, f"{script} exit {run.code}:\n{run.out}"
     return run
+
+
+class pooled_subprocess:
+    """Stands in for the `subprocess` module of code under test that launches the scripts itself
+    (the benchmarks' drivers): its `python ...` and `torchrun ...` command lines run in the
+    session's rank processes. Popen runs the command at once; communicate() hands over the
+    output. (Side-by-side copies then run one after another: right for the tests, which check
+    what the runs report, not how fast.)"""
+
+    PIPE = subprocess.PIPE
+    CompletedProcess = subprocess.CompletedProcess
+
+    @staticmethod
+    def run(cmd, env=None, **_):
+        args, nproc = _launch_arguments([str(a) for a in cmd[1:]])
+        changed = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
+        run = run_script(args[0], *args[1:], nproc=nproc, ok=None, env=changed)
+        return subprocess.CompletedProcess(cmd, run.code, run.stdout, run.stderr)
+
+    class Popen:
+        def __init__(self, cmd, env=None, **_):
+            done = pooled_subprocess.run(cmd, env=env)
+            self.returncode, self._output = done.returncode, (done.stdout, done.stderr)
+
+        def communicate(self, timeout=None):
+            return self._output
+
+
+def _launch_arguments(args):
+    """(script and its arguments, nproc) of `[scripts/launch.py | -m torch.distributed.run]
+    [torchrun flags] script ...` (nproc None for a plain python command)."""
+    nproc = None
+    if args[:2] == ["-m", "torch.distributed.run"] or args[0].endswith("launch.py"):
+        args = args[2:] if args[0] == "-m" else args[1:]
+        while args[0].startswith("--"):  # torchrun's own flags
+            flag = args.pop(0)
+            if flag == "--nproc_per_node":
+                nproc = int(args.pop(0))
+            elif flag != "--standalone":
+                args.pop(0)  # its value
+    return args, nproc
 
 
 # ---------------------------------------------------------------------------

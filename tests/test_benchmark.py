@@ -3,23 +3,34 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from distributed import pooled_subprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import bench_step  # noqa: E402
+
+
+def run_driver(module, monkeypatch, *argv):
+    """module.main() as `python benchmarks/<module>.py argv` runs it, its workers launched into the
+    session's rank processes (distributed.pooled_subprocess) instead of new interpreters."""
+    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
+    for launcher in (module, bench_step):
+        monkeypatch.setattr(launcher, "subprocess", pooled_subprocess)
+    module.main()
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """One run of the benchmark on the tiny ToyModel and the tiny transformer."""
     out = tmp_path_factory.mktemp("bench")
-    subprocess.run([sys.executable, "benchmarks/bench_step.py", "--configs", "tiny",
-                    "tiny_transformer", "--steps", "3", "--warmup", "1", "--max_tp", "2",
-                    "--device", "cpu", "--out", str(out / "bench.json"), "--plot",
-                    str(out / "bench.png")],
-                   cwd=REPO, check=True, capture_output=True, timeout=400)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_driver(bench_step, monkeypatch, "--configs", "tiny", "tiny_transformer", "--steps", "3",
+                   "--warmup", "1", "--max_tp", "2", "--device", "cpu", "--out",
+                   out / "bench.json", "--plot", out / "bench.png")
     assert (out / "bench.png").stat().st_size > 10_000
     return json.loads((out / "bench.json").read_text())
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import parallel_state as ps
-from distributed import all_ranks, run_distributed
+from distributed import RankFailed, all_ranks, run_distributed
 from parallel_layers import ColumnParallelLinear, RowParallelLinear
 
 ATOL = 1e-14
@@ -233,5 +233,5 @@ def _with_broken_all_reduce(kind, check):
 @pytest.mark.parametrize("kind", ["drop", "average"])
 @pytest.mark.parametrize("check", [_check_column_parallel, _check_row_parallel])
 def test_layer_checks_catch_a_broken_all_reduce(kind, check):
-    with pytest.raises(Exception, match="max abs error"):
+    with pytest.raises(RankFailed, match="AssertionError: output: max abs error"):
         run_distributed(_with_broken_all_reduce, 2, kind, check)

@@ -8,15 +8,18 @@ tests/test_scale.py's.)
 """
 
 import contextlib
+import inspect
 import io
 import itertools
 import os
+import types
 
 import pytest
 import torch
 
+import reshard as reshard_module
 from parallel_layers import vocab_size_with_padding
-from reshard import overlapping_shards, reshard
+from reshard import overlapping_shards
 
 VOCAB, WIDTH, HIDDEN = 10, 3, 12  # a vocabulary that 3 and 4 do not divide
 
@@ -55,14 +58,20 @@ def saved_at(tp):
     return shards
 
 
-@pytest.mark.parametrize("a,c", [(a, c) for a, c in itertools.product((1, 2, 3, 4, 6), repeat=2)
-                                 if a != c])
+SIZES = [(a, c) for a, c in itertools.product((1, 2, 3, 4, 6), repeat=2) if a != c]
+
+
+@pytest.mark.parametrize("a,c", SIZES)
 def test_cut_for_another_size_equals_saved_at_that_size(a, c):
+    check_cut(a, c, reshard_module)
+
+
+def check_cut(a, c, module):
     saved, wanted = saved_at(a), saved_at(c)
     for rank in range(c):
         reads = []
         read = lambda j: reads.append(j) or saved[j]
-        got = reshard(read, a, c, rank)
+        got = module.reshard(read, a, c, rank)
         for name in DIMS:
             assert torch.equal(got["model"][name], wanted[rank]["model"][name]), (name, rank)
         assert got["optimizer"]["state"].keys() == wanted[rank]["optimizer"]["state"].keys()
@@ -77,6 +86,37 @@ def test_cut_for_another_size_equals_saved_at_that_size(a, c):
         needed |= set(overlapping_shards(rows, a, vocab_size_with_padding(VOCAB, c) // c, rank))
         assert set(reads) == needed, (rank, reads)
         assert len(needed) <= -(-a // c) + 1
+
+
+# The check must be able to fail: reshard.py with a bug written in, as a bug would be.
+MUTANTS = {
+    # every rank's rows taken from the start of the shards it reads, not from its own offset
+    "offset dropped": ("start = lo - shards.start * saved_rows", "start = 0"),
+    # the momentum buffers cut to the right shape, but their values lost
+    "momentum zeroed": ("pick=lambda shard: saved_momentum(shard, i),",
+                        "pick=lambda shard: saved_momentum(shard, i) * 0,"),
+}
+
+
+# Size pairs each mutant fails, measured: the offset is not needed where every new shard starts
+# on a saved shard's boundary (5 pairs, as 4 -> 2); a lost momentum shows at every pair.
+MIN_CAUGHT = {"offset dropped": 15, "momentum zeroed": 20}
+
+
+@pytest.mark.parametrize("mutant", MUTANTS)
+def test_the_check_catches_a_broken_cut(mutant):
+    old, new = MUTANTS[mutant]
+    source = inspect.getsource(reshard_module)
+    assert source.count(old) == 1, f"the line the mutant changes is gone: {old}"
+    module = types.ModuleType(f"reshard with {mutant}")
+    exec(compile(source.replace(old, new), module.__name__, "exec"), module.__dict__)
+    caught = 0
+    for a, c in SIZES:
+        try:
+            check_cut(a, c, module)
+        except AssertionError:
+            caught += 1
+    assert caught >= MIN_CAUGHT[mutant], f"{mutant}: caught in {caught} of {len(SIZES)} pairs"
 
 
 def test_rows_past_the_saved_end_are_padding():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import rng_tracker
-from distributed import all_ranks, run_distributed
+from distributed import RankFailed, all_ranks, run_distributed
 
 
 def _masks():
@@ -51,5 +51,6 @@ def test_dropout_masks_agree_outside_and_differ_inside(tp):
 
 
 def test_the_check_catches_dropout_without_the_tracker():
-    with pytest.raises(Exception, match="AssertionError"):
+    with pytest.raises(RankFailed, match="AssertionError: inside the region: a mask of each "
+                                         "rank's own"):
         run_distributed(_check_streams_with_fork_ignored, 2)

@@ -3,7 +3,6 @@ run on tiny sizes that writes a valid JSON and picture."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 import parallel_state as ps
 from distributed import run_distributed
 from model import ToyModel
+from test_benchmark import run_driver
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -61,23 +61,28 @@ def test_alpha_beta_are_recovered_from_a_clean_sweep():
     assert alpha == pytest.approx(3e-4) and beta == pytest.approx(1e-9)
 
 
-def test_quick_sweep_writes_valid_files(tmp_path):
-    subprocess.run([sys.executable, "benchmarks/scaling.py", "--quick", "--grid", "16", "64",
-                    "--iterations", "20", "--warmup", "2",
-                    "--max_tp", "2", "--device", "cpu", "--out", str(tmp_path / "s.json"),
-                    "--plot", str(tmp_path / "s.png")],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
+def test_quick_sweep_writes_valid_files(tmp_path, monkeypatch):
+    run_driver(scaling, monkeypatch, "--quick", "--grid", "16", "64", "--iterations", "20",
+               "--warmup", "2", "--max_tp", "2", "--device", "cpu", "--out", tmp_path / "s.json",
+               "--plot", tmp_path / "s.png")
     report = json.loads((tmp_path / "s.json").read_text())
     assert {(pt["hidden_size"], pt["variant"]) for pt in report["points"]} == {
         (16, "serial"), (16, "tp2"), (64, "serial"), (64, "tp2")}
     for pt in report["points"]:
         m = pt["measured"]
         assert 0 < m["p10"] <= m["median"] <= m["p90"] and pt["predicted"] > 0
-    # The overheads are taken at the smallest size: there, the model equals the measurement.
-    for pt in report["points"]:
-        if pt["hidden_size"] == 16:
-            assert pt["predicted"] == pytest.approx(pt["measured"]["median"])
+    # Every prediction is the JSON's own model, term by term (docs/benchmark.md's formula):
+    # overhead + compute of one rank's width + the all-reduce's alpha + beta n at TP > 1.
     model = report["model"]
+    for pt in report["points"]:
+        tp = str(pt["tp"])
+        compute = sum(model["compute_s"][tp][str(pt["hidden_size"] // pt["tp"])].values())
+        comm = model["alpha_s"] + model["beta_s_per_byte"] * model["allreduce_bytes"]
+        assert pt["predicted"] == pytest.approx(model["overhead_s"][tp] + compute
+                                                + (comm if pt["tp"] > 1 else 0), rel=1e-12), pt
+    within = sum(abs(pt["predicted"] / pt["measured"]["median"] - 1) <= 0.3
+                 for pt in report["points"])
+    assert report["targets"] == {"points_within_30_percent": within, "points": 4}
     assert model["alpha_s"] > 0 and model["beta_s_per_byte"] > 0
     assert model["allreduce_bytes"] == 32 * 64 * 4
     assert set(report["crossover_hidden_size"]["tp2"]) == {"measured", "predicted"}

@@ -16,7 +16,7 @@ import torch
 
 import parallel_state as ps
 import rng_tracker
-from distributed import all_ranks, run_distributed
+from distributed import RankFailed, all_ranks, run_distributed
 from test_layers import _with_broken_all_reduce, close
 from transformer import ToyTransformer
 
@@ -113,10 +113,17 @@ def _check_sequence_parallel_step():
 
 
 def _check_dropout():
+    """Dropout on at any TP size: replicas stay identical, and masks are really drawn: the output
+    is not the dropout-free one, and a second step draws new masks. (Without dropout the same
+    model gives the same bits: any difference is a mask.)"""
     tp = ps.get_tensor_model_parallel_world_size()
     tokens, targets = _batch(12)
+    without = _build(12, True, dropout=0.0)(tokens)
     parallel = _build(12, True, dropout=0.2)
-    loss = parallel.loss(parallel(tokens), targets)
+    hidden = parallel(tokens)
+    assert not torch.equal(hidden, without), "dropout drew no mask"
+    assert not torch.equal(parallel(tokens), hidden), "a second step drew the first one's masks"
+    loss = parallel.loss(hidden, targets)
     loss.backward()
     assert (all_ranks(loss.detach()) == loss.detach()).all(), "every rank's loss is the same"
     for name, p in parallel.named_parameters():
@@ -144,7 +151,7 @@ def test_transformer_dropout_keeps_replicas_identical(tp):
 
 @pytest.mark.parametrize("kind", ["drop", "average"])
 def test_transformer_check_catches_a_broken_all_reduce(kind):
-    with pytest.raises(Exception, match="AssertionError"):
+    with pytest.raises(RankFailed, match="AssertionError: loss: max abs error"):
         run_distributed(_with_broken_all_reduce, 2, kind, _check_step)
 
 
