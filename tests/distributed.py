@@ -75,7 +75,8 @@ def run_distributed(fn, world_size, *args, tp_size=None, timeout=TIMEOUT_S):
     jobs = [_Job("call", rank, world_size, fn=fn, args=args, tp_size=tp_size or world_size)
             for rank in range(world_size)]
     results = _pool().run(jobs, timeout)
-    failed = [(r, res) for r, res in enumerate(results) if res.status != "ok"]
+    failed = sorted(((r, res) for r, res in enumerate(results) if res.status != "ok"),
+                    key=lambda failure: failure[1].arrival)  # the first to fail: the cause
     if failed:
         rank, res = failed[0]
         raise RankFailed(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{res.detail}"
@@ -187,6 +188,7 @@ class _Result:
     code: int = 0  # a script's exit status
     stdout: str = ""
     stderr: str = ""
+    arrival: int = 0  # the order in which the ranks' results came in
 
 
 class _Pool:
@@ -239,13 +241,15 @@ class _Pool:
                                          code=process.exitcode or 1)
                     self._kill(i)
                 pending.discard(i)
+                results[i].arrival = n - len(pending)
                 if results[i].status != "ok" and not (results[i].status == "exit"
                                                       and results[i].code == 0):
                     deadline = min(deadline, time.monotonic() + GRACE_S)
             if pending and time.monotonic() >= deadline:
                 for i in pending:
                     self._kill(i)
-                    results[i] = _Result("timeout", f"still running after {timeout} s", code=124)
+                    results[i] = _Result("timeout", f"still running after {timeout} s", code=124,
+                                         arrival=n)
                 pending = set()
         for i, res in enumerate(results):
             if res.status in ("died", "timeout"):  # its output is what it wrote so far
@@ -328,10 +332,10 @@ def _serve(index, conn, logs):
                 result = _run_job(job)
             except BaseException:  # noqa: BLE001 - anything a rank raises goes to the test
                 result = _Result("error", traceback.format_exc())
-            if result.status != "ok":
-                world = _leave()  # peers waiting in a collective for this rank: wake them
         result.stdout, result.stderr = _read(out), _read(err)
-        conn.send(result)
+        conn.send(result)  # before peers hear of it: the cause reaches the test first
+        if result.status != "ok":
+            world = _leave()  # peers waiting in a collective for this rank: wake them
 
 
 def _join(world, job):

@@ -230,8 +230,12 @@ def _with_broken_all_reduce(kind, check):
     check()
 
 
+# Where each layer's all-reduce shows first: f's is in backward (the input's gradient), g's in
+# forward (the output).
 @pytest.mark.parametrize("kind", ["drop", "average"])
-@pytest.mark.parametrize("check", [_check_column_parallel, _check_row_parallel])
-def test_layer_checks_catch_a_broken_all_reduce(kind, check):
-    with pytest.raises(RankFailed, match="AssertionError: output: max abs error"):
+@pytest.mark.parametrize("check,what", [(_check_column_parallel, "input grad"),
+                                        (_check_row_parallel, "output")],
+                         ids=["column", "row"])
+def test_layer_checks_catch_a_broken_all_reduce(kind, check, what):
+    with pytest.raises(RankFailed, match=f"AssertionError: {what}: max abs error"):
         run_distributed(_with_broken_all_reduce, 2, kind, check)
