@@ -52,8 +52,9 @@ class _CopyToModelParallelRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         # Each rank holds only its columns' share of dL/dX; the true gradient is the sum.
-        # Clone: autograd may hand the same buffer to other consumers.
-        return _reduce(grad_output.clone())
+        # A contiguous copy: autograd may hand the same buffer to other consumers, and the
+        # gradient may be a view (the transformer's is transposed), which NCCL refuses.
+        return _reduce(grad_output.clone(memory_format=torch.contiguous_format))
 
 
 class _ReduceFromModelParallelRegion(torch.autograd.Function):

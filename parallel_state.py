@@ -7,9 +7,11 @@ has a GPU of its own, else gloo) and the device tensors live on, so the
 layers never ask which backend runs.
 
 Every collective goes through `all_reduce`, `all_gather`, `reduce_scatter`
-or `_all_reduce_coalesced` below, which check the tensor's device and count
-the calls and bytes they send: that is how the tests and the benchmark check
-the communication against the paper's count.
+or `_all_reduce_coalesced` below, which hold every backend to NCCL's rules
+(the run's device, a contiguous tensor, a dtype NCCL reduces; under
+TP_CHECK_COLLECTIVES=1 the same shape and dtype on every rank) and count the
+calls and bytes they send: that is how the tests and the benchmark check the
+communication against the paper's count.
 """
 
 import inspect
@@ -40,8 +42,13 @@ class ParallelConfigError(ValueError):
     """A user error in the parallel set-up; the message says what to do."""
 
 
-class DeviceMismatchError(RuntimeError):
-    """A tensor handed to a collective is not on the run's device (a bug in the caller)."""
+class CollectiveRuleError(RuntimeError):
+    """A tensor handed to a collective breaks a rule NCCL enforces, or one it does not check and
+    then hangs or corrupts on (a bug in the caller); checked on every backend (_check)."""
+
+
+class DeviceMismatchError(CollectiveRuleError):
+    """A tensor handed to a collective is not on the run's device."""
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
@@ -52,8 +59,9 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
 
     The choice is made from what every rank reports, so all nodes agree (see `_choose`).
     """
-    global _DEVICE, _STAGE_THROUGH_HOST, BACKEND_NOTE
+    global _DEVICE, _STAGE_THROUGH_HOST, BACKEND_NOTE, CHECK_COLLECTIVES
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    CHECK_COLLECTIVES = os.environ.get("TP_CHECK_COLLECTIVES", "0") == "1"
     timeout = timedelta(minutes=timeout_minutes)
     from operations import torchrun_store  # one prefix per torchrun restart attempt
     store = torchrun_store(timeout)
@@ -261,12 +269,48 @@ def comm_stats() -> dict:
             for op in sorted(comm_calls)}
 
 
-def _check_device(op: str, tensor: torch.Tensor) -> None:
-    """The one device rule: every collective's tensor lives on the run's device."""
+# What NCCL reduces and moves (ncclDataType_t; bool as uint8). gloo takes more: int16, the
+# unsigned types, complex; a run that uses them would work on CPU and fail on GPUs.
+NCCL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8,
+               torch.uint8, torch.int32, torch.int64, torch.bool)
+# Under TP_CHECK_COLLECTIVES=1 every collective first checks that each rank of its group hands it
+# a tensor of the same shape and dtype: one more small all-gather per collective, so off by
+# default (the test suite turns it on). NCCL does not check this: it hangs or reads past the end.
+CHECK_COLLECTIVES = os.environ.get("TP_CHECK_COLLECTIVES", "0") == "1"
+
+
+def _check(op: str, tensor: torch.Tensor, group) -> None:
+    """NCCL's rules, on every backend, so that a CPU run finds what a GPU run would refuse."""
+    def broken(rule):
+        return CollectiveRuleError(f"{op}: {rule}; got a {tensor.dtype} tensor of shape "
+                                   f"{tuple(tensor.shape)}, strides {tensor.stride()}")
     if _DEVICE is not None and tensor.device != _DEVICE:
         raise DeviceMismatchError(f"{op} was given a tensor on {tensor.device}, but this run's "
                                   f"collectives use {_DEVICE}; move it with "
                                   ".to(parallel_state.get_device())")
+    if not tensor.is_contiguous():  # a stride check, no copy
+        raise broken("NCCL needs a contiguous tensor (gloo would reduce its raw storage); make "
+                     "it .contiguous() first")
+    if tensor.dtype not in NCCL_DTYPES:
+        raise broken(f"NCCL does not reduce {tensor.dtype}")
+    if CHECK_COLLECTIVES:
+        _check_same_on_every_rank(op, tensor, group)
+
+
+def _check_same_on_every_rank(op, tensor, group):
+    """TP_CHECK_COLLECTIVES: every rank of the group hands `op` the same shape and dtype."""
+    mine = [NCCL_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+    mine = _on_wire(torch.tensor(mine + [-1] * (10 - len(mine)), dtype=torch.int64,
+                                 device=get_device()))
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if not torch.equal(theirs, mine):
+            dtype, ndim = NCCL_DTYPES[int(theirs[0])], int(theirs[1])
+            raise CollectiveRuleError(
+                f"{op}: every rank must hand it the same shape and dtype, but this rank has "
+                f"{tensor.dtype} {tuple(tensor.shape)} and rank {rank} of the group has {dtype} "
+                f"{tuple(theirs[2:2 + ndim].tolist())}")
 
 
 def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
@@ -302,8 +346,8 @@ def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None, op: str
 
     With async_op, returns at once a function that waits and returns it.
     """
-    _check_device("all_reduce", tensor)
     group = group or get_tensor_model_parallel_group()
+    _check("all_reduce", tensor, group)
     p = dist.get_world_size(group)
     _count("all_reduce", tensor, Fraction(2 * (p - 1), p))
     wire = _on_wire(tensor)
@@ -320,10 +364,11 @@ def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
     `_gather_along_last_dim`. With async_op, returns at once a function that
     waits and returns the result.
     """
-    _check_device("all_gather", tensor)
+    tensor = tensor.contiguous()  # the one-buffer collective's input is a copy anyway
+    _check("all_gather", tensor, get_tensor_model_parallel_group())
     p = get_tensor_model_parallel_world_size()
     _count("all_gather", tensor, Fraction(p - 1))
-    wire = _on_wire(tensor.contiguous())
+    wire = _on_wire(tensor)
     output = wire.new_empty((p * tensor.shape[0], *tensor.shape[1:]))
     work = _all_gather_one_buffer(output, wire, get_tensor_model_parallel_group(), async_op)
 
@@ -340,10 +385,11 @@ def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
 
     With async_op, returns at once a function that waits and returns the result.
     """
-    _check_device("reduce_scatter", tensor)
+    tensor = tensor.contiguous()
+    _check("reduce_scatter", tensor, get_tensor_model_parallel_group())
     p = get_tensor_model_parallel_world_size()
     _count("reduce_scatter", tensor, Fraction(p - 1, p))
-    wire = _on_wire(tensor.contiguous())
+    wire = _on_wire(tensor)
     output = wire.new_empty((tensor.shape[0] // p, *tensor.shape[1:]))
     work = _reduce_scatter_one_buffer(output, wire, get_tensor_model_parallel_group(), async_op)
     return _finish(work, lambda: output.to(tensor.device), async_op)
@@ -353,7 +399,7 @@ def _all_reduce_coalesced(tensors, group, name, divide_by=1):
     """Sum `tensors` in place over `group` (then divide), as one flat buffer in one all-reduce:
     for small tensors the latency of a collective, not its bytes, dominates on every backend."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    _check_device(name, flat)
+    _check(name, flat, group)
     p = dist.get_world_size(group)
     _count(name, flat, Fraction(2 * (p - 1), p))
     wire = _on_wire(flat)

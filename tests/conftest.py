@@ -1,10 +1,16 @@
 """Shared fixtures, and the `gpu` marker: tests marked gpu run where torch sees a CUDA GPU and are
 skipped, saying why, elsewhere. The session's rank processes (distributed.py) stop with it."""
 
+import os
+
 import pytest
 import torch
 
 from distributed import run_script, stop_pool
+
+# Every collective of every run the tests start, in the rank processes or in new ones, first
+# checks that its ranks agree on shape and dtype (parallel_state._check): what NCCL would hang on.
+os.environ.setdefault("TP_CHECK_COLLECTIVES", "1")
 
 
 def pytest_collection_modifyitems(config, items):
