@@ -30,7 +30,7 @@ import torch.nn as nn
 import parallel_state as ps
 from metrics import atomic_write
 from reshard import reshard
-from rng_tracker import get_rng_tracker, seed_tensor_parallel_stream
+from rng_tracker import get_rng_tracker, get_states, seed_tensor_parallel_stream, set_states
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype")
@@ -67,7 +67,9 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
             # Vocabularies padded for TP: merging keeps the first vocab_size rows.
             vocab_sizes={n: p.vocab_size for n, p in model.named_parameters()
                          if hasattr(p, "vocab_size")},
-            rng=dict(torch=torch.get_rng_state(),
+            # The default generators (the GPU's too, where the run is on one: dropout outside
+            # the split regions draws from it) and dropout's own stream, as Megatron saves them.
+            rng=dict(zip(("torch", "cuda"), get_states(ps.get_device().type == "cuda")),
                      tracker=dict(get_rng_tracker().states)),
         )
         atomic_write(path, lambda f: torch.save(state, f))
@@ -161,7 +163,8 @@ def load_checkpoint(directory, model, optimizer, args):
     state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
+    on_cuda = ps.get_device().type == "cuda"
+    set_states((state["rng"]["torch"], state["rng"].get("cuda") if on_cuda else None))
     if "tracker" in state["rng"]:
         get_rng_tracker().states.update(state["rng"]["tracker"])  # dropout's own streams
     else:  # this rank's stream belonged to another split: a new one, that repeats no mask

@@ -84,7 +84,8 @@ def run(args, device, precision):
     ps.initialize_model_parallel(args.tensor_model_parallel_size)
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    model = build_model(args, tensor_parallel=True, sequence_parallel=args.sequence_parallel)
+    model = build_model(args, device, tensor_parallel=True,
+                        sequence_parallel=args.sequence_parallel)
     model = model.to(device)
     optimizer = make_optimizer(model, args)
     start = on_every_rank(load_checkpoint, args.load, model, optimizer, args) if args.load else 0

@@ -90,5 +90,5 @@ def reshard(read, saved_tp, tp, rank):
     optimizer["state"] = {i: {**first["optimizer"]["state"][i], "momentum_buffer": m}
                           for i, m in momentum.items()}
     sizes = dict(first["sizes"], tensor_model_parallel_size=tp)
-    rng = dict(torch=first["rng"]["torch"])
+    rng = {k: v for k, v in first["rng"].items() if k != "tracker"}  # the default generators
     return dict(first, model=model, optimizer=optimizer, sizes=sizes, rng=rng)

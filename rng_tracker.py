@@ -29,14 +29,13 @@ MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TENSOR_PARALLEL_SEED_OFFSET = 2718  # Megatron's: keeps the two streams' seeds apart
 
 
-def _get_states():
-    """(CPU state, CUDA state or None): the CUDA generator counts where the run uses it."""
-    on_cuda = torch.cuda.is_available() and (torch.cuda.is_initialized()
-                                             or ps.get_device().type == "cuda")
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if on_cuda else None
+def get_states(cuda: bool):
+    """(CPU state, CUDA state or None) of the default generators; the CUDA one where the run's
+    tensors live on a GPU. Reading it initialises CUDA, which runs any seeding still queued."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
 
 
-def _set_states(states):
+def set_states(states):
     cpu, cuda = states
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -49,24 +48,32 @@ class RNGStatesTracker:
     def __init__(self):
         self.states = {}
 
-    def add(self, name, seed):
+    def add(self, name, seed, cuda=False):
+        """A stream seeded with `seed`, on the CPU generator and, with `cuda`, the GPU's.
+
+        The CUDA state is read (so CUDA initialised) before seeding: torch.manual_seed only
+        queues the CUDA seeding while CUDA is not initialised, and the last queued seed wins,
+        so the default CUDA generator would otherwise end up with this stream's seed and both
+        dropouts would draw from one stream (Megatron tracks the CUDA state for this reason).
+        """
         if name in self.states:
             raise ValueError(f"RNG state {name!r} exists already")
-        default = _get_states()
+        default = get_states(cuda)
         torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
-        self.states[name] = _get_states()
-        _set_states(default)
+        self.states[name] = get_states(cuda)
+        set_states(default)
 
     @contextmanager
     def fork(self, name=MODEL_PARALLEL_RNG):
         """Draw from the named stream inside the block; the default stream is left where it was."""
-        default = _get_states()
-        _set_states(self.states[name])
+        cuda = self.states[name][1] is not None
+        default = get_states(cuda)
+        set_states(self.states[name])
         try:
             yield
         finally:
-            self.states[name] = _get_states()  # the stream goes on from here next time
-            _set_states(default)
+            self.states[name] = get_states(cuda)  # the stream goes on from here next time
+            set_states(default)
 
 
 _RNG_TRACKER = RNGStatesTracker()
@@ -76,17 +83,20 @@ def get_rng_tracker() -> RNGStatesTracker:
     return _RNG_TRACKER
 
 
-def model_parallel_manual_seed(seed: int) -> None:
+def model_parallel_manual_seed(seed: int, device=None) -> None:
     """Seed both streams: the default one alike on every tensor-parallel rank (outside the split
-    region), the tracker's one differently on each (inside it)."""
+    region), the tracker's one differently on each (inside it). `device`: where the run's
+    tensors live (default: parallel_state's device); on a GPU the CUDA generators are seeded and
+    tracked too."""
     torch.manual_seed(seed)
-    seed_tensor_parallel_stream(seed)
+    seed_tensor_parallel_stream(seed, device)
 
 
-def seed_tensor_parallel_stream(seed: int) -> None:
+def seed_tensor_parallel_stream(seed: int, device=None) -> None:
     """Seed the tracker's stream only, differently on each tensor-parallel rank (also when a
     checkpoint is resumed at another tensor-parallel size: the saved streams were the old
     split's)."""
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    cuda = torch.device(device or ps.get_device()).type == "cuda"
     _RNG_TRACKER.states.clear()
-    _RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank)
+    _RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank, cuda)

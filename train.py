@@ -96,9 +96,10 @@ def parse_args(parser, argv=None):
     return args
 
 
-def build_model(args, tensor_parallel=False, sequence_parallel=False):
-    """The same model for every run: nn.Linear's init from --seed, or --init_from's weights."""
-    model_parallel_manual_seed(args.seed)  # and dropout's streams (rng_tracker.py)
+def build_model(args, device, tensor_parallel=False, sequence_parallel=False):
+    """The same model for every run: nn.Linear's init from --seed, or --init_from's weights.
+    Built on the CPU; `device` is where it will run (dropout's streams live there)."""
+    model_parallel_manual_seed(args.seed, device)  # and dropout's streams (rng_tracker.py)
     if args.model == "transformer":
         model = ToyTransformer(args.vocab_size, args.seq_length, args.input_size, args.hidden_size,
                                args.num_attention_heads, args.num_layers, tensor_parallel,
@@ -170,7 +171,7 @@ def main():
         parser.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
     precision = pin_float32_precision()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model = build_model(args).to(device)
+    model = build_model(args, device).to(device)
     optimizer = make_optimizer(model, args)
     (X, y), valid = load_data(args)
     # The whole (small) data set goes to the device once; a batch is then a slice of it.

@@ -35,6 +35,14 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def token_dir(tmp_path_factory):
+    """The transformer's default token data."""
+    path = str(tmp_path_factory.mktemp("tokens"))
+    run_script("prepare_data.py", "--model", "transformer", "--data_dir", path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def serial_runs(data_dir, tmp_path_factory):
     """The default serial run (200 iterations), in float32 and float64: {dtype: its --out_dir}."""
     out = {}

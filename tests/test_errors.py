@@ -354,7 +354,7 @@ def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path, 
         return losses[None]
 
     monkeypatch.setattr(Logbook, "_losses_of_every_rank", peer_gone_at_second_log_point)
-    model = build_model(args)
+    model = build_model(args, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="by peer"):
         with Logbook(args, lambda: evaluate(model, X, y), MetricsWriter(str(tmp_path), {}),
                      None) as logbook:

@@ -54,3 +54,59 @@ def test_the_check_catches_dropout_without_the_tracker():
     with pytest.raises(RankFailed, match="AssertionError: inside the region: a mask of each "
                                          "rank's own"):
         run_distributed(_check_streams_with_fork_ignored, 2)
+
+
+# ---------------------------------------------------------------------------
+# On a GPU (shown here on the CPU, with torch.cuda's seeding as it behaves before CUDA is
+# initialised; tests/test_gpu.py has the real thing).
+
+class LazyCuda:
+    """torch.cuda's generator as a process sees it before CUDA is initialised: manual_seed_all
+    is queued and only the last queued seed is applied, when the state is first read or set."""
+
+    def __init__(self):
+        self.generator, self.queued, self.initialised = torch.Generator(), None, False
+
+    def _initialise(self):
+        if not self.initialised and self.queued is not None:
+            self.generator.manual_seed(self.queued)
+        self.initialised = True
+
+    def manual_seed_all(self, seed):
+        if self.initialised:
+            self.generator.manual_seed(seed)
+        else:
+            self.queued = seed
+
+    def get_rng_state(self, device="cuda"):
+        self._initialise()
+        return self.generator.get_state()
+
+    def set_rng_state(self, state, device="cuda"):
+        self._initialise()
+        self.generator.set_state(state)
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed).get_state()
+
+
+def test_on_cuda_the_tracker_keeps_dropouts_two_streams_apart(monkeypatch):
+    cuda = LazyCuda()
+    for name in ("manual_seed_all", "get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    rng_tracker.model_parallel_manual_seed(7, torch.device("cuda"))
+    _, tracked = rng_tracker.get_rng_tracker().states[rng_tracker.MODEL_PARALLEL_RNG]
+    assert tracked is not None, "the tracked stream has a CUDA part"
+    # The default CUDA generator holds --seed's stream, the tracker seed + 2718 + TP rank (0).
+    assert torch.equal(cuda.get_rng_state(), seeded(7)), "the default stream took the tracker's"
+    assert torch.equal(tracked, seeded(7 + 2718))
+    with rng_tracker.get_rng_tracker().fork():
+        assert torch.equal(cuda.get_rng_state(), seeded(7 + 2718))
+        torch.rand(1, generator=cuda.generator)  # a draw inside advances the tracked stream only
+    assert torch.equal(cuda.get_rng_state(), seeded(7))
+    assert not torch.equal(rng_tracker.get_rng_tracker().states[rng_tracker.MODEL_PARALLEL_RNG][1],
+                           seeded(7 + 2718))
+    # What a checkpoint saves of the default generators has the CUDA part too.
+    cpu, saved = rng_tracker.get_states(cuda=True)
+    assert torch.equal(saved, seeded(7))

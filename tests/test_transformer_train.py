@@ -27,13 +27,6 @@ COMMON = ["--model", "transformer", "--dtype", "float64", "--num_iterations", "3
 
 
 @pytest.fixture(scope="module")
-def token_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tokens"))
-    run_script("prepare_data.py", "--model", "transformer", "--data_dir", path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def serial(token_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("transformer_serial"))
     run_script("train.py", *COMMON, "--data_dir", token_dir, "--out_dir", out)
