@@ -279,8 +279,9 @@ NCCL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torc
 CHECK_COLLECTIVES = os.environ.get("TP_CHECK_COLLECTIVES", "0") == "1"
 
 
-def _check(op: str, tensor: torch.Tensor, group) -> None:
-    """NCCL's rules, on every backend, so that a CPU run finds what a GPU run would refuse."""
+def _check(op: str, tensor: torch.Tensor, group=None) -> None:
+    """NCCL's rules, on every backend, so that a CPU run finds what a GPU run would refuse.
+    `group`: the collective's (default: the tensor-parallel group)."""
     def broken(rule):
         return CollectiveRuleError(f"{op}: {rule}; got a {tensor.dtype} tensor of shape "
                                    f"{tuple(tensor.shape)}, strides {tensor.stride()}")
@@ -299,8 +300,9 @@ def _check(op: str, tensor: torch.Tensor, group) -> None:
 
 def _check_same_on_every_rank(op, tensor, group):
     """TP_CHECK_COLLECTIVES: every rank of the group hands `op` the same shape and dtype."""
+    group = group or get_tensor_model_parallel_group()
     mine = [NCCL_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
-    mine = _on_wire(torch.tensor(mine + [-1] * (10 - len(mine)), dtype=torch.int64,
+    mine = _on_wire(torch.tensor(mine + [-1] * (10 - len(mine)), dtype=torch.int64,  # <= 8 dims
                                  device=get_device()))
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
@@ -346,8 +348,8 @@ def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None, op: str
 
     With async_op, returns at once a function that waits and returns it.
     """
-    group = group or get_tensor_model_parallel_group()
     _check("all_reduce", tensor, group)
+    group = group or get_tensor_model_parallel_group()
     p = dist.get_world_size(group)
     _count("all_reduce", tensor, Fraction(2 * (p - 1), p))
     wire = _on_wire(tensor)
@@ -365,7 +367,7 @@ def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
     waits and returns the result.
     """
     tensor = tensor.contiguous()  # the one-buffer collective's input is a copy anyway
-    _check("all_gather", tensor, get_tensor_model_parallel_group())
+    _check("all_gather", tensor)
     p = get_tensor_model_parallel_world_size()
     _count("all_gather", tensor, Fraction(p - 1))
     wire = _on_wire(tensor)
@@ -386,7 +388,7 @@ def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
     With async_op, returns at once a function that waits and returns the result.
     """
     tensor = tensor.contiguous()
-    _check("reduce_scatter", tensor, get_tensor_model_parallel_group())
+    _check("reduce_scatter", tensor)
     p = get_tensor_model_parallel_world_size()
     _count("reduce_scatter", tensor, Fraction(p - 1, p))
     wire = _on_wire(tensor)

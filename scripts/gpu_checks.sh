@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, as README's "On GPUs" section reports them: the machine, the tests
-# marked gpu, both bash scripts and their comparison, the benchmark on the GPU, then the whole suite.
+# marked gpu (the transformer's among them: dropout's CUDA streams, an exact resume with dropout and
+# sequence parallelism, resharding to NCCL at world size 1 for both models, NCCL TP=2 where there
+# are 2 GPUs), both bash scripts for both models and their comparison, the benchmark on the GPU,
+# then the whole suite.
 # Logs and results go to $OUT (default gpu_checks/). Each part has its own time limit; the suite
 # gets what is left of BUDGET_S (default 560 s) and is cut off there.
 set -uo pipefail
@@ -27,6 +30,16 @@ part "bash scripts"
   echo "serial float64, CUDA vs CPU:"; "$PYTHON" compare_runs.py runs/cpu64 runs/serial64
   "$PYTHON" -c "import json; c = json.load(open('runs/tensor_parallel/config.json')); print({k: c[k] for k in
 ('backend', 'device', 'backend_note', 'float32_matmul_precision')})"
+  # The transformer: 2 ranks on one GPU over gloo with CUDA tensors (NCCL where there are 2 GPUs),
+  # dropout on both sides of the split regions, then the same with sequence parallelism.
+  for sp in "" --sequence_parallel; do
+    DATA_DIR=/tmp/gpu_tokens timeout 90 bash bash_train.sh --model transformer --dtype float64 \
+        --out_dir runs/transformer_serial | tail -1
+    DATA_DIR=/tmp/gpu_tokens timeout 120 bash bash_parallel_train.sh --model transformer --dtype float64 \
+        $sp --out_dir runs/transformer_tp | tail -4
+    echo "transformer float64 ${sp:-(no SP)}, serial vs TP=2:"
+    "$PYTHON" compare_runs.py runs/transformer_serial runs/transformer_tp --rtol 5e-14
+  done
   # Iteration cost in a full run: 1000 more iterations, timed from outside.
   for n in 200 1200; do TIMEFORMAT="serial, $n iterations: %R s"; time "$PYTHON" train.py --data_dir /tmp/gpu_data \
       --num_iterations $n --update_freq 10 --eval_interval 100000 --out_dir /tmp/t_s >/dev/null; done
