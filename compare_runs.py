@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from metrics import read_metrics
+from training.metrics import read_metrics
 
 DEFAULT_RTOL = 1e-5
 

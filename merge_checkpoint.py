@@ -21,15 +21,15 @@ import sys
 
 import torch
 
-from checkpointing import (
+from training.checkpointing import (
     TRACKER,
     CheckpointError,
     latest_iteration,
     load_shards,
     shard_path,
 )
-from metrics import atomic_write
-from reshard import reshard
+from training.metrics import atomic_write
+from training.reshard import reshard
 
 
 def merge(shards):

@@ -1,10 +1,9 @@
-"""Process groups, device choice and every collective this repo issues.
+"""Process groups and every collective this repo issues.
 
 Megatron-LM keeps its process groups in module-level globals behind small
-getters (megatron/core/parallel_state.py); so do we. This is also the one
-place that decides, once for the whole job, the backend (nccl when every rank
-has a GPU of its own, else gloo) and the device tensors live on, so the
-layers never ask which backend runs.
+getters (megatron/core/parallel_state.py); so do we. Which backend and device
+the job uses is decided once, before this module is asked for anything, by
+training/initialize.py; the layers never ask which backend runs.
 
 Every collective goes through `all_reduce`, `all_gather`, `reduce_scatter`
 or `_all_reduce_coalesced` below, which hold every backend to NCCL's rules
@@ -14,12 +13,8 @@ calls and bytes they send: that is how the tests and the benchmark check the
 communication against the paper's count.
 """
 
-import inspect
-import json
 import os
-import socket
 from collections import Counter
-from datetime import timedelta
 from fractions import Fraction
 
 import torch
@@ -29,7 +24,6 @@ _TENSOR_MODEL_PARALLEL_GROUP = None
 _DATA_PARALLEL_GROUP = None
 _DEVICE = None
 _STAGE_THROUGH_HOST = False  # gloo with CUDA tensors: collectives run on host copies
-BACKEND_NOTE = None  # why 'auto' fell back to gloo on a machine with GPUs, if it did
 
 # comm_calls["all_reduce"] = number of calls; comm_bytes[...] = bytes each rank contributed;
 # comm_ring_bytes[...] = bytes each rank sends when the collective runs as a ring (see _count).
@@ -38,7 +32,13 @@ comm_bytes = Counter()
 comm_ring_bytes = Counter()
 
 
-class ParallelConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a file, a size): the scripts say it in one line and exit
+    with status 2 (training/operations.run_cli). Every such error derives from this one class,
+    here at the bottom of the imports, so the CLI catches it without importing what raises it."""
+
+
+class ParallelConfigError(UserError, ValueError):
     """A user error in the parallel set-up; the message says what to do."""
 
 
@@ -51,110 +51,12 @@ class DeviceMismatchError(CollectiveRuleError):
     """A tensor handed to a collective is not on the run's device."""
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
-                     device: str = "auto") -> torch.device:
-    """Join the torchrun job with one backend and one device type for every rank.
-
-    Returns this rank's device.
-
-    The choice is made from what every rank reports, so all nodes agree (see `_choose`).
-    """
-    global _DEVICE, _STAGE_THROUGH_HOST, BACKEND_NOTE, CHECK_COLLECTIVES
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    CHECK_COLLECTIVES = os.environ.get("TP_CHECK_COLLECTIVES", "0") == "1"
-    timeout = timedelta(minutes=timeout_minutes)
-    from operations import torchrun_store  # one prefix per torchrun restart attempt
-    store = torchrun_store(timeout)
-    backend, device_type, note = _choose(store, backend, device, rank, world_size)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_type == "cuda":
-        # NCCL: one GPU per rank, so local ranks map one to one (checked in _choose);
-        # gloo may share a GPU between ranks.
-        _DEVICE = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(_DEVICE)  # before the group exists, so NCCL binds to it
-    else:
-        _DEVICE = torch.device("cpu")
-    _STAGE_THROUGH_HOST = backend == "gloo" and device_type == "cuda"
-    kwargs = {}
-    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
-        kwargs["device_id"] = _DEVICE  # torch >= 2.3: the group knows its GPU from the start
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timeout, **kwargs)
-    BACKEND_NOTE = note
-    if note and rank == 0:
-        print(f"note: {note}", flush=True)
-    return _DEVICE
-
-
-def _choose(store, backend, device, rank, world_size):
-    """(backend, device type, note) for the whole job, the same on every rank.
-
-    Each rank writes to the job's store which GPU it would use and reads what
-    the others wrote; all then decide from the same facts (`decide_backend`).
-    """
-    store.set(f"gpu_of_rank_{rank}", json.dumps(this_rank_gpu()))
-    seen = [json.loads(store.get(f"gpu_of_rank_{r}")) for r in range(world_size)]
-    return decide_backend(seen, backend, device)
-
-
-def this_rank_gpu() -> dict:
-    """This rank's machine and the GPU it would take (cuda:LOCAL_RANK), by UUID; None without
-    one."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpu = None
-    if gpus:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        properties = torch.cuda.get_device_properties(local_rank % gpus)
-        gpu = str(getattr(properties, "uuid", local_rank % gpus))
-        if local_rank >= gpus:
-            gpu += f" (shared by local rank {local_rank})"
-    return dict(host=socket.gethostname(), gpu=gpu)
-
-
-def decide_backend(seen, backend, device):
-    """The job's (backend, device type, note) from every rank's this_rank_gpu(), in rank order.
-
-    NCCL needs a GPU of its own for every rank: a node with no GPUs, or two
-    launchers on one machine that both map LOCAL_RANK 0 to cuda:0, rule it
-    out ("Duplicate GPU detected"). 'auto' then falls back to gloo and says
-    so; 'nccl' is an error. Device 'auto' is cuda when every rank has a GPU
-    (gloo then shares a GPU between ranks), else cpu.
-    """
-    gpu_ids = [s["gpu"] for s in seen]
-    where = lambda r: f"rank {r} (on {seen[r]['host']})"
-    without = [r for r, g in enumerate(gpu_ids) if g is None]
-    shared = [r for r, g in enumerate(gpu_ids)
-              if g is not None and (gpu_ids.index(g) != r or "shared" in g)]
-    why_not_nccl = (f"{where(without[0])} has no GPU" if without else
-                    f"{where(shared[0])} would share a GPU with another rank (NCCL refuses two "
-                    "ranks on one GPU)"
-                    if shared else None)
-    if backend == "nccl" and why_not_nccl:
-        raise ParallelConfigError("--distributed_backend nccl needs a GPU of its own for each of "
-                                  f"the {len(seen)} ranks, but {why_not_nccl}; use "
-                                  "--distributed_backend gloo (or auto)")
-    if device == "cuda" and without:
-        raise ParallelConfigError(f"--device cuda, but {where(without[0])} has no GPU; "
-                                  "use --device cpu (or auto)")
-    if backend == "nccl" and device == "cpu":
-        raise ParallelConfigError("--distributed_backend nccl moves CUDA tensors only; use "
-                                  "--device cuda (or auto), or --distributed_backend gloo for CPU")
-    device_type = "cuda" if device == "cuda" or (device == "auto" and not without) else "cpu"
-    note = None
-    if backend == "auto":
-        backend = "nccl" if not why_not_nccl and device_type == "cuda" else "gloo"
-        # A real fallback: there are GPUs, NCCL can't have them.
-        if backend == "gloo" and any(gpu_ids):
-            note = (f"using gloo, not nccl: {why_not_nccl or '--device cpu'}; tensors on "
-                    f"{device_type}"
-                    + (", each collective through host memory" if device_type == "cuda" else ""))
-    return backend, device_type, note
-
-
-def backend_report() -> dict:
-    """What config.json records of the job's communication set-up."""
-    return dict(backend=dist.get_backend(), device_type=get_device().type,
-                backend_note=BACKEND_NOTE)
+def set_device(device: torch.device, stage_through_host: bool = False) -> None:
+    """Where this rank's tensors live, for every collective's device rule; with
+    `stage_through_host` (gloo carrying CUDA tensors) collectives run on host copies. Called once,
+    by training/initialize.py, which chooses them for the whole job."""
+    global _DEVICE, _STAGE_THROUGH_HOST
+    _DEVICE, _STAGE_THROUGH_HOST = device, stage_through_host
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
@@ -229,12 +131,11 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     active exception"). Skip it only when peers may never reach it.
     """
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _DEVICE, _STAGE_THROUGH_HOST
-    global BACKEND_NOTE
     if dist.is_initialized():
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-    _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _DEVICE = BACKEND_NOTE = None
+    _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _DEVICE = None
     _STAGE_THROUGH_HOST = False
 
 

@@ -20,19 +20,20 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import parallel_state as ps
-from checkpointing import gather_serial_state_dict, load_checkpoint, save_checkpoint
-from data import iterate_batches, to_tensors
-from logbook import Logbook, report_communication
-from metrics import MetricsWriter, run_config, save_model
-from operations import (
+from sequence_parallel import allreduce_sequence_parallel_grads, sequence_parallel_disabled
+from train import build_model, evaluate, get_args_parser, load_data, make_optimizer, parse_args
+from training import initialize
+from training.checkpointing import gather_serial_state_dict, load_checkpoint, save_checkpoint
+from training.data import iterate_batches, to_tensors
+from training.logbook import Logbook, report_communication
+from training.metrics import MetricsWriter, run_config, save_model
+from training.operations import (
     leaving_together,
     on_every_rank,
     pin_float32_precision,
     run_cli,
     single_process_env,
 )
-from sequence_parallel import allreduce_sequence_parallel_grads, sequence_parallel_disabled
-from train import build_model, evaluate, get_args_parser, load_data, make_optimizer, parse_args
 
 
 def train(model, optimizer, batches, logbook, args, start=0):
@@ -108,7 +109,7 @@ def run(args, device, precision):
     metrics = None
     if rank == 0:
         config = run_config(args, device=str(device), world_size=torch.distributed.get_world_size(),
-                            data_parallel_size=dp_size, **ps.backend_report(), **precision)
+                            data_parallel_size=dp_size, **initialize.backend_report(), **precision)
         metrics = MetricsWriter(args.out_dir, config, num_ranks=tp, resume_from=start)
     # The first group's ranks print, as in the original: "Rank 0 Iter 10 Train Loss ...".
     log_prefix = f"Rank {tp_rank} " if rank < tp else None
@@ -127,7 +128,7 @@ def run(args, device, precision):
 def main():
     args = get_parallel_args()
     precision = pin_float32_precision()
-    device = ps.init_distributed(args.distributed_backend, args.distributed_timeout_minutes,
+    device = initialize.init_distributed(args.distributed_backend, args.distributed_timeout_minutes,
                                  args.device)
     with leaving_together():
         run(args, device, precision)

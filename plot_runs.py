@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from compare_runs import curve_difference  # noqa: E402
-from metrics import atomic_write, read_config, read_metrics  # noqa: E402
+from training.metrics import atomic_write, read_config, read_metrics  # noqa: E402
 
 SERIAL_COLOR, PARALLEL_COLOR, VALID_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 

@@ -52,7 +52,10 @@ def save_data(arrays, data_dir, names=FILES):
 
 
 def main():
-    from operations import ArgumentParser, file_in_the_way  # here: importing it takes torch's time
+    from training.operations import (  # here: importing it takes torch's time
+        ArgumentParser,
+        file_in_the_way,
+    )
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["toy", "transformer"], default="toy")
     parser.add_argument("--data_dir", default=None,

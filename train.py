@@ -15,13 +15,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
-from data import iterate_batches, load_dataset, load_token_dataset, to_tensors
-from logbook import Logbook
-from metrics import MetricsWriter, run_config, save_model
 from model import ToyModel
-from operations import ArgumentParser, file_in_the_way, pin_float32_precision, run_cli
 from rng_tracker import model_parallel_manual_seed
+from training.checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
+from training.data import iterate_batches, load_dataset, load_token_dataset, to_tensors
+from training.logbook import Logbook
+from training.metrics import MetricsWriter, run_config, save_model
+from training.operations import ArgumentParser, file_in_the_way, pin_float32_precision, run_cli
 from transformer import ToyTransformer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -62,8 +62,9 @@ sys.path.insert(0, REPO)
 import bench_transformer  # noqa: E402
 import parallel_state as ps  # noqa: E402
 from model import ToyModel  # noqa: E402
-from operations import ArgumentParser, pin_float32_precision  # noqa: E402
 from sequence_parallel import allreduce_sequence_parallel_grads  # noqa: E402
+from training import initialize  # noqa: E402
+from training.operations import ArgumentParser, pin_float32_precision  # noqa: E402
 
 # lr 1e-5 for the compute-heavy size: at 1e-3 it diverges (inf by iteration 14); a finite run is
 # timed.
@@ -230,7 +231,7 @@ def worker(args):
         device, tp = torch.device(args.device), 1
         barrier = lambda: None
     else:
-        device = ps.init_distributed("auto", timeout_minutes=5, device=args.device)
+        device = initialize.init_distributed("auto", timeout_minutes=5, device=args.device)
         tp = torch.distributed.get_world_size()
         ps.initialize_model_parallel(tp)
         barrier = torch.distributed.barrier if tp > 1 else lambda: None
@@ -377,9 +378,9 @@ def dtensor_loop(cfg, n, data_dir, timed, stamps, args):
         parallelize_module,
     )
 
-    from data import iterate_batches, load_dataset
+    from training.data import iterate_batches, load_dataset
     pin_float32_precision()
-    device = ps.init_distributed("auto", timeout_minutes=5, device=args.device)
+    device = initialize.init_distributed("auto", timeout_minutes=5, device=args.device)
     tp, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(SEED)
     model = ToyModel(cfg["input_size"], cfg["hidden_size"])

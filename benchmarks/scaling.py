@@ -50,7 +50,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 import bench_step  # noqa: E402
-from operations import ArgumentParser  # noqa: E402
+from training.operations import ArgumentParser  # noqa: E402
 
 INPUT, BATCH, ELEM = 64, 32, 4  # the original's sizes, float32
 GRID = [512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -140,8 +140,9 @@ def compute_worker(args):
 def allreduce_worker(args):
     """Median seconds of one all-reduce per message size, as the training issues it."""
     import parallel_state as ps
+    from training import initialize
     torch.set_num_threads(1)
-    device = ps.init_distributed("auto", timeout_minutes=5, device=args.device)
+    device = initialize.init_distributed("auto", timeout_minutes=5, device=args.device)
     ps.initialize_model_parallel(torch.distributed.get_world_size())
     result = {}
     for n in args.sizes:

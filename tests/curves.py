@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from compare_runs import DEFAULT_RTOL, curve_difference
-from metrics import read_metrics
+from training.metrics import read_metrics
 
 RTOL = {"float32": DEFAULT_RTOL, "float64": 5e-14}
 

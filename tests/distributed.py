@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parallel_state as ps
+from training import initialize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 60  # a check; also gloo's timeout for one collective
@@ -344,7 +345,7 @@ def _join(world, job):
         return world
     _leave()
     os.environ.update(_rank_env(job))
-    ps.init_distributed(backend="gloo", timeout_minutes=TIMEOUT_S / 60, device="cpu")
+    initialize.init_distributed(backend="gloo", timeout_minutes=TIMEOUT_S / 60, device="cpu")
     return job.world
 
 

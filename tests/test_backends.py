@@ -16,7 +16,8 @@ import torch
 import parallel_state as ps
 from curves import assert_same_curve
 from distributed import all_ranks, run_distributed, run_script
-from operations import pin_float32_precision
+from training import initialize
+from training.operations import pin_float32_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -50,8 +51,8 @@ def choose(ranks, backend="auto", device="auto"):
                 mock.patch("torch.cuda.device_count", return_value=len(uuids)), \
                 mock.patch("torch.cuda.get_device_properties", lambda i,
                            uuids=uuids: SimpleNamespace(uuid=uuids[i])):
-            seen.append(ps.this_rank_gpu())
-    return ps.decide_backend(seen, backend, device)
+            seen.append(initialize.this_rank_gpu())
+    return initialize.decide_backend(seen, backend, device)
 
 
 def test_a_gpu_per_rank_is_nccl_on_cuda_without_a_word():

@@ -25,10 +25,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepare_data
-from data import DataError, load_dataset
 from distributed import run_script
 from parallel_train import get_parallel_args
 from train import get_args_parser, parse_args
+from training.data import DataError, load_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")  # a file where a directory is wanted
@@ -282,8 +282,8 @@ def test_ctrl_c_stops_every_rank(tmp_path, data_dir):
 
 SLOW_SHUTDOWN = """
 import atexit, time
-from data import DataError
-from operations import run_cli
+from training.data import DataError
+from training.operations import run_cli
 atexit.register(time.sleep, 5)  # a slow interpreter shutdown, as on 2 busy cores
 
 def main():
@@ -337,10 +337,10 @@ def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path, 
     """Losses stay on the device until a log point; if its collective fails (a peer is gone), the
     rows it was about to write, and those of steps after the last log point, still reach the
     disk."""
-    from data import iterate_batches
-    from logbook import Logbook
-    from metrics import MetricsWriter, read_metrics
     from train import build_model, evaluate, make_optimizer, train
+    from training.data import iterate_batches
+    from training.logbook import Logbook
+    from training.metrics import MetricsWriter, read_metrics
     args = parse_args(get_args_parser(),
                       ["--input_size", "4", "--hidden_size", "8", "--batch_size", "2",
                                           "--update_freq", "10", "--out_dir", str(tmp_path)])

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 import parallel_state as ps
-from checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
 from distributed import all_ranks, run_distributed
 from model import ToyModel
+from training.checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
 
 ATOL = 1e-14
 INPUT, HIDDEN, BATCH = 8, 32, 16

@@ -11,7 +11,7 @@ import torch
 
 import draw_diagram
 import plot_runs
-from metrics import MetricsWriter, run_config
+from training.metrics import MetricsWriter, run_config
 
 
 def fake_run(out_dir, num_ranks, offset=0.0):

@@ -17,9 +17,9 @@ import types
 import pytest
 import torch
 
-import reshard as reshard_module
 from parallel_layers import vocab_size_with_padding
-from reshard import overlapping_shards
+from training import reshard as reshard_module
+from training.reshard import overlapping_shards
 
 VOCAB, WIDTH, HIDDEN = 10, 3, 12  # a vocabulary that 3 and 4 do not divide
 
@@ -130,7 +130,7 @@ def test_rows_past_the_saved_end_are_padding():
 # merge_checkpoint.py --save: the same cut offline, and a damaged checkpoint named in one line.
 
 def write_checkpoint(directory, shards, iteration=7):
-    from checkpointing import TRACKER, shard_path
+    from training.checkpointing import TRACKER, shard_path
     for rank, shard in enumerate(shards):
         path = shard_path(str(directory), iteration, rank)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -152,7 +152,7 @@ def merge_checkpoint(*argv):
 
 
 def test_offline_cut_writes_the_checkpoint_a_run_at_that_size_would(tmp_path):
-    from checkpointing import load_shards
+    from training.checkpointing import load_shards
     source = write_checkpoint(tmp_path / "tp4", saved_at(4))
     error, out = merge_checkpoint(source, "--tensor_model_parallel_size", "3", "--save",
                                   tmp_path / "tp3")
@@ -175,7 +175,7 @@ def test_offline_cut_writes_the_checkpoint_a_run_at_that_size_would(tmp_path):
 
 def damage(kind, directory):
     """A checkpoint of 4 shards at iteration 7, damaged as a user's disk or hands might."""
-    from checkpointing import TRACKER, shard_path
+    from training.checkpointing import TRACKER, shard_path
     write_checkpoint(directory, saved_at(4))
     shard = lambda rank, it=7: shard_path(str(directory), it, rank)
     if kind in ("missing shard", "missing last shard"):

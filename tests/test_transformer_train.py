@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from curves import assert_bitwise_same_run, assert_same_curve, rows_after
-from data import DataError, load_token_dataset
 from distributed import comm_table, run_script
 from test_errors import flag_error
 from test_scale import launch
+from training.data import DataError, load_token_dataset
 
 # Float64 weights after 20 iterations, TP=4 merged against serial: measured 2.8e-17 at most
 # (weights of order 0.1); the bound is about 10x that.

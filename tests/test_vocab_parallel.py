@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import parallel_state as ps
-from checkpointing import gather_serial_state_dict, load_serial_state_dict
 from cross_entropy import vocab_parallel_cross_entropy
 from distributed import RankFailed, run_distributed
 from parallel_layers import VocabParallelEmbedding
 from test_layers import _with_broken_all_reduce, close
+from training.checkpointing import gather_serial_state_dict, load_serial_state_dict
 
 WIDTH, TOKENS = 6, (3, 5)  # a batch of 3 sequences of 5 tokens
 

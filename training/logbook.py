@@ -23,9 +23,10 @@ import sys
 import torch
 
 import parallel_state as ps
+from parallel_state import UserError
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training cannot go on (the loss is not finite, or ranks disagree); the message says why."""
 
 

@@ -16,8 +16,10 @@ import os
 import numpy as np
 import torch
 
+from parallel_state import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A problem with the data files; the message says how to fix it."""
 
 

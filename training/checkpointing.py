@@ -28,9 +28,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import parallel_state as ps
-from metrics import atomic_write
-from reshard import reshard
+from parallel_state import UserError
 from rng_tracker import get_rng_tracker, get_states, seed_tensor_parallel_stream, set_states
+from training.metrics import atomic_write
+from training.reshard import reshard
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype")
@@ -44,7 +45,7 @@ def sizes(args):
     return {k: getattr(args, k) for k in keys}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed by this run; the message says why."""
 
 
@@ -179,7 +180,7 @@ def load_checkpoint(directory, model, optimizer, args):
 # ---------------------------------------------------------------------------
 # Serial state dicts <-> tensor-parallel shards.
 
-class StateDictError(ValueError):
+class StateDictError(UserError, ValueError):
     """A state dict that does not fit the model; the message names the keys."""
 
 

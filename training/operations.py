@@ -27,13 +27,7 @@ import torch
 import torch.distributed as dist
 
 import parallel_state as ps
-from checkpointing import CheckpointError, StateDictError
-from data import DataError
-from logbook import TrainingStopped
-from parallel_state import ParallelConfigError
-
-# What a user can cause: reported in one line, without a traceback.
-USER_ERRORS = (DataError, ParallelConfigError, StateDictError, TrainingStopped, CheckpointError)
+from parallel_state import UserError  # what a user can cause: one line, no traceback
 
 
 class QuietExit(SystemExit):
@@ -77,7 +71,7 @@ def pin_float32_precision() -> dict:
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = False
     if torch.backends.cuda.matmul.allow_tf32:  # torch read the override before we could unset it
-        raise ParallelConfigError("TF32 could not be switched off "
+        raise ps.ParallelConfigError("TF32 could not be switched off "
                                   f"(TORCH_ALLOW_TF32_CUBLAS_OVERRIDE={override} was read "
                                   "already); unset it before starting")
     return dict(float32_matmul_precision="highest (TF32 off)",
@@ -108,7 +102,7 @@ def run_cli(main):
         _leave_if_stuck_after_a_signal()
     try:
         main()
-    except USER_ERRORS as e:
+    except UserError as e:
         _leaving_with(2)
         if getattr(e, "reported_by_this_rank", rank0):
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -194,7 +188,7 @@ def leaving_together():
     """
     try:
         yield
-    except (*USER_ERRORS, SystemExit):
+    except (UserError, SystemExit):
         ps.destroy_model_parallel()  # every rank reached the same verdict: leave together
         raise
     except Exception as e:
@@ -260,7 +254,7 @@ def on_every_rank(fn, *args):
     result, error = None, None
     try:
         result = fn(*args)
-    except (DataError, CheckpointError) as e:
+    except UserError as e:
         error = e
     world, rank = dist.get_world_size(), dist.get_rank()
     failed = torch.zeros(world, dtype=torch.int32, device=ps.get_device())
