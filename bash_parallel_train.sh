@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-. scripts/model_defaults.sh "$@"  # MODEL, DATA_DIR, DATA_FILE, INIT_LR
+. scripts/model_defaults.sh "$@"  # MODEL, DATA_DIR, DATA_FILE
 
 # Megatron sets this so the async input-gradient all-reduce is queued on the GPU
 # before the weight-gradient matmul it overlaps with.
@@ -54,7 +54,6 @@ fi
     --tensor_model_parallel_size 2 \
     --distributed_timeout_minutes 1.0 \
     --batch_size 32 \
-    --init_lr "$INIT_LR" \
     --momentum 0.9 \
     --num_iterations 200 \
     --update_freq 10 \

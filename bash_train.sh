@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-. scripts/model_defaults.sh "$@"  # MODEL, DATA_DIR, DATA_FILE, INIT_LR
+. scripts/model_defaults.sh "$@"  # MODEL, DATA_DIR, DATA_FILE
 
 [ -f "$DATA_DIR/$DATA_FILE" ] || "$PYTHON" prepare_data.py --model "$MODEL" --data_dir "$DATA_DIR"
 
@@ -13,7 +13,6 @@ PYTHON=${PYTHON:-python3}
     --data_dir "$DATA_DIR" \
     --input_size 64 \
     --batch_size 32 \
-    --init_lr "$INIT_LR" \
     --momentum 0.9 \
     --num_iterations 200 \
     --update_freq 10 \

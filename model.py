@@ -48,7 +48,7 @@ class ToyModel(nn.Module):
         self.fc = nn.Linear(input_size, 1, bias=False, dtype=dtype)
         # Under sequence parallelism fc sees this rank's rows only: its gradient is partial,
         # summed after backward (as Megatron marks its LayerNorm weights).
-        self.fc.weight.sequence_parallel = sequence_parallel
+        self.fc.weight.grad_is_partial = sequence_parallel
 
     def forward(self, x):
         return self.fc(self.mlp(x))

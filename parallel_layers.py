@@ -116,7 +116,7 @@ class RowParallelLinear(nn.Module):
         _master_linear_slice(self, input_size, output_size, bias, dtype, partition_dim=1)
         if self.bias is not None and self.sequence_parallel:
             # Added to this rank's rows only: its gradient is partial, to be summed over the group.
-            self.bias.sequence_parallel = True
+            self.bias.grad_is_partial = True
 
     def forward(self, input_):
         if self.input_is_parallel:

@@ -9,11 +9,9 @@ part of the batch, checkpoints, and the shards put back together into a serial
 state_dict. Every rank computes the same loss; the logbook checks it.
 
 World size = data-parallel size x tensor-parallel size; --batch_size is the
-global batch, split evenly between the data-parallel replicas.
+global batch, split evenly between the data-parallel replicas. The flags and
+their checks are in training/arguments.py.
 """
-
-import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +19,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import parallel_state as ps
 from sequence_parallel import allreduce_sequence_parallel_grads, sequence_parallel_disabled
-from train import build_model, evaluate, get_args_parser, load_data, make_optimizer, parse_args
+from train import build_model, evaluate, load_data, make_optimizer
 from training import initialize
+from training.arguments import get_parallel_args
 from training.checkpointing import gather_serial_state_dict, load_checkpoint, save_checkpoint
 from training.data import iterate_batches, to_tensors
 from training.logbook import Logbook, report_communication
@@ -32,7 +31,6 @@ from training.operations import (
     on_every_rank,
     pin_float32_precision,
     run_cli,
-    single_process_env,
 )
 
 
@@ -66,12 +64,12 @@ def average_over_data_parallel_replicas(model, loss, partial_loss):
 
     Each rank's shards of the split weights over its data-parallel group; what
     every tensor-parallel rank holds, whole (fc's gradient, the loss) or under
-    sequence parallelism as its rows' part (`sequence_parallel` parameters), in
+    sequence parallelism as its rows' part (`grad_is_partial` parameters), in
     one all-reduce over all ranks (parallel_state.average_replicated says why).
     """
     loss = loss.detach().reshape(1).clone()
     kind = lambda p: ("split" if getattr(p, "tensor_model_parallel", False) else
-                      "partial" if getattr(p, "sequence_parallel", False) else "whole")
+                      "partial" if getattr(p, "grad_is_partial", False) else "whole")
     grads = {"split": [], "partial": [], "whole": []}
     for p in model.parameters():
         grads[kind(p)].append(p.grad)
@@ -81,10 +79,20 @@ def average_over_data_parallel_replicas(model, loss, partial_loss):
     return loss[0]
 
 
+def this_ranks_rows(args):
+    """This replica's rows of every global batch; under sequence parallelism, this rank's of
+    those (the ToyModel's: the transformer splits its sequence instead)."""
+    tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
+    n = args.batch_size // ps.get_data_parallel_world_size()
+    rows = slice(ps.get_data_parallel_rank() * n, (ps.get_data_parallel_rank() + 1) * n)
+    if args.sequence_parallel and args.model == "toy":
+        rows = slice(rows.start + tp_rank * n // tp, rows.start + (tp_rank + 1) * n // tp)
+    return rows
+
+
 def run(args, device, precision):
     ps.initialize_model_parallel(args.tensor_model_parallel_size)
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     model = build_model(args, device, tensor_parallel=True,
                         sequence_parallel=args.sequence_parallel)
     model = model.to(device)
@@ -92,13 +100,8 @@ def run(args, device, precision):
     start = on_every_rank(load_checkpoint, args.load, model, optimizer, args) if args.load else 0
 
     (X, y), valid = on_every_rank(load_data, args)
-    # This replica's rows of every global batch; under sequence parallelism, this rank's of those.
-    n = args.batch_size // dp_size
-    rows = slice(dp_rank * n, (dp_rank + 1) * n)
-    if args.sequence_parallel and args.model == "toy":  # (the transformer splits its sequence)
-        rows = slice(rows.start + tp_rank * n // tp, rows.start + (tp_rank + 1) * n // tp)
     batches = iterate_batches(*to_tensors(X, y, args.torch_dtype, device), args.batch_size, start,
-                              rows)
+                              this_ranks_rows(args))
     valid = to_tensors(*valid, args.torch_dtype, device)
 
     def validate():  # every rank, every row: validation saves nothing for backward
@@ -109,7 +112,8 @@ def run(args, device, precision):
     metrics = None
     if rank == 0:
         config = run_config(args, device=str(device), world_size=torch.distributed.get_world_size(),
-                            data_parallel_size=dp_size, **initialize.backend_report(), **precision)
+                            data_parallel_size=ps.get_data_parallel_world_size(),
+                            **initialize.backend_report(), **precision)
         metrics = MetricsWriter(args.out_dir, config, num_ranks=tp, resume_from=start)
     # The first group's ranks print, as in the original: "Rank 0 Iter 10 Train Loss ...".
     log_prefix = f"Rank {tp_rank} " if rank < tp else None
@@ -128,74 +132,10 @@ def run(args, device, precision):
 def main():
     args = get_parallel_args()
     precision = pin_float32_precision()
-    device = initialize.init_distributed(args.distributed_backend, args.distributed_timeout_minutes,
-                                 args.device)
+    device = initialize.init_distributed(args.distributed_backend,
+                                         args.distributed_timeout_minutes, args.device)
     with leaving_together():
         run(args, device, precision)
-
-
-def get_parallel_args(argv=None):
-    """Flags, checked before any process-group work, identically on every rank."""
-    parser = get_args_parser("parallel_train.py", __doc__.splitlines()[0],
-                             out_dir="runs/tensor_parallel")
-    parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
-    parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
-    parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
-                        help="auto: nccl when every rank of the job has a GPU of its own, else "
-                             "gloo (said in "
-                             "one line when GPUs are there)")
-    parser.add_argument("--sequence_parallel", action="store_true",
-                        help="outside the split region each rank keeps only its rows (Korthikanti "
-                             "et al., 2022)")
-    parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
-    parser.add_argument("--save_interval", type=int, default=100,
-                        help="checkpoint every N iterations")
-    parser.add_argument("--load", default=None, help="resume from the newest checkpoint here, if "
-                                                     "any")
-    args = parse_args(parser, argv)
-    if args.save_interval <= 0:
-        parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
-    tp = args.tensor_model_parallel_size
-    if tp <= 0:
-        parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
-    timeout = args.distributed_timeout_minutes
-    if not (timeout > 0 and math.isfinite(timeout)):
-        parser.error("--distributed_timeout_minutes must be a positive number, got "
-                     f"{args.distributed_timeout_minutes}")
-    if args.hidden_size % tp != 0:
-        parser.error(f"--hidden_size {args.hidden_size} is not divisible by "
-                     f"--tensor_model_parallel_size {tp}")
-    if "RANK" not in os.environ:
-        if tp > 1:
-            parser.error(f"--tensor_model_parallel_size {tp} needs {tp} processes: launch with "
-                         f"torchrun --nproc_per_node {tp} parallel_train.py ... (or bash "
-                         "bash_parallel_train.sh)")
-        single_process_env()
-    world_size = int(os.environ["WORLD_SIZE"])
-    if tp > world_size:
-        parser.error(f"--tensor_model_parallel_size {tp} is larger than the {world_size} "
-                     "processes launched; "
-                     f"launch {tp} (torchrun --nproc_per_node {tp}, or GPUS_PER_NODE={tp} for the "
-                     "bash script)")
-    if world_size % tp != 0:
-        parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
-                     f"{tp}; launch a multiple of {tp} processes")
-    dp = world_size // tp
-    if args.batch_size % dp != 0:
-        parser.error(f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
-                     f"{dp} (world size {world_size} / tensor-parallel size {tp}); each replica "
-                     "takes an equal share")
-    if args.model == "transformer" and args.num_attention_heads % tp != 0:
-        parser.error(f"--num_attention_heads {args.num_attention_heads} is not divisible by "
-                     f"--tensor_model_parallel_size {tp}; each rank computes whole heads")
-    if args.model == "transformer" and args.sequence_parallel and args.seq_length % tp != 0:
-        parser.error(f"--sequence_parallel splits the {args.seq_length} tokens of a sequence "
-                     f"between {tp} tensor-parallel ranks; choose a --seq_length that they divide")
-    if args.model == "toy" and args.sequence_parallel and (args.batch_size // dp) % tp != 0:
-        parser.error(f"--sequence_parallel splits each replica's {args.batch_size // dp} rows "
-                     f"between {tp} tensor-parallel ranks; choose a --batch_size that makes them "
-                     "divisible")
-    return args
 
 
 # A bug's traceback (not a user error's: those exit with one line) reaches torchrun's summary.

@@ -141,14 +141,14 @@ def allreduce_sequence_parallel_grads(model: nn.Module, loss: torch.Tensor,
     """Sum over the tensor-parallel group what each rank took from its rows only; returns the loss.
 
     Parameters used outside the split region (ToyModel's fc, a transformer's
-    LayerNorms, marked `sequence_parallel`) see 1/TP of the rows per rank, so
+    LayerNorms, marked `grad_is_partial`) see 1/TP of the rows per rank, so
     their gradients are partial sums (Megatron-LM's `_allreduce_layernorm_grads`);
     so is each rank's loss in ToyModel, whose loss is taken on each rank's rows.
     (The transformer gathers the sequence before its loss: loss_is_partial=False.)
     One all-reduce carries them all.
     """
     loss = loss.detach().reshape(1).clone()
-    partial = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+    partial = [p.grad for p in model.parameters() if getattr(p, "grad_is_partial", False)]
     ps.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))
     return loss[0]
 

@@ -178,7 +178,7 @@ class ToyTransformer(nn.Module):
         for module in self.modules():  # their gradients come from 1/p of the tokens: summed
             if isinstance(module, nn.LayerNorm):
                 for p in module.parameters():
-                    p.sequence_parallel = self.sequence_parallel
+                    p.grad_is_partial = self.sequence_parallel
 
     def forward(self, tokens):
         """The final hidden states, (seq, batch, width), or this rank's rows of the sequence

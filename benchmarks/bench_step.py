@@ -1,7 +1,7 @@
 """What tensor parallelism costs and buys: time one training step, serial and split.
 
-    python benchmarks/bench_step.py                      # every variant, both configurations
-    python benchmarks/bench_step.py --configs original --steps 50
+    python -m benchmarks.bench_step                      # every variant, both configurations
+    python -m benchmarks.bench_step --configs original --steps 50
 
 Each variant runs in its own process(es), launched as the trainings are
 (python for serial, torchrun for the parallel ones), one thread per rank:
@@ -56,15 +56,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import parallel_state as ps
+from benchmarks import bench_transformer
+from model import ToyModel
+from sequence_parallel import allreduce_sequence_parallel_grads
+from training import initialize
+from training.operations import ArgumentParser, pin_float32_precision
 
-import bench_transformer  # noqa: E402
-import parallel_state as ps  # noqa: E402
-from model import ToyModel  # noqa: E402
-from sequence_parallel import allreduce_sequence_parallel_grads  # noqa: E402
-from training import initialize  # noqa: E402
-from training.operations import ArgumentParser, pin_float32_precision  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lr 1e-5 for the compute-heavy size: at 1e-3 it diverges (inf by iteration 14); a finite run is
 # timed.
@@ -429,7 +428,7 @@ DEVICE = "cpu"  # the driver's --device, passed to every worker
 
 
 def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=()):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--config", config,
+    cmd = [sys.executable, "-m", "benchmarks.bench_step", "--worker", variant, "--config", config,
            "--device", DEVICE,
            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), *extra]
     if variant in ("ours", "dtensor", "loop-ours", "loop-dtensor"):

@@ -1,7 +1,7 @@
 """When does tensor parallelism pay? The crossover across hidden sizes, measured and predicted.
 
-    python benchmarks/scaling.py            # ~5 minutes on 2 CPU cores
-    python benchmarks/scaling.py --quick    # a coarser grid, fewer iterations, one round
+    python -m benchmarks.scaling            # ~5 minutes on 2 CPU cores
+    python -m benchmarks.scaling --quick    # a coarser grid, fewer iterations, one round
 
 The sweep: for each hidden size H of a log grid (input 64, batch 32, the
 original's), the whole training iteration of the loop the scripts run
@@ -45,12 +45,10 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
+from benchmarks import bench_step
+from training.operations import ArgumentParser
 
-import bench_step  # noqa: E402
-from training.operations import ArgumentParser  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INPUT, BATCH, ELEM = 64, 32, 4  # the original's sizes, float32
 GRID = [512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -215,7 +213,7 @@ def iterations_for(hidden, quick):
 def measure_compute(grid, tp, device):
     """{width: {piece: seconds}} of one rank among tp, tp copies side by side, the slowest."""
     widths = [str(h // tp) for h in grid]
-    ranks = run_side_by_side([os.path.abspath(__file__), "--device", device, "--worker",
+    ranks = run_side_by_side(["-m", "benchmarks.scaling", "--device", device, "--worker",
                               "compute", "--widths", *widths], tp, device)
     return {int(w): {piece: max(r[w][piece] for r in ranks) for piece in ranks[0][w]}
             for w in widths}
@@ -296,7 +294,7 @@ def main():
     fit_sizes = [2 ** k for k in range(8, 23, 2)]  # 256 B ... 4 MiB
     if tps:
         print("timing the all-reduce over message sizes ...", flush=True)
-        seconds = run_worker([os.path.abspath(__file__), "--device", args.device, "--worker",
+        seconds = run_worker(["-m", "benchmarks.scaling", "--device", args.device, "--worker",
                               "allreduce", "--reps", "20" if args.quick else "200",
                               "--sizes", *map(str, fit_sizes)], ranks=2)
         alpha, beta = fit_alpha_beta(fit_sizes, [seconds[str(n)] for n in fit_sizes])
@@ -346,7 +344,7 @@ def main():
         json.dump(report, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
-    from scaling_plot import plot
+    from benchmarks.scaling_plot import plot
     plot(report, args.plot)
 
 

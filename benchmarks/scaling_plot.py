@@ -5,18 +5,15 @@ measured medians with their p10-p90 spread, the cost model's lines, and the
 measured and predicted crossovers. Bottom: the speed-up, serial / TP, with 1
 (break-even) and p (the limit) drawn.
 
-    python benchmarks/scaling_plot.py assets/scaling.json assets/scaling.png
+    python -m benchmarks.scaling_plot assets/scaling.json assets/scaling.png
 """
 
 import json
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from plot_runs import plt, save  # noqa: E402  (first: it sets the Agg backend)
+from plot_runs import plt, save  # first: it sets the Agg backend
 
 COLORS = {1: "#7f7f7f", 2: "#1f77b4", 4: "#9467bd"}
 
@@ -93,6 +90,6 @@ def plot(report, path):
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python benchmarks/scaling_plot.py SCALING_JSON PNG")
+        sys.exit("usage: python -m benchmarks.scaling_plot SCALING_JSON PNG")
     with open(sys.argv[1]) as f:
         plot(json.load(f), sys.argv[2])

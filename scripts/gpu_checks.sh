@@ -46,7 +46,7 @@ part "bash scripts"
 } 2>&1 | tee "$OUT/scripts.txt"
 
 part benchmark
-timeout 200 "$PYTHON" benchmarks/bench_step.py --out "$OUT/benchmark_gpu.json" --plot "$OUT/benchmark_gpu.png" 2>&1 \
+timeout 200 "$PYTHON" -m benchmarks.bench_step --out "$OUT/benchmark_gpu.json" --plot "$OUT/benchmark_gpu.png" 2>&1 \
     | tee "$OUT/benchmark.txt" | grep -v "^  .* collectives per step"
 
 part "whole suite"

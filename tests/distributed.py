@@ -103,9 +103,10 @@ class ScriptRun:
 
 
 def run_script(script, *argv, nproc=None, ok=True, env=None, timeout=SCRIPT_TIMEOUT_S):
-    """`script` with `argv` as `torchrun --standalone --nproc_per_node nproc` starts it (the same
-    environment variables and a fresh rendezvous port), or with nproc None as `python script`
-    starts it; returns a ScriptRun. ok=True asserts exit status 0, ok=False a non-zero one.
+    """`script` (a path from the repository root, or "-m package.module") with `argv`, as
+    `torchrun --standalone --nproc_per_node nproc` starts it (the same environment variables
+    and a fresh rendezvous port), or with nproc None as `python` starts it; returns a
+    ScriptRun. ok=True asserts exit status 0, ok=False a non-zero one.
 
     The script runs as __main__ (runpy), through the same `run_cli` a user's run goes through.
     """
@@ -135,6 +136,8 @@ class pooled_subprocess:
     @staticmethod
     def run(cmd, env=None, **_):
         args, nproc = _launch_arguments([str(a) for a in cmd[1:]])
+        if args[0] == "-m":  # python -m module ...
+            args = [f"-m {args[1]}", *args[2:]]
         changed = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
         run = run_script(args[0], *args[1:], nproc=nproc, ok=None, env=changed)
         return subprocess.CompletedProcess(cmd, run.code, run.stdout, run.stderr)
@@ -400,7 +403,10 @@ def _run_script(job):
     os.environ.update(job.env)
     sys.argv = [job.script, *job.argv]
     try:
-        runpy.run_path(os.path.join(REPO, job.script), run_name="__main__")
+        if job.script.startswith("-m "):  # python -m module
+            runpy.run_module(job.script[3:], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(os.path.join(REPO, job.script), run_name="__main__")
     except SystemExit as e:  # as the interpreter treats it
         if e.code is None or isinstance(e.code, int):
             return e.code or 0

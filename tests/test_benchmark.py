@@ -2,20 +2,16 @@
 """
 
 import json
-import os
 import sys
 
 import pytest
 
+from benchmarks import bench_step
 from distributed import pooled_subprocess
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import bench_step  # noqa: E402
 
 
 def run_driver(module, monkeypatch, *argv):
-    """module.main() as `python benchmarks/<module>.py argv` runs it, its workers launched into the
+    """module.main() as `python -m benchmarks.<module> argv` runs it, its workers launched into the
     session's rank processes (distributed.pooled_subprocess) instead of new interpreters."""
     monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
     for launcher in (module, bench_step):

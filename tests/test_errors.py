@@ -26,8 +26,7 @@ from hypothesis import strategies as st
 
 import prepare_data
 from distributed import run_script
-from parallel_train import get_parallel_args
-from train import get_args_parser, parse_args
+from training.arguments import get_args_parser, get_parallel_args, parse_args
 from training.data import DataError, load_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -129,7 +129,7 @@ def test_nccl_tp2(data_dir, serial_cuda, tmp_path):
 
 
 def test_benchmark_tiny_on_cuda(tmp_path):
-    out = run([sys.executable, "benchmarks/bench_step.py", "--configs", "tiny", "--steps", "3",
+    out = run([sys.executable, "-m", "benchmarks.bench_step", "--configs", "tiny", "--steps", "3",
                "--warmup", "1",
                "--device", "cuda", "--out", str(tmp_path / "b.json"), "--plot",
                str(tmp_path / "b.png")])

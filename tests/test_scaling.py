@@ -2,8 +2,6 @@
 run on tiny sizes that writes a valid JSON and picture."""
 
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,13 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import parallel_state as ps
+from benchmarks import scaling
 from distributed import run_distributed
 from model import ToyModel
 from test_benchmark import run_driver
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import scaling  # noqa: E402
 
 
 def _count_one_step(batch, inputs, hidden):

@@ -1,0 +1,158 @@
+"""The flags of train.py and parallel_train.py: the original's names and values, each model's
+defaults, and every check that can be made before any work, identically on every rank."""
+
+import math
+import os
+
+import torch
+
+from training.operations import ArgumentParser, file_in_the_way, single_process_env
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def get_args_parser(prog="train.py", description="Train the ToyModel on one device: the serial "
+                    "baseline.", out_dir="runs/serial"):
+    p = ArgumentParser(prog=prog, description=description)
+    # The original's flags, same names; its bash scripts' values as defaults.
+    p.add_argument("--input_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--init_lr", type=float, default=None,
+                   help="default: 0.001 (the original's; the transformer: 0.01)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--num_iterations", type=int, default=200)
+    p.add_argument("--data_dir", default=None, help="default: data (data_transformer)")
+    p.add_argument("--update_freq", type=int, default=50,
+                   help="print the running train loss every N iterations")
+    # Ours.
+    p.add_argument("--hidden_size", type=int, default=None, help="default: 32 x input_size")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: cuda when there is a GPU (for every rank), else cpu")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="seeds nn.Linear's init (same model for any TP size)")
+    p.add_argument("--init_from", default=None, help="serial state_dict (.pt) to start from")
+    p.add_argument("--eval_interval", type=int, default=50,
+                   help="validation loss every N iterations and at the end")
+    p.add_argument("--out_dir", default=None,
+                   help=f"where metrics.csv and model.pt go; default: {out_dir} "
+                        f"({out_dir.replace('runs/', 'runs/transformer_')})")
+    # The toy transformer (transformer.py): the rest of Sec. 3.
+    p.add_argument("--model", choices=["toy", "transformer"], default="toy")
+    p.add_argument("--vocab_size", type=int, default=50, help="transformer: tokens")
+    p.add_argument("--seq_length", type=int, default=16, help="transformer: tokens per sequence")
+    p.add_argument("--num_attention_heads", type=int, default=4)
+    p.add_argument("--num_layers", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.0, help="transformer: dropout probability")
+    p.set_defaults(default_out_dir=out_dir)
+    return p
+
+
+def parse_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    if args.hidden_size is None:
+        args.hidden_size = 32 * args.input_size
+    positive = ("input_size", "hidden_size", "batch_size", "num_iterations", "update_freq",
+                "eval_interval", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    transformer = args.model == "transformer"
+    if args.init_lr is None:  # each model's lr, one it learns at in 200 iterations
+        args.init_lr = 0.01 if transformer else 0.001
+    if not (args.init_lr > 0 and math.isfinite(args.init_lr)):
+        parser.error(f"--init_lr must be a positive number, got {args.init_lr}")
+    if not 0 <= args.momentum < 1:
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if transformer and args.input_size % args.num_attention_heads != 0:
+        parser.error(f"--input_size {args.input_size} is not divisible by "
+                     f"--num_attention_heads {args.num_attention_heads}")
+    args.data_dir = args.data_dir or ("data_transformer" if transformer else "data")
+    default_out_dir = args.__dict__.pop("default_out_dir")
+    if transformer:
+        default_out_dir = default_out_dir.replace("runs/", "runs/transformer_")
+    args.out_dir = args.out_dir or default_out_dir
+    if args.init_from and not os.path.isfile(args.init_from):
+        parser.error(f"--init_from {args.init_from}: no such file")
+    for flag in ("out_dir", "save", "load"):  # directories (--save, --load: parallel_train.py's)
+        path = getattr(args, flag, None)
+        if path and (file := file_in_the_way(path)):
+            parser.error(f"--{flag} {path}: {file} is a file; name a directory")
+    args.torch_dtype = DTYPES[args.dtype]
+    return args
+
+
+
+def get_args(argv=None):
+    """train.py's flags, checked."""
+    parser = get_args_parser()
+    args = parse_args(parser, argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
+    return args
+
+
+def get_parallel_args(argv=None):
+    """Flags, checked before any process-group work, identically on every rank."""
+    parser = get_args_parser("parallel_train.py", "Train the ToyModel with Megatron-style tensor "
+                             "parallelism, under torchrun.", out_dir="runs/tensor_parallel")
+    parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
+    parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
+    parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",
+                        help="auto: nccl when every rank of the job has a GPU of its own, else "
+                             "gloo (said in "
+                             "one line when GPUs are there)")
+    parser.add_argument("--sequence_parallel", action="store_true",
+                        help="outside the split region each rank keeps only its rows (Korthikanti "
+                             "et al., 2022)")
+    parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
+    parser.add_argument("--save_interval", type=int, default=100,
+                        help="checkpoint every N iterations")
+    parser.add_argument("--load", default=None, help="resume from the newest checkpoint here, if "
+                                                     "any")
+    args = parse_args(parser, argv)
+    if args.save_interval <= 0:
+        parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
+    tp = args.tensor_model_parallel_size
+    if tp <= 0:
+        parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
+    timeout = args.distributed_timeout_minutes
+    if not (timeout > 0 and math.isfinite(timeout)):
+        parser.error("--distributed_timeout_minutes must be a positive number, got "
+                     f"{args.distributed_timeout_minutes}")
+    if args.hidden_size % tp != 0:
+        parser.error(f"--hidden_size {args.hidden_size} is not divisible by "
+                     f"--tensor_model_parallel_size {tp}")
+    if "RANK" not in os.environ:
+        if tp > 1:
+            parser.error(f"--tensor_model_parallel_size {tp} needs {tp} processes: launch with "
+                         f"torchrun --nproc_per_node {tp} parallel_train.py ... (or bash "
+                         "bash_parallel_train.sh)")
+        single_process_env()
+    world_size = int(os.environ["WORLD_SIZE"])
+    if tp > world_size:
+        parser.error(f"--tensor_model_parallel_size {tp} is larger than the {world_size} "
+                     "processes launched; "
+                     f"launch {tp} (torchrun --nproc_per_node {tp}, or GPUS_PER_NODE={tp} for the "
+                     "bash script)")
+    if world_size % tp != 0:
+        parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
+                     f"{tp}; launch a multiple of {tp} processes")
+    dp = world_size // tp
+    if args.batch_size % dp != 0:
+        parser.error(f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
+                     f"{dp} (world size {world_size} / tensor-parallel size {tp}); each replica "
+                     "takes an equal share")
+    if args.model == "transformer" and args.num_attention_heads % tp != 0:
+        parser.error(f"--num_attention_heads {args.num_attention_heads} is not divisible by "
+                     f"--tensor_model_parallel_size {tp}; each rank computes whole heads")
+    if args.model == "transformer" and args.sequence_parallel and args.seq_length % tp != 0:
+        parser.error(f"--sequence_parallel splits the {args.seq_length} tokens of a sequence "
+                     f"between {tp} tensor-parallel ranks; choose a --seq_length that they divide")
+    if args.model == "toy" and args.sequence_parallel and (args.batch_size // dp) % tp != 0:
+        parser.error(f"--sequence_parallel splits each replica's {args.batch_size // dp} rows "
+                     f"between {tp} tensor-parallel ranks; choose a --batch_size that makes them "
+                     "divisible")
+    return args
