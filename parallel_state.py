@@ -202,8 +202,11 @@ def _check(op: str, tensor: torch.Tensor, group=None) -> None:
 def _check_same_on_every_rank(op, tensor, group):
     """TP_CHECK_COLLECTIVES: every rank of the group hands `op` the same shape and dtype."""
     group = group or get_tensor_model_parallel_group()
+    if tensor.dim() > 8:  # the check's own all-gather has room for 8 (ours have at most 3)
+        raise CollectiveRuleError(f"{op}: TP_CHECK_COLLECTIVES checks tensors of up to 8 "
+                                  f"dimensions, got {tensor.dim()}")
     mine = [NCCL_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
-    mine = _on_wire(torch.tensor(mine + [-1] * (10 - len(mine)), dtype=torch.int64,  # <= 8 dims
+    mine = _on_wire(torch.tensor(mine + [-1] * (10 - len(mine)), dtype=torch.int64,
                                  device=get_device()))
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)

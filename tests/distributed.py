@@ -20,6 +20,7 @@ What must go through a real launcher (torchrun's own behaviour, signals, faults 
 rank, two launchers as two nodes, the bash scripts) still does: see test_errors.py, test_scale.py.
 """
 
+import importlib
 import os
 import pickle
 import random
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from multiprocessing import connection
 
@@ -46,6 +48,7 @@ from training import initialize
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 60  # a check; also gloo's timeout for one collective
 SCRIPT_TIMEOUT_S = 240  # a whole training run
+START_TIMEOUT_S = 120  # a new rank process: start Python, import torch and this repo
 # After the first rank fails, how long the others get to report: a rank that failed leaves its
 # world, which ends a peer's wait in a collective at once; a script's rank that leaves the error's
 # line to another waits operations.REPORTER_FIRST_S (1 s) first. Past this a rank is stuck.
@@ -153,16 +156,20 @@ class pooled_subprocess:
 
 def _launch_arguments(args):
     """(script and its arguments, nproc) of `[scripts/launch.py | -m torch.distributed.run]
-    [torchrun flags] script ...` (nproc None for a plain python command)."""
+    [torchrun flags] script ...` (nproc None for a plain python command). Only what one node's
+    standalone torchrun does: any other flag is refused."""
     nproc = None
     if args[:2] == ["-m", "torch.distributed.run"] or args[0].endswith("launch.py"):
         args = args[2:] if args[0] == "-m" else args[1:]
         while args[0].startswith("--"):  # torchrun's own flags
-            flag = args.pop(0)
-            if flag == "--nproc_per_node":
-                nproc = int(args.pop(0))
-            elif flag != "--standalone":
-                args.pop(0)  # its value
+            flag, _, value = args.pop(0).replace("-", "_").partition("=")
+            if flag in ("__nproc_per_node", "__max_restarts"):
+                value = value or args.pop(0)
+                nproc = int(value) if flag == "__nproc_per_node" else nproc
+                assert flag == "__nproc_per_node" or value == "0", "restarts need a real torchrun"
+            elif flag != "__standalone":
+                raise ValueError(f"pooled_subprocess runs one node's standalone torchrun; "
+                                 f"{flag.replace('_', '-')} needs a real one")
     return args, nproc
 
 
@@ -198,13 +205,19 @@ class _Result:
 class _Pool:
     def __init__(self):
         self.workers = []  # (process, connection) or None where one must be started
-        self.world = None  # (size, port) of the world the first `size` workers are in
+        self.world = None  # (size, port, generation) of the world the first `size` workers are in
+        self.generation = 0
         self.logs = tempfile.mkdtemp(prefix="rank_pool_")
 
     def _start(self, n):
+        """Workers 0..n-1 alive and ready (torch and this repo imported): a test's time limit
+        does not count their start-up."""
         ctx = mp.get_context("spawn")
         self.workers += [None] * (n - len(self.workers))
+        started = []
         for i in range(n):
+            if self.workers[i] is not None and not self.workers[i][0].is_alive():
+                self._kill(i)  # died between jobs (e.g. in a teardown): replace it
             if self.workers[i] is None:
                 mine, theirs = ctx.Pipe()
                 process = ctx.Process(target=_serve, args=(i, theirs, self.logs), daemon=True,
@@ -212,6 +225,10 @@ class _Pool:
                 process.start()
                 theirs.close()
                 self.workers[i] = (process, mine)
+                started.append(i)
+        for i in started:
+            if not self.workers[i][1].poll(START_TIMEOUT_S) or self.workers[i][1].recv() != "ready":
+                raise RankFailed(f"rank process {i} did not start in {START_TIMEOUT_S} s")
 
     def _kill(self, i):
         process, conn = self.workers[i]
@@ -250,13 +267,18 @@ class _Pool:
                                                       and results[i].code == 0):
                     deadline = min(deadline, time.monotonic() + GRACE_S)
             if pending and time.monotonic() >= deadline:
+                failed = any(r is not None and r.status in ("error", "died") or
+                             (r is not None and r.status == "exit" and r.code) for r in results)
                 for i in pending:
                     self._kill(i)
-                    results[i] = _Result("timeout", f"still running after {timeout} s", code=124,
-                                         arrival=n)
+                    # After another rank failed, torchrun would stop this one too: "stopped".
+                    results[i] = (_Result("stopped", "stopped after another rank failed", code=-15,
+                                          arrival=n) if failed else
+                                  _Result("timeout", f"still running after {timeout} s",
+                                          code=124, arrival=n))
                 pending = set()
         for i, res in enumerate(results):
-            if res.status in ("died", "timeout"):  # its output is what it wrote so far
+            if res.status in ("died", "timeout", "stopped"):  # what it wrote so far
                 res.stdout, res.stderr = (_read(os.path.join(self.logs, f"{i}.{s}"))
                                           for s in ("out", "err"))
         if jobs[0].kind == "script" or any(r.status not in ("ok", "exit") for r in results):
@@ -267,7 +289,8 @@ class _Pool:
         """Where the job's ranks meet: the standing world for checks (a new one when the size
         changed or the last one failed), a fresh rendezvous for every script run."""
         if jobs[0].kind == "call" and (self.world is None or self.world[0] != len(jobs)):
-            self.world = (len(jobs), _free_port())
+            self.generation += 1
+            self.world = (len(jobs), _free_port(), self.generation)
         port = self.world[1] if jobs[0].kind == "call" else _free_port()
         for job in jobs:
             job.port, job.world = port, self.world if job.kind == "call" else None
@@ -315,12 +338,25 @@ def _read(path):
 # ---------------------------------------------------------------------------
 # A rank process.
 
+# Imported before the state every job starts from is taken, so that what a job patches in them is
+# put back (a module first imported inside a job is dropped from sys.modules after it instead).
+PRELOAD = ["parallel_state", "mappings", "parallel_layers", "sequence_parallel", "model",
+           "transformer", "cross_entropy", "rng_tracker", "train", "parallel_train",
+           "prepare_data", "merge_checkpoint", "compare_runs", "training.arguments",
+           "training.checkpointing", "training.data", "training.initialize", "training.logbook",
+           "training.metrics", "training.operations", "training.reshard"]
+
+
 def _serve(index, conn, logs):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is pytest's; we leave when it closes
     torch.set_num_threads(1)  # one thread per rank: 4 ranks share 2 cores without thrashing
     os.environ["OMP_NUM_THREADS"] = "1"  # what scripts launched by the tests had
+    os.chdir(REPO)  # where the tests start the scripts
+    for name in PRELOAD:
+        importlib.import_module(name)
     fresh = _ProcessState()
     out, err = (os.path.join(logs, f"{index}.{s}") for s in ("out", "err"))
+    conn.send("ready")
     world = None
     while True:
         try:
@@ -403,7 +439,8 @@ def _run_script(job):
     os.environ.update(job.env)
     sys.argv = [job.script, *job.argv]
     try:
-        if job.script.startswith("-m "):  # python -m module
+        if job.script.startswith("-m "):  # python -m module, as a new interpreter would run it
+            sys.modules.pop(job.script[3:], None)
             runpy.run_module(job.script[3:], run_name="__main__", alter_sys=True)
         else:
             runpy.run_path(os.path.join(REPO, job.script), run_name="__main__")
@@ -441,6 +478,7 @@ class _ProcessState:
 
     def __init__(self):
         self.environ, self.cwd, self.path = dict(os.environ), os.getcwd(), list(sys.path)
+        self.argv, self.warnings = list(sys.argv), list(warnings.filters)
         self.torch_rng, self.random, self.numpy = (torch.get_rng_state(), random.getstate(),
                                                    np.random.get_state())
         self.dtype, self.threads = torch.get_default_dtype(), torch.get_num_threads()
@@ -450,7 +488,8 @@ class _ProcessState:
         os.environ.clear()
         os.environ.update(self.environ)
         os.chdir(self.cwd)
-        sys.path[:] = self.path
+        sys.path[:], sys.argv[:], warnings.filters[:] = self.path, self.argv, self.warnings
+        signal.set_wakeup_fd(-1)  # run_cli's watcher thread of the last job hears nothing more
         torch.set_rng_state(self.torch_rng)
         random.setstate(self.random)
         np.random.set_state(self.numpy)
@@ -464,13 +503,21 @@ class _ProcessState:
 class _ModuleGlobals:
     """The globals of this repo's modules and of torch.distributed, put back after a job: a test
     that patches `ps.all_reduce`, or a script that deletes a torch name, leaves nothing behind.
-    Our modules' containers (the collective counters, config tables) get their contents back."""
+    Our modules' containers (the collective counters, config tables) get their contents back, and
+    so do the attributes of our objects held in module globals (the RNG tracker's streams). A
+    module of ours first imported during the job is dropped, to be imported afresh."""
 
     def __init__(self):
         modules = _our_modules()
+        self.modules = {m.__name__ for m in modules}
         self.names = {m: dict(vars(m)) for m in modules + [dist]}
         self.contents = {(m, k): (v, _copy(v)) for m in modules for k, v in vars(m).items()
                          if isinstance(v, (dict, list, set)) and not k.startswith("__")}
+        self.objects = [(obj, dict(vars(obj)), {k: (v, _copy(v)) for k, v in vars(obj).items()
+                                                if isinstance(v, (dict, list, set))})
+                        for m in modules for obj in list(vars(m).values())
+                        if type(obj).__module__ in self.modules and hasattr(obj, "__dict__")
+                        and not isinstance(obj, type)]
 
     def restore(self):
         for module, names in self.names.items():
@@ -478,9 +525,20 @@ class _ModuleGlobals:
             for name, value in names.items():
                 if now.get(name, now) is not value:
                     now[name] = value
-        for container, copy in self.contents.values():
+        containers = list(self.contents.values())
+        for obj, attributes, obj_containers in self.objects:
+            vars(obj).clear()
+            vars(obj).update(attributes)
+            containers += obj_containers.values()
+        for container, copy in containers:
             container.clear()
             (container.extend if isinstance(container, list) else container.update)(copy)
+        for module in _our_modules():
+            if module.__name__ not in self.modules:
+                del sys.modules[module.__name__]
+                parent, _, child = module.__name__.rpartition(".")
+                if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
+                    delattr(sys.modules[parent], child)
 
 
 def _copy(container):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import parallel_state as ps
-from distributed import GRACE_S, RankFailed, run_distributed, run_script
+from distributed import GRACE_S, RankFailed, _launch_arguments, run_distributed, run_script
 
 
 def _rank_1_raises_while_rank_0_waits():
@@ -59,6 +59,10 @@ def test_a_rank_that_dies_or_hangs_fails_the_test_and_is_replaced():
 
 def _break_things(directory):
     torch.save(torch.rand(3), os.path.join(directory, f"draw{dist.get_rank()}.pt"))
+    import draw_diagram  # a module first imported in this job
+    import rng_tracker
+    draw_diagram.ROW = -1
+    rng_tracker.model_parallel_manual_seed(3)  # an object's state: the tracker's streams
     ps.all_reduce = None
     ps.comm_calls["all_reduce"] += 5
     del dist.all_gather
@@ -69,6 +73,9 @@ def _break_things(directory):
 
 
 def _nothing_left_behind(directory):
+    import draw_diagram  # imported afresh, not the patched one
+    import rng_tracker
+    assert draw_diagram.ROW == 16 and not rng_tracker.get_rng_tracker().states
     assert callable(ps.all_reduce) and not ps.comm_calls and hasattr(dist, "all_gather")
     assert "LEFT_BEHIND" not in os.environ and os.environ["RANK"] == str(dist.get_rank())
     assert torch.get_default_dtype() == torch.float32 and torch.get_num_threads() == 1
@@ -90,3 +97,14 @@ def test_a_script_runs_as_python_or_torchrun_would_start_it(tmp_path):
     run = run_script("parallel_train.py", "--hidden_size", "101", nproc=2, ok=False)
     assert run.code == 2
     assert run.stderr.count("--hidden_size 101 is not divisible") == 1  # said once, by rank 0
+
+
+def test_command_lines_are_read_as_torchrun_reads_them():
+    for flags in (["--nproc_per_node", "2"], ["--nproc-per-node=2"], ["--standalone",
+                                                                      "--nproc_per_node=2"]):
+        assert _launch_arguments(["scripts/launch.py", *flags, "train.py", "--x", "1"]) == (
+            ["train.py", "--x", "1"], 2)
+    assert _launch_arguments(["-m", "benchmarks.scaling", "--quick"]) == (
+        ["-m", "benchmarks.scaling", "--quick"], None)
+    with pytest.raises(ValueError, match="--nnodes needs a real one"):
+        _launch_arguments(["scripts/launch.py", "--nnodes", "2", "train.py"])

@@ -166,10 +166,11 @@ def load_checkpoint(directory, model, optimizer, args):
     optimizer.load_state_dict(state["optimizer"])
     on_cuda = ps.get_device().type == "cuda"
     set_states((state["rng"]["torch"], state["rng"].get("cuda") if on_cuda else None))
-    if "tracker" in state["rng"]:
-        get_rng_tracker().states.update(state["rng"]["tracker"])  # dropout's own streams
-    else:  # this rank's stream belonged to another split: a new one, that repeats no mask
-        seed_tensor_parallel_stream(args.seed + iteration)
+    tracker = state["rng"].get("tracker", {})
+    if tracker and all((cuda is not None) == on_cuda for _, cuda in tracker.values()):
+        get_rng_tracker().states.update(tracker)  # dropout's own streams
+    else:  # this rank's stream belonged to another split, or another device: a new one, that
+        seed_tensor_parallel_stream(args.seed + iteration)  # repeats no mask
     if dist.get_rank() == 0:
         changed = f", resharded from tensor-parallel size {saved_tp} to {tp}"
         print(f"resuming from {directory} at iteration {iteration}"
