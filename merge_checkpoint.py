@@ -15,7 +15,6 @@ would have gone on. (`--load` also reshards by itself at load time; this is
 the same cut, done offline.)
 """
 
-import argparse
 import os
 import sys
 
@@ -29,6 +28,7 @@ from training.checkpointing import (
     shard_path,
 )
 from training.metrics import atomic_write
+from training.operations import ArgumentParser
 from training.reshard import reshard
 
 
@@ -71,7 +71,7 @@ def save_resharded(shards, iteration, tp, directory):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("directory", help="the --save directory of a run")
     p.add_argument("--iteration", type=int, default=None,
                    help="default: the newest (the tracker's)")
@@ -80,9 +80,12 @@ def main(argv=None):
     out.add_argument("--save", help="a new checkpoint directory, at --tensor_model_parallel_size")
     p.add_argument("--tensor_model_parallel_size", type=int, default=None,
                    help="with --save: the tensor-parallel size to cut the checkpoint for")
+    p.add_argument("--force", action="store_true", help="with --out: replace an existing file")
     args = p.parse_args(argv)
     if (args.save is None) != (args.tensor_model_parallel_size is None):
         p.error("--save and --tensor_model_parallel_size go together")
+    if args.out and os.path.exists(args.out) and not args.force:
+        p.error(f"--out {args.out} exists; name a new file, or pass --force to replace it")
     try:
         if os.path.isfile(args.directory):
             raise CheckpointError(f"{args.directory} is a file; name the --save directory of a "

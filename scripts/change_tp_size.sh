@@ -13,12 +13,20 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 FROM=${FROM:-2} TO=${TO:-4} RUNS=${RUNS:-runs/change_tp_size}
 PICTURE=${PICTURE:-assets/change_tp_size.png}
-rm -rf "$RUNS"
+# Delete only what this script made: RUNS must be new, empty, or one of its earlier outputs.
+MARK="$RUNS/.made_by_change_tp_size"
+if [ -e "$RUNS" ] && [ ! -e "$MARK" ] && [ -n "$(ls -A "$RUNS" 2>/dev/null || echo file)" ]; then
+    echo "error: RUNS=$RUNS exists and was not made by scripts/change_tp_size.sh; name a new" \
+         "directory (nothing was changed)" >&2
+    exit 2
+fi
+rm -rf "$RUNS/changed" "$RUNS/stayed" "$RUNS/checkpoints" "$RUNS/log.txt"
+mkdir -p "$RUNS" && touch "$MARK"
 train() { GPUS_PER_NODE=$1 bash bash_parallel_train.sh --tensor_model_parallel_size "$@"; }
 train "$FROM" "$@" --num_iterations 100 --save "$RUNS/checkpoints" --save_interval 100 \
-    --out_dir "$RUNS/changed" > "$RUNS.log"
+    --out_dir "$RUNS/changed" > "$RUNS/log.txt"
 train "$TO" "$@" --load "$RUNS/checkpoints" --out_dir "$RUNS/changed" | grep resuming
-train "$FROM" "$@" --out_dir "$RUNS/stayed" >> "$RUNS.log"
+train "$FROM" "$@" --out_dir "$RUNS/stayed" >> "$RUNS/log.txt"
 "$PYTHON" compare_runs.py "$RUNS/stayed" "$RUNS/changed"
 "$PYTHON" plot_runs.py "$RUNS/stayed" "$RUNS/changed" --comparison "$PICTURE" \
     --labels "stayed at TP=$FROM" "TP=$FROM, then TP=$TO from iteration 100"

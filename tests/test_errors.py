@@ -328,8 +328,51 @@ def test_rerun_into_the_same_out_dir_starts_afresh(tmp_path):
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     # no rows of the first run
     assert [r.split(",")[0] for r in rows] == ["iteration", "1", "2", "3"]
-    # no temp files
+    # no temp files, and the earlier run let go once this one had its model.pt
     assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "metrics.csv", "model.pt"]
+
+
+def test_a_new_run_that_fails_loses_nothing_of_the_earlier_one(tmp_path):
+    """The earlier run's files move aside when a new run starts in its --out_dir, and stay there
+    while the new run diverges; a run that then finishes lets them go."""
+    data = write_data(tmp_path / "data", input_size=8, num_samples=400)
+    out = tmp_path / "run"
+    run = ["train.py", "--data_dir", data, "--input_size", "8", "--out_dir", out]
+    run_script(*run, "--num_iterations", "7")
+    first = {name: (out / name).read_bytes() for name in ("metrics.csv", "config.json",
+                                                          "model.pt")}
+    diverged = run_script(*run, "--init_lr", "1e6", ok=False)
+    assert "training diverged" in diverged.stderr
+    assert f"(the earlier run there is in {out / 'earlier_run'})" in diverged.stderr
+    assert {name: (out / "earlier_run" / name).read_bytes() for name in first} == first
+    assert (out / "metrics.csv").read_bytes() != first["metrics.csv"]  # the diverged run's rows
+    assert not (out / "model.pt").exists()
+    # Another try: the diverged run's files give way, the finished one stays aside until this
+    # run has its model.pt.
+    third = run_script(*run, "--num_iterations", "3")
+    assert "holds an unfinished run" in third.stdout
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.csv", "model.pt"]
+
+
+def test_scripts_delete_only_what_they_made(tmp_path):
+    """scripts/change_tp_size.sh refuses a RUNS directory it did not make, before any work;
+    merge_checkpoint.py refuses to overwrite a file unless told to."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    proc = subprocess.run(["bash", "scripts/change_tp_size.sh", "--no_such_flag"], cwd=REPO,
+                          capture_output=True, text=True, timeout=FAIL_FAST_S,
+                          env={**os.environ, "RUNS": str(mine), "PYTHON": sys.executable})
+    assert proc.returncode == 2 and (mine / "notes.txt").read_text() == "mine"
+    assert proc.stderr == (f"error: RUNS={mine} exists and was not made by "
+                           "scripts/change_tp_size.sh; name a new directory (nothing was "
+                           "changed)\n")
+    (tmp_path / "precious.pt").write_text("not a state dict")
+    run = run_script("merge_checkpoint.py", tmp_path / "ck", "--out", tmp_path / "precious.pt",
+                     ok=False)
+    assert run.code == 2 and (tmp_path / "precious.pt").read_text() == "not a state dict"
+    assert run.stderr == (f"merge_checkpoint.py: error: --out {tmp_path / 'precious.pt'} exists; "
+                          "name a new file, or pass --force to replace it (see --help)\n")
 
 
 def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path, monkeypatch):

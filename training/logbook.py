@@ -24,6 +24,13 @@ import torch
 
 import parallel_state as ps
 from parallel_state import UserError
+from training.metrics import EARLIER_RUN
+
+
+def earlier_run_note(out_dir):
+    """Where an earlier run in out_dir was set aside, for an error that ends this one."""
+    aside = os.path.join(out_dir, EARLIER_RUN)
+    return f" (the earlier run there is in {aside})" if os.path.isdir(aside) else ""
 
 
 class TrainingStopped(UserError, RuntimeError):
@@ -82,7 +89,8 @@ class Logbook:
             raise TrainingStopped(
                 f"the train loss is {loss} at iteration {iteration}: training diverged; lower "
                 f"--init_lr (now {self.args.init_lr:g}). Metrics up to it are in "
-                f"{os.path.join(self.args.out_dir, 'metrics.csv')}; no model.pt was written")
+                f"{os.path.join(self.args.out_dir, 'metrics.csv')}; no model.pt was written"
+                f"{earlier_run_note(self.args.out_dir)}")
         if saving:
             if self.metrics:
                 self.metrics.flush()  # a resumed run keeps exactly the rows up to its checkpoint

@@ -12,12 +12,16 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 import torch
 
 RUN_FILES = ("metrics.csv", "config.json", "model.pt")
+# An earlier run's files, moved here when a new run starts in the same --out_dir, and removed only
+# once the new run has written its model.pt: a new run that fails or diverges loses nothing.
+EARLIER_RUN = "earlier_run"
 
 
 def atomic_write(path, write):
@@ -31,8 +35,9 @@ def atomic_write(path, write):
 class MetricsWriter:
     """Starts a run's record in out_dir and keeps metrics.csv up to date.
 
-    An earlier run's files in out_dir are removed first (with a message), so
-    two runs' rows never mix. Rows are kept in memory; the file is rewritten
+    An earlier run's files in out_dir are moved aside to out_dir/earlier_run
+    first (with a message), so two runs' rows never mix and nothing is lost
+    until this run has its model.pt (save_model). Rows are kept in memory; the file is rewritten
     at most every `min_interval_s` seconds and on close, which bounds the
     cost of long runs and still leaves every row on disk when a run stops.
     """
@@ -52,12 +57,7 @@ class MetricsWriter:
             self.rows += [row + [""] * (width - len(row)) for row in earlier
                           if int(row[0]) <= resume_from]
         else:
-            earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
-            if earlier:
-                print(f"note: {out_dir} holds an earlier run ({', '.join(earlier)}); starting it "
-                      "afresh")
-                for name in earlier:
-                    os.remove(os.path.join(out_dir, name))
+            set_aside_earlier_run(out_dir)
         text = json.dumps(config, indent=2).encode()
         atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(text))
         self.num_ranks, self.min_interval_s = num_ranks, min_interval_s
@@ -103,8 +103,30 @@ def run_config(args, **extra):
     return {**{k: v for k, v in vars(args).items() if k != "torch_dtype"}, **extra}
 
 
+def set_aside_earlier_run(out_dir):
+    """Move an earlier run's files in out_dir to out_dir/earlier_run. If that holds a run already,
+    the files here are of one that never wrote its model.pt: they give way to the new run."""
+    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if not earlier:
+        return
+    aside = os.path.join(out_dir, EARLIER_RUN)
+    if os.path.isdir(aside):
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
+        print(f"note: {out_dir} holds an unfinished run ({', '.join(earlier)}), removed; the "
+              f"finished one before it stays in {aside} until this run writes its model.pt")
+        return
+    os.makedirs(aside)
+    for name in earlier:
+        os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
+    print(f"note: {out_dir} holds an earlier run ({', '.join(earlier)}); moved to {aside}, "
+          "where it stays until this run writes its model.pt")
+
+
 def save_model(state_dict, out_dir):
+    """model.pt: the run is complete, and an earlier run set aside in out_dir is let go."""
     atomic_write(os.path.join(out_dir, "model.pt"), lambda f: torch.save(state_dict, f))
+    shutil.rmtree(os.path.join(out_dir, EARLIER_RUN), ignore_errors=True)
 
 
 def read_metrics(run_dir):
