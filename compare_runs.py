@@ -12,12 +12,13 @@ missing or wrong communication produces (the curves then part at once, by
 1e-2 or more).
 """
 
-import argparse
+import math
 import sys
 
 import numpy as np
 
-from training.metrics import read_metrics
+from training.metrics import RunRecordError, read_metrics, why_not_comparable
+from training.operations import ArgumentParser
 
 DEFAULT_RTOL = 1e-5
 
@@ -37,21 +38,22 @@ def curve_difference(a, b, column="train_loss"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("reference", nargs="?", default="runs/serial")
     p.add_argument("other", nargs="?", default="runs/tensor_parallel")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="largest relative difference "
                                                                     "allowed")
     args = p.parse_args(argv)
+    if not (args.rtol > 0 and math.isfinite(args.rtol)):
+        p.error(f"--rtol must be a positive number, got {args.rtol}")
     try:
+        if why := why_not_comparable(args.reference, args.other):
+            sys.exit(f"error: these runs cannot be compared: {why}")
         a, b = read_metrics(args.reference), read_metrics(args.other)
-    except FileNotFoundError as e:
+    except RunRecordError as e:
         sys.exit(f"error: {e}")
-    n_a, n_b = len(a.get("iteration", [])), len(b.get("iteration", []))
-    if not n_a or not n_b:
-        sys.exit(f"error: a run has no rows ({n_a} and {n_b}); did it stop before its first log "
-                 "line?")
-    ok = n_a == n_b
+    n_a = len(a["iteration"])
+    ok = True
     for column in ("train_loss", "valid_loss"):
         if curve_difference(a, b, column) is None:
             print(f"{column:<10}  no values in common")
@@ -60,11 +62,8 @@ def main(argv=None):
         ok &= bool(rel_diff <= args.rtol)  # NaN (a diverged run) fails too
         print(f"{column:<10}  max abs diff {abs_diff:.3e}  max rel diff {rel_diff:.3e}  "
               f"({'within' if rel_diff <= args.rtol else 'BEYOND'} rtol {args.rtol:g})")
-    length = f"over {n_a} iterations"
-    if n_a != n_b:
-        length = (f"over their first {min(n_a, n_b)} iterations, and the runs have {n_a} and "
-                  f"{n_b} iterations (did one stop early?)")
-    print(f"{args.reference} and {args.other}: {'MATCH' if ok else 'DIFFER'} {length}")
+    print(f"{args.reference} and {args.other}: {'MATCH' if ok else 'DIFFER'} over {n_a} "
+          "iterations")
     return 0 if ok else 1
 
 

@@ -12,7 +12,6 @@ outside the split region holds only the rank's rows, f becomes an all-gather
 and g a reduce-scatter.
 """
 
-import argparse
 import os
 
 import matplotlib
@@ -23,6 +22,7 @@ from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 
 from parallel_layers import vocab_size_with_padding  # noqa: E402
 from plot_runs import save  # noqa: E402
+from training.operations import ArgumentParser, check_output  # noqa: E402
 
 COMPUTE, REPLICATED, COMM, ROWS = "#dbe9f6", "#e8e8e8", "#fdd9a8", "#dcefd6"
 # x centre and width of each column, in axis units (0..100).
@@ -200,7 +200,7 @@ def draw_transformer(tp, width, heads, vocab_size, seq_length, batch_size, path)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
     p.add_argument("--input_size", type=int, default=64)
     p.add_argument("--hidden_size", type=int, default=None, help="default: 32 x input_size")
@@ -217,22 +217,30 @@ def main(argv=None):
     p.add_argument("--seq_length", type=int, default=16, help="transformer")
     p.add_argument("--num_attention_heads", type=int, default=4, help="transformer")
     args = p.parse_args(argv)
+    sizes = ["tp", "input_size", "batch_size", "hidden_size", "vocab_size", "seq_length",
+             "num_attention_heads"]
+    for name in sizes:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    kind = "sequence" if args.sequence_parallel else "tensor"
+    default = ("assets/transformer_tensor_parallel.png" if args.model == "transformer" else
+               f"assets/toy_{kind}_parallel.png")
+    check_output(p, "--out", args.out or default, "file")
     if args.model == "transformer":
-        if args.num_attention_heads % args.tp or args.tp <= 0:
+        if args.num_attention_heads % args.tp:
             p.error(f"--num_attention_heads {args.num_attention_heads} must be divisible by "
                     f"--tp {args.tp}")
-        out = args.out or "assets/transformer_tensor_parallel.png"
+        out = args.out or default
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         return draw_transformer(args.tp, args.input_size, args.num_attention_heads,
                                 args.vocab_size, args.seq_length, args.batch_size, out)
     hidden = args.hidden_size or 32 * args.input_size
-    if min(args.tp, args.input_size, hidden, args.batch_size) <= 0 or hidden % args.tp:
-        p.error(f"sizes must be positive and --hidden_size {hidden} divisible by --tp {args.tp}")
+    if hidden % args.tp:
+        p.error(f"--hidden_size {hidden} is not divisible by --tp {args.tp}")
     if args.sequence_parallel and args.batch_size % args.tp:
         p.error(f"--sequence_parallel splits the {args.batch_size} rows of a batch between "
                 f"{args.tp} ranks: choose a --batch_size divisible by --tp")
-    kind = "sequence" if args.sequence_parallel else "tensor"
-    out = args.out or f"assets/toy_{kind}_parallel.png"
+    out = args.out or default
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     return draw(args.tp, args.input_size, hidden, args.batch_size, out, args.sequence_parallel)
 

@@ -12,7 +12,6 @@ comparison.png       both runs overlaid and, beneath, |serial - parallel| per
 draws only the comparison of any two runs, under those names.
 """
 
-import argparse
 import os
 import sys
 
@@ -23,7 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from compare_runs import curve_difference  # noqa: E402
-from training.metrics import atomic_write, read_config, read_metrics  # noqa: E402
+from training.metrics import (  # noqa: E402
+    RunRecordError,
+    atomic_write,
+    read_config,
+    read_metrics,
+    why_not_comparable,
+)
+from training.operations import ArgumentParser, check_output  # noqa: E402
 
 SERIAL_COLOR, PARALLEL_COLOR, VALID_COLOR = "#1f77b4", "#d62728", "#2ca02c"
 
@@ -136,7 +142,7 @@ def save(fig, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("serial", nargs="?", default="runs/serial")
     p.add_argument("parallel", nargs="?", default="runs/tensor_parallel")
     p.add_argument("--assets", default="assets", help="where the PNGs go")
@@ -145,13 +151,17 @@ def main(argv=None):
     p.add_argument("--comparison", default=None, metavar="PNG",
                    help="write only the comparison, here")
     args = p.parse_args(argv)
+    if args.comparison:
+        check_output(p, "--comparison", args.comparison, "file")
+    else:
+        check_output(p, "--assets", args.assets, "dir")
     try:
+        if why := why_not_comparable(args.serial, args.parallel):
+            sys.exit(f"error: these runs cannot be drawn as one comparison: {why}")
         serial, parallel = read_metrics(args.serial), read_metrics(args.parallel)
-    except FileNotFoundError as e:
+        configs = read_config(args.serial), read_config(args.parallel)
+    except RunRecordError as e:
         sys.exit(f"error: {e}")
-    if not len(serial.get("iteration", [])) or not len(parallel.get("iteration", [])):
-        sys.exit("error: a metrics.csv has no rows; did its run stop at the start?")
-    configs = read_config(args.serial), read_config(args.parallel)
     if args.comparison:
         os.makedirs(os.path.dirname(os.path.abspath(args.comparison)), exist_ok=True)
         return plot_comparison(serial, parallel, configs, args.comparison, args.labels)

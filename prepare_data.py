@@ -12,6 +12,7 @@ targets cannot be predicted, so the loss falls from log(vocab) towards
 (PERIOD - 1) / seq_length x log(vocab).
 """
 
+import math
 import os
 
 import numpy as np
@@ -54,7 +55,7 @@ def save_data(arrays, data_dir, names=FILES):
 def main():
     from training.operations import (  # here: importing it takes torch's time
         ArgumentParser,
-        file_in_the_way,
+        check_output,
     )
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["toy", "transformer"], default="toy")
@@ -69,10 +70,11 @@ def main():
     parser.add_argument("--seq_length", type=int, default=16, help="tokens per sequence (ditto)")
     args = parser.parse_args()
     data_dir = args.data_dir or ("data_transformer" if args.model == "transformer" else "data")
-    if file := file_in_the_way(data_dir):
-        parser.error(f"--data_dir {data_dir}: {file} is a file; name a directory")
+    check_output(parser, "--data_dir", data_dir, "dir")
     if args.num_samples < 10 or args.input_size < 1:
         parser.error("--num_samples must be at least 10 and --input_size at least 1")
+    if not (args.noise >= 0 and math.isfinite(args.noise)):
+        parser.error(f"--noise must be a number at least 0, got {args.noise}")
     if args.model == "transformer":
         if args.vocab_size < 2 or args.seq_length < PERIOD:
             parser.error(f"--vocab_size must be at least 2 and --seq_length at least {PERIOD}")

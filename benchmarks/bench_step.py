@@ -61,7 +61,7 @@ from benchmarks import bench_transformer
 from model import ToyModel
 from sequence_parallel import allreduce_sequence_parallel_grads
 from training import initialize
-from training.operations import ArgumentParser, pin_float32_precision
+from training.operations import ArgumentParser, check_output, pin_float32_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -668,6 +668,11 @@ def main():
     args = p.parse_args()
     if (args.steps is not None and args.steps < 1) or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
+    if args.max_tp is not None and args.max_tp < 1:
+        p.error(f"--max_tp must be at least 1, got {args.max_tp}")
+    if not args.worker:
+        check_output(p, "--out", args.out, "file")
+        check_output(p, "--plot", args.plot, "file")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "cuda" and not gpus:
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
@@ -730,7 +735,7 @@ def main():
                    processor=cpu_name(), gpus=gpus, device=args.device,
                    gpu_name=torch.cuda.get_device_name(0) if on_gpu else None)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
+    with open(args.out + ".tmp", "w") as f:  # written whole, then renamed
         json.dump(dict(machine=machine, configs={c: CONFIGS[c] for c in results}, results=results,
                        loops=loops,
                        papers={c: paper_count(CONFIGS[c], parallel_ranks) for c in results},

@@ -14,6 +14,8 @@ step), the same collectives, memory and saved-activation accounting. Compared:
            vocabulary for `loss_parallel`'s cross-entropy.
 """
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -110,3 +112,8 @@ def paper_count(cfg, tp, elem=4):
                                      ring_bytes=big * ring(width) + ring(tokens * elem)
                                      + ring(2 * tokens * elem)),
                 logits_gathered_instead=tokens * cfg["vocab_size"] * elem)
+
+
+if __name__ == "__main__":
+    sys.exit("error: benchmarks/bench_transformer.py is a part of the benchmark, not a script; run "
+             "python -m benchmarks.bench_step --configs transformer")

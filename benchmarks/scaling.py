@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from benchmarks import bench_step
-from training.operations import ArgumentParser
+from training.operations import ArgumentParser, check_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,6 +256,11 @@ def main():
         p.error("--grid: hidden sizes must be multiples of 4, at least 4")
     if (args.iterations is not None and args.iterations < 1) or args.warmup < 0:
         p.error("--iterations must be at least 1 and --warmup at least 0")
+    if args.max_tp is not None and args.max_tp < 1:
+        p.error(f"--max_tp must be at least 1, got {args.max_tp}")
+    if not args.worker:
+        check_output(p, "--out", args.out, "file")
+        check_output(p, "--plot", args.plot, "file")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "auto":
         args.device = "cuda" if gpus else "cpu"

@@ -6,7 +6,12 @@ import os
 
 import torch
 
-from training.operations import ArgumentParser, file_in_the_way, single_process_env
+from training.operations import (
+    ArgumentParser,
+    check_output,
+    file_in_the_way,
+    single_process_env,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -76,10 +81,15 @@ def parse_args(parser, argv=None):
     args.out_dir = args.out_dir or default_out_dir
     if args.init_from and not os.path.isfile(args.init_from):
         parser.error(f"--init_from {args.init_from}: no such file")
-    for flag in ("out_dir", "save", "load"):  # directories (--save, --load: parallel_train.py's)
-        path = getattr(args, flag, None)
-        if path and (file := file_in_the_way(path)):
-            parser.error(f"--{flag} {path}: {file} is a file; name a directory")
+    for flag in ("out_dir", "save"):  # written to (--save: parallel_train.py's), before any work
+        if path := getattr(args, flag, None):
+            check_output(parser, f"--{flag}", path, "dir")
+    if load := getattr(args, "load", None):
+        if file := file_in_the_way(load):
+            parser.error(f"--load {load}: {file} is a file; name a directory")
+        if not os.path.isdir(load) and os.path.abspath(load) != os.path.abspath(args.save or ""):
+            parser.error(f"--load {load}: no such directory (to restart a run from its own "
+                         "checkpoints whatever they are, pass the same directory to --save)")
     args.torch_dtype = DTYPES[args.dtype]
     return args
 

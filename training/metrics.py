@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+from parallel_state import UserError
+
 RUN_FILES = ("metrics.csv", "config.json", "model.pt")
 # An earlier run's files, moved here when a new run starts in the same --out_dir, and removed only
 # once the new run has written its model.pt: a new run that fails or diverges loses nothing.
@@ -27,9 +29,14 @@ EARLIER_RUN = "earlier_run"
 def atomic_write(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # nothing half-written is left behind
+        raise
 
 
 class MetricsWriter:
@@ -129,22 +136,64 @@ def save_model(state_dict, out_dir):
     shutil.rmtree(os.path.join(out_dir, EARLIER_RUN), ignore_errors=True)
 
 
+class RunRecordError(UserError):
+    """A run's files that cannot be read as one (missing, damaged, of another kind)."""
+
+
 def read_metrics(run_dir):
     """{column: float array} from run_dir/metrics.csv; empty cells are NaN."""
     path = os.path.join(run_dir, "metrics.csv")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run the training first "
-                                f"(bash bash_train.sh / bash bash_parallel_train.sh)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows])
-            for k in reader.fieldnames or []}
+        raise RunRecordError(f"{path} not found: run the training first "
+                             f"(bash bash_train.sh / bash bash_parallel_train.sh)")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        if reader.fieldnames is None or reader.fieldnames[:3] != ["iteration", "train_loss",
+                                                                  "valid_loss"]:
+            raise ValueError("its header is not iteration,train_loss,valid_loss,...")
+        return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows])
+                for k in reader.fieldnames}
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise RunRecordError(f"{path} is not a metrics.csv written by the training ({e})") from None
 
 
 def read_config(run_dir):
+    """run_dir/config.json as a dict ({} where a run has none)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunRecordError(f"{path} is not a config.json written by the training ({e})") \
+            from None
+    if not isinstance(config, dict):
+        raise RunRecordError(f"{path} is not a config.json written by the training")
+    return config
+
+
+# What makes two runs the same experiment: the model and its sizes (dtype, lr, TP, DP may differ).
+SIZES = {"toy": ("input_size", "hidden_size", "batch_size"),
+         "transformer": ("input_size", "hidden_size", "batch_size", "vocab_size", "seq_length",
+                         "num_layers", "num_attention_heads")}
+
+
+def why_not_comparable(a_dir, b_dir):
+    """Why the runs in a_dir and b_dir cannot be compared curve against curve, or None: different
+    models or sizes (from config.json), or a different number of logged iterations."""
+    a, b = read_config(a_dir), read_config(b_dir)
+    models = a.get("model", "toy"), b.get("model", "toy")
+    if models[0] != models[1]:
+        return f"{a_dir} trained the {models[0]} model and {b_dir} the {models[1]}"
+    for size in SIZES.get(models[0], ()):
+        if size in a and size in b and a[size] != b[size]:
+            return f"{a_dir} has {size} {a[size]} and {b_dir} {b[size]}"
+    n = len(read_metrics(a_dir)["iteration"]), len(read_metrics(b_dir)["iteration"])
+    if not min(n):
+        return f"a run has no rows ({n[0]} and {n[1]}); did it stop before its first log line?"
+    if n[0] != n[1]:
+        return f"the runs have {n[0]} and {n[1]} iterations (did one stop early?)"
+    return None

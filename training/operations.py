@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -53,6 +54,26 @@ def file_in_the_way(directory):
     while path and not os.path.exists(path):
         path = os.path.dirname(path)
     return path if path and not os.path.isdir(path) else None
+
+
+def check_output(parser, flag, path, kind="dir"):
+    """Before any work: `path` can be made as a `kind` ("dir" or "file") and written, or
+    parser.error says why in one line. Writing is checked by trying: permissions alone do not say
+    (root, read-only file systems)."""
+    directory = path if kind == "dir" else os.path.dirname(os.path.abspath(path))
+    if file := file_in_the_way(directory):
+        parser.error(f"{flag} {path}: {file} is a file; name a directory")
+    if kind == "file" and os.path.isdir(path):
+        parser.error(f"{flag} {path} is a directory; name a file")
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        parser.error(f"{flag} {path}: {existing} cannot be written ({e.strerror}); name another "
+                     "place")
 
 
 def pin_float32_precision() -> dict:

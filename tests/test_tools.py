@@ -1,0 +1,160 @@
+"""Every tool besides the training scripts fails the same way: one line, before any work, nothing
+half-written left behind (docs/errors.md). In-process: each tool's main() with a user's flags."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import compare_runs
+import draw_diagram
+import merge_checkpoint
+import plot_runs
+import prepare_data
+from benchmarks import bench_step, scaling
+from test_plots import fake_run
+
+
+def one_line_error(tool, argv, reads_argv=False):
+    """(exit status, the one line the tool said) when its main() refuses argv; None if it ran.
+    sys.argv is the tool's, as a user's shell gives it."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
+                mock.patch.object(sys, "argv", [os.path.basename(tool.__file__), *argv]):
+            tool.main() if reads_argv else tool.main(argv)
+    except SystemExit as e:
+        said = stderr.getvalue() + ("" if isinstance(e.code, int) or e.code is None else e.code)
+        lines = said.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in said, said
+        return (e.code if isinstance(e.code, int) else 1), lines[0]
+    return None
+
+
+@pytest.fixture
+def places(tmp_path):
+    """A file, a directory, two comparable runs, and runs that cannot be compared with them."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    for name, ranks in (("serial", 1), ("parallel", 2), ("transformer", 2), ("bad_config", 1),
+                        ("bad_header", 1), ("short", 1)):
+        fake_run(tmp_path / name, ranks, offset=1e-7 * (ranks - 1))
+    config = tmp_path / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model": "transformer"}))
+    (tmp_path / "bad_config" / "config.json").write_text("{not json")
+    (tmp_path / "bad_header" / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    rows = (tmp_path / "short" / "metrics.csv").read_text().splitlines()[:21]
+    (tmp_path / "short" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+CASES = [
+    # plot_runs.py
+    (plot_runs, ["{p}/serial", "{p}/parallel", "--assets", "{p}/a_file"],
+     "plot_runs.py: error: --assets {p}/a_file: {p}/a_file is a file; name a directory"),
+    (plot_runs, ["{p}/serial", "{p}/parallel", "--comparison", "{p}/a_dir"],
+     "plot_runs.py: error: --comparison {p}/a_dir is a directory; name a file"),
+    (plot_runs, ["{p}/serial", "{p}/transformer", "--assets", "{p}/out"],
+     "error: these runs cannot be drawn as one comparison: {p}/serial trained the toy model "
+     "and {p}/transformer the transformer"),
+    (plot_runs, ["{p}/serial", "{p}/bad_config", "--assets", "{p}/out"],
+     "error: {p}/bad_config/config.json is not a config.json written by the training"),
+    (plot_runs, ["{p}/serial", "{p}/bad_header", "--assets", "{p}/out"],
+     "error: {p}/bad_header/metrics.csv is not a metrics.csv written by the training (its "
+     "header is not iteration,train_loss,valid_loss,...)"),
+    # compare_runs.py
+    (compare_runs, ["{p}/serial", "{p}/transformer"],
+     "error: these runs cannot be compared: {p}/serial trained the toy model and "
+     "{p}/transformer the transformer"),
+    (compare_runs, ["{p}/serial", "{p}/short"],
+     "error: these runs cannot be compared: the runs have 30 and 20 iterations (did one stop "
+     "early?)"),
+    (compare_runs, ["{p}/serial", "{p}/nowhere"], "error: {p}/nowhere/metrics.csv not found"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--rtol", "-1"],
+     "compare_runs.py: error: --rtol must be a positive number, got -1.0"),
+    # draw_diagram.py
+    (draw_diagram, ["--out", "{p}/a_dir"],
+     "draw_diagram.py: error: --out {p}/a_dir is a directory; name a file"),
+    (draw_diagram, ["--tp", "0", "--out", "{p}/d.png"],
+     "draw_diagram.py: error: --tp must be a positive integer, got 0"),
+    (draw_diagram, ["--model", "transformer", "--vocab_size", "0", "--out", "{p}/d.png"],
+     "draw_diagram.py: error: --vocab_size must be a positive integer, got 0"),
+    # merge_checkpoint.py
+    (merge_checkpoint, ["{p}/a_dir", "--out", "{p}/a_dir"],
+     "merge_checkpoint.py: error: --out {p}/a_dir exists; name a new file, or pass --force"),
+    (merge_checkpoint, ["{p}/a_dir", "--out", "{p}/a_file/x.pt"],
+     "merge_checkpoint.py: error: --out {p}/a_file/x.pt: {p}/a_file is a file; name a "
+     "directory"),
+]
+
+
+@pytest.mark.parametrize("tool,argv,message", CASES,
+                         ids=[f"{t.__name__}-{i}" for i, (t, _, _) in enumerate(CASES)])
+def test_tools_fail_in_one_line_before_any_work(tool, argv, message, places):
+    p = str(places)
+    before = sorted(os.listdir(places))
+    code, line = one_line_error(tool, [a.format(p=p) for a in argv])
+    assert line.startswith(message.format(p=p)), line
+    assert code in (1, 2)
+    assert sorted(os.listdir(places)) == before, "it made something before refusing"
+    assert not [f for f in os.listdir(places / "a_dir") if ".tmp" in f]
+
+
+@pytest.mark.parametrize("tool,argv,message", [
+    (bench_step, ["--max_tp", "-3"], "bench_step.py: error: --max_tp must be at least 1, got -3"),
+    (bench_step, ["--out", "{p}/a_file/b.json"],
+     "bench_step.py: error: --out {p}/a_file/b.json: {p}/a_file is a file; name a directory"),
+    (scaling, ["--max_tp", "0"], "scaling.py: error: --max_tp must be at least 1, got 0"),
+    (scaling, ["--plot", "{p}/a_dir"], "scaling.py: error: --plot {p}/a_dir is a directory"),
+    (prepare_data, ["--noise", "-1", "--data_dir", "{p}/d"],
+     "prepare_data.py: error: --noise must be a number at least 0, got -1.0"),
+    (prepare_data, ["--data_dir", "/sys/no_data_here"],
+     "prepare_data.py: error: --data_dir /sys/no_data_here: /sys cannot be written"),
+], ids=["bench_max_tp", "bench_out", "scaling_max_tp", "scaling_plot", "noise", "unwritable"])
+def test_tools_reading_sys_argv_fail_in_one_line(tool, argv, message, places):
+    code, line = one_line_error(tool, [a.format(p=places) for a in argv], reads_argv=True)
+    assert code == 2 and line.startswith(message.format(p=places)), line
+    assert not (places / "d").exists()
+
+
+# The tools' numbers, fuzzed as the training flags are (test_errors.py): accepted exactly when
+# they make sense, otherwise one line. What would run after the checks is replaced by a no-op.
+
+@settings(max_examples=150, deadline=None)
+@given(tp=st.integers(-2, 9), input_size=st.integers(-2, 80),
+       hidden=st.none() | st.integers(-2, 300), batch=st.integers(-2, 40),
+       vocab=st.integers(-2, 60), heads=st.integers(-2, 9),
+       transformer=st.booleans(), sequence_parallel=st.booleans())
+def test_fuzz_diagram_sizes(tp, input_size, hidden, batch, vocab, heads, transformer,
+                            sequence_parallel):
+    argv = ["--tp", str(tp), "--input_size", str(input_size), "--batch_size", str(batch),
+            "--vocab_size", str(vocab), "--num_attention_heads", str(heads),
+            "--model", "transformer" if transformer else "toy", "--out", "/tmp/fuzz_diagram.png"]
+    argv += ([] if hidden is None else ["--hidden_size", str(hidden)])
+    argv += ["--sequence_parallel"] if sequence_parallel else []
+    h = 32 * input_size if hidden is None else hidden
+    valid = min(tp, input_size, batch, vocab, heads, h) > 0 and (
+        heads % tp == 0 if transformer else h % tp == 0 and not (sequence_parallel and batch % tp))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(draw_diagram, "draw", lambda *a, **k: None)
+        m.setattr(draw_diagram, "draw_transformer", lambda *a, **k: None)
+        error = one_line_error(draw_diagram, argv)
+    assert (error is None) == valid, (argv, error)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rtol=st.floats(allow_nan=True, allow_infinity=True))
+def test_fuzz_compare_tolerance(rtol, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    if not (runs / "a").exists():
+        fake_run(runs / "a", 1)
+        fake_run(runs / "b", 2, offset=1e-7)
+    error = one_line_error(compare_runs, [str(runs / "a"), str(runs / "b"), "--rtol", repr(rtol)])
+    assert (error is None) == (rtol > 0 and math.isfinite(rtol)), (rtol, error)
