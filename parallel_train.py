@@ -22,7 +22,12 @@ from sequence_parallel import allreduce_sequence_parallel_grads, sequence_parall
 from train import build_model, evaluate, load_data, make_optimizer
 from training import initialize
 from training.arguments import get_parallel_args
-from training.checkpointing import gather_serial_state_dict, load_checkpoint, save_checkpoint
+from training.checkpointing import (
+    gather_serial_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+    set_identity,
+)
 from training.data import iterate_batches, to_tensors
 from training.logbook import Logbook, report_communication
 from training.metrics import MetricsWriter, run_config, save_model
@@ -97,9 +102,9 @@ def run(args, device, precision):
                         sequence_parallel=args.sequence_parallel)
     model = model.to(device)
     optimizer = make_optimizer(model, args)
-    start = on_every_rank(load_checkpoint, args.load, model, optimizer, args) if args.load else 0
-
     (X, y), valid = on_every_rank(load_data, args)
+    set_identity(args, X, y)  # whose the checkpoints are
+    start = on_every_rank(load_checkpoint, args.load, model, optimizer, args) if args.load else 0
     batches = iterate_batches(*to_tensors(X, y, args.torch_dtype, device), args.batch_size, start,
                               this_ranks_rows(args))
     valid = to_tensors(*valid, args.torch_dtype, device)

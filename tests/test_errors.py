@@ -73,6 +73,11 @@ def flag_error(argv, world_size=2, parallel=True):
      "--distributed_timeout_minutes must be a positive number"),
     (["--init_from", "no/such.pt"], 2, "--init_from no/such.pt: no such file"),
     (["--load", README], 2, f"--load {README}: {README} is a file; name a directory"),
+    (["--load", "no/such/ck"], 2, "--load no/such/ck: no such directory (to restart a run from "
+                                  "its own checkpoints whatever they are, pass the same directory "
+                                  "to --save)"),
+    (["--out_dir", "/sys/run"], 2, "--out_dir /sys/run: /sys cannot be written"),
+    (["--save", "/sys/ck"], 2, "--save /sys/ck: /sys cannot be written"),
     (["--save", f"{README}/ck"], 2, f"--save {README}/ck: {README} is a file; name a directory"),
     (["--out_dir", README], 2, f"--out_dir {README}: {README} is a file; name a directory"),
 ])

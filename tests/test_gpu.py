@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from curves import assert_bitwise_same_run, assert_same_curve, rows_after
+from test_scale import killed_after
 
 pytestmark = pytest.mark.gpu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +110,7 @@ def test_bitwise_resume_on_one_gpu(data_dir, tmp_path):
     ck = str(tmp_path / "ck")
     launch(2, *common, "--num_iterations", "30", "--save", ck, "--out_dir",
            str(tmp_path / "resumed"))
+    killed_after(ck, 20)
     out = launch(2, *common, "--num_iterations", "40", "--save", ck, "--load", ck, "--out_dir",
                  str(tmp_path / "resumed"))
     assert "at iteration 20" in out
@@ -186,6 +188,7 @@ def test_transformer_sequence_parallel_dropout_resumes_bit_for_bit_on_one_gpu(to
     ck = str(tmp_path / "ck")
     launch(2, *common, "--num_iterations", "30", "--save", ck, "--out_dir",
            str(tmp_path / "resumed"))
+    killed_after(ck, 20)
     out = launch(2, *common, "--num_iterations", "40", "--save", ck, "--load", ck, "--out_dir",
                  str(tmp_path / "resumed"))
     assert "at iteration 20" in out

@@ -202,18 +202,23 @@ def damage(kind, directory):
     if kind == "tracker names a missing iteration":
         (directory / TRACKER).write_text("9\n")
         return (f"{directory / TRACKER} names iteration 9, but "
-                f"{os.path.dirname(os.path.dirname(shard(0, 9)))} is missing")
+                f"{os.path.dirname(os.path.dirname(shard(0, 9)))} is missing (saved there: 7)")
+    if kind == "--iteration names a missing one":
+        return (f"asked for iteration 15, but {os.path.dirname(os.path.dirname(shard(0, 15)))} "
+                "is missing (saved there: 7)")
     raise ValueError(kind)
 
 
 @pytest.mark.parametrize("kind", ["missing shard", "missing last shard", "truncated shard",
                                   "mixed iterations", "shards of two sizes",
-                                  "tracker names a missing iteration"])
+                                  "tracker names a missing iteration",
+                                  "--iteration names a missing one"])
 def test_a_damaged_checkpoint_is_named_in_one_line_and_nothing_is_written(kind, tmp_path):
     expected = damage(kind, tmp_path / "ck")
+    asked = ["--iteration", "15"] if kind.startswith("--iteration") else []
     for argv in (["--out", tmp_path / "merged.pt"],
                  ["--tensor_model_parallel_size", "2", "--save", tmp_path / "tp2"]):
-        error, _ = merge_checkpoint(tmp_path / "ck", *argv)
+        error, _ = merge_checkpoint(tmp_path / "ck", *asked, *argv)
         assert error == f"error: {expected}"
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 

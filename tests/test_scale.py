@@ -6,7 +6,9 @@ Measured here (200 iterations, default sizes), against serial: DP=2 x TP=2 float
 restarted runs are compared bitwise: same operations on the same values, on CPU.
 """
 
+import glob
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +34,16 @@ def run(cmd, ok=True, env=ENV):
 def launch(nproc, *args, script="parallel_train.py", ok=True):
     """`torchrun --nproc_per_node nproc script args`, in the session's rank processes."""
     return run_script(script, *args, nproc=nproc, ok=ok).out
+
+
+def killed_after(ck, iteration):
+    """The checkpoint directory as a run killed after `iteration`'s checkpoint leaves it: the
+    checkpoints after it (a run that ends saves at its end) gone, the tracker naming it."""
+    for later in glob.glob(os.path.join(ck, "iter_*")):
+        if int(os.path.basename(later)[len("iter_"):]) > iteration:
+            shutil.rmtree(later)
+    with open(os.path.join(ck, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(f"{iteration}\n")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -94,6 +106,7 @@ def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, se
     ck = str(tmp_path / "ck")
     launch(2, *common, "--out_dir", str(tmp_path / "resumed"), "--save", ck,
            "--save_interval", "50", "--num_iterations", "130")
+    killed_after(ck, 100)
     log = launch(2, *common, "--out_dir", str(tmp_path / "resumed"), "--save", ck, "--load", ck,
                  "--save_interval", "50")
     assert "resuming from" in log and "at iteration 100" in log
@@ -150,6 +163,7 @@ def test_a_checkpoint_resumes_at_another_size_as_if_nothing_changed(data_dir, tm
     ck = str(tmp_path / "ck")
     launch(2, *common, "--tensor_model_parallel_size", "2", "--sequence_parallel",
            "--num_iterations", "150", "--out_dir", str(tmp_path / "stayed"), "--save", ck)
+    killed_after(ck, 100)  # (it also saved at its end, 150)
     log = launch(4, *common, "--tensor_model_parallel_size", "4",
                  "--num_iterations", "150", "--out_dir", str(tmp_path / "tp4"), "--load", ck)
     assert "at iteration 100, resharded from tensor-parallel size 2 to 4" in log
@@ -175,3 +189,35 @@ def test_a_checkpoint_resumes_at_another_size_as_if_nothing_changed(data_dir, tm
     assert list(no_momentum["iteration"]) == list(stayed["iteration"])
     _, rel = curve_difference(stayed, no_momentum)
     assert rel > 1e-3, rel
+
+
+def test_checkpoints_know_whose_they_are(data_dir, tmp_path):
+    """Every shard names the run that wrote it (model and sizes, seed, data, run id): shards of two
+    runs mixed are refused by name at the saved size, resharded, and merged; a checkpoint of
+    another seed or data is refused; a run saves at its end; a checkpoint at the end of the run
+    asked for leaves nothing to train."""
+    common = ["--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--num_iterations",
+              "10", "--save_interval", "100"]  # an interval beyond the run
+    a, b = tmp_path / "a", tmp_path / "b"
+    launch(2, *common, "--save", a, "--out_dir", tmp_path / "run_a")
+    assert (a / "latest_checkpointed_iteration.txt").read_text() == "10\n", "saved at its end"
+    out = launch(2, *common, "--load", a, "--out_dir", tmp_path / "again", ok=False)
+    assert f"error: {a} is at iteration 10 and --num_iterations is 10: nothing to train" in out
+    assert not (tmp_path / "again").exists()
+    more = [*common, "--num_iterations", "20", "--out_dir", tmp_path / "more"]
+    out = launch(2, *more, "--load", a, "--seed", "5", ok=False)
+    assert "was saved by a run with another --seed (1234, this run has 5)" in out
+    other_data = tmp_path / "other_data"
+    run_script("prepare_data.py", "--data_dir", other_data, "--seed", "8")
+    out = launch(2, *more, "--load", a, "--data_dir", other_data, ok=False)
+    assert "was saved by a run with another data set (" in out
+    # Rank 1's shard from another run of the same sizes and iteration.
+    launch(2, *common, "--seed", "5", "--save", b, "--out_dir", tmp_path / "run_b")
+    shard = os.path.join("iter_0000010", "mp_rank_01", "model_optim_rng.pt")
+    shutil.copy(b / shard, a / shard)
+    mixed = f"error: {a / shard} belongs to another run than {a}/iter_0000010/mp_rank_00"
+    for tp in (2, 4):  # at the saved size, and cut for another
+        out = launch(tp, *more, "--tensor_model_parallel_size", tp, "--load", a, ok=False)
+        assert mixed in out and out.count("error:") == 1, out
+    out = run_script("merge_checkpoint.py", a, "--out", tmp_path / "merged.pt", ok=False).out
+    assert mixed in out and not (tmp_path / "merged.pt").exists()

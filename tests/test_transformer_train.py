@@ -10,13 +10,17 @@ docs/transformer.md), while float64 agrees to 1e-16, so the model is right and f
 round-off is what grows.
 """
 
+import os
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
 from curves import assert_bitwise_same_run, assert_same_curve, rows_after
 from distributed import comm_table, run_script
 from test_errors import flag_error
-from test_scale import launch
+from test_scale import killed_after, launch
 from training.data import DataError, load_token_dataset
 
 # Float64 weights after 20 iterations, TP=4 merged against serial: measured 2.8e-17 at most
@@ -54,6 +58,7 @@ def test_transformer_resumes_exactly_with_dropout_and_merges(token_dir, tmp_path
     launch(2, *common, "--out_dir", str(tmp_path / "full"))
     launch(2, *common, "--num_iterations", "30", "--save", ck, "--save_interval", "20",
            "--out_dir", str(tmp_path / "resumed"))
+    killed_after(ck, 20)
     log = launch(2, *common, "--save", ck, "--save_interval", "20", "--load", ck,
                  "--out_dir", str(tmp_path / "resumed"))
     assert "resuming from" in log and "at iteration 20" in log
@@ -109,3 +114,20 @@ def test_token_data_that_does_not_fit_is_one_line(token_dir):
         load_token_dataset(token_dir, 20, 16, 32)
     with pytest.raises(DataError, match="sequences of 16 \\+ 1 tokens but --seq_length is 8"):
         load_token_dataset(token_dir, 50, 8, 32)
+
+
+def test_token_data_advice_that_holds(token_dir, tmp_path):
+    """No advice that then fails: a negative token is not a vocabulary size, and a validation set
+    whose sequences differ from the training set's cannot be fixed by --seq_length."""
+    for name in ("tokens_train.npy", "tokens_valid.npy"):
+        shutil.copy(os.path.join(token_dir, name), tmp_path / name)
+    valid = np.load(tmp_path / "tokens_valid.npy")
+    np.save(tmp_path / "tokens_valid.npy", valid[:, :-1])
+    with pytest.raises(DataError, match="has sequences of 15 \\+ 1 tokens and tokens_train.npy "
+                                        "of 16 \\+ 1; recreate the data with"):
+        load_token_dataset(str(tmp_path), 50, 16, 32)
+    valid[0, 0] = -1
+    np.save(tmp_path / "tokens_valid.npy", valid)
+    with pytest.raises(DataError, match="has a negative token \\(-1\\); tokens are indices from "
+                                        "0 to --vocab_size - 1"):
+        load_token_dataset(str(tmp_path), 50, 16, 32)

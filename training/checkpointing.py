@@ -20,9 +20,11 @@ At the end, the serial form of a model (one full state_dict, as model.pt and
 --init_from hold it): loaded into any tensor-parallel size, and gathered back.
 """
 
+import hashlib
 import os
 import re
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -45,6 +47,34 @@ def sizes(args):
     return {k: getattr(args, k) for k in keys}
 
 
+def identity(args):
+    """Whose a checkpoint is, in every shard: the model (and sizes, beside it), the seed, the data
+    (a fingerprint of its arrays) and the run (an id drawn when it started, kept when resumed)."""
+    return dict(model=args.model, seed=args.seed, data=args.data_fingerprint, run=args.run_id)
+
+
+def set_identity(args, *data):
+    """args.data_fingerprint and args.run_id, before any checkpoint is read or written: a new
+    run's id is drawn by rank 0 and shared (resuming replaces it with the checkpoint's)."""
+    args.data_fingerprint = data_fingerprint(*data)
+    args.run_id = None
+    if args.save:  # every rank has the same flags, so every rank takes part
+        drawn = torch.zeros(1, dtype=torch.int64, device=ps.get_device())
+        if dist.get_rank() == 0:
+            drawn[0] = int.from_bytes(os.urandom(6), "big")
+        ps.all_reduce(drawn, group=dist.group.WORLD)
+        args.run_id = f"{int(drawn[0]):012x}"
+
+
+def data_fingerprint(*arrays):
+    """A short hash of the training data, the same on every node that has the same files."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(str((a.dtype, a.shape)).encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()[:16]
+
+
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed by this run; the message says why."""
 
@@ -63,6 +93,7 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             sizes=sizes(args),
+            identity=identity(args),
             partition_dims={n: getattr(p, "partition_dim", None)
                             for n, p in model.named_parameters()},
             # Vocabularies padded for TP: merging keeps the first vocab_size rows.
@@ -97,8 +128,12 @@ def shard_reader(directory, iteration):
     this node sees (on several nodes without a shared disk, each sees its own)."""
     where = os.path.join(directory, f"iter_{iteration:07d}")
     if not os.path.isdir(where):
-        raise CheckpointError(f"{os.path.join(directory, TRACKER)} names iteration {iteration}, "
-                              f"but {where} is missing")
+        saved = sorted(int(d[len("iter_"):]) for d in os.listdir(directory)
+                       if re.fullmatch(r"iter_\d{7}", d))
+        named = (f"{os.path.join(directory, TRACKER)} names" if iteration == latest_iteration(
+            directory) else "asked for")
+        raise CheckpointError(f"{named} iteration {iteration}, but {where} is missing (saved "
+                              f"there: {', '.join(map(str, saved)) or 'none'})")
     seen = sorted(int(d[len("mp_rank_"):]) for d in os.listdir(where)
                   if re.fullmatch(r"mp_rank_\d\d", d))
     seen = [r for r in seen if os.path.isfile(shard_path(directory, iteration, r))]
@@ -123,10 +158,21 @@ def shard_reader(directory, iteration):
             raise CheckpointError(f"{path} holds iteration {shard['iteration']}, not "
                                   f"{iteration}: shards of two checkpoints are mixed")
         was = shard["sizes"]["tensor_model_parallel_size"]
-        if cache and was != saved_tp:  # saved_tp: the first shard's, read below
-            raise CheckpointError(f"{path} was saved at tensor-parallel size {was}, "
-                                  f"{shard_path(directory, iteration, seen[0])} at {saved_tp}: "
-                                  "shards of two checkpoints are mixed")
+        if cache:  # the first shard read (seen[0]) is the reference
+            first, first_path = cache[seen[0]], shard_path(directory, iteration, seen[0])
+            if was != saved_tp:
+                raise CheckpointError(f"{path} was saved at tensor-parallel size {was}, "
+                                      f"{first_path} at {saved_tp}: shards of two checkpoints "
+                                      "are mixed")
+            for key in ("sizes", "identity"):
+                mine, theirs = shard.get(key, {}), first.get(key, {})
+                for field in sorted(set(mine) | set(theirs)):
+                    if field != "tensor_model_parallel_size" and mine.get(field) != \
+                            theirs.get(field):
+                        raise CheckpointError(
+                            f"{path} belongs to another run than {first_path} ({field} "
+                            f"{mine.get(field)} vs {theirs.get(field)}): shards of two "
+                            "checkpoints are mixed")
         cache[tp_rank] = shard
         return shard
 
@@ -151,6 +197,9 @@ def load_checkpoint(directory, model, optimizer, args):
         if dist.get_rank() == 0:
             print(f"note: no checkpoint in {directory} yet; starting from iteration 0")
         return 0
+    if iteration >= args.num_iterations:
+        raise CheckpointError(f"{directory} is at iteration {iteration} and --num_iterations is "
+                              f"{args.num_iterations}: nothing to train; raise --num_iterations")
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     read, saved_tp = shard_reader(directory, iteration)
     saved = read(tp_rank * saved_tp // tp)  # the first shard this rank needs
@@ -161,6 +210,14 @@ def load_checkpoint(directory, model, optimizer, args):
                 f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} "
                 f"{was}, this run has {value}; resume with the same sizes, or "
                 "merge it with merge_checkpoint.py and start from that with --init_from")
+    saved_identity = saved.get("identity", {})  # (checkpoints before identities had none)
+    for field, what in (("model", "model"), ("seed", "--seed"), ("data", "data set")):
+        if field in saved_identity and saved_identity[field] != identity(args)[field]:
+            raise CheckpointError(
+                f"{directory} (iteration {iteration}) was saved by a run with another {what} "
+                f"({saved_identity[field]}, this run has {identity(args)[field]}); resume with "
+                "the run's own flags and data")
+    args.run_id = saved_identity.get("run", args.run_id)  # the run goes on under its own id
     state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

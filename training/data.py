@@ -73,7 +73,7 @@ def load_token_dataset(data_dir, vocab_size, seq_length, batch_size):
     """(train, valid) token arrays for the toy transformer, checked: sequences of seq_length + 1
     integers in [0, vocab_size), at least one batch."""
     command = f"python prepare_data.py --model transformer --data_dir {data_dir}"
-    splits = []
+    splits, train_length = [], None
     for split, min_rows in (("train", batch_size), ("valid", 1)):
         path = os.path.join(data_dir, f"tokens_{split}.npy")
         if not os.path.isfile(path):
@@ -86,11 +86,19 @@ def load_token_dataset(data_dir, vocab_size, seq_length, batch_size):
         if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
             raise DataError(f"{path} holds {tokens.dtype} of shape {list(tokens.shape)}, not "
                             f"sequences of tokens; recreate the data with: {command}")
+        if train_length is not None and tokens.shape[1] != train_length:  # no --seq_length fits
+            raise DataError(f"{path} has sequences of {tokens.shape[1] - 1} + 1 tokens and "
+                            f"tokens_train.npy of {train_length - 1} + 1; recreate the data with: "
+                            f"{command}")
+        train_length = tokens.shape[1]
         if tokens.shape[1] != seq_length + 1:
             raise DataError(f"{path} has sequences of {tokens.shape[1] - 1} + 1 tokens but "
                             f"--seq_length is {seq_length}; pass --seq_length "
                             f"{tokens.shape[1] - 1} or recreate the data with --seq_length")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        if tokens.size and tokens.min() < 0:
+            raise DataError(f"{path} has a negative token ({tokens.min()}); tokens are indices "
+                            f"from 0 to --vocab_size - 1: recreate the data with: {command}")
+        if tokens.size and tokens.max() >= vocab_size:
             raise DataError(f"{path} has tokens up to {tokens.max()} but --vocab_size is "
                             f"{vocab_size}; pass --vocab_size {tokens.max() + 1} or recreate the "
                             "data with --vocab_size")

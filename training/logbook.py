@@ -63,7 +63,9 @@ class Logbook:
         self.pending.append(loss.detach())
         args = self.args
         evaluating = it % args.eval_interval == 0 or it == args.num_iterations
-        saving = self.save is not None and it % self.save_interval == 0
+        # Every save_interval iterations and at the end, as Megatron does.
+        saving = self.save is not None and (it % self.save_interval == 0
+                                            or it == args.num_iterations)
         if it % args.update_freq == 0 or evaluating or saving:
             self._log_point(it, evaluating, saving)
 
