@@ -20,6 +20,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-2}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+for var in GPUS_PER_NODE NNODES; do  # torchrun would answer with a traceback
+    [[ ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "error: $var=${!var} must be a positive integer" >&2; exit 2; }
+done
 MAX_RESTARTS=${MAX_RESTARTS:-0}  # torchrun restarts the group after a failure; with --save/--load it resumes
 
 if [ "$NNODES" = 1 ] && [ -z "${MASTER_PORT:-}" ]; then
@@ -34,6 +37,8 @@ if [ "$NODE_RANK" = 0 ] && [ -n "${MASTER_PORT:-}" ]; then
     # torchrun would fail with a long traceback; say it in one line instead.
     "$PYTHON" - "$MASTER_PORT" <<'PY' || exit 2
 import socket, sys
+if not sys.argv[1].isdigit() or not 0 < int(sys.argv[1]) < 65536:
+    sys.exit(f"error: MASTER_PORT {sys.argv[1]} is not a port number (1 to 65535)")
 port = int(sys.argv[1])
 with socket.socket() as s:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torchrun's store does

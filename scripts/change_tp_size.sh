@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 FROM=${FROM:-2} TO=${TO:-4} RUNS=${RUNS:-runs/change_tp_size}
 PICTURE=${PICTURE:-assets/change_tp_size.png}
+for var in FROM TO; do
+    [[ ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "error: $var=${!var} must be a positive integer" >&2; exit 2; }
+done
 # Delete only what this script made: RUNS must be new, empty, or one of its earlier outputs.
 MARK="$RUNS/.made_by_change_tp_size"
 if [ -e "$RUNS" ] && [ ! -e "$MARK" ] && [ -n "$(ls -A "$RUNS" 2>/dev/null || echo file)" ]; then
@@ -21,7 +24,10 @@ if [ -e "$RUNS" ] && [ ! -e "$MARK" ] && [ -n "$(ls -A "$RUNS" 2>/dev/null || ec
     exit 2
 fi
 rm -rf "$RUNS/changed" "$RUNS/stayed" "$RUNS/checkpoints" "$RUNS/log.txt"
-mkdir -p "$RUNS" && touch "$MARK"
+if ! mkdir -p "$RUNS" 2>/dev/null || ! touch "$MARK" 2>/dev/null; then
+    echo "error: RUNS=$RUNS cannot be made or written; name another directory" >&2
+    exit 2
+fi
 train() { GPUS_PER_NODE=$1 bash bash_parallel_train.sh --tensor_model_parallel_size "$@"; }
 train "$FROM" "$@" --num_iterations 100 --save "$RUNS/checkpoints" --save_interval 100 \
     --out_dir "$RUNS/changed" > "$RUNS/log.txt"

@@ -8,6 +8,8 @@ torchrun's own code after the worker's error. Each worker has already printed
 its error above it, so one line that names the failed rank is enough.
 """
 
+import logging
+import os
 import signal
 import sys
 
@@ -16,6 +18,15 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
 if __name__ == "__main__":
+    # One thread per worker unless asked otherwise (torchrun's own default, without its banner),
+    # and torchrun's own log lines about stopping the other workers kept out of the way: the
+    # failing rank has said why, and the line below names every rank's fate.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    nproc = next((a.split("=")[-1] if "=" in a else sys.argv[i + 2]
+                  for i, a in enumerate(sys.argv[1:]) if a.startswith("--nproc")), "1")
+    if not (nproc.isdigit() and int(nproc) > 0) and nproc not in ("auto", "cpu", "gpu", "xpu"):
+        sys.exit(f"error: --nproc_per_node {nproc}: give a positive number of processes")
     try:
         main()
     except ChildFailedError as e:

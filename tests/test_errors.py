@@ -78,6 +78,7 @@ def flag_error(argv, world_size=2, parallel=True):
                                   "to --save)"),
     (["--out_dir", "/sys/run"], 2, "--out_dir /sys/run: /sys cannot be written"),
     (["--save", "/sys/ck"], 2, "--save /sys/ck: /sys cannot be written"),
+    (["--seed", str(2**64)], 2, f"--seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
     (["--save", f"{README}/ck"], 2, f"--save {README}/ck: {README} is a file; name a directory"),
     (["--out_dir", README], 2, f"--out_dir {README}: {README} is a file; name a directory"),
 ])
@@ -139,6 +140,15 @@ def data_error(path, input_size=4, batch_size=32):
 def test_data_errors(tmp_path):
     assert ("not found; create the data with: python prepare_data.py --data_dir"
             in data_error(tmp_path / "none"))
+
+    ints = write_data(tmp_path / "ints", xtrain=np.zeros((90, 4), np.int64))
+    assert "train inputs have dtype int64, not floating-point numbers" in data_error(ints)
+    flat = write_data(tmp_path / "flat", xtrain=np.zeros(2, np.float32))
+    assert "train inputs have shape [2], not samples x inputs" in data_error(flat)
+    empty = write_data(tmp_path / "empty", xvalid=np.zeros((0, 4), np.float32),
+                       yvalid=np.zeros(0, np.float32))
+    assert data_error(empty).startswith("the valid set has 0 samples, fewer than 1; make more "
+                                        "data with prepare_data.py --num_samples")
 
     bad = write_data(tmp_path / "garbage")
     (bad / "xtrain.npy").write_bytes(b"not an array")
@@ -407,3 +417,34 @@ def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path, 
                      None) as logbook:
             train(model, make_optimizer(model, args), iterate_batches(X, y, 2), logbook, args)
     assert list(read_metrics(str(tmp_path))["iteration"]) == list(range(1, 21))
+
+
+def test_save_into_another_runs_checkpoints_is_refused(tmp_path):
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("20\n")
+    assert flag_error(["--save", str(tmp_path)]).endswith(
+        f"--save {tmp_path} holds a run's checkpoints already; resume that run with --load "
+        f"{tmp_path}, or name a new directory (see --help)")
+    assert flag_error(["--save", str(tmp_path), "--load", str(tmp_path)]) is None  # a restart
+
+
+def test_a_model_too_big_for_the_machine_is_one_line(tmp_path, data_dir):
+    run = run_script("train.py", "--data_dir", data_dir, "--hidden_size", "10000000000",
+                     "--out_dir", tmp_path, ok=False)
+    assert run.code == 2 and run.stderr.startswith("error: out of memory (")
+    assert run.stderr.strip().endswith("lower --hidden_size, --batch_size or --num_layers, or "
+                                       "use more ranks") and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("env,script,message", [
+    ({"MASTER_PORT": "abc"}, "bash_parallel_train.sh",
+     "error: MASTER_PORT abc is not a port number (1 to 65535)"),
+    ({"GPUS_PER_NODE": "0"}, "bash_parallel_train.sh",
+     "error: GPUS_PER_NODE=0 must be a positive integer"),
+    ({"FROM": "abc"}, "scripts/change_tp_size.sh", "error: FROM=abc must be a positive integer"),
+    ({"RUNS": "/sys/runs"}, "scripts/change_tp_size.sh",
+     "error: RUNS=/sys/runs cannot be made or written; name another directory"),
+], ids=["port", "gpus", "from", "runs"])
+def test_the_bash_scripts_check_their_variables(env, script, message):
+    proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=FAIL_FAST_S, env={**os.environ, "PYTHON": sys.executable, **env})
+    assert (proc.returncode, proc.stderr) == (2, message + "\n")

@@ -199,6 +199,10 @@ def damage(kind, directory):
         other["iteration"] = 5
         torch.save(other, shard(2))
         return f"{shard(2)} holds iteration 5, not 7: shards of two checkpoints are mixed"
+    if kind == "not a shard":
+        torch.save({"a": 1}, shard(1))
+        return (f"{shard(1)} is not a checkpoint shard written by parallel_train.py (no "
+                "iteration, model, optimizer and sizes in it)")
     if kind == "tracker names a missing iteration":
         (directory / TRACKER).write_text("9\n")
         return (f"{directory / TRACKER} names iteration 9, but "
@@ -211,7 +215,7 @@ def damage(kind, directory):
 
 @pytest.mark.parametrize("kind", ["missing shard", "missing last shard", "truncated shard",
                                   "mixed iterations", "shards of two sizes",
-                                  "tracker names a missing iteration",
+                                  "not a shard", "tracker names a missing iteration",
                                   "--iteration names a missing one"])
 def test_a_damaged_checkpoint_is_named_in_one_line_and_nothing_is_written(kind, tmp_path):
     expected = damage(kind, tmp_path / "ck")

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from training.checkpointing import TRACKER
 from training.operations import (
     ArgumentParser,
     check_output,
@@ -69,6 +70,8 @@ def parse_args(parser, argv=None):
         parser.error(f"--init_lr must be a positive number, got {args.init_lr}")
     if not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if transformer and args.input_size % args.num_attention_heads != 0:
@@ -84,6 +87,11 @@ def parse_args(parser, argv=None):
     for flag in ("out_dir", "save"):  # written to (--save: parallel_train.py's), before any work
         if path := getattr(args, flag, None):
             check_output(parser, f"--{flag}", path, "dir")
+    save = getattr(args, "save", None)
+    if save and os.path.isfile(os.path.join(save, TRACKER)) and not (
+            getattr(args, "load", None) and os.path.abspath(args.load) == os.path.abspath(save)):
+        parser.error(f"--save {save} holds a run's checkpoints already; resume that run with "
+                     f"--load {save}, or name a new directory")
     if load := getattr(args, "load", None):
         if file := file_in_the_way(load):
             parser.error(f"--load {load}: {file} is a file; name a directory")

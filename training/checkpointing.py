@@ -23,6 +23,7 @@ At the end, the serial form of a model (one full state_dict, as model.pt and
 import hashlib
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -150,10 +151,16 @@ def shard_reader(directory, iteration):
             raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is "
                                   "missing (an incomplete checkpoint)")
         try:
-            shard = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on old pickle protocols: not ours
+                warnings.simplefilter("ignore")
+                shard = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, or not a checkpoint at all
             raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); it is truncated "
                                   "or not a checkpoint shard") from None
+        if not isinstance(shard, dict) or not {"iteration", "model", "optimizer",
+                                                "sizes"} <= shard.keys():
+            raise CheckpointError(f"{path} is not a checkpoint shard written by parallel_train.py "
+                                  "(no iteration, model, optimizer and sizes in it)")
         if shard["iteration"] != iteration:
             raise CheckpointError(f"{path} holds iteration {shard['iteration']}, not "
                                   f"{iteration}: shards of two checkpoints are mixed")

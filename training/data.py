@@ -42,7 +42,10 @@ def load_split(data_dir, split):
 def check_split(X, y, split, input_size, min_rows, data_dir):
     """The checks that make a bad file an error here rather than a crash deep in torch."""
     remedy = f"recreate it with: python prepare_data.py --data_dir {data_dir}"
-    if X.ndim != 2 or X.shape[1] != input_size:
+    if X.ndim != 2:
+        raise DataError(f"{split} inputs have shape {list(X.shape)}, not samples x inputs; "
+                        f"{remedy}")
+    if X.shape[1] != input_size:
         raise DataError(f"{split} inputs have shape {list(X.shape)} but --input_size is "
                         f"{input_size}; pass --input_size {X.shape[-1]} or recreate the data with "
                         "prepare_data.py --input_size")
@@ -50,15 +53,16 @@ def check_split(X, y, split, input_size, min_rows, data_dir):
         raise DataError(f"the {split} set has {len(X)} inputs but targets of shape "
                         f"{list(y.shape)}; {remedy}")
     for name, a in (("inputs", X), ("targets", y)):
-        if a.dtype.kind not in "fiu":
-            raise DataError(f"{split} {name} have dtype {a.dtype}, not numbers; {remedy}")
+        if a.dtype.kind != "f":  # (integers would be taken for tokens)
+            raise DataError(f"{split} {name} have dtype {a.dtype}, not floating-point numbers; "
+                            f"{remedy}")
         if not np.isfinite(a).all():
             raise DataError(f"{split} {name} contain {np.count_nonzero(~np.isfinite(a))} NaN or "
                             f"infinite values; {remedy}")
     if len(X) < min_rows:
-        raise DataError(f"the {split} set has {len(X)} samples, fewer than {min_rows}"
-                        f"{' (one batch): lower --batch_size' if split == 'train' else ''} or make "
-                        "more data with prepare_data.py --num_samples")
+        lower = " (one batch): lower --batch_size or" if split == "train" else ";"
+        raise DataError(f"the {split} set has {len(X)} samples, fewer than {min_rows}{lower} "
+                        "make more data with prepare_data.py --num_samples")
 
 
 def load_dataset(data_dir, input_size, batch_size):

@@ -149,12 +149,10 @@ def read_metrics(run_dir):
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
-        if reader.fieldnames is None or reader.fieldnames[:3] != ["iteration", "train_loss",
-                                                                  "valid_loss"]:
+            rows, fields = list(reader), reader.fieldnames
+        if fields is None or fields[:3] != ["iteration", "train_loss", "valid_loss"]:
             raise ValueError("its header is not iteration,train_loss,valid_loss,...")
-        return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows])
-                for k in reader.fieldnames}
+        return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in fields}
     except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
         raise RunRecordError(f"{path} is not a metrics.csv written by the training ({e})") from None
 

@@ -145,7 +145,24 @@ def run_cli(main):
     except SystemExit as e:  # --help, or a flag error said by argparse
         _leaving_with(e.code)
         raise
+    except Exception as e:
+        if not out_of_memory(e):
+            raise  # a bug: its traceback
+        _leaving_with(2)
+        print(f"error: {out_of_memory(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     _leaving_with(0)
+
+
+def out_of_memory(error):
+    """What to say when `error` is the machine running out of memory (a model or batch too big
+    for it, not a bug), else None."""
+    oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+    if isinstance(error, oom) or "can't allocate memory" in str(error):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"out of memory ({first[:200]}); lower --hidden_size, --batch_size or "
+                "--num_layers, or use more ranks")
+    return None
 
 
 def _leaving_with(code):
@@ -226,7 +243,9 @@ def die_first_error_first(error):
     says so in one line instead of a second, misleading traceback.
     """
     rank = dist.get_rank()
-    if "by peer" in str(error):  # gloo's words when the other end of a collective went away
+    if out_of_memory(error):
+        print(f"error: rank {rank}: {out_of_memory(error)}", file=sys.stderr, flush=True)
+    elif "by peer" in str(error):  # gloo's words when the other end of a collective went away
         cause = str(error).split(". ")[0].split("] ")[-1]
         print(f"error: rank {rank} lost a peer in a collective ({cause}); another rank failed "
               "first",
