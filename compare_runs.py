@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from training.metrics import RunRecordError, read_metrics, why_not_comparable
+from training.metrics import RunRecordError, read_config, read_metrics, why_not_comparable
 from training.operations import ArgumentParser
 
 DEFAULT_RTOL = 1e-5
@@ -49,6 +49,9 @@ def main(argv=None):
     try:
         if why := why_not_comparable(args.reference, args.other):
             sys.exit(f"error: these runs cannot be compared: {why}")
+        for run in (args.reference, args.other):
+            if not read_config(run):
+                print(f"note: {run} has no config.json: its model and sizes are not checked")
         a, b = read_metrics(args.reference), read_metrics(args.other)
     except RunRecordError as e:
         sys.exit(f"error: {e}")

@@ -225,7 +225,7 @@ def main(argv=None):
     kind = "sequence" if args.sequence_parallel else "tensor"
     default = ("assets/transformer_tensor_parallel.png" if args.model == "transformer" else
                f"assets/toy_{kind}_parallel.png")
-    check_output(p, "--out", args.out or default, "file")
+    check_output(p, "--out", args.out or default, ".png")
     if args.model == "transformer":
         if args.num_attention_heads % args.tp:
             p.error(f"--num_attention_heads {args.num_attention_heads} must be divisible by "

@@ -152,7 +152,7 @@ def main(argv=None):
                    help="write only the comparison, here")
     args = p.parse_args(argv)
     if args.comparison:
-        check_output(p, "--comparison", args.comparison, "file")
+        check_output(p, "--comparison", args.comparison, ".png")
     else:
         check_output(p, "--assets", args.assets, "dir")
     try:

@@ -671,8 +671,8 @@ def main():
     if args.max_tp is not None and args.max_tp < 1:
         p.error(f"--max_tp must be at least 1, got {args.max_tp}")
     if not args.worker:
-        check_output(p, "--out", args.out, "file")
-        check_output(p, "--plot", args.plot, "file")
+        check_output(p, "--out", args.out, ".json")
+        check_output(p, "--plot", args.plot, ".png")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "cuda" and not gpus:
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")

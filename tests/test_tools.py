@@ -82,6 +82,8 @@ CASES = [
     # draw_diagram.py
     (draw_diagram, ["--out", "{p}/a_dir"],
      "draw_diagram.py: error: --out {p}/a_dir is a directory; name a file"),
+    (draw_diagram, ["--out", "{p}/d.jpg"],
+     "draw_diagram.py: error: --out {p}/d.jpg: it is written as PNG; name a .png file"),
     (draw_diagram, ["--tp", "0", "--out", "{p}/d.png"],
      "draw_diagram.py: error: --tp must be a positive integer, got 0"),
     (draw_diagram, ["--model", "transformer", "--vocab_size", "0", "--out", "{p}/d.png"],

@@ -82,6 +82,8 @@ def parse_args(parser, argv=None):
     if transformer:
         default_out_dir = default_out_dir.replace("runs/", "runs/transformer_")
     args.out_dir = args.out_dir or default_out_dir
+    if args.init_from and os.path.isdir(args.init_from):
+        parser.error(f"--init_from {args.init_from} is a directory; name a model.pt file")
     if args.init_from and not os.path.isfile(args.init_from):
         parser.error(f"--init_from {args.init_from}: no such file")
     for flag in ("out_dir", "save"):  # written to (--save: parallel_train.py's), before any work
@@ -126,11 +128,14 @@ def get_parallel_args(argv=None):
                         help="outside the split region each rank keeps only its rows (Korthikanti "
                              "et al., 2022)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
-    parser.add_argument("--save_interval", type=int, default=100,
-                        help="checkpoint every N iterations")
+    parser.add_argument("--save_interval", type=int, default=None,
+                        help="checkpoint every N iterations (default 100), and at the end")
     parser.add_argument("--load", default=None, help="resume from the newest checkpoint here, if "
                                                      "any")
     args = parse_args(parser, argv)
+    if args.save_interval is not None and not args.save and os.environ.get("RANK", "0") == "0":
+        print("note: --save_interval without --save: no checkpoints are written", flush=True)
+    args.save_interval = 100 if args.save_interval is None else args.save_interval
     if args.save_interval <= 0:
         parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
     tp = args.tensor_model_parallel_size

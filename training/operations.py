@@ -57,14 +57,16 @@ def file_in_the_way(directory):
 
 
 def check_output(parser, flag, path, kind="dir"):
-    """Before any work: `path` can be made as a `kind` ("dir" or "file") and written, or
-    parser.error says why in one line. Writing is checked by trying: permissions alone do not say
-    (root, read-only file systems)."""
+    """Before any work: `path` can be made as a `kind` ("dir", or a file ending: ".png",
+    ".json", ".pt") and written, or parser.error says why in one line. Writing is checked by
+    trying: permissions alone do not say (root, read-only file systems)."""
     directory = path if kind == "dir" else os.path.dirname(os.path.abspath(path))
     if file := file_in_the_way(directory):
         parser.error(f"{flag} {path}: {file} is a file; name a directory")
-    if kind == "file" and os.path.isdir(path):
+    if kind != "dir" and os.path.isdir(path):
         parser.error(f"{flag} {path} is a directory; name a file")
+    if kind != "dir" and not path.endswith(kind):
+        parser.error(f"{flag} {path}: it is written as {kind[1:].upper()}; name a {kind} file")
     existing = os.path.abspath(directory)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
