@@ -121,6 +121,36 @@ def test_bitwise_resume_on_one_gpu(data_dir, tmp_path):
                          "float64", "--update_freq", "10", "--save_interval", "20"], tmp_path)
 
 
+@pytest.mark.skipif(not TWO_GPUS,
+                    reason="NCCL with 2 ranks needs 2 GPUs (it refuses two ranks on one GPU)")
+def test_nccl_tp2(data_dir, serial_cuda, tmp_path):
+    launch(2, "--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--dtype", "float64",
+           *ITERS,
+           "--out_dir", str(tmp_path))
+    assert read_config(str(tmp_path))["backend"] == "nccl"
+    assert_same_curve(serial_cuda["float64"], str(tmp_path), "float64")
+
+
+def test_benchmark_tiny_on_cuda(tmp_path):
+    out = run([sys.executable, "-m", "benchmarks.bench_step", "--configs", "tiny", "--steps", "3",
+               "--warmup", "1",
+               "--device", "cuda", "--out", str(tmp_path / "b.json"), "--plot",
+               str(tmp_path / "b.png")])
+    report = json.loads((tmp_path / "b.json").read_text())
+    steps = {r["variant"]: r for r in report["results"]["tiny"]}
+    loops = {r["variant"] for r in report["loops"]["tiny"]}
+    if TWO_GPUS:
+        assert {"serial-1t", "ours-tp1", "ours-tp2", "ours-sp-tp2", "dtensor-tp2"} <= set(steps)
+    else:
+        assert set(steps) == {"serial-1t", "ours-tp1"} and loops == {"loop-serial", "loop-ours-tp1"}
+        assert ("skipped ours-tp2, ours-sp-tp2, dtensor-tp2 and their loops: 2 ranks need 2 GPUs"
+                in out)
+    for row in steps.values():
+        assert row["device"].startswith("cuda") and row["memory"]["peak_kind"] == "GPU allocated"
+        assert row["memory"]["peak"] >= row["memory"]["params"] + row["memory"]["grads"]
+    assert steps["ours-tp1"]["comm"]["input_grad"]["calls"] == {}
+
+
 # ---------------------------------------------------------------------------
 # The transformer on the GPU: dropout's streams, exact resume, resharding, NCCL.
 
