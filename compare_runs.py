@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from training.metrics import RunRecordError, read_config, read_metrics, why_not_comparable
+from training.metrics import RunRecordError, read_runs, why_not_comparable
 from training.operations import ArgumentParser
 
 DEFAULT_RTOL = 1e-5
@@ -47,14 +47,15 @@ def main(argv=None):
     if not (args.rtol > 0 and math.isfinite(args.rtol)):
         p.error(f"--rtol must be a positive number, got {args.rtol}")
     try:
-        if why := why_not_comparable(args.reference, args.other):
-            sys.exit(f"error: these runs cannot be compared: {why}")
-        for run in (args.reference, args.other):
-            if not read_config(run):
-                print(f"note: {run} has no config.json: its model and sizes are not checked")
-        a, b = read_metrics(args.reference), read_metrics(args.other)
+        runs = args.reference, args.other
+        (a, b), configs = read_runs(*runs)
     except RunRecordError as e:
         sys.exit(f"error: {e}")
+    if why := why_not_comparable(runs, (a, b), configs):
+        sys.exit(f"error: these runs cannot be compared: {why}")
+    for run, config in zip(runs, configs):
+        if not config:
+            print(f"note: {run} has no config.json: its model and sizes are not checked")
     n_a = len(a["iteration"])
     ok = True
     for column in ("train_loss", "valid_loss"):

@@ -86,8 +86,10 @@ def main(argv=None):
         p.error("--save and --tensor_model_parallel_size go together")
     if args.out and os.path.exists(args.out) and not args.force:
         p.error(f"--out {args.out} exists; name a new file, or pass --force to replace it")
-    check_output(p, "--out", args.out, ".pt") if args.out else check_output(p, "--save",
-                                                                             args.save, "dir")
+    if args.out:
+        check_output(p, "--out", args.out, ".pt")
+    else:
+        check_output(p, "--save", args.save, "dir")
     try:
         if os.path.isfile(args.directory):
             raise CheckpointError(f"{args.directory} is a file; name the --save directory of a "

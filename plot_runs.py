@@ -25,8 +25,7 @@ from compare_runs import curve_difference  # noqa: E402
 from training.metrics import (  # noqa: E402
     RunRecordError,
     atomic_write,
-    read_config,
-    read_metrics,
+    read_runs,
     why_not_comparable,
 )
 from training.operations import ArgumentParser, check_output  # noqa: E402
@@ -155,13 +154,13 @@ def main(argv=None):
         check_output(p, "--comparison", args.comparison, ".png")
     else:
         check_output(p, "--assets", args.assets, "dir")
+    runs = args.serial, args.parallel
     try:
-        if why := why_not_comparable(args.serial, args.parallel):
-            sys.exit(f"error: these runs cannot be drawn as one comparison: {why}")
-        serial, parallel = read_metrics(args.serial), read_metrics(args.parallel)
-        configs = read_config(args.serial), read_config(args.parallel)
+        (serial, parallel), configs = read_runs(*runs)
     except RunRecordError as e:
         sys.exit(f"error: {e}")
+    if why := why_not_comparable(runs, (serial, parallel), configs):
+        sys.exit(f"error: these runs cannot be drawn as one comparison: {why}")
     if args.comparison:
         os.makedirs(os.path.dirname(os.path.abspath(args.comparison)), exist_ok=True)
         return plot_comparison(serial, parallel, configs, args.comparison, args.labels)

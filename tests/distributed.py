@@ -201,6 +201,11 @@ class _Result:
     stderr: str = ""
     arrival: int = 0  # the order in which the ranks' results came in
 
+    @property
+    def failed(self):
+        """A rank that raised, died, or (a script) exited non-zero."""
+        return self.status in ("error", "died") or bool(self.code)
+
 
 class _Pool:
     def __init__(self):
@@ -263,12 +268,10 @@ class _Pool:
                     self._kill(i)
                 pending.discard(i)
                 results[i].arrival = n - len(pending)
-                if results[i].status != "ok" and not (results[i].status == "exit"
-                                                      and results[i].code == 0):
+                if results[i].failed:
                     deadline = min(deadline, time.monotonic() + GRACE_S)
             if pending and time.monotonic() >= deadline:
-                failed = any(r is not None and r.status in ("error", "died") or
-                             (r is not None and r.status == "exit" and r.code) for r in results)
+                failed = any(r is not None and r.failed for r in results)
                 for i in pending:
                     self._kill(i)
                     # After another rank failed, torchrun would stop this one too: "stopped".

@@ -104,7 +104,6 @@ def parse_args(parser, argv=None):
     return args
 
 
-
 def get_args(argv=None):
     """train.py's flags, checked."""
     parser = get_args_parser()

@@ -179,17 +179,22 @@ SIZES = {"toy": ("input_size", "hidden_size", "batch_size"),
                          "num_layers", "num_attention_heads")}
 
 
-def why_not_comparable(a_dir, b_dir):
-    """Why the runs in a_dir and b_dir cannot be compared curve against curve, or None: different
-    models or sizes (from config.json), or a different number of logged iterations."""
-    a, b = read_config(a_dir), read_config(b_dir)
+def read_runs(*run_dirs):
+    """([metrics of each run], [config of each run]), each file read once."""
+    return [read_metrics(d) for d in run_dirs], [read_config(d) for d in run_dirs]
+
+
+def why_not_comparable(run_dirs, metrics, configs):
+    """Why two runs (as read_runs gives them) cannot be compared curve against curve, or None:
+    different models or sizes (from config.json), or a different number of logged iterations."""
+    (a_dir, b_dir), (a, b) = run_dirs, configs
     models = a.get("model", "toy"), b.get("model", "toy")
     if models[0] != models[1]:
         return f"{a_dir} trained the {models[0]} model and {b_dir} the {models[1]}"
     for size in SIZES.get(models[0], ()):
         if size in a and size in b and a[size] != b[size]:
             return f"{a_dir} has {size} {a[size]} and {b_dir} {b[size]}"
-    n = len(read_metrics(a_dir)["iteration"]), len(read_metrics(b_dir)["iteration"])
+    n = len(metrics[0]["iteration"]), len(metrics[1]["iteration"])
     if not min(n):
         return f"a run has no rows ({n[0]} and {n[1]}); did it stop before its first log line?"
     if n[0] != n[1]:
