@@ -1,6 +1,8 @@
 """Do two runs trace the same loss curve? Prints the largest differences, exits 1 if too large.
 
     python compare_runs.py runs/serial runs/tensor_parallel
+    python compare_runs.py runs/serial runs/tensor_parallel --noise runs/reordered_1 \
+        runs/reordered_2
 
 Serial and tensor-parallel training do the same arithmetic in a different
 order (fc2's sum over the hidden units is split into per-rank partial sums),
@@ -10,6 +12,15 @@ float64 at most 3.9e-15. The default tolerance, 1e-5, leaves an order of
 magnitude of headroom over float32 round-off and is far below what any
 missing or wrong communication produces (the curves then part at once, by
 1e-2 or more).
+
+That fixed tolerance fits float32 and float64 only. With --noise, the yardstick
+is measured instead, for the run at hand: the noise runs are the reference
+trained with its sums in another order (train.py --reorder_seed K, same
+weights, data and dtype), so their differences from it are its round-off. At
+each iteration the band is the largest relative difference seen so far among
+the reference and the noise runs; the two runs MATCH while their own difference
+stays within NOISE_FACTOR times the band, and DIFFER from the first iteration it
+leaves it (docs/precision.md: the measurements behind the factor and the rule).
 """
 
 import math
@@ -21,6 +32,16 @@ from training.metrics import RunRecordError, read_runs, why_not_comparable
 from training.operations import ArgumentParser
 
 DEFAULT_RTOL = 1e-5
+# How far beyond the round-off band a correct run may go, at any one iteration (a spike: one
+# wrong step) and typically (the median over the run: a small error made at every step). Measured
+# (docs/precision.md, benchmarks/precision.py): correct runs reach at most 2.7x the band at any
+# iteration and 0.4x typically; a new draw of round-off is mostly below the largest of the earlier
+# ones.
+NOISE_FACTOR = 10.0
+TYPICAL_FACTOR = 1.0
+# The band is at least one rounding of the loss (computed in fp32 under bf16): with noise runs
+# that happen to agree with the reference exactly, a difference is measured against that.
+LOSS_ROUNDING = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-24}
 
 
 def curve_difference(a, b, column="train_loss"):
@@ -37,37 +58,99 @@ def curve_difference(a, b, column="train_loss"):
     return float(diff.max()), float((diff / np.abs(x[keep])).max())
 
 
+def relative_difference(a, b, column="train_loss"):
+    """|a - b| / |a| at every iteration (NaN where either has no value)."""
+    return np.abs(a[column] - b[column]) / np.abs(a[column])
+
+
+def round_off_band(reference, noise, dtype):
+    """At each iteration, the largest relative difference seen so far between any two of
+    `reference` and the `noise` runs, at least one rounding of the loss."""
+    runs = [reference, *noise]
+    spread = np.max([relative_difference(runs[i], runs[j])
+                     for i in range(len(runs)) for j in range(i + 1, len(runs))], axis=0)
+    return np.maximum(np.fmax.accumulate(np.nan_to_num(spread, nan=0.0)),
+                      LOSS_ROUNDING.get(dtype, 0.0))
+
+
+def noise_verdict(a, b, noise, dtype):
+    """(ok, lines): do a and b stay within the round-off band that a and the noise runs span,
+    NOISE_FACTOR times it at every iteration and TYPICAL_FACTOR times it at the median? Every
+    line says what was measured."""
+    band = round_off_band(a, noise, dtype)
+    ratio = relative_difference(a, b) / band
+    ratio[np.isnan(ratio)] = np.inf  # a diverged run leaves any band
+    it = a["iteration"]
+    worst, typical = int(np.argmax(ratio)), float(np.median(ratio))
+    lines = [f"round-off band ({dtype}): the largest relative difference so far among the "
+             f"reference and {len(noise)} noise run(s); from {band[0]:.1e} at iteration "
+             f"{int(it[0])} to {band[-1]:.1e} at {int(it[-1])}",
+             f"difference / band: at most {ratio[worst]:.3g}x (iteration {int(it[worst])}), "
+             f"typically {typical:.3g}x; allowed {NOISE_FACTOR:g}x and {TYPICAL_FACTOR:g}x"]
+    beyond = np.flatnonzero(ratio > NOISE_FACTOR)
+    if len(beyond):
+        lines.append(f"the runs leave the band at iteration {int(it[beyond[0]])}, by "
+                     f"{ratio[beyond[0]]:.3g}x")
+    if typical > TYPICAL_FACTOR:
+        lines.append(f"the runs stay apart: their difference is typically {typical:.3g}x the "
+                     "band, a correct run's a fraction of it")
+    return not len(beyond) and typical <= TYPICAL_FACTOR, lines
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("reference", nargs="?", default="runs/serial")
     p.add_argument("other", nargs="?", default="runs/tensor_parallel")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="largest relative difference "
-                                                                    "allowed")
+                                                                    "allowed (without --noise)")
+    p.add_argument("--noise", nargs="+", default=[], metavar="RUN",
+                   help="the reference retrained with --reorder_seed K: the verdict is then "
+                        "against their round-off, not --rtol")
     args = p.parse_args(argv)
     if not (args.rtol > 0 and math.isfinite(args.rtol)):
         p.error(f"--rtol must be a positive number, got {args.rtol}")
     try:
-        runs = args.reference, args.other
-        (a, b), configs = read_runs(*runs)
+        runs = args.reference, args.other, *args.noise
+        metrics, configs = read_runs(*runs)
     except RunRecordError as e:
         sys.exit(f"error: {e}")
-    if why := why_not_comparable(runs, (a, b), configs):
-        sys.exit(f"error: these runs cannot be compared: {why}")
+    (a, b), dtype = metrics[:2], configs[0].get("dtype", "float32")
+    stopped = None  # with --noise, a run that stopped early is compared as far as it went
+    if args.noise and 0 < len(b["iteration"]) < len(a["iteration"]):
+        stopped = len(b["iteration"])
+        a = {k: v[:stopped] for k, v in a.items()}
+        metrics = [a, b, *metrics[2:]]
+    for run, m, config in zip(runs[1:], metrics[1:], configs[1:]):
+        m = {k: v[:len(a["iteration"])] for k, v in m.items()} if run in args.noise else m
+        if why := why_not_comparable((args.reference, run), (a, m), (configs[0], config)):
+            sys.exit(f"error: these runs cannot be compared: {why}")
+        if run in args.noise and config.get("dtype", "float32") != dtype:
+            sys.exit(f"error: noise run {run} is {config.get('dtype')} and {args.reference} "
+                     f"{dtype}: retrain it with --dtype {dtype}")
     for run, config in zip(runs, configs):
         if not config:
             print(f"note: {run} has no config.json: its model and sizes are not checked")
-    n_a = len(a["iteration"])
     ok = True
     for column in ("train_loss", "valid_loss"):
         if curve_difference(a, b, column) is None:
             print(f"{column:<10}  no values in common")
             continue
         abs_diff, rel_diff = curve_difference(a, b, column)
-        ok &= bool(rel_diff <= args.rtol)  # NaN (a diverged run) fails too
-        print(f"{column:<10}  max abs diff {abs_diff:.3e}  max rel diff {rel_diff:.3e}  "
-              f"({'within' if rel_diff <= args.rtol else 'BEYOND'} rtol {args.rtol:g})")
-    print(f"{args.reference} and {args.other}: {'MATCH' if ok else 'DIFFER'} over {n_a} "
-          "iterations")
+        verdict = ""
+        if not args.noise:
+            ok &= bool(rel_diff <= args.rtol)  # NaN (a diverged run) fails too
+            verdict = f"  ({'within' if rel_diff <= args.rtol else 'BEYOND'} rtol {args.rtol:g})"
+        print(f"{column:<10}  max abs diff {abs_diff:.3e}  max rel diff {rel_diff:.3e}{verdict}")
+    if args.noise:
+        noise = [{k: v[:len(a["iteration"])] for k, v in m.items()} for m in metrics[2:]]
+        ok, lines = noise_verdict(a, b, noise, dtype)
+        if stopped:
+            ok = False
+            lines.append(f"{args.other} stopped after {stopped} iterations, {args.reference} "
+                         "went on: the runs differ")
+        print("\n".join(lines))
+    print(f"{args.reference} and {args.other}: {'MATCH' if ok else 'DIFFER'} over "
+          f"{len(a['iteration'])} iterations")
     return 0 if ok else 1
 
 

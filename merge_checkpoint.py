@@ -113,7 +113,16 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write(args.out, lambda f: torch.save(state, f))
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in state.items())
-    print(f"merged {len(shards)} shards of iteration {iteration} into {args.out}: {shapes}")
+    print(f"merged {len(shards)} shards of iteration {iteration} into {args.out}: {shapes}; "
+          f"{precision(shards[0]['sizes'].get('dtype', 'float32'), state)}")
+
+
+def precision(run_dtype, state):
+    """What the tensors are, in words: a bf16 run's checkpoints hold its fp32 main parameters."""
+    dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
+    if dtype != run_dtype:
+        return f"{dtype} main parameters of a {run_dtype} run"
+    return f"{dtype} parameters"
 
 
 if __name__ == "__main__":

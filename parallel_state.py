@@ -24,6 +24,7 @@ _TENSOR_MODEL_PARALLEL_GROUP = None
 _DATA_PARALLEL_GROUP = None
 _DEVICE = None
 _STAGE_THROUGH_HOST = False  # gloo with CUDA tensors: collectives run on host copies
+_REDUCE_IN_FP32 = False  # --tp_reduce_dtype float32: bf16 tensors are summed as fp32 copies
 
 # comm_calls["all_reduce"] = number of calls; comm_bytes[...] = bytes each rank contributed;
 # comm_ring_bytes[...] = bytes each rank sends when the collective runs as a ring (see _count).
@@ -57,6 +58,13 @@ def set_device(device: torch.device, stage_through_host: bool = False) -> None:
     by training/initialize.py, which chooses them for the whole job."""
     global _DEVICE, _STAGE_THROUGH_HOST
     _DEVICE, _STAGE_THROUGH_HOST = device, stage_through_host
+
+
+def set_reduce_in_fp32(enabled: bool) -> None:
+    """Sum bf16 tensors in fp32 in the tensor-parallel all-reduces and reduce-scatters (twice the
+    bytes on the wire); off: in bf16, as Megatron does. See docs/precision.md."""
+    global _REDUCE_IN_FP32
+    _REDUCE_IN_FP32 = enabled
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
@@ -131,12 +139,13 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     active exception"). Skip it only when peers may never reach it.
     """
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _DEVICE, _STAGE_THROUGH_HOST
+    global _REDUCE_IN_FP32
     if dist.is_initialized():
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
     _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _DEVICE = None
-    _STAGE_THROUGH_HOST = False
+    _STAGE_THROUGH_HOST = _REDUCE_IN_FP32 = False
 
 
 # ---------------------------------------------------------------------------
@@ -219,9 +228,12 @@ def _check_same_on_every_rank(op, tensor, group):
                 f"{tuple(theirs[2:2 + ndim].tolist())}")
 
 
-def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
+def _on_wire(tensor: torch.Tensor, summed: bool = False) -> torch.Tensor:
     """The tensor the backend moves: a host copy when gloo carries CUDA tensors (as gloo's own
-    CUDA path does), else the tensor itself."""
+    CUDA path does), an fp32 copy of a bf16 tensor to be `summed` under set_reduce_in_fp32, else
+    the tensor itself."""
+    if summed and _REDUCE_IN_FP32 and tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
     return tensor.cpu() if _STAGE_THROUGH_HOST else tensor
 
 
@@ -255,8 +267,8 @@ def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None, op: str
     _check("all_reduce", tensor, group)
     group = group or get_tensor_model_parallel_group()
     p = dist.get_world_size(group)
-    _count("all_reduce", tensor, Fraction(2 * (p - 1), p))
-    wire = _on_wire(tensor)
+    wire = _on_wire(tensor, summed=op == "sum")
+    _count("all_reduce", wire, Fraction(2 * (p - 1), p))
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
     work = dist.all_reduce(wire, op=reduce_op, group=group, async_op=async_op)
     return _finish(work, lambda: tensor if wire is tensor else tensor.copy_(wire), async_op)
@@ -294,11 +306,11 @@ def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
     tensor = tensor.contiguous()
     _check("reduce_scatter", tensor)
     p = get_tensor_model_parallel_world_size()
-    _count("reduce_scatter", tensor, Fraction(p - 1, p))
-    wire = _on_wire(tensor)
+    wire = _on_wire(tensor, summed=True)
+    _count("reduce_scatter", wire, Fraction(p - 1, p))
     output = wire.new_empty((tensor.shape[0] // p, *tensor.shape[1:]))
     work = _reduce_scatter_one_buffer(output, wire, get_tensor_model_parallel_group(), async_op)
-    return _finish(work, lambda: output.to(tensor.device), async_op)
+    return _finish(work, lambda: output.to(tensor.device, tensor.dtype), async_op)
 
 
 def _all_reduce_coalesced(tensors, group, name, divide_by=1):
@@ -324,10 +336,11 @@ def average_over_data_parallel(tensors) -> None:
                           get_data_parallel_world_size())
 
 
-def sum_over_tensor_parallel(tensors) -> None:
+def sum_over_tensor_parallel(tensors, name="all_reduce") -> None:
     """Sum `tensors` in place over the tensor-parallel group, in one all-reduce
-    (sequence parallelism's partial gradients of replicated weights, and the loss)."""
-    _all_reduce_coalesced(tensors, get_tensor_model_parallel_group(), "all_reduce")
+    (sequence parallelism's partial gradients of replicated weights and the loss; the squared
+    gradient norm), counted under `name`."""
+    _all_reduce_coalesced(tensors, get_tensor_model_parallel_group(), name)
 
 
 def average_replicated(whole, partial=()) -> None:

@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import parallel_state as ps
 from sequence_parallel import allreduce_sequence_parallel_grads, sequence_parallel_disabled
-from train import build_model, evaluate, load_data, make_optimizer
+from train import build_model, evaluate, holds, load_data, make_optimizer
 from training import initialize
 from training.arguments import get_parallel_args
 from training.checkpointing import (
@@ -28,9 +28,11 @@ from training.checkpointing import (
     save_checkpoint,
     set_identity,
 )
+from training.clip_grads import clip_grad_norm
 from training.data import iterate_batches, to_tensors
 from training.logbook import Logbook, report_communication
 from training.metrics import MetricsWriter, run_config, save_model
+from training.mixed_precision import main_model, optimized_parameters
 from training.operations import (
     leaving_together,
     on_every_rank,
@@ -42,6 +44,7 @@ from training.operations import (
 def train(model, optimizer, batches, logbook, args, start=0):
     """train.py's loop, and what parallelism adds after backward."""
     replica_rows = args.batch_size // ps.get_data_parallel_world_size()
+    params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
     ps.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
     model.train()
     for it in range(start + 1, args.num_iterations + 1):
@@ -51,20 +54,23 @@ def train(model, optimizer, batches, logbook, args, start=0):
         if args.model == "transformer":  # mean cross-entropy, the logits left split (Sec. 3)
             loss = model.loss(outputs, targets)
         else:  # the mean over this replica's rows (under sequence parallelism, this rank's share)
-            loss = F.mse_loss(outputs[:, 0], targets, reduction="sum") / replica_rows
+            loss = F.mse_loss(outputs[:, 0].to(targets.dtype), targets, reduction="sum") / \
+                replica_rows
         loss.backward()
         # Under sequence parallelism ToyModel's loss is this rank's rows' share; the
         # transformer's is whole (it gathers the sequence before its output layer).
         partial_loss = args.sequence_parallel and args.model == "toy"
         if ps.get_data_parallel_world_size() > 1:  # replicas saw different rows: average them
-            loss = average_over_data_parallel_replicas(model, loss, partial_loss)
+            loss = average_over_data_parallel_replicas(params, loss, partial_loss)
         elif args.sequence_parallel:  # weights outside the split region saw 1/p of the rows
-            loss = allreduce_sequence_parallel_grads(model, loss, partial_loss)
+            loss = allreduce_sequence_parallel_grads(params, loss, partial_loss)
+        # The global norm over every rank's shards (training/clip_grads.py), once the sums are done.
+        grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None
         optimizer.step()
-        logbook.step(it, loss)  # logging, validation, the ranks' agreement, checkpoints
+        logbook.step(it, loss, grad_norm)  # logging, validation, the ranks' agreement, checkpoints
 
 
-def average_over_data_parallel_replicas(model, loss, partial_loss):
+def average_over_data_parallel_replicas(params, loss, partial_loss):
     """Average every gradient and the loss over the data-parallel replicas; returns the loss.
 
     Each rank's shards of the split weights over its data-parallel group; what
@@ -76,7 +82,7 @@ def average_over_data_parallel_replicas(model, loss, partial_loss):
     kind = lambda p: ("split" if getattr(p, "tensor_model_parallel", False) else
                       "partial" if getattr(p, "grad_is_partial", False) else "whole")
     grads = {"split": [], "partial": [], "whole": []}
-    for p in model.parameters():
+    for p in params:
         grads[kind(p)].append(p.grad)
     grads["partial" if partial_loss else "whole"].append(loss)
     ps.average_over_data_parallel(grads["split"])
@@ -101,13 +107,15 @@ def run(args, device, precision):
     model = build_model(args, device, tensor_parallel=True,
                         sequence_parallel=args.sequence_parallel)
     model = model.to(device)
+    ps.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
     optimizer = make_optimizer(model, args)
+    main = main_model(model, optimizer)  # what checkpoints hold: fp32 main parameters under bf16
     (X, y), valid = on_every_rank(load_data, args)
     set_identity(args, X, y)  # whose the checkpoints are
-    start = on_every_rank(load_checkpoint, args.load, model, optimizer, args) if args.load else 0
-    batches = iterate_batches(*to_tensors(X, y, args.torch_dtype, device), args.batch_size, start,
+    start = on_every_rank(load_checkpoint, args.load, main, optimizer, args) if args.load else 0
+    batches = iterate_batches(*to_tensors(X, y, args, device), args.batch_size, start,
                               this_ranks_rows(args))
-    valid = to_tensors(*valid, args.torch_dtype, device)
+    valid = to_tensors(*valid, args, device)
 
     def validate():  # every rank, every row: validation saves nothing for backward
         with sequence_parallel_disabled(model):
@@ -125,13 +133,13 @@ def run(args, device, precision):
     with Logbook(args, validate, metrics, log_prefix, start) as logbook:
         if args.save:
             logbook.save_every(args.save_interval,
-                               lambda it: save_checkpoint(args.save, it, model, optimizer, args))
+                               lambda it: save_checkpoint(args.save, it, main, optimizer, args))
         train(model, optimizer, batches, logbook, args, start)
-    state = gather_serial_state_dict(model)
+    state = gather_serial_state_dict(main)
     if rank == 0:
         save_model(state, args.out_dir)
         report_communication(logbook.first_step_comm, args)
-        print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt")
+        print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt{holds(args)}")
 
 
 def main():

@@ -7,6 +7,11 @@ tensor_parallel.png  the parallel run: every tensor-parallel rank's train loss
 comparison.png       both runs overlaid and, beneath, |serial - parallel| per
                      iteration on a log axis, with its maximum
 
+    python plot_runs.py runs/serial runs/tensor_parallel --noise runs/reordered_1 runs/reordered_2
+
+draws the round-off band that the reordered runs span (compare_runs.py --noise) under the
+difference, and the line a correct run stays below.
+
     python plot_runs.py A B --labels "stayed at TP=2" "TP=2, then TP=4" --comparison x.png
 
 draws only the comparison of any two runs, under those names.
@@ -21,7 +26,12 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from compare_runs import curve_difference  # noqa: E402
+from compare_runs import (  # noqa: E402
+    NOISE_FACTOR,
+    curve_difference,
+    noise_verdict,
+    round_off_band,
+)
 from training.metrics import (  # noqa: E402
     RunRecordError,
     atomic_write,
@@ -31,6 +41,7 @@ from training.metrics import (  # noqa: E402
 from training.operations import ArgumentParser, check_output  # noqa: E402
 
 SERIAL_COLOR, PARALLEL_COLOR, VALID_COLOR = "#1f77b4", "#d62728", "#2ca02c"
+BAND_COLOR = "#6baed6"
 
 
 def describe(config):
@@ -103,7 +114,17 @@ def plot_parallel(parallel, config, path):
     save(fig, path)
 
 
-def plot_comparison(serial, parallel, configs, path, labels=("serial", "tensor-parallel")):
+def draw_band(ax, iterations, band, floor):
+    """The round-off band (compare_runs.round_off_band, in the axis's units) shaded down to
+    `floor`, and NOISE_FACTOR times it dashed: a correct run's difference stays below the line."""
+    ax.fill_between(iterations, floor, np.maximum(band, floor), color=BAND_COLOR, alpha=0.35,
+                    lw=0, label="round-off band (the reordered runs' spread)")
+    ax.plot(iterations, NOISE_FACTOR * band, "--", color=BAND_COLOR, lw=1.2,
+            label=f"{NOISE_FACTOR:g} x the band")
+
+
+def plot_comparison(serial, parallel, configs, path, labels=("serial", "tensor-parallel"),
+                    noise=()):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
     plot_losses(top, serial, SERIAL_COLOR, labels[0], None, lw=5, alpha=0.35)
@@ -125,6 +146,13 @@ def plot_comparison(serial, parallel, configs, path, labels=("serial", "tensor-p
                     f"(max relative difference {max_rel:.2e})",
                     xy=(it[i], diff[i]), xytext=(0.03, 0.08), textcoords="axes fraction",
                     fontsize=9, arrowprops=dict(arrowstyle="->", color="gray"))
+    if noise:  # the band in absolute terms, beneath the difference, and the verdict
+        dtype = (configs[0] or {}).get("dtype", "float32")
+        band = round_off_band(serial, noise, dtype)[:n] * np.abs(serial["train_loss"][:n])
+        floor = diff[~exact].min() / 10 if (~exact).any() else band.min()
+        draw_band(bottom, it, band, floor)
+        ok, _ = noise_verdict(serial, parallel, noise, dtype)
+        bottom.set_title(f"compare_runs.py --noise: {'MATCH' if ok else 'DIFFER'}", fontsize=9)
     bottom.set_xlabel("iteration")
     bottom.set_ylabel("absolute difference")
     bottom.grid(True, which="both", alpha=0.3)
@@ -149,25 +177,32 @@ def main(argv=None):
                    metavar=("FIRST", "SECOND"), help="the two runs' names in the comparison")
     p.add_argument("--comparison", default=None, metavar="PNG",
                    help="write only the comparison, here")
+    p.add_argument("--noise", nargs="+", default=[], metavar="RUN",
+                   help="the first run retrained with --reorder_seed K: its round-off band is "
+                        "drawn under the difference")
     args = p.parse_args(argv)
     if args.comparison:
         check_output(p, "--comparison", args.comparison, ".png")
     else:
         check_output(p, "--assets", args.assets, "dir")
-    runs = args.serial, args.parallel
+    runs = args.serial, args.parallel, *args.noise
     try:
-        (serial, parallel), configs = read_runs(*runs)
+        (serial, parallel, *noise), configs = read_runs(*runs)
     except RunRecordError as e:
         sys.exit(f"error: {e}")
-    if why := why_not_comparable(runs, (serial, parallel), configs):
-        sys.exit(f"error: these runs cannot be drawn as one comparison: {why}")
+    for run, metrics, config in zip(runs[1:], (parallel, *noise), configs[1:]):
+        if why := why_not_comparable((args.serial, run), (serial, metrics),
+                                     (configs[0], config)):
+            sys.exit(f"error: these runs cannot be drawn as one comparison: {why}")
+    configs = configs[:2]
     if args.comparison:
         os.makedirs(os.path.dirname(os.path.abspath(args.comparison)), exist_ok=True)
-        return plot_comparison(serial, parallel, configs, args.comparison, args.labels)
+        return plot_comparison(serial, parallel, configs, args.comparison, args.labels, noise)
     os.makedirs(args.assets, exist_ok=True)
     plot_serial(serial, configs[0], os.path.join(args.assets, "non_parallel.png"))
     plot_parallel(parallel, configs[1], os.path.join(args.assets, "tensor_parallel.png"))
-    plot_comparison(serial, parallel, configs, os.path.join(args.assets, "comparison.png"))
+    plot_comparison(serial, parallel, configs, os.path.join(args.assets, "comparison.png"),
+                    noise=noise)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def _single_rank():
     return ps.get_tensor_model_parallel_world_size() == 1
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module, loss: torch.Tensor,
+def allreduce_sequence_parallel_grads(params, loss: torch.Tensor,
                                       loss_is_partial: bool = True) -> torch.Tensor:
     """Sum over the tensor-parallel group what each rank took from its rows only; returns the loss.
 
@@ -145,10 +145,11 @@ def allreduce_sequence_parallel_grads(model: nn.Module, loss: torch.Tensor,
     their gradients are partial sums (Megatron-LM's `_allreduce_layernorm_grads`);
     so is each rank's loss in ToyModel, whose loss is taken on each rank's rows.
     (The transformer gathers the sequence before its loss: loss_is_partial=False.)
-    One all-reduce carries them all.
+    One all-reduce carries them all. `params`: the parameters the optimizer updates (under bf16,
+    the fp32 main copies, which hold the gradients).
     """
     loss = loss.detach().reshape(1).clone()
-    partial = [p.grad for p in model.parameters() if getattr(p, "grad_is_partial", False)]
+    partial = [p.grad for p in params if getattr(p, "grad_is_partial", False)]
     ps.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))
     return loss[0]
 

@@ -18,24 +18,28 @@ from model import ToyModel
 from rng_tracker import model_parallel_manual_seed
 from training.arguments import get_args
 from training.checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
+from training.clip_grads import clip_grad_norm
 from training.data import iterate_batches, load_dataset, load_token_dataset, to_tensors
 from training.logbook import Logbook
 from training.metrics import MetricsWriter, run_config, save_model
+from training.mixed_precision import MixedPrecisionOptimizer, main_model, optimized_parameters
 from training.operations import pin_float32_precision, run_cli
+from training.reorder import reorder_sums
 from transformer import ToyTransformer
 
 
 def build_model(args, device, tensor_parallel=False, sequence_parallel=False):
     """The same model for every run: nn.Linear's init from --seed, or --init_from's weights.
-    Built on the CPU; `device` is where it will run (dropout's streams live there)."""
+    Built on the CPU, in fp32 for a bf16 run (make_optimizer casts it); `device` is where it
+    will run (dropout's streams live there)."""
     model_parallel_manual_seed(args.seed, device)  # and dropout's streams (rng_tracker.py)
     if args.model == "transformer":
         model = ToyTransformer(args.vocab_size, args.seq_length, args.input_size, args.hidden_size,
                                args.num_attention_heads, args.num_layers, tensor_parallel,
-                               args.dropout, sequence_parallel, dtype=args.torch_dtype)
+                               args.dropout, sequence_parallel, dtype=args.main_dtype)
     else:
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
-                         dtype=args.torch_dtype)
+                         dtype=args.main_dtype)
     if args.init_from:
         try:
             state_dict = torch.load(args.init_from, map_location="cpu", weights_only=True)
@@ -68,17 +72,23 @@ def evaluate(model, inputs, targets, chunk_rows=1024):
         loss = sum(model.loss(model(x), y).item() * len(x) for x, y in chunks) / len(inputs)
     else:
         outputs = torch.cat([model(x)[:, 0] for x in inputs.split(chunk_rows)])
-        loss = F.mse_loss(outputs, targets).item()
+        loss = F.mse_loss(outputs.to(targets.dtype), targets).item()
     model.train()
     return loss
 
 
 def make_optimizer(model, args):
-    return torch.optim.SGD(model.parameters(), lr=args.init_lr, momentum=args.momentum)
+    """SGD with momentum; under --dtype bfloat16, over fp32 main copies of the parameters, the
+    model cast to bf16 (training/mixed_precision.py)."""
+    sgd = lambda params: torch.optim.SGD(params, lr=args.init_lr, momentum=args.momentum)
+    if args.dtype == "bfloat16":
+        return MixedPrecisionOptimizer(model, sgd)
+    return sgd(model.parameters())
 
 
 def train(model, optimizer, batches, logbook, args):
     """The training loop. parallel_train.py's adds what parallelism needs after backward."""
+    params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
     model.train()
     for it in range(1, args.num_iterations + 1):
         inputs, targets = next(batches)
@@ -86,11 +96,17 @@ def train(model, optimizer, batches, logbook, args):
         outputs = model(inputs)
         if args.model == "transformer":  # mean cross-entropy of the next token
             loss = model.loss(outputs, targets)
-        else:
-            loss = F.mse_loss(outputs[:, 0], targets)
+        else:  # in the targets' dtype: fp32 under bf16, as Megatron computes the loss
+            loss = F.mse_loss(outputs[:, 0].to(targets.dtype), targets)
         loss.backward()
+        grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None
         optimizer.step()
-        logbook.step(it, loss)  # logging, validation, metrics.csv: training/logbook.py
+        logbook.step(it, loss, grad_norm)  # logging, validation, metrics.csv: training/logbook.py
+
+
+def holds(args):
+    """What model.pt holds, when it is not the run's dtype."""
+    return " (float32 main parameters of a bfloat16 run)" if args.dtype == "bfloat16" else ""
 
 
 def main():
@@ -98,18 +114,20 @@ def main():
     precision = pin_float32_precision()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     model = build_model(args, device).to(device)
+    unpermuted = reorder_sums(model, args.reorder_seed)  # --reorder_seed: sums in another order
     optimizer = make_optimizer(model, args)
     (X, y), valid = load_data(args)
     # The whole (small) data set goes to the device once; a batch is then a slice of it.
-    batches = iterate_batches(*to_tensors(X, y, args.torch_dtype, device), args.batch_size)
-    valid = to_tensors(*valid, args.torch_dtype, device)
+    batches = iterate_batches(*to_tensors(X, y, args, device), args.batch_size)
+    valid = to_tensors(*valid, args, device)
 
     config = run_config(args, device=str(device), tensor_model_parallel_size=1, **precision)
     metrics = MetricsWriter(args.out_dir, config)
     with Logbook(args, lambda: evaluate(model, *valid), metrics) as logbook:
         train(model, optimizer, batches, logbook, args)
-    save_model(gather_serial_state_dict(model), args.out_dir)
-    print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt")
+    state = gather_serial_state_dict(main_model(model, optimizer))  # fp32 main params under bf16
+    save_model(unpermuted(state), args.out_dir)
+    print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt{holds(args)}")
 
 
 if __name__ == "__main__":

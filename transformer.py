@@ -197,7 +197,7 @@ class ToyTransformer(nn.Module):
         """Mean cross-entropy of the next token (targets: (batch, seq)), through the tied output
         layer."""
         if not self.tensor_parallel:
-            logits = F.linear(hidden.transpose(0, 1), self.word_embeddings.weight)
+            logits = _for_the_loss(F.linear(hidden.transpose(0, 1), self.word_embeddings.weight))
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if self.sequence_parallel:  # the whole sequence again; the gather's backward sums, as f
             hidden = gather_from_sequence_parallel_region(hidden)
@@ -205,4 +205,11 @@ class ToyTransformer(nn.Module):
             hidden = copy_to_tensor_model_parallel_region(hidden)
         # This rank's vocabulary slice of the logits, never gathered.
         logits_parallel = F.linear(hidden.transpose(0, 1), self.word_embeddings.weight)
-        return vocab_parallel_cross_entropy(logits_parallel, targets, self.vocab_size).mean()
+        return vocab_parallel_cross_entropy(_for_the_loss(logits_parallel), targets,
+                                            self.vocab_size).mean()
+
+
+def _for_the_loss(logits):
+    """bf16 logits go to the cross-entropy in fp32, as Megatron's do (without
+    --fp16-lm-cross-entropy): its exp and sums over the vocabulary keep their digits."""
+    return logits.float() if logits.dtype == torch.bfloat16 else logits

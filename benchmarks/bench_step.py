@@ -109,7 +109,7 @@ class Step:
     def backward(self, loss):
         loss.backward()
         if self.batch_size is not None:
-            allreduce_sequence_parallel_grads(self.model, loss)
+            allreduce_sequence_parallel_grads(self.model.parameters(), loss)
 
 
 def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, fused=False):

@@ -54,7 +54,7 @@ class TransformerStep:
     def backward(self, loss):
         loss.backward()
         if self.model.sequence_parallel:
-            allreduce_sequence_parallel_grads(self.model, loss, loss_is_partial=False)
+            allreduce_sequence_parallel_grads(self.model.parameters(), loss, loss_is_partial=False)
 
 
 def parallelize_with_dtensor(model, mesh):

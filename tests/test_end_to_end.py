@@ -70,7 +70,7 @@ def test_match_report_fails_on_a_different_curve(serial_runs, tmp_path):
 def test_match_report_catches_a_broken_all_reduce(kind, data_dir, serial_runs, tmp_path):
     # Dropping g's sum makes the ranks' losses disagree: the run stops at its first check (iteration
     # 10). Averaging keeps them equal, so the run finishes, on another curve.
-    out = run_script("tests/break_all_reduce.py", kind, "--data_dir", data_dir, "--update_freq",
+    out = run_script("tests/inject_bug.py", kind, "--data_dir", data_dir, "--update_freq",
                      "10", "--out_dir", tmp_path, nproc=2, ok=kind == "average").out
     if kind == "drop":
         assert "error: tensor-parallel ranks disagree on the loss by iteration 10" in out, out

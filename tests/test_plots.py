@@ -3,6 +3,7 @@
 import argparse
 import csv
 import os
+from unittest import mock
 
 import matplotlib.image
 import numpy as np
@@ -22,7 +23,7 @@ def fake_run(out_dir, num_ranks, offset=0.0):
     extra = {"backend": "gloo", "device": "cpu"} if num_ranks > 1 else {"device": "cpu"}
     writer = MetricsWriter(str(out_dir), run_config(args, **extra), num_ranks=num_ranks)
     losses = 50 * np.exp(-np.arange(1, 31) / 8) + offset
-    rows = [[it, float(loss), float(loss) if it % 10 == 0 else None] for it,
+    rows = [[it, float(loss), float(loss) if it % 10 == 0 else None, None] for it,
             loss in zip(range(1, 31), losses)]
     writer.write(rows, torch.tensor(losses).expand(num_ranks, -1))
     writer.close()
@@ -42,6 +43,20 @@ def test_plot_runs_writes_three_pictures(tmp_path):
         height, width, _ = png_shape(tmp_path / "assets" / name)
         assert width >= 700 and height >= 450, (name, width, height)
     assert not list((tmp_path / "assets").glob("*.tmp.png"))  # written atomically
+
+
+def test_comparison_draws_the_round_off_band(tmp_path):
+    for name, offset in (("serial", 0), ("parallel", 1e-6), ("r1", 1e-6), ("r2", -2e-6)):
+        fake_run(tmp_path / name, 1 if name != "parallel" else 2, offset=offset)
+    with mock.patch.object(plot_runs, "draw_band", wraps=plot_runs.draw_band) as band:
+        plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--noise",
+                        str(tmp_path / "r1"), str(tmp_path / "r2"), "--comparison",
+                        str(tmp_path / "c.png")])
+    (ax, iterations, drawn, floor), _ = band.call_args
+    # The band in absolute terms: the largest difference among serial, r1 and r2 so far (r1 - r2).
+    assert drawn[0] == pytest.approx(3e-6, rel=1e-3) and drawn[-1] == pytest.approx(3e-6, rel=1e-3)
+    assert "MATCH" in ax.get_title()
+    assert png_shape(tmp_path / "c.png")[1] >= 700
 
 
 def test_plot_runs_needs_runs(tmp_path):
@@ -110,7 +125,7 @@ def test_a_run_resumed_at_another_size_keeps_its_earlier_rows(tmp_path, before, 
     args = argparse.Namespace(tensor_model_parallel_size=after)
     writer = MetricsWriter(str(tmp_path / "run"), run_config(args), num_ranks=after,
                            resume_from=20)
-    writer.write([[21, 1.5, None]], torch.full((after, 1), 1.5) if after > 1 else None)
+    writer.write([[21, 1.5, None, None]], torch.full((after, 1), 1.5) if after > 1 else None)
     writer.close()
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.reader(f))

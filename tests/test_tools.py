@@ -44,8 +44,10 @@ def places(tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_dir").mkdir()
     for name, ranks in (("serial", 1), ("parallel", 2), ("transformer", 2), ("bad_config", 1),
-                        ("bad_header", 1), ("short", 1)):
+                        ("bad_header", 1), ("short", 1), ("bf16", 1)):
         fake_run(tmp_path / name, ranks, offset=1e-7 * (ranks - 1))
+    config = tmp_path / "bf16" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "bfloat16"}))
     config = tmp_path / "transformer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "model": "transformer"}))
     (tmp_path / "bad_config" / "config.json").write_text("{not json")
@@ -79,6 +81,16 @@ CASES = [
     (compare_runs, ["{p}/serial", "{p}/nowhere"], "error: {p}/nowhere/metrics.csv not found"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--rtol", "-1"],
      "compare_runs.py: error: --rtol must be a positive number, got -1.0"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/bf16"],
+     "error: noise run {p}/bf16 is bfloat16 and {p}/serial float32: retrain it with --dtype "
+     "float32"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/transformer"],
+     "error: these runs cannot be compared: {p}/serial trained the toy model and "
+     "{p}/transformer the transformer"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise"],
+     "compare_runs.py: error: argument --noise: expected at least one argument"),
+    (plot_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/short", "--assets", "{p}/out"],
+     "error: these runs cannot be drawn as one comparison: the runs have 30 and 20 iterations"),
     # draw_diagram.py
     (draw_diagram, ["--out", "{p}/a_dir"],
      "draw_diagram.py: error: --out {p}/a_dir is a directory; name a file"),

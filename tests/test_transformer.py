@@ -101,7 +101,7 @@ def _check_sequence_parallel_step():
     assert hidden.shape[0] == (SEQ + 3) // tp, "this rank's rows of the sequence"
     loss = parallel.loss(hidden, targets)
     loss.backward()
-    loss = allreduce_sequence_parallel_grads(parallel, loss, loss_is_partial=False)
+    loss = allreduce_sequence_parallel_grads(parallel.parameters(), loss, loss_is_partial=False)
     serial_loss = serial.loss(serial(inputs), targets)
     serial_loss.backward()
     close(loss, serial_loss, "loss")

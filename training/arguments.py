@@ -14,7 +14,7 @@ from training.operations import (
     single_process_env,
 )
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def get_args_parser(prog="train.py", description="Train the ToyModel on one device: the serial "
@@ -32,7 +32,12 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
                    help="print the running train loss every N iterations")
     # Ours.
     p.add_argument("--hidden_size", type=int, default=None, help="default: 32 x input_size")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="bfloat16: bf16 model and activations, fp32 main parameters, gradients, "
+                        "momentum and loss (training/mixed_precision.py)")
+    p.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
+                   help="clip gradients to this global norm (off by default); the norm is logged "
+                        "in metrics.csv (training/clip_grads.py)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: cuda when there is a GPU (for every rank), else cpu")
     p.add_argument("--seed", type=int, default=1234,
@@ -72,6 +77,8 @@ def parse_args(parser, argv=None):
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    if args.clip_grad is not None and not (args.clip_grad > 0 and math.isfinite(args.clip_grad)):
+        parser.error(f"--clip_grad must be a positive number, got {args.clip_grad}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if transformer and args.input_size % args.num_attention_heads != 0:
@@ -100,14 +107,28 @@ def parse_args(parser, argv=None):
         if not os.path.isdir(load) and os.path.abspath(load) != os.path.abspath(args.save or ""):
             parser.error(f"--load {load}: no such directory (to restart a run from its own "
                          "checkpoints whatever they are, pass the same directory to --save)")
-    args.torch_dtype = DTYPES[args.dtype]
+    args.torch_dtype = DTYPES[args.dtype]  # the model's parameters and activations
+    # The optimizer's parameters and the loss: fp32 under bf16 (training/mixed_precision.py).
+    args.main_dtype = torch.float32 if args.dtype == "bfloat16" else args.torch_dtype
     return args
 
 
 def get_args(argv=None):
     """train.py's flags, checked."""
     parser = get_args_parser()
+    parser.add_argument("--reorder_seed", type=int, default=None, metavar="K",
+                        help="the same model with its sums in another order (hidden units and "
+                             "heads permuted by K): a run that differs from the plain one by "
+                             "round-off only, for compare_runs.py --noise (training/reorder.py)")
     args = parse_args(parser, argv)
+    if args.reorder_seed is not None:
+        if not 0 <= args.reorder_seed < 2**63:
+            parser.error(f"--reorder_seed must be an integer from 0 to 2**63 - 1, got "
+                         f"{args.reorder_seed}")
+        if args.model == "transformer" and args.dropout > 0:
+            parser.error("--reorder_seed with --dropout: the attention's dropout masks would "
+                         "fall on other heads, which is another run, not round-off; use "
+                         "--dropout 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
     return args
@@ -126,6 +147,11 @@ def get_parallel_args(argv=None):
     parser.add_argument("--sequence_parallel", action="store_true",
                         help="outside the split region each rank keeps only its rows (Korthikanti "
                              "et al., 2022)")
+    parser.add_argument("--tp_reduce_dtype", choices=["activation", "float32"],
+                        default="activation",
+                        help="the dtype the tensor-parallel all-reduces and reduce-scatters sum "
+                             "bf16 activations in: their own (as Megatron) or float32 (twice the "
+                             "bytes)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=None,
                         help="checkpoint every N iterations (default 100), and at the end")
@@ -137,6 +163,9 @@ def get_parallel_args(argv=None):
     args.save_interval = 100 if args.save_interval is None else args.save_interval
     if args.save_interval <= 0:
         parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
+    if args.tp_reduce_dtype == "float32" and args.dtype != "bfloat16":
+        parser.error(f"--tp_reduce_dtype float32 changes bfloat16 runs only; this one is "
+                     f"--dtype {args.dtype}")
     tp = args.tensor_model_parallel_size
     if tp <= 0:
         parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")

@@ -127,8 +127,9 @@ def iterate_batches(X, y, batch_size, start_step=0, rows=slice(None)):
         step += 1
 
 
-def to_tensors(inputs, targets, dtype, device):
-    """On the device; real numbers in `dtype`, tokens as int64."""
-    cast = lambda a: torch.as_tensor(a).to(device=device, dtype=dtype if a.dtype.kind == "f"
-                                           else torch.int64)
-    return cast(inputs), cast(targets)
+def to_tensors(inputs, targets, args, device):
+    """On the device; tokens as int64, real inputs in the model's dtype, real targets in the
+    loss's (fp32 under bf16: the loss is computed in fp32)."""
+    cast = lambda a, dtype: torch.as_tensor(a).to(device=device, dtype=dtype if a.dtype.kind ==
+                                                  "f" else torch.int64)
+    return cast(inputs, args.torch_dtype), cast(targets, args.main_dtype)

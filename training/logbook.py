@@ -49,6 +49,7 @@ class Logbook:
         self.log_prefix = log_prefix
         self.save, self.save_interval = None, None
         self.rows, self.pending, self.unwritten, self.running = [], [], [], 0.0
+        self.pending_norms = []  # with --clip_grad, each step's gradient norm
         self.start = start
         self.first_step_comm = {}  # the collectives of the first step; stays empty if none ran
 
@@ -57,10 +58,12 @@ class Logbook:
         disk."""
         self.save, self.save_interval = save, interval
 
-    def step(self, it, loss):
+    def step(self, it, loss, grad_norm=None):
         if not self.pending and not self.rows:
             self.first_step_comm = ps.comm_stats()
         self.pending.append(loss.detach())
+        if grad_norm is not None:
+            self.pending_norms.append(grad_norm.detach())
         args = self.args
         evaluating = it % args.eval_interval == 0 or it == args.num_iterations
         # Every save_interval iterations and at the end, as Megatron does.
@@ -75,9 +78,10 @@ class Logbook:
         if diverged is not None:  # the same on every rank: they share the loss
             losses = losses[:diverged + 1]
         first = it - len(self.pending) + 1
-        new_rows = [[first + k, v, None] for k, v in enumerate(losses.tolist())]
+        new_rows = [[first + k, v, None, norm] for k, (v, norm) in
+                    enumerate(zip(losses.tolist(), self._pending_norms(len(self.pending))))]
         self.rows += new_rows
-        self.pending, self.unwritten = [], new_rows
+        self.pending, self.pending_norms, self.unwritten = [], [], new_rows
         if evaluating and diverged is None:
             self.rows[-1][2] = self.validate()
         self._print(new_rows, it)
@@ -97,6 +101,12 @@ class Logbook:
             if self.metrics:
                 self.metrics.flush()  # a resumed run keeps exactly the rows up to its checkpoint
             self.save(it)
+
+    def _pending_norms(self, n):
+        """The pending steps' gradient norms as floats (one device-to-host copy), or Nones."""
+        if not self.pending_norms:
+            return [None] * n
+        return torch.stack(self.pending_norms).to("cpu", torch.float64).tolist()
 
     def _print(self, new_rows, it):
         for row in new_rows:
@@ -122,8 +132,8 @@ class Logbook:
         if self.metrics:  # every row so far reaches the disk, however the loop ends
             # Interrupted before a log point wrote them: no collective now, so no per-rank losses.
             first_pending = self.rows[-1][0] + 1 if self.rows else self.start + 1
-            self.unwritten += [[first_pending + k, float(t), None]
-                               for k, t in enumerate(self.pending)]
+            self.unwritten += [[first_pending + k, float(t), None, norm] for k, (t, norm) in
+                               enumerate(zip(self.pending, self._pending_norms(len(self.pending))))]
             if self.unwritten:
                 self.metrics.write(self.unwritten, rank_losses=None)
             self.metrics.close()

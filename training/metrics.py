@@ -1,7 +1,8 @@
 """A run's record on disk: metrics.csv, config.json and model.pt in its --out_dir.
 
 metrics.csv columns: iteration, train_loss, valid_loss (empty where not
-evaluated), and in a tensor-parallel run train_loss_rank0 ... rankN-1, each
+evaluated), grad_norm (with --clip_grad: the global gradient norm before
+clipping), and in a tensor-parallel run train_loss_rank0 ... rankN-1, each
 rank's own loss (they must be equal: it is how a reader sees that they are).
 
 Every file is replaced atomically (written to a temporary name, then
@@ -53,7 +54,9 @@ class MetricsWriter:
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.csv")
         ranks = [f"train_loss_rank{r}" for r in range(num_ranks)] if num_ranks > 1 else []
-        self.rows = [["iteration", "train_loss", "valid_loss", *ranks]]
+        self.grad_norm = config.get("clip_grad") is not None
+        norm = ["grad_norm"] if self.grad_norm else []
+        self.rows = [["iteration", "train_loss", "valid_loss", *norm, *ranks]]
         if resume_from:
             # Keep the rows up to the checkpoint; rows after it were recomputed by this run. A run
             # resumed at another tensor-parallel size keeps the earlier ranks' columns too (empty
@@ -81,16 +84,17 @@ class MetricsWriter:
         return rows[0], rows[1:]
 
     def write(self, rows, rank_losses):
-        """rows: [iteration, train_loss, valid_loss or None];
+        """rows: [iteration, train_loss, valid_loss or None, grad_norm or None];
         rank_losses: (ranks, len(rows)) or None."""
         if rank_losses is not None:
             per_rank = rank_losses.t().tolist()
         else:
             per_rank = [[""] * self.num_ranks] * len(rows)
         # repr() of a float round-trips exactly: float64 curves can be compared at 1e-15.
-        for (it, loss, valid), losses in zip(rows, per_rank):
-            ranks = [repr(x) if x != "" else "" for x in losses] if self.num_ranks > 1 else []
-            row = [it, repr(loss), "" if valid is None else repr(valid), *ranks]
+        text = lambda x: "" if x is None or x == "" else repr(x)
+        for (it, loss, valid, norm), losses in zip(rows, per_rank):
+            ranks = [text(x) for x in losses] if self.num_ranks > 1 else []
+            row = [it, repr(loss), text(valid), *([text(norm)] if self.grad_norm else []), *ranks]
             self.rows.append(row + [""] * (len(self.rows[0]) - len(row)))
         if time.monotonic() - self.last_flush >= self.min_interval_s:
             self.flush()
@@ -107,7 +111,7 @@ class MetricsWriter:
 
 def run_config(args, **extra):
     """The flags and set-up of a run, as written to config.json (for plot titles and readers)."""
-    return {**{k: v for k, v in vars(args).items() if k != "torch_dtype"}, **extra}
+    return {**{k: v for k, v in vars(args).items() if not isinstance(v, torch.dtype)}, **extra}
 
 
 def set_aside_earlier_run(out_dir):

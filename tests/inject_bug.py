@@ -1,0 +1,75 @@
+"""parallel_train.py with a bug injected, as a mistake in the code would put it there.
+
+    torchrun --nproc_per_node 2 tests/inject_bug.py KIND [parallel_train.py flags]
+
+KIND, by what it breaks:
+  g's all-reduce (mappings._reduce, every g of the run):
+    drop                      g forgets to sum the partial products
+    average                   the mean instead of the sum (a mix-up with data parallelism)
+    off_by_1pct               the sum comes out 1% too large
+    skipped_once              g sums nothing in iteration 10 (a missed call), right elsewhere
+  the global gradient norm of --clip_grad (training/clip_grads.py), the classic mistakes:
+    replicated_counted_tp_times  every rank adds the replicated parameters' squares
+    norm_not_all_reduced         each rank clips by the norm of its own shards
+    dp_rank_norm_alone           each data-parallel replica clips by its own gradients' norm,
+                                 before they are averaged
+  sequence parallelism:
+    layernorm_grads_not_summed   the replicated weights' partial gradients (LayerNorms, fc) are
+                                 not summed over the group after backward
+"""
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import mappings  # noqa: E402
+import parallel_state as ps  # noqa: E402
+import parallel_train  # noqa: E402
+from training import clip_grads  # noqa: E402
+
+kind = sys.argv.pop(1)
+reduce, iteration = mappings._reduce, [1]
+
+
+def broken_reduce(input_):
+    if kind == "drop" or (kind == "skipped_once" and iteration[0] == 10):
+        return input_
+    if kind == "average":
+        return reduce(input_).div_(ps.get_tensor_model_parallel_world_size())
+    if kind == "off_by_1pct":
+        return reduce(input_).mul_(1.01)
+    return reduce(input_)
+
+
+class CountingLogbook(parallel_train.Logbook):
+    def step(self, it, *args):
+        iteration[0] = it + 1  # the next forward is iteration it + 1's (validation at it is not)
+        return super().step(it, *args)
+
+
+sum_over_tensor_parallel = ps.sum_over_tensor_parallel
+average_replicas = parallel_train.average_over_data_parallel_replicas
+allreduce_sequence_parallel_grads = parallel_train.allreduce_sequence_parallel_grads
+max_norm = float(sys.argv[sys.argv.index("--clip_grad") + 1]) if "--clip_grad" in sys.argv else 0
+
+
+if kind in ("drop", "average", "off_by_1pct", "skipped_once"):
+    mappings._reduce, parallel_train.Logbook = broken_reduce, CountingLogbook
+elif kind == "replicated_counted_tp_times":
+    clip_grads.counted_once = lambda param: True
+elif kind == "norm_not_all_reduced":
+    ps.sum_over_tensor_parallel = lambda tensors, name="all_reduce": (
+        None if name == "grad_norm_all_reduce" else sum_over_tensor_parallel(tensors, name))
+elif kind == "dp_rank_norm_alone":
+    def clip_then_average(params, loss, partial_loss):
+        clip_grads.clip_grad_norm(params, max_norm)  # this replica's own gradients
+        return average_replicas(params, loss, partial_loss)
+    parallel_train.average_over_data_parallel_replicas = clip_then_average
+elif kind == "layernorm_grads_not_summed":
+    parallel_train.allreduce_sequence_parallel_grads = lambda params, loss, partial: (
+        allreduce_sequence_parallel_grads([], loss, partial) if partial else loss)
+else:
+    sys.exit(f"error: no bug called {kind}")
+parallel_train.cli()

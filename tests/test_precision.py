@@ -1,0 +1,254 @@
+"""bf16 with fp32 main parameters, TP-aware gradient clipping, and the round-off yardstick
+(train.py --reorder_seed, compare_runs.py --noise): docs/precision.md.
+
+The verdict tests train small models (toy: hidden 256; transformer: width 16; 60 iterations)
+and ask compare_runs.py, against two reordered serial runs, for MATCH on correct parallel
+runs and DIFFER on each bug of tests/inject_bug.py, at float64, float32 and bfloat16. The
+factors they are judged with (compare_runs.NOISE_FACTOR, TYPICAL_FACTOR) come from the
+default-size measurements of benchmarks/precision.py.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import compare_runs
+from distributed import comm_table, run_distributed, run_script
+
+TOY = ["--hidden_size", "256", "--num_iterations", "60", "--update_freq", "30"]
+TRANSFORMER = ["--model", "transformer", "--input_size", "16", "--hidden_size", "64",
+               "--num_iterations", "60", "--update_freq", "30"]
+CLIP = {"toy": "5", "transformer": "1"}  # below the gradient norm for much of the run
+
+
+# ---------------------------------------------------------------------------
+# Mixed precision: fp32 main parameters, gradients, momentum; the model in bf16.
+
+def test_bf16_model_keeps_fp32_main_params_grads_and_momentum():
+    from training.mixed_precision import MixedPrecisionOptimizer, main_model, optimized_parameters
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    model.weight.tensor_model_parallel = True
+    start = model.weight.detach().clone()
+    opt = MixedPrecisionOptimizer(model, lambda p: torch.optim.SGD(p, lr=1e-8, momentum=0.9))
+    main = optimized_parameters(opt)[0]
+    assert model.weight.dtype == torch.bfloat16 and main.dtype == torch.float32
+    assert torch.equal(main, start) and main.tensor_model_parallel  # fp32 init, attributes kept
+    assert main_model(model, opt).weight is main
+    x = torch.randn(8, 4, dtype=torch.bfloat16)
+    model(x).float().pow(2).sum().backward()
+    assert model.weight.grad is None and main.grad.dtype == torch.float32  # moved on arrival
+    opt.step()
+    momentum = opt.state_dict()["state"][0]["momentum_buffer"]
+    assert momentum.dtype == torch.float32
+    # lr x grad is far below a bf16 ulp of these weights: the main copy keeps the update, the
+    # model is its rounding. (An optimizer stepping the bf16 weights would lose it.)
+    assert not torch.equal(main, start)
+    assert torch.equal(model.weight, main.to(torch.bfloat16))
+    assert torch.equal(start.to(torch.bfloat16), model.weight)
+
+
+def test_the_loss_is_computed_in_fp32_under_bf16():
+    from transformer import ToyTransformer
+    torch.manual_seed(0)
+    model = ToyTransformer(11, 8, width=8, num_heads=2).to(torch.bfloat16)
+    tokens = torch.randint(0, 11, (2, 8))
+    assert model.loss(model(tokens), tokens).dtype == torch.float32
+
+
+@pytest.mark.parametrize("model", ["toy", "transformer"])
+def test_bf16_stops_and_resumes_bit_for_bit(model, data_dir, token_dir, tmp_path):
+    """Checkpoints hold the fp32 main parameters and momentum: resumed at 30, the run is the
+    uninterrupted one, every loss and weight; model.pt and merge_checkpoint.py say fp32."""
+    from curves import assert_bitwise_same_run
+    from test_scale import killed_after
+    flags = [*(TOY if model == "toy" else TRANSFORMER), "--num_iterations", "40",
+             "--data_dir", data_dir if model == "toy" else token_dir, "--dtype", "bfloat16",
+             "--sequence_parallel", "--clip_grad", CLIP[model], "--save_interval", "30"]
+    full, resumed, ck = (str(tmp_path / d) for d in ("full", "resumed", "ck"))
+    run_script("parallel_train.py", *flags, "--out_dir", full, nproc=2)
+    run_script("parallel_train.py", *flags, "--out_dir", resumed, "--save", ck, nproc=2)
+    killed_after(ck, 30)
+    run_script("parallel_train.py", *flags, "--out_dir", resumed, "--save", ck, "--load", ck,
+               nproc=2)
+    assert_bitwise_same_run(full, resumed)
+    assert all(t.dtype == torch.float32
+               for t in torch.load(os.path.join(full, "model.pt")).values())
+    merged = run_script("merge_checkpoint.py", ck, "--out", str(tmp_path / "merged.pt")).out
+    assert "float32 main parameters of a bfloat16 run" in merged
+
+
+def test_all_reduce_in_fp32_doubles_the_bytes(data_dir, tmp_path):
+    common = [*TOY, "--num_iterations", "2", "--data_dir", data_dir, "--dtype", "bfloat16"]
+    kib = {}
+    for reduce in ("activation", "float32"):
+        log = run_script("parallel_train.py", *common, "--tp_reduce_dtype", reduce, "--out_dir",
+                         str(tmp_path / reduce), nproc=2).out
+        kib[reduce] = comm_table(log)["all_reduce"][1]
+    assert kib == {"activation": 32 * 64 * 2 / 1024, "float32": 32 * 64 * 4 / 1024}
+
+
+# ---------------------------------------------------------------------------
+# Gradient clipping: the global norm of the whole model, on every rank.
+
+def _clip_matches_serial(mutant, sequence_parallel):
+    """One step of the transformer at float64, split and serial; the norm and every clipped
+    gradient against torch.nn.utils.clip_grad_norm_ on the serial model."""
+    import parallel_state as ps
+    from sequence_parallel import allreduce_sequence_parallel_grads
+    from training import clip_grads
+    from training.checkpointing import gather_serial_state_dict
+    from transformer import ToyTransformer
+    if mutant == "replicated_counted_tp_times":
+        clip_grads.counted_once = lambda param: True
+    if mutant == "norm_not_all_reduced":
+        ps.sum_over_tensor_parallel = lambda tensors, name=None: None
+    make = lambda tp: ToyTransformer(50, 8, 16, 64, 4, 1, tp, 0.0, sequence_parallel and tp,
+                                     dtype=torch.float64)
+    torch.manual_seed(3)
+    serial = make(False)
+    torch.manual_seed(3)
+    parallel = make(True)
+    tokens = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(5))
+    serial.loss(serial(tokens), tokens).backward()
+    loss = parallel.loss(parallel(tokens), tokens)
+    loss.backward()
+    if sequence_parallel:
+        allreduce_sequence_parallel_grads(parallel.parameters(), loss, loss_is_partial=False)
+    expected = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.5)
+    norm = clip_grads.clip_grad_norm(parallel.parameters(), 0.5)
+    assert expected > 1, "the norm must be above the limit, or nothing is clipped"
+    # float64 round-off, measured at TP 2 and 4, with and without SP: the norm equal to the last
+    # bit, the clipped gradients within 3.5e-17 (of gradients up to 0.08). Bounds about 10x.
+    assert abs(norm.item() - expected.item()) <= 1e-15 * expected.item(), \
+        f"norm {norm.item()} vs serial {expected.item()}"
+    grads = {n: p.grad for n, p in parallel.named_parameters()}
+    for name, p in parallel.named_parameters():
+        p.data = grads[name]  # gather the clipped gradients as if they were weights
+    for name, grad in gather_serial_state_dict(parallel).items():
+        want = dict(serial.named_parameters())[name].grad
+        assert torch.allclose(grad, want, rtol=0, atol=3e-16), f"{name}: clipped gradient"
+
+
+@pytest.mark.parametrize("tp,sequence_parallel", [(2, False), (4, False), (2, True)])
+def test_clip_grad_norm_equals_serial_clip_grad_norm_(tp, sequence_parallel):
+    run_distributed(_clip_matches_serial, tp, None, sequence_parallel)
+
+
+@pytest.mark.parametrize("mutant", ["replicated_counted_tp_times", "norm_not_all_reduced"])
+def test_clip_grad_norm_fails_on_the_classic_mistakes(mutant):
+    with pytest.raises(Exception, match="norm .* vs serial"):
+        run_distributed(_clip_matches_serial, 2, mutant, False)
+
+
+# ---------------------------------------------------------------------------
+# The yardstick: reordered serial runs, and compare_runs.py's verdict against them.
+
+@pytest.mark.parametrize("which", ["toy", "transformer"])
+def test_reordering_changes_the_order_only(which):
+    """The reordered model is the plain one permuted: written back, the same bits; run, the same
+    function to round-off (float64), through other sums."""
+    from model import ToyModel
+    from training.reorder import SplitSumLinear, reorder_sums
+    from transformer import ToyTransformer
+    torch.manual_seed(0)
+    model = ToyModel(8, 32) if which == "toy" else ToyTransformer(11, 8, 8, 32, num_heads=4)
+    model = model.double()
+    x = torch.randn(5, 8, dtype=torch.float64) if which == "toy" else torch.randint(0, 11, (2, 8))
+    plain, before = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    unpermuted = reorder_sums(model, 7)
+    after = unpermuted(model.state_dict())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, SplitSumLinear) for m in model.modules())
+    # Measured: 1.4e-17 (toy), 8.9e-16 (transformer, outputs up to 2.3); bound about 10x.
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-14)
+
+
+def test_a_reordered_run_differs_by_round_off(data_dir, tmp_path):
+    common = [*TOY, "--num_iterations", "20", "--data_dir", data_dir, "--dtype", "float64"]
+    run_script("train.py", *common, "--out_dir", str(tmp_path / "plain"))
+    run_script("train.py", *common, "--reorder_seed", "1", "--out_dir", str(tmp_path / "r"))
+    a, b = (torch.load(str(tmp_path / d / "model.pt")) for d in ("plain", "r"))
+    for name in a:  # float64 round-off over 20 updates: measured 2.8e-17 (weights up to 0.24)
+        assert torch.allclose(a[name], b[name], rtol=0, atol=3e-16), name
+    out = run_script("compare_runs.py", str(tmp_path / "plain"), str(tmp_path / "r")).out
+    assert "max rel diff 0.000e+00" not in out.split("\n")[0], "the sums were not reordered"
+
+
+def _train(tmp_path, name, model, dtype, data, flags=(), nproc=None, bug=None, ok=True):
+    out = str(tmp_path / name)
+    script = ("tests/inject_bug.py", bug) if bug else ("parallel_train.py",) if nproc else \
+        ("train.py",)
+    tp = ["--tensor_model_parallel_size", "2"] if nproc and "--tensor_model_parallel_size" \
+        not in flags else []
+    run_script(*script, *(TOY if model == "toy" else TRANSFORMER), "--data_dir", data,
+               "--dtype", dtype, "--out_dir", out, *flags, *tp, nproc=nproc, ok=ok)
+    return out
+
+
+def _verdict(reference, run, noise):
+    """compare_runs.py's exit status and report, run in this process."""
+    import contextlib
+    import io
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = compare_runs.main([reference, run, "--noise", *noise])
+    return code, text.getvalue()
+
+
+TP4 = ["--tensor_model_parallel_size", "4"]
+SP = ["--sequence_parallel"]
+
+
+def _cases(model, dtype):
+    """(name, processes, flags, bug, MATCH expected) for one model and dtype."""
+    correct = [("TP=2", 2, [], None)]
+    if dtype == "bfloat16":  # the hardest precision: every mode
+        correct += [("TP=4", 4, TP4, None), ("SP", 2, SP, None), ("DP x TP", 4, [], None),
+                    ("TP=4, fp32 all-reduce", 4, TP4 + ["--tp_reduce_dtype", "float32"], None)]
+    bugs = [("g 1% off", 2, [], "off_by_1pct"), ("g skipped once", 2, [], "skipped_once")]
+    if model == "transformer":
+        # Not g 1% off at bf16: the LayerNorms undo most of a scale, and what is left stays within
+        # bf16's round-off (measured: typically 0.67x the band, correct runs up to 0.44x; see
+        # docs/precision.md). The toy model shows it at every precision.
+        bugs = [("LayerNorm grads not summed", 2, SP, "layernorm_grads_not_summed")]
+        bugs += [("g 1% off", 2, [], "off_by_1pct")] if dtype != "bfloat16" else []
+    return [(*c, True) for c in correct] + [(*b, False) for b in bugs]
+
+
+@pytest.mark.parametrize("model,dtype", [("toy", "float64"), ("toy", "float32"),
+                                         ("toy", "bfloat16"), ("transformer", "float64"),
+                                         ("transformer", "bfloat16")])
+def test_verdict_tells_bugs_from_round_off(model, dtype, data_dir, token_dir, tmp_path):
+    data = data_dir if model == "toy" else token_dir
+    serial = _train(tmp_path, "serial", model, dtype, data)
+    noise = [_train(tmp_path, f"r{k}", model, dtype, data, ["--reorder_seed", str(k)])
+             for k in (1, 2)]
+    for name, nproc, flags, bug, match in _cases(model, dtype):
+        run = _train(tmp_path, name.replace(" ", "_"), model, dtype, data, flags, nproc, bug,
+                     ok=match or bug != "skipped_once")
+        code, report = _verdict(serial, run, noise)
+        assert code == (0 if match else 1), f"{name}: expected {'MATCH' if match else 'DIFFER'}" \
+                                            f"\n{report}"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_verdict_catches_each_clipping_mistake(dtype, data_dir, tmp_path):
+    clip = ["--clip_grad", CLIP["toy"]]
+    serial = _train(tmp_path, "serial", "toy", dtype, data_dir, clip)
+    noise = [_train(tmp_path, f"r{k}", "toy", dtype, data_dir, clip + ["--reorder_seed", str(k)])
+             for k in (1, 2)]
+    cases = [("TP=2", 2, None, True), ("DP x TP", 4, None, True),
+             ("counted TP times", 2, "replicated_counted_tp_times", False),
+             ("not all-reduced", 2, "norm_not_all_reduced", False),
+             ("a replica's own norm", 4, "dp_rank_norm_alone", False)]
+    for name, nproc, bug, match in cases:
+        run = _train(tmp_path, name.replace(" ", "_"), "toy", dtype, data_dir, clip, nproc, bug,
+                     ok=bug != "norm_not_all_reduced")
+        code, report = _verdict(serial, run, noise)
+        assert code == (0 if match else 1), f"{name}: expected {'MATCH' if match else 'DIFFER'}" \
+                                            f"\n{report}"
+    assert "grad_norm" in open(os.path.join(serial, "metrics.csv")).readline()

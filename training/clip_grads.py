@@ -1,0 +1,61 @@
+"""Gradient clipping by the global norm, under tensor, sequence and data parallelism.
+
+    g <- g * min(1, max_norm / (||g|| + 1e-6)),   ||g||^2 = sum over every parameter of the
+                                                  *whole model* of its squared gradient
+
+as torch.nn.utils.clip_grad_norm_ computes it on one device. Under tensor
+parallelism no rank holds the whole model (Megatron-LM's clip_grad_norm_fp32,
+megatron/core/optimizer/clip_grads.py):
+
+  * a split parameter's gradient is a shard: each rank adds its shard's squares,
+    and one all-reduce over the tensor-parallel group sums the shards;
+  * a replicated parameter (ToyModel's fc, the LayerNorms, biases after g) has the
+    whole gradient on every rank: only tensor-parallel rank 0 adds it, or it
+    would count TP times (Megatron's param_is_not_tensor_parallel_duplicate);
+  * under sequence parallelism the replicated parameters' gradients are partial
+    sums until summed over the group: clipping comes after that sum;
+  * data-parallel replicas clip after averaging their gradients: every replica
+    then holds the same gradients and computes the same norm, with no
+    communication of its own.
+
+Called with the parameters the optimizer updates: the fp32 main parameters
+under bf16 (training/mixed_precision.py), so the norm is taken in fp32.
+"""
+
+import torch
+
+import parallel_state as ps
+
+
+def counted_once(param) -> bool:
+    """Does this rank add `param`'s gradient to the global norm? Shards: every rank its own.
+    Replicated parameters: rank 0 of the tensor-parallel group only."""
+    if getattr(param, "tensor_model_parallel", False):
+        return True
+    return not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_rank() == 0
+
+
+def get_grad_norm(parameters) -> torch.Tensor:
+    """The gradient norm of the whole model, the same on every rank (a 0-dim tensor: no wait
+    for the device)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    squares = grads[0].new_zeros(1)
+    for p in parameters:
+        if p.grad is not None and counted_once(p):
+            squares += p.grad.pow(2).sum()
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+        # + the other ranks' shards (and their zero for replicated ones)
+        ps.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
+    return squares[0].sqrt()
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)), in place; returns the norm
+    before clipping. Always multiplies (by 1 when under the limit), as clip_grad_norm_ does:
+    no branch on a device value, so no wait for the device."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = get_grad_norm(parameters)
+    coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in parameters:
+        p.grad.mul_(coefficient)
+    return norm
