@@ -32,13 +32,17 @@ from training.metrics import RunRecordError, read_runs, why_not_comparable
 from training.operations import ArgumentParser
 
 DEFAULT_RTOL = 1e-5
-# How far beyond the round-off band a correct run may go, at any one iteration (a spike: one
-# wrong step) and typically (the median over the run: a small error made at every step). Measured
-# (docs/precision.md, benchmarks/precision.py): correct runs reach at most 2.7x the band at any
-# iteration and 0.4x typically; a new draw of round-off is mostly below the largest of the earlier
-# ones.
+# How far beyond the round-off band a correct run may go: at the median over the run (a small
+# error made at every step) and at any one iteration (a spike: one wrong step). Spikes count
+# once the band has grown past SPIKES_FROM roundings of the loss: before that the runs differ by
+# a handful of discrete events (a ReLU that flips on a 1-ulp change moves a gradient by 0.3%),
+# and a correct run can meet one earlier than every noise run (measured: 70x the band at
+# float32). Measured (docs/precision.md, benchmarks/precision.py): correct runs at most 0.93x
+# the band at the median and 3.8x in spikes; every bug but one (g 1% off in the transformer at
+# bf16, hidden by the LayerNorms) at least 3.3x at the median or 31x in a spike.
+TYPICAL_FACTOR = 3.0
 NOISE_FACTOR = 10.0
-TYPICAL_FACTOR = 1.0
+SPIKES_FROM = 300
 # The band is at least one rounding of the loss (computed in fp32 under bf16): with noise runs
 # that happen to agree with the reference exactly, a difference is measured against that.
 LOSS_ROUNDING = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-24}
@@ -73,28 +77,42 @@ def round_off_band(reference, noise, dtype):
                       LOSS_ROUNDING.get(dtype, 0.0))
 
 
-def noise_verdict(a, b, noise, dtype):
-    """(ok, lines): do a and b stay within the round-off band that a and the noise runs span,
-    NOISE_FACTOR times it at every iteration and TYPICAL_FACTOR times it at the median? Every
-    line says what was measured."""
+def verdict_numbers(a, b, noise, dtype):
+    """What the verdict is drawn from: the band, the ratio of a's and b's difference to it at
+    every iteration, where spikes count, the median ratio, the first iteration a spike leaves
+    the band (or None), and whether the runs MATCH."""
     band = round_off_band(a, noise, dtype)
     ratio = relative_difference(a, b) / band
     ratio[np.isnan(ratio)] = np.inf  # a diverged run leaves any band
-    it = a["iteration"]
-    worst, typical = int(np.argmax(ratio)), float(np.median(ratio))
+    counted = (band >= SPIKES_FROM * LOSS_ROUNDING.get(dtype, 0.0)) | np.isinf(ratio)
+    beyond = np.flatnonzero(counted & (ratio > NOISE_FACTOR))
+    typical = float(np.median(ratio))
+    leaves_at = int(beyond[0]) if len(beyond) else None
+    return dict(band=band, ratio=ratio, counted=counted, typical=typical, leaves_at=leaves_at,
+                ok=leaves_at is None and typical <= TYPICAL_FACTOR)
+
+
+def noise_verdict(a, b, noise, dtype):
+    """(ok, lines): do a and b stay within the round-off band that a and the noise runs span?
+    Every line says what was measured."""
+    v = verdict_numbers(a, b, noise, dtype)
+    band, ratio, it = v["band"], v["ratio"], a["iteration"]
+    spikes = ratio[v["counted"]]
+    worst = f"at most {spikes.max():.3g}x" if len(spikes) else "none counted yet"
     lines = [f"round-off band ({dtype}): the largest relative difference so far among the "
              f"reference and {len(noise)} noise run(s); from {band[0]:.1e} at iteration "
              f"{int(it[0])} to {band[-1]:.1e} at {int(it[-1])}",
-             f"difference / band: at most {ratio[worst]:.3g}x (iteration {int(it[worst])}), "
-             f"typically {typical:.3g}x; allowed {NOISE_FACTOR:g}x and {TYPICAL_FACTOR:g}x"]
-    beyond = np.flatnonzero(ratio > NOISE_FACTOR)
-    if len(beyond):
-        lines.append(f"the runs leave the band at iteration {int(it[beyond[0]])}, by "
-                     f"{ratio[beyond[0]]:.3g}x")
-    if typical > TYPICAL_FACTOR:
-        lines.append(f"the runs stay apart: their difference is typically {typical:.3g}x the "
-                     "band, a correct run's a fraction of it")
-    return not len(beyond) and typical <= TYPICAL_FACTOR, lines
+             f"difference / band: typically {v['typical']:.3g}x (allowed {TYPICAL_FACTOR:g}x); "
+             f"in spikes, once the band is past {SPIKES_FROM} roundings of the loss, {worst} "
+             f"(allowed {NOISE_FACTOR:g}x)"]
+    if v["leaves_at"] is not None:
+        first = v["leaves_at"]
+        lines.append(f"the runs leave the band at iteration {int(it[first])}, by "
+                     f"{ratio[first]:.3g}x")
+    if v["typical"] > TYPICAL_FACTOR:
+        lines.append(f"the runs stay apart: their difference is typically {v['typical']:.3g}x "
+                     "the band")
+    return v["ok"], lines
 
 
 def main(argv=None):

@@ -26,12 +26,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from compare_runs import (  # noqa: E402
-    NOISE_FACTOR,
-    curve_difference,
-    noise_verdict,
-    round_off_band,
-)
+from compare_runs import NOISE_FACTOR, curve_difference, verdict_numbers  # noqa: E402
 from training.metrics import (  # noqa: E402
     RunRecordError,
     atomic_write,
@@ -114,13 +109,14 @@ def plot_parallel(parallel, config, path):
     save(fig, path)
 
 
-def draw_band(ax, iterations, band, floor):
-    """The round-off band (compare_runs.round_off_band, in the axis's units) shaded down to
-    `floor`, and NOISE_FACTOR times it dashed: a correct run's difference stays below the line."""
+def draw_band(ax, iterations, band, floor, counted):
+    """The round-off band (compare_runs.verdict_numbers, in the axis's units) shaded down to
+    `floor`, and NOISE_FACTOR times it dashed where spikes count: a correct run's difference
+    stays below the line."""
     ax.fill_between(iterations, floor, np.maximum(band, floor), color=BAND_COLOR, alpha=0.35,
                     lw=0, label="round-off band (the reordered runs' spread)")
-    ax.plot(iterations, NOISE_FACTOR * band, "--", color=BAND_COLOR, lw=1.2,
-            label=f"{NOISE_FACTOR:g} x the band")
+    ax.plot(iterations, np.where(counted, NOISE_FACTOR * band, np.nan), "--", color=BAND_COLOR,
+            lw=1.2, label=f"{NOISE_FACTOR:g} x the band (where spikes count)")
 
 
 def plot_comparison(serial, parallel, configs, path, labels=("serial", "tensor-parallel"),
@@ -148,11 +144,12 @@ def plot_comparison(serial, parallel, configs, path, labels=("serial", "tensor-p
                     fontsize=9, arrowprops=dict(arrowstyle="->", color="gray"))
     if noise:  # the band in absolute terms, beneath the difference, and the verdict
         dtype = (configs[0] or {}).get("dtype", "float32")
-        band = round_off_band(serial, noise, dtype)[:n] * np.abs(serial["train_loss"][:n])
+        v = verdict_numbers(serial, parallel, noise, dtype)
+        band = v["band"][:n] * np.abs(serial["train_loss"][:n])
         floor = diff[~exact].min() / 10 if (~exact).any() else band.min()
-        draw_band(bottom, it, band, floor)
-        ok, _ = noise_verdict(serial, parallel, noise, dtype)
-        bottom.set_title(f"compare_runs.py --noise: {'MATCH' if ok else 'DIFFER'}", fontsize=9)
+        draw_band(bottom, it, band, floor, v["counted"][:n])
+        bottom.set_title(f"compare_runs.py --noise: {'MATCH' if v['ok'] else 'DIFFER'}",
+                         fontsize=9)
     bottom.set_xlabel("iteration")
     bottom.set_ylabel("absolute difference")
     bottom.grid(True, which="both", alpha=0.3)

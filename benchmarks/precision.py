@@ -9,7 +9,7 @@ runs (TP 2 and 4, SP, DP x TP; under bf16 also with the all-reduces in fp32),
 and the same runs with each bug of tests/inject_bug.py. Then, for every run
 against the serial one: the largest relative difference of the train loss, and
 the largest ratio of that difference to the round-off band
-(compare_runs.noise_verdict). With --clip_grad the same again (its own serial
+(compare_runs.verdict_numbers). With --clip_grad the same again (its own serial
 and noise runs). Writes runs/precision/results.json, prints the markdown table
 of docs/precision.md and draws assets/precision_bugs.png.
 """
@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from compare_runs import NOISE_FACTOR, noise_verdict, relative_difference, round_off_band
+from compare_runs import NOISE_FACTOR, relative_difference, verdict_numbers
 from plot_runs import draw_band
 from training.metrics import read_metrics
 
@@ -91,30 +91,29 @@ def measure(root, model, dtype, clip):
 def summary(serial, run, noise, dtype):
     n = len(run["iteration"])
     cut = lambda m: {k: v[:n] for k, v in m.items()}
-    ok, _ = noise_verdict(cut(serial), run, [cut(m) for m in noise], dtype)
-    band = round_off_band(cut(serial), [cut(m) for m in noise], dtype)
-    rel = relative_difference(cut(serial), run)
-    ratio = np.where(np.isnan(rel), np.inf, rel / band)
-    beyond = np.flatnonzero(ratio > NOISE_FACTOR)
-    return dict(max_rel=float(np.nanmax(rel)), max_ratio=float(ratio.max()),
-                leaves_at=int(run["iteration"][beyond[0]]) if len(beyond) else None,
-                iterations=n, match=bool(ok and n == len(serial["iteration"])),
-                rel=rel.tolist(), band=band.tolist())
+    v = verdict_numbers(cut(serial), run, [cut(m) for m in noise], dtype)
+    spikes = v["ratio"][v["counted"]]
+    return dict(max_rel=float(np.nanmax(relative_difference(cut(serial), run))),
+                max_ratio=float(spikes.max()) if len(spikes) else 0.0, typical=v["typical"],
+                leaves_at=None if v["leaves_at"] is None else int(run["iteration"][v["leaves_at"]]),
+                iterations=n, of=len(serial["iteration"]), match=bool(v["ok"] and n == len(serial["iteration"])),
+                rel=relative_difference(cut(serial), run).tolist(), band=v["band"].tolist(),
+                counted=v["counted"].tolist())
 
 
 def print_table(results):
     print("| model | dtype | clip | run | max relative difference from serial | "
-          "max (difference / band) | verdict |")
-    print("|---|---|---|---|---:|---:|---|")
+          "difference / band: median | in spikes, max | verdict |")
+    print("|---|---|---|---|---:|---:|---:|---|")
     for key, runs in results.items():
         model, dtype, clip = key.split("/")
         for name, r in runs.items():
             verdict = "MATCH" if r["match"] else (
                 f"DIFFER from iteration {r['leaves_at']}" if r["leaves_at"] else "DIFFER")
-            if r["iterations"] < len(r["band"]) or (not r["match"] and not r["leaves_at"]):
+            if r["iterations"] < r["of"]:
                 verdict += f" (stopped after {r['iterations']})"
             print(f"| {model} | {dtype} | {clip} | {name} | {r['max_rel']:.1e} | "
-                  f"{r['max_ratio']:.3g} | {verdict} |")
+                  f"{r['typical']:.3g} | {r['max_ratio']:.3g} | {verdict} |")
 
 
 def draw(results, key, path):
@@ -129,7 +128,7 @@ def draw(results, key, path):
                              squeeze=False)
     for ax, (name, r) in zip(axes.flat, runs.items()):
         it = np.arange(1, len(r["band"]) + 1)
-        draw_band(ax, it, np.array(r["band"]), floor=1e-7)
+        draw_band(ax, it, np.array(r["band"]), floor=1e-7, counted=np.array(r["counted"]))
         rel = np.array(r["rel"])
         color = "#2ca02c" if r["match"] else "#d62728"
         ax.semilogy(it[:len(rel)], np.where(rel > 0, rel, np.nan), ".", ms=2.5, color=color,

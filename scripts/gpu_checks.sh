@@ -40,6 +40,15 @@ part "bash scripts"
     echo "transformer float64 ${sp:-(no SP)}, serial vs TP=2:"
     "$PYTHON" compare_runs.py runs/transformer_serial runs/transformer_tp --rtol 5e-14
   done
+  # bf16 on the GPU (cuBLAS, its own reductions): serial, two reordered runs, TP=2, the verdict.
+  for k in "" 1 2; do
+    "$PYTHON" train.py --data_dir /tmp/gpu_data --dtype bfloat16 ${k:+--reorder_seed $k} \
+        --update_freq 100 --out_dir runs/bf16_serial$k | tail -1
+  done
+  DATA_DIR=/tmp/gpu_data timeout 90 bash bash_parallel_train.sh --dtype bfloat16 --out_dir runs/bf16_tp \
+      | tail -1
+  echo "bfloat16, serial vs TP=2 against the reordered runs:"
+  "$PYTHON" compare_runs.py runs/bf16_serial runs/bf16_tp --noise runs/bf16_serial1 runs/bf16_serial2
   # Iteration cost in a full run: 1000 more iterations, timed from outside.
   for n in 200 1200; do TIMEFORMAT="serial, $n iterations: %R s"; time "$PYTHON" train.py --data_dir /tmp/gpu_data \
       --num_iterations $n --update_freq 10 --eval_interval 100000 --out_dir /tmp/t_s >/dev/null; done

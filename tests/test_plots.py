@@ -52,7 +52,7 @@ def test_comparison_draws_the_round_off_band(tmp_path):
         plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--noise",
                         str(tmp_path / "r1"), str(tmp_path / "r2"), "--comparison",
                         str(tmp_path / "c.png")])
-    (ax, iterations, drawn, floor), _ = band.call_args
+    (ax, iterations, drawn, floor, counted), _ = band.call_args
     # The band in absolute terms: the largest difference among serial, r1 and r2 so far (r1 - r2).
     assert drawn[0] == pytest.approx(3e-6, rel=1e-3) and drawn[-1] == pytest.approx(3e-6, rel=1e-3)
     assert "MATCH" in ax.get_title()

@@ -1,7 +1,8 @@
 """bf16 with fp32 main parameters, TP-aware gradient clipping, and the round-off yardstick
 (train.py --reorder_seed, compare_runs.py --noise): docs/precision.md.
 
-The verdict tests train small models (toy: hidden 256; transformer: width 16; 60 iterations)
+The verdict tests train small models (toy: hidden 256; transformer: width 64, hidden 256; 60
+iterations)
 and ask compare_runs.py, against two reordered serial runs, for MATCH on correct parallel
 runs and DIFFER on each bug of tests/inject_bug.py, at float64, float32 and bfloat16. The
 factors they are judged with (compare_runs.NOISE_FACTOR, TYPICAL_FACTOR) come from the
@@ -18,7 +19,7 @@ import compare_runs
 from distributed import comm_table, run_distributed, run_script
 
 TOY = ["--hidden_size", "256", "--num_iterations", "60", "--update_freq", "30"]
-TRANSFORMER = ["--model", "transformer", "--input_size", "16", "--hidden_size", "64",
+TRANSFORMER = ["--model", "transformer", "--input_size", "64", "--hidden_size", "256",
                "--num_iterations", "60", "--update_freq", "30"]
 CLIP = {"toy": "5", "transformer": "1"}  # below the gradient norm for much of the run
 
@@ -207,13 +208,15 @@ def _cases(model, dtype):
     """(name, processes, flags, bug, MATCH expected) for one model and dtype."""
     correct = [("TP=2", 2, [], None)]
     if dtype == "bfloat16":  # the hardest precision: every mode
-        correct += [("TP=4", 4, TP4, None), ("SP", 2, SP, None), ("DP x TP", 4, [], None),
-                    ("TP=4, fp32 all-reduce", 4, TP4 + ["--tp_reduce_dtype", "float32"], None)]
-    bugs = [("g 1% off", 2, [], "off_by_1pct"), ("g skipped once", 2, [], "skipped_once")]
+        correct += [("TP=4", 4, TP4, None), ("SP", 2, SP, None), ("DP x TP", 4, [], None)]
+    if dtype == "bfloat16" and model == "toy":
+        correct += [("TP=4, fp32 all-reduce", 4, TP4 + ["--tp_reduce_dtype", "float32"], None)]
+    bugs = [("g 1% off", 2, [], "off_by_1pct"), ("g skipped once", 2, [], "skipped_once"),
+            ("fc grads not summed", 2, SP, "layernorm_grads_not_summed")]  # the toy's replicated
     if model == "transformer":
         # Not g 1% off at bf16: the LayerNorms undo most of a scale, and what is left stays within
-        # bf16's round-off (measured: typically 0.67x the band, correct runs up to 0.44x; see
-        # docs/precision.md). The toy model shows it at every precision.
+        # bf16's round-off (measured at the default size: 0.16x the band at the median, 9.9x in
+        # spikes; docs/precision.md). The toy model shows it at every precision.
         bugs = [("LayerNorm grads not summed", 2, SP, "layernorm_grads_not_summed")]
         bugs += [("g 1% off", 2, [], "off_by_1pct")] if dtype != "bfloat16" else []
     return [(*c, True) for c in correct] + [(*b, False) for b in bugs]

@@ -166,6 +166,12 @@ def report_communication(stats, args):
     for op, c in stats.items():
         print(f"  {op:<22} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB"
               f"{c['ring_bytes'] / 1024:>21.2f} KiB")
+    if "grad_norm_all_reduce" in stats:
+        print("  grad_norm_all_reduce: --clip_grad's squared gradient norm, summed over the "
+              "tensor-parallel group (training/clip_grads.py)")
+    if getattr(args, "tp_reduce_dtype", "activation") == "float32":
+        print("  --tp_reduce_dtype float32: the bf16 activations are summed as fp32, twice the "
+              "bytes the papers count below")
     if args.model == "transformer":
         _report_transformer_papers(args, tp, rows)
         return
