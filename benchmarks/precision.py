@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from compare_runs import NOISE_FACTOR, relative_difference, verdict_numbers
+from compare_runs import relative_difference, verdict_numbers
 from plot_runs import draw_band
 from training.metrics import read_metrics
 
