@@ -67,7 +67,7 @@ def launch(out_dir, model, dtype, flags, nproc=None, bug=None):
 
 
 def measure(root, model, dtype, clip):
-    """{run name: {max_rel, max_ratio, leaves_at}} for one model, dtype and clipping."""
+    """{run name: summary(...)} for one model, dtype and clipping."""
     tag = f"{model}_{dtype}" + ("_clip" if clip else "")
     flags = ["--clip_grad", str(CLIP[model])] if clip else []
     path = lambda name: os.path.join(root, tag, name.replace(" ", "_").replace(",", "")
@@ -92,13 +92,12 @@ def summary(serial, run, noise, dtype):
     n = len(run["iteration"])
     cut = lambda m: {k: v[:n] for k, v in m.items()}
     v = verdict_numbers(cut(serial), run, [cut(m) for m in noise], dtype)
-    spikes = v["ratio"][v["counted"]]
-    return dict(max_rel=float(np.nanmax(relative_difference(cut(serial), run))),
-                max_ratio=float(spikes.max()) if len(spikes) else 0.0, typical=v["typical"],
-                leaves_at=None if v["leaves_at"] is None else int(run["iteration"][v["leaves_at"]]),
-                iterations=n, of=len(serial["iteration"]), match=bool(v["ok"] and n == len(serial["iteration"])),
-                rel=relative_difference(cut(serial), run).tolist(), band=v["band"].tolist(),
-                counted=v["counted"].tolist())
+    spikes, rel = v["ratio"][v["counted"]], relative_difference(cut(serial), run)
+    leaves_at = None if v["leaves_at"] is None else int(run["iteration"][v["leaves_at"]])
+    return dict(max_rel=float(np.nanmax(rel)), typical=v["typical"], leaves_at=leaves_at,
+                max_ratio=float(spikes.max()) if len(spikes) else 0.0, iterations=n,
+                of=len(serial["iteration"]), match=bool(v["ok"] and n == len(serial["iteration"])),
+                rel=rel.tolist(), band=v["band"].tolist(), counted=v["counted"].tolist())
 
 
 def print_table(results):
@@ -112,12 +111,13 @@ def print_table(results):
                 f"DIFFER from iteration {r['leaves_at']}" if r["leaves_at"] else "DIFFER")
             if r["iterations"] < r["of"]:
                 verdict += f" (stopped after {r['iterations']})"
+            spikes = f"{r['max_ratio']:.3g}" if r["max_ratio"] else "—"  # none counted
             print(f"| {model} | {dtype} | {clip} | {name} | {r['max_rel']:.1e} | "
-                  f"{r['typical']:.3g} | {r['max_ratio']:.3g} | {verdict} |")
+                  f"{r['typical']:.3g} | {spikes} | {verdict} |")
 
 
 def draw(results, key, path):
-    """One panel per run: its relative difference from serial over the band x NOISE_FACTOR."""
+    """One panel per run: its relative difference from serial over the band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
