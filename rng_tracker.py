@@ -63,6 +63,14 @@ class RNGStatesTracker:
         self.states[name] = get_states(cuda)
         set_states(default)
 
+    def get_states(self):
+        """Every stream's state, as Megatron's tracker returns them: what activation recomputation
+        (recompute.py) puts back before it replays a forward."""
+        return dict(self.states)
+
+    def set_states(self, states):
+        self.states = dict(states)
+
     @contextmanager
     def fork(self, name=MODEL_PARALLEL_RNG):
         """Draw from the named stream inside the block; the default stream is left where it was."""

@@ -59,6 +59,7 @@ import torch.nn as nn
 import parallel_state as ps
 from benchmarks import bench_transformer
 from model import ToyModel
+from rng_tracker import model_parallel_manual_seed
 from sequence_parallel import allreduce_sequence_parallel_grads
 from training import initialize
 from training.operations import ArgumentParser, check_output, pin_float32_precision
@@ -77,6 +78,10 @@ CONFIGS = {
                         hidden_size=2048, num_heads=4, num_layers=1, batch_size=32, lr=0.01),
     "tiny_transformer": dict(model="transformer", vocab_size=10, seq_length=8, input_size=16,
                              hidden_size=32, num_heads=4, num_layers=1, batch_size=4, lr=0.01),
+    # For activation recomputation (bench_recompute.py): the attention core's share of a layer's
+    # activations is GPT-3 175B's (5as/h = 80, Korthikanti et al., Sec. 4.1), the MLP 4h as GPT's.
+    "long_sequence": dict(model="transformer", vocab_size=50, seq_length=256, input_size=64,
+                          hidden_size=256, num_heads=4, num_layers=1, batch_size=2, lr=0.01),
 }
 SEED = 1234
 
@@ -112,8 +117,10 @@ class Step:
             allreduce_sequence_parallel_grads(self.model, loss)
 
 
-def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, fused=False):
-    """Seconds of each of `steps` training steps after `warmup` untimed ones."""
+def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, fused=False,
+               forward_times=None):
+    """Seconds of each of `steps` training steps after `warmup` untimed ones; with a list for
+    forward_times, the seconds of each one's forward and loss are appended to it."""
     optimizer = torch.optim.SGD(step.model.parameters(), lr=lr, momentum=0.9, fused=fused)
     times = []
     for i in range(warmup + steps):
@@ -124,6 +131,10 @@ def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, f
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = step.loss(x, y)
+        if forward_times is not None and i >= warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            forward_times.append(time.perf_counter() - start)
         step.backward(loss)
         optimizer.step()
         if device.type == "cuda":
@@ -170,6 +181,16 @@ def count_ours(step, batch):
     return counts
 
 
+def count_flops(step, batch):
+    """FLOPs of one step's forward, loss and backward (recomputation included), counted by
+    torch's FlopCounterMode: its matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step.backward(step.loss(*batch))
+    step.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def count_dtensor(step, batch):
     try:
         from torch.distributed.tensor.debug import CommDebugMode
@@ -193,7 +214,9 @@ def saved_activations(step, batch):
     Inside: what is saved between the output of fc1 (QKV) and the end of fc2 (dense), their
     own input included, and the loss's tensors as wide as this rank's slice of the
     vocabulary (the transformer's logits). Outside: the rest (the layers' inputs, the
-    residual stream, LayerNorms, the embeddings' indices).
+    residual stream, LayerNorms, the embeddings' indices). The transformer's also per_layer:
+    what its blocks save (from the first block's input to the final LayerNorm's), per block,
+    recomputation's checkpoints included (Korthikanti et al., Table 2: bench_recompute.py).
     """
     model = step.model
     params = {local(p).data_ptr() for p in model.parameters()}
@@ -204,6 +227,12 @@ def saved_activations(step, batch):
              for name, module in model.named_modules()
              for names, where in ((OPENS_SPLIT, "inside"), (CLOSES_SPLIT, "outside"))
              if name.rsplit(".", 1)[-1] in names]
+    blocks, in_blocks = getattr(model, "blocks", None), [False]
+    if blocks:
+        saved["per_layer"] = 0
+        hooks += [module.register_forward_pre_hook(
+            lambda *_, now=now: in_blocks.__setitem__(0, now))
+            for module, now in ((blocks[0], True), (model.ln_f, False))]
 
     def pack(t):
         t = local(t)
@@ -212,12 +241,16 @@ def saved_activations(step, batch):
             logits = t.dim() > 0 and t.shape[-1] == vocab_per_rank
             where = "inside" if logits else region[0]
             saved[where] += t.numel() * t.element_size()
+            if in_blocks[0]:
+                saved["per_layer"] += t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step.loss(*batch)
     for hook in hooks:
         hook.remove()
+    if blocks:
+        saved["per_layer"] //= len(blocks)  # the blocks are alike
     return saved
 
 
@@ -234,10 +267,12 @@ def worker(args):
         tp = torch.distributed.get_world_size()
         ps.initialize_model_parallel(tp)
         barrier = torch.distributed.barrier if tp > 1 else lambda: None
-    torch.manual_seed(SEED)
+    model_parallel_manual_seed(SEED, device)  # and dropout's own stream, which the tracker keeps
     split, sp = args.variant == "ours", args.sequence_parallel
     if transformer:
-        model = bench_transformer.build(cfg, tensor_parallel=split, sequence_parallel=sp)
+        model = bench_transformer.build(cfg, tensor_parallel=split, sequence_parallel=sp,
+                                        dropout=args.dropout,
+                                        recompute_granularity=args.recompute_granularity)
         batches = bench_transformer.make_token_batches(cfg, 8, device)
     else:
         model = ToyModel(cfg["input_size"], cfg["hidden_size"], tensor_parallel=split,
@@ -270,11 +305,13 @@ def worker(args):
     activations = saved_activations(step, batches[0])
     # DTensor has no sharding rule for the fused SGD kernel: it always takes the standard one.
     fused = args.fused_sgd and args.variant != "dtensor"
+    flops = count_flops(step, batches[0]) if args.variant != "dtensor" else None
+    forward_times = []
     times, optimizer = time_steps(step, batches, cfg["lr"], args.steps, args.warmup, device,
-                                  barrier, fused)
-    result = dict(times=times,
+                                  barrier, fused, forward_times)
+    result = dict(times=times, forward_times=forward_times,
                   memory=dict(memory(model, optimizer, device),
-                              activations=activations), comm=count,
+                              activations=activations), comm=count, flops=flops,
                   tp=tp, device=str(device))
     if args.variant != "serial":
         # The ranks of one step are coupled by the all-reduce: report the slowest rank's median.
@@ -664,6 +701,9 @@ def main():
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--sequence_parallel", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--recompute_granularity", choices=["full", "selective"],
+                   help=argparse.SUPPRESS)  # bench_recompute.py
+    p.add_argument("--dropout", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--hidden_size", type=int, default=None, help=argparse.SUPPRESS)  # scaling.py
     args = p.parse_args()
     if (args.steps is not None and args.steps < 1) or args.warmup < 0:

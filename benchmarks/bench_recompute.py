@@ -1,0 +1,218 @@
+"""Activation recomputation measured: memory per layer against Korthikanti et al., Table 2; time.
+
+    python -m benchmarks.bench_recompute      # ~4 minutes on 2 cores; --configs, --steps, --max_tp
+
+For the toy transformer at its defaults and at a long sequence, each setting of
+Korthikanti et al. (2022) — none, SP (sequence parallelism), selective,
+SP + selective, full (and SP + full) — at TP = 1, 2, 4, with dropout 0.1: the
+bytes one block saves for backward on each rank (bench_step.saved_activations,
+recomputation's checkpoints included), asserted equal to this block's formula
+(`activation_terms`: Table 2's terms for its dtype, ReLU, dropout masks and
+sizes); and, where the ranks have a core or GPU each, the time of a training
+step and of its forward, and the FLOPs of a step (FlopCounterMode), beside no
+recomputation's. A TP size with more ranks than cores is measured for memory
+only. Each setting runs in its own processes through bench_step's worker.
+Writes assets/recompute.json and assets/recompute.png; exits with an error if
+any measured byte count differs from its formula.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+from benchmarks import bench_step
+from training.operations import ArgumentParser, check_output
+
+# name: (sequence_parallel, recompute_granularity)
+SETTINGS = {"none": (False, None), "SP": (True, None), "selective": (False, "selective"),
+            "SP + selective": (True, "selective"), "full": (False, "full"),
+            "SP + full": (True, "full")}
+TPS = (1, 2, 4)
+
+
+def saved_sizes(dtype=torch.float32, device_type="cpu"):
+    """Bytes per element of (activations, dropout's saved mask, LayerNorm's mean and 1/std).
+
+    On a CPU, dropout saves its scaled mask in the activations' dtype (ATen's unfused
+    dropout: input * mask) and LayerNorm its statistics in it too; on a GPU the fused
+    dropout saves a bool mask, and LayerNorm float32 statistics for 16-bit inputs."""
+    e = torch.empty((), dtype=dtype).element_size()
+    return (e, 1, max(e, 4)) if device_type == "cuda" else (e, e, e)
+
+
+def activation_terms(cfg, tp, sequence_parallel=False, recompute_granularity=None,
+                     sizes=saved_sizes()):
+    """Bytes one block saves for backward on each rank, term by term (Korthikanti et al., Sec. 4.1
+    and Table 2, for this block). cfg: seq_length s, batch_size b, input_size h (the width),
+    hidden_size H (the MLP's), num_heads a, dropout; sizes: saved_sizes(). Exact where TP divides
+    the heads and, under SP, the sequence; a real tp draws the formula's line."""
+    s, b, h = cfg["seq_length"], cfg["batch_size"], cfg["input_size"]
+    H, a, dropout = cfg["hidden_size"], cfg["num_heads"], cfg.get("dropout", 0) > 0
+    e, m, stat = sizes
+    t, sp = tp, (tp if sequence_parallel else 1)  # split in the regions; outside them, under SP
+    sbh = s * b * h
+    if recompute_granularity == "full":  # 1/t on each rank: distributed, or the rows under SP
+        return {"the block's input": sbh * e / t}
+    terms = {
+        "LayerNorms' inputs": 2 * sbh * e / sp,
+        "LayerNorms' mean and 1/std": 2 * 2 * s * b * stat / sp,
+        "QKV's input": sbh * e / sp,
+        "fc1's input": sbh * e / sp,
+        "dropout masks after attention and MLP": 2 * sbh * m / sp if dropout else 0,
+        "Q, K, V": 3 * sbh * e / t,
+        "dense's input": sbh * e / t,
+        "ReLU's output (fc2's input)": s * b * H * e / t,
+    }
+    if recompute_granularity != "selective":  # the attention core, which selective recomputes
+        terms.update({
+            "softmax's output": a * s * s * b * e / t,
+            "attention dropout's mask and output": a * s * s * b * (m + e) / t if dropout else 0,
+            "causal mask (bool, every rank)": s * s,
+        })
+    return terms
+
+
+def activation_memory_per_layer(cfg, tp, sequence_parallel=False, recompute_granularity=None,
+                                sizes=saved_sizes()):
+    return sum(activation_terms(cfg, tp, sequence_parallel, recompute_granularity, sizes).values())
+
+
+def table2(cfg, tp, sequence_parallel=False, recompute_granularity=None):
+    """Korthikanti et al. (2022), Table 2, as printed: bytes per layer with 16-bit activations,
+    1-byte dropout masks and an MLP of 4h with GeLU; full recomputation keeps the input whole."""
+    s, b, h, a, t = cfg["seq_length"], cfg["batch_size"], cfg["input_size"], cfg["num_heads"], tp
+    core = 0 if recompute_granularity == "selective" else 5 * a * s / (h * t)
+    if recompute_granularity == "full":
+        return s * b * h * 2
+    if sequence_parallel:
+        return s * b * h * (34 / t + core)
+    return s * b * h * (10 + 24 / t + core)
+
+
+def measure(config, cfg, name, tp, steps, warmup, sizes):
+    """One setting at one TP size, in its own processes (bench_step's worker): its row."""
+    sequence_parallel, granularity = SETTINGS[name]
+    extra = ["--dropout", str(cfg["dropout"])]
+    extra += ["--sequence_parallel"] if sequence_parallel else []
+    extra += ["--recompute_granularity", granularity] if granularity else []
+    result = bench_step.launch("ours", config, max(steps, 1), warmup, ranks=tp, extra=extra)
+    measured = result["memory"]["activations"]["per_layer"]
+    formula = activation_memory_per_layer(cfg, tp, sequence_parallel, granularity, sizes)
+    row = dict(setting=name, tp=tp, per_layer=measured, formula=formula,
+               match=measured == formula, flops=result["flops"], timed=steps > 0)
+    if steps > 0:
+        ms, forward_ms = (np.array(result[k]) * 1e3 for k in ("times", "forward_times"))
+        row.update(median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)),
+                   p90_ms=float(np.percentile(ms, 90)),
+                   forward_ms=float(statistics.median(forward_ms)))
+    return row
+
+
+def print_report(config, cfg, rows):
+    print(f"\n== {config}: {bench_step.describe(cfg)}, dropout {cfg['dropout']} ==")
+    print(f"{'setting':<16}{'TP':>3}{'saved per layer per rank, B':>29}{'formula':>11}"
+          f"{'ms/step (p10-p90)':>24}{'forward ms':>12}{'GFLOP/step':>12}")
+    for r in rows:
+        none = next(n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"])
+        time = (f"{r['median_ms']:>8.2f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) "
+                f"{r['median_ms'] / none['median_ms']:>5.2f}x" if r["timed"] else "memory only")
+        forward = f"{r['forward_ms']:>12.2f}" if r["timed"] else f"{'-':>12}"
+        print(f"{r['setting']:<16}{r['tp']:>3}{r['per_layer']:>29,}{int(r['formula']):>11,}"
+              f"{'' if r['match'] else ' MISMATCH'}{time:>24}{forward}"
+              f"{r['flops'] / 1e9:>8.3f} {r['flops'] / none['flops']:.2f}x")
+
+
+def plot(results, configs, sizes, path):
+    """Activation memory per layer per rank against TP: the formulas' lines, the measured points."""
+    import matplotlib.pyplot as plt
+
+    from plot_runs import save  # first: it sets the Agg backend
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
+    colors = {"none": "#7f7f7f", "SP": "#74c476", "selective": "#1f77b4",
+              "SP + selective": "#6baed6", "full": "#ff7f0e"}
+    t = np.linspace(1, max(TPS), 61)
+    for ax, (config, rows) in zip(axes[0], results.items()):
+        cfg = configs[config]
+        for name, color in colors.items():
+            sp, granularity = SETTINGS[name]
+            line = [activation_memory_per_layer(cfg, x, sp, granularity, sizes) / 2**10
+                    for x in t]
+            ax.plot(t, line, color=color, lw=1.5, label=f"{name}: formula")
+            points = [r for r in rows if r["setting"] == name]
+            ax.plot([r["tp"] for r in points], [r["per_layer"] / 2**10 for r in points], "o",
+                    color=color, ms=7, mfc="none" if name.startswith("SP") else color,
+                    label=f"{name}: measured")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(TPS, [str(x) for x in TPS])
+        ax.set_xlabel("tensor-parallel size")
+        ax.set_ylabel("saved for backward, KiB per layer per rank")
+        ax.set_title(f"{config}: {bench_step.describe(cfg)}", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, ncol=2, loc="lower left")
+    fig.suptitle("Activation memory per layer and rank: Korthikanti et al.'s settings, measured "
+                 "(points) on this block's formulas (lines); SP + full lies on full", fontsize=10)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def main():
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=["transformer", "long_sequence"],
+                   choices=[c for c, cfg in bench_step.CONFIGS.items()
+                            if cfg.get("model") == "transformer"])
+    p.add_argument("--steps", type=int, default=100, help="timed steps per setting")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--max_tp", type=int, default=max(TPS),
+                   help="largest TP size measured (memory only beyond the cores or GPUs)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--out", default="assets/recompute.json")
+    p.add_argument("--plot", default="assets/recompute.png")
+    args = p.parse_args()
+    if args.steps < 1 or args.warmup < 0 or args.max_tp < 1 or not 0 < args.dropout < 1:
+        p.error("--steps and --max_tp must be at least 1, --warmup at least 0, --dropout in "
+                "(0, 1)")
+    check_output(p, "--out", args.out, ".json")
+    check_output(p, "--plot", args.plot, ".png")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and not gpus:
+        p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
+    bench_step.DEVICE = args.device = args.device if args.device != "auto" else (
+        "cuda" if gpus else "cpu")
+    fits = gpus if args.device == "cuda" else os.cpu_count()
+    sizes = saved_sizes(torch.float32, args.device)  # the workers' models are float32
+    results, configs = {}, {}
+    for config in args.configs:
+        cfg = configs[config] = dict(bench_step.CONFIGS[config], dropout=args.dropout)
+        rows = results[config] = []
+        for tp in (t for t in TPS if t <= args.max_tp):
+            timed = tp <= fits
+            print(f"{config}, TP={tp}{'' if timed else ': memory only, ' + str(tp) + ' ranks'}"
+                  f"{'' if timed else f' on {fits} cores'} ...", flush=True)
+            for name, (sequence_parallel, _) in SETTINGS.items():
+                if sequence_parallel and tp == 1:
+                    continue  # one rank: SP is no split at all
+                rows.append(measure(config, cfg, name, tp, args.steps if timed else 0,
+                                    args.warmup if timed else 0, sizes))
+        print_report(config, cfg, rows)
+    machine = dict(cpu_count=os.cpu_count(), torch=torch.__version__,
+                   processor=bench_step.cpu_name(), device=args.device, gpus=gpus)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(dict(machine=machine, configs=configs, saved_sizes=sizes, results=results,
+                       steps=args.steps, warmup=args.warmup), f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
+    plot(results, configs, sizes, args.plot)
+    wrong = [f"{c} {r['setting']} TP={r['tp']}" for c, rows in results.items() for r in rows
+             if not r["match"]]
+    if wrong:
+        sys.exit(f"error: measured bytes differ from the formula: {', '.join(wrong)}")
+
+
+if __name__ == "__main__":
+    main()
