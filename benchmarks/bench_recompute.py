@@ -137,7 +137,7 @@ def plot(results, configs, sizes, path):
     t = np.linspace(1, max(TPS), 61)
     for ax, (config, rows) in zip(axes[0], results.items()):
         cfg = configs[config]
-        for name, color in colors.items():
+        for name, color in ((n, c) for n, c in colors.items() if n in SETTINGS):
             sp, granularity = SETTINGS[name]
             line = [activation_memory_per_layer(cfg, x, sp, granularity, sizes) / 2**10
                     for x in t]

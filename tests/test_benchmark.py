@@ -15,7 +15,7 @@ def run_driver(module, monkeypatch, *argv):
     session's rank processes (distributed.pooled_subprocess) instead of new interpreters."""
     monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
     for launcher in (module, bench_step):
-        monkeypatch.setattr(launcher, "subprocess", pooled_subprocess)
+        monkeypatch.setattr(launcher, "subprocess", pooled_subprocess, raising=False)
     module.main()
 
 
@@ -134,3 +134,27 @@ def test_transformer_accounting(report):
     # Under SP the residual stream and the LayerNorms' inputs are 1/TP; the tokens, the targets
     # and the hidden states gathered again for the output layer are whole.
     assert outside("ours-sp-tp2") < outside("ours-tp2")
+    # What each block saves: this block's terms of Korthikanti et al.'s Table 2 (bench_recompute.py;
+    # with dropout and recomputation: test_recompute.py).
+    from benchmarks.bench_recompute import activation_memory_per_layer
+    for variant, tp, sp in (("serial-1t", 1, False), ("ours-tp2", 2, False),
+                            ("ours-sp-tp2", 2, True)):
+        assert rows[variant]["memory"]["activations"]["per_layer"] == \
+            activation_memory_per_layer(cfg, tp, sp), variant
+
+
+def test_recompute_benchmark_measures_on_the_formula(tmp_path, monkeypatch):
+    """bench_recompute.py on the tiny transformer, two of its settings at TP 1 and 2 (every setting
+    is measured against the formula in tests/test_recompute.py): the bytes each block saves equal
+    the formula, and full recomputation counts more FLOPs than none."""
+    from benchmarks import bench_recompute
+    settings = {name: bench_recompute.SETTINGS[name] for name in ("none", "SP + full")}
+    monkeypatch.setattr(bench_recompute, "SETTINGS", settings)
+    run_driver(bench_recompute, monkeypatch, "--configs", "tiny_transformer", "--steps", "2",
+               "--warmup", "0", "--max_tp", "2", "--device", "cpu", "--out",
+               tmp_path / "recompute.json", "--plot", tmp_path / "recompute.png")
+    assert (tmp_path / "recompute.png").stat().st_size > 10_000
+    rows = json.loads((tmp_path / "recompute.json").read_text())["results"]["tiny_transformer"]
+    assert [(r["setting"], r["tp"]) for r in rows] == [("none", 1), ("none", 2), ("SP + full", 2)]
+    assert all(r["match"] and r["per_layer"] == r["formula"] for r in rows)
+    assert rows[2]["flops"] > rows[1]["flops"]  # per rank, both at TP 2
