@@ -1,6 +1,6 @@
 """Activation recomputation measured: memory per layer against Korthikanti et al., Table 2; time.
 
-    python -m benchmarks.bench_recompute      # ~4 minutes on 2 cores; --configs, --steps, --max_tp
+    python -m benchmarks.bench_recompute      # ~3 minutes on 2 cores; --configs, --steps, --max_tp
 
 For the toy transformer at its defaults and at a long sequence, each setting of
 Korthikanti et al. (2022) — none, SP (sequence parallelism), selective,
@@ -8,14 +8,16 @@ SP + selective, full (and SP + full) — at TP = 1, 2, 4, with dropout 0.1: the
 bytes one block saves for backward on each rank (bench_step.saved_activations,
 recomputation's checkpoints included), asserted equal to this block's formula
 (`activation_terms`: Table 2's terms for its dtype, ReLU, dropout masks and
-sizes); and, where the ranks have a core or GPU each, the time of a training
-step and of its forward, and the FLOPs of a step (FlopCounterMode), beside no
-recomputation's. A TP size with more ranks than cores is measured for memory
-only. Each setting runs in its own processes through bench_step's worker.
-Writes assets/recompute.json and assets/recompute.png; exits with an error if
-any measured byte count differs from its formula.
+sizes); the FLOPs of a step (torch's FlopCounterMode: what recomputing repeats);
+and, where the ranks have a core or GPU each, the time of a step and of its
+forward. One set of processes per TP size holds a model for every setting and
+times their steps in turn, so that a shared machine's drift falls on all
+alike. A TP size with more ranks than cores is measured for memory and FLOPs
+only. Writes assets/recompute.json and assets/recompute.png; exits with an
+error if any measured byte count differs from its formula.
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -24,8 +26,11 @@ import sys
 import numpy as np
 import torch
 
-from benchmarks import bench_step
-from training.operations import ArgumentParser, check_output
+import parallel_state as ps
+from benchmarks import bench_step, bench_transformer
+from rng_tracker import model_parallel_manual_seed
+from training import initialize
+from training.operations import ArgumentParser, check_output, pin_float32_precision
 
 # name: (sequence_parallel, recompute_granularity)
 SETTINGS = {"none": (False, None), "SP": (True, None), "selective": (False, "selective"),
@@ -93,23 +98,72 @@ def table2(cfg, tp, sequence_parallel=False, recompute_granularity=None):
     return s * b * h * (10 + 24 / t + core)
 
 
-def measure(config, cfg, name, tp, steps, warmup, sizes):
-    """One setting at one TP size, in its own processes (bench_step's worker): its row."""
-    sequence_parallel, granularity = SETTINGS[name]
-    extra = ["--dropout", str(cfg["dropout"])]
-    extra += ["--sequence_parallel"] if sequence_parallel else []
-    extra += ["--recompute_granularity", granularity] if granularity else []
-    result = bench_step.launch("ours", config, max(steps, 1), warmup, ranks=tp, extra=extra)
-    measured = result["memory"]["activations"]["per_layer"]
-    formula = activation_memory_per_layer(cfg, tp, sequence_parallel, granularity, sizes)
-    row = dict(setting=name, tp=tp, per_layer=measured, formula=formula,
-               match=measured == formula, flops=result["flops"], timed=steps > 0)
-    if steps > 0:
-        ms, forward_ms = (np.array(result[k]) * 1e3 for k in ("times", "forward_times"))
-        row.update(median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)),
-                   p90_ms=float(np.percentile(ms, 90)),
-                   forward_ms=float(statistics.median(forward_ms)))
-    return row
+def count_flops(step, batch):
+    """FLOPs of one step's forward, loss and backward, recomputation included (FlopCounterMode:
+    the matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step.backward(step.loss(*batch))
+    step.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def worker(args):
+    """On each rank of one TP size: a model per setting (the same seed), what each block saves and
+    the FLOPs of a step, then the settings' steps in turn, --steps times after --warmup."""
+    cfg = dict(bench_step.CONFIGS[args.config], dropout=args.dropout)
+    torch.set_num_threads(args.threads)
+    pin_float32_precision()
+    device = initialize.init_distributed("auto", timeout_minutes=5, device=args.device)
+    tp = torch.distributed.get_world_size()
+    ps.initialize_model_parallel(tp)
+    batches = bench_transformer.make_token_batches(cfg, 8, device)
+    runs = {}
+    for name in args.settings:
+        sequence_parallel, granularity = SETTINGS[name]
+        model_parallel_manual_seed(bench_step.SEED, device)
+        model = bench_transformer.build(cfg, True, sequence_parallel, cfg["dropout"],
+                                        granularity).to(device)
+        step = bench_transformer.TransformerStep(model)
+        runs[name] = dict(step=step, times=[], forward_times=[],
+                          optimizer=torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9),
+                          per_layer=bench_step.saved_activations(step, batches[0])["per_layer"],
+                          flops=count_flops(step, batches[0]))
+    for i in range(args.warmup + args.steps):
+        for run in runs.values():
+            torch.distributed.barrier()  # the ranks start each step together; not timed
+            seconds, forward, _ = bench_step.timed_step(run["step"], run["optimizer"],
+                                                        batches[i % len(batches)], device,
+                                                        split_forward=True)
+            if i >= args.warmup:
+                run["times"].append(seconds)
+                run["forward_times"].append(forward)
+    ps.destroy_model_parallel()
+    if os.environ.get("RANK", "0") == "0":
+        keep = ("per_layer", "flops", "times", "forward_times")
+        print("RESULT " + json.dumps(dict(tp=tp, device=str(device), settings={
+            name: {k: run[k] for k in keep} for name, run in runs.items()})), flush=True)
+
+
+def measure(config, cfg, tp, settings, steps, warmup, sizes, timed):
+    """Every setting at one TP size, in one set of processes: their rows."""
+    settings = [name for name in settings if tp > 1 or not SETTINGS[name][0]]  # SP needs 2 ranks
+    result = bench_step.launch("recompute", config, steps, warmup, ranks=tp,
+                               extra=["--dropout", str(cfg["dropout"]), "--settings", *settings],
+                               module="benchmarks.bench_recompute")
+    rows = []
+    for name in settings:
+        r, (sequence_parallel, granularity) = result["settings"][name], SETTINGS[name]
+        formula = activation_memory_per_layer(cfg, tp, sequence_parallel, granularity, sizes)
+        row = dict(setting=name, tp=tp, per_layer=r["per_layer"], formula=formula,
+                   match=r["per_layer"] == formula, flops=r["flops"], timed=timed)
+        if timed:
+            ms = np.array(r["times"]) * 1e3
+            row.update(median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)),
+                       p90_ms=float(np.percentile(ms, 90)),
+                       forward_ms=float(statistics.median(r["forward_times"])) * 1e3)
+        rows.append(row)
+    return rows
 
 
 def print_report(config, cfg, rows):
@@ -117,7 +171,7 @@ def print_report(config, cfg, rows):
     print(f"{'setting':<16}{'TP':>3}{'saved per layer per rank, B':>29}{'formula':>11}"
           f"{'ms/step (p10-p90)':>24}{'forward ms':>12}{'GFLOP/step':>12}")
     for r in rows:
-        none = next(n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"])
+        none = next((n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"]), r)
         time = (f"{r['median_ms']:>8.2f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) "
                 f"{r['median_ms'] / none['median_ms']:>5.2f}x" if r["timed"] else "memory only")
         forward = f"{r['forward_ms']:>12.2f}" if r["timed"] else f"{'-':>12}"
@@ -137,12 +191,12 @@ def plot(results, configs, sizes, path):
     t = np.linspace(1, max(TPS), 61)
     for ax, (config, rows) in zip(axes[0], results.items()):
         cfg = configs[config]
-        for name, color in ((n, c) for n, c in colors.items() if n in SETTINGS):
+        for name, color in colors.items():
             sp, granularity = SETTINGS[name]
             line = [activation_memory_per_layer(cfg, x, sp, granularity, sizes) / 2**10
                     for x in t]
             ax.plot(t, line, color=color, lw=1.5, label=f"{name}: formula")
-            points = [r for r in rows if r["setting"] == name]
+            points = [r for r in rows if r["setting"] == name]  # none where not measured
             ax.plot([r["tp"] for r in points], [r["per_layer"] / 2**10 for r in points], "o",
                     color=color, ms=7, mfc="none" if name.startswith("SP") else color,
                     label=f"{name}: measured")
@@ -165,41 +219,46 @@ def main():
     p.add_argument("--configs", nargs="+", default=["transformer", "long_sequence"],
                    choices=[c for c, cfg in bench_step.CONFIGS.items()
                             if cfg.get("model") == "transformer"])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--steps", type=int, default=100, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--max_tp", type=int, default=max(TPS),
-                   help="largest TP size measured (memory only beyond the cores or GPUs)")
+                   help="largest TP size measured (memory and FLOPs only beyond the cores or GPUs)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", default="assets/recompute.json")
     p.add_argument("--plot", default="assets/recompute.png")
+    p.add_argument("--worker", choices=["recompute"], help=argparse.SUPPRESS)  # bench_step.launch
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.max_tp < 1 or not 0 < args.dropout < 1:
         p.error("--steps and --max_tp must be at least 1, --warmup at least 0, --dropout in "
                 "(0, 1)")
-    check_output(p, "--out", args.out, ".json")
-    check_output(p, "--plot", args.plot, ".png")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "cuda" and not gpus:
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
     bench_step.DEVICE = args.device = args.device if args.device != "auto" else (
         "cuda" if gpus else "cpu")
+    if args.worker:
+        return worker(args)
+    check_output(p, "--out", args.out, ".json")
+    check_output(p, "--plot", args.plot, ".png")
     fits = gpus if args.device == "cuda" else os.cpu_count()
     sizes = saved_sizes(torch.float32, args.device)  # the workers' models are float32
     results, configs = {}, {}
     for config in args.configs:
         cfg = configs[config] = dict(bench_step.CONFIGS[config], dropout=args.dropout)
-        rows = results[config] = []
+        results[config] = []
         for tp in (t for t in TPS if t <= args.max_tp):
             timed = tp <= fits
-            print(f"{config}, TP={tp}{'' if timed else ': memory only, ' + str(tp) + ' ranks'}"
-                  f"{'' if timed else f' on {fits} cores'} ...", flush=True)
-            for name, (sequence_parallel, _) in SETTINGS.items():
-                if sequence_parallel and tp == 1:
-                    continue  # one rank: SP is no split at all
-                rows.append(measure(config, cfg, name, tp, args.steps if timed else 0,
-                                    args.warmup if timed else 0, sizes))
-        print_report(config, cfg, rows)
+            print(f"{config}, TP={tp}" + ("" if timed else f": memory and FLOPs only, {tp} ranks "
+                                          f"on {fits} {'GPUs' if gpus else 'cores'}") + " ...",
+                  flush=True)
+            results[config] += measure(config, cfg, tp, args.settings,
+                                       args.steps if timed else 1, args.warmup if timed else 0,
+                                       sizes, timed)
+        print_report(config, cfg, results[config])
     machine = dict(cpu_count=os.cpu_count(), torch=torch.__version__,
                    processor=bench_step.cpu_name(), device=args.device, gpus=gpus)
     with open(args.out + ".tmp", "w") as f:

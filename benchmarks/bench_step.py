@@ -59,7 +59,6 @@ import torch.nn as nn
 import parallel_state as ps
 from benchmarks import bench_transformer
 from model import ToyModel
-from rng_tracker import model_parallel_manual_seed
 from sequence_parallel import allreduce_sequence_parallel_grads
 from training import initialize
 from training.operations import ArgumentParser, check_output, pin_float32_precision
@@ -117,34 +116,36 @@ class Step:
             allreduce_sequence_parallel_grads(self.model, loss)
 
 
-def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, fused=False,
-               forward_times=None):
-    """Seconds of each of `steps` training steps after `warmup` untimed ones; with a list for
-    forward_times, the seconds of each one's forward and loss are appended to it."""
+def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, fused=False):
+    """Seconds of each of `steps` training steps after `warmup` untimed ones."""
     optimizer = torch.optim.SGD(step.model.parameters(), lr=lr, momentum=0.9, fused=fused)
     times = []
     for i in range(warmup + steps):
-        x, y = batches[i % len(batches)]
         barrier()  # ranks start each step together; not timed
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = step.loss(x, y)
-        if forward_times is not None and i >= warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            forward_times.append(time.perf_counter() - start)
-        step.backward(loss)
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        seconds, _, loss = timed_step(step, optimizer, batches[i % len(batches)], device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     if not torch.isfinite(local(loss)):
         raise RuntimeError(f"the loss is {local(loss).item()} after the timed steps: lower the "
                            "config's lr")
     return times, optimizer
+
+
+def timed_step(step, optimizer, batch, device, split_forward=False):
+    """(seconds of one training step, of its forward and loss alone or None, the loss). On a GPU,
+    split_forward synchronizes after the loss: it costs the overlap of backward's launches."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = step.loss(*batch)
+    if split_forward:
+        sync()
+        forward = time.perf_counter() - start
+    step.backward(loss)
+    optimizer.step()
+    sync()
+    return time.perf_counter() - start, forward if split_forward else None, loss
 
 
 def local(t):
@@ -179,16 +180,6 @@ def count_ours(step, batch):
             ring_bytes=dict(ps.comm_ring_bytes))
     step.model.zero_grad(set_to_none=True)
     return counts
-
-
-def count_flops(step, batch):
-    """FLOPs of one step's forward, loss and backward (recomputation included), counted by
-    torch's FlopCounterMode: its matmuls."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        step.backward(step.loss(*batch))
-    step.model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def count_dtensor(step, batch):
@@ -267,12 +258,10 @@ def worker(args):
         tp = torch.distributed.get_world_size()
         ps.initialize_model_parallel(tp)
         barrier = torch.distributed.barrier if tp > 1 else lambda: None
-    model_parallel_manual_seed(SEED, device)  # and dropout's own stream, which the tracker keeps
+    torch.manual_seed(SEED)
     split, sp = args.variant == "ours", args.sequence_parallel
     if transformer:
-        model = bench_transformer.build(cfg, tensor_parallel=split, sequence_parallel=sp,
-                                        dropout=args.dropout,
-                                        recompute_granularity=args.recompute_granularity)
+        model = bench_transformer.build(cfg, tensor_parallel=split, sequence_parallel=sp)
         batches = bench_transformer.make_token_batches(cfg, 8, device)
     else:
         model = ToyModel(cfg["input_size"], cfg["hidden_size"], tensor_parallel=split,
@@ -305,13 +294,11 @@ def worker(args):
     activations = saved_activations(step, batches[0])
     # DTensor has no sharding rule for the fused SGD kernel: it always takes the standard one.
     fused = args.fused_sgd and args.variant != "dtensor"
-    flops = count_flops(step, batches[0]) if args.variant != "dtensor" else None
-    forward_times = []
     times, optimizer = time_steps(step, batches, cfg["lr"], args.steps, args.warmup, device,
-                                  barrier, fused, forward_times)
-    result = dict(times=times, forward_times=forward_times,
+                                  barrier, fused)
+    result = dict(times=times,
                   memory=dict(memory(model, optimizer, device),
-                              activations=activations), comm=count, flops=flops,
+                              activations=activations), comm=count,
                   tp=tp, device=str(device))
     if args.variant != "serial":
         # The ranks of one step are coupled by the all-reduce: report the slowest rank's median.
@@ -464,11 +451,12 @@ LOOPS = ("loop-serial", "loop-ours", "loop-dtensor")
 DEVICE = "cpu"  # the driver's --device, passed to every worker
 
 
-def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=()):
-    cmd = [sys.executable, "-m", "benchmarks.bench_step", "--worker", variant, "--config", config,
+def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=(),
+           module="benchmarks.bench_step"):
+    cmd = [sys.executable, "-m", module, "--worker", variant, "--config", config,
            "--device", DEVICE,
            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), *extra]
-    if variant in ("ours", "dtensor", "loop-ours", "loop-dtensor"):
+    if variant in ("ours", "dtensor", "loop-ours", "loop-dtensor", "recompute"):
         cmd = [sys.executable, os.path.join(REPO, "scripts", "launch.py"), "--standalone",
                "--nproc_per_node", str(ranks), *cmd[1:]]
     # As bash_parallel_train.sh sets it: the async all-reduce is queued before the matmul it
@@ -701,9 +689,6 @@ def main():
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--sequence_parallel", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--recompute_granularity", choices=["full", "selective"],
-                   help=argparse.SUPPRESS)  # bench_recompute.py
-    p.add_argument("--dropout", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--hidden_size", type=int, default=None, help=argparse.SUPPRESS)  # scaling.py
     args = p.parse_args()
     if (args.steps is not None and args.steps < 1) or args.warmup < 0:

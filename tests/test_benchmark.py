@@ -144,17 +144,18 @@ def test_transformer_accounting(report):
 
 
 def test_recompute_benchmark_measures_on_the_formula(tmp_path, monkeypatch):
-    """bench_recompute.py on the tiny transformer, two of its settings at TP 1 and 2 (every setting
-    is measured against the formula in tests/test_recompute.py): the bytes each block saves equal
-    the formula, and full recomputation counts more FLOPs than none."""
+    """bench_recompute.py on the tiny transformer at TP 1 and 2 (4: tests/test_recompute.py): every
+    setting's bytes saved per block equal the formula; full recomputation repeats the blocks'
+    forward, selective the attention core's, and no more."""
     from benchmarks import bench_recompute
-    settings = {name: bench_recompute.SETTINGS[name] for name in ("none", "SP + full")}
-    monkeypatch.setattr(bench_recompute, "SETTINGS", settings)
     run_driver(bench_recompute, monkeypatch, "--configs", "tiny_transformer", "--steps", "2",
                "--warmup", "0", "--max_tp", "2", "--device", "cpu", "--out",
                tmp_path / "recompute.json", "--plot", tmp_path / "recompute.png")
     assert (tmp_path / "recompute.png").stat().st_size > 10_000
     rows = json.loads((tmp_path / "recompute.json").read_text())["results"]["tiny_transformer"]
-    assert [(r["setting"], r["tp"]) for r in rows] == [("none", 1), ("none", 2), ("SP + full", 2)]
+    assert [(r["setting"], r["tp"]) for r in rows] == [
+        (name, tp) for tp in (1, 2) for name, (sp, _) in bench_recompute.SETTINGS.items()
+        if tp > 1 or not sp]
     assert all(r["match"] and r["per_layer"] == r["formula"] for r in rows)
-    assert rows[2]["flops"] > rows[1]["flops"]  # per rank, both at TP 2
+    flops = {(r["setting"], r["tp"]): r["flops"] for r in rows}
+    assert flops["full", 2] == flops["SP + full", 2] > flops["selective", 2] > flops["none", 2]
