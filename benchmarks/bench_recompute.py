@@ -1,6 +1,6 @@
 """Activation recomputation measured: memory per layer against Korthikanti et al., Table 2; time.
 
-    python -m benchmarks.bench_recompute      # ~3 minutes on 2 cores; --configs, --steps, --max_tp
+    python -m benchmarks.bench_recompute      # ~4 minutes on 2 cores; --configs, --steps, --max_tp
 
 For the toy transformer at its defaults and at a long sequence, each setting of
 Korthikanti et al. (2022) — none, SP (sequence parallelism), selective,
@@ -173,7 +173,7 @@ def print_report(config, cfg, rows):
     for r in rows:
         none = next((n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"]), r)
         time = (f"{r['median_ms']:>8.2f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) "
-                f"{r['median_ms'] / none['median_ms']:>5.2f}x" if r["timed"] else "memory only")
+                f"{r['median_ms'] / none['median_ms']:>5.2f}x" if r["timed"] else "not timed")
         forward = f"{r['forward_ms']:>12.2f}" if r["timed"] else f"{'-':>12}"
         print(f"{r['setting']:<16}{r['tp']:>3}{r['per_layer']:>29,}{int(r['formula']):>11,}"
               f"{'' if r['match'] else ' MISMATCH'}{time:>24}{forward}"
@@ -183,9 +183,10 @@ def print_report(config, cfg, rows):
 def plot(results, configs, sizes, path):
     """Activation memory per layer per rank against TP: the formulas' lines, the measured points."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     from plot_runs import save  # first: it sets the Agg backend
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5.2), squeeze=False)
     colors = {"none": "#7f7f7f", "SP": "#74c476", "selective": "#1f77b4",
               "SP + selective": "#6baed6", "full": "#ff7f0e"}
     t = np.linspace(1, max(TPS), 61)
@@ -195,22 +196,26 @@ def plot(results, configs, sizes, path):
             sp, granularity = SETTINGS[name]
             line = [activation_memory_per_layer(cfg, x, sp, granularity, sizes) / 2**10
                     for x in t]
-            ax.plot(t, line, color=color, lw=1.5, label=f"{name}: formula")
             points = [r for r in rows if r["setting"] == name]  # none where not measured
+            ax.plot(t, line, color=color, lw=1.5)
             ax.plot([r["tp"] for r in points], [r["per_layer"] / 2**10 for r in points], "o",
-                    color=color, ms=7, mfc="none" if name.startswith("SP") else color,
-                    label=f"{name}: measured")
+                    color=color, ms=7, mfc="none" if name.startswith("SP") else color)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(TPS, [str(x) for x in TPS])
         ax.set_xlabel("tensor-parallel size")
         ax.set_ylabel("saved for backward, KiB per layer per rank")
-        ax.set_title(f"{config}: {bench_step.describe(cfg)}", fontsize=8)
+        ax.set_title(f"{config}: {bench_step.describe(cfg)}, dropout {cfg['dropout']}",
+                     fontsize=8)
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=7, ncol=2, loc="lower left")
-    fig.suptitle("Activation memory per layer and rank: Korthikanti et al.'s settings, measured "
-                 "(points) on this block's formulas (lines); SP + full lies on full", fontsize=10)
-    fig.tight_layout()
+    fig.legend(handles=[Line2D([], [], color=color, marker="o", label=name,
+                               mfc="none" if name.startswith("SP") else color)
+                        for name, color in colors.items()],
+               loc="lower center", ncol=len(colors), fontsize=9, frameon=False)
+    fig.suptitle("Activation memory per layer and rank (Korthikanti et al., Table 2's settings): "
+                 "measured (points) on this block's formula (lines); SP + full lies on full",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     save(fig, path)
 
 
@@ -220,7 +225,7 @@ def main():
                    choices=[c for c, cfg in bench_step.CONFIGS.items()
                             if cfg.get("model") == "transformer"])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--steps", type=int, default=100, help="timed steps per setting")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--max_tp", type=int, default=max(TPS),
