@@ -173,6 +173,23 @@ def test_the_checks_catch_a_broken_recomputation(mutant, args, caught):
         run_distributed(_with_mutant, 2, mutant, check, *(args or ()))
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_the_flag_reaches_the_model(granularity, tmp_path):
+    """--recompute_granularity, through train.py's build_model (parallel_train.py's too), gives
+    a transformer at its defaults whose blocks save what the formula says for that setting."""
+    from train import build_model
+    from training.arguments import get_args
+    args = get_args(["--model", "transformer", "--dropout", "0.1", "--recompute_granularity",
+                     granularity, "--out_dir", str(tmp_path)])
+    model = build_model(args, torch.device("cpu"))
+    cfg = dict(seq_length=args.seq_length, batch_size=2, input_size=args.input_size,
+               hidden_size=args.hidden_size, num_heads=args.num_attention_heads, dropout=0.1)
+    tokens = torch.randint(args.vocab_size, (2, args.seq_length + 1))
+    measured = bench_step.saved_activations(bench_transformer.TransformerStep(model),
+                                            (tokens[:, :-1], tokens[:, 1:]))["per_layer"]
+    assert measured == bench_recompute.activation_memory_per_layer(cfg, 1, False, granularity)
+
+
 def test_recomputation_is_for_the_transformer():
     from test_errors import flag_error
     assert ("--recompute_granularity full recomputes the transformer's blocks; the toy model has "
