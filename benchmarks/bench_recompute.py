@@ -1,6 +1,6 @@
 """Activation recomputation measured: memory per layer against Korthikanti et al., Table 2; time.
 
-    python -m benchmarks.bench_recompute      # ~4 minutes on 2 cores; --configs, --steps, --max_tp
+    python -m benchmarks.bench_recompute      # ~3 minutes on 2 cores; --configs, --steps, --max_tp
 
 For the toy transformer at its defaults and at a long sequence, each setting of
 Korthikanti et al. (2022) — none, SP (sequence parallelism), selective,
