@@ -27,9 +27,10 @@ swapped in, in `__init__`s below and nowhere else:
     reduce-scatter their outputs (sequence_parallel.py), the sequence is
     gathered again before the output layer, and the LayerNorms' gradients,
     taken on 1/p of the tokens, are summed over the group after backward.
-  * recompute_granularity (Korthikanti et al., 2022, Sec. 5; recompute.py), in
-    training only: "full" keeps each block's input and runs the block again in
-    backward (ToyTransformer.forward, as Megatron's TransformerBlock),
+  * recompute_granularity (Korthikanti et al., 2022, Sec. 5; recompute.py), at
+    any TP size and serially, in training only: "full" keeps each block's input
+    and runs the block again in backward (ToyTransformer.forward, as Megatron's
+    TransformerBlock),
     "selective" the attention core (SelfAttention.forward, as Megatron's
     checkpoint_core_attention). Without sequence parallelism each rank keeps
     1/p of a block's input (distribute_saved_activations); under it the input
