@@ -30,11 +30,11 @@ swapped in, in `__init__`s below and nowhere else:
   * recompute_granularity (Korthikanti et al., 2022, Sec. 5; recompute.py), at
     any TP size and serially, in training only: "full" keeps each block's input
     and runs the block again in backward (ToyTransformer.forward, as Megatron's
-    TransformerBlock),
-    "selective" the attention core (SelfAttention.forward, as Megatron's
-    checkpoint_core_attention). Without sequence parallelism each rank keeps
-    1/p of a block's input (distribute_saved_activations); under it the input
-    is 1/p already. Both branches are marked "Activation recomputation".
+    TransformerBlock), "selective" the attention core (SelfAttention.forward,
+    as Megatron's checkpoint_core_attention). Without sequence parallelism each
+    rank keeps 1/p of a block's input (distribute_saved_activations); under it
+    the input is 1/p already. Both branches are marked "Activation
+    recomputation".
 
 The blocks work on (sequence, batch, width), Megatron's layout, so that the
 sequence is the first dimension, the one sequence parallelism splits.
