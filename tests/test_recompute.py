@@ -25,7 +25,6 @@ import rng_tracker
 import transformer
 from benchmarks import bench_recompute, bench_step, bench_transformer
 from distributed import RankFailed, run_distributed
-from sequence_parallel import allreduce_sequence_parallel_grads
 
 # Sizes: 4 heads and 8 tokens, so that TP 4 splits both; two blocks, so that one block's
 # recomputation runs while the other's streams have moved on.
@@ -46,20 +45,19 @@ def _build(tp, sequence_parallel, granularity, dtype, dropout=DROPOUT):
 def _train(tp, sequence_parallel, granularity, dtype):
     """Each step's loss and gradients, and the weights after STEPS steps of SGD with momentum."""
     model = _build(tp, sequence_parallel, granularity, dtype)
+    step = bench_transformer.TransformerStep(model)  # the training scripts' loss and backward
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)
-    steps = []
+    history = []
     for _ in range(STEPS):
         tokens = torch.randint(CFG["vocab_size"], (CFG["batch_size"], CFG["seq_length"] + 1),
                                generator=g)
         optimizer.zero_grad(set_to_none=True)
-        loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
-        loss.backward()
-        if model.sequence_parallel:
-            allreduce_sequence_parallel_grads(model, loss, loss_is_partial=False)
-        steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        loss = step.loss(tokens[:, :-1], tokens[:, 1:])
+        step.backward(loss)  # and under SP the LayerNorms' partial gradients summed
+        history.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         optimizer.step()
-    return steps, {n: p.detach() for n, p in model.named_parameters()}
+    return history, {n: p.detach() for n, p in model.named_parameters()}
 
 
 def _check_bitwise(granularities=GRANULARITIES, sequence_parallel=(False, True),
@@ -67,11 +65,11 @@ def _check_bitwise(granularities=GRANULARITIES, sequence_parallel=(False, True),
     tp = ps.get_tensor_model_parallel_world_size()
     for dtype in dtypes:
         for sp in sequence_parallel if tp > 1 else (False,):
-            steps, weights = _train(tp, sp, None, dtype)
+            history, weights = _train(tp, sp, None, dtype)
             for granularity in granularities:
                 run = f"{granularity}, {dtype}, TP {tp}, SP {sp}"
                 got, got_weights = _train(tp, sp, granularity, dtype)
-                for i, ((loss, grads), (got_loss, got_grads)) in enumerate(zip(steps, got)):
+                for i, ((loss, grads), (got_loss, got_grads)) in enumerate(zip(history, got)):
                     assert torch.equal(got_loss, loss), f"{run}: step {i}: loss"
                     for name, grad in grads.items():
                         assert torch.equal(got_grads[name], grad), f"{run}: step {i}: grad {name}"
