@@ -13,6 +13,11 @@ split. Hence two streams:
   * a tensor-model-parallel generator, seeded per rank, kept by the tracker:
     the inside dropouts draw from it, under `get_rng_tracker().fork()`.
 
+The tracker's second use: activation recomputation (recompute.py) runs a block
+again in backward, and it must draw the masks it drew the first time, from
+every stream; the tracker's `get_states` / `set_states` are what it saves and
+puts back, with the default generators.
+
 As Megatron's `model_parallel_cuda_manual_seed` and `get_cuda_rng_tracker`
 (tensor_parallel/random.py), with the CPU generator tracked beside the CUDA
 one, so the same code runs where there is no GPU. (Named rng_tracker.py: a
@@ -62,6 +67,14 @@ class RNGStatesTracker:
         torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
         self.states[name] = get_states(cuda)
         set_states(default)
+
+    def get_states(self):
+        """Every stream's state, as Megatron's tracker returns them: what activation recomputation
+        (recompute.py) puts back before it replays a forward."""
+        return dict(self.states)
+
+    def set_states(self, states):
+        self.states = dict(states)
 
     @contextmanager
     def fork(self, name=MODEL_PARALLEL_RNG):

@@ -36,7 +36,8 @@ def build_model(args, device, tensor_parallel=False, sequence_parallel=False):
     if args.model == "transformer":
         model = ToyTransformer(args.vocab_size, args.seq_length, args.input_size, args.hidden_size,
                                args.num_attention_heads, args.num_layers, tensor_parallel,
-                               args.dropout, sequence_parallel, dtype=args.main_dtype)
+                               args.dropout, sequence_parallel, dtype=args.main_dtype,
+                               recompute_granularity=args.recompute_granularity)
     else:
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
                          dtype=args.main_dtype)

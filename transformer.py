@@ -27,6 +27,14 @@ swapped in, in `__init__`s below and nowhere else:
     reduce-scatter their outputs (sequence_parallel.py), the sequence is
     gathered again before the output layer, and the LayerNorms' gradients,
     taken on 1/p of the tokens, are summed over the group after backward.
+  * recompute_granularity (Korthikanti et al., 2022, Sec. 5; recompute.py), at
+    any TP size and serially, in training only: "full" keeps each block's input
+    and runs the block again in backward (ToyTransformer.forward, as Megatron's
+    TransformerBlock), "selective" the attention core (SelfAttention.forward,
+    as Megatron's checkpoint_core_attention). Without sequence parallelism each
+    rank keeps 1/p of a block's input (distribute_saved_activations); under it
+    the input is 1/p already. Both branches are marked "Activation
+    recomputation".
 
 The blocks work on (sequence, batch, width), Megatron's layout, so that the
 sequence is the first dimension, the one sequence parallelism splits.
@@ -45,6 +53,7 @@ from cross_entropy import vocab_parallel_cross_entropy
 from mappings import copy_to_tensor_model_parallel_region
 from model import MLP
 from parallel_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from recompute import checkpoint
 from rng_tracker import get_rng_tracker
 from sequence_parallel import (
     gather_from_sequence_parallel_region,
@@ -62,7 +71,7 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, width, num_heads, tensor_parallel=False, dropout=0.0,
-                 sequence_parallel=False, dtype=None):
+                 sequence_parallel=False, dtype=None, checkpoint_core_attention=False):
         super().__init__()
         tp = ps.get_tensor_model_parallel_world_size() if tensor_parallel else 1
         if width % num_heads != 0:
@@ -73,7 +82,7 @@ class SelfAttention(nn.Module):
                 f"{num_heads} attention heads are not divisible by the tensor-parallel size {tp}; "
                 "choose --num_attention_heads a multiple of it")
         self.heads_per_rank, self.head_dim = num_heads // tp, width // num_heads
-        self.dropout = dropout
+        self.dropout, self.checkpoint_core_attention = dropout, checkpoint_core_attention
         if tensor_parallel:
             self.query_key_value = ColumnParallelLinear(
                 width, 3 * width, gather_output=False, sequence_parallel=sequence_parallel,
@@ -89,15 +98,26 @@ class SelfAttention(nn.Module):
         seq, batch = qkv.shape[:2]
         qkv = qkv.view(seq, batch, self.heads_per_rank, 3, self.head_dim)
         q, k, v = qkv.permute(3, 1, 2, 0, 4)  # each (batch, heads, seq, head_dim)
+        if self.checkpoint_core_attention and self.training:
+            # Activation recomputation, selective (Korthikanti et al., Sec. 5): keep Q, K and V,
+            # not the seq x seq scores, probabilities and masks; recompute.py.
+            context = checkpoint(self.core_attention, False, q, k, v)
+        else:
+            context = self.core_attention(q, k, v)
+        return self.dense(context)  # g: the sum over the ranks' heads
+
+    def core_attention(self, q, k, v):
+        """softmax(Q K^T / sqrt(d), causal), dropout, times V, for this rank's heads: the part
+        whose activations grow with the sequence squared. Returns (seq, batch, width / p)."""
+        batch, _, seq, _ = q.shape
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
         probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
         if self.training and self.dropout > 0:
             # Inside the split region, this rank's heads: a mask of its own (the tracker's stream).
             with get_rng_tracker().fork():
                 probs = F.dropout(probs, self.dropout)
-        context = (probs @ v).permute(2, 0, 1, 3).reshape(seq, batch, -1)
-        return self.dense(context)  # g: the sum over the ranks' heads
+        return (probs @ v).permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
 def dropout_outside(x, p, training, sequence_parallel):
@@ -116,11 +136,11 @@ class Block(nn.Module):
     """x + dropout(attention(LN(x))), then x + dropout(MLP(LN(x))): pre-LayerNorm, as GPT-2."""
 
     def __init__(self, width, hidden, num_heads, tensor_parallel=False, dropout=0.0,
-                 sequence_parallel=False, dtype=None):
+                 sequence_parallel=False, dtype=None, checkpoint_core_attention=False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, dtype=dtype)
         self.attention = SelfAttention(width, num_heads, tensor_parallel, dropout,
-                                       sequence_parallel, dtype)
+                                       sequence_parallel, dtype, checkpoint_core_attention)
         self.ln_2 = nn.LayerNorm(width, dtype=dtype)
         self.mlp = MLP(width, hidden, tensor_parallel, sequence_parallel, dtype=dtype)
         self.dropout, self.sequence_parallel = dropout, sequence_parallel
@@ -153,10 +173,14 @@ class ToyTransformer(nn.Module):
     """
 
     def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
-                 tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None):
+                 tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None,
+                 recompute_granularity=None):
         super().__init__()
         self.vocab_size, self.tensor_parallel = vocab_size, tensor_parallel
         self.sequence_parallel = sequence_parallel and tensor_parallel
+        self.recompute_granularity = recompute_granularity  # None, "full" or "selective"
+        # With "full", each rank keeps 1/p of a block's input: split here; under SP it is 1/p.
+        self.distribute_saved_activations = tensor_parallel and not self.sequence_parallel
         hidden = hidden or 32 * width  # as ToyModel's
         # N(0, 0.02), GPT-2's and Megatron's init_method_normal. With nn.Embedding's N(0, 1) the
         # tied output layer's first logits are ~12 wide and the first loss ~59 (measured at the
@@ -171,7 +195,7 @@ class ToyTransformer(nn.Module):
         init(self.position_embeddings.weight)
         self.blocks = nn.ModuleList(
             Block(width, hidden, num_heads, tensor_parallel, dropout, self.sequence_parallel,
-                  dtype)
+                  dtype, checkpoint_core_attention=recompute_granularity == "selective")
             for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(width, dtype=dtype)
         self.dropout = dropout
@@ -190,7 +214,12 @@ class ToyTransformer(nn.Module):
             x = scatter_to_sequence_parallel_region(x)
         x = dropout_outside(x, self.dropout, self.training, self.sequence_parallel)
         for block in self.blocks:
-            x = block(x)
+            if self.recompute_granularity == "full" and self.training:
+                # Activation recomputation, full (Korthikanti et al., Sec. 5): keep the block's
+                # input (1/p of it on each rank), run the block again in backward; recompute.py.
+                x = checkpoint(block, self.distribute_saved_activations, x)
+            else:
+                x = block(x)
         return self.ln_f(x)
 
     def loss(self, hidden, targets):

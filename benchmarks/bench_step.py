@@ -77,6 +77,10 @@ CONFIGS = {
                         hidden_size=2048, num_heads=4, num_layers=1, batch_size=32, lr=0.01),
     "tiny_transformer": dict(model="transformer", vocab_size=10, seq_length=8, input_size=16,
                              hidden_size=32, num_heads=4, num_layers=1, batch_size=4, lr=0.01),
+    # For activation recomputation (bench_recompute.py): the attention core's share of a layer's
+    # activations is GPT-3 175B's (5as/h = 80, Korthikanti et al., Sec. 4.1), the MLP 4h as GPT's.
+    "long_sequence": dict(model="transformer", vocab_size=50, seq_length=256, input_size=64,
+                          hidden_size=256, num_heads=4, num_layers=1, batch_size=2, lr=0.01),
 }
 SEED = 1234
 
@@ -117,23 +121,31 @@ def time_steps(step, batches, lr, steps, warmup, device, barrier=lambda: None, f
     optimizer = torch.optim.SGD(step.model.parameters(), lr=lr, momentum=0.9, fused=fused)
     times = []
     for i in range(warmup + steps):
-        x, y = batches[i % len(batches)]
         barrier()  # ranks start each step together; not timed
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = step.loss(x, y)
-        step.backward(loss)
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        seconds, _, loss = timed_step(step, optimizer, batches[i % len(batches)], device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     if not torch.isfinite(local(loss)):
         raise RuntimeError(f"the loss is {local(loss).item()} after the timed steps: lower the "
                            "config's lr")
     return times, optimizer
+
+
+def timed_step(step, optimizer, batch, device, split_forward=False):
+    """(seconds of one training step, of its forward and loss alone or None, the loss). On a GPU,
+    split_forward synchronizes after the loss: it costs the overlap of backward's launches."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = step.loss(*batch)
+    if split_forward:
+        sync()
+        forward = time.perf_counter() - start
+    step.backward(loss)
+    optimizer.step()
+    sync()
+    return time.perf_counter() - start, forward if split_forward else None, loss
 
 
 def local(t):
@@ -193,7 +205,9 @@ def saved_activations(step, batch):
     Inside: what is saved between the output of fc1 (QKV) and the end of fc2 (dense), their
     own input included, and the loss's tensors as wide as this rank's slice of the
     vocabulary (the transformer's logits). Outside: the rest (the layers' inputs, the
-    residual stream, LayerNorms, the embeddings' indices).
+    residual stream, LayerNorms, the embeddings' indices). The transformer's also per_layer:
+    what its blocks save (from the first block's input to the final LayerNorm's), per block,
+    recomputation's checkpoints included (Korthikanti et al., Table 2: bench_recompute.py).
     """
     model = step.model
     params = {local(p).data_ptr() for p in model.parameters()}
@@ -204,6 +218,12 @@ def saved_activations(step, batch):
              for name, module in model.named_modules()
              for names, where in ((OPENS_SPLIT, "inside"), (CLOSES_SPLIT, "outside"))
              if name.rsplit(".", 1)[-1] in names]
+    blocks, in_blocks = getattr(model, "blocks", None), [False]
+    if blocks:
+        saved["per_layer"] = 0
+        hooks += [module.register_forward_pre_hook(
+            lambda *_, now=now: in_blocks.__setitem__(0, now))
+            for module, now in ((blocks[0], True), (model.ln_f, False))]
 
     def pack(t):
         t = local(t)
@@ -212,12 +232,16 @@ def saved_activations(step, batch):
             logits = t.dim() > 0 and t.shape[-1] == vocab_per_rank
             where = "inside" if logits else region[0]
             saved[where] += t.numel() * t.element_size()
+            if in_blocks[0]:
+                saved["per_layer"] += t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step.loss(*batch)
     for hook in hooks:
         hook.remove()
+    if blocks:
+        saved["per_layer"] //= len(blocks)  # the blocks are alike
     return saved
 
 
@@ -427,11 +451,12 @@ LOOPS = ("loop-serial", "loop-ours", "loop-dtensor")
 DEVICE = "cpu"  # the driver's --device, passed to every worker
 
 
-def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=()):
-    cmd = [sys.executable, "-m", "benchmarks.bench_step", "--worker", variant, "--config", config,
+def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=(),
+           module="benchmarks.bench_step"):
+    cmd = [sys.executable, "-m", module, "--worker", variant, "--config", config,
            "--device", DEVICE,
            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), *extra]
-    if variant in ("ours", "dtensor", "loop-ours", "loop-dtensor"):
+    if variant in ("ours", "dtensor", "loop-ours", "loop-dtensor", "recompute"):
         cmd = [sys.executable, os.path.join(REPO, "scripts", "launch.py"), "--standalone",
                "--nproc_per_node", str(ranks), *cmd[1:]]
     # As bash_parallel_train.sh sets it: the async all-reduce is queued before the matmul it

@@ -34,10 +34,13 @@ def make_token_batches(cfg, n, device):
     return [(t[:, :-1], t[:, 1:]) for t in tokens.chunk(n)]
 
 
-def build(cfg, tensor_parallel=False, sequence_parallel=False):
+def build(cfg, tensor_parallel=False, sequence_parallel=False, dropout=0.0,
+          recompute_granularity=None):
     return ToyTransformer(cfg["vocab_size"], cfg["seq_length"], cfg["input_size"],
                           cfg["hidden_size"], cfg["num_heads"], cfg["num_layers"],
-                          tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel)
+                          tensor_parallel=tensor_parallel, dropout=dropout,
+                          sequence_parallel=sequence_parallel,
+                          recompute_granularity=recompute_granularity)
 
 
 class TransformerStep:

@@ -15,7 +15,7 @@ def run_driver(module, monkeypatch, *argv):
     session's rank processes (distributed.pooled_subprocess) instead of new interpreters."""
     monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
     for launcher in (module, bench_step):
-        monkeypatch.setattr(launcher, "subprocess", pooled_subprocess)
+        monkeypatch.setattr(launcher, "subprocess", pooled_subprocess, raising=False)
     module.main()
 
 
@@ -134,3 +134,28 @@ def test_transformer_accounting(report):
     # Under SP the residual stream and the LayerNorms' inputs are 1/TP; the tokens, the targets
     # and the hidden states gathered again for the output layer are whole.
     assert outside("ours-sp-tp2") < outside("ours-tp2")
+    # What each block saves: this block's terms of Korthikanti et al.'s Table 2 (bench_recompute.py;
+    # with dropout and recomputation: test_recompute.py).
+    from benchmarks.bench_recompute import activation_memory_per_layer
+    for variant, tp, sp in (("serial-1t", 1, False), ("ours-tp2", 2, False),
+                            ("ours-sp-tp2", 2, True)):
+        assert rows[variant]["memory"]["activations"]["per_layer"] == \
+            activation_memory_per_layer(cfg, tp, sp), variant
+
+
+def test_recompute_benchmark_measures_on_the_formula(tmp_path, monkeypatch):
+    """bench_recompute.py on the tiny transformer at TP 1 and 2 (4: tests/test_recompute.py): every
+    setting's bytes saved per block equal the formula; full recomputation repeats the blocks'
+    forward, selective the attention core's, and no more."""
+    from benchmarks import bench_recompute
+    run_driver(bench_recompute, monkeypatch, "--configs", "tiny_transformer", "--steps", "2",
+               "--warmup", "0", "--max_tp", "2", "--device", "cpu", "--out",
+               tmp_path / "recompute.json", "--plot", tmp_path / "recompute.png")
+    assert (tmp_path / "recompute.png").stat().st_size > 10_000
+    rows = json.loads((tmp_path / "recompute.json").read_text())["results"]["tiny_transformer"]
+    assert [(r["setting"], r["tp"]) for r in rows] == [
+        (name, tp) for tp in (1, 2) for name, (sp, _) in bench_recompute.SETTINGS.items()
+        if tp > 1 or not sp]
+    assert all(r["match"] and r["per_layer"] == r["formula"] for r in rows)
+    flops = {(r["setting"], r["tp"]): r["flops"] for r in rows}
+    assert flops["full", 2] == flops["SP + full", 2] > flops["selective", 2] > flops["none", 2]

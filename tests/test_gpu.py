@@ -223,3 +223,28 @@ def test_nccl_tp2_transformer(token_dir, tmp_path):
                "--out_dir", str(tmp_path / "tp"))
         assert read_config(str(tmp_path / "tp"))["backend"] == "nccl"
         assert_same_curve(str(tmp_path / "serial"), str(tmp_path / "tp"), "float64")
+
+
+def test_recomputation_changes_no_bit_on_one_gpu(token_dir, tmp_path):
+    """TP=2 over gloo with CUDA tensors, --dropout 0.1 and --sequence_parallel: full and selective
+    recomputation give the run without it, bit for bit (the CUDA generator's state and the
+    tracker's CUDA streams restored around every recomputation)."""
+    flags = [*TRANSFORMER, "--tensor_model_parallel_size", "2", "--data_dir", token_dir,
+             "--dropout", "0.1", "--sequence_parallel", "--num_iterations", "20"]
+    for granularity in (None, "full", "selective"):
+        extra = ["--recompute_granularity", granularity] if granularity else []
+        launch(2, *flags, *extra, "--out_dir", str(tmp_path / str(granularity)))
+        assert read_config(str(tmp_path / str(granularity)))["device_type"] == "cuda"
+    for granularity in ("full", "selective"):
+        assert_bitwise_same_run(str(tmp_path / "None"), str(tmp_path / granularity))
+
+
+def test_recompute_benchmark_on_one_gpu(tmp_path):
+    """On a GPU dropout saves a bool mask and LayerNorm float32 statistics: the formula's sizes
+    there (bench_recompute.saved_sizes), measured at TP 1."""
+    run([sys.executable, "-m", "benchmarks.bench_recompute", "--configs", "tiny_transformer",
+         "--steps", "2", "--warmup", "1", "--max_tp", "1", "--device", "cuda", "--out",
+         str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]["tiny_transformer"]
+    assert {r["setting"] for r in rows} == {"none", "selective", "full"}
+    assert all(r["match"] for r in rows)

@@ -1,7 +1,7 @@
 """The toy transformer trained end to end (--model transformer): serial against TP 2, TP 4 with a
 vocabulary 4 does not divide (50 -> 52), DP=2 x TP=2, and sequence parallelism (alone and with
-DP); the communication table; an exact resume with dropout on; merging the shards into the
-unpadded serial state_dict; one-line errors.
+DP); the communication table; an exact resume with dropout on; activation recomputation changing
+no bit in either script; merging the shards into the unpadded serial state_dict; one-line errors.
 
 Float64, 30 iterations: measured here 3.9e-16 relative at most (TP 2, TP 4, DP x TP; 200
 iterations at TP 2: 3.9e-16); bound 5e-14, as for the ToyModel (test_scale.py). Float32 runs are
@@ -52,22 +52,48 @@ def test_transformer_curve_equals_serial(token_dir, serial, tmp_path, nproc, tp,
         assert "instead of gathering 200.00 KiB of logits" in log
 
 
-def test_transformer_resumes_exactly_with_dropout_and_merges(token_dir, tmp_path):
+@pytest.fixture(scope="module")
+def with_dropout(token_dir, tmp_path_factory):
+    """TP=2 with dropout 0.1, 40 iterations: (its flags, its --out_dir)."""
     common = [*COMMON, "--data_dir", token_dir, "--dropout", "0.1", "--num_iterations", "40"]
+    out = str(tmp_path_factory.mktemp("transformer_dropout"))
+    launch(2, *common, "--out_dir", out)
+    return common, out
+
+
+def test_transformer_resumes_exactly_with_dropout_and_merges(with_dropout, tmp_path):
+    common, full = with_dropout
     ck = str(tmp_path / "ck")
-    launch(2, *common, "--out_dir", str(tmp_path / "full"))
     launch(2, *common, "--num_iterations", "30", "--save", ck, "--save_interval", "20",
            "--out_dir", str(tmp_path / "resumed"))
     killed_after(ck, 20)
     log = launch(2, *common, "--save", ck, "--save_interval", "20", "--load", ck,
                  "--out_dir", str(tmp_path / "resumed"))
     assert "resuming from" in log and "at iteration 20" in log
-    assert_bitwise_same_run(str(tmp_path / "full"), str(tmp_path / "resumed"))
+    assert_bitwise_same_run(full, str(tmp_path / "resumed"))
     run_script("merge_checkpoint.py", ck, "--out", tmp_path / "merged.pt")
     merged = torch.load(tmp_path / "merged.pt")
-    final = torch.load(tmp_path / "full" / "model.pt")
+    final = torch.load(os.path.join(full, "model.pt"))
     assert merged["word_embeddings.weight"].shape == (50, 64)
     assert all(torch.equal(merged[k], final[k]) for k in final)
+
+
+def test_parallel_train_recomputes_without_changing_a_bit(with_dropout, tmp_path):
+    """--recompute_granularity full at TP=2 with dropout: each rank keeps half of each block's
+    input and gathers it to run the block again; every loss and weight is the same bit for bit."""
+    common, plain = with_dropout
+    log = launch(2, *common, "--recompute_granularity", "full", "--out_dir", str(tmp_path))
+    assert_bitwise_same_run(plain, str(tmp_path))
+    # The recomputed forward's 2 all-reduces (attention's g, the MLP's g: 256 KiB of float64 each)
+    # beside the step's 8, and the all-gather of each rank's half of the block's input.
+    assert comm_table(log) == {"all_reduce": (10, 2060.0, 2060.0),
+                               "all_gather": (1, 128.0, 128.0)}
+
+
+def test_train_recomputes_without_changing_a_bit(token_dir, serial, tmp_path):
+    run_script("train.py", *COMMON, "--recompute_granularity", "selective", "--data_dir",
+               token_dir, "--out_dir", tmp_path)
+    assert_bitwise_same_run(serial, str(tmp_path))
 
 
 def test_transformer_changes_tensor_parallel_size_mid_run(token_dir, serial, tmp_path):

@@ -55,6 +55,9 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
     p.add_argument("--num_attention_heads", type=int, default=4)
     p.add_argument("--num_layers", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.0, help="transformer: dropout probability")
+    p.add_argument("--recompute_granularity", choices=["full", "selective"], default=None,
+                   help="transformer: recompute in backward each block (full) or its attention "
+                        "core (selective) instead of keeping their activations (recompute.py)")
     p.set_defaults(default_out_dir=out_dir)
     return p
 
@@ -81,6 +84,9 @@ def parse_args(parser, argv=None):
         parser.error(f"--clip_grad must be a positive number, got {args.clip_grad}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.recompute_granularity and not transformer:
+        parser.error(f"--recompute_granularity {args.recompute_granularity} recomputes the "
+                     "transformer's blocks; the toy model has none: add --model transformer")
     if transformer and args.input_size % args.num_attention_heads != 0:
         parser.error(f"--input_size {args.input_size} is not divisible by "
                      f"--num_attention_heads {args.num_attention_heads}")

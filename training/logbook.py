@@ -214,3 +214,8 @@ def _report_transformer_papers(args, tp, rows):
               "all-reduces become a reduce-scatter and an all-gather, the blocks' inputs are "
               "all-gathered again in backward, the sequence is gathered before the output layer, "
               "and one small all-reduce sums the LayerNorms' and biases' gradients.")
+    if args.recompute_granularity == "full":
+        print("  With --recompute_granularity full (Korthikanti et al., 2022, Sec. 5): backward "
+              "runs every block's forward again, and its collectives with it"
+              + ("." if args.sequence_parallel else ", after an all-gather of the 1/TP of the "
+                 "block's input each rank kept."))

@@ -18,8 +18,8 @@ likewise. This does the same kind of thing to the serial model, with no communic
 train.py also takes each batch of a reordered run as two micro-batches and adds their
 gradients, the reordering data parallelism does to every gradient's sum over the batch (and
 sequence parallelism to the LayerNorms'). Initial weights and data are bit for bit those of the
-plain run; model.pt is written back in the plain order. Dropout on the attention probabilities would fall on other heads (not
-round-off: arguments.py refuses it).
+plain run; model.pt is written back in the plain order. Dropout on the attention
+probabilities would fall on other heads (not round-off: arguments.py refuses it).
 """
 
 import torch
