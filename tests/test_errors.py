@@ -399,12 +399,12 @@ def test_rows_reach_the_disk_when_the_collective_at_a_log_point_fails(tmp_path, 
     rows it was about to write, and those of steps after the last log point, still reach the
     disk."""
     from train import build_model, evaluate, make_optimizer, train
+    from training.arguments import get_args
     from training.data import iterate_batches
     from training.logbook import Logbook
     from training.metrics import MetricsWriter, read_metrics
-    args = parse_args(get_args_parser(),
-                      ["--input_size", "4", "--hidden_size", "8", "--batch_size", "2",
-                                          "--update_freq", "10", "--out_dir", str(tmp_path)])
+    args = get_args(["--input_size", "4", "--hidden_size", "8", "--batch_size", "2",
+                     "--update_freq", "10", "--out_dir", str(tmp_path)])
     X, y = torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(40)
     calls = []
 
