@@ -269,3 +269,22 @@ def test_verdict_catches_each_clipping_mistake(dtype, data_dir, tmp_path):
         assert code == (0 if match else 1), f"{name}: expected {'MATCH' if match else 'DIFFER'}" \
                                             f"\n{report}"
     assert "grad_norm" in open(os.path.join(serial, "metrics.csv")).readline()
+
+
+def test_the_benchmark_summarizes_as_compare_runs_judges(capsys):
+    """benchmarks/precision.py's table and compare_runs.py's verdict come from the same numbers."""
+    import numpy as np
+
+    from benchmarks import precision
+    it = np.arange(1, 101, dtype=float)
+    run = lambda noise: {"iteration": it, "train_loss": 2.0 + 1e-3 * noise + 0 * it}
+    rng = np.random.default_rng(0)
+    serial, noise = run(0), [run(rng.normal(size=100)) for _ in range(2)]
+    near, far = run(0.5 * rng.normal(size=100)), run(30 + 0 * it)
+    for other, match in ((near, True), (far, False)):
+        summary = precision.summary(serial, other, noise, "float32")
+        ok, _ = compare_runs.noise_verdict(serial, other, noise, "float32")
+        assert summary["match"] == ok == match
+    precision.print_table({"toy/float64/-": {"bug": {**precision.summary(serial, far, noise,
+                                                                          "float64")}}})
+    assert "| toy | float64 | - | bug |" in capsys.readouterr().out
