@@ -24,6 +24,7 @@ leaves it (docs/precision.md: the measurements behind the factor and the rule).
 """
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -115,39 +116,85 @@ def noise_verdict(a, b, noise, dtype):
     return v["ok"], lines
 
 
+# What makes a run the training it is, beside the model and its sizes: under --noise the compared
+# run and the noise runs must share these with the reference, or the band measures another thing.
+TRAINING = ("dtype", "init_lr", "momentum", "seed", "clip_grad", "batch_size", "dropout",
+            "init_from")
+
+
+def why_not_judged(run_dirs, configs):
+    """Why --noise cannot judge (reference, other, *noise), as config.json has them, or None: the
+    other run and the noise runs are the reference's training, and the noise runs are serial
+    reruns of it with --reorder_seed, each its own K."""
+    reference = configs[0]
+    for i, (run, config) in enumerate(zip(run_dirs[1:], configs[1:])):
+        role = "noise run " if i else ""
+        for key in TRAINING:
+            if key in reference and key in config and reference[key] != config[key]:
+                return (f"{role}{run} was trained with --{key} {config[key]} and {run_dirs[0]} "
+                        f"with {reference[key]}; the band is measured on the reference's own "
+                        "training")
+        if i and config.get("reorder_seed") is None:
+            return (f"noise run {run} has no --reorder_seed: train the reference's flags again "
+                    f"with python train.py ... --reorder_seed K --out_dir {run}")
+        if i and config.get("tensor_model_parallel_size", 1) != 1:
+            return (f"noise run {run} is a tensor-parallel run; noise runs are serial: python "
+                    "train.py ... --reorder_seed K")
+    seeds = [c.get("reorder_seed") for c in configs if c.get("reorder_seed") is not None]
+    if len(set(seeds)) < len(seeds):
+        return "two runs have the same --reorder_seed: the same run twice; give each its own K"
+    return None
+
+
+def read_judged_runs(args):
+    """(metrics, configs) of the reference, the other run and the noise runs, checked; exits with
+    one line where they cannot be compared."""
+    for run in args.noise:
+        if not os.path.isfile(os.path.join(run, "metrics.csv")):
+            sys.exit(f"error: noise run {run} has no metrics.csv: train the reference's flags "
+                     f"again with python train.py ... --reorder_seed K --out_dir {run}")
+    try:
+        metrics, configs = read_runs(args.reference, args.other, *args.noise)
+    except RunRecordError as e:
+        sys.exit(f"error: {e}")
+    runs = (args.reference, args.other, *args.noise)
+    for i, (run, m, config) in enumerate(zip(runs[1:], metrics[1:], configs[1:])):
+        if i:  # a noise run is compared as far as the reference goes
+            m = {k: v[:len(metrics[0]["iteration"])] for k, v in m.items()}
+        elif args.noise and 0 < len(m["iteration"]) < len(metrics[0]["iteration"]):
+            continue  # the other run stopped early: judged as far as it went
+        if why := why_not_comparable((args.reference, run), (metrics[0], m),
+                                     (configs[0], config)):
+            sys.exit(f"error: these runs cannot be compared: {why}"
+                     + (f" (noise run {run})" if i else ""))
+    if args.noise and (why := why_not_judged(runs, configs)):
+        sys.exit(f"error: {why}")
+    for run, config in zip(runs, configs):
+        if not config:
+            print(f"note: {run} has no config.json: its model and sizes are not checked")
+    return metrics, configs
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("reference", nargs="?", default="runs/serial")
     p.add_argument("other", nargs="?", default="runs/tensor_parallel")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="largest relative difference "
-                                                                    "allowed (without --noise)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help=f"largest relative difference allowed (default {DEFAULT_RTOL:g}); "
+                        "not with --noise")
     p.add_argument("--noise", nargs="+", default=[], metavar="RUN",
                    help="the reference retrained with --reorder_seed K: the verdict is then "
                         "against their round-off, not --rtol")
     args = p.parse_args(argv)
+    if args.rtol is not None and args.noise:
+        p.error("--rtol and --noise: the verdict is against one or the other; give one")
+    args.rtol = DEFAULT_RTOL if args.rtol is None else args.rtol
     if not (args.rtol > 0 and math.isfinite(args.rtol)):
         p.error(f"--rtol must be a positive number, got {args.rtol}")
-    try:
-        runs = args.reference, args.other, *args.noise
-        metrics, configs = read_runs(*runs)
-    except RunRecordError as e:
-        sys.exit(f"error: {e}")
-    (a, b), dtype = metrics[:2], configs[0].get("dtype", "float32")
-    stopped = None  # with --noise, a run that stopped early is compared as far as it went
-    if args.noise and 0 < len(b["iteration"]) < len(a["iteration"]):
-        stopped = len(b["iteration"])
-        a = {k: v[:stopped] for k, v in a.items()}
-        metrics = [a, b, *metrics[2:]]
-    for run, m, config in zip(runs[1:], metrics[1:], configs[1:]):
-        m = {k: v[:len(a["iteration"])] for k, v in m.items()} if run in args.noise else m
-        if why := why_not_comparable((args.reference, run), (a, m), (configs[0], config)):
-            sys.exit(f"error: these runs cannot be compared: {why}")
-        if run in args.noise and config.get("dtype", "float32") != dtype:
-            sys.exit(f"error: noise run {run} is {config.get('dtype')} and {args.reference} "
-                     f"{dtype}: retrain it with --dtype {dtype}")
-    for run, config in zip(runs, configs):
-        if not config:
-            print(f"note: {run} has no config.json: its model and sizes are not checked")
+    metrics, configs = read_judged_runs(args)
+    a, b = metrics[:2]
+    stopped = len(b["iteration"]) if len(b["iteration"]) < len(a["iteration"]) else None
+    a = {k: v[:len(b["iteration"])] for k, v in a.items()}
     ok = True
     for column in ("train_loss", "valid_loss"):
         if curve_difference(a, b, column) is None:
@@ -159,6 +206,7 @@ def main(argv=None):
             ok &= bool(rel_diff <= args.rtol)  # NaN (a diverged run) fails too
             verdict = f"  ({'within' if rel_diff <= args.rtol else 'BEYOND'} rtol {args.rtol:g})"
         print(f"{column:<10}  max abs diff {abs_diff:.3e}  max rel diff {rel_diff:.3e}{verdict}")
+    dtype = configs[0].get("dtype", "float32")
     if args.noise:
         noise = [{k: v[:len(a["iteration"])] for k, v in m.items()} for m in metrics[2:]]
         ok, lines = noise_verdict(a, b, noise, dtype)
@@ -167,6 +215,9 @@ def main(argv=None):
             lines.append(f"{args.other} stopped after {stopped} iterations, {args.reference} "
                          "went on: the runs differ")
         print("\n".join(lines))
+    elif not ok and dtype == "bfloat16":
+        print("note: bfloat16's round-off is far above any fixed --rtol; measure it for this run "
+              "with --noise (docs/precision.md)")
     print(f"{args.reference} and {args.other}: {'MATCH' if ok else 'DIFFER'} over "
           f"{len(a['iteration'])} iterations")
     return 0 if ok else 1

@@ -98,7 +98,10 @@ def main(argv=None):
         if iteration is None:
             iteration = latest_iteration(args.directory)
         if iteration is None:
-            raise CheckpointError(f"no checkpoint in {args.directory} (no {TRACKER})")
+            out_dir = os.path.isfile(os.path.join(args.directory, "model.pt"))
+            raise CheckpointError(f"no checkpoint in {args.directory} (no {TRACKER})" + (
+                "; it is a run's --out_dir, and its model.pt is the merged model already "
+                "(checkpoints go where parallel_train.py's --save points)" if out_dir else ""))
         shards = load_shards(args.directory, iteration)
         if args.save:
             check_divisible(shards[0]["sizes"], args.tensor_model_parallel_size)

@@ -26,7 +26,12 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from compare_runs import NOISE_FACTOR, curve_difference, verdict_numbers  # noqa: E402
+from compare_runs import (  # noqa: E402
+    NOISE_FACTOR,
+    curve_difference,
+    verdict_numbers,
+    why_not_judged,
+)
 from training.metrics import (  # noqa: E402
     RunRecordError,
     atomic_write,
@@ -187,10 +192,13 @@ def main(argv=None):
         (serial, parallel, *noise), configs = read_runs(*runs)
     except RunRecordError as e:
         sys.exit(f"error: {e}")
+    noise = [{k: v[:len(serial["iteration"])] for k, v in m.items()} for m in noise]
     for run, metrics, config in zip(runs[1:], (parallel, *noise), configs[1:]):
         if why := why_not_comparable((args.serial, run), (serial, metrics),
                                      (configs[0], config)):
             sys.exit(f"error: these runs cannot be drawn as one comparison: {why}")
+    if noise and (why := why_not_judged(runs, configs)):
+        sys.exit(f"error: {why}")
     configs = configs[:2]
     if args.comparison:
         os.makedirs(os.path.dirname(os.path.abspath(args.comparison)), exist_ok=True)

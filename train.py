@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from model import ToyModel
 from rng_tracker import model_parallel_manual_seed
 from training.arguments import get_args
-from training.checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict
+from training.checkpointing import gather_serial_state_dict, load_serial_state_dict, read_state_dict
 from training.clip_grads import clip_grad_norm
 from training.data import iterate_batches, load_dataset, load_token_dataset, to_tensors
 from training.logbook import Logbook
@@ -42,17 +42,7 @@ def build_model(args, device, tensor_parallel=False, sequence_parallel=False):
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
                          dtype=args.main_dtype)
     if args.init_from:
-        try:
-            state_dict = torch.load(args.init_from, map_location="cpu", weights_only=True)
-        except Exception as e:  # any unreadable file: a zip error, an unpickling error, ...
-            raise StateDictError(f"--init_from {args.init_from} is not a state_dict saved with "
-                                 f"torch.save ({type(e).__name__}); use a model.pt written by "
-                                 "train.py") from None
-        if not isinstance(state_dict, dict):
-            raise StateDictError(f"--init_from {args.init_from} holds a "
-                                 f"{type(state_dict).__name__}, not a state_dict; use a model.pt "
-                                 "written by train.py")
-        load_serial_state_dict(model, state_dict)
+        load_serial_state_dict(model, read_state_dict(args.init_from))
     return model
 
 

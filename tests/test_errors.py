@@ -79,8 +79,10 @@ def flag_error(argv, world_size=2, parallel=True):
     (["--out_dir", "/sys/run"], 2, "--out_dir /sys/run: /sys cannot be written"),
     (["--save", "/sys/ck"], 2, "--save /sys/ck: /sys cannot be written"),
     (["--seed", str(2**64)], 2, f"--seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
-    (["--clip_grad", "0"], 2, "--clip_grad must be a positive number, got 0.0"),
-    (["--clip_grad", "nan"], 2, "--clip_grad must be a positive number, got nan"),
+    (["--clip_grad", "0"], 2, "--clip_grad must be a positive finite number, got 0.0 (leave it "
+                              "out to train without clipping)"),
+    (["--clip_grad", "inf"], 2, "--clip_grad must be a positive finite number, got inf"),
+    (["--reorder_seed", "1"], 2, "--reorder_seed is train.py's: a reordered run is the serial one"),
     (["--tp_reduce_dtype", "float32"], 2,
      "--tp_reduce_dtype float32 changes bfloat16 runs only; this one is --dtype float32"),
     (["--save", f"{README}/ck"], 2, f"--save {README}/ck: {README} is a file; name a directory"),

@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import json
 import os
 from unittest import mock
 
@@ -48,6 +49,9 @@ def test_plot_runs_writes_three_pictures(tmp_path):
 def test_comparison_draws_the_round_off_band(tmp_path):
     for name, offset in (("serial", 0), ("parallel", 1e-6), ("r1", 1e-6), ("r2", -2e-6)):
         fake_run(tmp_path / name, 1 if name != "parallel" else 2, offset=offset)
+    for k in (1, 2):  # the noise runs are reordered reruns of serial
+        config = tmp_path / f"r{k}" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "reorder_seed": k}))
     with mock.patch.object(plot_runs, "draw_band", wraps=plot_runs.draw_band) as band:
         plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--noise",
                         str(tmp_path / "r1"), str(tmp_path / "r2"), "--comparison",
@@ -137,6 +141,27 @@ def test_a_run_resumed_at_another_size_keeps_its_earlier_rows(tmp_path, before, 
     assert rows[20][3:3 + before] == [rows[20][1]] * before  # iteration 20, as it was written
     written = after if after > 1 else 0  # a run of one rank writes no rank columns
     assert rows[21][3:] == ["1.5"] * written + [""] * (ranks - written)
+
+
+@pytest.mark.parametrize("clipped_before", [True, False])
+def test_a_run_resumed_with_clipping_switched_keeps_each_value_under_its_name(tmp_path,
+                                                                              clipped_before):
+    """--clip_grad adds a grad_norm column before the ranks': resumed with it switched on or off,
+    the earlier rows keep each value under its own column."""
+    args = lambda clip: argparse.Namespace(tensor_model_parallel_size=2, clip_grad=clip)
+    first = MetricsWriter(str(tmp_path), run_config(args(1.0 if clipped_before else None)),
+                          num_ranks=2)
+    first.write([[1, 3.0, None, 7.0], [2, 2.0, None, 6.0]], torch.tensor([[3.0, 2.0]] * 2))
+    first.close()
+    resumed = MetricsWriter(str(tmp_path), run_config(args(None if clipped_before else 1.0)),
+                            num_ranks=2, resume_from=2)
+    resumed.write([[3, 1.0, None, 5.0]], torch.tensor([[1.0]] * 2))
+    resumed.close()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["train_loss_rank1"] for row in rows] == ["3.0", "2.0", "1.0"]
+    assert [row["grad_norm"] for row in rows] == (["7.0", "6.0", ""] if clipped_before else
+                                                  ["", "", "5.0"])
 
 
 def test_plot_runs_compares_any_two_runs_under_their_names(tmp_path):

@@ -288,3 +288,19 @@ def test_the_benchmark_summarizes_as_compare_runs_judges(capsys):
     precision.print_table({"toy/float64/-": {"bug": {**precision.summary(serial, far, noise,
                                                                           "float64")}}})
     assert "| toy | float64 | - | bug |" in capsys.readouterr().out
+
+
+def test_a_reordered_layer_of_one_input_has_nothing_to_split():
+    from model import ToyModel
+    from training.reorder import reorder_sums
+    model = ToyModel(4, 1)
+    reorder_sums(model, 0)
+    assert model(torch.ones(2, 4)).shape == (2, 1)
+
+
+def test_init_from_a_checkpoint_shard_says_to_merge_it(tmp_path):
+    from training.checkpointing import StateDictError, read_state_dict
+    torch.save({"iteration": 10, "model": {}, "optimizer": {}, "sizes": {}}, tmp_path / "s.pt")
+    with pytest.raises(StateDictError, match="is one shard of a checkpoint; merge them first: "
+                                             "python merge_checkpoint.py DIR --out model.pt"):
+        read_state_dict(str(tmp_path / "s.pt"))

@@ -135,7 +135,8 @@ def test_mismatched_checkpoints_are_refused(data_dir, tmp_path):
     out = launch(4, "--tensor_model_parallel_size", "4", "--data_dir", data_dir, "--load", ck,
                  "--dtype", "float64", "--out_dir", str(tmp_path / "b"), ok=False)
     # The tensor-parallel size may change (resharded); a size of the model itself may not.
-    assert "was saved with dtype float32, this run has float64" in out
+    assert ("was saved by a --dtype float32 run, this one is --dtype float64; resume it with "
+            "--dtype float32") in out
     out = launch(2, "--tensor_model_parallel_size", "2", "--hidden_size", "1024", "--data_dir",
                  data_dir, "--load", ck, "--out_dir", str(tmp_path / "c"), ok=False)
     assert "was saved with hidden size 2048, this run has 1024" in out

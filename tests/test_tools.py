@@ -44,10 +44,16 @@ def places(tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_dir").mkdir()
     for name, ranks in (("serial", 1), ("parallel", 2), ("transformer", 2), ("bad_config", 1),
-                        ("bad_header", 1), ("short", 1), ("bf16", 1)):
+                        ("bad_header", 1), ("short", 1), ("bf16", 1), ("r1", 1), ("r1_again", 1),
+                        ("r2_clipped", 1), ("r_tp", 2)):
         fake_run(tmp_path / name, ranks, offset=1e-7 * (ranks - 1))
-    config = tmp_path / "bf16" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "bfloat16"}))
+    for name, change in (("serial", {"clip_grad": None}),
+                         ("bf16", {"dtype": "bfloat16", "reorder_seed": 3}),
+                         ("r1", {"reorder_seed": 1}), ("r1_again", {"reorder_seed": 1}),
+                         ("r2_clipped", {"reorder_seed": 2, "clip_grad": 1.0}),
+                         ("r_tp", {"reorder_seed": 4})):
+        config = tmp_path / name / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
     config = tmp_path / "transformer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "model": "transformer"}))
     (tmp_path / "bad_config" / "config.json").write_text("{not json")
@@ -82,8 +88,30 @@ CASES = [
     (compare_runs, ["{p}/serial", "{p}/parallel", "--rtol", "-1"],
      "compare_runs.py: error: --rtol must be a positive number, got -1.0"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/bf16"],
-     "error: noise run {p}/bf16 is bfloat16 and {p}/serial float32: retrain it with --dtype "
-     "float32"),
+     "error: noise run {p}/bf16 was trained with --dtype bfloat16 and {p}/serial with float32"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r2_clipped"],
+     "error: noise run {p}/r2_clipped was trained with --clip_grad 1.0 and {p}/serial with None"),
+    (compare_runs, ["{p}/serial", "{p}/bf16", "--noise", "{p}/r1"],
+     "error: {p}/bf16 was trained with --dtype bfloat16 and {p}/serial with float32"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/serial"],
+     "error: noise run {p}/serial has no --reorder_seed: train the reference's flags again with "
+     "python train.py ... --reorder_seed K --out_dir {p}/serial"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_tp"],
+     "error: noise run {p}/r_tp is a tensor-parallel run; noise runs are serial"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/r1_again"],
+     "error: two runs have the same --reorder_seed: the same run twice; give each its own K"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/nowhere"],
+     "error: noise run {p}/nowhere has no metrics.csv: train the reference's flags again with "
+     "python train.py ... --reorder_seed K --out_dir {p}/nowhere"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "--rtol", "1e-3"],
+     "compare_runs.py: error: --rtol and --noise: the verdict is against one or the other; "
+     "give one"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/short"],
+     "error: these runs cannot be compared: the runs have 30 and 20 iterations (did one stop "
+     "early?) (noise run {p}/short)"),
+    (plot_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r2_clipped", "--assets",
+                 "{p}/out"],
+     "error: noise run {p}/r2_clipped was trained with --clip_grad 1.0"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/transformer"],
      "error: these runs cannot be compared: {p}/serial trained the toy model and "
      "{p}/transformer the transformer"),

@@ -3,6 +3,7 @@ defaults, and every check that can be made before any work, identically on every
 
 import math
 import os
+import sys
 
 import torch
 
@@ -80,8 +81,10 @@ def parse_args(parser, argv=None):
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
-    if args.clip_grad is not None and not (args.clip_grad > 0 and math.isfinite(args.clip_grad)):
-        parser.error(f"--clip_grad must be a positive number, got {args.clip_grad}")
+    clip = args.clip_grad
+    if clip is not None and not (clip > 0 and math.isfinite(clip)):
+        parser.error(f"--clip_grad must be a positive finite number, got {clip} (leave it out to "
+                     "train without clipping)")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.recompute_granularity and not transformer:
@@ -119,9 +122,24 @@ def parse_args(parser, argv=None):
     return args
 
 
+# The flags of one script only: given to the other, they get a line that says whose they are.
+PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes",
+                 "--distributed_backend", "--sequence_parallel", "--tp_reduce_dtype", "--save",
+                 "--save_interval", "--load")
+SERIAL_ONLY = ("--reorder_seed",)
+
+
+def refuse_the_other_scripts_flags(parser, argv, flags, whose):
+    for arg in sys.argv[1:] if argv is None else argv:
+        if str(arg).split("=")[0] in flags:
+            parser.error(f"{str(arg).split('=')[0]} is {whose}")
+
+
 def get_args(argv=None):
     """train.py's flags, checked."""
     parser = get_args_parser()
+    refuse_the_other_scripts_flags(parser, argv, PARALLEL_ONLY, "parallel_train.py's (bash "
+                                   "bash_parallel_train.sh); train.py trains on one device")
     parser.add_argument("--reorder_seed", type=int, default=None, metavar="K",
                         help="the same model with its sums in another order (hidden units and "
                              "heads permuted by K): a run that differs from the plain one by "
@@ -131,6 +149,9 @@ def get_args(argv=None):
         if not 0 <= args.reorder_seed < 2**63:
             parser.error(f"--reorder_seed must be an integer from 0 to 2**63 - 1, got "
                          f"{args.reorder_seed}")
+        if args.batch_size < 2:
+            parser.error("--reorder_seed takes each batch as two micro-batches: give it "
+                         "--batch_size 2 or more")
         if args.model == "transformer" and args.dropout > 0:
             parser.error("--reorder_seed with --dropout: the attention's dropout masks would "
                          "fall on other heads, which is another run, not round-off; use "
@@ -144,6 +165,8 @@ def get_parallel_args(argv=None):
     """Flags, checked before any process-group work, identically on every rank."""
     parser = get_args_parser("parallel_train.py", "Train the ToyModel with Megatron-style tensor "
                              "parallelism, under torchrun.", out_dir="runs/tensor_parallel")
+    refuse_the_other_scripts_flags(parser, argv, SERIAL_ONLY, "train.py's: a reordered run is "
+                                   "the serial one (python train.py ... --reorder_seed K)")
     parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
     parser.add_argument("--distributed_timeout_minutes", type=float, default=10.0)
     parser.add_argument("--distributed_backend", choices=["auto", "nccl", "gloo"], default="auto",

@@ -212,6 +212,10 @@ def load_checkpoint(directory, model, optimizer, args):
     saved = read(tp_rank * saved_tp // tp)  # the first shard this rank needs
     for key, value in sizes(args).items():
         was = saved["sizes"].get(key, "toy" if key == "model" else None)
+        if was != value and key == "dtype":
+            raise CheckpointError(f"{directory} (iteration {iteration}) was saved by a --dtype "
+                                  f"{was} run, this one is --dtype {value}; resume it with "
+                                  f"--dtype {was}")
         if was != value and key not in RESHARDABLE:
             raise CheckpointError(
                 f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} "
@@ -247,6 +251,23 @@ def load_checkpoint(directory, model, optimizer, args):
 
 class StateDictError(UserError, ValueError):
     """A state dict that does not fit the model; the message names the keys."""
+
+
+def read_state_dict(path):
+    """--init_from's file: a serial state_dict (model.pt, merge_checkpoint.py's output)."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: a zip error, an unpickling error, ...
+        raise StateDictError(f"--init_from {path} is not a state_dict saved with torch.save "
+                             f"({type(e).__name__}); use a model.pt written by train.py") from None
+    if not isinstance(state_dict, dict):
+        raise StateDictError(f"--init_from {path} holds a {type(state_dict).__name__}, not a "
+                             "state_dict; use a model.pt written by train.py")
+    if {"iteration", "model", "optimizer"} <= state_dict.keys():
+        raise StateDictError(f"--init_from {path} is one shard of a checkpoint; merge them first: "
+                             "python merge_checkpoint.py DIR --out model.pt, then --init_from "
+                             "model.pt")
+    return state_dict
 
 
 def load_serial_state_dict(model: nn.Module, state_dict: dict) -> None:

@@ -59,13 +59,13 @@ class MetricsWriter:
         self.rows = [["iteration", "train_loss", "valid_loss", *norm, *ranks]]
         if resume_from:
             # Keep the rows up to the checkpoint; rows after it were recomputed by this run. A run
-            # resumed at another tensor-parallel size keeps the earlier ranks' columns too (empty
-            # in its own rows).
+            # resumed at another tensor-parallel size, or with --clip_grad switched, keeps the
+            # earlier run's columns too, after its own (empty in its own rows), each row's values
+            # under their own names.
             header, earlier = self._read_rows()
-            self.rows[0] = max(self.rows[0], header, key=len)
-            width = len(self.rows[0])
-            self.rows += [row + [""] * (width - len(row)) for row in earlier
-                          if int(row[0]) <= resume_from]
+            self.rows[0] += [column for column in header if column not in self.rows[0]]
+            self.rows += [[dict(zip(header, row)).get(column, "") for column in self.rows[0]]
+                          for row in earlier if int(row[0]) <= resume_from]
         else:
             set_aside_earlier_run(out_dir)
         text = json.dumps(config, indent=2).encode()

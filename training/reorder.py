@@ -35,9 +35,9 @@ class SplitSumLinear(nn.Linear):
     added: the round-off a split of the sum has (a tensor-parallel one, say)."""
 
     def forward(self, input_):
-        halves = zip(input_.chunk(2, dim=-1), self.weight.chunk(2, dim=-1))
-        first, second = (F.linear(x, w) for x, w in halves)
-        output = first + second
+        first, *rest = (F.linear(x, w) for x, w in zip(input_.chunk(2, dim=-1),
+                                                        self.weight.chunk(2, dim=-1)))
+        output = first + rest[0] if rest else first  # one input: nothing to split
         return output if self.bias is None else output + self.bias
 
 
