@@ -83,8 +83,8 @@ def test_recomputation_changes_no_bit(tp):
 
 
 def _check_memory():
-    """What each block saves, per layer and rank, equals the formula in every setting (float32 with
-    dropout, float64 without: the formula's element size and its dropout terms)."""
+    """What each block saves, per layer and rank, equals the formula in every setting (float32 and
+    bf16 with dropout, float64 without: the formula's element size and its dropout terms)."""
     tp = ps.get_tensor_model_parallel_world_size()
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(CFG["vocab_size"], (CFG["batch_size"], CFG["seq_length"] + 1),
@@ -92,7 +92,8 @@ def _check_memory():
     batch = tokens[:, :-1], tokens[:, 1:]
     for sp, granularity in bench_recompute.SETTINGS.values():
         sp = sp and tp > 1
-        for dtype, dropout in ((torch.float32, DROPOUT), (torch.float64, 0.0)):
+        for dtype, dropout in ((torch.float32, DROPOUT), (torch.float64, 0.0),
+                               (torch.bfloat16, DROPOUT)):
             model = _build(tp, sp, granularity, dtype, dropout)
             measured = bench_step.saved_activations(bench_transformer.TransformerStep(model),
                                                     batch)["per_layer"]
