@@ -146,28 +146,27 @@ def why_not_judged(run_dirs, configs):
     return None
 
 
-def read_judged_runs(args):
-    """(metrics, configs) of the reference, the other run and the noise runs, checked; exits with
-    one line where they cannot be compared."""
-    for run in args.noise:
+def read_judged_runs(reference, other, noise, cannot="cannot be compared"):
+    """(metrics, configs) of the reference, the other run and the noise runs (cut to the
+    reference's length), checked; exits with one line where they cannot be judged together.
+    With noise runs, the other run may have stopped early: it is judged as far as it went."""
+    for run in noise:
         if not os.path.isfile(os.path.join(run, "metrics.csv")):
             sys.exit(f"error: noise run {run} has no metrics.csv: train the reference's flags "
                      f"again with python train.py ... --reorder_seed K --out_dir {run}")
+    runs = (reference, other, *noise)
     try:
-        metrics, configs = read_runs(args.reference, args.other, *args.noise)
+        metrics, configs = read_runs(*runs)
     except RunRecordError as e:
         sys.exit(f"error: {e}")
-    runs = (args.reference, args.other, *args.noise)
+    n = len(metrics[0]["iteration"])
+    metrics[2:] = [{k: v[:n] for k, v in m.items()} for m in metrics[2:]]
     for i, (run, m, config) in enumerate(zip(runs[1:], metrics[1:], configs[1:])):
-        if i:  # a noise run is compared as far as the reference goes
-            m = {k: v[:len(metrics[0]["iteration"])] for k, v in m.items()}
-        elif args.noise and 0 < len(m["iteration"]) < len(metrics[0]["iteration"]):
-            continue  # the other run stopped early: judged as far as it went
-        if why := why_not_comparable((args.reference, run), (metrics[0], m),
-                                     (configs[0], config)):
-            sys.exit(f"error: these runs cannot be compared: {why}"
-                     + (f" (noise run {run})" if i else ""))
-    if args.noise and (why := why_not_judged(runs, configs)):
+        if not i and noise and 0 < len(m["iteration"]) < n:
+            continue  # the other run stopped early
+        if why := why_not_comparable((reference, run), (metrics[0], m), (configs[0], config)):
+            sys.exit(f"error: these runs {cannot}: {why}" + (f" (noise run {run})" if i else ""))
+    if noise and (why := why_not_judged(runs, configs)):
         sys.exit(f"error: {why}")
     for run, config in zip(runs, configs):
         if not config:
@@ -191,16 +190,16 @@ def main(argv=None):
     args.rtol = DEFAULT_RTOL if args.rtol is None else args.rtol
     if not (args.rtol > 0 and math.isfinite(args.rtol)):
         p.error(f"--rtol must be a positive number, got {args.rtol}")
-    metrics, configs = read_judged_runs(args)
+    metrics, configs = read_judged_runs(args.reference, args.other, args.noise)
     a, b = metrics[:2]
     stopped = len(b["iteration"]) if len(b["iteration"]) < len(a["iteration"]) else None
     a = {k: v[:len(b["iteration"])] for k, v in a.items()}
     ok = True
     for column in ("train_loss", "valid_loss"):
-        if curve_difference(a, b, column) is None:
+        if (difference := curve_difference(a, b, column)) is None:
             print(f"{column:<10}  no values in common")
             continue
-        abs_diff, rel_diff = curve_difference(a, b, column)
+        abs_diff, rel_diff = difference
         verdict = ""
         if not args.noise:
             ok &= bool(rel_diff <= args.rtol)  # NaN (a diverged run) fails too

@@ -18,7 +18,6 @@ draws only the comparison of any two runs, under those names.
 """
 
 import os
-import sys
 
 import matplotlib
 
@@ -29,15 +28,10 @@ import numpy as np  # noqa: E402
 from compare_runs import (  # noqa: E402
     NOISE_FACTOR,
     curve_difference,
+    read_judged_runs,
     verdict_numbers,
-    why_not_judged,
 )
-from training.metrics import (  # noqa: E402
-    RunRecordError,
-    atomic_write,
-    read_runs,
-    why_not_comparable,
-)
+from training.metrics import atomic_write  # noqa: E402
 from training.operations import ArgumentParser, check_output  # noqa: E402
 
 SERIAL_COLOR, PARALLEL_COLOR, VALID_COLOR = "#1f77b4", "#d62728", "#2ca02c"
@@ -149,7 +143,8 @@ def plot_comparison(serial, parallel, configs, path, labels=("serial", "tensor-p
                     fontsize=9, arrowprops=dict(arrowstyle="->", color="gray"))
     if noise:  # the band in absolute terms, beneath the difference, and the verdict
         dtype = (configs[0] or {}).get("dtype", "float32")
-        v = verdict_numbers(serial, parallel, noise, dtype)
+        cut = lambda m: {k: c[:n] for k, c in m.items()}  # a run that stopped: as far as it went
+        v = verdict_numbers(cut(serial), parallel, [cut(m) for m in noise], dtype)
         band = v["band"][:n] * np.abs(serial["train_loss"][:n])
         floor = diff[~exact].min() / 10 if (~exact).any() else band.min()
         draw_band(bottom, it, band, floor, v["counted"][:n])
@@ -187,18 +182,8 @@ def main(argv=None):
         check_output(p, "--comparison", args.comparison, ".png")
     else:
         check_output(p, "--assets", args.assets, "dir")
-    runs = args.serial, args.parallel, *args.noise
-    try:
-        (serial, parallel, *noise), configs = read_runs(*runs)
-    except RunRecordError as e:
-        sys.exit(f"error: {e}")
-    noise = [{k: v[:len(serial["iteration"])] for k, v in m.items()} for m in noise]
-    for run, metrics, config in zip(runs[1:], (parallel, *noise), configs[1:]):
-        if why := why_not_comparable((args.serial, run), (serial, metrics),
-                                     (configs[0], config)):
-            sys.exit(f"error: these runs cannot be drawn as one comparison: {why}")
-    if noise and (why := why_not_judged(runs, configs)):
-        sys.exit(f"error: {why}")
+    (serial, parallel, *noise), configs = read_judged_runs(
+        args.serial, args.parallel, args.noise, cannot="cannot be drawn as one comparison")
     configs = configs[:2]
     if args.comparison:
         os.makedirs(os.path.dirname(os.path.abspath(args.comparison)), exist_ok=True)

@@ -38,11 +38,10 @@ def counted_once(param) -> bool:
 def get_grad_norm(parameters) -> torch.Tensor:
     """The gradient norm of the whole model, the same on every rank (a 0-dim tensor: no wait
     for the device)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    squares = grads[0].new_zeros(1)
-    for p in parameters:
-        if p.grad is not None and counted_once(p):
-            squares += p.grad.pow(2).sum()
+    parameters = [p for p in parameters if p.grad is not None]
+    squares = parameters[0].grad.new_zeros(1)
+    for p in filter(counted_once, parameters):
+        squares += p.grad.pow(2).sum()
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         # + the other ranks' shards (and their zero for replicated ones)
         ps.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
