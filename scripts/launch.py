@@ -17,6 +17,20 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
+
+def failure_line(name, exitcodes):
+    """The one line for a failed job: {rank: exit code} of the ranks that failed (a signal as
+    its negative number, as torchrun reports it)."""
+    outcomes = [f"rank {rank} killed by {signal.Signals(-code).name}" if code < 0
+                else f"rank {rank} exited with {code}" for rank, code in sorted(exitcodes.items())]
+    # torchrun itself stops the survivors with SIGTERM: only another signal (SIGKILL, from
+    # the out-of-memory killer, say) marks a cause. Which rank failed *first* torchrun can only
+    # guess from timing; the first error printed is the cause.
+    killed = [o for o in outcomes if "killed" in o and "SIGTERM" not in o]
+    cause = f"{killed[0]} is the cause" if killed else "the first error above is the cause"
+    return f"torchrun: {name} failed ({', '.join(outcomes)}); {cause}"
+
+
 if __name__ == "__main__":
     # One thread per worker unless asked otherwise (torchrun's own default, without its banner),
     # and torchrun's own log lines about stopping the other workers kept out of the way: the
@@ -30,16 +44,7 @@ if __name__ == "__main__":
     try:
         main()
     except ChildFailedError as e:
-        # Which rank failed *first* torchrun can only guess from timing; the first error printed
-        # is the cause.
-        outcomes = [f"rank {rank} killed by {signal.Signals(-f.exitcode).name}" if f.exitcode < 0
-                    else f"rank {rank} exited with {f.exitcode}"
-                    for rank, f in sorted(e.failures.items())]
-        # torchrun itself stops the survivors with SIGTERM: only another signal (SIGKILL, from
-        # the out-of-memory killer, say) marks a cause.
-        killed = [o for o in outcomes if "killed" in o and "SIGTERM" not in o]
-        cause = f"{killed[0]} is the cause" if killed else "the first error above is the cause"
-        sys.exit(f"torchrun: {e.name} failed ({', '.join(outcomes)}); {cause}")
+        sys.exit(failure_line(e.name, {rank: f.exitcode for rank, f in e.failures.items()}))
     except SignalException as e:  # Ctrl-C or a kill: the workers have been stopped
         print(f"torchrun: stopped by signal {e.sigval.name}", file=sys.stderr)
         sys.exit(128 + e.sigval)

@@ -26,6 +26,15 @@ def pytest_sessionfinish(session, exitstatus):
     stop_pool()
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """The order's seed, printed even under -q: a failure that depends on the order is then
+    run again in that order with `python -m pytest -q --randomly-seed=N`."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None:
+        terminalreporter.write_line(f"tests run in a random order: to repeat it, "
+                                    f"python -m pytest -q --randomly-seed={seed}")
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The default data set, made here: a clean clone has no data/."""

@@ -1,0 +1,171 @@
+"""Bugs written into a copy of the repository, and the tests that fail because of them.
+
+    python tests/mutants.py                 every mutant, against the tests listed with it
+    python tests/mutants.py NAME ... --suite   those mutants, against the whole suite in its order
+    python tests/mutants.py --list          the mutants, one line each
+
+A mutant is one piece of source text replaced by another, as a mistake in the code would put it
+there (it must occur exactly once, or the mutant no longer applies and says so). Each runs in a
+clean copy of the tracked files, so the working tree is never touched, and the copy's suite runs
+in its own order (-p no:randomly): a leak from one test into the next would show as a mutant the
+suite misses. A mutant no test catches is SURVIVED and the exit status is 1.
+
+docs/tests.md's table of mutants is this script's output.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (file, text, replacement, the tests run against it by default)
+MUTANTS = {
+    # The pool's isolation, switched off one at a time (tests/test_rank_pool.py).
+    "pool_no_fork": (
+        "tests/distributed.py",
+        "        pid = os.fork()\n        if pid == 0:\n            os._exit(_child(index, conn, "
+        "payload, logs))\n        _, status = os.waitpid(pid, 0)\n        conn.send((\"exit\", "
+        "os.waitstatus_to_exitcode(status)))",
+        "        conn.send((\"exit\", _child(index, conn, payload, logs)))  # in the zygote itself",
+        ["tests/test_rank_pool.py"]),
+    "pool_no_sys_path": (
+        "tests/distributed.py", "    sys.path[:] = [os.getcwd() if module",
+        "    sys.path[:] = sys.path or [os.getcwd() if module", ["tests/test_rank_pool.py"]),
+    "pool_no_atexit": (
+        "tests/distributed.py", "            atexit._run_exitfuncs()", "            pass",
+        ["tests/test_rank_pool.py"]),
+    "pool_no_agent_store": (
+        "tests/distributed.py", 'TORCHELASTIC_USE_AGENT_STORE="True",', "",
+        ["tests/test_rank_pool.py"]),
+    "pool_rank_exit_status": (
+        "tests/distributed.py",
+        "code, stderr = 1, stderr + failure_line(script, failures) + \"\\n\"",
+        "code = next(iter(failures.values()))", ["tests/test_rank_pool.py"]),
+    "pool_harness_error_as_status": (
+        "tests/distributed.py", 'if res.status == "error"]', 'if False]',
+        ["tests/test_rank_pool.py"]),
+    # The three the issue found hidden or unchecked.
+    "dropout streams not restored on resume": (
+        "training/checkpointing.py", "get_rng_tracker().states.update(tracker)", "pass",
+        ["tests/test_transformer_train.py"]),
+    "the RNG tracker's fork a no-op": (
+        "rng_tracker.py", "        set_states(self.states[name])\n", "",
+        ["tests/test_rng_tracker.py", "tests/test_transformer.py"]),
+    "scaling's overheads from the wrong grid point": (
+        "benchmarks/scaling.py", 'if pt["hidden_size"] == grid[0]}',
+        'if pt["hidden_size"] == grid[-1]}',
+        ["tests/test_scaling.py"]),
+    # f and g (mappings.py), as tests/inject_bug.py injects them into a run.
+    "g's all-reduce dropped": (
+        "mappings.py", "    ps.all_reduce(input_)\n    return input_", "    return input_",
+        ["tests/test_layers.py", "tests/test_model.py", "tests/test_end_to_end.py"]),
+    "g's all-reduce averaged": (
+        "mappings.py", "    ps.all_reduce(input_)\n    return input_",
+        "    ps.all_reduce(input_)\n"
+        "    return input_.div_(ps.get_tensor_model_parallel_world_size())",
+        ["tests/test_layers.py", "tests/test_model.py", "tests/test_end_to_end.py"]),
+    # Clipping (training/clip_grads.py).
+    "replicated parameters counted TP times": (
+        "training/clip_grads.py", "for p in filter(counted_once, parameters):",
+        "for p in parameters:", ["tests/test_precision.py"]),
+    "the norm not all-reduced": (
+        "training/clip_grads.py",
+        '        ps.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")',
+        "        pass",
+        ["tests/test_precision.py"]),
+    # Sequence parallelism's partial gradients (sequence_parallel.py).
+    "SP partial gradients not summed": (
+        "sequence_parallel.py",
+        "    ps.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))",
+        "    ps.sum_over_tensor_parallel([loss] if loss_is_partial else [])",
+        ["tests/test_sequence_parallel_train.py", "tests/test_transformer_train.py"]),
+    # Checkpoints (training/reshard.py, training/checkpointing.py, training/mixed_precision.py).
+    "reshard: offset dropped": (
+        "training/reshard.py", "start = lo - shards.start * saved_rows", "start = 0",
+        ["tests/test_reshard.py"]),
+    "reshard: momentum zeroed": (
+        "training/reshard.py", "pick=lambda shard: saved_momentum(shard, i),",
+        "pick=lambda shard: saved_momentum(shard, i) * 0,", ["tests/test_reshard.py"]),
+    # Activation recomputation (recompute.py).
+    "recompute: random states not set": (
+        "recompute.py", "_set_all_rng_states(ctx.rng_states)  # the masks", "pass  #",
+        ["tests/test_recompute.py"]),
+    "recompute: no recomputation": (
+        "recompute.py", "return CheckpointFunction.apply(function, distribute_saved_activations, "
+        "*args)", "return function(*args)", ["tests/test_recompute.py"]),
+    # The vocabulary (cross_entropy.py).
+    "padded logits not masked": (
+        "cross_entropy.py", "and last > vocab_size:  # padded", "and False:  # padded",
+        ["tests/test_vocab_parallel.py", "tests/test_transformer_train.py"]),
+}
+
+
+def copy_repository(into):
+    """The tracked files and the untracked ones git does not ignore, as a clean clone has them."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in files:
+        if os.path.isfile(os.path.join(REPO, name)):
+            os.makedirs(os.path.dirname(os.path.join(into, name)), exist_ok=True)
+            shutil.copy2(os.path.join(REPO, name), os.path.join(into, name))
+
+
+def apply(copy, name):
+    path, old, new, _ = MUTANTS[name]
+    with open(os.path.join(copy, path)) as f:
+        source = f.read()
+    if source.count(old) != 1:
+        sys.exit(f"error: mutant {name!r}: the text it replaces occurs {source.count(old)} times "
+                 f"in {path}; update tests/mutants.py")
+    with open(os.path.join(copy, path), "w") as f:
+        f.write(source.replace(old, new))
+
+
+def failing_tests(name, suite):
+    """The ids of the tests that fail with the mutant in, and the seconds the run took."""
+    with tempfile.TemporaryDirectory(prefix="mutant_") as copy:
+        copy_repository(copy)
+        apply(copy, name)
+        tests = [] if suite else MUTANTS[name][3]
+        start = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p",
+                              "no:cacheprovider", "-rfE", *tests], cwd=copy, capture_output=True,
+                             text=True)
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", run.stdout, re.M)
+        return failed, time.monotonic() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--suite", action="store_true", help="against the whole suite")
+    parser.add_argument("--list", action="store_true", help="list the mutants")
+    args = parser.parse_args()
+    if unknown := [n for n in args.names if n not in MUTANTS]:
+        parser.error(f"no mutant {unknown[0]!r}; --list names them")
+    if args.list:
+        for name, (path, *_) in MUTANTS.items():
+            print(f"{name}  ({path})")
+        return 0
+    survived = 0
+    print("| mutant | file | run against | tests that fail |\n| --- | --- | --- | --- |",
+          flush=True)
+    for name in args.names or MUTANTS:
+        failed, seconds = failing_tests(name, args.suite)
+        survived += not failed
+        against = "the whole suite" if args.suite else ", ".join(
+            os.path.basename(t) for t in MUTANTS[name][3])
+        caught = "<br>".join(f"`{t.split('/')[-1]}`" for t in failed) or "**SURVIVED**"
+        print(f"| {name} | `{MUTANTS[name][0]}` | {against} ({seconds:.0f} s) | {caught} |",
+              flush=True)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
