@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import bench_step
 from distributed import pooled_subprocess
+from figures import bars, lines, png_pixels, record_saved_figures, words
 
 
 def run_driver(module, monkeypatch, *argv):
@@ -24,11 +25,33 @@ def report(tmp_path_factory):
     """One run of the benchmark on the tiny ToyModel and the tiny transformer."""
     out = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as monkeypatch:
+        saved = record_saved_figures(monkeypatch)
         run_driver(bench_step, monkeypatch, "--configs", "tiny", "tiny_transformer", "--steps", "3",
                    "--warmup", "1", "--max_tp", "2", "--device", "cpu", "--out",
                    out / "bench.json", "--plot", out / "bench.png")
-    assert (out / "bench.png").stat().st_size > 10_000
-    return json.loads((out / "bench.json").read_text())
+    report = json.loads((out / "bench.json").read_text())
+    assert len(saved) == 1 and png_pixels(out / "bench.png") == saved[0].pixels
+    report["figure"] = saved[0]
+    return report
+
+
+def test_the_picture_shows_the_reports_numbers(report):
+    """Per configuration: the step's median per variant, the loops' means, the saved activations
+    inside and outside the split region: bars of those heights, under the configuration's name."""
+    fig = report["figure"]
+    columns = len(report["results"])
+    step_axes, memory_axes = fig.axes[:columns], fig.axes[-columns:]
+    for config, ax, mem_ax in zip(report["results"], step_axes, memory_axes):
+        rows = report["results"][config]
+        assert bars(ax) == pytest.approx([r["median_ms"] for r in rows], rel=1e-12)
+        assert ax.get_title().startswith(f"{config}: ")
+        inside = [r["memory"]["activations"]["inside"] / 2**10 for r in rows]
+        outside = [r["memory"]["activations"]["outside"] / 2**10 for r in rows]
+        assert bars(mem_ax) == pytest.approx(inside + outside, rel=1e-12)
+    loop_rows = report["loops"]["tiny"]
+    assert loop_rows and bars(fig.axes[columns]) == pytest.approx(
+        [r["mean_ms"] for r in loop_rows], rel=1e-12)
+    assert "whole training loops: timed for the ToyModel only" in words(fig)
 
 
 VARIANTS = {"serial-1t", "serial-2t", "ours-tp1", "ours-tp2", "ours-sp-tp2", "dtensor-tp2"}
@@ -148,11 +171,19 @@ def test_recompute_benchmark_measures_on_the_formula(tmp_path, monkeypatch):
     setting's bytes saved per block equal the formula; full recomputation repeats the blocks'
     forward, selective the attention core's, and no more."""
     from benchmarks import bench_recompute
+    saved = record_saved_figures(monkeypatch)
     run_driver(bench_recompute, monkeypatch, "--configs", "tiny_transformer", "--steps", "2",
                "--warmup", "0", "--max_tp", "2", "--device", "cpu", "--out",
                tmp_path / "recompute.json", "--plot", tmp_path / "recompute.png")
-    assert (tmp_path / "recompute.png").stat().st_size > 10_000
     rows = json.loads((tmp_path / "recompute.json").read_text())["results"]["tiny_transformer"]
+    # The picture: each setting's measured bytes per layer at the TP sizes it ran, as points (the
+    # five settings it draws; SP + full saves what full does).
+    assert len(saved) == 1 and png_pixels(tmp_path / "recompute.png") == saved[0].pixels
+    points = [xy for xy in lines(saved[0].axes[0]).values() if len(xy[0]) < 10]  # not the lines
+    assert sorted((tuple(x), tuple(y)) for x, y in points) == sorted(
+        (tuple(float(r["tp"]) for r in rows if r["setting"] == name),
+         tuple(r["per_layer"] / 2**10 for r in rows if r["setting"] == name))
+        for name in ("none", "SP", "selective", "SP + selective", "full"))
     assert [(r["setting"], r["tp"]) for r in rows] == [
         (name, tp) for tp in (1, 2) for name, (sp, _) in bench_recompute.SETTINGS.items()
         if tp > 1 or not sp]

@@ -32,6 +32,7 @@ from training.data import DataError, load_dataset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")  # a file where a directory is wanted
 FAIL_FAST_S = 30  # multi-rank failures must end well inside the 60 s collective timeout
+START_UP_S = 5  # a real launch's start-up on 2 cores (torchrun, then 2 ranks importing torch)
 
 
 def flag_error(argv, world_size=2, parallel=True):
@@ -244,8 +245,11 @@ def test_bad_init_from_is_named_once(tmp_path, data_dir):
 def test_diverging_run_stops_with_its_metrics_on_disk(tmp_path, data_dir):
     # --init_lr 1 makes the loss NaN at iteration 4 (measured); the agreement check must not mistake
     # NaN for a bug.
+    # Stops well inside the collective timeout: the pooled ranks are started already, so the
+    # limit is FAIL_FAST_S less a real launch's start-up (about 5 s on 2 cores).
     out = run_script("parallel_train.py", "--tensor_model_parallel_size", "2", "--init_lr", "1",
-                     "--out_dir", tmp_path, "--data_dir", data_dir, nproc=2, ok=False).out
+                     "--out_dir", tmp_path, "--data_dir", data_dir, nproc=2, ok=False,
+                     timeout=FAIL_FAST_S - START_UP_S).out
     assert first_problem(out).startswith("error: the train loss is nan at iteration 4: training "
                                          "diverged; lower --init_lr (now 1)"), out
     rows = (tmp_path / "metrics.csv").read_text().splitlines()

@@ -47,7 +47,9 @@ def _step(model, x, y):
 def _check_one_step():
     serial, parallel = _models()
     # Same seed, same full model, whatever the tensor-parallel size: bit for bit.
-    for name, full in gather_serial_state_dict(parallel).items():
+    gathered = gather_serial_state_dict(parallel)
+    assert gathered.keys() == serial.state_dict().keys()
+    for name, full in gathered.items():
         assert torch.equal(full, serial.state_dict()[name]), name
 
     for input_grad in (False, True):
@@ -87,7 +89,9 @@ def _check_training_keeps_replicas_identical():
     replicas = all_ranks(parallel.fc.weight.detach())
     assert torch.equal(replicas,
                        replicas[:1].expand_as(replicas)), "fc.weight differs between ranks"
-    for name, full in gather_serial_state_dict(parallel).items():
+    gathered = gather_serial_state_dict(parallel)
+    assert gathered.keys() == serial.state_dict().keys()
+    for name, full in gathered.items():
         close(full, serial.state_dict()[name], f"trained {name}")
 
 
@@ -95,7 +99,9 @@ def _check_load_serial_state_dict():
     serial, _ = _models(seed=0)
     _, parallel = _models(seed=1)  # different init, then overwritten
     load_serial_state_dict(parallel, serial.state_dict())
-    for name, full in gather_serial_state_dict(parallel).items():
+    gathered = gather_serial_state_dict(parallel)
+    assert gathered.keys() == serial.state_dict().keys()
+    for name, full in gathered.items():
         assert torch.equal(full, serial.state_dict()[name]), name
 
     bad = dict(serial.state_dict())

@@ -13,7 +13,8 @@ import torch
 
 import draw_diagram
 import plot_runs
-from training.metrics import MetricsWriter, run_config
+from figures import lines, png_pixels, record_saved_figures, words
+from training.metrics import MetricsWriter, read_metrics, run_config
 
 
 def fake_run(out_dir, num_ranks, offset=0.0):
@@ -35,15 +36,42 @@ def png_shape(path):
     return matplotlib.image.imread(path).shape
 
 
-def test_plot_runs_writes_three_pictures(tmp_path):
+def test_plot_runs_draws_the_runs_losses(tmp_path, monkeypatch):
+    """Each picture shows the runs' own numbers, read back from the figure that was written."""
     fake_run(tmp_path / "serial", 1)
-    fake_run(tmp_path / "parallel", 2, offset=1e-6)
+    fake_run(tmp_path / "parallel", 2, offset=1e-3)
+    saved = record_saved_figures(monkeypatch)
     plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--assets",
                     str(tmp_path / "assets")])
-    for name in ("non_parallel.png", "tensor_parallel.png", "comparison.png"):
-        height, width, _ = png_shape(tmp_path / "assets" / name)
-        assert width >= 700 and height >= 450, (name, width, height)
+    names = ("non_parallel.png", "tensor_parallel.png", "comparison.png")
+    assert len(saved) == len(names)
+    for name, fig in zip(names, saved):
+        height, width = png_pixels(tmp_path / "assets" / name)
+        assert (height, width) == fig.pixels and width >= 700 and height >= 450, name
     assert not list((tmp_path / "assets").glob("*.tmp.png"))  # written atomically
+    serial, parallel = (read_metrics(str(tmp_path / d)) for d in ("serial", "parallel"))
+    train, valid = serial["train_loss"], serial["valid_loss"]
+    every = np.arange(1, 31)
+    # The serial run: its train loss at every iteration, its validation loss where it was taken.
+    drawn = lines(saved[0].axes[0])
+    assert np.array_equal(drawn["train loss (each iteration)"][0], every)
+    assert np.array_equal(drawn["train loss (each iteration)"][1], train)
+    assert np.array_equal(drawn["validation loss"][0], [10, 20, 30])
+    assert np.array_equal(drawn["validation loss"][1], valid[[9, 19, 29]])
+    assert "Serial ToyModel" in words(saved[0]) and "MSE loss (log scale)" in words(saved[0])
+    # The parallel run: one curve per rank, and whether they agree bit for bit.
+    drawn = lines(saved[1].axes[0])
+    assert sorted(drawn) == ["rank 0 train loss", "rank 1 train loss"]
+    for r in (0, 1):
+        assert np.array_equal(drawn[f"rank {r} train loss"][1], parallel[f"train_loss_rank{r}"])
+    assert "2 ranks' losses bitwise equal: yes" in words(saved[1])
+    # The comparison: both curves on top, their difference below, its maximum named.
+    top, bottom = saved[2].axes
+    assert np.array_equal(lines(top)["serial"][1], train)
+    assert np.array_equal(lines(top)["tensor-parallel"][1], parallel["train_loss"])
+    (x, diff), = [xy for label, xy in lines(bottom).items() if label.startswith("|serial")]
+    assert np.array_equal(x, every) and np.array_equal(diff, np.abs(train - parallel["train_loss"]))
+    assert f"max {diff.max():.2e} at iteration {int(x[np.argmax(diff)])}" in words(saved[2])
 
 
 def test_comparison_draws_the_round_off_band(tmp_path):

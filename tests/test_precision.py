@@ -129,7 +129,9 @@ def _clip_matches_serial(mutant, sequence_parallel):
     grads = {n: p.grad for n, p in parallel.named_parameters()}
     for name, p in parallel.named_parameters():
         p.data = grads[name]  # gather the clipped gradients as if they were weights
-    for name, grad in gather_serial_state_dict(parallel).items():
+    gathered = gather_serial_state_dict(parallel)
+    assert gathered.keys() == dict(serial.named_parameters()).keys()
+    for name, grad in gathered.items():
         want = dict(serial.named_parameters())[name].grad
         assert torch.allclose(grad, want, rtol=0, atol=3e-16), f"{name}: clipped gradient"
 

@@ -72,6 +72,7 @@ def check_cut(a, c, module):
         reads = []
         read = lambda j: reads.append(j) or saved[j]
         got = module.reshard(read, a, c, rank)
+        assert got["model"].keys() == set(DIMS)
         for name in DIMS:
             assert torch.equal(got["model"][name], wanted[rank]["model"][name]), (name, rank)
         assert got["optimizer"]["state"].keys() == wanted[rank]["optimizer"]["state"].keys()
@@ -159,7 +160,9 @@ def test_offline_cut_writes_the_checkpoint_a_run_at_that_size_would(tmp_path):
     assert error is None and "momentum included" in out
     got, wanted = load_shards(str(tmp_path / "tp3"), 7), saved_at(3)
     for g, w in zip(got, wanted, strict=True):
+        assert g["model"].keys() == w["model"].keys() == set(DIMS)
         assert all(torch.equal(g["model"][n], w["model"][n]) for n in DIMS)
+        assert g["optimizer"]["state"].keys() == w["optimizer"]["state"].keys()
         assert all(torch.equal(g["optimizer"]["state"][i]["momentum_buffer"], s["momentum_buffer"])
                    for i, s in w["optimizer"]["state"].items())
     # A directory that holds a checkpoint is not overwritten.

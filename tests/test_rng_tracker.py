@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import parallel_state as ps
 import rng_tracker
 from distributed import RankFailed, all_ranks, run_distributed
 
@@ -22,11 +23,14 @@ def _masks():
 def _check_streams():
     rng_tracker.model_parallel_manual_seed(1234)
     outside, inside, after = _masks()
-    tp = all_ranks(outside).shape[0]
     assert (all_ranks(outside) == outside).all(), "outside the region: the same mask on every rank"
     assert (all_ranks(after) == after).all()
     others = [m for r, m in enumerate(all_ranks(inside)) if r != torch.distributed.get_rank()]
-    assert tp == 1 or all(not torch.equal(m, inside) for m in others), \
+    assert all(not torch.equal(m, inside) for m in others), \
+        "inside the region: a mask of each rank's own"
+    # At every TP size, TP 1 included: inside is the tracker's stream, seeded seed + 2718 + TP rank.
+    torch.manual_seed(1234 + 2718 + ps.get_tensor_model_parallel_rank())
+    assert torch.equal(inside, F.dropout(torch.ones(64, dtype=torch.float64), 0.5, True)), \
         "inside the region: a mask of each rank's own"
     # The outside stream did not move while the inside one drew.
     torch.manual_seed(1234)

@@ -7,6 +7,7 @@ restarted runs are compared bitwise: same operations on the same values, on CPU.
 """
 
 import glob
+import json
 import os
 import shutil
 import socket
@@ -88,6 +89,10 @@ def test_two_nodes_on_one_machine(per_node, tp, data_dir, serial_runs, tmp_path)
                               stderr=subprocess.STDOUT, text=True) for n in (1, 0)]
     outputs = [p.communicate(timeout=240)[0] for p in nodes]
     assert all(p.returncode == 0 for p in nodes), outputs
+    # One job over both launchers, not two jobs of one node each writing the same curve.
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["world_size"], config["data_parallel_size"]) == (2 * per_node,
+                                                                    2 * per_node // tp), config
     assert_same_curve(serial_runs["float32"], str(tmp_path), "float32")
 
 
@@ -116,7 +121,9 @@ def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, se
     merged = str(tmp_path / "merged.pt")
     run_script("merge_checkpoint.py", tmp_path / "ck_full", "--out", merged)
     serial_final = torch.load(os.path.join(serial_runs["float64"], "model.pt"))
-    for name, weight in torch.load(merged).items():
+    merged = torch.load(merged)
+    assert merged.keys() == serial_final.keys()
+    for name, weight in merged.items():
         # measured 3.9e-16 (test_end_to_end)
         assert (weight - serial_final[name]).abs().max() <= 5e-15, name
 

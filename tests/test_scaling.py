@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import parallel_state as ps
 from benchmarks import scaling
 from distributed import run_distributed
+from figures import lines, png_pixels, record_saved_figures
 from model import ToyModel
 from test_benchmark import run_driver
 
@@ -57,6 +58,7 @@ def test_alpha_beta_are_recovered_from_a_clean_sweep():
 
 
 def test_quick_sweep_writes_valid_files(tmp_path, monkeypatch):
+    saved = record_saved_figures(monkeypatch)
     run_driver(scaling, monkeypatch, "--quick", "--grid", "16", "64", "--iterations", "20",
                "--warmup", "2", "--max_tp", "2", "--device", "cpu", "--out", tmp_path / "s.json",
                "--plot", tmp_path / "s.png")
@@ -66,6 +68,11 @@ def test_quick_sweep_writes_valid_files(tmp_path, monkeypatch):
     for pt in report["points"]:
         m = pt["measured"]
         assert 0 < m["p10"] <= m["median"] <= m["p90"] and pt["predicted"] > 0
+    # The overheads are fitted at the smallest size: there the model equals the measurement
+    # (the same numbers subtracted and added back: round-off of a few additions).
+    for pt in report["points"]:
+        if pt["hidden_size"] == 16:
+            assert pt["predicted"] == pytest.approx(pt["measured"]["median"], rel=1e-12), pt
     # Every prediction is the JSON's own model, term by term (docs/benchmark.md's formula):
     # overhead + compute of one rank's width + the all-reduce's alpha + beta n at TP > 1.
     model = report["model"]
@@ -82,4 +89,17 @@ def test_quick_sweep_writes_valid_files(tmp_path, monkeypatch):
     assert model["allreduce_bytes"] == 32 * 64 * 4
     assert set(report["crossover_hidden_size"]["tp2"]) == {"measured", "predicted"}
     assert np.isfinite(report["targets"]["points_within_30_percent"])
-    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    # The picture: each variant's measured medians (with p10-p90) and its cost model, in ms.
+    assert len(saved) == 1 and png_pixels(tmp_path / "s.png") == saved[0].pixels
+    top = saved[0].axes[0]
+    for tp, name in ((1, "serial"), (2, "TP=2")):
+        points = sorted((pt["hidden_size"], pt) for pt in report["points"] if pt["tp"] == tp)
+        hidden = [h for h, _ in points]
+        model_x, model_y = lines(top)[f"{name}, cost model"]
+        assert list(model_x) == hidden
+        assert model_y == pytest.approx([pt["predicted"] * 1e3 for _, pt in points], rel=1e-12)
+        measured, = [c for c in top.containers if c.get_label() == f"{name}, measured (p10-p90)"]
+        x, y = measured.lines[0].get_xdata(), measured.lines[0].get_ydata()
+        assert list(x) == hidden
+        assert list(y) == pytest.approx([pt["measured"]["median"] * 1e3 for _, pt in points],
+                                        rel=1e-12)

@@ -75,6 +75,7 @@ def test_transformer_resumes_exactly_with_dropout_and_merges(with_dropout, tmp_p
     merged = torch.load(tmp_path / "merged.pt")
     final = torch.load(os.path.join(full, "model.pt"))
     assert merged["word_embeddings.weight"].shape == (50, 64)
+    assert merged.keys() == final.keys()
     assert all(torch.equal(merged[k], final[k]) for k in final)
 
 
