@@ -11,6 +11,7 @@ default-size measurements of benchmarks/precision.py.
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -230,6 +231,7 @@ def _cases(model, dtype):
         correct += [("TP=4", 4, TP4, None),
                     ("TP=4, fp32 all-reduce", 4, TP4 + ["--tp_reduce_dtype", "float32"], None)]
     bugs = [("g 1% off", 2, [], "off_by_1pct"), ("g skipped once", 2, [], "skipped_once"),
+            ("g skipped once, to the end", 2, [], "skipped_once_to_the_end"),
             ("fc grads not summed", 2, SP, "layernorm_grads_not_summed")]  # the toy's replicated
     if model == "transformer":
         # Not g 1% off at bf16: the LayerNorms undo most of a scale, and what is left stays within
@@ -249,11 +251,21 @@ def test_verdict_tells_bugs_from_round_off(model, dtype, data_dir, token_dir, tm
     noise = [_train(tmp_path, f"r{k}", model, dtype, data, ["--reorder_seed", str(k)])
              for k in (1, 2)]
     for name, nproc, flags, bug, match in _cases(model, dtype):
-        run = _train(tmp_path, name.replace(" ", "_"), model, dtype, data, flags, nproc, bug,
-                     ok=match or bug != "skipped_once")
+        run = _train(tmp_path, name.replace(" ", "_").replace(",", ""), model, dtype, data, flags,
+                     nproc, bug, ok=match or bug != "skipped_once")
         code, report = _verdict(serial, run, noise)
         assert code == (0 if match else 1), f"{name}: expected {'MATCH' if match else 'DIFFER'}" \
                                             f"\n{report}"
+        _assert_the_band_decided(name, bug, report)
+
+
+def _assert_the_band_decided(name, bug, report):
+    """A bug that stops the run DIFFERs for stopping; any other is judged by the band alone."""
+    stops = bug in ("skipped_once", "norm_not_all_reduced")
+    assert (" stopped after " in report) == stops, f"{name}\n{report}"
+    if bug and not stops:
+        assert "the runs leave the band at iteration" in report or "the runs stay apart" in \
+            report, f"{name}\n{report}"
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
@@ -265,14 +277,52 @@ def test_verdict_catches_each_clipping_mistake(dtype, data_dir, tmp_path):
     cases = [("TP=2", 2, None, True)] * (dtype == "bfloat16") + [("DP x TP", 4, None, True),
              ("counted TP times", 2, "replicated_counted_tp_times", False),
              ("not all-reduced", 2, "norm_not_all_reduced", False),
+             ("not all-reduced, to the end", 2, "norm_not_all_reduced_to_the_end", False),
              ("a replica's own norm", 4, "dp_rank_norm_alone", False)]
     for name, nproc, bug, match in cases:
-        run = _train(tmp_path, name.replace(" ", "_"), "toy", dtype, data_dir, clip, nproc, bug,
-                     ok=bug != "norm_not_all_reduced")
+        run = _train(tmp_path, name.replace(" ", "_").replace(",", ""), "toy", dtype, data_dir,
+                     clip, nproc, bug, ok=bug != "norm_not_all_reduced")
         code, report = _verdict(serial, run, noise)
         assert code == (0 if match else 1), f"{name}: expected {'MATCH' if match else 'DIFFER'}" \
                                             f"\n{report}"
+        _assert_the_band_decided(name, bug, report)
     assert "grad_norm" in open(os.path.join(serial, "metrics.csv")).readline()
+
+
+def _judged(ratios, band_from=0):
+    """compare_runs.py's verdict at float64 on a reference, two noise runs and a run whose
+    difference from the reference is ratios[i] x the band at iteration i + 1. The noise runs
+    differ by 1e-10 relative (far past 300 roundings of the loss) from iteration band_from + 1,
+    and not at all before (the band then one rounding)."""
+    it = np.arange(1, len(ratios) + 1, dtype=float)
+    loss = 2.0 + 0 * it
+    spread = np.where(np.arange(len(it)) >= band_from, 1e-10, 0.0)
+    noise = [{"iteration": it, "train_loss": loss * (1 + spread)}, {"iteration": it,
+                                                                    "train_loss": loss}]
+    reference = {"iteration": it, "train_loss": loss}
+    band = compare_runs.round_off_band(reference, noise, "float64")
+    other = {"iteration": it, "train_loss": loss * (1 + np.asarray(ratios) * band)}
+    return compare_runs.noise_verdict(reference, other, noise, "float64")
+
+
+def test_the_spike_rule_lets_a_correct_spike_pass_and_catches_a_buggy_one():
+    """The rule's second half (docs/precision.md): a correct run's difference may spike up to
+    10x the band (a ReLU flipped by round-off), once the band is past 300 roundings of the loss;
+    one spike beyond that is a bug even where the median is small."""
+    quiet = [0.5] * 100
+    ok, lines = _judged(quiet[:50] + [8.0] + quiet[51:])  # 8x: beyond the median's 3x, allowed
+    assert ok and "at most 8x" in lines[1], lines
+    ok, lines = _judged(quiet[:50] + [30.0] + quiet[51:])  # one spike of 30x: a bug
+    assert not ok and "the runs leave the band at iteration 51, by 30x" in lines, lines
+    # Before the band is 300 roundings of the loss (one rounding, here up to iteration 20), a
+    # spike does not count: there the band has not yet measured the run's round-off.
+    ok, lines = _judged(quiet[:5] + [30.0] + quiet[6:], band_from=20)
+    assert ok, lines
+    ok, lines = _judged(quiet[:50] + [30.0] + quiet[51:], band_from=20)
+    assert not ok, lines
+    # And the median's half: a difference typically above 3x the band, with no spike past 10x.
+    ok, lines = _judged([4.0] * 100)
+    assert not ok and "the runs stay apart: their difference is typically 4x the band" in lines
 
 
 def test_the_benchmark_summarizes_as_compare_runs_judges(capsys):
