@@ -402,6 +402,9 @@ def _zygote(index, conn, logs):
     os.chdir(REPO)  # where the tests start the scripts
     for name in PRELOAD:
         importlib.import_module(name)
+    # A child can use CUDA only if this process never did ("Cannot re-initialize CUDA in forked
+    # subprocess"): nothing here may touch it.
+    assert not torch.cuda.is_initialized(), "the zygote initialised CUDA: its children cannot"
     torch.set_num_threads(1)  # one thread per rank: 4 ranks share 2 cores without thrashing
     conn.send("ready")
     while True:
