@@ -99,6 +99,24 @@ MUTANTS = {
     "recompute: no recomputation": (
         "recompute.py", "return CheckpointFunction.apply(function, distribute_saved_activations, "
         "*args)", "return function(*args)", ["tests/test_recompute.py"]),
+    "recompute: gradients returned in the wrong order": (
+        "recompute.py", "return (None, None, *(x.grad for x in inputs))",
+        "return (None, None, *reversed([x.grad for x in inputs]))", ["tests/test_recompute.py"]),
+    "train.py: --recompute_granularity not passed to the model": (
+        "train.py", "recompute_granularity=args.recompute_granularity)",
+        "recompute_granularity=None)", ["tests/test_transformer_train.py"]),
+    "Table 2's coefficient 34 changed": (
+        "benchmarks/bench_recompute.py", "return s * b * h * (34 / t + core)",
+        "return s * b * h * (35 / t + core)",
+        ["tests/test_recompute.py", "tests/test_benchmark.py"]),
+    # bf16 (training/mixed_precision.py's main parameters, parallel_train.py).
+    "a bf16 checkpoint holds the bf16 model, not the fp32 main parameters": (
+        "parallel_train.py", "main = main_model(model, optimizer)", "main = model",
+        ["tests/test_precision.py"]),
+    # Operations (training/operations.py).
+    "no watcher thread for a rank stuck in C code": (
+        "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "",
+        ["tests/test_backends.py"]),
     # The vocabulary (cross_entropy.py).
     "padded logits not masked": (
         "cross_entropy.py", "and last > vocab_size:  # padded", "and False:  # padded",

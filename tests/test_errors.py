@@ -327,6 +327,40 @@ def test_sigterm_during_shutdown_keeps_the_exit_status_and_the_one_line():
     assert (first, rest, proc.returncode) == ("error: no data\n", "", 2)
 
 
+STOPPED_WHILE_LEAVING = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from training import operations
+from training.data import DataError
+leaving_with = operations._leaving_with
+
+
+def stopped_first(code):  # torchrun's SIGTERM arrives as the rank starts to leave
+    os.kill(os.getpid(), signal.SIGTERM)
+    leaving_with(code)
+
+
+def main():
+    raise operations.QuietExit(2) if sys.argv[1] == "quiet" else DataError("no data")
+
+
+operations._leaving_with = stopped_first
+operations.run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("error", ["quiet", "said"])
+def test_sigterm_while_catching_the_error_keeps_the_exit_status_and_the_one_line(error,
+                                                                                 tmp_path):
+    """torchrun stops the other ranks when one exits; one stopped in the instant between catching
+    its error and leaving printed a traceback and exited 1 (6 of 30 runs of a checkpoint shard
+    missing on one rank, once the pool sent SIGTERM as torchrun does)."""
+    (tmp_path / "stopped.py").write_text(STOPPED_WHILE_LEAVING.format(repo=REPO))
+    run = run_script(str(tmp_path / "stopped.py"), error, ok=False)
+    assert (run.code, run.stdout) == (2, "")
+    assert run.stderr == ("" if error == "quiet" else "error: no data\n")
+
+
 def test_port_in_use_is_one_line(tmp_path):
     import socket
     with socket.socket() as s:

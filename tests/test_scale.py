@@ -121,9 +121,9 @@ def test_checkpoints_resume_exactly_and_merge_into_the_serial_model(data_dir, se
     merged = str(tmp_path / "merged.pt")
     run_script("merge_checkpoint.py", tmp_path / "ck_full", "--out", merged)
     serial_final = torch.load(os.path.join(serial_runs["float64"], "model.pt"))
-    merged = torch.load(merged)
-    assert merged.keys() == serial_final.keys()
-    for name, weight in merged.items():
+    merged_weights = torch.load(merged)
+    assert merged_weights.keys() == serial_final.keys()
+    for name, weight in merged_weights.items():
         # measured 3.9e-16 (test_end_to_end)
         assert (weight - serial_final[name]).abs().max() <= 5e-15, name
 
