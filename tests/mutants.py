@@ -115,7 +115,7 @@ MUTANTS = {
         ["tests/test_precision.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
-        "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "",
+        "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",
         ["tests/test_backends.py"]),
     # The vocabulary (cross_entropy.py).
     "padded logits not masked": (
@@ -155,7 +155,7 @@ def failing_tests(name, suite):
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p",
                               "no:cacheprovider", "-rfE", *tests], cwd=copy, capture_output=True,
                              text=True)
-        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", run.stdout, re.M)
+        failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", run.stdout, re.M)
         return failed, time.monotonic() - start
 
 
@@ -179,7 +179,10 @@ def main():
         survived += not failed
         against = "the whole suite" if args.suite else ", ".join(
             os.path.basename(t) for t in MUTANTS[name][3])
-        caught = "<br>".join(f"`{t.split('/')[-1]}`" for t in failed) or "**SURVIVED**"
+        names = [f"`{t.split('/')[-1]}`" for t in failed]
+        caught = (f"{len(names)}: " + ", ".join(names[:3]) + (f" and {len(names) - 3} more"
+                                                               if len(names) > 3 else "")
+                  if names else "**SURVIVED**")
         print(f"| {name} | `{MUTANTS[name][0]}` | {against} ({seconds:.0f} s) | {caught} |",
               flush=True)
     return 1 if survived else 0
