@@ -55,7 +55,7 @@ MUTANTS = {
         "training/checkpointing.py", "get_rng_tracker().states.update(tracker)", "pass",
         ["tests/test_transformer_train.py"]),
     "the RNG tracker's fork a no-op": (
-        "rng_tracker.py", "        set_states(self.states[name])\n", "",
+        "rng_tracker.py", "        set_default_generator_states(self.states[name])\n", "",
         ["tests/test_rng_tracker.py", "tests/test_transformer.py"]),
     "scaling's overheads from the wrong grid point": (
         "benchmarks/scaling.py", 'if pt["hidden_size"] == grid[0]}',

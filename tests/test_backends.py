@@ -172,6 +172,7 @@ def test_a_missing_shard_is_named(data_dir, tmp_path):
     assert f"error: {ck} names iteration 10, but {missing} is missing (an incomplete " \
            "checkpoint)" in out, out
     assert out.count("error:") == 1 and "Traceback" not in out
+    assert "every node needs its files" not in out, "one node: its name would say nothing new"
 
 
 def test_a_rank_stuck_in_c_code_leaves_soon_after_its_peer_fails(data_dir, tmp_path):

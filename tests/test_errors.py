@@ -64,6 +64,9 @@ def flag_error(argv, world_size=2, parallel=True):
     (["--batch_size", "0"], 2, "--batch_size must be a positive integer, got 0"),
     (["--batch_size", "2.5"], 2, "argument --batch_size: invalid int value: '2.5'"),
     (["--num_iterations", "-1"], 2, "--num_iterations must be a positive integer, got -1"),
+    (["--num_iterations", "99999999999999999999"], 2, "--num_iterations must be at most "
+                                                      "1,000,000,000,000, got "
+                                                      "99,999,999,999,999,999,999"),
     (["--init_lr", "0"], 2, "--init_lr must be a positive number, got 0.0"),
     (["--init_lr", "nan"], 2, "--init_lr must be a positive number, got nan"),
     (["--init_lr", "inf"], 2, "--init_lr must be a positive number, got inf"),

@@ -136,7 +136,7 @@ MUTANTS = {
     "states not set": ("_set_all_rng_states(ctx.rng_states)  # the masks", "pass  #"),
     "streams not put back": ("with _fork_rng(ctx.cuda):", "with contextlib.nullcontext():"),
     "tracker left out": ("get_rng_tracker().set_states(tracker)", "pass"),
-    "default generator left out": ("set_states(default)", "pass"),
+    "default generator left out": ("set_default_generator_states(default)", "pass"),
     "input not gathered": ("gather_split_1d_tensor(inputs[0])",
                            "inputs[0].repeat(ps.get_tensor_model_parallel_world_size())"),
     "input kept whole": ("if distribute_saved_activations and", "if False and"),

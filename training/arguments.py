@@ -15,6 +15,7 @@ from training.operations import (
     single_process_env,
 )
 
+MAX_ITERATIONS = 10**12
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -72,6 +73,9 @@ def parse_args(parser, argv=None):
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.num_iterations > MAX_ITERATIONS:  # a typo, not a run: at 1 ms a step, 30 years
+        parser.error(f"--num_iterations must be at most {MAX_ITERATIONS:,}, got "
+                     f"{args.num_iterations:,}")
     transformer = args.model == "transformer"
     if args.init_lr is None:  # each model's lr, one it learns at in 200 iterations
         args.init_lr = 0.01 if transformer else 0.001

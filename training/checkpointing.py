@@ -32,7 +32,12 @@ import torch.nn as nn
 
 import parallel_state as ps
 from parallel_state import UserError
-from rng_tracker import get_rng_tracker, get_states, seed_tensor_parallel_stream, set_states
+from rng_tracker import (
+    default_generator_states,
+    get_rng_tracker,
+    seed_tensor_parallel_stream,
+    set_default_generator_states,
+)
 from training.metrics import atomic_write
 from training.reshard import reshard
 
@@ -102,7 +107,8 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
                          if hasattr(p, "vocab_size")},
             # The default generators (the GPU's too, where the run is on one: dropout outside
             # the split regions draws from it) and dropout's own stream, as Megatron saves them.
-            rng=dict(zip(("torch", "cuda"), get_states(ps.get_device().type == "cuda")),
+            rng=dict(zip(("torch", "cuda"),
+                         default_generator_states(ps.get_device().type == "cuda")),
                      tracker=dict(get_rng_tracker().states)),
         )
         atomic_write(path, lambda f: torch.save(state, f))
@@ -233,7 +239,8 @@ def load_checkpoint(directory, model, optimizer, args):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     on_cuda = ps.get_device().type == "cuda"
-    set_states((state["rng"]["torch"], state["rng"].get("cuda") if on_cuda else None))
+    set_default_generator_states((state["rng"]["torch"],
+                                  state["rng"].get("cuda") if on_cuda else None))
     tracker = state["rng"].get("tracker", {})
     if tracker and all((cuda is not None) == on_cuda for _, cuda in tracker.values()):
         get_rng_tracker().states.update(tracker)  # dropout's own streams

@@ -39,6 +39,8 @@ def get_grad_norm(parameters) -> torch.Tensor:
     """The gradient norm of the whole model, the same on every rank (a 0-dim tensor: no wait
     for the device)."""
     parameters = [p for p in parameters if p.grad is not None]
+    if not parameters:  # no gradient yet, on any rank alike: 0, as torch's clip_grad_norm_ says
+        return torch.zeros(())
     squares = parameters[0].grad.new_zeros(1)
     for p in filter(counted_once, parameters):
         squares += p.grad.pow(2).sum()

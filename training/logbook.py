@@ -156,6 +156,11 @@ def check_ranks_agree(losses, iteration):
                               "have drifted apart")
 
 
+def _kib(nbytes):
+    """KiB to 2 decimals; a few bytes (the clipping norm's 4) to 4, not shown as 0.00."""
+    return f"{nbytes / 1024:.2f}" if nbytes == 0 or nbytes >= 1024 / 100 else f"{nbytes / 1024:.4f}"
+
+
 def report_communication(stats, args):
     """Print what one step sent beside what the papers count, in bytes a ring moves per rank."""
     tp, rows = args.tensor_model_parallel_size, args.batch_size // ps.get_data_parallel_world_size()
@@ -164,8 +169,8 @@ def report_communication(stats, args):
     print(f"  {'collective':<23}{'calls':>5}{'bytes in, per rank':>20}"
           f"{'sent per rank in a ring':>25}")
     for op, c in stats.items():
-        print(f"  {op:<22} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB"
-              f"{c['ring_bytes'] / 1024:>21.2f} KiB")
+        print(f"  {op:<22} x{c['calls']:<4}{_kib(c['bytes']):>15} KiB"
+              f"{_kib(c['ring_bytes']):>21} KiB")
     if "grad_norm_all_reduce" in stats:
         print("  grad_norm_all_reduce: --clip_grad's squared gradient norm, summed over the "
               "tensor-parallel group (training/clip_grads.py)")

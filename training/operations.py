@@ -299,6 +299,11 @@ def single_process_env():
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def _nodes():
+    """How many launchers (nodes) the job has, as torchrun says (GROUP_WORLD_SIZE)."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+
+
 def on_every_rank(fn, *args):
     """fn(*args) on every rank, and every rank learns whether it worked everywhere.
 
@@ -320,7 +325,7 @@ def on_every_rank(fn, *args):
         return result
     if rank != int(failed.nonzero()[0]):
         raise QuietExit(2)
-    if not failed.all():
+    if not failed.all() and _nodes() > 1:  # one node: the host's name says nothing new
         error = type(error)(f"{error} (on {socket.gethostname()}; every node needs its files)")
     error.reported_by_this_rank = True
     raise error
