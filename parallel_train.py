@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import communication as comm
 import parallel_state as ps
 from sequence_parallel import allreduce_sequence_parallel_grads, sequence_parallel_disabled
 from train import build_model, evaluate, holds, load_data, make_optimizer
@@ -45,7 +46,7 @@ def train(model, optimizer, batches, logbook, args, start=0):
     """train.py's loop, and what parallelism adds after backward."""
     replica_rows = args.batch_size // ps.get_data_parallel_world_size()
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
-    ps.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
+    comm.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
     model.train()
     for it in range(start + 1, args.num_iterations + 1):
         inputs, targets = next(batches)
@@ -85,8 +86,8 @@ def average_over_data_parallel_replicas(params, loss, partial_loss):
     for p in params:
         grads[kind(p)].append(p.grad)
     grads["partial" if partial_loss else "whole"].append(loss)
-    ps.average_over_data_parallel(grads["split"])
-    ps.average_replicated(grads["whole"], grads["partial"])
+    comm.average_over_data_parallel(grads["split"])
+    comm.average_replicated(grads["whole"], grads["partial"])
     return loss[0]
 
 
@@ -107,7 +108,7 @@ def run(args, device, precision):
     model = build_model(args, device, tensor_parallel=True,
                         sequence_parallel=args.sequence_parallel)
     model = model.to(device)
-    ps.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
+    comm.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
     optimizer = make_optimizer(model, args)
     main = main_model(model, optimizer)  # what checkpoints hold: fp32 main parameters under bf16
     (X, y), valid = on_every_rank(load_data, args)

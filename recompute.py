@@ -36,6 +36,7 @@ import contextlib
 
 import torch
 
+import communication as comm
 import parallel_state as ps
 from rng_tracker import default_generator_states, get_rng_tracker, set_default_generator_states
 
@@ -69,7 +70,7 @@ def split_tensor_into_1d_equal_chunks(tensor):
 
 def gather_split_1d_tensor(tensor):
     """Every rank's chunk, concatenated: the flattened tensor again."""
-    return ps.all_gather(tensor, dim=0)
+    return comm.all_gather(tensor, dim=0)
 
 
 class CheckpointFunction(torch.autograd.Function):

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 
 import torch
 
+import communication as comm
 import parallel_state as ps
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
@@ -89,7 +90,7 @@ class RNGStatesTracker:
         from the default generator, the same mask on every rank: refused in one line.
         """
         cuda = self.states[name][1] is not None
-        device = device or (ps.get_device() if ps.get_device() is not None else None)
+        device = device or (comm.get_device() if comm.device_is_set() else None)
         if device is not None and (torch.device(device).type == "cuda") != cuda:
             raise RNGDeviceError(
                 f"dropout on {torch.device(device).type} inside fork({name!r}), but the stream was "
@@ -125,6 +126,6 @@ def seed_tensor_parallel_stream(seed: int, device=None) -> None:
     checkpoint is resumed at another tensor-parallel size: the saved streams were the old
     split's)."""
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
-    cuda = torch.device(device or ps.get_device()).type == "cuda"
+    cuda = torch.device(device or comm.get_device()).type == "cuda"
     _RNG_TRACKER.states.clear()
     _RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank, cuda)

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import communication as comm
 import parallel_state as ps
 from parallel_state import UserError
 from rng_tracker import (
@@ -65,10 +66,10 @@ def set_identity(args, *data):
     args.data_fingerprint = data_fingerprint(*data) if args.save or args.load else None
     args.run_id = None
     if args.save:  # every rank has the same flags, so every rank takes part
-        drawn = torch.zeros(1, dtype=torch.int64, device=ps.get_device())
+        drawn = torch.zeros(1, dtype=torch.int64, device=comm.get_device())
         if dist.get_rank() == 0:
             drawn[0] = int.from_bytes(os.urandom(6), "big")
-        ps.all_reduce(drawn, group=dist.group.WORLD)
+        comm.all_reduce(drawn, group=dist.group.WORLD)
         args.run_id = f"{int(drawn[0]):012x}"
 
 
@@ -108,7 +109,7 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
             # The default generators (the GPU's too, where the run is on one: dropout outside
             # the split regions draws from it) and dropout's own stream, as Megatron saves them.
             rng=dict(zip(("torch", "cuda"),
-                         default_generator_states(ps.get_device().type == "cuda")),
+                         default_generator_states(comm.get_device().type == "cuda")),
                      tracker=dict(get_rng_tracker().states)),
         )
         atomic_write(path, lambda f: torch.save(state, f))
@@ -238,7 +239,7 @@ def load_checkpoint(directory, model, optimizer, args):
     state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    on_cuda = ps.get_device().type == "cuda"
+    on_cuda = comm.get_device().type == "cuda"
     set_default_generator_states((state["rng"]["torch"],
                                   state["rng"].get("cuda") if on_cuda else None))
     tracker = state["rng"].get("tracker", {})
@@ -314,7 +315,7 @@ def gather_serial_state_dict(model: nn.Module) -> dict:
     state = {}
     for name, param in model.named_parameters():
         dim = getattr(param, "partition_dim", None)
-        full = param.detach() if dim is None else ps.all_gather(param.detach(), dim=dim)
+        full = param.detach() if dim is None else comm.all_gather(param.detach(), dim=dim)
         if hasattr(param, "vocab_size"):
             full = full[:param.vocab_size]  # without the padding rows
         state[name] = full.cpu().clone()

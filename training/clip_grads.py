@@ -24,6 +24,7 @@ under bf16 (training/mixed_precision.py), so the norm is taken in fp32.
 
 import torch
 
+import communication as comm
 import parallel_state as ps
 
 
@@ -46,7 +47,7 @@ def get_grad_norm(parameters) -> torch.Tensor:
         squares += p.grad.pow(2).sum()
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         # + the other ranks' shards (and their zero for replicated ones)
-        ps.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
+        comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
     return squares[0].sqrt()
 
 

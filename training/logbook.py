@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+import communication as comm
 import parallel_state as ps
 from parallel_state import UserError
 from training.metrics import EARLIER_RUN
@@ -60,7 +61,7 @@ class Logbook:
 
     def step(self, it, loss, grad_norm=None):
         if not self.pending and not self.rows:
-            self.first_step_comm = ps.comm_stats()
+            self.first_step_comm = comm.comm_stats()
         self.pending.append(loss.detach())
         if grad_norm is not None:
             self.pending_norms.append(grad_norm.detach())
@@ -122,7 +123,7 @@ class Logbook:
         """(tp, k): every tensor-parallel rank's last k losses (one all-gather); (1, k) serially."""
         if not ps.model_parallel_is_initialized():
             return losses[None]
-        gathered = ps.all_gather(losses.to(ps.get_device()), dim=0)
+        gathered = comm.all_gather(losses.to(comm.get_device()), dim=0)
         return gathered.view(ps.get_tensor_model_parallel_world_size(), -1).cpu()
 
     def __enter__(self):

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+import communication as comm
 import parallel_state as ps
 from parallel_state import UserError  # what a user can cause: one line, no traceback
 
@@ -318,9 +319,9 @@ def on_every_rank(fn, *args):
     except UserError as e:
         error = e
     world, rank = dist.get_world_size(), dist.get_rank()
-    failed = torch.zeros(world, dtype=torch.int32, device=ps.get_device())
+    failed = torch.zeros(world, dtype=torch.int32, device=comm.get_device())
     failed[rank] = error is not None
-    ps.all_reduce(failed, group=dist.group.WORLD)
+    comm.all_reduce(failed, group=dist.group.WORLD)
     if not failed.any():
         return result
     if rank != int(failed.nonzero()[0]):
