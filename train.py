@@ -77,14 +77,6 @@ def make_optimizer(model, args):
     return sgd(model.parameters())
 
 
-def loss_of(model, inputs, targets, args):
-    outputs = model(inputs)
-    if args.model == "transformer":  # mean cross-entropy of the next token
-        return model.loss(outputs, targets)
-    # In the targets' dtype: fp32 under bf16, as Megatron computes the loss.
-    return F.mse_loss(outputs[:, 0].to(targets.dtype), targets)
-
-
 def train(model, optimizer, batches, logbook, args):
     """The training loop. parallel_train.py's adds what parallelism needs after backward."""
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
@@ -96,7 +88,7 @@ def train(model, optimizer, batches, logbook, args):
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
         for x, y in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
-            part = loss_of(model, x, y, args) * (len(x) / len(inputs))  # its share of the mean
+            part = model.loss(model(x), y) * (len(x) / len(inputs))  # its share of the mean
             part.backward()
             loss += part.detach()
         grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None

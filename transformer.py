@@ -172,6 +172,10 @@ class ToyTransformer(nn.Module):
     VocabParallelEmbedding, never in the serial state_dict.
     """
 
+    # The loss is over the whole sequence on every rank (sequence parallelism gathers it before
+    # the output layer): never a partial sum (finalize_model_grads.py).
+    loss_is_partial = False
+
     def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
                  tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None,
                  recompute_granularity=None):

@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import communication as comm  # noqa: E402
+import finalize_model_grads  # noqa: E402
 import mappings  # noqa: E402
 import parallel_state as ps  # noqa: E402
 import parallel_train  # noqa: E402
@@ -59,8 +60,8 @@ class CountingLogbook(parallel_train.Logbook):
 
 
 sum_over_tensor_parallel = comm.sum_over_tensor_parallel
-average_replicas = parallel_train.average_over_data_parallel_replicas
-allreduce_sequence_parallel_grads = parallel_train.allreduce_sequence_parallel_grads
+average_replicas = finalize_model_grads.average_over_data_parallel_replicas
+allreduce_sequence_parallel_grads = finalize_model_grads.allreduce_sequence_parallel_grads
 max_norm = float(sys.argv[sys.argv.index("--clip_grad") + 1]) if "--clip_grad" in sys.argv else 0
 
 
@@ -75,9 +76,9 @@ elif kind == "dp_rank_norm_alone":
     def clip_then_average(params, loss, partial_loss):
         clip_grads.clip_grad_norm(params, max_norm)  # this replica's own gradients
         return average_replicas(params, loss, partial_loss)
-    parallel_train.average_over_data_parallel_replicas = clip_then_average
+    finalize_model_grads.average_over_data_parallel_replicas = clip_then_average
 elif kind == "layernorm_grads_not_summed":
-    parallel_train.allreduce_sequence_parallel_grads = lambda params, loss, partial: (
+    finalize_model_grads.allreduce_sequence_parallel_grads = lambda params, loss, partial: (
         allreduce_sequence_parallel_grads([], loss, partial) if partial else loss)
 else:
     sys.exit(f"error: no bug called {kind}")
