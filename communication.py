@@ -5,10 +5,10 @@ The layers call f and g (mappings.py), which call `all_reduce`, `all_gather` and
 the coalesced sums at the bottom. Each collective does the same three things in the same order
 (`_to_wire`):
 
-  count   its calls and bytes (what the tests and the benchmark hold to the papers' counts),
   check   NCCL's rules on every backend (the run's device, a contiguous tensor, a dtype NCCL
           reduces; under TP_CHECK_COLLECTIVES=1 the same shape and dtype on every rank), so a
           CPU run finds what a GPU run would refuse,
+  count   its calls and bytes (what the tests and the benchmark hold to the papers' counts),
   stage   the tensor the backend moves: a host copy when gloo carries CUDA tensors, an fp32
           copy of a bf16 tensor to be summed under --tp_reduce_dtype float32.
 
@@ -79,14 +79,22 @@ def device_is_set() -> bool:
 # ---------------------------------------------------------------------------
 # Counted and checked, then staged: over the tensor-parallel group unless they say otherwise.
 
-def _to_wire(op: str, tensor: torch.Tensor, ring_share: Fraction, group=None,
+def _to_wire(op: str, tensor: torch.Tensor, ring_share, group=None,
              summed: bool = False) -> torch.Tensor:
-    """count -> check -> stage, the one order of every collective; returns what the backend
-    moves. `group`: the collective's (default: the tensor-parallel group); `summed`: the
-    collective adds the ranks' tensors (so --tp_reduce_dtype float32 widens a bf16 one)."""
-    _count(op, _wire_dtype(tensor, summed), tensor.numel(), ring_share)
+    """check -> count -> stage, the one order of every collective (a tensor refused is not
+    counted); returns what the backend moves. `ring_share(p)`: the share of its bytes each of the
+    group's p ranks sends in a ring (_count); `group`: the collective's (default: the
+    tensor-parallel group); `summed`: the collective adds the ranks' tensors (so
+    --tp_reduce_dtype float32 widens a bf16 one)."""
     _check(op, tensor, group)
+    p = dist.get_world_size(group or get_tensor_model_parallel_group())
+    _count(op, _wire_dtype(tensor, summed), tensor.numel(), ring_share(p))
     return _on_wire(tensor, summed)
+
+
+ALL_REDUCE = lambda p: Fraction(2 * (p - 1), p)  # a reduce-scatter, then an all-gather
+ALL_GATHER = lambda p: Fraction(p - 1)  # of each rank's 1/p, its p - 1 others'
+REDUCE_SCATTER = lambda p: Fraction(p - 1, p)
 
 
 def _count(op: str, dtype: torch.dtype, numel: int, ring_share: Fraction) -> None:
@@ -208,9 +216,8 @@ def all_reduce(tensor: torch.Tensor, async_op: bool = False, group=None, op: str
 
     With async_op, returns at once a function that waits and returns it.
     """
+    wire = _to_wire("all_reduce", tensor, ALL_REDUCE, group, summed=op == "sum")
     group = group or get_tensor_model_parallel_group()
-    p = dist.get_world_size(group)
-    wire = _to_wire("all_reduce", tensor, Fraction(2 * (p - 1), p), group, summed=op == "sum")
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
     work = dist.all_reduce(wire, op=reduce_op, group=group, async_op=async_op)
     return _finish(work, lambda: tensor if wire is tensor else tensor.copy_(wire), async_op)
@@ -225,8 +232,8 @@ def all_gather(tensor: torch.Tensor, dim: int, async_op: bool = False):
     waits and returns the result.
     """
     tensor = tensor.contiguous()  # the one-buffer collective's input is a copy anyway
+    wire = _to_wire("all_gather", tensor, ALL_GATHER)
     p = get_tensor_model_parallel_world_size()
-    wire = _to_wire("all_gather", tensor, Fraction(p - 1))
     output = wire.new_empty((p * tensor.shape[0], *tensor.shape[1:]))
     work = _all_gather_one_buffer(output, wire, get_tensor_model_parallel_group(), async_op)
 
@@ -244,8 +251,8 @@ def reduce_scatter(tensor: torch.Tensor, async_op: bool = False):
     With async_op, returns at once a function that waits and returns the result.
     """
     tensor = tensor.contiguous()
+    wire = _to_wire("reduce_scatter", tensor, REDUCE_SCATTER, summed=True)
     p = get_tensor_model_parallel_world_size()
-    wire = _to_wire("reduce_scatter", tensor, Fraction(p - 1, p), summed=True)
     output = wire.new_empty((tensor.shape[0] // p, *tensor.shape[1:]))
     work = _reduce_scatter_one_buffer(output, wire, get_tensor_model_parallel_group(), async_op)
     return _finish(work, lambda: output.to(tensor.device, tensor.dtype), async_op)
@@ -259,8 +266,7 @@ def _all_reduce_coalesced(tensors, group, name, divide_by=1):
     the gradients are the fp32 main parameters' (training/mixed_precision.py), the loss and the
     squared norm fp32."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    p = dist.get_world_size(group)
-    wire = _to_wire(name, flat, Fraction(2 * (p - 1), p), group, summed=True)
+    wire = _to_wire(name, flat, ALL_REDUCE, group, summed=True)
     dist.all_reduce(wire, group=group)
     if divide_by != 1:
         wire /= divide_by

@@ -93,7 +93,7 @@ def test_a_node_without_gpus_makes_the_whole_job_gloo_on_cpu():
 
 
 def test_every_collective_checks_the_device():
-    with mock.patch.object(ps, "_DEVICE", torch.device("cpu")):
+    with mock.patch.object(comm, "_DEVICE", torch.device("cpu")):
         for op in (lambda t: comm.all_reduce(t), lambda t: comm.all_gather(t, dim=0),
                    lambda t: comm.reduce_scatter(t)):
             with pytest.raises(comm.DeviceMismatchError) as e:
