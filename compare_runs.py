@@ -119,7 +119,7 @@ def noise_verdict(a, b, noise, dtype):
 # What makes a run the training it is, beside the model and its sizes: under --noise the compared
 # run and the noise runs must share these with the reference, or the band measures another thing.
 TRAINING = ("dtype", "init_lr", "momentum", "seed", "clip_grad", "batch_size", "dropout",
-            "init_from")
+            "init_from", "data_fingerprint")
 
 
 def why_not_judged(run_dirs, configs):
@@ -131,9 +131,11 @@ def why_not_judged(run_dirs, configs):
         role = "noise run " if i else ""
         for key in TRAINING:
             if key in reference and key in config and reference[key] != config[key]:
-                return (f"{role}{run} was trained with --{key} {config[key]} and {run_dirs[0]} "
-                        f"with {reference[key]}; the band is measured on the reference's own "
-                        "training")
+                what = (f"other data (fingerprint {config[key]}, {run_dirs[0]}'s "
+                        f"{reference[key]}: another --data_dir?)" if key == "data_fingerprint" else
+                        f"--{key} {config[key]} and {run_dirs[0]} with {reference[key]}")
+                return (f"{role}{run} was trained with {what}; the band is measured on the "
+                        "reference's own training")
         if i and config.get("reorder_seed") is None:
             return (f"noise run {run} has no --reorder_seed: train the reference's flags again "
                     f"with python train.py ... --reorder_seed K --out_dir {run}")
@@ -168,6 +170,11 @@ def read_judged_runs(reference, other, noise, cannot="cannot be compared"):
             sys.exit(f"error: these runs {cannot}: {why}" + (f" (noise run {run})" if i else ""))
     if noise and (why := why_not_judged(runs, configs)):
         sys.exit(f"error: {why}")
+    for run, m in zip(noise, metrics[2:]):
+        if not np.isfinite(m["train_loss"]).all():  # no spread to measure: it would read as none
+            first = int(m["iteration"][~np.isfinite(m["train_loss"])][0])
+            sys.exit(f"error: noise run {run} diverged (its loss is not finite at iteration "
+                     f"{first}): it measures no round-off; train it again as the reference was")
     for run, config in zip(runs, configs):
         if not config:
             print(f"note: {run} has no config.json: its model and sizes are not checked")

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from model import ToyModel
 from rng_tracker import model_parallel_manual_seed
 from training.arguments import get_args
-from training.checkpointing import gather_serial_state_dict, load_serial_state_dict, read_state_dict
+from training.checkpointing import (
+    data_fingerprint,
+    gather_serial_state_dict,
+    load_serial_state_dict,
+    read_state_dict,
+)
 from training.clip_grads import clip_grad_norm
 from training.data import iterate_batches, load_dataset, load_token_dataset, to_tensors
 from training.logbook import Logbook
@@ -113,7 +118,8 @@ def main():
     batches = iterate_batches(*to_tensors(X, y, args, device), args.batch_size)
     valid = to_tensors(*valid, args, device)
 
-    config = run_config(args, device=str(device), tensor_model_parallel_size=1, **precision)
+    config = run_config(args, device=str(device), tensor_model_parallel_size=1,
+                        data_fingerprint=data_fingerprint(X, y), **precision)
     metrics = MetricsWriter(args.out_dir, config)
     with Logbook(args, lambda: evaluate(model, *valid), metrics) as logbook:
         train(model, optimizer, batches, logbook, args)

@@ -45,9 +45,11 @@ def places(tmp_path):
     (tmp_path / "a_dir").mkdir()
     for name, ranks in (("serial", 1), ("parallel", 2), ("transformer", 2), ("bad_config", 1),
                         ("bad_header", 1), ("short", 1), ("bf16", 1), ("r1", 1), ("r1_again", 1),
-                        ("r2_clipped", 1), ("r_tp", 2)):
+                        ("r2_clipped", 1), ("r_tp", 2), ("r_other_data", 1), ("r_nan", 1)):
         fake_run(tmp_path / name, ranks, offset=1e-7 * (ranks - 1))
-    for name, change in (("serial", {"clip_grad": None}),
+    for name, change in (("serial", {"clip_grad": None, "data_fingerprint": "aaaa"}),
+                         ("r_other_data", {"reorder_seed": 5, "data_fingerprint": "bbbb"}),
+                         ("r_nan", {"reorder_seed": 6}),
                          ("bf16", {"dtype": "bfloat16", "reorder_seed": 3}),
                          ("r1", {"reorder_seed": 1}), ("r1_again", {"reorder_seed": 1}),
                          ("r2_clipped", {"reorder_seed": 2, "clip_grad": 1.0}),
@@ -58,6 +60,9 @@ def places(tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "model": "transformer"}))
     (tmp_path / "bad_config" / "config.json").write_text("{not json")
     (tmp_path / "bad_header" / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    rows = (tmp_path / "r_nan" / "metrics.csv").read_text().splitlines()
+    rows[5] = ",".join(["5", "nan", *rows[5].split(",")[2:]])
+    (tmp_path / "r_nan" / "metrics.csv").write_text("\n".join(rows) + "\n")
     rows = (tmp_path / "short" / "metrics.csv").read_text().splitlines()[:21]
     (tmp_path / "short" / "metrics.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
@@ -117,6 +122,15 @@ CASES = [
      "{p}/transformer the transformer"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise"],
      "compare_runs.py: error: argument --noise: expected at least one argument"),
+    # A band measured on other data is another band (it said MATCH for a real bug, 86x the band
+    # measured on the reference's data); a diverged noise run would read as no spread at all.
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_other_data"],
+     "error: noise run {p}/r_other_data was trained with other data (fingerprint bbbb, "
+     "{p}/serial's aaaa: another --data_dir?); the band is measured on the reference's own "
+     "training"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/r_nan"],
+     "error: noise run {p}/r_nan diverged (its loss is not finite at iteration 5): it measures "
+     "no round-off; train it again as the reference was"),
     (plot_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/short", "--assets", "{p}/out"],
      "error: these runs cannot be drawn as one comparison: the runs have 30 and 20 iterations"),
     # draw_diagram.py

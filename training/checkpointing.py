@@ -63,7 +63,7 @@ def identity(args):
 def set_identity(args, *data):
     """args.data_fingerprint and args.run_id, before any checkpoint is read or written: a new
     run's id is drawn by rank 0 and shared (resuming replaces it with the checkpoint's)."""
-    args.data_fingerprint = data_fingerprint(*data) if args.save or args.load else None
+    args.data_fingerprint = data_fingerprint(*data)  # in config.json too: whose data a run had
     args.run_id = None
     if args.save:  # every rank has the same flags, so every rank takes part
         drawn = torch.zeros(1, dtype=torch.int64, device=comm.get_device())
