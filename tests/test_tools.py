@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 from unittest import mock
 
@@ -18,7 +19,7 @@ import draw_diagram
 import merge_checkpoint
 import plot_runs
 import prepare_data
-from benchmarks import bench_step, scaling
+from benchmarks import bench_step, precision, scaling
 from test_plots import fake_run
 
 
@@ -173,7 +174,15 @@ def test_tools_fail_in_one_line_before_any_work(tool, argv, message, places):
      "prepare_data.py: error: --noise must be a number at least 0, got -1.0"),
     (prepare_data, ["--data_dir", "/sys/no_data_here"],
      "prepare_data.py: error: --data_dir /sys/no_data_here: /sys cannot be written"),
-], ids=["bench_max_tp", "bench_out", "scaling_max_tp", "scaling_plot", "noise", "unwritable"])
+    # benchmarks/precision.py: checked before its hours of training, not after them.
+    (precision, ["--models", "gpt"], "precision.py: error: argument --models: invalid choice: "
+                                     "'gpt'"),
+    (precision, ["--dtypes", "bf16"], "precision.py: error: argument --dtypes: invalid choice: "
+                                      "'bf16'"),
+    (precision, ["--out", "{p}/a_file/runs"],
+     "precision.py: error: --out {p}/a_file/runs: {p}/a_file is a file; name a directory"),
+], ids=["bench_max_tp", "bench_out", "scaling_max_tp", "scaling_plot", "noise", "unwritable",
+        "precision_models", "precision_dtypes", "precision_out"])
 def test_tools_reading_sys_argv_fail_in_one_line(tool, argv, message, places):
     code, line = one_line_error(tool, [a.format(p=places) for a in argv], reads_argv=True)
     assert code == 2 and line.startswith(message.format(p=places)), line
@@ -214,3 +223,19 @@ def test_fuzz_compare_tolerance(rtol, tmp_path_factory):
         fake_run(runs / "b", 2, offset=1e-7)
     error = one_line_error(compare_runs, [str(runs / "a"), str(runs / "b"), "--rtol", repr(rtol)])
     assert (error is None) == (rtol > 0 and math.isfinite(rtol)), (rtol, error)
+
+
+def test_the_precision_benchmark_reuses_only_runs_it_finished(tmp_path, monkeypatch, capsys):
+    """A directory holding a metrics.csv (an interrupted run) is trained again, not judged as it
+    stands ("DIFFER (stopped after 159)" for a correct mode); a run it finished is reused, said."""
+    out, launched = tmp_path / "run", []
+
+    def run(cmd, **_):
+        launched.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(precision.subprocess, "run", run)
+    out.mkdir()
+    (out / "metrics.csv").write_text("iteration,train_loss,valid_loss\n1,1.0,\n")
+    assert precision.launch(str(out), "toy", "float32", []) and len(launched) == 1
+    assert precision.launch(str(out), "toy", "float32", []) and len(launched) == 1
+    assert f"ok (reused: run earlier into {out})" in capsys.readouterr().out
