@@ -64,6 +64,13 @@ def flag_error(argv, world_size=2, parallel=True):
     (["--batch_size", "0"], 2, "--batch_size must be a positive integer, got 0"),
     (["--batch_size", "2.5"], 2, "argument --batch_size: invalid int value: '2.5'"),
     (["--num_iterations", "-1"], 2, "--num_iterations must be a positive integer, got -1"),
+    (["--dropout", "0.5"], 2, "--dropout 0.5 drops out in the transformer's blocks; the toy model "
+                              "has no dropout"),
+    (["--clip_grad", "1e-300"], 2, "--clip_grad 1e-300 is below the smallest normal float32 "
+                                   "(1.2e-38): every update would round to 0"),
+    (["--tp_reduce_dtype", "float32", "--dtype", "bfloat16", "--tensor_model_parallel_size", "1"],
+     2, "--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
+        "--tensor_model_parallel_size 1 there are none"),
     (["--num_iterations", "99999999999999999999"], 2, "--num_iterations must be at most "
                                                       "1,000,000,000,000, got "
                                                       "99,999,999,999,999,999,999"),

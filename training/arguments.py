@@ -89,8 +89,16 @@ def parse_args(parser, argv=None):
     if clip is not None and not (clip > 0 and math.isfinite(clip)):
         parser.error(f"--clip_grad must be a positive finite number, got {clip} (leave it out to "
                      "train without clipping)")
+    main = "float64" if args.dtype == "float64" else "float32"  # the gradients' (main) dtype
+    if clip is not None and clip < torch.finfo(DTYPES[main]).tiny:
+        parser.error(f"--clip_grad {clip} is below the smallest normal {main} "
+                     f"({torch.finfo(DTYPES[main]).tiny:.1e}): every update would round to 0; "
+                     "give a larger NORM")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.dropout and not transformer:
+        parser.error(f"--dropout {args.dropout} drops out in the transformer's blocks; the toy "
+                     "model has no dropout (Fig. 3a's MLP without it): add --model transformer")
     if args.recompute_granularity and not transformer:
         parser.error(f"--recompute_granularity {args.recompute_granularity} recomputes the "
                      "transformer's blocks; the toy model has none: add --model transformer")
@@ -202,6 +210,9 @@ def get_parallel_args(argv=None):
     tp = args.tensor_model_parallel_size
     if tp <= 0:
         parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
+    if args.tp_reduce_dtype == "float32" and tp == 1:
+        parser.error("--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
+                     "--tensor_model_parallel_size 1 there are none")
     timeout = args.distributed_timeout_minutes
     if not (timeout > 0 and math.isfinite(timeout)):
         parser.error("--distributed_timeout_minutes must be a positive number, got "
