@@ -42,7 +42,9 @@ def build_model(args, device, tensor_parallel=False, sequence_parallel=False):
         model = ToyTransformer(args.vocab_size, args.seq_length, args.input_size, args.hidden_size,
                                args.num_attention_heads, args.num_layers, tensor_parallel,
                                args.dropout, sequence_parallel, dtype=args.main_dtype,
-                               recompute_granularity=args.recompute_granularity)
+                               recompute_granularity=args.recompute_granularity,
+                               distribute_saved_activations=getattr(
+                                   args, "distribute_saved_activations", False))
     else:
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
                          dtype=args.main_dtype)

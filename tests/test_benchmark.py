@@ -177,15 +177,17 @@ def test_recompute_benchmark_measures_on_the_formula(tmp_path, monkeypatch):
                tmp_path / "recompute.json", "--plot", tmp_path / "recompute.png")
     rows = json.loads((tmp_path / "recompute.json").read_text())["results"]["tiny_transformer"]
     # The picture: each setting's measured bytes per layer at the TP sizes it ran, as points (the
-    # five settings it draws; SP + full saves what full does).
+    # six settings it draws; SP + full saves what full, input distributed does).
     assert len(saved) == 1 and png_pixels(tmp_path / "recompute.png") == saved[0].pixels
     points = [xy for xy in lines(saved[0].axes[0]).values() if len(xy[0]) < 10]  # not the lines
     assert sorted((tuple(x), tuple(y)) for x, y in points) == sorted(
         (tuple(float(r["tp"]) for r in rows if r["setting"] == name),
          tuple(r["per_layer"] / 2**10 for r in rows if r["setting"] == name))
-        for name in ("none", "SP", "selective", "SP + selective", "full"))
+        for name in ("none", "SP", "selective", "SP + selective", "full",
+                     "full, input distributed"))
     assert [(r["setting"], r["tp"]) for r in rows] == [
-        (name, tp) for tp in (1, 2) for name, (sp, _) in bench_recompute.SETTINGS.items()
+        (name, tp) for tp in (1, 2)
+        for name, (sp, _, _) in bench_recompute.SETTINGS.items()
         if tp > 1 or not sp]
     assert all(r["match"] and r["per_layer"] == r["formula"] for r in rows)
     flops = {(r["setting"], r["tp"]): r["flops"] for r in rows}

@@ -64,6 +64,13 @@ def flag_error(argv, world_size=2, parallel=True):
     (["--batch_size", "0"], 2, "--batch_size must be a positive integer, got 0"),
     (["--batch_size", "2.5"], 2, "argument --batch_size: invalid int value: '2.5'"),
     (["--num_iterations", "-1"], 2, "--num_iterations must be a positive integer, got -1"),
+    (["--model", "transformer", "--distribute_saved_activations"], 2,
+     "--distribute_saved_activations splits what full recomputation keeps: add "
+     "--recompute_granularity full"),
+    (["--model", "transformer", "--recompute_granularity", "full", "--sequence_parallel",
+      "--distribute_saved_activations"], 2,
+     "--distribute_saved_activations with --sequence_parallel: the block's input is this rank's "
+     "rows already"),
     (["--dropout", "0.5"], 2, "--dropout 0.5 drops out in the transformer's blocks; the toy model "
                               "has no dropout"),
     (["--clip_grad", "1e-300"], 2, "--clip_grad 1e-300 is below the smallest normal float32 "

@@ -137,7 +137,7 @@ def parse_args(parser, argv=None):
 # The flags of one script only: given to the other, they get a line that says whose they are.
 PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes",
                  "--distributed_backend", "--sequence_parallel", "--tp_reduce_dtype", "--save",
-                 "--save_interval", "--load")
+                 "--save_interval", "--load", "--distribute_saved_activations")
 SERIAL_ONLY = ("--reorder_seed",)
 
 
@@ -188,6 +188,10 @@ def get_parallel_args(argv=None):
     parser.add_argument("--sequence_parallel", action="store_true",
                         help="outside the split region each rank keeps only its rows (Korthikanti "
                              "et al., 2022)")
+    parser.add_argument("--distribute_saved_activations", action="store_true",
+                        help="with --recompute_granularity full: each rank keeps 1/TP of each "
+                             "block's input, all-gathered before it runs again (Megatron's flag; "
+                             "off, as there: the input is kept whole)")
     parser.add_argument("--tp_reduce_dtype", choices=["activation", "float32"],
                         default="activation",
                         help="the dtype the tensor-parallel all-reduces and reduce-scatters sum "
@@ -210,6 +214,12 @@ def get_parallel_args(argv=None):
     tp = args.tensor_model_parallel_size
     if tp <= 0:
         parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
+    if args.distribute_saved_activations and args.recompute_granularity != "full":
+        parser.error("--distribute_saved_activations splits what full recomputation keeps: add "
+                     "--recompute_granularity full")
+    if args.distribute_saved_activations and args.sequence_parallel:
+        parser.error("--distribute_saved_activations with --sequence_parallel: the block's input "
+                     "is this rank's rows already (Megatron refuses both); leave one out")
     if args.tp_reduce_dtype == "float32" and tp == 1:
         parser.error("--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
                      "--tensor_model_parallel_size 1 there are none")

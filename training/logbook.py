@@ -223,5 +223,6 @@ def _report_transformer_papers(args, tp, rows):
     if args.recompute_granularity == "full":
         print("  With --recompute_granularity full (Korthikanti et al., 2022, Sec. 5): backward "
               "runs every block's forward again, and its collectives with it"
-              + ("." if args.sequence_parallel else ", after an all-gather of the 1/TP of the "
-                 "block's input each rank kept."))
+              + (", after an all-gather of the 1/TP of the block's input each rank kept "
+                 "(--distribute_saved_activations)." if args.distribute_saved_activations else
+                 "."))
