@@ -172,14 +172,14 @@ def measure(config, cfg, tp, settings, steps, warmup, sizes, timed):
 
 def print_report(config, cfg, rows):
     print(f"\n== {config}: {bench_step.describe(cfg)}, dropout {cfg['dropout']} ==")
-    print(f"{'setting':<16}{'TP':>3}{'saved per layer per rank, B':>29}{'formula':>11}"
+    print(f"{'setting':<24}{'TP':>3}{'saved per layer per rank, B':>29}{'formula':>11}"
           f"{'ms/step (p10-p90)':>24}{'forward ms':>12}{'GFLOP/step':>12}")
     for r in rows:
         none = next((n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"]), r)
         time = (f"{r['median_ms']:>8.2f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) "
                 f"{r['median_ms'] / none['median_ms']:>5.2f}x" if r["timed"] else "not timed")
         forward = f"{r['forward_ms']:>12.2f}" if r["timed"] else f"{'-':>12}"
-        print(f"{r['setting']:<16}{r['tp']:>3}{r['per_layer']:>29,}{int(r['formula']):>11,}"
+        print(f"{r['setting']:<24}{r['tp']:>3}{r['per_layer']:>29,}{int(r['formula']):>11,}"
               f"{'' if r['match'] else ' MISMATCH'}{time:>24}{forward}"
               f"{r['flops'] / 1e9:>8.3f} {r['flops'] / none['flops']:.2f}x")
 
@@ -270,6 +270,7 @@ def main():
         print_report(config, cfg, results[config])
     machine = dict(cpu_count=os.cpu_count(), torch=torch.__version__,
                    processor=bench_step.cpu_name(), device=args.device, gpus=gpus)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # checked makeable
     with open(args.out + ".tmp", "w") as f:
         json.dump(dict(machine=machine, configs=configs, saved_sizes=sizes, results=results,
                        steps=args.steps, warmup=args.warmup), f, indent=1)

@@ -174,8 +174,10 @@ def test_recompute_benchmark_measures_on_the_formula(tmp_path, monkeypatch):
     saved = record_saved_figures(monkeypatch)
     run_driver(bench_recompute, monkeypatch, "--configs", "tiny_transformer", "--steps", "2",
                "--warmup", "0", "--max_tp", "2", "--device", "cpu", "--out",
-               tmp_path / "recompute.json", "--plot", tmp_path / "recompute.png")
-    rows = json.loads((tmp_path / "recompute.json").read_text())["results"]["tiny_transformer"]
+               tmp_path / "new" / "recompute.json", "--plot", tmp_path / "recompute.png")
+    # (--out in a directory not made yet: made, as its check promised)
+    rows = json.loads((tmp_path / "new" / "recompute.json").read_text())["results"][
+        "tiny_transformer"]
     # The picture: each setting's measured bytes per layer at the TP sizes it ran, as points (the
     # six settings it draws; SP + full saves what full, input distributed does).
     assert len(saved) == 1 and png_pixels(tmp_path / "recompute.png") == saved[0].pixels
