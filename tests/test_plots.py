@@ -91,6 +91,20 @@ def test_comparison_draws_the_round_off_band(tmp_path):
     assert png_shape(tmp_path / "c.png")[1] >= 700
 
 
+def test_plot_runs_draws_runs_whose_config_lacks_keys(tmp_path, monkeypatch):
+    """A config.json without input_size and with "init_lr": null (an older or hand-edited one):
+    the titles say "?" there, instead of a KeyError."""
+    for name, ranks in (("serial", 1), ("parallel", 2)):
+        fake_run(tmp_path / name, ranks)
+        config = tmp_path / name / "config.json"
+        edited = {k: v for k, v in json.loads(config.read_text()).items() if k != "input_size"}
+        config.write_text(json.dumps({**edited, "init_lr": None}))
+    saved = record_saved_figures(monkeypatch)
+    plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--assets",
+                    str(tmp_path / "assets")])
+    assert "input ?, hidden 2048, batch 32, float32, lr ?" in words(saved[0])
+
+
 def test_plot_runs_needs_runs(tmp_path):
     with pytest.raises(SystemExit, match="run the training first"):
         plot_runs.main([str(tmp_path / "nothing"), str(tmp_path / "nothing"), "--assets",
