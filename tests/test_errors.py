@@ -111,6 +111,20 @@ def test_flag_errors(argv, world_size, message):
     assert error and error.startswith("parallel_train.py: error: ") and message in error, error
 
 
+def test_under_a_bare_torchrun_the_line_says_torchruns_report_adds_nothing():
+    """A bare torchrun prints its own 40-line report after a worker's error; the one line says
+    that it adds nothing and which launcher leaves the line alone. scripts/launch.py's workers
+    (TP_LAUNCHER) are not told."""
+    bare = {"TORCHELASTIC_RUN_ID": "x"}
+    with mock.patch.dict(os.environ, bare):  # put back as it was on leaving
+        os.environ.pop("TP_LAUNCHER", None)
+        assert flag_error(["--hidden_size", "101"]).endswith(
+            "(see --help); torchrun's own report below says nothing more (python "
+            "scripts/launch.py, or bash bash_parallel_train.sh, leaves this line alone)")
+    with mock.patch.dict(os.environ, {**bare, "TP_LAUNCHER": "scripts/launch.py"}):
+        assert flag_error(["--hidden_size", "101"]).endswith("(see --help)")
+
+
 def test_plain_python_with_tensor_parallelism_says_how_to_launch():
     stderr = io.StringIO()
     with mock.patch.dict(os.environ), contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):

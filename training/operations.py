@@ -46,7 +46,17 @@ class ArgumentParser(argparse.ArgumentParser):
         """One line that says what is wrong, instead of the whole usage text; once, from rank 0."""
         if os.environ.get("RANK", "0") != "0":
             raise QuietExit(2)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help){under_raw_torchrun()}\n")
+
+
+def under_raw_torchrun():
+    """What to add to an error's one line when a bare torchrun launched the job: torchrun then
+    prints its own 40-line report after it; scripts/launch.py (which the bash scripts use) cuts
+    that report to one line, and says so to its workers (TP_LAUNCHER)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and "TP_LAUNCHER" not in os.environ:
+        return ("; torchrun's own report below says nothing more (python scripts/launch.py, or "
+                "bash bash_parallel_train.sh, leaves this line alone)")
+    return ""
 
 
 def file_in_the_way(directory):
@@ -138,7 +148,7 @@ def run_cli(main):
     except UserError as e:
         _leaving_with(2)
         if getattr(e, "reported_by_this_rank", rank0):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {e}{under_raw_torchrun()}", file=sys.stderr, flush=True)
         else:
             time.sleep(REPORTER_FIRST_S)
         sys.exit(2)
