@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from training.metrics import RunRecordError, read_runs, why_not_comparable
+from training.metrics import RunRecordError, read_runs, run_directory, why_not_comparable
 from training.operations import ArgumentParser
 
 DEFAULT_RTOL = 1e-5
@@ -136,6 +136,10 @@ def why_not_judged(run_dirs, configs):
                         f"--{key} {config[key]} and {run_dirs[0]} with {reference[key]}")
                 return (f"{role}{run} was trained with {what}; the band is measured on the "
                         "reference's own training")
+        if i and not config:
+            return (f"noise run {run} has no config.json: nothing says it is the reference's "
+                    "training again with --reorder_seed K; train it with python train.py ... "
+                    "--reorder_seed K")
         if i and config.get("reorder_seed") is None:
             return (f"noise run {run} has no --reorder_seed: train the reference's flags again "
                     f"with python train.py ... --reorder_seed K --out_dir {run}")
@@ -153,7 +157,13 @@ def read_judged_runs(reference, other, noise, cannot="cannot be compared"):
     reference's length), checked; exits with one line where they cannot be judged together.
     With noise runs, the other run may have stopped early: it is judged as far as it went."""
     for run in noise:
-        if not os.path.isfile(os.path.join(run, "metrics.csv")):
+        role = {os.path.realpath(reference): "the reference", os.path.realpath(other):
+                "the compared run"}.get(os.path.realpath(run_directory(run)))
+        if role:  # said as what it is: a retraining into it would overwrite that run
+            sys.exit(f"error: noise run {run} is {role} itself; noise runs are other runs: the "
+                     "reference's training again, python train.py ... --reorder_seed K "
+                     "--out_dir A_NEW_DIRECTORY")
+        if not os.path.isfile(os.path.join(run_directory(run), "metrics.csv")):
             sys.exit(f"error: noise run {run} has no metrics.csv: train the reference's flags "
                      f"again with python train.py ... --reorder_seed K --out_dir {run}")
     runs = (reference, other, *noise)

@@ -46,7 +46,8 @@ def places(tmp_path):
     (tmp_path / "a_dir").mkdir()
     for name, ranks in (("serial", 1), ("parallel", 2), ("transformer", 2), ("bad_config", 1),
                         ("bad_header", 1), ("short", 1), ("bf16", 1), ("r1", 1), ("r1_again", 1),
-                        ("r2_clipped", 1), ("r_tp", 2), ("r_other_data", 1), ("r_nan", 1)):
+                        ("r2_clipped", 1), ("r_tp", 2), ("r_other_data", 1), ("r_nan", 1),
+                        ("r_no_config", 1), ("r_plain", 1)):
         fake_run(tmp_path / name, ranks, offset=1e-7 * (ranks - 1))
     for name, change in (("serial", {"clip_grad": None, "data_fingerprint": "aaaa"}),
                          ("r_other_data", {"reorder_seed": 5, "data_fingerprint": "bbbb"}),
@@ -60,6 +61,7 @@ def places(tmp_path):
     config = tmp_path / "transformer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "model": "transformer"}))
     (tmp_path / "bad_config" / "config.json").write_text("{not json")
+    (tmp_path / "r_no_config" / "config.json").unlink()
     (tmp_path / "bad_header" / "metrics.csv").write_text("step,loss\n1,0.5\n")
     rows = (tmp_path / "r_nan" / "metrics.csv").read_text().splitlines()
     rows[5] = ",".join(["5", "nan", *rows[5].split(",")[2:]])
@@ -99,9 +101,9 @@ CASES = [
      "error: noise run {p}/r2_clipped was trained with --clip_grad 1.0 and {p}/serial with None"),
     (compare_runs, ["{p}/serial", "{p}/bf16", "--noise", "{p}/r1"],
      "error: {p}/bf16 was trained with --dtype bfloat16 and {p}/serial with float32"),
-    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/serial"],
-     "error: noise run {p}/serial has no --reorder_seed: train the reference's flags again with "
-     "python train.py ... --reorder_seed K --out_dir {p}/serial"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_plain"],
+     "error: noise run {p}/r_plain has no --reorder_seed: train the reference's flags again with "
+     "python train.py ... --reorder_seed K --out_dir {p}/r_plain"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_tp"],
      "error: noise run {p}/r_tp is a tensor-parallel run; noise runs are serial"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/r1_again"],
@@ -129,6 +131,15 @@ CASES = [
      "error: noise run {p}/r_other_data was trained with other data (fingerprint bbbb, "
      "{p}/serial's aaaa: another --data_dir?); the band is measured on the reference's own "
      "training"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/serial/"],
+     "error: noise run {p}/serial/ is the reference itself; noise runs are other runs: the "
+     "reference's training again, python train.py ... --reorder_seed K --out_dir "
+     "A_NEW_DIRECTORY"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/parallel/metrics.csv"],
+     "error: noise run {p}/parallel/metrics.csv is the compared run itself"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_no_config"],
+     "error: noise run {p}/r_no_config has no config.json: nothing says it is the reference's "
+     "training again with --reorder_seed K"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/r_nan"],
      "error: noise run {p}/r_nan diverged (its loss is not finite at iteration 5): it measures "
      "no round-off; train it again as the reference was"),
@@ -223,6 +234,15 @@ def test_fuzz_compare_tolerance(rtol, tmp_path_factory):
         fake_run(runs / "b", 2, offset=1e-7)
     error = one_line_error(compare_runs, [str(runs / "a"), str(runs / "b"), "--rtol", repr(rtol)])
     assert (error is None) == (rtol > 0 and math.isfinite(rtol)), (rtol, error)
+
+
+def test_a_run_named_by_its_metrics_csv_is_the_run(places):
+    """compare_runs.py S T/metrics.csv compares T (it looked for T/metrics.csv/metrics.csv)."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert compare_runs.main([str(places / "serial"), str(places / "parallel" /
+                                                              "metrics.csv")]) == 0
+    assert "MATCH over 30 iterations" in text.getvalue()
 
 
 def test_the_precision_benchmark_reuses_only_runs_it_finished(tmp_path, monkeypatch, capsys):

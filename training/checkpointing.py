@@ -224,10 +224,14 @@ def load_checkpoint(directory, model, optimizer, args):
                                   f"{was} run, this one is --dtype {value}; resume it with "
                                   f"--dtype {was}")
         if was != value and key not in RESHARDABLE:
+            # Only the heads leave the weights' shapes as they were: another size's weights
+            # would not load into this model, by --init_from either.
+            fix = ("or merge it with merge_checkpoint.py and start a new run from it with "
+                   "--init_from" if key == "num_attention_heads" else "its weights have that "
+                   "shape")
             raise CheckpointError(
                 f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} "
-                f"{was}, this run has {value}; resume with the same sizes, or "
-                "merge it with merge_checkpoint.py and start from that with --init_from")
+                f"{was}, this run has {value}; resume with --{key} {was} ({fix})")
     saved_identity = saved.get("identity", {})  # (checkpoints before identities had none)
     for field, what in (("model", "model"), ("seed", "--seed"), ("data", "data set")):
         if field in saved_identity and saved_identity[field] != identity(args)[field]:

@@ -168,9 +168,15 @@ class RunRecordError(UserError):
     """A run's files that cannot be read as one (missing, damaged, of another kind)."""
 
 
+def run_directory(path):
+    """The run's directory, also when given one of its files (runs/serial/metrics.csv)."""
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.dirname(path) if name in RUN_FILES and os.path.isfile(path) else path
+
+
 def read_metrics(run_dir):
     """{column: float array} from run_dir/metrics.csv; empty cells are NaN."""
-    path = os.path.join(run_dir, "metrics.csv")
+    path = os.path.join(run_directory(run_dir), "metrics.csv")
     if not os.path.isfile(path):
         raise RunRecordError(f"{path} not found: run the training first "
                              f"(bash bash_train.sh / bash bash_parallel_train.sh)")
@@ -187,7 +193,7 @@ def read_metrics(run_dir):
 
 def read_config(run_dir):
     """run_dir/config.json as a dict ({} where a run has none)."""
-    path = os.path.join(run_dir, "config.json")
+    path = os.path.join(run_directory(run_dir), "config.json")
     if not os.path.isfile(path):
         return {}
     try:
