@@ -231,6 +231,10 @@ def main(argv=None):
             lines.append(f"{args.other} stopped after {stopped} iterations, {args.reference} "
                          "went on: the runs differ")
         print("\n".join(lines))
+    elif not ok and dtype == "bfloat16" and configs[0].get("dropout", 0) > 0:
+        print("note: bfloat16's round-off is far above any fixed --rtol, and --noise cannot "
+              "measure it here: its reordered reruns refuse --dropout (the masks would fall on "
+              "other heads); compare runs without --dropout (docs/precision.md)")
     elif not ok and dtype == "bfloat16":
         print("note: bfloat16's round-off is far above any fixed --rtol; measure it for this run "
               "with --noise (docs/precision.md)")

@@ -175,13 +175,15 @@ def print_report(config, cfg, rows):
     print(f"{'setting':<24}{'TP':>3}{'saved per layer per rank, B':>29}{'formula':>11}"
           f"{'ms/step (p10-p90)':>24}{'forward ms':>12}{'GFLOP/step':>12}")
     for r in rows:
-        none = next((n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"]), r)
+        # The ratios are to "none" at the same TP size; without it measured, none is printed.
+        none = next((n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"]), None)
+        ratio = lambda key: f"{r[key] / none[key]:.2f}x" if none else "-"
         time = (f"{r['median_ms']:>8.2f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) "
-                f"{r['median_ms'] / none['median_ms']:>5.2f}x" if r["timed"] else "not timed")
+                f"{ratio('median_ms'):>6}" if r["timed"] else "not timed")
         forward = f"{r['forward_ms']:>12.2f}" if r["timed"] else f"{'-':>12}"
         print(f"{r['setting']:<24}{r['tp']:>3}{r['per_layer']:>29,}{int(r['formula']):>11,}"
               f"{'' if r['match'] else ' MISMATCH'}{time:>24}{forward}"
-              f"{r['flops'] / 1e9:>8.3f} {r['flops'] / none['flops']:.2f}x")
+              f"{r['flops'] / 1e9:>8.3f} {ratio('flops')}")
 
 
 def plot(results, configs, sizes, path):

@@ -194,3 +194,18 @@ def test_recompute_benchmark_measures_on_the_formula(tmp_path, monkeypatch):
     assert all(r["match"] and r["per_layer"] == r["formula"] for r in rows)
     flops = {(r["setting"], r["tp"]): r["flops"] for r in rows}
     assert flops["full", 2] == flops["SP + full", 2] > flops["selective", 2] > flops["none", 2]
+
+
+def test_the_recompute_report_divides_by_none_only_where_it_ran(capsys):
+    """bench_recompute --settings full selective: no "none" to divide by, so no ratio (it printed
+    1.00x for both, each divided by itself)."""
+    from benchmarks import bench_recompute
+    cfg = dict(bench_step.CONFIGS["tiny_transformer"], dropout=0.1)
+    row = lambda setting, ms: dict(setting=setting, tp=1, per_layer=8, formula=8, match=True,
+                                   timed=True, median_ms=ms, p10_ms=ms, p90_ms=ms, forward_ms=1.0,
+                                   flops=ms * 1e9)
+    bench_recompute.print_report("tiny_transformer", cfg, [row("full", 2.0), row("selective", 3.0)])
+    assert "x" not in "".join(capsys.readouterr().out.splitlines()[2:])
+    bench_recompute.print_report("tiny_transformer", cfg, [row("none", 1.0), row("full", 2.0)])
+    full = capsys.readouterr().out.splitlines()[-1]
+    assert full.count("2.00x") == 2, full  # time and FLOPs, each against none's

@@ -259,3 +259,21 @@ def test_the_precision_benchmark_reuses_only_runs_it_finished(tmp_path, monkeypa
     assert precision.launch(str(out), "toy", "float32", []) and len(launched) == 1
     assert precision.launch(str(out), "toy", "float32", []) and len(launched) == 1
     assert f"ok (reused: run earlier into {out})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_bf16_comparison_beyond_rtol_says_what_would_measure_it(dropout, tmp_path):
+    """Without --noise, bf16 fails any fixed --rtol: the note says to use --noise, except with
+    --dropout, whose reordered reruns are refused: there it says so, not --noise."""
+    for name, ranks, offset in (("a", 1, 0.0), ("b", 2, 0.5)):
+        fake_run(tmp_path / name, ranks, offset=offset)
+        config = tmp_path / name / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "bfloat16",
+                                      "dropout": dropout}))
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert compare_runs.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    said = text.getvalue()
+    assert ("measure it for this run with --noise" in said) == (dropout == 0), said
+    assert ("--noise cannot measure it here: its reordered reruns refuse --dropout" in said) == \
+        (dropout > 0), said
