@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from training.metrics import RunRecordError, read_runs, why_not_comparable
+from training.metrics import RunRecordError, read_runs, run_directory, why_not_comparable
 from training.operations import ArgumentParser
 
 DEFAULT_RTOL = 1e-5
@@ -119,7 +119,7 @@ def noise_verdict(a, b, noise, dtype):
 # What makes a run the training it is, beside the model and its sizes: under --noise the compared
 # run and the noise runs must share these with the reference, or the band measures another thing.
 TRAINING = ("dtype", "init_lr", "momentum", "seed", "clip_grad", "batch_size", "dropout",
-            "init_from")
+            "init_from", "data_fingerprint")
 
 
 def why_not_judged(run_dirs, configs):
@@ -131,9 +131,15 @@ def why_not_judged(run_dirs, configs):
         role = "noise run " if i else ""
         for key in TRAINING:
             if key in reference and key in config and reference[key] != config[key]:
-                return (f"{role}{run} was trained with --{key} {config[key]} and {run_dirs[0]} "
-                        f"with {reference[key]}; the band is measured on the reference's own "
-                        "training")
+                what = (f"other data (fingerprint {config[key]}, {run_dirs[0]}'s "
+                        f"{reference[key]}: another --data_dir?)" if key == "data_fingerprint" else
+                        f"--{key} {config[key]} and {run_dirs[0]} with {reference[key]}")
+                return (f"{role}{run} was trained with {what}; the band is measured on the "
+                        "reference's own training")
+        if i and not config:
+            return (f"noise run {run} has no config.json: nothing says it is the reference's "
+                    "training again with --reorder_seed K; train it with python train.py ... "
+                    "--reorder_seed K")
         if i and config.get("reorder_seed") is None:
             return (f"noise run {run} has no --reorder_seed: train the reference's flags again "
                     f"with python train.py ... --reorder_seed K --out_dir {run}")
@@ -151,7 +157,13 @@ def read_judged_runs(reference, other, noise, cannot="cannot be compared"):
     reference's length), checked; exits with one line where they cannot be judged together.
     With noise runs, the other run may have stopped early: it is judged as far as it went."""
     for run in noise:
-        if not os.path.isfile(os.path.join(run, "metrics.csv")):
+        role = {os.path.realpath(reference): "the reference", os.path.realpath(other):
+                "the compared run"}.get(os.path.realpath(run_directory(run)))
+        if role:  # said as what it is: a retraining into it would overwrite that run
+            sys.exit(f"error: noise run {run} is {role} itself; noise runs are other runs: the "
+                     "reference's training again, python train.py ... --reorder_seed K "
+                     "--out_dir A_NEW_DIRECTORY")
+        if not os.path.isfile(os.path.join(run_directory(run), "metrics.csv")):
             sys.exit(f"error: noise run {run} has no metrics.csv: train the reference's flags "
                      f"again with python train.py ... --reorder_seed K --out_dir {run}")
     runs = (reference, other, *noise)
@@ -168,6 +180,11 @@ def read_judged_runs(reference, other, noise, cannot="cannot be compared"):
             sys.exit(f"error: these runs {cannot}: {why}" + (f" (noise run {run})" if i else ""))
     if noise and (why := why_not_judged(runs, configs)):
         sys.exit(f"error: {why}")
+    for run, m in zip(noise, metrics[2:]):
+        if not np.isfinite(m["train_loss"]).all():  # no spread to measure: it would read as none
+            first = int(m["iteration"][~np.isfinite(m["train_loss"])][0])
+            sys.exit(f"error: noise run {run} diverged (its loss is not finite at iteration "
+                     f"{first}): it measures no round-off; train it again as the reference was")
     for run, config in zip(runs, configs):
         if not config:
             print(f"note: {run} has no config.json: its model and sizes are not checked")
@@ -214,6 +231,10 @@ def main(argv=None):
             lines.append(f"{args.other} stopped after {stopped} iterations, {args.reference} "
                          "went on: the runs differ")
         print("\n".join(lines))
+    elif not ok and dtype == "bfloat16" and configs[0].get("dropout", 0) > 0:
+        print("note: bfloat16's round-off is far above any fixed --rtol, and --noise cannot "
+              "measure it here: its reordered reruns refuse --dropout (the masks would fall on "
+              "other heads); compare runs without --dropout (docs/precision.md)")
     elif not ok and dtype == "bfloat16":
         print("note: bfloat16's round-off is far above any fixed --rtol; measure it for this run "
               "with --noise (docs/precision.md)")

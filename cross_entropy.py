@@ -24,6 +24,7 @@ unpadded vocabulary's.
 
 import torch
 
+import communication as comm
 import parallel_state as ps
 
 
@@ -46,7 +47,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         one_rank = ps.get_tensor_model_parallel_world_size() == 1  # nothing to reduce
         logits_max = logits.max(dim=-1).values
         if not one_rank:
-            ps.all_reduce(logits_max, op="max")
+            comm.all_reduce(logits_max, op="max")
         logits -= logits_max.unsqueeze(-1)
 
         # The target's logit lives on one rank: the others look up index 0 and add zero.
@@ -58,7 +59,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp_logits = logits.exp_()
         sums = torch.stack([predicted, exp_logits.sum(dim=-1)])  # one all-reduce for both
         if not one_rank:
-            ps.all_reduce(sums)
+            comm.all_reduce(sums)
         predicted, sum_exp = sums[0], sums[1]
 
         ctx.save_for_backward(exp_logits.div_(sum_exp.unsqueeze(-1)), not_here, local_target)

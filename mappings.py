@@ -22,12 +22,13 @@ one autograd Function per operator, one public lower-case wrapper each.
 import torch
 import torch.nn.functional as F
 
+import communication as comm
 import parallel_state as ps
 
 
 def _reduce(input_):
     """All-reduce over the tensor-parallel group, in place."""
-    ps.all_reduce(input_)
+    comm.all_reduce(input_)
     return input_
 
 
@@ -39,7 +40,7 @@ def _split_along_last_dim(input_):
 
 def _gather_along_last_dim(input_):
     """Concatenate every rank's slice along the last dimension."""
-    return ps.all_gather(input_, dim=-1)
+    return comm.all_gather(input_, dim=-1)
 
 
 class _CopyToModelParallelRegion(torch.autograd.Function):
@@ -96,7 +97,7 @@ class LinearWithAsyncAllreduce(torch.autograd.Function):
         grad_input = reducing = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(weight)
-            reducing = ps.all_reduce(grad_input, async_op=True)
+            reducing = comm.all_reduce(grad_input, async_op=True)
         # Flatten leading dimensions so dL/dW is one (out, in) matmul.
         grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_weight = grad_output_2d.t().matmul(input_.reshape(-1, input_.shape[-1]))

@@ -7,7 +7,9 @@ every rank. The swap happens in `MLP.__init__` and nowhere else.
 """
 
 import torch.nn as nn
+import torch.nn.functional as F
 
+import parallel_state as ps
 from parallel_layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -52,3 +54,17 @@ class ToyModel(nn.Module):
 
     def forward(self, x):
         return self.fc(self.mlp(x))
+
+    def loss(self, outputs, targets):
+        """Mean squared error over the batch's rows, in the targets' dtype (fp32 under bf16, as
+        Megatron computes the loss). Under sequence parallelism this rank holds 1/TP of the rows:
+        its share of the mean, finished after backward (finalize_model_grads.py)."""
+        rows = len(targets) * (ps.get_tensor_model_parallel_world_size()
+                               if self.loss_is_partial else 1)
+        return F.mse_loss(outputs[:, 0].to(targets.dtype), targets, reduction="sum") / rows
+
+    @property
+    def loss_is_partial(self):
+        """True under sequence parallelism (not while validation switches it off): each rank's
+        loss is over its own rows."""
+        return getattr(self.mlp.fc1, "sequence_parallel", False)

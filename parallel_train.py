@@ -14,11 +14,12 @@ their checks are in training/arguments.py.
 """
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import communication as comm
 import parallel_state as ps
-from sequence_parallel import allreduce_sequence_parallel_grads, sequence_parallel_disabled
+from finalize_model_grads import finalize_model_grads
+from sequence_parallel import sequence_parallel_disabled
 from train import build_model, evaluate, holds, load_data, make_optimizer
 from training import initialize
 from training.arguments import get_parallel_args
@@ -42,52 +43,22 @@ from training.operations import (
 
 
 def train(model, optimizer, batches, logbook, args, start=0):
-    """train.py's loop, and what parallelism adds after backward."""
-    replica_rows = args.batch_size // ps.get_data_parallel_world_size()
+    """train.py's loop, and what parallelism adds after backward (finalize_model_grads)."""
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
-    ps.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
+    comm.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
     model.train()
     for it in range(start + 1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        outputs = model(inputs)
-        if args.model == "transformer":  # mean cross-entropy, the logits left split (Sec. 3)
-            loss = model.loss(outputs, targets)
-        else:  # the mean over this replica's rows (under sequence parallelism, this rank's share)
-            loss = F.mse_loss(outputs[:, 0].to(targets.dtype), targets, reduction="sum") / \
-                replica_rows
+        # ToyModel's mean squared error, the transformer's cross-entropy with the logits left
+        # split (Sec. 3); under sequence parallelism ToyModel's is this rank's rows' share.
+        loss = model.loss(model(inputs), targets)
         loss.backward()
-        # Under sequence parallelism ToyModel's loss is this rank's rows' share; the
-        # transformer's is whole (it gathers the sequence before its output layer).
-        partial_loss = args.sequence_parallel and args.model == "toy"
-        if ps.get_data_parallel_world_size() > 1:  # replicas saw different rows: average them
-            loss = average_over_data_parallel_replicas(params, loss, partial_loss)
-        elif args.sequence_parallel:  # weights outside the split region saw 1/p of the rows
-            loss = allreduce_sequence_parallel_grads(params, loss, partial_loss)
+        loss = finalize_model_grads(model, params, loss)  # data- and sequence-parallel sums
         # The global norm over every rank's shards (training/clip_grads.py), once the sums are done.
         grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None
         optimizer.step()
         logbook.step(it, loss, grad_norm)  # logging, validation, the ranks' agreement, checkpoints
-
-
-def average_over_data_parallel_replicas(params, loss, partial_loss):
-    """Average every gradient and the loss over the data-parallel replicas; returns the loss.
-
-    Each rank's shards of the split weights over its data-parallel group; what
-    every tensor-parallel rank holds, whole (fc's gradient, the loss) or under
-    sequence parallelism as its rows' part (`grad_is_partial` parameters), in
-    one all-reduce over all ranks (parallel_state.average_replicated says why).
-    """
-    loss = loss.detach().reshape(1).clone()
-    kind = lambda p: ("split" if getattr(p, "tensor_model_parallel", False) else
-                      "partial" if getattr(p, "grad_is_partial", False) else "whole")
-    grads = {"split": [], "partial": [], "whole": []}
-    for p in params:
-        grads[kind(p)].append(p.grad)
-    grads["partial" if partial_loss else "whole"].append(loss)
-    ps.average_over_data_parallel(grads["split"])
-    ps.average_replicated(grads["whole"], grads["partial"])
-    return loss[0]
 
 
 def this_ranks_rows(args):
@@ -107,7 +78,7 @@ def run(args, device, precision):
     model = build_model(args, device, tensor_parallel=True,
                         sequence_parallel=args.sequence_parallel)
     model = model.to(device)
-    ps.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
+    comm.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
     optimizer = make_optimizer(model, args)
     main = main_model(model, optimizer)  # what checkpoints hold: fp32 main parameters under bf16
     (X, y), valid = on_every_rank(load_data, args)

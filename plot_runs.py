@@ -42,16 +42,22 @@ def describe(config):
     """'input 64, hidden 2048, batch 32, float32, lr 0.001' plus the parallel set-up."""
     if not config:
         return "configuration unknown (no config.json)"
-    text = (f"input {config['input_size']}, hidden {config['hidden_size']}, batch "
-            f"{config['batch_size']}, {config['dtype']}, lr {config['init_lr']:g}")
+    # What a config.json lacks (an older or hand-edited one) shows as "?", not a KeyError.
+    c = {k: "?" if v is None else f"{v:g}" if isinstance(v, float) else v
+         for k, v in config.items()}
+    c = {k: c.get(k, "?") for k in ("input_size", "hidden_size", "batch_size", "dtype", "init_lr",
+                                     "vocab_size", "seq_length", "num_attention_heads",
+                                     "num_layers", "tensor_model_parallel_size", "backend",
+                                     "device")}
+    text = (f"input {c['input_size']}, hidden {c['hidden_size']}, batch {c['batch_size']}, "
+            f"{c['dtype']}, lr {c['init_lr']}")
     if config.get("model") == "transformer":
-        text = (f"vocab {config['vocab_size']}, seq {config['seq_length']}, width "
-                f"{config['input_size']}, {config['num_attention_heads']} heads, "
-                f"{config['num_layers']} block(s), batch {config['batch_size']}, "
-                f"{config['dtype']}, lr {config['init_lr']:g}")
+        text = (f"vocab {c['vocab_size']}, seq {c['seq_length']}, width {c['input_size']}, "
+                f"{c['num_attention_heads']} heads, {c['num_layers']} block(s), batch "
+                f"{c['batch_size']}, {c['dtype']}, lr {c['init_lr']}")
     if "backend" in config:
-        device = config['device'].split(':')[0]
-        text += f", TP={config['tensor_model_parallel_size']} over {config['backend']} ({device})"
+        device = str(c["device"]).split(":")[0]
+        text += f", TP={c['tensor_model_parallel_size']} over {c['backend']} ({device})"
     return text
 
 

@@ -36,18 +36,19 @@ import contextlib
 
 import torch
 
+import communication as comm
 import parallel_state as ps
-from rng_tracker import get_rng_tracker, get_states, set_states
+from rng_tracker import default_generator_states, get_rng_tracker, set_default_generator_states
 
 
 def _get_all_rng_states(cuda):
     """The default generators' states (the CUDA one where the tensors are) and the tracker's."""
-    return get_states(cuda), get_rng_tracker().get_states()
+    return default_generator_states(cuda), get_rng_tracker().get_states()
 
 
 def _set_all_rng_states(states):
     default, tracker = states
-    set_states(default)
+    set_default_generator_states(default)
     get_rng_tracker().set_states(tracker)
 
 
@@ -69,7 +70,7 @@ def split_tensor_into_1d_equal_chunks(tensor):
 
 def gather_split_1d_tensor(tensor):
     """Every rank's chunk, concatenated: the flattened tensor again."""
-    return ps.all_gather(tensor, dim=0)
+    return comm.all_gather(tensor, dim=0)
 
 
 class CheckpointFunction(torch.autograd.Function):

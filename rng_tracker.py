@@ -16,7 +16,7 @@ split. Hence two streams:
 The tracker's second use: activation recomputation (recompute.py) runs a block
 again in backward, and it must draw the masks it drew the first time, from
 every stream; the tracker's `get_states` / `set_states` are what it saves and
-puts back, with the default generators.
+puts back, with the default generators' (`default_generator_states`).
 
 As Megatron's `model_parallel_cuda_manual_seed` and `get_cuda_rng_tracker`
 (tensor_parallel/random.py), with the CPU generator tracked beside the CUDA
@@ -28,19 +28,24 @@ from contextlib import contextmanager
 
 import torch
 
+import communication as comm
 import parallel_state as ps
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TENSOR_PARALLEL_SEED_OFFSET = 2718  # Megatron's: keeps the two streams' seeds apart
 
 
-def get_states(cuda: bool):
+class RNGDeviceError(RuntimeError):
+    """Dropout drawn on a device the tracker's stream was not seeded for (a bug in the caller)."""
+
+
+def default_generator_states(cuda: bool):
     """(CPU state, CUDA state or None) of the default generators; the CUDA one where the run's
     tensors live on a GPU. Reading it initialises CUDA, which runs any seeding still queued."""
     return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
 
 
-def set_states(states):
+def set_default_generator_states(states):
     cpu, cuda = states
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -63,10 +68,10 @@ class RNGStatesTracker:
         """
         if name in self.states:
             raise ValueError(f"RNG state {name!r} exists already")
-        default = get_states(cuda)
+        default = default_generator_states(cuda)
         torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
-        self.states[name] = get_states(cuda)
-        set_states(default)
+        self.states[name] = default_generator_states(cuda)
+        set_default_generator_states(default)
 
     def get_states(self):
         """Every stream's state, as Megatron's tracker returns them: what activation recomputation
@@ -77,16 +82,27 @@ class RNGStatesTracker:
         self.states = dict(states)
 
     @contextmanager
-    def fork(self, name=MODEL_PARALLEL_RNG):
-        """Draw from the named stream inside the block; the default stream is left where it was."""
+    def fork(self, name=MODEL_PARALLEL_RNG, device=None):
+        """Draw from the named stream inside the block; the default stream is left where it was.
+
+        `device`: where the block's tensors live (default: parallel_state's device, where it is
+        set). A stream seeded for the CPU has no CUDA state, so CUDA dropout inside would draw
+        from the default generator, the same mask on every rank: refused in one line.
+        """
         cuda = self.states[name][1] is not None
-        default = get_states(cuda)
-        set_states(self.states[name])
+        device = device or (comm.get_device() if comm.device_is_set() else None)
+        if device is not None and (torch.device(device).type == "cuda") != cuda:
+            raise RNGDeviceError(
+                f"dropout on {torch.device(device).type} inside fork({name!r}), but the stream was "
+                f"seeded for {'cuda' if cuda else 'cpu'}: call model_parallel_manual_seed(seed, "
+                "device) with the device the model runs on")
+        default = default_generator_states(cuda)
+        set_default_generator_states(self.states[name])
         try:
             yield
         finally:
-            self.states[name] = get_states(cuda)  # the stream goes on from here next time
-            set_states(default)
+            self.states[name] = default_generator_states(cuda)  # it goes on from here next time
+            set_default_generator_states(default)
 
 
 _RNG_TRACKER = RNGStatesTracker()
@@ -110,6 +126,6 @@ def seed_tensor_parallel_stream(seed: int, device=None) -> None:
     checkpoint is resumed at another tensor-parallel size: the saved streams were the old
     split's)."""
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
-    cuda = torch.device(device or ps.get_device()).type == "cuda"
+    cuda = torch.device(device or comm.get_device()).type == "cuda"
     _RNG_TRACKER.states.clear()
     _RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank, cuda)

@@ -26,12 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import communication as comm
 import parallel_state as ps
 
 
 def _gather_along_first_dim(input_):
     """Concatenate every rank's rows."""
-    return ps.all_gather(input_, dim=0)
+    return comm.all_gather(input_, dim=0)
 
 
 def _split_along_first_dim(input_):
@@ -42,7 +43,7 @@ def _split_along_first_dim(input_):
 
 def _reduce_scatter_along_first_dim(input_):
     """Sum over ranks and keep this rank's rows of the sum."""
-    return ps.reduce_scatter(input_)
+    return comm.reduce_scatter(input_)
 
 
 class _GatherFromSequenceParallelRegion(torch.autograd.Function):
@@ -102,12 +103,12 @@ class LinearWithSequenceParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input_, weight = ctx.saved_tensors
-        gathering = ps.all_gather(input_, dim=0, async_op=True)
+        gathering = comm.all_gather(input_, dim=0, async_op=True)
         grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
         total_input = gathering()
         scattering = None
         if grad_input is not None:
-            scattering = ps.reduce_scatter(grad_input, async_op=True)
+            scattering = comm.reduce_scatter(grad_input, async_op=True)
         grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_weight = grad_output_2d.t().matmul(total_input.reshape(-1, total_input.shape[-1]))
         grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None
@@ -150,7 +151,7 @@ def allreduce_sequence_parallel_grads(params, loss: torch.Tensor,
     """
     loss = loss.detach().reshape(1).clone()
     partial = [p.grad for p in params if getattr(p, "grad_is_partial", False)]
-    ps.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))
+    comm.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))
     return loss[0]
 
 

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from model import ToyModel
 from rng_tracker import model_parallel_manual_seed
 from training.arguments import get_args
-from training.checkpointing import gather_serial_state_dict, load_serial_state_dict, read_state_dict
+from training.checkpointing import (
+    data_fingerprint,
+    gather_serial_state_dict,
+    load_serial_state_dict,
+    read_state_dict,
+)
 from training.clip_grads import clip_grad_norm
 from training.data import iterate_batches, load_dataset, load_token_dataset, to_tensors
 from training.logbook import Logbook
@@ -37,7 +42,9 @@ def build_model(args, device, tensor_parallel=False, sequence_parallel=False):
         model = ToyTransformer(args.vocab_size, args.seq_length, args.input_size, args.hidden_size,
                                args.num_attention_heads, args.num_layers, tensor_parallel,
                                args.dropout, sequence_parallel, dtype=args.main_dtype,
-                               recompute_granularity=args.recompute_granularity)
+                               recompute_granularity=args.recompute_granularity,
+                               distribute_saved_activations=getattr(
+                                   args, "distribute_saved_activations", False))
     else:
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
                          dtype=args.main_dtype)
@@ -77,14 +84,6 @@ def make_optimizer(model, args):
     return sgd(model.parameters())
 
 
-def loss_of(model, inputs, targets, args):
-    outputs = model(inputs)
-    if args.model == "transformer":  # mean cross-entropy of the next token
-        return model.loss(outputs, targets)
-    # In the targets' dtype: fp32 under bf16, as Megatron computes the loss.
-    return F.mse_loss(outputs[:, 0].to(targets.dtype), targets)
-
-
 def train(model, optimizer, batches, logbook, args):
     """The training loop. parallel_train.py's adds what parallelism needs after backward."""
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
@@ -96,7 +95,7 @@ def train(model, optimizer, batches, logbook, args):
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
         for x, y in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
-            part = loss_of(model, x, y, args) * (len(x) / len(inputs))  # its share of the mean
+            part = model.loss(model(x), y) * (len(x) / len(inputs))  # its share of the mean
             part.backward()
             loss += part.detach()
         grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None
@@ -121,7 +120,8 @@ def main():
     batches = iterate_batches(*to_tensors(X, y, args, device), args.batch_size)
     valid = to_tensors(*valid, args, device)
 
-    config = run_config(args, device=str(device), tensor_model_parallel_size=1, **precision)
+    config = run_config(args, device=str(device), tensor_model_parallel_size=1,
+                        data_fingerprint=data_fingerprint(X, y), **precision)
     metrics = MetricsWriter(args.out_dir, config)
     with Logbook(args, lambda: evaluate(model, *valid), metrics) as logbook:
         train(model, optimizer, batches, logbook, args)

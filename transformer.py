@@ -31,10 +31,11 @@ swapped in, in `__init__`s below and nowhere else:
     any TP size and serially, in training only: "full" keeps each block's input
     and runs the block again in backward (ToyTransformer.forward, as Megatron's
     TransformerBlock), "selective" the attention core (SelfAttention.forward,
-    as Megatron's checkpoint_core_attention). Without sequence parallelism each
-    rank keeps 1/p of a block's input (distribute_saved_activations); under it
-    the input is 1/p already. Both branches are marked "Activation
-    recomputation".
+    as Megatron's checkpoint_core_attention). Full recomputation keeps each
+    block's input whole, as Megatron does unless asked; with
+    distribute_saved_activations (Megatron's flag) each rank keeps 1/p of it,
+    and under sequence parallelism it is 1/p already (Megatron refuses the two
+    together). Both branches are marked "Activation recomputation".
 
 The blocks work on (sequence, batch, width), Megatron's layout, so that the
 sequence is the first dimension, the one sequence parallelism splits.
@@ -172,15 +173,21 @@ class ToyTransformer(nn.Module):
     VocabParallelEmbedding, never in the serial state_dict.
     """
 
+    # The loss is over the whole sequence on every rank (sequence parallelism gathers it before
+    # the output layer): never a partial sum (finalize_model_grads.py).
+    loss_is_partial = False
+
     def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
                  tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None,
-                 recompute_granularity=None):
+                 recompute_granularity=None, distribute_saved_activations=False):
         super().__init__()
         self.vocab_size, self.tensor_parallel = vocab_size, tensor_parallel
         self.sequence_parallel = sequence_parallel and tensor_parallel
         self.recompute_granularity = recompute_granularity  # None, "full" or "selective"
-        # With "full", each rank keeps 1/p of a block's input: split here; under SP it is 1/p.
-        self.distribute_saved_activations = tensor_parallel and not self.sequence_parallel
+        # With "full" and distribute_saved_activations, each rank keeps 1/p of a block's input,
+        # split here; under SP the input is this rank's rows, 1/p already.
+        self.distribute_saved_activations = (distribute_saved_activations and tensor_parallel
+                                             and not self.sequence_parallel)
         hidden = hidden or 32 * width  # as ToyModel's
         # N(0, 0.02), GPT-2's and Megatron's init_method_normal. With nn.Embedding's N(0, 1) the
         # tied output layer's first logits are ~12 wide and the first loss ~59 (measured at the

@@ -32,10 +32,11 @@ from rng_tracker import model_parallel_manual_seed
 from training import initialize
 from training.operations import ArgumentParser, check_output, pin_float32_precision
 
-# name: (sequence_parallel, recompute_granularity)
-SETTINGS = {"none": (False, None), "SP": (True, None), "selective": (False, "selective"),
-            "SP + selective": (True, "selective"), "full": (False, "full"),
-            "SP + full": (True, "full")}
+# name: (sequence_parallel, recompute_granularity, distribute_saved_activations)
+SETTINGS = {"none": (False, None, False), "SP": (True, None, False),
+            "selective": (False, "selective", False), "SP + selective": (True, "selective", False),
+            "full": (False, "full", False), "full, input distributed": (False, "full", True),
+            "SP + full": (True, "full", False)}
 TPS = (1, 2, 4)
 
 
@@ -50,7 +51,7 @@ def saved_sizes(dtype=torch.float32, device_type="cpu"):
 
 
 def activation_terms(cfg, tp, sequence_parallel=False, recompute_granularity=None,
-                     sizes=saved_sizes()):
+                     sizes=saved_sizes(), distribute_saved_activations=False):
     """Bytes one block saves for backward on each rank, term by term (Korthikanti et al., Sec. 4.1
     and Table 2, for this block). cfg: seq_length s, batch_size b, input_size h (the width),
     hidden_size H (the MLP's), num_heads a, dropout; sizes: saved_sizes(). Exact where TP divides
@@ -60,8 +61,9 @@ def activation_terms(cfg, tp, sequence_parallel=False, recompute_granularity=Non
     e, m, stat = sizes
     t, sp = tp, (tp if sequence_parallel else 1)  # split in the regions; outside them, under SP
     sbh = s * b * h
-    if recompute_granularity == "full":  # 1/t on each rank: distributed, or the rows under SP
-        return {"the block's input": sbh * e / t}
+    if recompute_granularity == "full":  # whole, unless distributed; under SP its rows, 1/t
+        return {"the block's input": sbh * e / (t if sequence_parallel or
+                                                distribute_saved_activations else 1)}
     terms = {
         "LayerNorms' inputs": 2 * sbh * e / sp,
         "LayerNorms' mean and 1/std": 2 * 2 * s * b * stat / sp,
@@ -82,8 +84,9 @@ def activation_terms(cfg, tp, sequence_parallel=False, recompute_granularity=Non
 
 
 def activation_memory_per_layer(cfg, tp, sequence_parallel=False, recompute_granularity=None,
-                                sizes=saved_sizes()):
-    return sum(activation_terms(cfg, tp, sequence_parallel, recompute_granularity, sizes).values())
+                                sizes=saved_sizes(), distribute_saved_activations=False):
+    return sum(activation_terms(cfg, tp, sequence_parallel, recompute_granularity, sizes,
+                                distribute_saved_activations).values())
 
 
 def table2(cfg, tp, sequence_parallel=False, recompute_granularity=None):
@@ -120,10 +123,10 @@ def worker(args):
     batches = bench_transformer.make_token_batches(cfg, 8, device)
     runs = {}
     for name in args.settings:
-        sequence_parallel, granularity = SETTINGS[name]
+        sequence_parallel, granularity, distribute = SETTINGS[name]
         model_parallel_manual_seed(bench_step.SEED, device)
         model = bench_transformer.build(cfg, True, sequence_parallel, cfg["dropout"],
-                                        granularity).to(device)
+                                        granularity, distribute).to(device)
         step = bench_transformer.TransformerStep(model)
         runs[name] = dict(step=step, times=[], forward_times=[],
                           optimizer=torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9),
@@ -153,8 +156,9 @@ def measure(config, cfg, tp, settings, steps, warmup, sizes, timed):
                                module="benchmarks.bench_recompute")
     rows = []
     for name in settings:
-        r, (sequence_parallel, granularity) = result["settings"][name], SETTINGS[name]
-        formula = activation_memory_per_layer(cfg, tp, sequence_parallel, granularity, sizes)
+        r, (sequence_parallel, granularity, distribute) = result["settings"][name], SETTINGS[name]
+        formula = activation_memory_per_layer(cfg, tp, sequence_parallel, granularity, sizes,
+                                              distribute)
         row = dict(setting=name, tp=tp, per_layer=r["per_layer"], formula=formula,
                    match=r["per_layer"] == formula, flops=r["flops"], timed=timed)
         if timed:
@@ -168,16 +172,18 @@ def measure(config, cfg, tp, settings, steps, warmup, sizes, timed):
 
 def print_report(config, cfg, rows):
     print(f"\n== {config}: {bench_step.describe(cfg)}, dropout {cfg['dropout']} ==")
-    print(f"{'setting':<16}{'TP':>3}{'saved per layer per rank, B':>29}{'formula':>11}"
+    print(f"{'setting':<24}{'TP':>3}{'saved per layer per rank, B':>29}{'formula':>11}"
           f"{'ms/step (p10-p90)':>24}{'forward ms':>12}{'GFLOP/step':>12}")
     for r in rows:
-        none = next((n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"]), r)
+        # The ratios are to "none" at the same TP size; without it measured, none is printed.
+        none = next((n for n in rows if n["setting"] == "none" and n["tp"] == r["tp"]), None)
+        ratio = lambda key: f"{r[key] / none[key]:.2f}x" if none else "-"
         time = (f"{r['median_ms']:>8.2f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) "
-                f"{r['median_ms'] / none['median_ms']:>5.2f}x" if r["timed"] else "not timed")
+                f"{ratio('median_ms'):>6}" if r["timed"] else "not timed")
         forward = f"{r['forward_ms']:>12.2f}" if r["timed"] else f"{'-':>12}"
-        print(f"{r['setting']:<16}{r['tp']:>3}{r['per_layer']:>29,}{int(r['formula']):>11,}"
+        print(f"{r['setting']:<24}{r['tp']:>3}{r['per_layer']:>29,}{int(r['formula']):>11,}"
               f"{'' if r['match'] else ' MISMATCH'}{time:>24}{forward}"
-              f"{r['flops'] / 1e9:>8.3f} {r['flops'] / none['flops']:.2f}x")
+              f"{r['flops'] / 1e9:>8.3f} {ratio('flops')}")
 
 
 def plot(results, configs, sizes, path):
@@ -188,13 +194,13 @@ def plot(results, configs, sizes, path):
     from plot_runs import save  # first: it sets the Agg backend
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5.2), squeeze=False)
     colors = {"none": "#7f7f7f", "SP": "#74c476", "selective": "#1f77b4",
-              "SP + selective": "#6baed6", "full": "#ff7f0e"}
+              "SP + selective": "#6baed6", "full": "#ff7f0e", "full, input distributed": "#a63603"}
     t = np.linspace(1, max(TPS), 61)
     for ax, (config, rows) in zip(axes[0], results.items()):
         cfg = configs[config]
         for name, color in colors.items():
-            sp, granularity = SETTINGS[name]
-            line = [activation_memory_per_layer(cfg, x, sp, granularity, sizes) / 2**10
+            sp, granularity, distribute = SETTINGS[name]
+            line = [activation_memory_per_layer(cfg, x, sp, granularity, sizes, distribute) / 2**10
                     for x in t]
             points = [r for r in rows if r["setting"] == name]  # none where not measured
             ax.plot(t, line, color=color, lw=1.5)
@@ -266,6 +272,7 @@ def main():
         print_report(config, cfg, results[config])
     machine = dict(cpu_count=os.cpu_count(), torch=torch.__version__,
                    processor=bench_step.cpu_name(), device=args.device, gpus=gpus)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # checked makeable
     with open(args.out + ".tmp", "w") as f:
         json.dump(dict(machine=machine, configs=configs, saved_sizes=sizes, results=results,
                        steps=args.steps, warmup=args.warmup), f, indent=1)

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import communication as comm
 import parallel_state as ps
 from benchmarks import bench_transformer
 from model import ToyModel
@@ -173,11 +174,11 @@ def count_ours(step, batch):
     counts = {}
     for input_grad in (False, True) if batch[0].is_floating_point() else (False,):
         x = batch[0].clone().requires_grad_(input_grad)
-        ps.reset_comm_stats()
+        comm.reset_comm_stats()
         step.backward(step.loss(x, batch[1]))
         counts["input_grad" if input_grad else "no_input_grad"] = dict(
-            calls=dict(ps.comm_calls), bytes=dict(ps.comm_bytes),
-            ring_bytes=dict(ps.comm_ring_bytes))
+            calls=dict(comm.comm_calls), bytes=dict(comm.comm_bytes),
+            ring_bytes=dict(comm.comm_ring_bytes))
     step.model.zero_grad(set_to_none=True)
     return counts
 
@@ -302,7 +303,7 @@ def worker(args):
                   tp=tp, device=str(device))
     if args.variant != "serial":
         # The ranks of one step are coupled by the all-reduce: report the slowest rank's median.
-        medians = ps.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64,
+        medians = comm.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64,
                                              device=device), dim=0)
         result["slowest_rank"] = int(medians.argmax())
         ps.destroy_model_parallel()

@@ -35,12 +35,13 @@ def make_token_batches(cfg, n, device):
 
 
 def build(cfg, tensor_parallel=False, sequence_parallel=False, dropout=0.0,
-          recompute_granularity=None):
+          recompute_granularity=None, distribute_saved_activations=False):
     return ToyTransformer(cfg["vocab_size"], cfg["seq_length"], cfg["input_size"],
                           cfg["hidden_size"], cfg["num_heads"], cfg["num_layers"],
                           tensor_parallel=tensor_parallel, dropout=dropout,
                           sequence_parallel=sequence_parallel,
-                          recompute_granularity=recompute_granularity)
+                          recompute_granularity=recompute_granularity,
+                          distribute_saved_activations=distribute_saved_activations)
 
 
 class TransformerStep:

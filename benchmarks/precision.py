@@ -14,7 +14,6 @@ and noise runs). Writes runs/precision/results.json, prints the markdown table
 of docs/precision.md and draws assets/precision_bugs.png.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ import numpy as np
 from compare_runs import relative_difference, verdict_numbers
 from plot_runs import draw_band
 from training.metrics import read_metrics
+from training.operations import ArgumentParser, check_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE_RUNS = 2
@@ -47,9 +47,16 @@ CLIPPED = [("TP=2", 2, [], None), ("DP=2 x TP=2", 4, [], None),
 
 
 def launch(out_dir, model, dtype, flags, nproc=None, bug=None):
-    """One training run into out_dir (skipped when it is there already); True if it finished."""
-    if os.path.isfile(os.path.join(out_dir, "metrics.csv")):
-        return True
+    """One training run into out_dir; True if it finished. A run this script completed before
+    (its exit status recorded in out_dir/launched.json) is reused and said so; a directory
+    without that record (a run interrupted, or someone else's) is trained again."""
+    record = os.path.join(out_dir, "launched.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            code = json.load(f)["exit_status"]
+        print(f"  {os.path.basename(out_dir):<40} {'ok' if code == 0 else 'stopped'} (reused: "
+              f"run earlier into {out_dir})", flush=True)
+        return code == 0
     common = ["--model", model, "--dtype", dtype, "--out_dir", out_dir, "--update_freq", "50",
               *flags]
     if nproc is None:
@@ -63,6 +70,9 @@ def launch(out_dir, model, dtype, flags, nproc=None, bug=None):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     print(f"  {os.path.basename(out_dir):<40} {'ok' if done.returncode == 0 else 'stopped'}",
           flush=True)
+    if os.path.isdir(out_dir):  # it ran (a bug's run may stop early, by design)
+        with open(record, "w") as f:
+            json.dump({"exit_status": done.returncode}, f)
     return done.returncode == 0
 
 
@@ -152,11 +162,14 @@ def draw(results, key, path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["toy", "transformer"])
-    p.add_argument("--dtypes", nargs="+", default=["float64", "float32", "bfloat16"])
+    p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors, before any work
+    p.add_argument("--models", nargs="+", default=["toy", "transformer"],
+                   choices=["toy", "transformer"])
+    p.add_argument("--dtypes", nargs="+", default=["float64", "float32", "bfloat16"],
+                   choices=["float64", "float32", "bfloat16"])
     p.add_argument("--out", default="runs/precision")
     args = p.parse_args()
+    check_output(p, "--out", os.path.join(REPO, args.out))
     results_path = os.path.join(REPO, args.out, "results.json")
     results = {}
     if os.path.isfile(results_path):

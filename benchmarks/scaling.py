@@ -137,6 +137,7 @@ def compute_worker(args):
 
 def allreduce_worker(args):
     """Median seconds of one all-reduce per message size, as the training issues it."""
+    import communication as comm
     import parallel_state as ps
     from training import initialize
     torch.set_num_threads(1)
@@ -151,14 +152,14 @@ def allreduce_worker(args):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            ps.all_reduce(t)
+            comm.all_reduce(t)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 5:
                 times.append(time.perf_counter() - start)
         # coupled ranks: the slowest rank's median
         median = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-        result[n] = float(ps.all_gather(median, dim=0).max())
+        result[n] = float(comm.all_gather(median, dim=0).max())
     torch.distributed.barrier()
     ps.destroy_model_parallel()
     if os.environ["RANK"] == "0":

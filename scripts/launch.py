@@ -36,6 +36,8 @@ if __name__ == "__main__":
     # and torchrun's own log lines about stopping the other workers kept out of the way: the
     # failing rank has said why, and the line below names every rank's fate.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The workers' one-line errors need no pointer to this script (training/operations.py).
+    os.environ["TP_LAUNCHER"] = "scripts/launch.py"
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     nproc = next((a.split("=")[-1] if "=" in a else sys.argv[i + 2]
                   for i, a in enumerate(sys.argv[1:]) if a.startswith("--nproc")), "1")

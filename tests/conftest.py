@@ -9,7 +9,7 @@ import torch
 from distributed import run_script, stop_pool
 
 # Every collective of every run the tests start, in the rank processes or in new ones, first
-# checks that its ranks agree on shape and dtype (parallel_state._check): what NCCL would hang on.
+# checks that its ranks agree on shape and dtype (communication._check): what NCCL would hang on.
 os.environ.setdefault("TP_CHECK_COLLECTIVES", "1")
 
 

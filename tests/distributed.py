@@ -458,7 +458,8 @@ def _torchrun_env(job):
                 TORCHELASTIC_MAX_RESTARTS="0", TORCH_NCCL_ASYNC_ERROR_HANDLING="1",
                 TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT",
                 TORCHELASTIC_ERROR_FILE=os.path.join(tempfile.gettempdir(),
-                                                     f"torchelastic_{job.run_id}_{job.rank}.json"))
+                                                     f"torchelastic_{job.run_id}_{job.rank}.json"),
+                TP_LAUNCHER="scripts/launch.py")  # what scripts/launch.py adds for its workers
 
 
 def _call(job):

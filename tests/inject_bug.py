@@ -29,6 +29,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import communication as comm  # noqa: E402
+import finalize_model_grads  # noqa: E402
 import mappings  # noqa: E402
 import parallel_state as ps  # noqa: E402
 import parallel_train  # noqa: E402
@@ -57,9 +59,9 @@ class CountingLogbook(parallel_train.Logbook):
         return super().step(it, *args)
 
 
-sum_over_tensor_parallel = ps.sum_over_tensor_parallel
-average_replicas = parallel_train.average_over_data_parallel_replicas
-allreduce_sequence_parallel_grads = parallel_train.allreduce_sequence_parallel_grads
+sum_over_tensor_parallel = comm.sum_over_tensor_parallel
+average_replicas = finalize_model_grads.average_over_data_parallel_replicas
+allreduce_sequence_parallel_grads = finalize_model_grads.allreduce_sequence_parallel_grads
 max_norm = float(sys.argv[sys.argv.index("--clip_grad") + 1]) if "--clip_grad" in sys.argv else 0
 
 
@@ -68,15 +70,15 @@ if kind in ("drop", "average", "off_by_1pct", "skipped_once"):
 elif kind == "replicated_counted_tp_times":
     clip_grads.counted_once = lambda param: True
 elif kind == "norm_not_all_reduced":
-    ps.sum_over_tensor_parallel = lambda tensors, name="all_reduce": (
+    comm.sum_over_tensor_parallel = lambda tensors, name="all_reduce": (
         None if name == "grad_norm_all_reduce" else sum_over_tensor_parallel(tensors, name))
 elif kind == "dp_rank_norm_alone":
     def clip_then_average(params, loss, partial_loss):
         clip_grads.clip_grad_norm(params, max_norm)  # this replica's own gradients
         return average_replicas(params, loss, partial_loss)
-    parallel_train.average_over_data_parallel_replicas = clip_then_average
+    finalize_model_grads.average_over_data_parallel_replicas = clip_then_average
 elif kind == "layernorm_grads_not_summed":
-    parallel_train.allreduce_sequence_parallel_grads = lambda params, loss, partial: (
+    finalize_model_grads.allreduce_sequence_parallel_grads = lambda params, loss, partial: (
         allreduce_sequence_parallel_grads([], loss, partial) if partial else loss)
 else:
     sys.exit(f"error: no bug called {kind}")

@@ -55,7 +55,7 @@ MUTANTS = {
         "training/checkpointing.py", "get_rng_tracker().states.update(tracker)", "pass",
         ["tests/test_transformer_train.py"]),
     "the RNG tracker's fork a no-op": (
-        "rng_tracker.py", "        set_states(self.states[name])\n", "",
+        "rng_tracker.py", "        set_default_generator_states(self.states[name])\n", "",
         ["tests/test_rng_tracker.py", "tests/test_transformer.py"]),
     "scaling's overheads from the wrong grid point": (
         "benchmarks/scaling.py", 'if pt["hidden_size"] == grid[0]}',
@@ -63,11 +63,11 @@ MUTANTS = {
         ["tests/test_scaling.py"]),
     # f and g (mappings.py), as tests/inject_bug.py injects them into a run.
     "g's all-reduce dropped": (
-        "mappings.py", "    ps.all_reduce(input_)\n    return input_", "    return input_",
+        "mappings.py", "    comm.all_reduce(input_)\n    return input_", "    return input_",
         ["tests/test_layers.py", "tests/test_model.py", "tests/test_end_to_end.py"]),
     "g's all-reduce averaged": (
-        "mappings.py", "    ps.all_reduce(input_)\n    return input_",
-        "    ps.all_reduce(input_)\n"
+        "mappings.py", "    comm.all_reduce(input_)\n    return input_",
+        "    comm.all_reduce(input_)\n"
         "    return input_.div_(ps.get_tensor_model_parallel_world_size())",
         ["tests/test_layers.py", "tests/test_model.py", "tests/test_end_to_end.py"]),
     # Clipping (training/clip_grads.py).
@@ -76,14 +76,14 @@ MUTANTS = {
         "for p in parameters:", ["tests/test_precision.py"]),
     "the norm not all-reduced": (
         "training/clip_grads.py",
-        '        ps.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")',
+        '        comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")',
         "        pass",
         ["tests/test_precision.py"]),
     # Sequence parallelism's partial gradients (sequence_parallel.py).
     "SP partial gradients not summed": (
         "sequence_parallel.py",
-        "    ps.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))",
-        "    ps.sum_over_tensor_parallel([loss] if loss_is_partial else [])",
+        "    comm.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))",
+        "    comm.sum_over_tensor_parallel([loss] if loss_is_partial else [])",
         ["tests/test_sequence_parallel_train.py", "tests/test_transformer_train.py"]),
     # Checkpoints (training/reshard.py, training/checkpointing.py, training/mixed_precision.py).
     "reshard: offset dropped": (

@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 import torch
 
+import communication as comm
 import parallel_state as ps
 from curves import assert_same_curve
 from distributed import all_ranks, run_distributed, run_script
@@ -92,10 +93,10 @@ def test_a_node_without_gpus_makes_the_whole_job_gloo_on_cpu():
 
 
 def test_every_collective_checks_the_device():
-    with mock.patch.object(ps, "_DEVICE", torch.device("cpu")):
-        for op in (lambda t: ps.all_reduce(t), lambda t: ps.all_gather(t, dim=0),
-                   lambda t: ps.reduce_scatter(t)):
-            with pytest.raises(ps.DeviceMismatchError) as e:
+    with mock.patch.object(comm, "_DEVICE", torch.device("cpu")):
+        for op in (lambda t: comm.all_reduce(t), lambda t: comm.all_gather(t, dim=0),
+                   lambda t: comm.reduce_scatter(t)):
+            with pytest.raises(comm.DeviceMismatchError) as e:
                 op(torch.empty(4, device="meta"))
             assert "was given a tensor on meta, but this run's collectives use cpu" in str(e.value)
             assert "\n" not in str(e.value)
@@ -142,13 +143,13 @@ def _check_replicated_average_is_bitwise_identical():
     values = [torch.randn(5, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(r)) for r in range(6)]
     t = values[rank].clone()
-    ps.average_replicated([t])
+    comm.average_replicated([t])
     everyone = all_ranks(t)
     assert torch.equal(everyone, everyone[:1].expand_as(everyone))
     torch.testing.assert_close(t, (values[0] + values[2] + values[4]) / 3, rtol=0, atol=4e-16)
     # Sequence parallelism: every rank holds a partial sum of its rows; all of them add up.
     t = values[rank].clone()
-    ps.average_replicated([], [t])
+    comm.average_replicated([], [t])
     everyone = all_ranks(t)
     assert torch.equal(everyone, everyone[:1].expand_as(everyone)) and tp_rank in (0, 1)
     torch.testing.assert_close(t, sum(values) / 3, rtol=0, atol=2e-15)
@@ -172,6 +173,7 @@ def test_a_missing_shard_is_named(data_dir, tmp_path):
     assert f"error: {ck} names iteration 10, but {missing} is missing (an incomplete " \
            "checkpoint)" in out, out
     assert out.count("error:") == 1 and "Traceback" not in out
+    assert "every node needs its files" not in out, "one node: its name would say nothing new"
 
 
 def test_a_rank_stuck_in_c_code_leaves_soon_after_its_peer_fails(data_dir, tmp_path):

@@ -174,19 +174,38 @@ def test_recompute_benchmark_measures_on_the_formula(tmp_path, monkeypatch):
     saved = record_saved_figures(monkeypatch)
     run_driver(bench_recompute, monkeypatch, "--configs", "tiny_transformer", "--steps", "2",
                "--warmup", "0", "--max_tp", "2", "--device", "cpu", "--out",
-               tmp_path / "recompute.json", "--plot", tmp_path / "recompute.png")
-    rows = json.loads((tmp_path / "recompute.json").read_text())["results"]["tiny_transformer"]
+               tmp_path / "new" / "recompute.json", "--plot", tmp_path / "recompute.png")
+    # (--out in a directory not made yet: made, as its check promised)
+    rows = json.loads((tmp_path / "new" / "recompute.json").read_text())["results"][
+        "tiny_transformer"]
     # The picture: each setting's measured bytes per layer at the TP sizes it ran, as points (the
-    # five settings it draws; SP + full saves what full does).
+    # six settings it draws; SP + full saves what full, input distributed does).
     assert len(saved) == 1 and png_pixels(tmp_path / "recompute.png") == saved[0].pixels
     points = [xy for xy in lines(saved[0].axes[0]).values() if len(xy[0]) < 10]  # not the lines
     assert sorted((tuple(x), tuple(y)) for x, y in points) == sorted(
         (tuple(float(r["tp"]) for r in rows if r["setting"] == name),
          tuple(r["per_layer"] / 2**10 for r in rows if r["setting"] == name))
-        for name in ("none", "SP", "selective", "SP + selective", "full"))
+        for name in ("none", "SP", "selective", "SP + selective", "full",
+                     "full, input distributed"))
     assert [(r["setting"], r["tp"]) for r in rows] == [
-        (name, tp) for tp in (1, 2) for name, (sp, _) in bench_recompute.SETTINGS.items()
+        (name, tp) for tp in (1, 2)
+        for name, (sp, _, _) in bench_recompute.SETTINGS.items()
         if tp > 1 or not sp]
     assert all(r["match"] and r["per_layer"] == r["formula"] for r in rows)
     flops = {(r["setting"], r["tp"]): r["flops"] for r in rows}
     assert flops["full", 2] == flops["SP + full", 2] > flops["selective", 2] > flops["none", 2]
+
+
+def test_the_recompute_report_divides_by_none_only_where_it_ran(capsys):
+    """bench_recompute --settings full selective: no "none" to divide by, so no ratio (it printed
+    1.00x for both, each divided by itself)."""
+    from benchmarks import bench_recompute
+    cfg = dict(bench_step.CONFIGS["tiny_transformer"], dropout=0.1)
+    row = lambda setting, ms: dict(setting=setting, tp=1, per_layer=8, formula=8, match=True,
+                                   timed=True, median_ms=ms, p10_ms=ms, p90_ms=ms, forward_ms=1.0,
+                                   flops=ms * 1e9)
+    bench_recompute.print_report("tiny_transformer", cfg, [row("full", 2.0), row("selective", 3.0)])
+    assert "x" not in "".join(capsys.readouterr().out.splitlines()[2:])
+    bench_recompute.print_report("tiny_transformer", cfg, [row("none", 1.0), row("full", 2.0)])
+    full = capsys.readouterr().out.splitlines()[-1]
+    assert full.count("2.00x") == 2, full  # time and FLOPs, each against none's

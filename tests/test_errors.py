@@ -64,6 +64,23 @@ def flag_error(argv, world_size=2, parallel=True):
     (["--batch_size", "0"], 2, "--batch_size must be a positive integer, got 0"),
     (["--batch_size", "2.5"], 2, "argument --batch_size: invalid int value: '2.5'"),
     (["--num_iterations", "-1"], 2, "--num_iterations must be a positive integer, got -1"),
+    (["--model", "transformer", "--distribute_saved_activations"], 2,
+     "--distribute_saved_activations splits what full recomputation keeps: add "
+     "--recompute_granularity full"),
+    (["--model", "transformer", "--recompute_granularity", "full", "--sequence_parallel",
+      "--distribute_saved_activations"], 2,
+     "--distribute_saved_activations with --sequence_parallel: the block's input is this rank's "
+     "rows already"),
+    (["--dropout", "0.5"], 2, "--dropout 0.5 drops out in the transformer's blocks; the toy model "
+                              "has no dropout"),
+    (["--clip_grad", "1e-300"], 2, "--clip_grad 1e-300 is below the smallest normal float32 "
+                                   "(1.2e-38): every update would round to 0"),
+    (["--tp_reduce_dtype", "float32", "--dtype", "bfloat16", "--tensor_model_parallel_size", "1"],
+     2, "--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
+        "--tensor_model_parallel_size 1 there are none"),
+    (["--num_iterations", "99999999999999999999"], 2, "--num_iterations must be at most "
+                                                      "1,000,000,000,000, got "
+                                                      "99,999,999,999,999,999,999"),
     (["--init_lr", "0"], 2, "--init_lr must be a positive number, got 0.0"),
     (["--init_lr", "nan"], 2, "--init_lr must be a positive number, got nan"),
     (["--init_lr", "inf"], 2, "--init_lr must be a positive number, got inf"),
@@ -92,6 +109,20 @@ def flag_error(argv, world_size=2, parallel=True):
 def test_flag_errors(argv, world_size, message):
     error = flag_error(argv, world_size)
     assert error and error.startswith("parallel_train.py: error: ") and message in error, error
+
+
+def test_under_a_bare_torchrun_the_line_says_torchruns_report_adds_nothing():
+    """A bare torchrun prints its own 40-line report after a worker's error; the one line says
+    that it adds nothing and which launcher leaves the line alone. scripts/launch.py's workers
+    (TP_LAUNCHER) are not told."""
+    bare = {"TORCHELASTIC_RUN_ID": "x"}
+    with mock.patch.dict(os.environ, bare):  # put back as it was on leaving
+        os.environ.pop("TP_LAUNCHER", None)
+        assert flag_error(["--hidden_size", "101"]).endswith(
+            "(see --help); torchrun's own report below says nothing more (python "
+            "scripts/launch.py, or bash bash_parallel_train.sh, leaves this line alone)")
+    with mock.patch.dict(os.environ, {**bare, "TP_LAUNCHER": "scripts/launch.py"}):
+        assert flag_error(["--hidden_size", "101"]).endswith("(see --help)")
 
 
 def test_plain_python_with_tensor_parallelism_says_how_to_launch():

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import communication as comm
 import parallel_state as ps
 from distributed import RankFailed, all_ranks, run_distributed
 from parallel_layers import ColumnParallelLinear, RowParallelLinear
@@ -52,18 +53,19 @@ def _check_column_parallel():
                 x, dy = _data(OUT)
                 xs, xp = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
                 ys = serial(xs)
-                ps.reset_comm_stats()
+                comm.reset_comm_stats()
                 yp = layer(xp)
                 close(yp, ys if gather_output else ys.chunk(tp, dim=-1)[rank], "output")
-                assert ps.comm_calls["all_gather"] == (gather_output and tp > 1)
-                assert ps.comm_calls["all_reduce"] == 0  # f is the identity in forward
+                assert comm.comm_calls["all_gather"] == (gather_output and tp > 1)
+                assert comm.comm_calls["all_reduce"] == 0  # f is the identity in forward
 
                 ys.backward(dy)
                 yp.backward(dy if gather_output else dy.chunk(tp, dim=-1)[rank])
                 close(layer.weight.grad, mine(serial.weight.grad), "weight grad")
                 close(layer.bias.grad, mine(serial.bias.grad), "bias grad")
                 # f's backward all-reduce runs only when the input needs a gradient.
-                assert ps.comm_calls["all_reduce"] == (input_grad and tp > 1), dict(ps.comm_calls)
+                assert comm.comm_calls["all_reduce"] == (input_grad and tp > 1), \
+                    dict(comm.comm_calls)
                 if input_grad:
                     close(xp.grad, xs.grad, "input grad")
 
@@ -86,10 +88,10 @@ def _check_row_parallel():
             xs = x.clone().requires_grad_()
             xp = (mine(x) if input_is_parallel else x).clone().requires_grad_()
             ys = serial(xs)
-            ps.reset_comm_stats()
+            comm.reset_comm_stats()
             yp = layer(xp)
             close(yp, ys, "output")
-            assert ps.comm_calls["all_reduce"] == (tp > 1)  # g
+            assert comm.comm_calls["all_reduce"] == (tp > 1)  # g
 
             ys.backward(dy)
             yp.backward(dy)
@@ -97,9 +99,9 @@ def _check_row_parallel():
             close(xp.grad, mine(xs.grad) if input_is_parallel else xs.grad, "input grad")
             if bias:
                 close(layer.bias.grad, serial.bias.grad, "bias grad")
-            assert ps.comm_calls["all_reduce"] == (tp > 1)  # g's backward is the identity
+            assert comm.comm_calls["all_reduce"] == (tp > 1)  # g's backward is the identity
             # scatter's backward
-            assert ps.comm_calls["all_gather"] == (not input_is_parallel and tp > 1)
+            assert comm.comm_calls["all_gather"] == (not input_is_parallel and tp > 1)
 
 
 def _check_sequence_parallel():
@@ -118,19 +120,19 @@ def _check_sequence_parallel():
                                      dtype=torch.float64)
         xs, xp = x.clone().requires_grad_(input_grad), my_rows(x).clone().requires_grad_(input_grad)
         ys = serial(xs)
-        ps.reset_comm_stats()
+        comm.reset_comm_stats()
         yp = layer(xp)
         close(yp, my_cols(ys), "column output: every row, this rank's columns")
-        assert ps.comm_calls["all_gather"] == (tp > 1)  # the rows, in place of f's identity
+        assert comm.comm_calls["all_gather"] == (tp > 1)  # the rows, in place of f's identity
         ys.backward(dy)
         yp.backward(my_cols(dy))
         close(layer.weight.grad, serial.weight.grad.chunk(tp, dim=0)[rank], "column weight grad")
         close(layer.bias.grad, my_cols(serial.bias.grad), "column bias grad")
         # Backward gathers the rows again (only this rank's were saved); dL/dX is reduce-scattered
         # if needed.
-        assert ps.comm_calls["all_gather"] == 2 * (tp > 1), dict(ps.comm_calls)
-        assert ps.comm_calls["reduce_scatter"] == (input_grad and tp > 1), dict(ps.comm_calls)
-        assert ps.comm_calls["all_reduce"] == 0
+        assert comm.comm_calls["all_gather"] == 2 * (tp > 1), dict(comm.comm_calls)
+        assert comm.comm_calls["reduce_scatter"] == (input_grad and tp > 1), dict(comm.comm_calls)
+        assert comm.comm_calls["all_reduce"] == 0
         if input_grad:
             close(xp.grad, my_rows(xs.grad), "column input grad")
 
@@ -141,18 +143,18 @@ def _check_sequence_parallel():
                               dtype=torch.float64)
     xs, xp = x.clone().requires_grad_(), my_cols(x).clone().requires_grad_()
     ys = serial(xs)
-    ps.reset_comm_stats()
+    comm.reset_comm_stats()
     yp = layer(xp)
     close(yp, my_rows(ys), "row output: this rank's rows")
     # g, as a reduce-scatter
-    assert dict(ps.comm_calls) == ({"reduce_scatter": 1} if tp > 1 else {})
+    assert dict(comm.comm_calls) == ({"reduce_scatter": 1} if tp > 1 else {})
     ys.backward(dy)
     yp.backward(my_rows(dy))
     close(layer.weight.grad, my_cols(serial.weight.grad), "row weight grad")
     close(xp.grad, my_cols(xs.grad), "row input grad")
     # The bias was added to this rank's rows only: the ranks' gradients sum to the serial one.
     close(all_ranks(layer.bias.grad).sum(0), serial.bias.grad, "row bias grad, summed over ranks")
-    assert dict(ps.comm_calls) == ({"reduce_scatter": 1, "all_gather": 1} if tp > 1 else {})
+    assert dict(comm.comm_calls) == ({"reduce_scatter": 1, "all_gather": 1} if tp > 1 else {})
 
 
 def _check_overlapped_f_computes_what_f_does():
@@ -166,11 +168,11 @@ def _check_overlapped_f_computes_what_f_does():
                                      async_tensor_model_parallel_allreduce=overlap)
         x, dy = _data(OUT)
         x.requires_grad_()
-        ps.reset_comm_stats()
+        comm.reset_comm_stats()
         y = layer(x)
         y.backward(dy.chunk(ps.get_tensor_model_parallel_world_size(),
                             dim=-1)[ps.get_tensor_model_parallel_rank()])
-        results.append((y, x.grad, layer.weight.grad, layer.bias.grad, dict(ps.comm_calls)))
+        results.append((y, x.grad, layer.weight.grad, layer.bias.grad, dict(comm.comm_calls)))
     (*f, f_calls), (*fused, fused_calls) = results
     for what, a, b in zip(("output", "input grad", "weight grad", "bias grad"), f, fused):
         close(b, a, what)
@@ -220,13 +222,13 @@ def test_row_parallel_linear_matches_serial(tp):
 def _with_broken_all_reduce(kind, check):
     def broken(tensor, async_op=False, group=None, op="sum"):
         # counted like the real one (2 ranks): only the numbers can tell
-        ps._count("all_reduce", tensor, ring_share=1)
+        comm._count("all_reduce", tensor.dtype, tensor.numel(), ring_share=1)
         if kind == "average":  # mean instead of sum: a classic mix-up with data parallelism
             dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
             tensor /= ps.get_tensor_model_parallel_world_size()
         return (lambda: tensor) if async_op else tensor  # "drop": the tensor is left as it was
 
-    ps.all_reduce = broken
+    comm.all_reduce = broken
     check()
 
 

@@ -17,10 +17,10 @@ from figures import lines, png_pixels, record_saved_figures, words
 from training.metrics import MetricsWriter, read_metrics, run_config
 
 
-def fake_run(out_dir, num_ranks, offset=0.0):
+def fake_run(out_dir, num_ranks, offset=0.0, run_id="run-a"):
     """A 30-iteration run on disk, as train.py / parallel_train.py write it."""
     args = argparse.Namespace(input_size=64, hidden_size=2048, batch_size=32, dtype="float32",
-                              init_lr=0.001,
+                              init_lr=0.001, run_id=run_id,
                               tensor_model_parallel_size=num_ranks, torch_dtype=torch.float32)
     extra = {"backend": "gloo", "device": "cpu"} if num_ranks > 1 else {"device": "cpu"}
     writer = MetricsWriter(str(out_dir), run_config(args, **extra), num_ranks=num_ranks)
@@ -91,6 +91,20 @@ def test_comparison_draws_the_round_off_band(tmp_path):
     assert png_shape(tmp_path / "c.png")[1] >= 700
 
 
+def test_plot_runs_draws_runs_whose_config_lacks_keys(tmp_path, monkeypatch):
+    """A config.json without input_size and with "init_lr": null (an older or hand-edited one):
+    the titles say "?" there, instead of a KeyError."""
+    for name, ranks in (("serial", 1), ("parallel", 2)):
+        fake_run(tmp_path / name, ranks)
+        config = tmp_path / name / "config.json"
+        edited = {k: v for k, v in json.loads(config.read_text()).items() if k != "input_size"}
+        config.write_text(json.dumps({**edited, "init_lr": None}))
+    saved = record_saved_figures(monkeypatch)
+    plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--assets",
+                    str(tmp_path / "assets")])
+    assert "input ?, hidden 2048, batch 32, float32, lr ?" in words(saved[0])
+
+
 def test_plot_runs_needs_runs(tmp_path):
     with pytest.raises(SystemExit, match="run the training first"):
         plot_runs.main([str(tmp_path / "nothing"), str(tmp_path / "nothing"), "--assets",
@@ -154,7 +168,7 @@ def test_a_run_resumed_at_another_size_keeps_its_earlier_rows(tmp_path, before, 
     """metrics.csv of a run whose tensor-parallel size changed at iteration 20: the rows before
     it, with the earlier ranks' columns; the rows after it, with the new ranks'."""
     fake_run(tmp_path / "run", before)
-    args = argparse.Namespace(tensor_model_parallel_size=after)
+    args = argparse.Namespace(tensor_model_parallel_size=after, run_id="run-a")
     writer = MetricsWriter(str(tmp_path / "run"), run_config(args), num_ranks=after,
                            resume_from=20)
     writer.write([[21, 1.5, None, None]], torch.full((after, 1), 1.5) if after > 1 else None)
@@ -176,7 +190,8 @@ def test_a_run_resumed_with_clipping_switched_keeps_each_value_under_its_name(tm
                                                                               clipped_before):
     """--clip_grad adds a grad_norm column before the ranks': resumed with it switched on or off,
     the earlier rows keep each value under its own column."""
-    args = lambda clip: argparse.Namespace(tensor_model_parallel_size=2, clip_grad=clip)
+    args = lambda clip: argparse.Namespace(tensor_model_parallel_size=2, clip_grad=clip,
+                                           run_id="run-a")
     first = MetricsWriter(str(tmp_path), run_config(args(1.0 if clipped_before else None)),
                           num_ranks=2)
     first.write([[1, 3.0, None, 7.0], [2, 2.0, None, 6.0]], torch.tensor([[3.0, 2.0]] * 2))
@@ -190,6 +205,38 @@ def test_a_run_resumed_with_clipping_switched_keeps_each_value_under_its_name(tm
     assert [row["train_loss_rank1"] for row in rows] == ["3.0", "2.0", "1.0"]
     assert [row["grad_norm"] for row in rows] == (["7.0", "6.0", ""] if clipped_before else
                                                   ["", "", "5.0"])
+
+
+def test_a_resume_into_another_runs_directory_sets_that_run_aside(tmp_path, capsys):
+    """--load ck --out_dir D, where D holds another run (another run id): that run is set aside
+    as a fresh run sets it aside, and the resumed run's rows never follow its rows."""
+    fake_run(tmp_path, 2, run_id="another")
+    before = {name: (tmp_path / name).read_bytes() for name in ("metrics.csv", "config.json")}
+    args = argparse.Namespace(tensor_model_parallel_size=2, run_id="mine")
+    writer = MetricsWriter(str(tmp_path), run_config(args), num_ranks=2, resume_from=20)
+    writer.write([[21, 1.5, None, None]], torch.full((2, 1), 1.5))
+    writer.close()
+    assert {name: (tmp_path / "earlier_run" / name).read_bytes() for name in before} == before
+    with open(tmp_path / "metrics.csv") as f:
+        assert [row["iteration"] for row in csv.DictReader(f)] == ["21"]
+    assert "holds no record of this run: its metrics.csv starts at iteration 21" in \
+        capsys.readouterr().out
+
+
+def test_a_resumed_run_drops_the_stopped_runs_last_validation(tmp_path):
+    """The stopped run validated at its last iteration (25); the uninterrupted run validates at
+    every --eval_interval (10) only: resumed from 25, that row's validation goes."""
+    args = argparse.Namespace(tensor_model_parallel_size=1, run_id="mine", eval_interval=10)
+    first = MetricsWriter(str(tmp_path), run_config(args))
+    first.write([[it, 1.0, 2.0 if it % 10 == 0 or it == 25 else None, None]
+                 for it in range(1, 26)], None)
+    first.close()
+    resumed = MetricsWriter(str(tmp_path), run_config(args), resume_from=25)
+    resumed.write([[26, 1.0, None, None]], None)
+    resumed.close()
+    with open(tmp_path / "metrics.csv") as f:
+        valid = {int(row["iteration"]) for row in csv.DictReader(f) if row["valid_loss"]}
+    assert valid == {10, 20}
 
 
 def test_plot_runs_compares_any_two_runs_under_their_names(tmp_path):

@@ -71,7 +71,9 @@ def test_bf16_stops_and_resumes_bit_for_bit(model, data_dir, token_dir, tmp_path
              "--dtype", "bfloat16", "--sequence_parallel", "--clip_grad", CLIP[model],
              "--save_interval", "10"]
     full, resumed, ck = (str(tmp_path / d) for d in ("full", "resumed", "ck"))
-    run_script("parallel_train.py", *flags, "--out_dir", full, nproc=2)
+    log = run_script("parallel_train.py", *flags, "--out_dir", full, nproc=2).out
+    # The clipping norm's one fp32 number, 4 bytes: shown, not rounded to 0.00 KiB.
+    assert comm_table(log)["grad_norm_all_reduce"] == (1, 0.0039, 0.0039), log
     run_script("parallel_train.py", *flags, "--out_dir", resumed, "--save", ck, nproc=2)
     killed_after(ck, 10)
     run_script("parallel_train.py", *flags, "--out_dir", resumed, "--save", ck, "--load", ck,
@@ -99,7 +101,7 @@ def test_all_reduce_in_fp32_doubles_the_bytes(data_dir, tmp_path):
 def _clip_matches_serial(mutant, sequence_parallel):
     """One step of the transformer at float64, split and serial; the norm and every clipped
     gradient against torch.nn.utils.clip_grad_norm_ on the serial model."""
-    import parallel_state as ps
+    import communication as comm
     from sequence_parallel import allreduce_sequence_parallel_grads
     from training import clip_grads
     from training.checkpointing import gather_serial_state_dict
@@ -107,7 +109,7 @@ def _clip_matches_serial(mutant, sequence_parallel):
     if mutant == "replicated_counted_tp_times":
         clip_grads.counted_once = lambda param: True
     if mutant == "norm_not_all_reduced":
-        ps.sum_over_tensor_parallel = lambda tensors, name=None: None
+        comm.sum_over_tensor_parallel = lambda tensors, name=None: None
     make = lambda tp: ToyTransformer(50, 8, 16, 64, 4, 1, tp, 0.0, sequence_parallel and tp,
                                      dtype=torch.float64)
     torch.manual_seed(3)
@@ -140,6 +142,15 @@ def _clip_matches_serial(mutant, sequence_parallel):
 @pytest.mark.parametrize("tp,sequence_parallel", [(2, False), (4, False), (2, True)])
 def test_clip_grad_norm_equals_serial_clip_grad_norm_(tp, sequence_parallel):
     run_distributed(_clip_matches_serial, tp, None, sequence_parallel)
+
+
+def test_clipping_nothing_is_a_norm_of_zero():
+    """No parameter has a gradient yet (none, or an empty list): the norm is 0, as torch's
+    clip_grad_norm_ says, not an IndexError."""
+    from training import clip_grads
+    assert clip_grads.clip_grad_norm([], 1.0).item() == 0.0
+    assert clip_grads.clip_grad_norm(nn.Linear(2, 2).parameters(), 1.0).item() == 0.0
+    assert torch.nn.utils.clip_grad_norm_([], 1.0).item() == 0.0
 
 
 @pytest.mark.parametrize("mutant", ["replicated_counted_tp_times", "norm_not_all_reduced"])

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import communication as comm
 import parallel_state as ps
 from distributed import GRACE_S, REPO, RankFailed, _launch_arguments, run_distributed, run_script
 
@@ -26,12 +27,12 @@ from distributed import GRACE_S, REPO, RankFailed, _launch_arguments, run_distri
 def _rank_1_raises_while_rank_0_waits():
     if dist.get_rank() == 1:
         raise ValueError("rank 1 gave up")
-    ps.all_reduce(torch.ones(1))  # rank 0 waits here for a peer that never comes
+    comm.all_reduce(torch.ones(1))  # rank 0 waits here for a peer that never comes
 
 
 def _sum_of_ranks():
     t = torch.tensor([float(dist.get_rank())])
-    ps.all_reduce(t)
+    comm.all_reduce(t)
     assert t.item() == sum(range(dist.get_world_size()))
 
 
@@ -47,7 +48,7 @@ def test_a_raising_rank_fails_the_test_at_once_and_the_next_one_runs():
 def _rank_0_dies():
     if dist.get_rank() == 0:
         os._exit(7)
-    ps.all_reduce(torch.ones(1))
+    comm.all_reduce(torch.ones(1))
 
 
 def _rank_0_hangs():
@@ -78,8 +79,8 @@ def _break_things(directory):
     draw_diagram.ROW = -1
     rng_tracker.model_parallel_manual_seed(3)  # an object's state: the tracker's streams
     metrics.SIZES["toy"] = ()  # an object reachable from a module: a value inside a dict
-    ps.all_reduce = None
-    ps.comm_calls["all_reduce"] += 5
+    comm.all_reduce = None
+    comm.comm_calls["all_reduce"] += 5
     del dist.all_gather
     os.environ["LEFT_BEHIND"] = "1"
     torch.manual_seed(99)
@@ -95,7 +96,7 @@ def _nothing_left_behind(directory):
     from training import metrics
     assert draw_diagram.ROW == 16 and not rng_tracker.get_rng_tracker().states
     assert metrics.SIZES["toy"] == ("input_size", "hidden_size", "batch_size")
-    assert callable(ps.all_reduce) and not ps.comm_calls and hasattr(dist, "all_gather")
+    assert callable(comm.all_reduce) and not comm.comm_calls and hasattr(dist, "all_gather")
     assert "LEFT_BEHIND" not in os.environ and os.environ["RANK"] == str(dist.get_rank())
     assert torch.get_default_dtype() == torch.float32 and torch.get_num_threads() == 1
     assert os.getcwd() == REPO and directory not in sys.path
@@ -167,10 +168,10 @@ PROBE = """\
 import atexit, json, os, sys, time
 path0 = sys.path[0]
 sys.path.insert(0, {repo!r})  # as tests/inject_bug.py does: run from outside the repository
-import parallel_state
+import communication
 out, rank = sys.argv[1], os.environ.get("RANK", "0")
 atexit.register(lambda: open(os.path.join(out, "atexit" + rank), "w").close())
-json.dump(dict(env=dict(os.environ), path0=path0, check=parallel_state.CHECK_COLLECTIVES),
+json.dump(dict(env=dict(os.environ), path0=path0, check=communication.CHECK_COLLECTIVES),
           open(os.path.join(out, "rank" + rank + ".json"), "w"))
 if rank == "0" and len(sys.argv) > 2:  # after rank 1 has left: torchrun's report is then certain
     for _ in range(1000):  # 10 s at most: a launcher that runs no atexit handler fails the test
@@ -190,7 +191,7 @@ def _probe(tmp_path, name):
 
 
 def test_environment_read_at_import_is_the_jobs_own(tmp_path):
-    """parallel_state reads TP_CHECK_COLLECTIVES when imported: each job imports it afresh."""
+    """communication.py reads TP_CHECK_COLLECTIVES when imported: each job imports it afresh."""
     (tmp_path / "probe.py").write_text(PROBE.format(repo=REPO))
     for value in ("0", "1", "0"):
         out = tmp_path / value / str(time.monotonic_ns())

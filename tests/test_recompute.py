@@ -32,19 +32,22 @@ CFG = dict(vocab_size=10, seq_length=8, input_size=8, hidden_size=16, num_heads=
            batch_size=2)
 STEPS, DROPOUT = 2, 0.1
 GRANULARITIES = ("selective", "full")
+# (granularity, distribute_saved_activations): full with each rank keeping 1/TP of the input too
+RECOMPUTATIONS = (("selective", False), ("full", False), ("full", True))
 
 
-def _build(tp, sequence_parallel, granularity, dtype, dropout=DROPOUT):
+def _build(tp, sequence_parallel, granularity, dtype, dropout=DROPOUT, distribute=False):
     rng_tracker.model_parallel_manual_seed(0)
     return transformer.ToyTransformer(
         CFG["vocab_size"], CFG["seq_length"], CFG["input_size"], CFG["hidden_size"],
         CFG["num_heads"], CFG["num_layers"], tensor_parallel=tp > 1, dropout=dropout,
-        sequence_parallel=sequence_parallel, dtype=dtype, recompute_granularity=granularity)
+        sequence_parallel=sequence_parallel, dtype=dtype, recompute_granularity=granularity,
+        distribute_saved_activations=distribute)
 
 
-def _train(tp, sequence_parallel, granularity, dtype):
+def _train(tp, sequence_parallel, granularity, dtype, distribute=False):
     """Each step's loss and gradients, and the weights after STEPS steps of SGD with momentum."""
-    model = _build(tp, sequence_parallel, granularity, dtype)
+    model = _build(tp, sequence_parallel, granularity, dtype, distribute=distribute)
     step = bench_transformer.TransformerStep(model)  # the training scripts' loss and backward
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)
@@ -60,15 +63,18 @@ def _train(tp, sequence_parallel, granularity, dtype):
     return history, {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _check_bitwise(granularities=GRANULARITIES, sequence_parallel=(False, True),
+def _check_bitwise(recomputations=RECOMPUTATIONS, sequence_parallel=(False, True),
                    dtypes=(torch.float64, torch.float32)):
     tp = ps.get_tensor_model_parallel_world_size()
     for dtype in dtypes:
         for sp in sequence_parallel if tp > 1 else (False,):
             history, weights = _train(tp, sp, None, dtype)
-            for granularity in granularities:
-                run = f"{granularity}, {dtype}, TP {tp}, SP {sp}"
-                got, got_weights = _train(tp, sp, granularity, dtype)
+            for granularity, distribute in recomputations:
+                if distribute and (sp or tp == 1):
+                    continue  # refused with SP (the input is 1/TP already), nothing to split at 1
+                run = f"{granularity}{', distributed' if distribute else ''}, {dtype}, TP {tp}, " \
+                      f"SP {sp}"
+                got, got_weights = _train(tp, sp, granularity, dtype, distribute)
                 for i, ((loss, grads), (got_loss, got_grads)) in enumerate(zip(history, got)):
                     assert torch.equal(got_loss, loss), f"{run}: step {i}: loss"
                     for name, grad in grads.items():
@@ -90,17 +96,18 @@ def _check_memory():
     tokens = torch.randint(CFG["vocab_size"], (CFG["batch_size"], CFG["seq_length"] + 1),
                            generator=g)
     batch = tokens[:, :-1], tokens[:, 1:]
-    for sp, granularity in bench_recompute.SETTINGS.values():
+    for sp, granularity, distribute in bench_recompute.SETTINGS.values():
         sp = sp and tp > 1
         for dtype, dropout in ((torch.float32, DROPOUT), (torch.float64, 0.0),
                                (torch.bfloat16, DROPOUT)):
-            model = _build(tp, sp, granularity, dtype, dropout)
+            model = _build(tp, sp, granularity, dtype, dropout, distribute)
             measured = bench_step.saved_activations(bench_transformer.TransformerStep(model),
                                                     batch)["per_layer"]
             formula = bench_recompute.activation_memory_per_layer(
                 dict(CFG, dropout=dropout), tp, sp, granularity,
-                bench_recompute.saved_sizes(dtype, "cpu"))
-            assert measured == formula, (f"{granularity}, SP {sp}, TP {tp}, {dtype}, dropout "
+                bench_recompute.saved_sizes(dtype, "cpu"), distribute)
+            assert measured == formula, (f"{granularity}{', distributed' if distribute else ''}, "
+                                         f"SP {sp}, TP {tp}, {dtype}, dropout "
                                          f"{dropout}: {measured} bytes saved per layer, the "
                                          f"formula says {formula}")
 
@@ -114,18 +121,20 @@ def test_the_formula_is_table_2_for_the_papers_block():
     """Made the paper's block (16-bit activations, 1-byte masks, an MLP of 4h whose GeLU saves its
     input beside fc2's, no LayerNorm statistics, a causal mask fused into the softmax), the terms
     sum to Korthikanti et al.'s Table 2; full recomputation keeps 1/t of the input where Table 2
-    keeps it whole (Megatron's distribute_saved_activations; sequence parallelism)."""
+    keeps it whole, as full does here unless the input is distributed (Megatron's
+    distribute_saved_activations) or split already (sequence parallelism)."""
     s, b, h = 2048, 1, 12288  # GPT-3 175B (Korthikanti et al., Table 3): a = 96, t = 8
     cfg = dict(seq_length=s, batch_size=b, input_size=h, hidden_size=4 * h, num_heads=96,
                dropout=0.1)
     for t in (1, 2, 8):
-        for sp, granularity in bench_recompute.SETTINGS.values():
+        for sp, granularity, distribute in bench_recompute.SETTINGS.values():
             sp = sp and t > 1
-            terms = bench_recompute.activation_terms(cfg, t, sp, granularity, sizes=(2, 1, 0))
+            terms = bench_recompute.activation_terms(cfg, t, sp, granularity, (2, 1, 0),
+                                                     distribute)
             terms.pop("causal mask (bool, every rank)", None)
             gelu_input = 0 if granularity == "full" else s * b * 4 * h * 2 / t
             paper = bench_recompute.table2(cfg, t, sp, granularity)
-            if granularity == "full":
+            if granularity == "full" and (sp or distribute):  # 1/t of the input on each rank
                 paper /= t
             assert sum(terms.values()) + gelu_input == pytest.approx(paper, rel=1e-12), \
                 (t, sp, granularity)
@@ -136,7 +145,7 @@ MUTANTS = {
     "states not set": ("_set_all_rng_states(ctx.rng_states)  # the masks", "pass  #"),
     "streams not put back": ("with _fork_rng(ctx.cuda):", "with contextlib.nullcontext():"),
     "tracker left out": ("get_rng_tracker().set_states(tracker)", "pass"),
-    "default generator left out": ("set_states(default)", "pass"),
+    "default generator left out": ("set_default_generator_states(default)", "pass"),
     "input not gathered": ("gather_split_1d_tensor(inputs[0])",
                            "inputs[0].repeat(ps.get_tensor_model_parallel_world_size())"),
     "input kept whole": ("if distribute_saved_activations and", "if False and"),
@@ -159,9 +168,11 @@ def _with_mutant(mutant, check, *args):
     ("streams not put back", (), r"selective, torch.float64, TP 2, SP False: step 1: loss"),
     ("tracker left out", (), r"selective, torch.float64, TP 2, SP False: step 0: grad"),
     # Without SP the block's dropouts outside the split regions draw from the default stream.
-    ("default generator left out", (("full",), (False,)), r"full, .*, SP False: step 0: grad"),
-    ("input not gathered", (("full",), (False,)), r"full, .*, SP False: step 0: grad"),
-    ("input kept whole", None, r"full, SP False, TP 2, .* the formula says"),
+    ("default generator left out", ((("full", False),), (False,)),
+     r"full, .*, SP False: step 0: grad"),
+    ("input not gathered", ((("full", True),), (False,)),
+     r"full, distributed, .*, SP False: step 0: grad"),
+    ("input kept whole", None, r"full, distributed, SP False, TP 2, .* the formula says"),
     ("no recomputation", None, r"selective, SP False, TP 2, .* the formula says"),
 ])
 def test_the_checks_catch_a_broken_recomputation(mutant, args, caught):

@@ -112,5 +112,26 @@ def test_on_cuda_the_tracker_keeps_dropouts_two_streams_apart(monkeypatch):
     assert not torch.equal(rng_tracker.get_rng_tracker().states[rng_tracker.MODEL_PARALLEL_RNG][1],
                            seeded(7 + 2718))
     # What a checkpoint saves of the default generators has the CUDA part too.
-    cpu, saved = rng_tracker.get_states(cuda=True)
+    cpu, saved = rng_tracker.default_generator_states(cuda=True)
     assert torch.equal(saved, seeded(7))
+
+
+def test_fork_refuses_a_device_the_stream_was_not_seeded_for(monkeypatch):
+    """A stream seeded for the CPU has no CUDA state: CUDA dropout inside fork() would draw from
+    the default generator, the same mask on every tensor-parallel rank. One line instead."""
+    rng_tracker.model_parallel_manual_seed(7, torch.device("cpu"))
+    with pytest.raises(rng_tracker.RNGDeviceError, match=r"^dropout on cuda inside fork\("
+                       r"'model-parallel-rng'\), but the stream was seeded for cpu: call "
+                       r"model_parallel_manual_seed\(seed, device\) with the device the model "
+                       r"runs on$"):
+        with rng_tracker.get_rng_tracker().fork(device=torch.device("cuda")):
+            pass
+    cuda = LazyCuda()
+    for name in ("manual_seed_all", "get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    rng_tracker.model_parallel_manual_seed(7, torch.device("cuda"))
+    with pytest.raises(rng_tracker.RNGDeviceError, match="dropout on cpu .* seeded for cuda"):
+        with rng_tracker.get_rng_tracker().fork(device=torch.device("cpu")):
+            pass
+    with rng_tracker.get_rng_tracker().fork(device=torch.device("cuda")):  # its own device: fine
+        pass

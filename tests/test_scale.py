@@ -146,7 +146,9 @@ def test_mismatched_checkpoints_are_refused(data_dir, tmp_path):
             "--dtype float32") in out
     out = launch(2, "--tensor_model_parallel_size", "2", "--hidden_size", "1024", "--data_dir",
                  data_dir, "--load", ck, "--out_dir", str(tmp_path / "c"), ok=False)
-    assert "was saved with hidden size 2048, this run has 1024" in out
+    assert "was saved with hidden size 2048, this run has 1024; resume with --hidden_size 2048 " \
+           "(its weights have that shape)" in out, out
+    assert "--init_from" not in out  # it would fail on the shapes too
 
 
 def test_a_lost_rank_is_restarted_and_resumes_exactly(data_dir, tmp_path):

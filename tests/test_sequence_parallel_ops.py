@@ -9,6 +9,7 @@ there at most 4.4e-16 on values of order 1).
 import pytest
 import torch
 
+import communication as comm
 import parallel_state as ps
 from distributed import run_distributed
 from sequence_parallel import (
@@ -38,14 +39,14 @@ def _check_operators():
 
     # Before the column-parallel layer: all-gather the rows; backward reduce-scatters the gradient.
     x = value(rank, rows // tp, 1).requires_grad_()
-    ps.reset_comm_stats()
+    comm.reset_comm_stats()
     y = gather_from_sequence_parallel_region(x)
     assert torch.equal(y, torch.cat([value(r, rows // tp, 1) for r in everyone]))
     y.backward(value(rank, rows, 2))
     close(x.grad, sum(value(r, rows, 2) for r in everyone).chunk(tp)[rank], "gather's backward")
     if tp > 1:
-        assert dict(ps.comm_calls) == {"all_gather": 1, "reduce_scatter": 1}
-        assert dict(ps.comm_bytes) == {"all_gather": rows // tp * COLS * 8,
+        assert dict(comm.comm_calls) == {"all_gather": 1, "reduce_scatter": 1}
+        assert dict(comm.comm_bytes) == {"all_gather": rows // tp * COLS * 8,
                                        "reduce_scatter": rows * COLS * 8}
 
     # After the row-parallel layer: reduce-scatter the partial sums; backward all-gathers the
@@ -63,7 +64,7 @@ def _check_operators():
         both = gather_from_sequence_parallel_region(scattered)
         reduced = t.clone()
         if tp > 1:
-            ps.all_reduce(reduced)
+            comm.all_reduce(reduced)
     close(both, reduced, "all-gather(reduce-scatter(t)) vs all-reduce(t)")
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 from unittest import mock
 
@@ -18,7 +19,7 @@ import draw_diagram
 import merge_checkpoint
 import plot_runs
 import prepare_data
-from benchmarks import bench_step, scaling
+from benchmarks import bench_step, precision, scaling
 from test_plots import fake_run
 
 
@@ -45,9 +46,12 @@ def places(tmp_path):
     (tmp_path / "a_dir").mkdir()
     for name, ranks in (("serial", 1), ("parallel", 2), ("transformer", 2), ("bad_config", 1),
                         ("bad_header", 1), ("short", 1), ("bf16", 1), ("r1", 1), ("r1_again", 1),
-                        ("r2_clipped", 1), ("r_tp", 2)):
+                        ("r2_clipped", 1), ("r_tp", 2), ("r_other_data", 1), ("r_nan", 1),
+                        ("r_no_config", 1), ("r_plain", 1)):
         fake_run(tmp_path / name, ranks, offset=1e-7 * (ranks - 1))
-    for name, change in (("serial", {"clip_grad": None}),
+    for name, change in (("serial", {"clip_grad": None, "data_fingerprint": "aaaa"}),
+                         ("r_other_data", {"reorder_seed": 5, "data_fingerprint": "bbbb"}),
+                         ("r_nan", {"reorder_seed": 6}),
                          ("bf16", {"dtype": "bfloat16", "reorder_seed": 3}),
                          ("r1", {"reorder_seed": 1}), ("r1_again", {"reorder_seed": 1}),
                          ("r2_clipped", {"reorder_seed": 2, "clip_grad": 1.0}),
@@ -57,7 +61,11 @@ def places(tmp_path):
     config = tmp_path / "transformer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "model": "transformer"}))
     (tmp_path / "bad_config" / "config.json").write_text("{not json")
+    (tmp_path / "r_no_config" / "config.json").unlink()
     (tmp_path / "bad_header" / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    rows = (tmp_path / "r_nan" / "metrics.csv").read_text().splitlines()
+    rows[5] = ",".join(["5", "nan", *rows[5].split(",")[2:]])
+    (tmp_path / "r_nan" / "metrics.csv").write_text("\n".join(rows) + "\n")
     rows = (tmp_path / "short" / "metrics.csv").read_text().splitlines()[:21]
     (tmp_path / "short" / "metrics.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
@@ -93,9 +101,9 @@ CASES = [
      "error: noise run {p}/r2_clipped was trained with --clip_grad 1.0 and {p}/serial with None"),
     (compare_runs, ["{p}/serial", "{p}/bf16", "--noise", "{p}/r1"],
      "error: {p}/bf16 was trained with --dtype bfloat16 and {p}/serial with float32"),
-    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/serial"],
-     "error: noise run {p}/serial has no --reorder_seed: train the reference's flags again with "
-     "python train.py ... --reorder_seed K --out_dir {p}/serial"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_plain"],
+     "error: noise run {p}/r_plain has no --reorder_seed: train the reference's flags again with "
+     "python train.py ... --reorder_seed K --out_dir {p}/r_plain"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_tp"],
      "error: noise run {p}/r_tp is a tensor-parallel run; noise runs are serial"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/r1_again"],
@@ -117,6 +125,24 @@ CASES = [
      "{p}/transformer the transformer"),
     (compare_runs, ["{p}/serial", "{p}/parallel", "--noise"],
      "compare_runs.py: error: argument --noise: expected at least one argument"),
+    # A band measured on other data is another band (it said MATCH for a real bug, 86x the band
+    # measured on the reference's data); a diverged noise run would read as no spread at all.
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_other_data"],
+     "error: noise run {p}/r_other_data was trained with other data (fingerprint bbbb, "
+     "{p}/serial's aaaa: another --data_dir?); the band is measured on the reference's own "
+     "training"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/serial/"],
+     "error: noise run {p}/serial/ is the reference itself; noise runs are other runs: the "
+     "reference's training again, python train.py ... --reorder_seed K --out_dir "
+     "A_NEW_DIRECTORY"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/parallel/metrics.csv"],
+     "error: noise run {p}/parallel/metrics.csv is the compared run itself"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r_no_config"],
+     "error: noise run {p}/r_no_config has no config.json: nothing says it is the reference's "
+     "training again with --reorder_seed K"),
+    (compare_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/r1", "{p}/r_nan"],
+     "error: noise run {p}/r_nan diverged (its loss is not finite at iteration 5): it measures "
+     "no round-off; train it again as the reference was"),
     (plot_runs, ["{p}/serial", "{p}/parallel", "--noise", "{p}/short", "--assets", "{p}/out"],
      "error: these runs cannot be drawn as one comparison: the runs have 30 and 20 iterations"),
     # draw_diagram.py
@@ -159,7 +185,15 @@ def test_tools_fail_in_one_line_before_any_work(tool, argv, message, places):
      "prepare_data.py: error: --noise must be a number at least 0, got -1.0"),
     (prepare_data, ["--data_dir", "/sys/no_data_here"],
      "prepare_data.py: error: --data_dir /sys/no_data_here: /sys cannot be written"),
-], ids=["bench_max_tp", "bench_out", "scaling_max_tp", "scaling_plot", "noise", "unwritable"])
+    # benchmarks/precision.py: checked before its hours of training, not after them.
+    (precision, ["--models", "gpt"], "precision.py: error: argument --models: invalid choice: "
+                                     "'gpt'"),
+    (precision, ["--dtypes", "bf16"], "precision.py: error: argument --dtypes: invalid choice: "
+                                      "'bf16'"),
+    (precision, ["--out", "{p}/a_file/runs"],
+     "precision.py: error: --out {p}/a_file/runs: {p}/a_file is a file; name a directory"),
+], ids=["bench_max_tp", "bench_out", "scaling_max_tp", "scaling_plot", "noise", "unwritable",
+        "precision_models", "precision_dtypes", "precision_out"])
 def test_tools_reading_sys_argv_fail_in_one_line(tool, argv, message, places):
     code, line = one_line_error(tool, [a.format(p=places) for a in argv], reads_argv=True)
     assert code == 2 and line.startswith(message.format(p=places)), line
@@ -200,3 +234,46 @@ def test_fuzz_compare_tolerance(rtol, tmp_path_factory):
         fake_run(runs / "b", 2, offset=1e-7)
     error = one_line_error(compare_runs, [str(runs / "a"), str(runs / "b"), "--rtol", repr(rtol)])
     assert (error is None) == (rtol > 0 and math.isfinite(rtol)), (rtol, error)
+
+
+def test_a_run_named_by_its_metrics_csv_is_the_run(places):
+    """compare_runs.py S T/metrics.csv compares T (it looked for T/metrics.csv/metrics.csv)."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert compare_runs.main([str(places / "serial"), str(places / "parallel" /
+                                                              "metrics.csv")]) == 0
+    assert "MATCH over 30 iterations" in text.getvalue()
+
+
+def test_the_precision_benchmark_reuses_only_runs_it_finished(tmp_path, monkeypatch, capsys):
+    """A directory holding a metrics.csv (an interrupted run) is trained again, not judged as it
+    stands ("DIFFER (stopped after 159)" for a correct mode); a run it finished is reused, said."""
+    out, launched = tmp_path / "run", []
+
+    def run(cmd, **_):
+        launched.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(precision.subprocess, "run", run)
+    out.mkdir()
+    (out / "metrics.csv").write_text("iteration,train_loss,valid_loss\n1,1.0,\n")
+    assert precision.launch(str(out), "toy", "float32", []) and len(launched) == 1
+    assert precision.launch(str(out), "toy", "float32", []) and len(launched) == 1
+    assert f"ok (reused: run earlier into {out})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_bf16_comparison_beyond_rtol_says_what_would_measure_it(dropout, tmp_path):
+    """Without --noise, bf16 fails any fixed --rtol: the note says to use --noise, except with
+    --dropout, whose reordered reruns are refused: there it says so, not --noise."""
+    for name, ranks, offset in (("a", 1, 0.0), ("b", 2, 0.5)):
+        fake_run(tmp_path / name, ranks, offset=offset)
+        config = tmp_path / name / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "bfloat16",
+                                      "dropout": dropout}))
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert compare_runs.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    said = text.getvalue()
+    assert ("measure it for this run with --noise" in said) == (dropout == 0), said
+    assert ("--noise cannot measure it here: its reordered reruns refuse --dropout" in said) == \
+        (dropout > 0), said

@@ -14,6 +14,7 @@ here at most 8.9e-16 on values of order 1).
 import pytest
 import torch
 
+import communication as comm
 import parallel_state as ps
 import rng_tracker
 from distributed import RankFailed, all_ranks, run_distributed
@@ -58,24 +59,24 @@ def _check_step():
         tokens, targets = _batch(vocab_size)
         serial_loss = serial.loss(serial(tokens), targets)
         serial_loss.backward()
-        ps.reset_comm_stats()
+        comm.reset_comm_stats()
         loss = parallel.loss(parallel(tokens), targets)
-        forward = dict(ps.comm_calls)
+        forward = dict(comm.comm_calls)
         loss.backward()
         close(loss, serial_loss, "loss")
         for name, p in serial.named_parameters():
             close(params[name].grad, _my_slice(params[name], p.grad), f"{name} grad")
 
         if tp == 1:
-            assert not ps.comm_calls
+            assert not comm.comm_calls
             continue
         # Forward: the embedding's g, the attention's and the MLP's g in each block, then the
         # cross-entropy's two (the max; the sum of exponentials with the target's logit).
         # Backward: each block's two f, and f on the hidden states before the output layer.
         assert forward == {"all_reduce": 1 + 2 * LAYERS + 2}, forward
-        assert dict(ps.comm_calls) == {"all_reduce": 1 + 2 * LAYERS + 2 + 2 * LAYERS + 1}
+        assert dict(comm.comm_calls) == {"all_reduce": 1 + 2 * LAYERS + 2 + 2 * LAYERS + 1}
         activations, tokens_only = BATCH * SEQ * WIDTH * F64, BATCH * SEQ * F64
-        assert ps.comm_bytes["all_reduce"] == (2 + 4 * LAYERS) * activations + 3 * tokens_only
+        assert comm.comm_bytes["all_reduce"] == (2 + 4 * LAYERS) * activations + 3 * tokens_only
         # Replicated parameters (LayerNorms, positions, the row-parallel biases): same bits.
         for name, p in params.items():
             if getattr(p, "partition_dim", None) is None:

@@ -79,16 +79,21 @@ def test_transformer_resumes_exactly_with_dropout_and_merges(with_dropout, tmp_p
     assert all(torch.equal(merged[k], final[k]) for k in final)
 
 
-def test_parallel_train_recomputes_without_changing_a_bit(with_dropout, tmp_path):
-    """--recompute_granularity full at TP=2 with dropout: each rank keeps half of each block's
-    input and gathers it to run the block again; every loss and weight is the same bit for bit."""
+@pytest.mark.parametrize("distribute", [False, True])
+def test_parallel_train_recomputes_without_changing_a_bit(with_dropout, distribute, tmp_path):
+    """--recompute_granularity full at TP=2 with dropout: each rank keeps each block's input
+    (with --distribute_saved_activations its half, gathered to run the block again); every loss
+    and weight is the same bit for bit."""
     common, plain = with_dropout
-    log = launch(2, *common, "--recompute_granularity", "full", "--out_dir", str(tmp_path))
+    flags = ["--distribute_saved_activations"] if distribute else []
+    log = launch(2, *common, "--recompute_granularity", "full", *flags, "--out_dir",
+                 str(tmp_path))
     assert_bitwise_same_run(plain, str(tmp_path))
     # The recomputed forward's 2 all-reduces (attention's g, the MLP's g: 256 KiB of float64 each)
-    # beside the step's 8, and the all-gather of each rank's half of the block's input.
+    # beside the step's 8, and with the input distributed the all-gather of each rank's half.
     assert comm_table(log) == {"all_reduce": (10, 2060.0, 2060.0),
-                               "all_gather": (1, 128.0, 128.0)}
+                               **({"all_gather": (1, 128.0, 128.0)} if distribute else {})}
+    assert ("(--distribute_saved_activations)" in log) == distribute
 
 
 def test_train_recomputes_without_changing_a_bit(token_dir, serial, tmp_path):

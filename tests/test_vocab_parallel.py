@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import communication as comm
 import parallel_state as ps
 from cross_entropy import vocab_parallel_cross_entropy
 from distributed import RankFailed, run_distributed
@@ -47,11 +48,11 @@ def _check_embedding():
         assert torch.equal(layer.weight, full.chunk(tp)[rank])
 
         tokens = _tokens(vocab_size)
-        ps.reset_comm_stats()
+        comm.reset_comm_stats()
         out = layer(tokens)
         assert torch.equal(out, serial(tokens)), "a lookup is one rank's row plus zeros: exact"
-        assert dict(ps.comm_calls) == ({"all_reduce": 1} if tp > 1 else {})  # g
-        assert ps.comm_bytes["all_reduce"] == (out.numel() * 8 if tp > 1 else 0)
+        assert dict(comm.comm_calls) == ({"all_reduce": 1} if tp > 1 else {})  # g
+        assert comm.comm_bytes["all_reduce"] == (out.numel() * 8 if tp > 1 else 0)
 
         dy = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         out.backward(dy)
@@ -59,7 +60,7 @@ def _check_embedding():
         grad = torch.cat([serial.weight.grad, torch.zeros(padded - vocab_size, WIDTH,
                                                           dtype=torch.float64)])
         assert torch.equal(layer.weight.grad, grad.chunk(tp)[rank])
-        assert ps.comm_calls["all_reduce"] == (tp > 1), "g's backward is the identity"
+        assert comm.comm_calls["all_reduce"] == (tp > 1), "g's backward is the identity"
 
         # The serial state_dict has the unpadded table, in and out.
         state = gather_serial_state_dict(layer)
@@ -82,14 +83,14 @@ def _check_cross_entropy():
         serial = logits.clone().requires_grad_()
         expected = F.cross_entropy(serial.flatten(0, 1), target.flatten(), reduction="none")
 
-        ps.reset_comm_stats()
+        comm.reset_comm_stats()
         loss = vocab_parallel_cross_entropy(mine, target, vocab_size)
         close(loss, expected.view(TOKENS), "per-token loss")
         # Two all-reduces of batch x sequence numbers (the max; the sum of exponentials and the
         # target's logit together), never batch x sequence x vocabulary.
         tokens = target.numel()
-        assert dict(ps.comm_calls) == ({"all_reduce": 2} if tp > 1 else {})
-        assert ps.comm_bytes["all_reduce"] == (3 * tokens * 8 if tp > 1 else 0)
+        assert dict(comm.comm_calls) == ({"all_reduce": 2} if tp > 1 else {})
+        assert comm.comm_bytes["all_reduce"] == (3 * tokens * 8 if tp > 1 else 0)
 
         upstream = torch.rand(TOKENS, dtype=torch.float64, generator=g)
         loss.backward(upstream)
@@ -97,7 +98,7 @@ def _check_cross_entropy():
         serial_grad = torch.cat([serial.grad, torch.zeros(*TOKENS, padded - vocab_size,
                                                           dtype=torch.float64)], dim=-1)
         close(mine.grad, serial_grad.chunk(tp, dim=-1)[rank], "logits grad")
-        assert ps.comm_calls["all_reduce"] == (2 if tp > 1 else 0), "the backward is local"
+        assert comm.comm_calls["all_reduce"] == (2 if tp > 1 else 0), "the backward is local"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

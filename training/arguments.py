@@ -15,6 +15,7 @@ from training.operations import (
     single_process_env,
 )
 
+MAX_ITERATIONS = 10**12
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -72,6 +73,9 @@ def parse_args(parser, argv=None):
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.num_iterations > MAX_ITERATIONS:  # a typo, not a run: at 1 ms a step, 30 years
+        parser.error(f"--num_iterations must be at most {MAX_ITERATIONS:,}, got "
+                     f"{args.num_iterations:,}")
     transformer = args.model == "transformer"
     if args.init_lr is None:  # each model's lr, one it learns at in 200 iterations
         args.init_lr = 0.01 if transformer else 0.001
@@ -85,8 +89,16 @@ def parse_args(parser, argv=None):
     if clip is not None and not (clip > 0 and math.isfinite(clip)):
         parser.error(f"--clip_grad must be a positive finite number, got {clip} (leave it out to "
                      "train without clipping)")
+    main = "float64" if args.dtype == "float64" else "float32"  # the gradients' (main) dtype
+    if clip is not None and clip < torch.finfo(DTYPES[main]).tiny:
+        parser.error(f"--clip_grad {clip} is below the smallest normal {main} "
+                     f"({torch.finfo(DTYPES[main]).tiny:.1e}): every update would round to 0; "
+                     "give a larger NORM")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.dropout and not transformer:
+        parser.error(f"--dropout {args.dropout} drops out in the transformer's blocks; the toy "
+                     "model has no dropout (Fig. 3a's MLP without it): add --model transformer")
     if args.recompute_granularity and not transformer:
         parser.error(f"--recompute_granularity {args.recompute_granularity} recomputes the "
                      "transformer's blocks; the toy model has none: add --model transformer")
@@ -125,7 +137,7 @@ def parse_args(parser, argv=None):
 # The flags of one script only: given to the other, they get a line that says whose they are.
 PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes",
                  "--distributed_backend", "--sequence_parallel", "--tp_reduce_dtype", "--save",
-                 "--save_interval", "--load")
+                 "--save_interval", "--load", "--distribute_saved_activations")
 SERIAL_ONLY = ("--reorder_seed",)
 
 
@@ -176,6 +188,10 @@ def get_parallel_args(argv=None):
     parser.add_argument("--sequence_parallel", action="store_true",
                         help="outside the split region each rank keeps only its rows (Korthikanti "
                              "et al., 2022)")
+    parser.add_argument("--distribute_saved_activations", action="store_true",
+                        help="with --recompute_granularity full: each rank keeps 1/TP of each "
+                             "block's input, all-gathered before it runs again (Megatron's flag; "
+                             "off, as there: the input is kept whole)")
     parser.add_argument("--tp_reduce_dtype", choices=["activation", "float32"],
                         default="activation",
                         help="the dtype the tensor-parallel all-reduces and reduce-scatters sum "
@@ -198,6 +214,15 @@ def get_parallel_args(argv=None):
     tp = args.tensor_model_parallel_size
     if tp <= 0:
         parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
+    if args.distribute_saved_activations and args.recompute_granularity != "full":
+        parser.error("--distribute_saved_activations splits what full recomputation keeps: add "
+                     "--recompute_granularity full")
+    if args.distribute_saved_activations and args.sequence_parallel:
+        parser.error("--distribute_saved_activations with --sequence_parallel: the block's input "
+                     "is this rank's rows already (Megatron refuses both); leave one out")
+    if args.tp_reduce_dtype == "float32" and tp == 1:
+        parser.error("--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
+                     "--tensor_model_parallel_size 1 there are none")
     timeout = args.distributed_timeout_minutes
     if not (timeout > 0 and math.isfinite(timeout)):
         parser.error("--distributed_timeout_minutes must be a positive number, got "

@@ -30,9 +30,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import communication as comm
 import parallel_state as ps
 from parallel_state import UserError
-from rng_tracker import get_rng_tracker, get_states, seed_tensor_parallel_stream, set_states
+from rng_tracker import (
+    default_generator_states,
+    get_rng_tracker,
+    seed_tensor_parallel_stream,
+    set_default_generator_states,
+)
 from training.metrics import atomic_write
 from training.reshard import reshard
 
@@ -57,13 +63,13 @@ def identity(args):
 def set_identity(args, *data):
     """args.data_fingerprint and args.run_id, before any checkpoint is read or written: a new
     run's id is drawn by rank 0 and shared (resuming replaces it with the checkpoint's)."""
-    args.data_fingerprint = data_fingerprint(*data) if args.save or args.load else None
+    args.data_fingerprint = data_fingerprint(*data)  # in config.json too: whose data a run had
     args.run_id = None
     if args.save:  # every rank has the same flags, so every rank takes part
-        drawn = torch.zeros(1, dtype=torch.int64, device=ps.get_device())
+        drawn = torch.zeros(1, dtype=torch.int64, device=comm.get_device())
         if dist.get_rank() == 0:
             drawn[0] = int.from_bytes(os.urandom(6), "big")
-        ps.all_reduce(drawn, group=dist.group.WORLD)
+        comm.all_reduce(drawn, group=dist.group.WORLD)
         args.run_id = f"{int(drawn[0]):012x}"
 
 
@@ -102,7 +108,8 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
                          if hasattr(p, "vocab_size")},
             # The default generators (the GPU's too, where the run is on one: dropout outside
             # the split regions draws from it) and dropout's own stream, as Megatron saves them.
-            rng=dict(zip(("torch", "cuda"), get_states(ps.get_device().type == "cuda")),
+            rng=dict(zip(("torch", "cuda"),
+                         default_generator_states(comm.get_device().type == "cuda")),
                      tracker=dict(get_rng_tracker().states)),
         )
         atomic_write(path, lambda f: torch.save(state, f))
@@ -217,10 +224,14 @@ def load_checkpoint(directory, model, optimizer, args):
                                   f"{was} run, this one is --dtype {value}; resume it with "
                                   f"--dtype {was}")
         if was != value and key not in RESHARDABLE:
+            # Only the heads leave the weights' shapes as they were: another size's weights
+            # would not load into this model, by --init_from either.
+            fix = ("or merge it with merge_checkpoint.py and start a new run from it with "
+                   "--init_from" if key == "num_attention_heads" else "its weights have that "
+                   "shape")
             raise CheckpointError(
                 f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} "
-                f"{was}, this run has {value}; resume with the same sizes, or "
-                "merge it with merge_checkpoint.py and start from that with --init_from")
+                f"{was}, this run has {value}; resume with --{key} {was} ({fix})")
     saved_identity = saved.get("identity", {})  # (checkpoints before identities had none)
     for field, what in (("model", "model"), ("seed", "--seed"), ("data", "data set")):
         if field in saved_identity and saved_identity[field] != identity(args)[field]:
@@ -232,8 +243,9 @@ def load_checkpoint(directory, model, optimizer, args):
     state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    on_cuda = ps.get_device().type == "cuda"
-    set_states((state["rng"]["torch"], state["rng"].get("cuda") if on_cuda else None))
+    on_cuda = comm.get_device().type == "cuda"
+    set_default_generator_states((state["rng"]["torch"],
+                                  state["rng"].get("cuda") if on_cuda else None))
     tracker = state["rng"].get("tracker", {})
     if tracker and all((cuda is not None) == on_cuda for _, cuda in tracker.values()):
         get_rng_tracker().states.update(tracker)  # dropout's own streams
@@ -307,7 +319,7 @@ def gather_serial_state_dict(model: nn.Module) -> dict:
     state = {}
     for name, param in model.named_parameters():
         dim = getattr(param, "partition_dim", None)
-        full = param.detach() if dim is None else ps.all_gather(param.detach(), dim=dim)
+        full = param.detach() if dim is None else comm.all_gather(param.detach(), dim=dim)
         if hasattr(param, "vocab_size"):
             full = full[:param.vocab_size]  # without the padding rows
         state[name] = full.cpu().clone()

@@ -24,6 +24,7 @@ under bf16 (training/mixed_precision.py), so the norm is taken in fp32.
 
 import torch
 
+import communication as comm
 import parallel_state as ps
 
 
@@ -39,12 +40,14 @@ def get_grad_norm(parameters) -> torch.Tensor:
     """The gradient norm of the whole model, the same on every rank (a 0-dim tensor: no wait
     for the device)."""
     parameters = [p for p in parameters if p.grad is not None]
+    if not parameters:  # no gradient yet, on any rank alike: 0, as torch's clip_grad_norm_ says
+        return torch.zeros(())
     squares = parameters[0].grad.new_zeros(1)
     for p in filter(counted_once, parameters):
         squares += p.grad.pow(2).sum()
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         # + the other ranks' shards (and their zero for replicated ones)
-        ps.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
+        comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
     return squares[0].sqrt()
 
 

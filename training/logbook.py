@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+import communication as comm
 import parallel_state as ps
 from parallel_state import UserError
 from training.metrics import EARLIER_RUN
@@ -60,7 +61,7 @@ class Logbook:
 
     def step(self, it, loss, grad_norm=None):
         if not self.pending and not self.rows:
-            self.first_step_comm = ps.comm_stats()
+            self.first_step_comm = comm.comm_stats()
         self.pending.append(loss.detach())
         if grad_norm is not None:
             self.pending_norms.append(grad_norm.detach())
@@ -122,7 +123,7 @@ class Logbook:
         """(tp, k): every tensor-parallel rank's last k losses (one all-gather); (1, k) serially."""
         if not ps.model_parallel_is_initialized():
             return losses[None]
-        gathered = ps.all_gather(losses.to(ps.get_device()), dim=0)
+        gathered = comm.all_gather(losses.to(comm.get_device()), dim=0)
         return gathered.view(ps.get_tensor_model_parallel_world_size(), -1).cpu()
 
     def __enter__(self):
@@ -156,6 +157,11 @@ def check_ranks_agree(losses, iteration):
                               "have drifted apart")
 
 
+def _kib(nbytes):
+    """KiB to 2 decimals; a few bytes (the clipping norm's 4) to 4, not shown as 0.00."""
+    return f"{nbytes / 1024:.2f}" if nbytes == 0 or nbytes >= 1024 / 100 else f"{nbytes / 1024:.4f}"
+
+
 def report_communication(stats, args):
     """Print what one step sent beside what the papers count, in bytes a ring moves per rank."""
     tp, rows = args.tensor_model_parallel_size, args.batch_size // ps.get_data_parallel_world_size()
@@ -164,8 +170,8 @@ def report_communication(stats, args):
     print(f"  {'collective':<23}{'calls':>5}{'bytes in, per rank':>20}"
           f"{'sent per rank in a ring':>25}")
     for op, c in stats.items():
-        print(f"  {op:<22} x{c['calls']:<4}{c['bytes'] / 1024:>15.2f} KiB"
-              f"{c['ring_bytes'] / 1024:>21.2f} KiB")
+        print(f"  {op:<22} x{c['calls']:<4}{_kib(c['bytes']):>15} KiB"
+              f"{_kib(c['ring_bytes']):>21} KiB")
     if "grad_norm_all_reduce" in stats:
         print("  grad_norm_all_reduce: --clip_grad's squared gradient norm, summed over the "
               "tensor-parallel group (training/clip_grads.py)")
@@ -217,5 +223,6 @@ def _report_transformer_papers(args, tp, rows):
     if args.recompute_granularity == "full":
         print("  With --recompute_granularity full (Korthikanti et al., 2022, Sec. 5): backward "
               "runs every block's forward again, and its collectives with it"
-              + ("." if args.sequence_parallel else ", after an all-gather of the 1/TP of the "
-                 "block's input each rank kept."))
+              + (", after an all-gather of the 1/TP of the block's input each rank kept "
+                 "(--distribute_saved_activations)." if args.distribute_saved_activations else
+                 "."))

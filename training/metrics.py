@@ -57,7 +57,7 @@ class MetricsWriter:
         self.grad_norm = config.get("clip_grad") is not None
         norm = ["grad_norm"] if self.grad_norm else []
         self.rows = [["iteration", "train_loss", "valid_loss", *norm, *ranks]]
-        if resume_from:
+        if resume_from and same_run(out_dir, config):
             # Keep the rows up to the checkpoint; rows after it were recomputed by this run. A run
             # resumed at another tensor-parallel size, or with --clip_grad switched, keeps the
             # earlier run's columns too, after its own (empty in its own rows), each row's values
@@ -66,12 +66,25 @@ class MetricsWriter:
             self.rows[0] += [column for column in header if column not in self.rows[0]]
             self.rows += [[dict(zip(header, row)).get(column, "") for column in self.rows[0]]
                           for row in earlier if int(row[0]) <= resume_from]
-        else:
+            self._drop_the_stopped_runs_last_validation(config, resume_from)
+        else:  # a new run, or a resume into a directory that holds another run's files
             set_aside_earlier_run(out_dir)
+            if resume_from:
+                print(f"note: {out_dir} holds no record of this run: its metrics.csv starts at "
+                      f"iteration {resume_from + 1}, after the checkpoint (the rows before are "
+                      "in the --out_dir the run started in)")
         text = json.dumps(config, indent=2).encode()
         atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(text))
         self.num_ranks, self.min_interval_s = num_ranks, min_interval_s
         self.last_flush = float("-inf")
+
+    def _drop_the_stopped_runs_last_validation(self, config, resume_from):
+        """A run validates at its last iteration; the run resumed from there goes on, and an
+        uninterrupted run has no validation there unless it falls on --eval_interval."""
+        interval = config.get("eval_interval")
+        last = self.rows[-1] if len(self.rows) > 1 else None
+        if interval and last and int(last[0]) == resume_from and resume_from % interval:
+            last[self.rows[0].index("valid_loss")] = ""
 
     def _read_rows(self):
         """(header, rows) of the earlier metrics.csv; nothing if there is none of this kind."""
@@ -114,6 +127,17 @@ def run_config(args, **extra):
     return {**{k: v for k, v in vars(args).items() if not isinstance(v, torch.dtype)}, **extra}
 
 
+def same_run(out_dir, config):
+    """Does out_dir hold the record of the run `config` describes (its run id, which a resumed
+    run takes from its checkpoint)?"""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            recorded = json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return recorded is not None and recorded == config.get("run_id")
+
+
 def set_aside_earlier_run(out_dir):
     """Move an earlier run's files in out_dir to out_dir/earlier_run. If that holds a run already,
     the files here are of one that never wrote its model.pt: they give way to the new run."""
@@ -144,9 +168,15 @@ class RunRecordError(UserError):
     """A run's files that cannot be read as one (missing, damaged, of another kind)."""
 
 
+def run_directory(path):
+    """The run's directory, also when given one of its files (runs/serial/metrics.csv)."""
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.dirname(path) if name in RUN_FILES and os.path.isfile(path) else path
+
+
 def read_metrics(run_dir):
     """{column: float array} from run_dir/metrics.csv; empty cells are NaN."""
-    path = os.path.join(run_dir, "metrics.csv")
+    path = os.path.join(run_directory(run_dir), "metrics.csv")
     if not os.path.isfile(path):
         raise RunRecordError(f"{path} not found: run the training first "
                              f"(bash bash_train.sh / bash bash_parallel_train.sh)")
@@ -163,7 +193,7 @@ def read_metrics(run_dir):
 
 def read_config(run_dir):
     """run_dir/config.json as a dict ({} where a run has none)."""
-    path = os.path.join(run_dir, "config.json")
+    path = os.path.join(run_directory(run_dir), "config.json")
     if not os.path.isfile(path):
         return {}
     try:

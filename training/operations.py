@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+import communication as comm
 import parallel_state as ps
 from parallel_state import UserError  # what a user can cause: one line, no traceback
 
@@ -45,7 +46,17 @@ class ArgumentParser(argparse.ArgumentParser):
         """One line that says what is wrong, instead of the whole usage text; once, from rank 0."""
         if os.environ.get("RANK", "0") != "0":
             raise QuietExit(2)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help){under_raw_torchrun()}\n")
+
+
+def under_raw_torchrun():
+    """What to add to an error's one line when a bare torchrun launched the job: torchrun then
+    prints its own 40-line report after it; scripts/launch.py (which the bash scripts use) cuts
+    that report to one line, and says so to its workers (TP_LAUNCHER)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and "TP_LAUNCHER" not in os.environ:
+        return ("; torchrun's own report below says nothing more (python scripts/launch.py, or "
+                "bash bash_parallel_train.sh, leaves this line alone)")
+    return ""
 
 
 def file_in_the_way(directory):
@@ -137,7 +148,7 @@ def run_cli(main):
     except UserError as e:
         _leaving_with(2)
         if getattr(e, "reported_by_this_rank", rank0):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {e}{under_raw_torchrun()}", file=sys.stderr, flush=True)
         else:
             time.sleep(REPORTER_FIRST_S)
         sys.exit(2)
@@ -299,6 +310,11 @@ def single_process_env():
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def _nodes():
+    """How many launchers (nodes) the job has, as torchrun says (GROUP_WORLD_SIZE)."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+
+
 def on_every_rank(fn, *args):
     """fn(*args) on every rank, and every rank learns whether it worked everywhere.
 
@@ -313,14 +329,14 @@ def on_every_rank(fn, *args):
     except UserError as e:
         error = e
     world, rank = dist.get_world_size(), dist.get_rank()
-    failed = torch.zeros(world, dtype=torch.int32, device=ps.get_device())
+    failed = torch.zeros(world, dtype=torch.int32, device=comm.get_device())
     failed[rank] = error is not None
-    ps.all_reduce(failed, group=dist.group.WORLD)
+    comm.all_reduce(failed, group=dist.group.WORLD)
     if not failed.any():
         return result
     if rank != int(failed.nonzero()[0]):
         raise QuietExit(2)
-    if not failed.all():
+    if not failed.all() and _nodes() > 1:  # one node: the host's name says nothing new
         error = type(error)(f"{error} (on {socket.gethostname()}; every node needs its files)")
     error.reported_by_this_rank = True
     raise error
