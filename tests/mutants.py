@@ -103,8 +103,8 @@ MUTANTS = {
         "recompute.py", "return (None, None, *(x.grad for x in inputs))",
         "return (None, None, *reversed([x.grad for x in inputs]))", ["tests/test_recompute.py"]),
     "train.py: --recompute_granularity not passed to the model": (
-        "train.py", "recompute_granularity=args.recompute_granularity)",
-        "recompute_granularity=None)", ["tests/test_transformer_train.py"]),
+        "train.py", "recompute_granularity=args.recompute_granularity,",
+        "recompute_granularity=None,", ["tests/test_transformer_train.py"]),
     "Table 2's coefficient 34 changed": (
         "benchmarks/bench_recompute.py", "return s * b * h * (34 / t + core)",
         "return s * b * h * (35 / t + core)",

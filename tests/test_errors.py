@@ -372,6 +372,13 @@ def stopped_first(code):  # torchrun's SIGTERM arrives as the rank starts to lea
 
 
 def main():
+    if sys.argv[1] == "peer":  # a collective's error when the other end went away, as rank 0
+        operations.dist.get_rank = lambda: 0
+        try:
+            raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection reset by peer. x")
+        except RuntimeError as e:
+            os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, as the rank starts to say so
+            operations.die_first_error_first(e)
     raise operations.QuietExit(2) if sys.argv[1] == "quiet" else DataError("no data")
 
 
@@ -380,7 +387,7 @@ operations.run_cli(main)
 """
 
 
-@pytest.mark.parametrize("error", ["quiet", "said"])
+@pytest.mark.parametrize("error", ["quiet", "said", "peer"])
 def test_sigterm_while_catching_the_error_keeps_the_exit_status_and_the_one_line(error,
                                                                                  tmp_path):
     """torchrun stops the other ranks when one exits; one stopped in the instant between catching
@@ -388,8 +395,10 @@ def test_sigterm_while_catching_the_error_keeps_the_exit_status_and_the_one_line
     missing on one rank, once the pool sent SIGTERM as torchrun does)."""
     (tmp_path / "stopped.py").write_text(STOPPED_WHILE_LEAVING.format(repo=REPO))
     run = run_script(str(tmp_path / "stopped.py"), error, ok=False)
-    assert (run.code, run.stdout) == (2, "")
-    assert run.stderr == ("" if error == "quiet" else "error: no data\n")
+    assert (run.code, run.stdout) == (1 if error == "peer" else 2, "")
+    assert run.stderr == {"quiet": "", "said": "error: no data\n",
+                          "peer": "error: rank 0 lost a peer in a collective (Connection reset by "
+                                  "peer); another rank failed first\n"}[error]
 
 
 def test_port_in_use_is_one_line(tmp_path):

@@ -55,3 +55,13 @@ def test_readme_is_short_and_its_links_resolve():
                 slugs = {re.sub(r"[^\w\- ]", "",
                                 h).strip().lower().replace(" ", "-") for h in headings}
                 assert anchor in slugs, f"{page} links to {target}: no such heading"
+
+
+def test_every_mutant_still_applies():
+    """tests/mutants.py's table stays true only while each mutant's text is in its file, once,
+    and the tests it runs against exist."""
+    import mutants
+    for name, (path, old, _, tests) in mutants.MUTANTS.items():
+        with open(os.path.join(REPO, path)) as f:
+            assert f.read().count(old) == 1, f"mutant {name!r}: its text is gone from {path}"
+        assert all(os.path.isfile(os.path.join(REPO, t)) for t in tests), name
