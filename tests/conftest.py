@@ -60,4 +60,5 @@ def serial_runs(data_dir, tmp_path_factory):
         log = run_script("train.py", "--data_dir", data_dir, "--update_freq", "10",
                          "--dtype", dtype, "--out_dir", out[dtype]).stdout
         assert "Iter 10 Train Loss " in log and "Iter 200 Valid Loss " in log
+        assert log.count("(Train Loss: the sum of the last 10 iterations' losses") == 1
     return out

@@ -46,6 +46,9 @@ def test_parallel_run_matches_serial(tp, dtype, data_dir, serial_runs, tmp_path)
                    str(tmp_path))
     for rank in range(tp):
         assert f"Rank {rank} Iter 200 Train Loss " in log
+    # What the printed number is, said once, before the first (--help said "running").
+    assert log.count("(Train Loss: the sum of the last 10 iterations' losses, as the original "
+                     "prints it; metrics.csv has each iteration's)\nRank 0 Iter 10 ") == 1, log
     # g only: f's backward all-reduce has no gradient to carry. A ring all-reduce of batch x input
     # (32x64) sends 2 (TP-1)/TP of it per rank.
     kib = 32 * 64 * {"float32": 4, "float64": 8}[dtype] / 1024

@@ -31,7 +31,8 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
     p.add_argument("--num_iterations", type=int, default=200)
     p.add_argument("--data_dir", default=None, help="default: data (data_transformer)")
     p.add_argument("--update_freq", type=int, default=50,
-                   help="print the running train loss every N iterations")
+                   help="every N iterations print the sum of the last N train losses (the "
+                        "original's 'Train Loss'; metrics.csv has each iteration's)")
     # Ours.
     p.add_argument("--hidden_size", type=int, default=None, help="default: 32 x input_size")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",

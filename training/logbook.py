@@ -48,6 +48,7 @@ class Logbook:
     def __init__(self, args, validate, metrics=None, log_prefix="", start=0):
         self.args, self.validate, self.metrics = args, validate, metrics
         self.log_prefix = log_prefix
+        self.said_what_it_is = False  # what "Train Loss" sums, said before the first one
         self.save, self.save_interval = None, None
         self.rows, self.pending, self.unwritten, self.running = [], [], [], 0.0
         self.pending_norms = []  # with --clip_grad, each step's gradient norm
@@ -114,6 +115,11 @@ class Logbook:
             self.running += row[1]
             if row[0] % self.args.update_freq == 0:
                 if self.log_prefix is not None:
+                    if self.log_prefix in ("", "Rank 0 ") and not self.said_what_it_is:
+                        log(f"(Train Loss: the sum of the last {self.args.update_freq} "
+                            "iterations' losses, as the original prints it; metrics.csv has "
+                            "each iteration's)")
+                        self.said_what_it_is = True
                     log(f"{self.log_prefix}Iter {row[0]} Train Loss {self.running:.3f}")
                 self.running = 0.0
         if self.rows[-1][2] is not None and self.log_prefix is not None:
