@@ -85,7 +85,7 @@ def style_loss_axes(ax, title, config):
     ax.set_ylabel(f"{loss} loss (log scale)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")  # where it covers the fewest points: the last ones stay in sight
 
 
 def plot_serial(serial, config, path):
@@ -159,7 +159,7 @@ def plot_comparison(serial, parallel, configs, path, labels=("serial", "tensor-p
     bottom.set_xlabel("iteration")
     bottom.set_ylabel("absolute difference")
     bottom.grid(True, which="both", alpha=0.3)
-    bottom.legend(loc="upper right", fontsize=8)
+    bottom.legend(loc="best", fontsize=8)
     fig.tight_layout()
     save(fig, path)
 

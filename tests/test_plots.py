@@ -105,6 +105,31 @@ def test_plot_runs_draws_runs_whose_config_lacks_keys(tmp_path, monkeypatch):
     assert "input ?, hidden 2048, batch 32, float32, lr ?" in words(saved[0])
 
 
+def test_the_legends_leave_the_last_points_in_sight(tmp_path, monkeypatch):
+    """A difference that grows to the end of the run ends at the top right, where a legend fixed
+    there hid it: every legend of the comparison leaves the last five points uncovered."""
+    fake_run(tmp_path / "serial", 1)
+    fake_run(tmp_path / "parallel", 2)
+    path = tmp_path / "parallel" / "metrics.csv"
+    rows = [row.split(",") for row in path.read_text().splitlines()]
+    for row in rows[1:]:
+        row[1] = repr(float(row[1]) * (1 + 1e-6 * int(row[0]) ** 3))
+    path.write_text("\n".join(",".join(row) for row in rows) + "\n")
+    saved = record_saved_figures(monkeypatch)
+    plot_runs.main([str(tmp_path / "serial"), str(tmp_path / "parallel"), "--assets",
+                    str(tmp_path / "assets")])
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = saved[-1]
+    fig.set_dpi(110)  # drawn again as it was saved (plot_runs.save: 110 dpi)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in fig.axes:
+        box = ax.get_legend().get_window_extent(renderer)
+        for x, y in (xy for xs, ys in lines(ax).values() for xy in list(zip(xs, ys))[-5:]):
+            assert not box.contains(*ax.transData.transform((x, y))), (ax.get_title(), x, y)
+
+
 def test_plot_runs_needs_runs(tmp_path):
     with pytest.raises(SystemExit, match="run the training first"):
         plot_runs.main([str(tmp_path / "nothing"), str(tmp_path / "nothing"), "--assets",
