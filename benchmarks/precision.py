@@ -11,7 +11,8 @@ against the serial one: the largest relative difference of the train loss, and
 the largest ratio of that difference to the round-off band
 (compare_runs.verdict_numbers). With --clip_grad the same again (its own serial
 and noise runs). Writes runs/precision/results.json, prints the markdown table
-of docs/precision.md and draws assets/precision_bugs.png.
+of docs/precision.md and draws precision_bugs.png and precision_clip_bugs.png beside the
+results (--pictures assets redraws the committed ones).
 """
 
 import json
@@ -168,8 +169,13 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["float64", "float32", "bfloat16"],
                    choices=["float64", "float32", "bfloat16"])
     p.add_argument("--out", default="runs/precision")
+    p.add_argument("--pictures", default=None,
+                   help="where the two pictures go (default: --out; assets redraws the "
+                        "committed ones)")
     args = p.parse_args()
     check_output(p, "--out", os.path.join(REPO, args.out))
+    pictures = os.path.join(REPO, args.pictures or args.out)
+    check_output(p, "--pictures", pictures)
     results_path = os.path.join(REPO, args.out, "results.json")
     results = {}
     if os.path.isfile(results_path):
@@ -188,7 +194,8 @@ def main():
     for key, name in (("toy/bfloat16/-", "precision_bugs.png"),
                       ("toy/bfloat16/clip", "precision_clip_bugs.png")):
         if key in results:
-            draw(results, key, os.path.join(REPO, "assets", name))
+            os.makedirs(pictures, exist_ok=True)
+            draw(results, key, os.path.join(pictures, name))
 
 
 if __name__ == "__main__":

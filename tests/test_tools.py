@@ -192,8 +192,11 @@ def test_tools_fail_in_one_line_before_any_work(tool, argv, message, places):
                                       "'bf16'"),
     (precision, ["--out", "{p}/a_file/runs"],
      "precision.py: error: --out {p}/a_file/runs: {p}/a_file is a file; name a directory"),
+    (precision, ["--out", "{p}/runs", "--pictures", "{p}/a_file/pictures"],
+     "precision.py: error: --pictures {p}/a_file/pictures: {p}/a_file is a file; name a "
+     "directory"),
 ], ids=["bench_max_tp", "bench_out", "scaling_max_tp", "scaling_plot", "noise", "unwritable",
-        "precision_models", "precision_dtypes", "precision_out"])
+        "precision_models", "precision_dtypes", "precision_out", "precision_pictures"])
 def test_tools_reading_sys_argv_fail_in_one_line(tool, argv, message, places):
     code, line = one_line_error(tool, [a.format(p=places) for a in argv], reads_argv=True)
     assert code == 2 and line.startswith(message.format(p=places)), line
