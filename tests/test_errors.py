@@ -401,6 +401,43 @@ def test_sigterm_while_catching_the_error_keeps_the_exit_status_and_the_one_line
                                   "peer); another rank failed first\n"}[error]
 
 
+SIGNALLED_AT_15 = """
+import os, runpy, signal, sys
+sys.path.insert(0, {repo!r})
+from training import logbook
+step, signum = logbook.Logbook.step, getattr(signal, sys.argv.pop(1))
+
+
+def signalled_at_15(self, it, *rest):  # kill, torchrun stopping the job, or Ctrl-C
+    step(self, it, *rest)
+    if it == 15:
+        os.kill(os.getpid(), signum)
+
+
+logbook.Logbook.step = signalled_at_15
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(os.path.join({repo!r}, "train.py"), run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum,code,said", [("SIGTERM", 143, ""), ("SIGINT", 130,
+                                                                      "interrupted\n")])
+def test_a_stopped_run_says_what_is_on_disk_and_where_the_earlier_run_went(signum, code, said,
+                                                                          tmp_path):
+    data = write_data(tmp_path / "data", input_size=8, num_samples=400)
+    out = tmp_path / "run"
+    run = ["train.py", "--data_dir", data, "--input_size", "8", "--out_dir", out]
+    run_script(*run, "--num_iterations", "3")  # the earlier run, set aside by the next
+    (tmp_path / "stop.py").write_text(SIGNALLED_AT_15.format(repo=REPO))
+    stopped = run_script(str(tmp_path / "stop.py"), signum, *run[1:], "--num_iterations", "40",
+                         ok=False)
+    assert stopped.code == code
+    assert stopped.stderr == (f"stopped at iteration 15: {out / 'metrics.csv'} has its rows so "
+                              f"far (the earlier run there is in {out / 'earlier_run'})\n"
+                              + said), stopped.stderr
+    assert (out / "metrics.csv").read_text().splitlines()[-1].startswith("15,")
+
+
 def test_port_in_use_is_one_line(tmp_path):
     import socket
     with socket.socket() as s:

@@ -26,6 +26,7 @@ import communication as comm
 import parallel_state as ps
 from parallel_state import UserError
 from training.metrics import EARLIER_RUN
+from training.operations import Terminated
 
 
 def earlier_run_note(out_dir):
@@ -144,6 +145,12 @@ class Logbook:
             if self.unwritten:
                 self.metrics.write(self.unwritten, rank_losses=None)
             self.metrics.close()
+            if exc[0] is not None and issubclass(exc[0], (KeyboardInterrupt, Terminated)):
+                # Ctrl-C or SIGTERM (torchrun's, or kill): say what is on disk, and where an
+                # earlier run went, before run_cli leaves with 130 or 143.
+                last = self.metrics.rows[-1][0] if len(self.metrics.rows) > 1 else self.start
+                print(f"stopped at iteration {last}: {self.metrics.path} has its rows so far"
+                      f"{earlier_run_note(self.args.out_dir)}", file=sys.stderr, flush=True)
         return False
 
 
