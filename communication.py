@@ -77,7 +77,7 @@ def device_is_set() -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Counted and checked, then staged: over the tensor-parallel group unless they say otherwise.
+# Checked, counted, then staged: over the tensor-parallel group unless they say otherwise.
 
 def _to_wire(op: str, tensor: torch.Tensor, ring_share, group=None,
              summed: bool = False) -> torch.Tensor:

@@ -131,9 +131,8 @@ def same_run(out_dir, config):
     """Does out_dir hold the record of the run `config` describes (its run id, which a resumed
     run takes from its checkpoint)?"""
     try:
-        with open(os.path.join(out_dir, "config.json")) as f:
-            recorded = json.load(f).get("run_id")
-    except (OSError, ValueError, AttributeError):
+        recorded = read_config(out_dir).get("run_id")
+    except RunRecordError:  # a damaged config.json: not this run's record
         return False
     return recorded is not None and recorded == config.get("run_id")
 

@@ -129,7 +129,7 @@ def _terminate(signum, frame):
     just lost a peer in a collective: its one line says so (die_first_error_first), not 143.
     """
     leaving = sys.exc_info()[1]
-    if isinstance(leaving, (UserError, SystemExit)) or "by peer" in str(leaving or ""):
+    if isinstance(leaving, (UserError, SystemExit)) or lost_a_peer(leaving):
         return  # run_cli, or die_first_error_first, is handling it
     raise Terminated()
 
@@ -263,6 +263,11 @@ def leaving_together():
     ps.destroy_model_parallel()
 
 
+def lost_a_peer(error):
+    """Is `error` gloo's for a collective whose other end went away ("... reset by peer")?"""
+    return error is not None and "by peer" in str(error)
+
+
 def die_first_error_first(error):
     """Report an unexpected error on this rank, then exit at once.
 
@@ -274,7 +279,7 @@ def die_first_error_first(error):
     rank = dist.get_rank()
     if out_of_memory(error):
         print(f"error: rank {rank}: {out_of_memory(error)}", file=sys.stderr, flush=True)
-    elif "by peer" in str(error):  # gloo's words when the other end of a collective went away
+    elif lost_a_peer(error):
         cause = str(error).split(". ")[0].split("] ")[-1]
         print(f"error: rank {rank} lost a peer in a collective ({cause}); another rank failed "
               "first",
