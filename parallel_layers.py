@@ -185,6 +185,38 @@ class VocabParallelEmbedding(nn.Module):
                 f"embedding_dim={self.embedding_dim}")
 
 
+class LinearWithGradAccumulation(torch.autograd.Function):
+    """Y = X W^T whose weight gradient, under bf16 with fp32 main parameters, is computed in fp32
+    and added straight to the main gradient: Megatron's gradient_accumulation_fusion
+    (LinearWithGradAccumulationAndAsyncCommunication, its wgrad_gemm_accum_fp32 kernel).
+
+    It matters for the tied output layer: its weight is also the embedding table, so autograd
+    would add the lookup's gradient and this one in bf16, one rounding more than the model's
+    other gradients get; here the lookup's arrives in bf16 (the hook of mixed_precision.py) and
+    the two are summed in fp32. Without main gradients (float32, float64) it is F.linear.
+    """
+
+    @staticmethod
+    def forward(ctx, input_, weight):
+        ctx.save_for_backward(input_, weight)
+        return F.linear(input_, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_, weight = ctx.saved_tensors
+        rows = lambda t: t.reshape(-1, t.shape[-1])
+        grad_input = grad_output @ weight
+        add_to_main_grad = getattr(weight, "add_to_main_grad", None)  # mixed_precision.py
+        if add_to_main_grad is None:
+            return grad_input, rows(grad_output).t() @ rows(input_)
+        add_to_main_grad(rows(grad_output).float().t() @ rows(input_).float())  # fp32 products
+        return grad_input, None
+
+
+def linear_with_grad_accumulation(input_, weight):
+    return LinearWithGradAccumulation.apply(input_, weight)
+
+
 def vocab_size_with_padding(vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by=1):
     """The vocabulary rounded up to a multiple of make_vocab_size_divisible_by x TP (Megatron's
     _vocab_size_with_padding; it pads to 128 x TP for GEMM efficiency, one is enough here)."""

@@ -53,7 +53,12 @@ import parallel_state as ps
 from cross_entropy import vocab_parallel_cross_entropy
 from mappings import copy_to_tensor_model_parallel_region
 from model import MLP
-from parallel_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from parallel_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    linear_with_grad_accumulation,
+)
 from recompute import checkpoint
 from rng_tracker import get_rng_tracker
 from sequence_parallel import (
@@ -233,16 +238,23 @@ class ToyTransformer(nn.Module):
         """Mean cross-entropy of the next token (targets: (batch, seq)), through the tied output
         layer."""
         if not self.tensor_parallel:
-            logits = _for_the_loss(F.linear(hidden.transpose(0, 1), self.word_embeddings.weight))
+            logits = _for_the_loss(output_layer(hidden, self.word_embeddings.weight))
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if self.sequence_parallel:  # the whole sequence again; the gather's backward sums, as f
             hidden = gather_from_sequence_parallel_region(hidden)
         else:  # f, as Megatron's parallel_lm_logits
             hidden = copy_to_tensor_model_parallel_region(hidden)
         # This rank's vocabulary slice of the logits, never gathered.
-        logits_parallel = F.linear(hidden.transpose(0, 1), self.word_embeddings.weight)
+        logits_parallel = output_layer(hidden, self.word_embeddings.weight)
         return vocab_parallel_cross_entropy(_for_the_loss(logits_parallel), targets,
                                             self.vocab_size).mean()
+
+
+def output_layer(hidden, word_embeddings_weight):
+    """(batch, seq, vocabulary) logits through the tied word embeddings (under TP this rank's
+    slice of the vocabulary). The weight's gradient joins the lookup's in fp32 under bf16, as
+    Megatron's gradient_accumulation_fusion adds it: parallel_layers.LinearWithGradAccumulation."""
+    return linear_with_grad_accumulation(hidden.transpose(0, 1), word_embeddings_weight)
 
 
 def _for_the_loss(logits):

@@ -113,6 +113,14 @@ MUTANTS = {
     "a bf16 checkpoint holds the bf16 model, not the fp32 main parameters": (
         "parallel_train.py", "main = main_model(model, optimizer)", "main = model",
         ["tests/test_precision.py"]),
+    "the tied output layer's gradient made in bf16 (no gradient_accumulation_fusion)": (
+        "transformer.py",
+        "return linear_with_grad_accumulation(hidden.transpose(0, 1), word_embeddings_weight)",
+        "return F.linear(hidden.transpose(0, 1), word_embeddings_weight)",
+        ["tests/test_precision.py"]),
+    "the reordered run's backward sums not split": (
+        "training/reorder.py", "module.fc1.__class__, module.fc2.__class__ = SplitInputGradLinear,",
+        "module.fc1.__class__, module.fc2.__class__ = nn.Linear,", ["tests/test_precision.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

@@ -52,6 +52,42 @@ def test_bf16_model_keeps_fp32_main_params_grads_and_momentum():
     assert torch.equal(start.to(torch.bfloat16), model.weight)
 
 
+def test_bf16_tied_embedding_gradients_meet_in_fp32():
+    """The tied word embeddings get two gradients, the lookup's and the output layer's. As
+    Megatron's gradient_accumulation_fusion, the output layer's is made in fp32 from the bf16
+    operands and added to the main gradient; the lookup's arrives in bf16 and is added in fp32.
+    (Summed by autograd in bf16 instead, every element of this table differed.)"""
+    import torch.nn.functional as F
+
+    from training.mixed_precision import MixedPrecisionOptimizer, optimized_parameters
+    from transformer import ToyTransformer
+    torch.manual_seed(0)
+    model = ToyTransformer(50, 8, width=16, num_heads=2)
+    opt = MixedPrecisionOptimizer(model, lambda p: torch.optim.SGD(p, lr=0.1))
+    seen = {}
+    model.word_embeddings.register_forward_hook(lambda m, i, out: seen.update(lookup=out))
+    model.ln_f.register_forward_hook(lambda m, i, out: seen.update(hidden=out))
+    tokens = torch.randint(0, 25, (4, 9))  # rows 25..49 are looked up by no token
+    hidden = model(tokens[:, :-1])
+    for name in ("lookup", "hidden"):
+        seen[name].retain_grad()
+    model.loss(hidden, tokens[:, 1:]).backward()
+    main_grad = optimized_parameters(opt)[0].grad
+
+    weight = model.word_embeddings.weight.detach().requires_grad_()
+    logits = F.linear(seen["hidden"].detach().transpose(0, 1), weight)
+    dlogits, = torch.autograd.grad(
+        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()), logits)
+    rows = lambda t: t.reshape(-1, t.shape[-1])
+    output_layer = rows(dlogits).float().t() @ rows(seen["hidden"].detach().transpose(0, 1)).float()
+    lookup, = torch.autograd.grad(F.embedding(tokens[:, :-1], weight), weight,
+                                  seen["lookup"].grad)
+    assert lookup.dtype == torch.bfloat16 and not lookup[25:].any()
+    assert torch.equal(main_grad, lookup.float() + output_layer)
+    # The output layer's part is fp32, not a bf16 rounding of it.
+    assert not torch.equal(output_layer[25:], output_layer[25:].bfloat16().float())
+
+
 def test_the_loss_is_computed_in_fp32_under_bf16():
     from transformer import ToyTransformer
     torch.manual_seed(0)
@@ -167,7 +203,7 @@ def test_reordering_changes_the_order_only(which):
     """The reordered model is the plain one permuted: written back, the same bits; run, the same
     function to round-off (float64), through other sums."""
     from model import ToyModel
-    from training.reorder import SplitSumLinear, reorder_sums
+    from training.reorder import SplitInputGradLinear, SplitSumLinear, reorder_sums
     from transformer import ToyTransformer
     torch.manual_seed(0)
     model = ToyModel(8, 32) if which == "toy" else ToyTransformer(11, 8, 8, 32, num_heads=4)
@@ -179,8 +215,44 @@ def test_reordering_changes_the_order_only(which):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert any(isinstance(m, SplitSumLinear) for m in model.modules())
+    # The column-parallel layers' input gradients are split too (fc1, query/key/value).
+    assert {type(m) for n, m in model.named_modules() if n.endswith(("fc1", "query_key_value"))} \
+        == {SplitInputGradLinear}
     # Measured: 1.4e-17 (toy), 8.9e-16 (transformer, outputs up to 2.3); bound about 10x.
     torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_reordered_mlp_splits_its_input_gradient_as_tp_does(dtype):
+    """fc1's input gradient is a sum over the hidden units, which TP takes as one bf16 partial
+    sum per rank added by f: the reordered MLP splits it in two the same way. (Before, its
+    dL/dX was bitwise serial's while TP=2's differed in 757 of 2048 elements.)"""
+    from model import MLP
+    from training.reorder import reorder_sums
+
+    def input_grad(seed):
+        torch.manual_seed(0)
+        mlp = nn.Sequential(MLP(64, 256)).to(dtype)
+        reorder_sums(mlp, seed)
+        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+        x.requires_grad_()
+        mlp(x).backward(torch.randn(32, 64, generator=torch.Generator().manual_seed(2)).to(dtype))
+        return x.grad, mlp[0]
+
+    serial, mlp = input_grad(None)
+    reordered, _ = input_grad(3)
+    if dtype == torch.float64:  # the same sums in another order: round-off only. Measured
+        # 5.6e-16 (seeds 3, 4, 5: at most 6.2e-16 of the largest, 1.07); bound about 10x.
+        torch.testing.assert_close(reordered, serial, rtol=0, atol=6e-15)
+        return
+    # TP=2 by hand: each rank's partial input gradient rounded to bf16, then added by f.
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dy = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    dh = (dy @ mlp.fc2.weight) * (x @ mlp.fc1.weight.t() > 0)
+    tp = sum(d @ w for d, w in zip(dh.chunk(2, -1), mlp.fc1.weight.chunk(2)))
+    differ = lambda a: (a != serial).sum().item()
+    # Measured: reordered 780, TP=2 757 elements of 2048 differ from serial.
+    assert differ(tp) > 500 and differ(reordered) > differ(tp) / 2, (differ(reordered), differ(tp))
 
 
 def test_a_reordered_run_differs_by_round_off(data_dir, tmp_path):

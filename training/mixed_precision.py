@@ -36,7 +36,10 @@ class MixedPrecisionOptimizer:
         self.model, self.main = model, copy.deepcopy(model)
         for param, main in zip(model.parameters(), self.main.parameters()):
             main.__dict__.update(param.__dict__)  # tensor_model_parallel, partition_dim, ...
-            param.register_post_accumulate_grad_hook(_accumulate_into(main))
+            # Megatron's param.main_grad: a layer may add its fp32 weight gradient here itself
+            # (parallel_layers.LinearWithGradAccumulation); the hook moves what autograd made.
+            param.add_to_main_grad = _adder(main)
+            param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
         model.to(torch.bfloat16)
         self.optimizer = make_optimizer(self.main.parameters())
 
@@ -66,13 +69,17 @@ class MixedPrecisionOptimizer:
             param.copy_(main)  # rounded to the nearest bf16
 
 
-def _accumulate_into(main: nn.Parameter):
-    """The hook that moves a bf16 gradient onto its fp32 main parameter, as it is produced."""
-    def hook(param):
-        grad = param.grad.float()
+def _adder(main: nn.Parameter):
+    """Adds an fp32 gradient to the main parameter's."""
+    def add_to_main_grad(grad):
         main.grad = grad if main.grad is None else main.grad.add_(grad)
-        param.grad = None  # the bf16 gradient is not kept
-    return hook
+    return add_to_main_grad
+
+
+def _accumulate_into_main_grad(param):
+    """The hook that moves a bf16 gradient onto its fp32 main parameter, as it is produced."""
+    param.add_to_main_grad(param.grad.float())
+    param.grad = None  # the bf16 gradient is not kept
 
 
 def main_model(model: nn.Module, optimizer) -> nn.Module:
