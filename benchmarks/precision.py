@@ -24,6 +24,7 @@ import numpy as np
 
 from compare_runs import relative_difference, verdict_numbers
 from plot_runs import draw_band
+from training.data import DataError, load_dataset, load_token_dataset
 from training.metrics import read_metrics
 from training.operations import ArgumentParser, check_output
 
@@ -176,6 +177,12 @@ def main():
     check_output(p, "--out", os.path.join(REPO, args.out))
     pictures = os.path.join(REPO, args.pictures or args.out)
     check_output(p, "--pictures", pictures)
+    for model in args.models:  # the default data, as the trainings will read it
+        try:
+            load_token_dataset(os.path.join(REPO, "data_transformer"), 50, 16, 32) \
+                if model == "transformer" else load_dataset(os.path.join(REPO, "data"), 64, 32)
+        except DataError as e:
+            p.error(str(e).replace(REPO + os.sep, ""))
     results_path = os.path.join(REPO, args.out, "results.json")
     results = {}
     if os.path.isfile(results_path):

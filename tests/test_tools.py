@@ -248,6 +248,17 @@ def test_a_run_named_by_its_metrics_csv_is_the_run(places):
     assert "MATCH over 30 iterations" in text.getvalue()
 
 
+@pytest.mark.parametrize("model", ["toy", "transformer"])
+def test_the_precision_benchmark_without_data_says_how_to_make_it(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "REPO", str(tmp_path))  # a clone without data/
+    code, line = one_line_error(precision, ["--models", model, "--out", str(tmp_path / "runs")],
+                                reads_argv=True)
+    made_by = ("python prepare_data.py --data_dir data" if model == "toy" else
+               "python prepare_data.py --model transformer --data_dir data_transformer")
+    assert code == 2 and line.endswith(f"not found; create the data with: {made_by} (see --help)")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_precision_benchmark_reuses_only_runs_it_finished(tmp_path, monkeypatch, capsys):
     """A directory holding a metrics.csv (an interrupted run) is trained again, not judged as it
     stands ("DIFFER (stopped after 159)" for a correct mode); a run it finished is reused, said."""
