@@ -5,7 +5,7 @@
 For the toy transformer at its defaults and at a long sequence, each setting of
 Korthikanti et al. (2022) — none, SP (sequence parallelism), selective,
 SP + selective, full (and SP + full) — at TP = 1, 2, 4, with dropout 0.1: the
-bytes one block saves for backward on each rank (bench_step.saved_activations,
+bytes one block saves for backward on each rank (step_measures.saved_activations,
 recomputation's checkpoints included), asserted equal to this block's formula
 (`activation_terms`: Table 2's terms for its dtype, ReLU, dropout masks and
 sizes); the FLOPs of a step (torch's FlopCounterMode: what recomputing repeats);
@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 import parallel_state as ps
-from benchmarks import bench_step, bench_transformer
+from benchmarks import bench_transformer, launcher
+from benchmarks.configs import CONFIGS, SEED, cpu_name, describe
+from benchmarks.step_measures import saved_activations, timed_step
 from rng_tracker import model_parallel_manual_seed
 from training import initialize
 from training.operations import ArgumentParser, check_output, pin_float32_precision
@@ -114,7 +116,7 @@ def count_flops(step, batch):
 def worker(args):
     """On each rank of one TP size: a model per setting (the same seed), what each block saves and
     the FLOPs of a step, then the settings' steps in turn, --steps times after --warmup."""
-    cfg = dict(bench_step.CONFIGS[args.config], dropout=args.dropout)
+    cfg = dict(CONFIGS[args.config], dropout=args.dropout)
     torch.set_num_threads(args.threads)
     pin_float32_precision()
     device = initialize.init_distributed("auto", timeout_minutes=5, device=args.device)
@@ -124,18 +126,18 @@ def worker(args):
     runs = {}
     for name in args.settings:
         sequence_parallel, granularity, distribute = SETTINGS[name]
-        model_parallel_manual_seed(bench_step.SEED, device)
+        model_parallel_manual_seed(SEED, device)
         model = bench_transformer.build(cfg, True, sequence_parallel, cfg["dropout"],
                                         granularity, distribute).to(device)
         step = bench_transformer.TransformerStep(model)
         runs[name] = dict(step=step, times=[], forward_times=[],
                           optimizer=torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9),
-                          per_layer=bench_step.saved_activations(step, batches[0])["per_layer"],
+                          per_layer=saved_activations(step, batches[0])["per_layer"],
                           flops=count_flops(step, batches[0]))
     for i in range(args.warmup + args.steps):
         for run in runs.values():
             torch.distributed.barrier()  # the ranks start each step together; not timed
-            seconds, forward, _ = bench_step.timed_step(run["step"], run["optimizer"],
+            seconds, forward, _ = timed_step(run["step"], run["optimizer"],
                                                         batches[i % len(batches)], device,
                                                         split_forward=True)
             if i >= args.warmup:
@@ -151,7 +153,7 @@ def worker(args):
 def measure(config, cfg, tp, settings, steps, warmup, sizes, timed):
     """Every setting at one TP size, in one set of processes: their rows."""
     settings = [name for name in settings if tp > 1 or not SETTINGS[name][0]]  # SP needs 2 ranks
-    result = bench_step.launch("recompute", config, steps, warmup, ranks=tp,
+    result = launcher.launch("recompute", config, steps, warmup, ranks=tp,
                                extra=["--dropout", str(cfg["dropout"]), "--settings", *settings],
                                module="benchmarks.bench_recompute")
     rows = []
@@ -171,7 +173,7 @@ def measure(config, cfg, tp, settings, steps, warmup, sizes, timed):
 
 
 def print_report(config, cfg, rows):
-    print(f"\n== {config}: {bench_step.describe(cfg)}, dropout {cfg['dropout']} ==")
+    print(f"\n== {config}: {describe(cfg)}, dropout {cfg['dropout']} ==")
     print(f"{'setting':<24}{'TP':>3}{'saved per layer per rank, B':>29}{'formula':>11}"
           f"{'ms/step (p10-p90)':>24}{'forward ms':>12}{'GFLOP/step':>12}")
     for r in rows:
@@ -211,7 +213,7 @@ def plot(results, configs, sizes, path):
         ax.set_xticks(TPS, [str(x) for x in TPS])
         ax.set_xlabel("tensor-parallel size")
         ax.set_ylabel("saved for backward, KiB per layer per rank")
-        ax.set_title(f"{config}: {bench_step.describe(cfg)}, dropout {cfg['dropout']}",
+        ax.set_title(f"{config}: {describe(cfg)}, dropout {cfg['dropout']}",
                      fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.legend(handles=[Line2D([], [], color=color, marker="o", label=name,
@@ -228,7 +230,7 @@ def plot(results, configs, sizes, path):
 def main():
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=["transformer", "long_sequence"],
-                   choices=[c for c, cfg in bench_step.CONFIGS.items()
+                   choices=[c for c, cfg in CONFIGS.items()
                             if cfg.get("model") == "transformer"])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--steps", type=int, default=200, help="timed steps per setting")
@@ -239,7 +241,7 @@ def main():
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", default="assets/recompute.json")
     p.add_argument("--plot", default="assets/recompute.png")
-    p.add_argument("--worker", choices=["recompute"], help=argparse.SUPPRESS)  # bench_step.launch
+    p.add_argument("--worker", choices=["recompute"], help=argparse.SUPPRESS)  # launcher.launch
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -249,7 +251,7 @@ def main():
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "cuda" and not gpus:
         p.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
-    bench_step.DEVICE = args.device = args.device if args.device != "auto" else (
+    launcher.DEVICE = args.device = args.device if args.device != "auto" else (
         "cuda" if gpus else "cpu")
     if args.worker:
         return worker(args)
@@ -259,7 +261,7 @@ def main():
     sizes = saved_sizes(torch.float32, args.device)  # the workers' models are float32
     results, configs = {}, {}
     for config in args.configs:
-        cfg = configs[config] = dict(bench_step.CONFIGS[config], dropout=args.dropout)
+        cfg = configs[config] = dict(CONFIGS[config], dropout=args.dropout)
         results[config] = []
         for tp in (t for t in TPS if t <= args.max_tp):
             timed = tp <= fits
@@ -271,7 +273,7 @@ def main():
                                        sizes, timed)
         print_report(config, cfg, results[config])
     machine = dict(cpu_count=os.cpu_count(), torch=torch.__version__,
-                   processor=bench_step.cpu_name(), device=args.device, gpus=gpus)
+                   processor=cpu_name(), device=args.device, gpus=gpus)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # checked makeable
     with open(args.out + ".tmp", "w") as f:
         json.dump(dict(machine=machine, configs=configs, saved_sizes=sizes, results=results,

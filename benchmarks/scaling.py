@@ -37,172 +37,35 @@ crosses 1. Writes assets/scaling.json and assets/scaling.png.
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 import numpy as np
 import torch
 
-from benchmarks import bench_step
+from benchmarks import configs, launcher, scaling_workers
+from benchmarks.configs import cpu_name
+from benchmarks.launcher import run_side_by_side
+from benchmarks.scaling_model import (
+    BATCH,
+    INPUT,
+    allreduce_bytes,
+    crossover,
+    fit_alpha_beta,
+    gemm_flops,
+    predict,
+)
 from training.operations import ArgumentParser, check_output
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-INPUT, BATCH, ELEM = 64, 32, 4  # the original's sizes, float32
 GRID = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 QUICK_GRID = [512, 2048, 8192, 32768]
+FIT_SIZES = [2 ** k for k in range(8, 23, 2)]  # the all-reduce's messages: 256 B ... 4 MiB
 
-
-# ---------------------------------------------------------------------------
-# What a step computes and sends (the model's arithmetic).
-
-def gemm_flops(width, batch=BATCH, inputs=INPUT):
-    """FLOPs of one rank's five GEMMs in a step at MLP width `width` (= H / p)."""
-    return 5 * 2 * batch * inputs * width
-
-
-def allreduce_bytes(tp, batch=BATCH, inputs=INPUT, elem=ELEM):
-    """Bytes each rank all-reduces per step: g's output, batch x input; none at TP = 1."""
-    return batch * inputs * elem if tp > 1 else 0
-
-
-def predict(width_costs, alpha, beta, overheads, hidden, tp):
-    """Seconds per iteration at hidden size `hidden` and tensor-parallel size `tp`;
-    width_costs[tp][w]: C(w) of one rank among tp."""
-    comm = alpha + beta * allreduce_bytes(tp) if tp > 1 else 0.0
-    return overheads[tp] + width_costs[tp][hidden // tp] + comm
-
-
-def crossover(hidden, speedup):
-    """The hidden size where speedup (serial / TP) first crosses 1 upwards, interpolated linearly
-    in log(hidden) and log(speedup) between the two grid points around it; None if it never
-    does."""
-    for (h0, s0), (h1, s1) in zip(zip(hidden, speedup), zip(hidden[1:], speedup[1:])):
-        if s0 < 1 <= s1:
-            f = -np.log(s0) / (np.log(s1) - np.log(s0))
-            return float(np.exp(np.log(h0) + f * (np.log(h1) - np.log(h0))))
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Workers: separate measurements for the model.
-
-def compute_worker(args):
-    """C(w) for each width: one rank's step computed alone, piece by piece, on one thread.
-
-    A TP rank at H / p computes what the serial ToyModel of width H / p computes (its
-    shards are that model's weights): so C(w) is that model's step, zero_grad and forward
-    with the loss, backward, the SGD step, each timed, without the loop around it (data,
-    log points: those are the overhead). Timing each GEMM alone instead, its operands stay
-    in the cache between repetitions; in a step the weights, their gradients and momentum
-    (3 x 2 I w floats) pass through it together, and from a few MiB on they no longer fit.
-    """
-    import torch.nn.functional as F
-
-    from model import ToyModel
-    torch.set_num_threads(1)
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    g = torch.Generator().manual_seed(0)
-    costs = {}
-    for w in args.widths:
-        torch.manual_seed(0)
-        model = ToyModel(INPUT, w).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=0.9)
-        x, y = torch.randn(BATCH, INPUT, generator=g).to(device), \
-            torch.randn(BATCH, generator=g).to(device)
-        state = {}
-
-        def forward():
-            optimizer.zero_grad(set_to_none=True)
-            state["loss"] = F.mse_loss(model(x)[:, 0], y)
-
-        pieces = {"forward": forward, "backward": lambda: state["loss"].backward(),
-                  "sgd": optimizer.step}
-        reps = max(30, min(300, int(4e9 / gemm_flops(w))))
-        times = {name: [] for name in pieces}
-        for i in range(reps + 3):
-            for name, fn in pieces.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                if i >= 3:  # the first step allocates the momentum buffers
-                    times[name].append(time.perf_counter() - start)
-        costs[w] = {name: statistics.median(t) for name, t in times.items()}
-    print("RESULT " + json.dumps(costs), flush=True)
-
-
-def allreduce_worker(args):
-    """Median seconds of one all-reduce per message size, as the training issues it."""
-    import communication as comm
-    import parallel_state as ps
-    from training import initialize
-    torch.set_num_threads(1)
-    device = initialize.init_distributed("auto", timeout_minutes=5, device=args.device)
-    ps.initialize_model_parallel(torch.distributed.get_world_size())
-    result = {}
-    for n in args.sizes:
-        t = torch.ones(n // ELEM, device=device)
-        times = []
-        for i in range(args.reps + 5):
-            torch.distributed.barrier()  # start together: each rank times the collective only
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            comm.all_reduce(t)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 5:
-                times.append(time.perf_counter() - start)
-        # coupled ranks: the slowest rank's median
-        median = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-        result[n] = float(comm.all_gather(median, dim=0).max())
-    torch.distributed.barrier()
-    ps.destroy_model_parallel()
-    if os.environ["RANK"] == "0":
-        print("RESULT " + json.dumps(result), flush=True)
-
-
-def fit_alpha_beta(sizes, seconds):
-    """Least squares of seconds = alpha + beta bytes, each point weighted by 1/seconds (relative
-    error: the small messages count as much as the large)."""
-    n, t = np.array(sizes, float), np.array(seconds, float)
-    a = np.stack([np.ones_like(n), n], 1) / t[:, None]
-    (alpha, beta), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
-    return float(alpha), float(beta)
-
-
-# ---------------------------------------------------------------------------
-# The driver.
 
 def run_worker(cmd, ranks=1):
+    """One worker of this script on `ranks` ranks; rank 0's RESULT."""
     if ranks > 1:
-        cmd = [os.path.join(REPO, "scripts", "launch.py"), "--standalone", "--nproc_per_node",
-               str(ranks), *cmd]
+        cmd = [os.path.join(configs.REPO, "scripts", "launch.py"), "--standalone",
+               "--nproc_per_node", str(ranks), *cmd]
     return run_side_by_side(cmd, 1)[0]
-
-
-def run_side_by_side(cmd, copies, device="cpu"):
-    """Run `copies` processes of cmd at once (as the ranks of a TP job run: sharing the memory
-    bus and the last-level cache); each one's RESULT. On GPUs, each copy has a GPU of its own."""
-    procs = []
-    for i in range(copies):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if device == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
-        procs.append(subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.exit(f"error: {' '.join(cmd[:4])} failed:\n{out[-2000:]}{err[-3000:]}")
-        results.append(json.loads(lines[0][len("RESULT "):]))
-    return results
 
 
 def iterations_for(hidden, quick):
@@ -228,14 +91,14 @@ def measure_loops(grid, tps, args):
         for tp in (1, *tps):
             print(f"  hidden {hidden}: {'serial' if tp == 1 else f'tp{tp}'}, {steps} iterations",
                   flush=True)
-            result = bench_step.launch("loop-serial" if tp == 1 else "loop-ours", "original",
-                                       steps, args.warmup, ranks=tp,
-                                       extra=("--hidden_size", str(hidden)))
+            result = launcher.launch("loop-serial" if tp == 1 else "loop-ours", "original",
+                                     steps, args.warmup, ranks=tp,
+                                     extra=("--hidden_size", str(hidden)))
             times[hidden, tp] = result["times"]
     return times
 
 
-def main():
+def parse_args():
     p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("--quick", action="store_true", help="a coarser grid and fewer iterations")
     p.add_argument("--grid", type=int, nargs="+", default=None, help="hidden sizes (default: "
@@ -252,8 +115,8 @@ def main():
     p.add_argument("--sizes", type=int, nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=200, help=argparse.SUPPRESS)
     args = p.parse_args()
-    grid = sorted(args.grid or (QUICK_GRID if args.quick else GRID))
-    if any(h % 4 for h in grid) or min(grid) < 4:
+    args.grid = sorted(args.grid or (QUICK_GRID if args.quick else GRID))
+    if any(h % 4 for h in args.grid) or min(args.grid) < 4:
         p.error("--grid: hidden sizes must be multiples of 4, at least 4")
     if (args.iterations is not None and args.iterations < 1) or args.warmup < 0:
         p.error("--iterations must be at least 1 and --warmup at least 0")
@@ -265,45 +128,44 @@ def main():
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "auto":
         args.device = "cuda" if gpus else "cpu"
-    if args.worker == "compute":
-        return compute_worker(args)
-    if args.worker == "allreduce":
-        return allreduce_worker(args)
+    return args, gpus
 
-    fits = gpus if args.device == "cuda" else os.cpu_count()
-    tps = [t for t in (2, 4) if t <= min(args.max_tp or fits, fits)]
-    bench_step.DEVICE = args.device
-    for t in (2, 4):
-        if t not in tps:
-            print(f"skipped TP={t}: {t} ranks need {t} {'GPUs' if gpus else 'cores'}, this "
-                  f"machine has {fits}")
 
-    # Shared machines drift by tens of percent within minutes (measured here: the same step
-    # 3.6-6.3 ms a minute apart): the pieces and the loops are measured in alternating rounds
-    # and pooled, so that both see the same spells.
+def measure(args, tps):
+    """(compute costs {tp: {width: {piece: s}}}, loop times {(hidden, tp): [s]}, the all-reduce's
+    seconds per message size, or None at TP 1 alone).
+
+    Shared machines drift by tens of percent within minutes (measured here: the same step
+    3.6-6.3 ms a minute apart): the pieces and the loops are measured in alternating rounds
+    and pooled, so that both see the same spells."""
     rounds = 1 if args.quick else 2
     runs, loop_times = {tp: [] for tp in (1, *tps)}, {}
     for r in range(rounds):
         for tp in (1, *tps):
             print(f"round {r + 1}/{rounds}: one rank's compute per width, {tp} side by side ...",
                   flush=True)
-            runs[tp].append(measure_compute(grid, tp, args.device))
+            runs[tp].append(measure_compute(args.grid, tp, args.device))
         print(f"round {r + 1}/{rounds}: the training loops ...", flush=True)
-        for key, times in measure_loops(grid, tps, args).items():
+        for key, times in measure_loops(args.grid, tps, args).items():
             loop_times.setdefault(key, []).extend(times)
     costs = {tp: {w: {piece: float(np.mean([run[w][piece] for run in tp_runs]))
                       for piece in tp_runs[0][w]} for w in tp_runs[0]}
              for tp, tp_runs in runs.items()}
-    width_costs = {tp: {w: sum(c.values()) for w, c in by_width.items()}
-                   for tp, by_width in costs.items()}
-    alpha = beta = None
-    fit_sizes = [2 ** k for k in range(8, 23, 2)]  # 256 B ... 4 MiB
+    allreduce_s = None
     if tps:
         print("timing the all-reduce over message sizes ...", flush=True)
         seconds = run_worker(["-m", "benchmarks.scaling", "--device", args.device, "--worker",
                               "allreduce", "--reps", "20" if args.quick else "200",
-                              "--sizes", *map(str, fit_sizes)], ranks=2)
-        alpha, beta = fit_alpha_beta(fit_sizes, [seconds[str(n)] for n in fit_sizes])
+                              "--sizes", *map(str, FIT_SIZES)], ranks=2)
+        allreduce_s = [seconds[str(n)] for n in FIT_SIZES]
+    return costs, loop_times, allreduce_s
+
+
+def predicted_points(grid, costs, loop_times, alpha, beta):
+    """(points, the overheads): each grid point measured and predicted; the overheads taken at
+    the smallest size only, as measured minus the model's other terms there."""
+    width_costs = {tp: {w: sum(c.values()) for w, c in by_width.items()}
+                   for tp, by_width in costs.items()}
     points = []
     for (hidden, tp), times in loop_times.items():
         points.append(dict(hidden_size=hidden, variant="serial" if tp == 1 else f"tp{tp}", tp=tp,
@@ -311,19 +173,25 @@ def main():
                                          p10=float(np.percentile(times, 10)),
                                          p90=float(np.percentile(times, 90)),
                                          iterations=len(times))))
-
-    # The overheads, from the smallest size only.
     smallest = {pt["tp"]: pt for pt in points if pt["hidden_size"] == grid[0]}
     overheads = {tp: pt["measured"]["median"] - predict(width_costs, alpha, beta,
                                                          {tp: 0.0}, grid[0], tp)
                  for tp, pt in smallest.items()}
     for pt in points:
         pt["predicted"] = predict(width_costs, alpha, beta, overheads, pt["hidden_size"], pt["tp"])
+    return points, overheads
+
+
+def build_report(args, gpus, tps, costs, loop_times, allreduce_s):
+    alpha = beta = None
+    if allreduce_s is not None:
+        alpha, beta = fit_alpha_beta(FIT_SIZES, allreduce_s)
+    points, overheads = predicted_points(args.grid, costs, loop_times, alpha, beta)
     report = dict(
-        machine=dict(processor=bench_step.cpu_name(), cpu_count=os.cpu_count(), gpus=gpus,
+        machine=dict(processor=cpu_name(), cpu_count=os.cpu_count(), gpus=gpus,
                      device=args.device, torch=torch.__version__,
                      gpu_name=torch.cuda.get_device_name(0) if args.device == "cuda" else None),
-        sizes=dict(input_size=INPUT, batch_size=BATCH, dtype="float32", grid=grid),
+        sizes=dict(input_size=INPUT, batch_size=BATCH, dtype="float32", grid=args.grid),
         model=dict(alpha_s=alpha, beta_s_per_byte=beta, allreduce_bytes=allreduce_bytes(2),
                    overhead_s={str(tp): o for tp, o in overheads.items()},
                    compute_s={str(tp): {str(w): c for w, c in by_width.items()}
@@ -331,19 +199,36 @@ def main():
                    step_gflops={str(tp): {str(w): gemm_flops(w) / (c["forward"] + c["backward"])
                                           / 1e9 for w, c in by_width.items()}
                                 for tp, by_width in costs.items()},
-                   allreduce_sizes=fit_sizes,
-                   allreduce_s=[seconds[str(n)] for n in fit_sizes] if tps else None),
+                   allreduce_sizes=FIT_SIZES, allreduce_s=allreduce_s),
         points=points)
+
     def curve(tp, kind):  # seconds per iteration over the grid, in order
         return np.array([pt["measured"]["median"] if kind == "measured" else pt["predicted"]
                          for pt in points if pt["tp"] == tp])
 
     report["crossover_hidden_size"] = {
-        f"tp{tp}": {kind: crossover(grid, list(curve(1, kind) / curve(tp, kind)))
+        f"tp{tp}": {kind: crossover(args.grid, list(curve(1, kind) / curve(tp, kind)))
                     for kind in ("measured", "predicted")}
         for tp in tps}
     within = [abs(pt["predicted"] / pt["measured"]["median"] - 1) <= 0.3 for pt in points]
     report["targets"] = dict(points_within_30_percent=sum(within), points=len(points))
+    return report
+
+
+def main():
+    args, gpus = parse_args()
+    if args.worker == "compute":
+        return scaling_workers.compute_worker(args)
+    if args.worker == "allreduce":
+        return scaling_workers.allreduce_worker(args)
+    fits = gpus if args.device == "cuda" else os.cpu_count()
+    tps = [t for t in (2, 4) if t <= min(args.max_tp or fits, fits)]
+    launcher.DEVICE = args.device
+    for t in (2, 4):
+        if t not in tps:
+            print(f"skipped TP={t}: {t} ranks need {t} {'GPUs' if gpus else 'cores'}, this "
+                  f"machine has {fits}")
+    report = build_report(args, gpus, tps, *measure(args, tps))
     print_report(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:

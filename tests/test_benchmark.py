@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from benchmarks import bench_step
+from benchmarks import bench_step, launcher
+from benchmarks.configs import CONFIGS
 from distributed import pooled_subprocess
 from figures import bars, lines, png_pixels, record_saved_figures, words
 
@@ -15,8 +16,7 @@ def run_driver(module, monkeypatch, *argv):
     """module.main() as `python -m benchmarks.<module> argv` runs it, its workers launched into the
     session's rank processes (distributed.pooled_subprocess) instead of new interpreters."""
     monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
-    for launcher in (module, bench_step):
-        monkeypatch.setattr(launcher, "subprocess", pooled_subprocess, raising=False)
+    monkeypatch.setattr(launcher, "subprocess", pooled_subprocess)
     module.main()
 
 
@@ -200,7 +200,7 @@ def test_the_recompute_report_divides_by_none_only_where_it_ran(capsys):
     """bench_recompute --settings full selective: no "none" to divide by, so no ratio (it printed
     1.00x for both, each divided by itself)."""
     from benchmarks import bench_recompute
-    cfg = dict(bench_step.CONFIGS["tiny_transformer"], dropout=0.1)
+    cfg = dict(CONFIGS["tiny_transformer"], dropout=0.1)
     row = lambda setting, ms: dict(setting=setting, tp=1, per_layer=8, formula=8, match=True,
                                    timed=True, median_ms=ms, p10_ms=ms, p90_ms=ms, forward_ms=1.0,
                                    flops=ms * 1e9)

@@ -23,7 +23,8 @@ import parallel_state as ps
 import recompute
 import rng_tracker
 import transformer
-from benchmarks import bench_recompute, bench_step, bench_transformer
+from benchmarks import bench_recompute, bench_transformer
+from benchmarks.step_measures import saved_activations
 from distributed import RankFailed, run_distributed
 
 # Sizes: 4 heads and 8 tokens, so that TP 4 splits both; two blocks, so that one block's
@@ -101,7 +102,7 @@ def _check_memory():
         for dtype, dropout in ((torch.float32, DROPOUT), (torch.float64, 0.0),
                                (torch.bfloat16, DROPOUT)):
             model = _build(tp, sp, granularity, dtype, dropout, distribute)
-            measured = bench_step.saved_activations(bench_transformer.TransformerStep(model),
+            measured = saved_activations(bench_transformer.TransformerStep(model),
                                                     batch)["per_layer"]
             formula = bench_recompute.activation_memory_per_layer(
                 dict(CFG, dropout=dropout), tp, sp, granularity,
@@ -195,7 +196,7 @@ def test_the_flag_reaches_the_model(granularity, tmp_path):
     cfg = dict(seq_length=args.seq_length, batch_size=2, input_size=args.input_size,
                hidden_size=args.hidden_size, num_heads=args.num_attention_heads, dropout=0.1)
     tokens = torch.randint(args.vocab_size, (2, args.seq_length + 1))
-    measured = bench_step.saved_activations(bench_transformer.TransformerStep(model),
+    measured = saved_activations(bench_transformer.TransformerStep(model),
                                             (tokens[:, :-1], tokens[:, 1:]))["per_layer"]
     assert measured == bench_recompute.activation_memory_per_layer(cfg, 1, False, granularity)
 

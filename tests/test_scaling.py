@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import communication as comm
 import parallel_state as ps
-from benchmarks import scaling
+from benchmarks import scaling, scaling_model
 from distributed import run_distributed
 from figures import lines, png_pixels, record_saved_figures
 from model import ToyModel
@@ -24,8 +24,8 @@ def _count_one_step(batch, inputs, hidden):
     comm.reset_comm_stats()
     F.mse_loss(model(x)[:, 0], y).backward()
     tp = ps.get_tensor_model_parallel_world_size()
-    assert dict(comm.comm_bytes) == ({"all_reduce": scaling.allreduce_bytes(tp, batch, inputs)}
-                                   if tp > 1 else {})
+    expected = scaling_model.allreduce_bytes(tp, batch, inputs)
+    assert dict(comm.comm_bytes) == ({"all_reduce": expected} if tp > 1 else {})
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -37,24 +37,24 @@ def test_the_model_sends_what_a_step_sends(tp):
 def test_the_model_counts_the_steps_gemms():
     # fc1 forward, fc2 forward, fc2's input and weight gradients, fc1's weight gradient: five
     # (batch x input x width) multiply-adds; X needs no gradient, so fc1's input gradient is none.
-    assert scaling.gemm_flops(1024, batch=32, inputs=64) == 5 * 2 * 32 * 64 * 1024
+    assert scaling_model.gemm_flops(1024, batch=32, inputs=64) == 5 * 2 * 32 * 64 * 1024
     costs = {1: {1024: 3.0}, 2: {512: 1.0}}  # C(w) of one rank among 1, among 2
     overheads = {1: 0.5, 2: 0.25}
-    assert scaling.predict(costs, 0.1, 0.001, overheads, 1024, 1) == 3.5
-    assert scaling.predict(costs, 0.1, 0.001, overheads, 1024, 2) == pytest.approx(
+    assert scaling_model.predict(costs, 0.1, 0.001, overheads, 1024, 1) == 3.5
+    assert scaling_model.predict(costs, 0.1, 0.001, overheads, 1024, 2) == pytest.approx(
         0.25 + 1.0 + 0.1 + 0.001 * 32 * 64 * 4)
 
 
 def test_crossover_is_interpolated_between_the_grid_points_around_it():
     # speed-up 0.5 at 1024, 2 at 4096: log-linear, so 1 at their geometric mean, 2048
-    assert scaling.crossover([512, 1024, 4096], [0.25, 0.5, 2.0]) == pytest.approx(2048)
-    assert scaling.crossover([512, 1024], [0.5, 0.9]) is None  # never pays in the grid
-    assert scaling.crossover([512, 1024], [1.5, 2.0]) is None  # pays everywhere: no crossing
+    assert scaling_model.crossover([512, 1024, 4096], [0.25, 0.5, 2.0]) == pytest.approx(2048)
+    assert scaling_model.crossover([512, 1024], [0.5, 0.9]) is None  # never pays in the grid
+    assert scaling_model.crossover([512, 1024], [1.5, 2.0]) is None  # pays everywhere: no crossing
 
 
 def test_alpha_beta_are_recovered_from_a_clean_sweep():
     sizes = [256, 4096, 65536, 1 << 20]
-    alpha, beta = scaling.fit_alpha_beta(sizes, [3e-4 + 1e-9 * n for n in sizes])
+    alpha, beta = scaling_model.fit_alpha_beta(sizes, [3e-4 + 1e-9 * n for n in sizes])
     assert alpha == pytest.approx(3e-4) and beta == pytest.approx(1e-9)
 
 
