@@ -27,6 +27,11 @@ import torch.distributed as dist
 from parallel_state import (
     get_data_parallel_group,
     get_data_parallel_world_size,
+    get_embedding_group,
+    get_pipeline_model_parallel_group,
+    get_pipeline_model_parallel_last_rank,
+    get_pipeline_model_parallel_world_size,
+    get_tensor_and_data_parallel_group,
     get_tensor_model_parallel_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -139,6 +144,13 @@ CHECK_COLLECTIVES = os.environ.get("TP_CHECK_COLLECTIVES", "0") == "1"
 def _check(op: str, tensor: torch.Tensor, group=None) -> None:
     """NCCL's rules, on every backend, so that a CPU run finds what a GPU run would refuse.
     `group`: the collective's (default: the tensor-parallel group)."""
+    _check_rules(op, tensor)
+    if CHECK_COLLECTIVES:
+        _check_same_on_every_rank(op, tensor, group)
+
+
+def _check_rules(op: str, tensor: torch.Tensor) -> None:
+    """The rules one rank can check alone: the run's device, contiguous, a dtype NCCL takes."""
     def broken(rule):
         return CollectiveRuleError(f"{op}: {rule}; got a {tensor.dtype} tensor of shape "
                                    f"{tuple(tensor.shape)}, strides {tensor.stride()}")
@@ -151,8 +163,6 @@ def _check(op: str, tensor: torch.Tensor, group=None) -> None:
                      "it .contiguous() first")
     if tensor.dtype not in NCCL_DTYPES:
         raise broken(f"NCCL does not reduce {tensor.dtype}")
-    if CHECK_COLLECTIVES:
-        _check_same_on_every_rank(op, tensor, group)
 
 
 def _check_same_on_every_rank(op, tensor, group):
@@ -173,6 +183,20 @@ def _check_same_on_every_rank(op, tensor, group):
                 f"{op}: every rank must hand it the same shape and dtype, but this rank has "
                 f"{tensor.dtype} {tuple(tensor.shape)} and rank {rank} of the group has {dtype} "
                 f"{tuple(theirs[2:2 + ndim].tolist())}")
+
+
+def point_to_point_wire(op: str, tensor: torch.Tensor) -> torch.Tensor:
+    """check -> count -> stage for one send between pipeline stages (p2p_communication.py, which
+    checks that sends and receives pair): its bytes counted once, a send being no ring."""
+    _check_rules(op, tensor)
+    _count(op, tensor.dtype, tensor.numel(), Fraction(1))
+    return _on_wire(tensor)
+
+
+def receive_buffer(shape, dtype) -> torch.Tensor:
+    """Where a point-to-point receive lands: on the run's device, or the host when gloo carries
+    CUDA tensors (then moved with .to(get_device()))."""
+    return torch.empty(shape, dtype=dtype, device="cpu" if _STAGE_THROUGH_HOST else get_device())
 
 
 def _wire_dtype(tensor: torch.Tensor, summed: bool) -> torch.dtype:
@@ -289,8 +313,37 @@ def sum_over_tensor_parallel(tensors, name="all_reduce") -> None:
     _all_reduce_coalesced(tensors, get_tensor_model_parallel_group(), name)
 
 
+def sum_over_embedding_group(tensors) -> None:
+    """Sum `tensors` in place over the embedding group: the tied word embeddings' gradients on
+    the pipeline's first and last stages (finalize_model_grads.py)."""
+    _all_reduce_coalesced(tensors, get_embedding_group(), "embedding_all_reduce")
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
+    """The pipeline's last stage's `tensor` (the loss) on every stage; as is without one."""
+    if get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    group = get_pipeline_model_parallel_group()
+    wire = _to_wire("pipeline_loss_broadcast", tensor.contiguous(), lambda p: Fraction(1), group)
+    dist.broadcast(wire, src=get_pipeline_model_parallel_last_rank(), group=group)
+    return wire.to(tensor.device)
+
+
+def gather_over_pipeline(obj):
+    """Every stage's `obj` (a state_dict on the CPU), in stage order, on the first stage; None on
+    the others. Without a pipeline, [obj]."""
+    if get_pipeline_model_parallel_world_size() == 1:
+        return [obj]
+    group = get_pipeline_model_parallel_group()
+    first = dist.get_global_rank(group, 0)
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(obj, gathered, dst=first, group=group)
+    return gathered
+
+
 def average_replicated(whole, partial=()) -> None:
-    """Average over data-parallel replicas, in one all-reduce over *all* ranks, tensors that every
+    """Average over data-parallel replicas, in one all-reduce over *all* ranks of the pipeline stage
+    (every rank, without pipeline parallelism), tensors that every
     tensor-parallel rank holds: `whole` (fc's gradient, the loss) or, under sequence parallelism,
     as a partial sum over its own rows (`partial`: the sum over the group is the whole).
 
@@ -305,5 +358,5 @@ def average_replicated(whole, partial=()) -> None:
     if get_tensor_model_parallel_rank() != 0:
         for t in whole:
             t.zero_()
-    _all_reduce_coalesced(whole + partial, dist.group.WORLD, "replicated_all_reduce",
-                          get_data_parallel_world_size())
+    _all_reduce_coalesced(whole + partial, get_tensor_and_data_parallel_group(),
+                          "replicated_all_reduce", get_data_parallel_world_size())

@@ -9,11 +9,14 @@ After backward each rank's gradients are not yet the model's:
     the split region (the LayerNorms, ToyModel's fc; marked `grad_is_partial`) saw 1/TP of the
     rows on each rank, so their gradients are partial sums, summed over the tensor-parallel
     group (Megatron's `_allreduce_layernorm_grads`);
-  * (pipeline parallelism, the next chapter: the tied embedding's copies on the first and last
-    stages, summed over the embedding group, Megatron's `_allreduce_embedding_grads`.)
+  * pipeline parallelism (Narayanan et al., 2021): the tied word embeddings live on the first
+    stage (the lookup) and the last (the output layer), each copy with the gradient of its own
+    use; summed over the embedding group, both take the step the serial model's one weight
+    takes, and stay equal (Megatron's `_allreduce_embedding_grads`).
 
-The loss the ranks report is finished alongside, where the model says it is a partial sum
-(`model.loss_is_partial`: ToyModel's under sequence parallelism).
+The loss the ranks report is finished alongside: the sum of the micro-batches' shares, averaged
+over the replicas where the model says it is a partial sum (`loss_is_partial`: ToyModel's under
+sequence parallelism), and sent from the pipeline's last stage, where it is computed, to all.
 """
 
 import torch
@@ -23,14 +26,30 @@ import parallel_state as ps
 from sequence_parallel import allreduce_sequence_parallel_grads
 
 
-def finalize_model_grads(model, params, loss: torch.Tensor) -> torch.Tensor:
+def finalize_model_grads(model, params, losses) -> torch.Tensor:
     """Finish every gradient in `params` (under bf16 the fp32 main parameters, which hold them)
-    and the loss; returns the loss every rank reports."""
+    and the loss from this rank's `losses` (the micro-batches' shares of the batch's loss: on
+    the last pipeline stage, none before it); returns the loss every rank reports. `model`:
+    this rank's chunks of the model."""
+    loss = losses[0] if losses else params[0].new_zeros(())
+    for share in losses[1:]:  # in order, as train.py adds them
+        loss = loss + share
+    partial = model[-1].loss_is_partial
     if ps.get_data_parallel_world_size() > 1:  # replicas saw different rows: average them
-        return average_over_data_parallel_replicas(params, loss, model.loss_is_partial)
-    if model.loss_is_partial or any(getattr(p, "grad_is_partial", False) for p in params):
-        return allreduce_sequence_parallel_grads(params, loss, model.loss_is_partial)
-    return loss.detach()
+        loss = average_over_data_parallel_replicas(params, loss, partial)
+    elif partial or any(getattr(p, "grad_is_partial", False) for p in params):
+        loss = allreduce_sequence_parallel_grads(params, loss, partial)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        allreduce_embedding_grads(params)
+    return comm.broadcast_from_last_stage(loss.detach())
+
+
+def allreduce_embedding_grads(params):
+    """The tied word embeddings' two gradients summed: the first stage's (the lookup's) and the
+    last stage's (the output layer's), marked `shared_embedding` by the model."""
+    shared = [p.grad for p in params if getattr(p, "shared_embedding", False)]
+    if shared:  # the stages between hold neither
+        comm.sum_over_embedding_group(shared)
 
 
 def average_over_data_parallel_replicas(params, loss, loss_is_partial):

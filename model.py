@@ -4,6 +4,10 @@
 ReLU for GeLU and no dropout. With tensor_parallel=True the same model is
 built with fc1 split by columns and fc2 by rows; `fc` stays replicated on
 every rank. The swap happens in `MLP.__init__` and nowhere else.
+
+With pipeline parallelism (Narayanan et al., 2021) the model is two stages, the MLP | fc:
+the first stage keeps `mlp` (pre_process, Megatron's name), the last keeps `fc` and the loss
+(post_process); schedules.py moves the activations between them.
 """
 
 import torch.nn as nn
@@ -43,7 +47,7 @@ class ToyModel(nn.Module):
     """
 
     def __init__(self, input_size=64, hidden_size=None, tensor_parallel=False,
-                 sequence_parallel=False, dtype=None):
+                 sequence_parallel=False, dtype=None, pre_process=True, post_process=True):
         super().__init__()
         hidden_size = hidden_size or 32 * input_size
         self.mlp = MLP(input_size, hidden_size, tensor_parallel, sequence_parallel, dtype=dtype)
@@ -51,9 +55,20 @@ class ToyModel(nn.Module):
         # Under sequence parallelism fc sees this rank's rows only: its gradient is partial,
         # summed after backward (as Megatron marks its LayerNorm weights).
         self.fc.weight.grad_is_partial = sequence_parallel
+        self.sequence_parallel = (sequence_parallel and tensor_parallel
+                                  and ps.get_tensor_model_parallel_world_size() > 1)
+        # A pipeline stage keeps its part; both drew the whole model, so both hold serial's.
+        if not pre_process:
+            self.mlp = None
+        if not post_process:
+            self.fc = None
 
     def forward(self, x):
-        return self.fc(self.mlp(x))
+        """The stage's part: the MLP on the data, fc on the MLP's output (the whole model when
+        there is one stage)."""
+        if self.mlp is not None:
+            x = self.mlp(x)
+        return x if self.fc is None else self.fc(x)
 
     def loss(self, outputs, targets):
         """Mean squared error over the batch's rows, in the targets' dtype (fp32 under bf16, as
@@ -65,6 +80,6 @@ class ToyModel(nn.Module):
 
     @property
     def loss_is_partial(self):
-        """True under sequence parallelism (not while validation switches it off): each rank's
-        loss is over its own rows."""
-        return getattr(self.mlp.fc1, "sequence_parallel", False)
+        """True under sequence parallelism (not while validation switches it off,
+        sequence_parallel.sequence_parallel_disabled): each rank's loss is over its own rows."""
+        return self.sequence_parallel

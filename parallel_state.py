@@ -1,5 +1,5 @@
-"""The process groups: which ranks split a layer and which hold replicas (Megatron-LM, App. B.1,
-Fig. 8).
+"""The process groups: which ranks split a layer, which hold replicas (Megatron-LM, App. B.1,
+Fig. 8), and which hold the stages of one pipeline (Narayanan et al., 2021, Sec. 3).
 
 Megatron-LM keeps its process groups in module-level globals behind small getters
 (megatron/core/parallel_state.py); so do we. What moves over the groups, counted and held to
@@ -10,6 +10,12 @@ import torch.distributed as dist
 
 _TENSOR_MODEL_PARALLEL_GROUP = None
 _DATA_PARALLEL_GROUP = None
+_TENSOR_AND_DATA_PARALLEL_GROUP = None  # the ranks of one pipeline stage
+_PIPELINE_MODEL_PARALLEL_GROUP = None
+_PIPELINE_GLOBAL_RANKS = None  # this rank's pipeline, stage by stage
+_EMBEDDING_GROUP = None  # the first and the last stage: the tied word embeddings' two copies
+_VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = None  # the model chunk running now (interleaved 1F1B)
+_VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
 
 
 class UserError(Exception):
@@ -22,33 +28,55 @@ class ParallelConfigError(UserError, ValueError):
     """A user error in the parallel set-up; the message says what to do."""
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
-    """Split the world (DP x TP ranks) into tensor- and data-parallel groups.
+def initialize_model_parallel(tensor_model_parallel_size: int = 1,
+                              pipeline_model_parallel_size: int = 1,
+                              virtual_pipeline_model_parallel_size=None) -> None:
+    """Split the world (DP x PP x TP ranks) into tensor-, data- and pipeline-parallel groups,
+    in Megatron's rank order: TP fastest, then DP, then PP.
 
     Tensor-parallel groups are runs of consecutive ranks, as in Megatron: with
-    6 ranks and TP 2 they are [0, 1], [2, 3], [4, 5]. Consecutive ranks share a
-    node, and the tensor-parallel all-reduces are the most frequent, so they
-    get the fastest links. Data-parallel groups hold the ranks with the same
-    tensor-parallel rank ([0, 2, 4], [1, 3, 5]): each holds the same shard of
-    a different replica, so their gradients can be averaged element-wise.
+    8 ranks, TP 2 and PP 2 they are [0, 1], [2, 3], [4, 5], [6, 7]. Consecutive ranks share a
+    node, and the tensor-parallel all-reduces are the most frequent, so they get the fastest
+    links. Data-parallel groups hold the ranks of one pipeline stage with the same
+    tensor-parallel rank ([0, 2], [1, 3], [4, 6], [5, 7]): each holds the same shard of a
+    different replica, so their gradients can be averaged element-wise. Pipeline groups hold
+    one rank of each stage ([0, 4], [1, 5], [2, 6], [3, 7]): stage s sends its activations to
+    stage s + 1, point to point, the least frequent and smallest traffic, over the slowest
+    links (Sec. 3.2). The embedding group is each pipeline's first and last stage.
     """
-    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP
-    world_size, tp = dist.get_world_size(), tensor_model_parallel_size
-    if world_size % tp != 0:
+    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
+    global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
+    global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
+    world_size, tp, pp = dist.get_world_size(), tensor_model_parallel_size, \
+        pipeline_model_parallel_size
+    if world_size % (tp * pp) != 0:
         raise ParallelConfigError(
-            f"world size {world_size} is not divisible by --tensor_model_parallel_size "
-            f"{tp}; launch a multiple of it with torchrun --nproc_per_node")
-    rank = dist.get_rank()
-    for start in range(0, world_size, tp):  # every rank must create every group
-        ranks = list(range(start, start + tp))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            _TENSOR_MODEL_PARALLEL_GROUP = group
-    for tp_rank in range(tp):
-        ranks = list(range(tp_rank, world_size, tp))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            _DATA_PARALLEL_GROUP = group
+            f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp} x "
+            f"--pipeline_model_parallel_size {pp}; launch a multiple of {tp * pp} ranks with "
+            "torchrun --nproc_per_node")
+    rank, stage_size = dist.get_rank(), world_size // pp  # the ranks of one pipeline stage
+
+    def mine(groups):
+        """Create every group (every rank must, in the same order); (this rank's, its ranks)."""
+        found = None, None
+        for ranks in groups:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                found = group, ranks
+        return found
+
+    _TENSOR_MODEL_PARALLEL_GROUP, _ = mine(
+        [list(range(start, start + tp)) for start in range(0, world_size, tp)])
+    _DATA_PARALLEL_GROUP, _ = mine(
+        [list(range(stage * stage_size + tp_rank, (stage + 1) * stage_size, tp))
+         for stage in range(pp) for tp_rank in range(tp)])
+    _TENSOR_AND_DATA_PARALLEL_GROUP, _ = mine(
+        [list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)])
+    pipelines = [list(range(first, world_size, stage_size)) for first in range(stage_size)]
+    _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = mine(pipelines)
+    _EMBEDDING_GROUP, _ = mine([sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
+    _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = virtual_pipeline_model_parallel_size
+    _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = 0 if virtual_pipeline_model_parallel_size else None
 
 
 def model_parallel_is_initialized() -> bool:
@@ -82,6 +110,74 @@ def get_data_parallel_rank() -> int:
     return dist.get_rank(group=get_data_parallel_group())
 
 
+def get_tensor_and_data_parallel_group():
+    """The ranks of this rank's pipeline stage (every rank, without pipeline parallelism)."""
+    assert _TENSOR_AND_DATA_PARALLEL_GROUP is not None, "call initialize_model_parallel() first"
+    return _TENSOR_AND_DATA_PARALLEL_GROUP
+
+
+def get_pipeline_model_parallel_group():
+    assert _PIPELINE_MODEL_PARALLEL_GROUP is not None, "call initialize_model_parallel() first"
+    return _PIPELINE_MODEL_PARALLEL_GROUP
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return dist.get_world_size(group=get_pipeline_model_parallel_group())
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return dist.get_rank(group=get_pipeline_model_parallel_group())
+
+
+def get_pipeline_model_parallel_next_rank() -> int:  # global ranks; the last stage's next is 0
+    return _PIPELINE_GLOBAL_RANKS[(get_pipeline_model_parallel_rank() + 1) %
+                                  len(_PIPELINE_GLOBAL_RANKS)]
+
+
+def get_pipeline_model_parallel_prev_rank() -> int:
+    return _PIPELINE_GLOBAL_RANKS[get_pipeline_model_parallel_rank() - 1]
+
+
+def get_pipeline_model_parallel_last_rank() -> int:  # where the loss is computed
+    return _PIPELINE_GLOBAL_RANKS[-1]
+
+
+def get_embedding_group():
+    assert _EMBEDDING_GROUP is not None, "call initialize_model_parallel() first"
+    return _EMBEDDING_GROUP
+
+
+def get_virtual_pipeline_model_parallel_world_size():
+    return _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
+
+
+def get_virtual_pipeline_model_parallel_rank():
+    return _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK
+
+
+def set_virtual_pipeline_model_parallel_rank(rank) -> None:
+    """The model chunk the interleaved schedule runs now (schedules.py)."""
+    global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK
+    _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = rank
+
+
+def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
+    """This rank holds the model's first layers (with interleaving: and runs its first chunk)."""
+    if not ignore_virtual and get_virtual_pipeline_model_parallel_world_size():
+        if get_virtual_pipeline_model_parallel_rank() != 0:
+            return False
+    return get_pipeline_model_parallel_rank() == 0
+
+
+def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
+    """This rank holds the model's last layers and the loss (with interleaving: runs its last
+    chunk)."""
+    chunks = get_virtual_pipeline_model_parallel_world_size()
+    if not ignore_virtual and chunks and get_virtual_pipeline_model_parallel_rank() != chunks - 1:
+        return False
+    return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
+
+
 def destroy_model_parallel(barrier: bool = True) -> None:
     """Leave the job.
 
@@ -89,9 +185,13 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     still in a collective can abort the peer ("terminate called without an
     active exception"). Skip it only when peers may never reach it.
     """
-    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP
+    global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
+    global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
+    global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
     if dist.is_initialized():
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-    _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = None
+    _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _PIPELINE_MODEL_PARALLEL_GROUP = None
+    _TENSOR_AND_DATA_PARALLEL_GROUP = _PIPELINE_GLOBAL_RANKS = _EMBEDDING_GROUP = None
+    _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None

@@ -8,17 +8,21 @@ replica's share), what happens after backward when some gradients hold only
 part of the batch, checkpoints, and the shards put back together into a serial
 state_dict. Every rank computes the same loss; the logbook checks it.
 
-World size = data-parallel size x tensor-parallel size; --batch_size is the
-global batch, split evenly between the data-parallel replicas. The flags and
-their checks are in training/arguments.py.
+World size = data-parallel size x pipeline-parallel size x tensor-parallel
+size; --batch_size is the global batch, split evenly between the data-parallel
+replicas, and each replica's share into micro-batches of --micro_batch_size
+rows that run through the pipeline's stages (schedules.py). The flags and their
+checks are in training/arguments.py.
 """
 
 import torch
+import torch.nn as nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import communication as comm
 import parallel_state as ps
 from finalize_model_grads import finalize_model_grads
+from schedules import forward_only, get_forward_backward_func
 from sequence_parallel import sequence_parallel_disabled
 from train import build_model, evaluate, holds, load_data, make_optimizer
 from training import initialize
@@ -43,54 +47,124 @@ from training.operations import (
 
 
 def train(model, optimizer, batches, logbook, args, start=0):
-    """train.py's loop, and what parallelism adds after backward (finalize_model_grads)."""
+    """train.py's loop through the pipeline's schedule, and what parallelism adds after backward
+    (finalize_model_grads). `model`: this rank's chunks of the model (one, unless interleaved)."""
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
+    forward_backward = get_forward_backward_func(args.pipeline_schedule)
+    shape = tensor_shape(args, args.micro_batch_size)
     comm.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
     model.train()
     for it in range(start + 1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        # ToyModel's mean squared error, the transformer's cross-entropy with the logits left
-        # split (Sec. 3); under sequence parallelism ToyModel's is this rank's rows' share.
-        loss = model.loss(model(inputs), targets)
-        loss.backward()
-        loss = finalize_model_grads(model, params, loss)  # data- and sequence-parallel sums
+        # The micro-batches' forward and backward through the stages (one stage without a
+        # pipeline); on the last, the loss: ToyModel's mean squared error, the transformer's
+        # cross-entropy with the logits left split (Sec. 3).
+        losses = forward_backward(forward_step, microbatches(inputs, targets, args), model,
+                                  shape, args.torch_dtype)
+        # Data-parallel, sequence-parallel and the tied embedding's sums; every rank's loss.
+        loss = finalize_model_grads(model, params, losses)
         # The global norm over every rank's shards (training/clip_grads.py), once the sums are done.
         grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None
         optimizer.step()
         logbook.step(it, loss, grad_norm)  # logging, validation, the ranks' agreement, checkpoints
 
 
+def forward_step(model_chunk, microbatch, input_tensor):
+    """One micro-batch through one chunk of the model: from its data on the first stage, from
+    the previous stage's activation after it; on the last stage, its loss."""
+    inputs, targets = microbatch
+    output = model_chunk(inputs if input_tensor is None else input_tensor)
+    return model_chunk.loss(output, targets) if ps.is_pipeline_last_stage() else output
+
+
 def this_ranks_rows(args):
-    """This replica's rows of every global batch; under sequence parallelism, this rank's of
-    those (the ToyModel's: the transformer splits its sequence instead)."""
-    tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
+    """This replica's rows of every global batch."""
     n = args.batch_size // ps.get_data_parallel_world_size()
-    rows = slice(ps.get_data_parallel_rank() * n, (ps.get_data_parallel_rank() + 1) * n)
-    if args.sequence_parallel and args.model == "toy":
-        rows = slice(rows.start + tp_rank * n // tp, rows.start + (tp_rank + 1) * n // tp)
-    return rows
+    return slice(ps.get_data_parallel_rank() * n, (ps.get_data_parallel_rank() + 1) * n)
+
+
+def microbatches(inputs, targets, args, rows=None, sequence_parallel=None):
+    """The replica's batch as micro-batches of `rows` (--micro_batch_size); under the ToyModel's
+    sequence parallelism, this rank's rows of each (the transformer splits its sequence)."""
+    rows = rows or args.micro_batch_size
+    parts = list(zip(inputs.split(rows), targets.split(rows)))
+    sp = args.sequence_parallel if sequence_parallel is None else sequence_parallel
+    if sp and args.model == "toy" and args.tensor_model_parallel_size > 1:
+        tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
+        parts = [(x.chunk(tp)[tp_rank], y.chunk(tp)[tp_rank]) for x, y in parts]
+    return parts
+
+
+def tensor_shape(args, rows, sequence_parallel=None):
+    """The activation a stage sends the next for a micro-batch of `rows` (agreed in advance, as
+    Megatron computes it from seq_length, micro_batch_size and hidden_size); under sequence
+    parallelism this rank's part of it."""
+    sp = args.sequence_parallel if sequence_parallel is None else sequence_parallel
+    tp = args.tensor_model_parallel_size if sp else 1
+    if args.model == "toy":
+        return (rows // tp, args.input_size)
+    return (args.seq_length // tp, rows, args.input_size)
+
+
+def build_chunks(args, device):
+    """This rank's chunks of the model: its pipeline stage, or (interleaved) its V chunks, chunk c
+    of rank r holding the transformer's blocks (c P + r) L ... (c P + r + 1) L - 1 (Megatron's
+    layout; L = layers / (P V)). One chunk, the whole model, without a pipeline."""
+    p, v = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size or 1
+    per_chunk = args.num_layers // (p * v)
+    chunks = []
+    for c in range(v):
+        ps.set_virtual_pipeline_model_parallel_rank(c if v > 1 else None)
+        first = (c * p + ps.get_pipeline_model_parallel_rank()) * per_chunk
+        layers = range(first, first + per_chunk) if p > 1 else None
+        chunks.append(build_model(args, device, tensor_parallel=True,
+                                  sequence_parallel=args.sequence_parallel,
+                                  pre_process=ps.is_pipeline_first_stage(),
+                                  post_process=ps.is_pipeline_last_stage(), layers=layers))
+    ps.set_virtual_pipeline_model_parallel_rank(0 if v > 1 else None)
+    return nn.ModuleList(chunks).to(device)
+
+
+@torch.no_grad()
+def evaluate_pipeline(model, inputs, targets, args, chunk_rows=1024):
+    """train.evaluate's loss, the rows in the same chunks, through the pipeline's stages
+    (forward only); every rank returns the last stage's."""
+    model.eval()
+    parts = microbatches(inputs, targets, args, chunk_rows, sequence_parallel=False)
+    shapes = [tensor_shape(args, len(x), sequence_parallel=False) for x, _ in parts]
+    step = lambda chunk, part, x: chunk(part[0] if x is None else x)
+    outputs = forward_only(step, parts, model, shapes, args.torch_dtype)
+    loss = torch.zeros((), dtype=torch.float64, device=comm.get_device())
+    if outputs:  # the last stage: serial's loss from serial's outputs
+        loss += evaluate(model[-1], inputs, targets, chunk_rows, outputs)
+    model.train()
+    return comm.broadcast_from_last_stage(loss).item()
 
 
 def run(args, device, precision):
-    ps.initialize_model_parallel(args.tensor_model_parallel_size)
+    ps.initialize_model_parallel(args.tensor_model_parallel_size,
+                                 args.pipeline_model_parallel_size,
+                                 args.virtual_pipeline_model_parallel_size)
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
-    model = build_model(args, device, tensor_parallel=True,
-                        sequence_parallel=args.sequence_parallel)
-    model = model.to(device)
+    model = build_chunks(args, device)
     comm.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
     optimizer = make_optimizer(model, args)
     main = main_model(model, optimizer)  # what checkpoints hold: fp32 main parameters under bf16
     (X, y), valid = on_every_rank(load_data, args)
     set_identity(args, X, y)  # whose the checkpoints are
-    start = on_every_rank(load_checkpoint, args.load, main, optimizer, args) if args.load else 0
+    # Checkpoints hold the one chunk there is without a pipeline (arguments.py refuses --save
+    # and --load with one).
+    start = on_every_rank(load_checkpoint, args.load, main[0], optimizer, args) if args.load else 0
     batches = iterate_batches(*to_tensors(X, y, args, device), args.batch_size, start,
                               this_ranks_rows(args))
     valid = to_tensors(*valid, args, device)
 
     def validate():  # every rank, every row: validation saves nothing for backward
         with sequence_parallel_disabled(model):
-            return evaluate(model, *valid)
+            if args.pipeline_model_parallel_size > 1:
+                return evaluate_pipeline(model, *valid, args)
+            return evaluate(model[0], *valid)
 
     rank = torch.distributed.get_rank()
     metrics = None
@@ -104,13 +178,30 @@ def run(args, device, precision):
     with Logbook(args, validate, metrics, log_prefix, start) as logbook:
         if args.save:
             logbook.save_every(args.save_interval,
-                               lambda it: save_checkpoint(args.save, it, main, optimizer, args))
+                               lambda it: save_checkpoint(args.save, it, main[0], optimizer, args))
         train(model, optimizer, batches, logbook, args, start)
-    state = gather_serial_state_dict(main)
+    state = serial_state_dict(main)
     if rank == 0:
         save_model(state, args.out_dir)
         report_communication(logbook.first_step_comm, args)
         print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt{holds(args)}")
+
+
+def serial_state_dict(main):
+    """The serial model's state_dict (on global rank 0; None elsewhere): each chunk's shards put
+    together over the tensor-parallel group, then every stage's parameters, the first stage's
+    word embeddings kept (the last stage's copy is equal: finalize_model_grads.py)."""
+    state = {}
+    for chunk in main:
+        state.update(gather_serial_state_dict(chunk))
+    stages = comm.gather_over_pipeline(state)
+    if stages is None:
+        return None
+    merged = {}
+    for stage in stages:
+        for name, tensor in stage.items():
+            merged.setdefault(name, tensor)
+    return merged
 
 
 def main():

@@ -33,10 +33,13 @@ from training.reorder import reorder_sums
 from transformer import ToyTransformer
 
 
-def build_model(args, device, tensor_parallel=False, sequence_parallel=False):
+def build_model(args, device, tensor_parallel=False, sequence_parallel=False, pre_process=True,
+                post_process=True, layers=None):
     """The same model for every run: nn.Linear's init from --seed, or --init_from's weights.
     Built on the CPU, in fp32 for a bf16 run (make_optimizer casts it); `device` is where it
-    will run (dropout's streams live there)."""
+    will run (dropout's streams live there). A pipeline stage (parallel_train.py) is the same
+    model holding its part: the first stage's inputs (pre_process), the last stage's output
+    and loss (post_process), the transformer's `layers`."""
     model_parallel_manual_seed(args.seed, device)  # and dropout's streams (rng_tracker.py)
     if args.model == "transformer":
         model = ToyTransformer(args.vocab_size, args.seq_length, args.input_size, args.hidden_size,
@@ -44,12 +47,17 @@ def build_model(args, device, tensor_parallel=False, sequence_parallel=False):
                                args.dropout, sequence_parallel, dtype=args.main_dtype,
                                recompute_granularity=args.recompute_granularity,
                                distribute_saved_activations=getattr(
-                                   args, "distribute_saved_activations", False))
+                                   args, "distribute_saved_activations", False),
+                               pre_process=pre_process, post_process=post_process, layers=layers)
     else:
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
-                         dtype=args.main_dtype)
+                         dtype=args.main_dtype, pre_process=pre_process, post_process=post_process)
     if args.init_from:
-        load_serial_state_dict(model, read_state_dict(args.init_from))
+        state = read_state_dict(args.init_from)
+        if not (pre_process and post_process and layers is None):  # a stage: its part of it
+            names = dict(model.named_parameters())
+            state = {name: tensor for name, tensor in state.items() if name in names}
+        load_serial_state_dict(model, state)
     return model
 
 
@@ -61,15 +69,18 @@ def load_data(args):
 
 
 @torch.no_grad()
-def evaluate(model, inputs, targets, chunk_rows=1024):
+def evaluate(model, inputs, targets, chunk_rows=1024, outputs=None):
     """The loss over a whole split, in chunks to bound activation memory: mean squared error, or
-    the transformer's mean cross-entropy over every token."""
+    the transformer's mean cross-entropy over every token. `outputs`: the model's, chunk by
+    chunk, when they were computed already (a pipeline's stages, parallel_train.py)."""
     model.eval()
+    outputs = None if outputs is None else iter(outputs)
+    run = model if outputs is None else lambda x: next(outputs)
     if isinstance(model, ToyTransformer):
         chunks = zip(inputs.split(chunk_rows), targets.split(chunk_rows))
-        loss = sum(model.loss(model(x), y).item() * len(x) for x, y in chunks) / len(inputs)
+        loss = sum(model.loss(run(x), y).item() * len(x) for x, y in chunks) / len(inputs)
     else:
-        outputs = torch.cat([model(x)[:, 0] for x in inputs.split(chunk_rows)])
+        outputs = torch.cat([run(x)[:, 0] for x in inputs.split(chunk_rows)])
         loss = F.mse_loss(outputs.to(targets.dtype), targets).item()
     model.train()
     return loss
@@ -87,15 +98,16 @@ def make_optimizer(model, args):
 def train(model, optimizer, batches, logbook, args):
     """The training loop. parallel_train.py's adds what parallelism needs after backward."""
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
-    # --reorder_seed splits the batch's sums too: two micro-batches, their gradients added.
-    micro_batches = 1 if args.reorder_seed is None else 2
+    # --micro_batch_size: the batch's gradients summed over micro-batches, as a pipeline sums
+    # them (and --reorder_seed's two, which split the batch's sums).
+    m, rows = args.num_microbatches, args.micro_batch_size
     model.train()
     for it in range(1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
-        for x, y in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
-            part = model.loss(model(x), y) * (len(x) / len(inputs))  # its share of the mean
+        for x, y in zip(inputs.split(rows), targets.split(rows)):
+            part = model.loss(model(x), y) / m  # its share of the mean
             part.backward()
             loss += part.detach()
         grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None

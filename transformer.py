@@ -40,6 +40,13 @@ swapped in, in `__init__`s below and nowhere else:
 The blocks work on (sequence, batch, width), Megatron's layout, so that the
 sequence is the first dimension, the one sequence parallelism splits.
 
+Pipeline parallelism (Narayanan et al., 2021): a stage (or, interleaved, a chunk of one) is
+the same class holding some of the blocks (`layers`, numbered as in the whole model), the
+embeddings if it is the first (pre_process, Megatron's name), the final LayerNorm, the output
+layer and the loss if it is the last (post_process). The last stage's output layer is its own
+copy of the word embeddings, equal to the first stage's at the start; their gradients are
+summed before every step (finalize_model_grads.py), so the copies stay equal.
+
 Position embeddings and LayerNorms are replicated on every rank.
 """
 
@@ -184,7 +191,8 @@ class ToyTransformer(nn.Module):
 
     def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
                  tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None,
-                 recompute_granularity=None, distribute_saved_activations=False):
+                 recompute_granularity=None, distribute_saved_activations=False,
+                 pre_process=True, post_process=True, layers=None):
         super().__init__()
         self.vocab_size, self.tensor_parallel = vocab_size, tensor_parallel
         self.sequence_parallel = sequence_parallel and tensor_parallel
@@ -205,11 +213,23 @@ class ToyTransformer(nn.Module):
             init(self.word_embeddings.weight)
         self.position_embeddings = nn.Embedding(seq_length, width, dtype=dtype)
         init(self.position_embeddings.weight)
-        self.blocks = nn.ModuleList(
-            Block(width, hidden, num_heads, tensor_parallel, dropout, self.sequence_parallel,
-                  dtype, checkpoint_core_attention=recompute_granularity == "selective")
-            for _ in range(num_layers))
+        blocks = [Block(width, hidden, num_heads, tensor_parallel, dropout, self.sequence_parallel,
+                        dtype, checkpoint_core_attention=recompute_granularity == "selective")
+                  for _ in range(num_layers)]
+        # This stage's blocks, named by their number in the whole model (every stage drew them
+        # all, from the same generator: each holds serial's weights).
+        layers = range(num_layers) if layers is None else layers
+        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in layers})
         self.ln_f = nn.LayerNorm(width, dtype=dtype)
+        self.pre_process, self.post_process = pre_process, post_process
+        if not pre_process:
+            del self.position_embeddings
+            if not post_process:
+                del self.word_embeddings
+        if not post_process:
+            del self.ln_f
+        if pre_process != post_process:  # the first stage's or the last's copy: summed
+            self.word_embeddings.weight.shared_embedding = True
         self.dropout = dropout
         for module in self.modules():  # their gradients come from 1/p of the tokens: summed
             if isinstance(module, nn.LayerNorm):
@@ -218,21 +238,33 @@ class ToyTransformer(nn.Module):
 
     def forward(self, tokens):
         """The final hidden states, (seq, batch, width), or this rank's rows of the sequence
-        under sequence parallelism; `loss` turns them into the loss."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.word_embeddings(tokens) + self.position_embeddings(positions)
-        x = x.transpose(0, 1).contiguous()  # (seq, batch, width)
-        if self.sequence_parallel:
-            x = scatter_to_sequence_parallel_region(x)
-        x = dropout_outside(x, self.dropout, self.training, self.sequence_parallel)
-        for block in self.blocks:
+        under sequence parallelism; `loss` turns them into the loss. A stage after the first
+        takes the previous stage's output instead of tokens, and one before the last returns
+        its blocks' output."""
+        x = self.embed(tokens) if self.pre_process else tokens
+        for block in self.blocks.values():
             if self.recompute_granularity == "full" and self.training:
                 # Activation recomputation, full (Korthikanti et al., Sec. 5): keep the block's
                 # input (1/p of it on each rank), run the block again in backward; recompute.py.
                 x = checkpoint(block, self.distribute_saved_activations, x)
             else:
                 x = block(x)
-        return self.ln_f(x)
+        return self.ln_f(x) if self.post_process else x
+
+    def embed(self, tokens):
+        """Word + position embeddings, (seq, batch, width) (this rank's rows under SP)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.word_embeddings(tokens) + self.position_embeddings(positions)
+        x = x.transpose(0, 1).contiguous()  # (seq, batch, width)
+        if self.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)
+        return dropout_outside(x, self.dropout, self.training, self.sequence_parallel)
+
+    def shared_embedding_or_output_weight(self):
+        """The tied weight: the word embeddings on the first stage, their copy, the output layer,
+        on the last (Megatron's name); None on the stages between."""
+        embeddings = getattr(self, "word_embeddings", None)
+        return None if embeddings is None else embeddings.weight
 
     def loss(self, hidden, targets):
         """Mean cross-entropy of the next token (targets: (batch, seq)), through the tied output

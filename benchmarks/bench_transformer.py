@@ -71,7 +71,7 @@ def parallelize_with_dtensor(model, mesh):
     )
     tp = mesh.size()
     plan = {"word_embeddings": RowwiseParallel(input_layouts=Replicate())}
-    for i, block in enumerate(model.blocks):
+    for i, block in model.blocks.items():
         plan.update({f"blocks.{i}.attention.query_key_value": ColwiseParallel(),
                      f"blocks.{i}.attention.dense": RowwiseParallel(),
                      f"blocks.{i}.mlp.fc1": ColwiseParallel(),

@@ -144,7 +144,7 @@ def saved_activations(step, batch):
         saved["per_layer"] = 0
         hooks += [module.register_forward_pre_hook(
             lambda *_, now=now: in_blocks.__setitem__(0, now))
-            for module, now in ((blocks[0], True), (model.ln_f, False))]
+            for module, now in ((next(iter(blocks.values())), True), (model.ln_f, False))]
 
     def pack(t):
         t = local(t)

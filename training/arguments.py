@@ -58,6 +58,10 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
     p.add_argument("--num_attention_heads", type=int, default=4)
     p.add_argument("--num_layers", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.0, help="transformer: dropout probability")
+    p.add_argument("--micro_batch_size", type=int, default=None, metavar="B",
+                   help="each replica's batch as micro-batches of B rows whose gradients add up "
+                        "before the step (Megatron's; default: one micro-batch); the pipeline "
+                        "runs them through its stages")
     p.add_argument("--recompute_granularity", choices=["full", "selective"], default=None,
                    help="transformer: recompute in backward each block (full) or its attention "
                         "core (selective) instead of keeping their activations (recompute.py)")
@@ -138,7 +142,9 @@ def parse_args(parser, argv=None):
 # The flags of one script only: given to the other, they get a line that says whose they are.
 PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes",
                  "--distributed_backend", "--sequence_parallel", "--tp_reduce_dtype", "--save",
-                 "--save_interval", "--load", "--distribute_saved_activations")
+                 "--save_interval", "--load", "--distribute_saved_activations",
+                 "--pipeline_model_parallel_size", "--pipeline_schedule",
+                 "--virtual_pipeline_model_parallel_size")
 SERIAL_ONLY = ("--reorder_seed",)
 
 
@@ -162,13 +168,16 @@ def get_args(argv=None):
         if not 0 <= args.reorder_seed < 2**63:
             parser.error(f"--reorder_seed must be an integer from 0 to 2**63 - 1, got "
                          f"{args.reorder_seed}")
-        if args.batch_size < 2:
-            parser.error("--reorder_seed takes each batch as two micro-batches: give it "
-                         "--batch_size 2 or more")
+        if args.micro_batch_size is None and (args.batch_size < 2 or args.batch_size % 2):
+            parser.error("--reorder_seed takes each batch as two micro-batches: give it an even "
+                         "--batch_size")
+        if args.micro_batch_size is None:
+            args.micro_batch_size = args.batch_size // 2
         if args.model == "transformer" and args.dropout > 0:
             parser.error("--reorder_seed with --dropout: the attention's dropout masks would "
                          "fall on other heads, which is another run, not round-off; use "
                          "--dropout 0")
+    check_micro_batches(parser, args, args.batch_size)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
     return args
@@ -198,6 +207,14 @@ def get_parallel_args(argv=None):
                         help="the dtype the tensor-parallel all-reduces and reduce-scatters sum "
                              "bf16 activations in: their own (as Megatron) or float32 (twice the "
                              "bytes)")
+    parser.add_argument("--pipeline_model_parallel_size", type=int, default=1, metavar="P",
+                        help="split the model's layers into P stages (Narayanan et al., 2021; "
+                             "the toy model: 2, the MLP | fc)")
+    parser.add_argument("--pipeline_schedule", choices=["1f1b", "gpipe"], default="1f1b",
+                        help="the micro-batches' order through the stages (schedules.py)")
+    parser.add_argument("--virtual_pipeline_model_parallel_size", type=int, default=None,
+                        metavar="V", help="transformer: V chunks of blocks per stage, the "
+                                          "interleaved 1F1B schedule")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=None,
                         help="checkpoint every N iterations (default 100), and at the end")
@@ -246,19 +263,70 @@ def get_parallel_args(argv=None):
     if world_size % tp != 0:
         parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
                      f"{tp}; launch a multiple of {tp} processes")
-    dp = world_size // tp
+    pp = args.pipeline_model_parallel_size
+    if world_size % (tp * pp) != 0:
+        parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
+                     f"{tp} x --pipeline_model_parallel_size {pp}; launch a multiple of {tp * pp} "
+                     "processes")
+    dp = world_size // (tp * pp)
     if args.batch_size % dp != 0:
+        sizes = f"tensor-parallel size {tp}" if pp == 1 else \
+            f"(tensor-parallel size {tp} x pipeline-parallel size {pp})"
         parser.error(f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
-                     f"{dp} (world size {world_size} / tensor-parallel size {tp}); each replica "
-                     "takes an equal share")
+                     f"{dp} (world size {world_size} / {sizes}); each replica takes an equal "
+                     "share")
+    check_micro_batches(parser, args, args.batch_size // dp)
+    check_pipeline(parser, args, tp)
     if args.model == "transformer" and args.num_attention_heads % tp != 0:
         parser.error(f"--num_attention_heads {args.num_attention_heads} is not divisible by "
                      f"--tensor_model_parallel_size {tp}; each rank computes whole heads")
     if args.model == "transformer" and args.sequence_parallel and args.seq_length % tp != 0:
         parser.error(f"--sequence_parallel splits the {args.seq_length} tokens of a sequence "
                      f"between {tp} tensor-parallel ranks; choose a --seq_length that they divide")
-    if args.model == "toy" and args.sequence_parallel and (args.batch_size // dp) % tp != 0:
-        parser.error(f"--sequence_parallel splits each replica's {args.batch_size // dp} rows "
-                     f"between {tp} tensor-parallel ranks; choose a --batch_size that makes them "
-                     "divisible")
+    if args.model == "toy" and args.sequence_parallel and args.micro_batch_size % tp != 0:
+        whose = "replica's" if args.num_microbatches == 1 else "micro-batch's"
+        parser.error(f"--sequence_parallel splits each {whose} {args.micro_batch_size} rows "
+                     f"between {tp} tensor-parallel ranks; choose a --batch_size (or "
+                     "--micro_batch_size) that makes them divisible")
     return args
+
+
+def check_micro_batches(parser, args, replica_rows):
+    """--micro_batch_size: m = replica_rows / B micro-batches (B defaults to all of them)."""
+    if args.micro_batch_size is None:
+        args.micro_batch_size = replica_rows
+    if args.micro_batch_size <= 0:
+        parser.error(f"--micro_batch_size must be a positive integer, got {args.micro_batch_size}")
+    if replica_rows % args.micro_batch_size != 0:
+        parser.error(f"--micro_batch_size {args.micro_batch_size} does not divide each replica's "
+                     f"{replica_rows} rows of a batch (--batch_size {args.batch_size} / the "
+                     "data-parallel size): choose one that does")
+    args.num_microbatches = replica_rows // args.micro_batch_size
+
+
+def check_pipeline(parser, args, tp):
+    """--pipeline_model_parallel_size, its schedule and its virtual stages."""
+    pp, v = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
+    if pp <= 0:
+        parser.error(f"--pipeline_model_parallel_size must be a positive integer, got {pp}")
+    if args.model == "toy" and pp > 2:
+        parser.error(f"--pipeline_model_parallel_size {pp}: the toy model has two stages (the MLP "
+                     "| fc); use 1 or 2, or --model transformer")
+    if v is not None and (v <= 1 or pp == 1 or args.model == "toy"):
+        parser.error(f"--virtual_pipeline_model_parallel_size {v} gives each of the transformer's "
+                     "pipeline stages several chunks of blocks: it needs --model transformer, "
+                     "--pipeline_model_parallel_size 2 or more and a size of 2 or more")
+    if v is not None and args.pipeline_schedule == "gpipe":
+        parser.error("--virtual_pipeline_model_parallel_size runs the interleaved 1F1B schedule; "
+                     "leave out --pipeline_schedule gpipe")
+    if v is not None and args.num_microbatches % pp != 0:
+        parser.error(f"the interleaved schedule runs micro-batches in groups of the pipeline size "
+                     f"{pp} (as Megatron's): {args.num_microbatches} micro-batches are not; choose "
+                     "--micro_batch_size so that they are")
+    chunks = pp * (v or 1)
+    if args.model == "transformer" and args.num_layers % chunks != 0:
+        parser.error(f"--num_layers {args.num_layers} cannot be split evenly into {chunks} "
+                     f"pipeline chunks (PP {pp} x virtual {v or 1}); choose a multiple of {chunks}")
+    if pp > 1 and (args.save or args.load):
+        parser.error("--save/--load under --pipeline_model_parallel_size > 1: checkpoints of a "
+                     "pipeline are not written yet; train without them (model.pt is written)")

@@ -1,0 +1,155 @@
+"""Point to point between pipeline stages (Narayanan et al., 2021, Sec. 2.2 and 3.2), with the
+function names of Megatron-core's pipeline_parallel/p2p_communication.py.
+
+In forward, stage s sends its output activations to stage s + 1; in backward, stage s + 1 sends
+the gradient of those activations back. The shape is agreed in advance (`tensor_shape`: the
+schedule computes it from the micro-batch size, as Megatron does from seq_length,
+micro_batch_size and hidden_size), so a receive knows what to allocate.
+
+Everything that happens at once goes as one `batch_isend_irecv`: a stage that sends an
+activation forward while it waits for a gradient from the same neighbour must not block on
+either first (two blocking calls in the wrong order deadlock on NCCL). Every tensor passes
+communication.py's rules and counters (`pipeline_send`: its bytes, once).
+
+Under TP_CHECK_COLLECTIVES=1 (the test suite) each tensor is announced before it is sent: a
+header with its number in this direction, kind, dtype and shape travels first, and the receiver
+checks it against what it expects. A send and a receive that do not pair in order, shape and
+dtype fail in one line (PipelineP2PError), where NCCL would hang or read garbage. Every rank
+records its sends and receives in order in `p2p_log`.
+"""
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+import communication as comm
+import parallel_state as ps
+
+p2p_log = []  # ("send" | "recv", peer, "activation" | "gradient", shape, dtype), in order
+_numbered = Counter()  # (send | recv, peer, kind): tensors so far, for the headers
+
+
+class PipelineP2PError(comm.CollectiveRuleError):
+    """A send and its receive do not pair (order, shape or dtype): a bug in a schedule."""
+
+
+def _communicate(tensor_send_next, tensor_send_prev, recv_prev, recv_next, tensor_shape, dtype):
+    """One exchange with the neighbour stages: send an activation to the next stage and/or a
+    gradient to the previous one, receive an activation from the previous stage and/or a
+    gradient from the next one, all in one batch. Returns (from prev, from next)."""
+    next_rank = ps.get_pipeline_model_parallel_next_rank()
+    prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+    sends = [(t, peer, kind) for t, peer, kind in ((tensor_send_next, next_rank, "activation"),
+                                                   (tensor_send_prev, prev_rank, "gradient"))
+             if t is not None]
+    recvs = [(peer, kind) for wanted, peer, kind in ((recv_prev, prev_rank, "activation"),
+                                                     (recv_next, next_rank, "gradient"))
+             if wanted]
+    if comm.CHECK_COLLECTIVES and (sends or recvs):
+        _announce(sends, recvs, tensor_shape, dtype)
+    ops, received = [], {}
+    for tensor, peer, kind in sends:
+        p2p_log.append(("send", peer, kind, tuple(tensor.shape), tensor.dtype))
+        ops.append(dist.P2POp(dist.isend, comm.point_to_point_wire("pipeline_send", tensor),
+                              peer))
+    for peer, kind in recvs:
+        p2p_log.append(("recv", peer, kind, tuple(tensor_shape), dtype))
+        received[kind] = comm.receive_buffer(tensor_shape, dtype)
+        ops.append(dist.P2POp(dist.irecv, received[kind], peer))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    arrived = {kind: t.to(comm.get_device()) for kind, t in received.items()}
+    activation = arrived.get("activation")
+    if activation is not None:  # the input of this stage's forward: backward needs its gradient
+        activation.requires_grad_()
+    return activation, arrived.get("gradient")
+
+
+KINDS = ("activation", "gradient")
+
+
+def _announce(sends, recvs, tensor_shape, dtype):
+    """TP_CHECK_COLLECTIVES: a header per tensor, sent and checked before the tensors."""
+    def header(n, kind, t_dtype, shape):  # uncounted: the check's, not the training's
+        values = [n, KINDS.index(kind), comm.NCCL_DTYPES.index(t_dtype), len(shape), *shape]
+        return comm.receive_buffer((12,), torch.int64).copy_(
+            torch.tensor(values + [-1] * (12 - len(values))))
+    ops, expected, headers = [], [], []
+    for tensor, peer, kind in sends:
+        _numbered["send", peer, kind] += 1
+        h = header(_numbered["send", peer, kind], kind, tensor.dtype, tuple(tensor.shape))
+        ops.append(dist.P2POp(dist.isend, h, peer))
+    for peer, kind in recvs:
+        _numbered["recv", peer, kind] += 1
+        expected.append((peer, header(_numbered["recv", peer, kind], kind, dtype,
+                                      tuple(tensor_shape)).cpu()))
+        headers.append(comm.receive_buffer((12,), torch.int64))
+        ops.append(dist.P2POp(dist.irecv, headers[-1], peer))
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    for (peer, mine), theirs in zip(expected, headers):
+        if not torch.equal(theirs.cpu(), mine):
+            raise PipelineP2PError(
+                f"pipeline: rank {dist.get_rank()} expected from rank {peer} {_said(mine)}, but "
+                f"rank {peer} sent {_said(theirs.cpu())}: the schedule's sends and receives do "
+                "not pair (on NCCL this hangs)")
+
+
+def _said(header):
+    n, kind, dtype, ndim = header[:4].tolist()
+    shape = tuple(header[4:4 + ndim].tolist())
+    return f"{KINDS[kind]} #{n}, {comm.NCCL_DTYPES[dtype]} {shape}"
+
+
+# Megatron's names. On the first stage nothing comes from before it, on the last nothing goes
+# after it: those calls do nothing and return None.
+
+def recv_forward(tensor_shape, dtype):
+    if ps.is_pipeline_first_stage():
+        return None
+    return _communicate(None, None, True, False, tensor_shape, dtype)[0]
+
+
+def recv_backward(tensor_shape, dtype):
+    if ps.is_pipeline_last_stage():
+        return None
+    return _communicate(None, None, False, True, tensor_shape, dtype)[1]
+
+
+def send_forward(output_tensor):
+    if not ps.is_pipeline_last_stage():
+        _communicate(output_tensor, None, False, False, None, None)
+
+
+def send_backward(input_tensor_grad):
+    if not ps.is_pipeline_first_stage():
+        _communicate(None, input_tensor_grad, False, False, None, None)
+
+
+def send_forward_recv_backward(output_tensor, tensor_shape, dtype):
+    if ps.is_pipeline_last_stage():
+        return None
+    return _communicate(output_tensor, None, False, True, tensor_shape, dtype)[1]
+
+
+def send_backward_recv_forward(input_tensor_grad, tensor_shape, dtype):
+    if ps.is_pipeline_first_stage():
+        return None
+    return _communicate(None, input_tensor_grad, True, False, tensor_shape, dtype)[0]
+
+
+def send_forward_recv_forward(output_tensor, recv_prev, tensor_shape, dtype):
+    """Interleaved schedule: this chunk's output on, the next chunk's input in."""
+    return _communicate(output_tensor, None, recv_prev, False, tensor_shape, dtype)[0]
+
+
+def send_backward_recv_backward(input_tensor_grad, recv_next, tensor_shape, dtype):
+    return _communicate(None, input_tensor_grad, False, recv_next, tensor_shape, dtype)[1]
+
+
+def send_forward_backward_recv_forward_backward(output_tensor, input_tensor_grad, recv_prev,
+                                                recv_next, tensor_shape, dtype):
+    return _communicate(output_tensor, input_tensor_grad, recv_prev, recv_next, tensor_shape,
+                        dtype)

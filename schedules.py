@@ -1,0 +1,258 @@
+"""The order in which a step's micro-batches go through the pipeline's stages (Narayanan et al.,
+2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", Sec.
+2.2), with the function names of Megatron-core's pipeline_parallel/schedules.py.
+
+A batch is cut into m micro-batches; stage s runs the forward of a micro-batch when stage s - 1
+has sent it the activation, and its backward when stage s + 1 has sent back that activation's
+gradient (p2p_communication.py). The weights' gradients add up over the micro-batches, and the
+optimizer steps once, after the last backward: the same update as without a pipeline.
+
+  GPipe (Fig. 3, top): every forward, then every backward. The bubble, the time a stage waits
+      at the start and the end of a step, is (p - 1) / m of the ideal time; each stage keeps the
+      activations of all m micro-batches until their backward.
+  1F1B, PipeDream-Flush (Fig. 3, bottom): after a warm-up of p - s - 1 forwards, stage s
+      alternates one forward and one backward. The same bubble, but at most p micro-batches'
+      activations are kept, not m.
+  Interleaved 1F1B (Fig. 4): each rank holds v chunks of layers (rank r: chunks r, r + p, ...);
+      a micro-batch goes round the ranks v times. The bubble is (p - 1) / (v m), for v times
+      the point-to-point traffic.
+
+Every schedule takes `forward_step_func(model_chunk, microbatch, input_tensor)`: the chunk's
+forward on `input_tensor` (None on the first stage, which reads the micro-batch's data), and on
+the last stage the micro-batch's loss. The losses are divided by m (the batch's mean); the last
+stage returns them, the other stages an empty list. Backward runs the micro-batches in order
+0, 1, ..., m - 1 on every stage, so each weight's gradient is summed in the order a serial run
+that accumulates the same micro-batches sums it.
+"""
+
+import torch
+
+import p2p_communication as p2p
+import parallel_state as ps
+
+
+def get_forward_backward_func(pipeline_schedule="1f1b"):
+    """The schedule for this job: no pipeline, GPipe, 1F1B or (with virtual stages) interleaved."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return forward_backward_no_pipelining
+    if ps.get_virtual_pipeline_model_parallel_world_size():
+        return forward_backward_pipelining_with_interleaving
+    return {"1f1b": forward_backward_pipelining_without_interleaving,
+            "gpipe": forward_backward_gpipe}[pipeline_schedule]
+
+
+def forward_step(forward_step_func, model_chunk, microbatch, input_tensor, num_microbatches,
+                 losses):
+    """One micro-batch's forward through one chunk; on the last stage its loss / m."""
+    output_tensor = forward_step_func(model_chunk, microbatch, input_tensor)
+    if ps.is_pipeline_last_stage():
+        output_tensor = output_tensor / num_microbatches
+        losses.append(output_tensor.detach())
+    return output_tensor
+
+
+def backward_step(input_tensor, output_tensor, output_tensor_grad):
+    """Backward from this chunk's output (the loss on the last stage, where output_tensor_grad is
+    None) to its input; returns the input's gradient, for the previous stage."""
+    torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad)
+    return None if input_tensor is None else input_tensor.grad
+
+
+def forward_backward_no_pipelining(forward_step_func, microbatches, model, tensor_shape, dtype):
+    """One stage: each micro-batch's forward and backward, gradients accumulated."""
+    losses = []
+    for microbatch in microbatches:
+        loss = forward_step(forward_step_func, model[0], microbatch, None, len(microbatches),
+                            losses)
+        backward_step(None, loss, None)
+    return losses
+
+
+def forward_only(forward_step_func, microbatches, model, tensor_shapes, dtype):
+    """Forward only (validation): every micro-batch through every chunk, in order; the last
+    stage returns the outputs (forward_step_func's, no loss taken), the others []. The
+    micro-batches may differ in size: `tensor_shapes`, one each."""
+    outputs = []
+    for microbatch, shape in zip(microbatches, tensor_shapes):
+        for chunk in range(len(model)):
+            if len(model) > 1:
+                ps.set_virtual_pipeline_model_parallel_rank(chunk)
+            output = forward_step_func(model[chunk], microbatch, p2p.recv_forward(shape, dtype))
+            if ps.is_pipeline_last_stage():
+                outputs.append(output)
+            else:
+                p2p.send_forward(output)
+    if len(model) > 1:
+        ps.set_virtual_pipeline_model_parallel_rank(0)
+    return outputs
+
+
+def forward_backward_gpipe(forward_step_func, microbatches, model, tensor_shape, dtype):
+    """GPipe: all m forwards, then all m backwards (in the same order)."""
+    losses, inputs, outputs = [], [], []
+    for microbatch in microbatches:
+        input_tensor = p2p.recv_forward(tensor_shape, dtype)
+        output_tensor = forward_step(forward_step_func, model[0], microbatch, input_tensor,
+                                     len(microbatches), losses)
+        p2p.send_forward(output_tensor)
+        inputs.append(input_tensor)
+        outputs.append(output_tensor)
+    for input_tensor, output_tensor in zip(inputs, outputs):
+        output_tensor_grad = p2p.recv_backward(tensor_shape, dtype)
+        p2p.send_backward(backward_step(input_tensor, output_tensor, output_tensor_grad))
+    return losses
+
+
+def forward_backward_pipelining_without_interleaving(forward_step_func, microbatches, model,
+                                                     tensor_shape, dtype):
+    """1F1B (PipeDream-Flush): warm-up forwards, then one forward and one backward at a time, then
+    the remaining backwards. Stage s keeps at most p - s micro-batches' activations."""
+    m, losses = len(microbatches), []
+    warmup = min(ps.get_pipeline_model_parallel_world_size()
+                 - ps.get_pipeline_model_parallel_rank() - 1, m)
+    inputs, outputs = [], []
+    step = lambda i, input_tensor: forward_step(forward_step_func, model[0], microbatches[i],
+                                                input_tensor, m, losses)
+    for i in range(warmup):
+        input_tensor = p2p.recv_forward(tensor_shape, dtype)
+        output_tensor = step(i, input_tensor)
+        p2p.send_forward(output_tensor)
+        inputs.append(input_tensor)
+        outputs.append(output_tensor)
+    input_tensor = p2p.recv_forward(tensor_shape, dtype) if warmup < m else None
+    for i in range(warmup, m):  # steady state: 1F1B
+        output_tensor = step(i, input_tensor)
+        output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, dtype)
+        inputs.append(input_tensor)
+        outputs.append(output_tensor)
+        input_tensor_grad = backward_step(inputs.pop(0), outputs.pop(0), output_tensor_grad)
+        if i == m - 1:
+            input_tensor = None
+            p2p.send_backward(input_tensor_grad)
+        else:
+            input_tensor = p2p.send_backward_recv_forward(input_tensor_grad, tensor_shape, dtype)
+    for _ in range(warmup):  # cool-down: the warm-up's backwards
+        output_tensor_grad = p2p.recv_backward(tensor_shape, dtype)
+        p2p.send_backward(backward_step(inputs.pop(0), outputs.pop(0), output_tensor_grad))
+    return losses
+
+
+def forward_backward_pipelining_with_interleaving(forward_step_func, microbatches, model,
+                                                  tensor_shape, dtype):
+    """Interleaved 1F1B: rank r holds chunks r, r + p, ..., and runs p micro-batches through one
+    chunk, then through the next (Megatron's order, get_model_chunk_id below)."""
+    return _Interleaved(forward_step_func, microbatches, model, tensor_shape, dtype).run()
+
+
+class _Interleaved:
+    """The interleaved schedule's state: per chunk, the inputs and outputs kept for backward and
+    the output gradients received; the k-th forward (backward) of this rank is chunk
+    chunk_id(k) running its next micro-batch."""
+
+    def __init__(self, forward_step_func, microbatches, model, tensor_shape, dtype):
+        self.step_func, self.microbatches, self.model = forward_step_func, microbatches, model
+        self.shape, self.dtype = tensor_shape, dtype
+        self.p, self.v, self.m = ps.get_pipeline_model_parallel_world_size(), len(model), \
+            len(microbatches)
+        self.inputs, self.outputs, self.output_grads = ([[] for _ in model] for _ in range(3))
+        self.forwards_done, self.losses = [0] * len(model), []
+
+    def chunk_id(self, k, forward):
+        chunk = (k % (self.p * self.v)) // self.p
+        return chunk if forward else self.v - chunk - 1
+
+    def forward(self, k):
+        chunk = self.chunk_id(k, forward=True)
+        ps.set_virtual_pipeline_model_parallel_rank(chunk)
+        if ps.is_pipeline_first_stage() and len(self.inputs[chunk]) == len(self.outputs[chunk]):
+            self.inputs[chunk].append(None)  # the first chunk reads the data
+        microbatch = self.microbatches[self.forwards_done[chunk]]
+        self.forwards_done[chunk] += 1
+        output = forward_step(self.step_func, self.model[chunk], microbatch,
+                              self.inputs[chunk][-1], self.m, self.losses)
+        self.outputs[chunk].append(output)
+        return None if ps.is_pipeline_last_stage() else output  # the loss goes nowhere
+
+    def backward(self, k):
+        chunk = self.chunk_id(k, forward=False)
+        ps.set_virtual_pipeline_model_parallel_rank(chunk)
+        if ps.is_pipeline_last_stage() and not self.output_grads[chunk]:
+            self.output_grads[chunk].append(None)  # the loss's own backward
+        grad = backward_step(self.inputs[chunk].pop(0), self.outputs[chunk].pop(0),
+                             self.output_grads[chunk].pop(0))
+        return None if ps.is_pipeline_first_stage() else grad
+
+    def run(self):
+        total = self.m * self.v
+        all_warmup = self.m == self.p  # Megatron's special case: no steady state
+        warmup = total if all_warmup else min(
+            (self.p - ps.get_pipeline_model_parallel_rank() - 1) * 2 + (self.v - 1) * self.p,
+            total)
+        ps.set_virtual_pipeline_model_parallel_rank(0)
+        self.inputs[0].append(p2p.recv_forward(self.shape, self.dtype))
+        self.warm_up(warmup, total, all_warmup)
+        self.steady(warmup, total)
+        self.cool_down(warmup, total, all_warmup)
+        ps.set_virtual_pipeline_model_parallel_rank(0)
+        return self.losses
+
+    def recv_prev_after(self, k, total):
+        """Whether the forward after the k-th needs an activation from the previous rank."""
+        next_chunk = self.chunk_id(k + 1, forward=True)
+        first_rank = ps.is_pipeline_first_stage(ignore_virtual=True)
+        return not (first_rank and next_chunk == 0) and k != total - 1
+
+    def warm_up(self, warmup, total, all_warmup):
+        for k in range(warmup):
+            output = self.forward(k)
+            recv_prev = self.recv_prev_after(k, total)
+            if k == warmup - 1 and not all_warmup:  # the first backward's gradient comes too
+                recv_next = not ps.is_pipeline_last_stage(ignore_virtual=True)
+                input_tensor, output_grad = p2p.send_forward_backward_recv_forward_backward(
+                    output, None, recv_prev, recv_next, self.shape, self.dtype)
+                if recv_next:
+                    self.output_grads[self.v - 1].append(output_grad)
+            else:
+                input_tensor = p2p.send_forward_recv_forward(output, recv_prev, self.shape,
+                                                             self.dtype)
+            if recv_prev:
+                self.inputs[self.chunk_id(k + 1, forward=True)].append(input_tensor)
+
+    def steady(self, warmup, total):
+        for k in range(total - warmup):
+            forward_k, backward_k = k + warmup, k
+            output = self.forward(forward_k)
+            input_grad = self.backward(backward_k)
+            recv_prev, recv_next = True, True
+            if ps.is_pipeline_first_stage(ignore_virtual=True):
+                next_forward = self.chunk_id(forward_k - (self.p - 1), forward=True)
+                recv_prev = next_forward != self.v - 1
+                next_forward += 1
+            else:
+                next_forward = self.chunk_id(forward_k + 1, forward=True)
+            if ps.is_pipeline_last_stage(ignore_virtual=True):
+                next_backward = self.chunk_id(backward_k - (self.p - 1), forward=False)
+                recv_next = next_backward != 0
+                next_backward -= 1
+            else:
+                next_backward = self.chunk_id(backward_k + 1, forward=False)
+            recv_prev = recv_prev and k != total - warmup - 1
+            input_tensor, output_grad = p2p.send_forward_backward_recv_forward_backward(
+                output, input_grad, recv_prev, recv_next, self.shape, self.dtype)
+            if recv_prev:
+                self.inputs[next_forward].append(input_tensor)
+            if recv_next:
+                self.output_grads[next_backward].append(output_grad)
+
+    def cool_down(self, warmup, total, all_warmup):
+        if all_warmup:
+            self.output_grads[self.v - 1].append(p2p.recv_backward(self.shape, self.dtype))
+        for k in range(total - warmup, total):
+            input_grad = self.backward(k)
+            next_backward = self.chunk_id(k + 1, forward=False)
+            recv_next = not (ps.is_pipeline_last_stage(ignore_virtual=True)
+                             and next_backward == self.v - 1) and k != total - 1
+            output_grad = p2p.send_backward_recv_backward(input_grad, recv_next, self.shape,
+                                                          self.dtype)
+            if recv_next:
+                self.output_grads[next_backward].append(output_grad)
