@@ -313,6 +313,12 @@ def sum_over_tensor_parallel(tensors, name="all_reduce") -> None:
     _all_reduce_coalesced(tensors, get_tensor_model_parallel_group(), name)
 
 
+def sum_over_pipeline(tensors, name) -> None:
+    """Sum `tensors` in place over the pipeline group (the clipping norm's squares of every
+    stage's layers), in one all-reduce counted under `name`."""
+    _all_reduce_coalesced(tensors, get_pipeline_model_parallel_group(), name)
+
+
 def sum_over_embedding_group(tensors) -> None:
     """Sum `tensors` in place over the embedding group: the tied word embeddings' gradients on
     the pipeline's first and last stages (finalize_model_grads.py)."""

@@ -121,6 +121,28 @@ MUTANTS = {
     "the reordered run's backward sums not split": (
         "training/reorder.py", "module.fc1.__class__, module.fc2.__class__ = SplitInputGradLinear,",
         "module.fc1.__class__, module.fc2.__class__ = nn.Linear,", ["tests/test_precision.py"]),
+    # Pipeline parallelism (schedules.py, parallel_train.py, finalize_model_grads.py).
+    "a micro-batch trained on another micro-batch's labels": (
+        "parallel_train.py", "parts = list(zip(inputs.split(rows), targets.split(rows)))",
+        "parts = list(zip(inputs.split(rows), targets.roll(rows, 0).split(rows)))",
+        ["tests/test_pipeline.py"]),
+    "a stage sends the previous micro-batch's activation": (
+        "schedules.py",
+        "output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, dtype)",
+        "output_tensor_grad = p2p.send_forward_recv_backward(\n"
+        "            outputs[-1] if outputs else output_tensor, tensor_shape, dtype)",
+        ["tests/test_pipeline.py"]),
+    "the tied embedding's gradients not summed across stages": (
+        "finalize_model_grads.py", "        comm.sum_over_embedding_group(shared)",
+        "        pass", ["tests/test_pipeline.py"]),
+    "the clipping norm of one stage's layers": (
+        "training/clip_grads.py",
+        '        comm.sum_over_pipeline([squares], name="grad_norm_pipeline_all_reduce")',
+        "        pass", ["tests/test_pipeline.py"]),
+    "the tied embedding counted twice in the norm": (
+        "training/clip_grads.py",
+        'if getattr(param, "shared_embedding", False) and ps.is_pipeline_last_stage(',
+        'if False and ps.is_pipeline_last_stage(', ["tests/test_pipeline.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

@@ -148,17 +148,34 @@ def serial_transformer(token_dir, tmp_path_factory):
 ], ids=["pp2_gpipe", "pp4_1f1b", "pp2_interleaved_v2", "pp2_tp2_sp", "pp2_dp2"])
 def test_the_transformer_through_every_schedule_is_the_serial_run(nproc, flags, serial_transformer,
                                                                   token_dir, tmp_path):
-    from training.metrics import read_metrics
     tp = [] if "--tensor_model_parallel_size" in flags else ["--tensor_model_parallel_size", "1"]
     run_script("parallel_train.py", *TRANSFORMER, *flags, *tp, "--data_dir", token_dir,
                "--out_dir", tmp_path, nproc=nproc)
-    serial, piped = read_metrics(serial_transformer), read_metrics(str(tmp_path))
-    for column in ("train_loss", "valid_loss"):
+    assert_same_as_serial(serial_transformer, str(tmp_path))
+
+
+def test_clipping_takes_the_norm_over_every_stage_and_the_tied_embedding_once(token_dir,
+                                                                               tmp_path):
+    """--clip_grad 0.5 (below the gradient norm all run): serial's norm and curve at P 2."""
+    clip = ["--clip_grad", "0.5", "--data_dir", token_dir]
+    run_script("train.py", *TRANSFORMER, *clip, "--out_dir", tmp_path / "serial")
+    log = run_script("parallel_train.py", *TRANSFORMER, *clip, "--out_dir", tmp_path / "pp",
+                     "--tensor_model_parallel_size", "1", "--pipeline_model_parallel_size", "2",
+                     nproc=2).out
+    assert_same_as_serial(str(tmp_path / "serial"), str(tmp_path / "pp"), ("grad_norm",))
+    assert comm_table(log)["grad_norm_pipeline_all_reduce"][0] == 1, log
+
+
+def assert_same_as_serial(serial_dir, piped_dir, more=()):
+    """Loss curves (and `more` columns) and final weights within RTOL of serial's."""
+    from training.metrics import read_metrics
+    serial, piped = read_metrics(serial_dir), read_metrics(piped_dir)
+    for column in ("train_loss", "valid_loss", *more):
         a, b = serial[column], piped[column]
         seen = ~np.isnan(a)
         assert np.array_equal(seen, ~np.isnan(b)) and seen.any()
         assert np.abs(a[seen] - b[seen]).max() <= RTOL * np.abs(a[seen]).max(), column
-    wa, wb = (torch.load(f"{d}/model.pt") for d in (serial_transformer, tmp_path))
+    wa, wb = (torch.load(f"{d}/model.pt") for d in (serial_dir, piped_dir))
     assert wa.keys() == wb.keys()
     for name in wa:  # the final weights, the tied embeddings' first-stage copy among them
         assert torch.allclose(wa[name], wb[name], rtol=0, atol=RTOL * wa[name].abs().max()), name

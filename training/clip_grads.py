@@ -16,7 +16,12 @@ megatron/core/optimizer/clip_grads.py):
     sums until summed over the group: clipping comes after that sum;
   * data-parallel replicas clip after averaging their gradients: every replica
     then holds the same gradients and computes the same norm, with no
-    communication of its own.
+    communication of its own;
+  * pipeline stages hold different layers: their sums of squares are added over
+    the pipeline group too (Megatron sums over the model-parallel group), and the
+    last stage's copy of the tied word embeddings is not counted, the first
+    stage's is (Megatron's param_is_not_shared): after the embedding group's sum
+    both hold the one gradient the serial weight has.
 
 Called with the parameters the optimizer updates: the fp32 main parameters
 under bf16 (training/mixed_precision.py), so the norm is taken in fp32.
@@ -30,7 +35,10 @@ import parallel_state as ps
 
 def counted_once(param) -> bool:
     """Does this rank add `param`'s gradient to the global norm? Shards: every rank its own.
-    Replicated parameters: rank 0 of the tensor-parallel group only."""
+    Replicated parameters: rank 0 of the tensor-parallel group only. The tied embeddings: the
+    first pipeline stage's copy only."""
+    if getattr(param, "shared_embedding", False) and ps.is_pipeline_last_stage(ignore_virtual=True):
+        return False
     if getattr(param, "tensor_model_parallel", False):
         return True
     return not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_rank() == 0
@@ -48,6 +56,8 @@ def get_grad_norm(parameters) -> torch.Tensor:
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         # + the other ranks' shards (and their zero for replicated ones)
         comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
+    if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        comm.sum_over_pipeline([squares], name="grad_norm_pipeline_all_reduce")  # + other stages
     return squares[0].sqrt()
 
 
