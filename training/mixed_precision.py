@@ -77,9 +77,12 @@ def _adder(main: nn.Parameter):
 
 
 def _accumulate_into_main_grad(param):
-    """The hook that moves a bf16 gradient onto its fp32 main parameter, as it is produced."""
-    param.add_to_main_grad(param.grad.float())
-    param.grad = None  # the bf16 gradient is not kept
+    """The hook that moves a bf16 gradient onto its fp32 main parameter, as it is produced.
+    (It runs with no gradient too: a pipeline's last stage uses its copy of the tied embeddings
+    only in the output layer, which added its gradient to the main one itself.)"""
+    if param.grad is not None:
+        param.add_to_main_grad(param.grad.float())
+        param.grad = None  # the bf16 gradient is not kept
 
 
 def main_model(model: nn.Module, optimizer) -> nn.Module:
