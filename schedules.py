@@ -25,10 +25,26 @@ stage returns them, the other stages an empty list. Backward runs the micro-batc
 that accumulates the same micro-batches sums it.
 """
 
+import time
+
 import torch
 
 import p2p_communication as p2p
 import parallel_state as ps
+
+# benchmarks/bench_pipeline.py's timeline: a list to which every forward and backward appends
+# ("F" or "B", its chunk, start, end) in perf_counter seconds; None (no clock read) otherwise.
+TIMELINE = None
+
+
+def _recorded(kind, run):
+    if TIMELINE is None:
+        return run()
+    start = time.perf_counter()
+    result = run()
+    chunk = ps.get_virtual_pipeline_model_parallel_rank() or 0
+    TIMELINE.append((kind, chunk, start, time.perf_counter()))
+    return result
 
 
 def get_forward_backward_func(pipeline_schedule="1f1b"):
@@ -44,7 +60,7 @@ def get_forward_backward_func(pipeline_schedule="1f1b"):
 def forward_step(forward_step_func, model_chunk, microbatch, input_tensor, num_microbatches,
                  losses):
     """One micro-batch's forward through one chunk; on the last stage its loss / m."""
-    output_tensor = forward_step_func(model_chunk, microbatch, input_tensor)
+    output_tensor = _recorded("F", lambda: forward_step_func(model_chunk, microbatch, input_tensor))
     if ps.is_pipeline_last_stage():
         output_tensor = output_tensor / num_microbatches
         losses.append(output_tensor.detach())
@@ -54,7 +70,7 @@ def forward_step(forward_step_func, model_chunk, microbatch, input_tensor, num_m
 def backward_step(input_tensor, output_tensor, output_tensor_grad):
     """Backward from this chunk's output (the loss on the last stage, where output_tensor_grad is
     None) to its input; returns the input's gradient, for the previous stage."""
-    torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad)
+    _recorded("B", lambda: torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad))
     return None if input_tensor is None else input_tensor.grad
 
 

@@ -10,7 +10,8 @@ import sys
 from benchmarks.configs import REPO
 
 DEVICE = "cpu"  # the driver's --device, passed to every worker
-PARALLEL = ("ours", "dtensor", "loop-ours", "loop-dtensor", "recompute")  # launched with ranks
+PARALLEL = ("ours", "dtensor", "loop-ours", "loop-dtensor", "recompute",  # launched with ranks
+            "pipeline")
 
 
 def print_result(result: dict):
