@@ -51,7 +51,7 @@ def train(model, optimizer, batches, logbook, args, start=0):
     (finalize_model_grads). `model`: this rank's chunks of the model (one, unless interleaved)."""
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
     forward_backward = get_forward_backward_func(args.pipeline_schedule)
-    shape = tensor_shape(args, args.micro_batch_size)
+    shape = args.pipeline_tensor_shape = tensor_shape(args, args.micro_batch_size)
     comm.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
     model.train()
     for it in range(start + 1, args.num_iterations + 1):

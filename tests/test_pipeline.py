@@ -128,6 +128,8 @@ def test_the_toy_model_in_two_stages_is_the_serial_run_bit_for_bit(schedule, ser
     assert_bitwise_same_run(serial_toy, str(tmp_path))
     # 4 micro-batches of 8 x 64 float64 activations forward, 4 gradients back; the loss once.
     assert comm_table(log)["pipeline_send"] == pytest.approx((4, 16.0, 16.0)), log
+    assert "the first stage sends m (2v - 1) = 4 of them (4 micro-batches, 1 chunk(s)): 16.00 " \
+           "KiB" in log  # the paper's count, beside
     assert "Rank 0 Iter 12 Train Loss" in log
 
 
@@ -149,9 +151,19 @@ def serial_transformer(token_dir, tmp_path_factory):
 def test_the_transformer_through_every_schedule_is_the_serial_run(nproc, flags, serial_transformer,
                                                                   token_dir, tmp_path):
     tp = [] if "--tensor_model_parallel_size" in flags else ["--tensor_model_parallel_size", "1"]
-    run_script("parallel_train.py", *TRANSFORMER, *flags, *tp, "--data_dir", token_dir,
-               "--out_dir", tmp_path, nproc=nproc)
+    log = run_script("parallel_train.py", *TRANSFORMER, *flags, *tp, "--data_dir", token_dir,
+                     "--out_dir", tmp_path, nproc=nproc).out
     assert_same_as_serial(serial_transformer, str(tmp_path))
+    # What the first stage sends, measured, is the paper's count: m (2v - 1) activations and
+    # gradients of sequence x micro-batch x width (/ TP under SP), float64.
+    v = 2 if "--virtual_pipeline_model_parallel_size" in flags else 1
+    pp = int(flags[flags.index("--pipeline_model_parallel_size") + 1])
+    tp_size = 2 if "--tensor_model_parallel_size" in flags else 1
+    m = 8 // (nproc // (tp_size * pp)) // 2  # batch 8 over the replicas, micro-batches of 2
+    sent = comm_table(log)["pipeline_send"]
+    rows = 16 // (2 if "--sequence_parallel" in flags else 1) * 2 * 16 * 8 / 1024
+    assert sent == pytest.approx((m * (2 * v - 1), rows * m * (2 * v - 1), rows * m * (2 * v - 1)),
+                                 abs=0.005), log
 
 
 def test_clipping_takes_the_norm_over_every_stage_and_the_tied_embedding_once(token_dir,

@@ -191,6 +191,9 @@ def report_communication(stats, args):
     if getattr(args, "tp_reduce_dtype", "activation") == "float32":
         print("  --tp_reduce_dtype float32: the bf16 activations are summed as fp32, twice the "
               "bytes the papers count below")
+    if getattr(args, "pipeline_model_parallel_size", 1) > 1:
+        _report_pipeline_papers(args)
+        return
     if args.model == "transformer":
         _report_transformer_papers(args, tp, rows)
         return
@@ -213,6 +216,18 @@ def report_communication(stats, args):
           f"only this rank's rows of it.\n"
           f"  The backward reduce-scatter of dL/dX is skipped here: X is the raw data and needs no "
           f"gradient. The small all-reduce sums fc's gradient and the loss over the rows.")
+
+
+def _report_pipeline_papers(args):
+    """Narayanan et al.'s count of the point-to-point traffic, for the first stage (this rank)."""
+    shape = args.pipeline_tensor_shape  # as the schedule agrees it (parallel_train.py)
+    kib = math.prod(shape) * args.torch_dtype.itemsize / 1024
+    m, v = args.num_microbatches, args.virtual_pipeline_model_parallel_size or 1
+    print(f"  Narayanan et al. (2021, Sec. 2.2): per micro-batch and stage boundary one activation "
+          f"forward and its gradient back, {'x'.join(map(str, shape))} ({kib:.2f} KiB) each; the "
+          f"first stage sends m (2v - 1) = {m * (2 * v - 1)} of them ({m} micro-batches, {v} "
+          f"chunk(s)): {m * (2 * v - 1) * kib:.2f} KiB. The tensor-parallel collectives above "
+          "run per micro-batch, on this stage's layers.")
 
 
 def _report_transformer_papers(args, tp, rows):
