@@ -28,6 +28,7 @@ that accumulates the same micro-batches sums it.
 import time
 
 import torch
+from torch.autograd import Variable
 
 import p2p_communication as p2p
 import parallel_state as ps
@@ -70,8 +71,29 @@ def forward_step(forward_step_func, model_chunk, microbatch, input_tensor, num_m
 def backward_step(input_tensor, output_tensor, output_tensor_grad):
     """Backward from this chunk's output (the loss on the last stage, where output_tensor_grad is
     None) to its input; returns the input's gradient, for the previous stage."""
-    _recorded("B", lambda: torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad))
+    _recorded("B", lambda: custom_backward(output_tensor, output_tensor_grad))
     return None if input_tensor is None else input_tensor.grad
+
+
+def deallocate_output_tensor(output_tensor):
+    """Megatron's: once sent, a stage's output is needed only as the root of its backward, not
+    for its values (the next stage holds them, and no operation saved its own output for
+    backward): its memory is freed, its graph kept. One micro-batch's activation less per
+    micro-batch in flight. (The loss, a 0-dim tensor the last stage keeps, is left alone.)"""
+    if output_tensor is None or output_tensor.dim() == 0:
+        return
+    assert output_tensor._base is None, "a view's memory is its base's: it cannot be freed"
+    output_tensor.data = torch.empty((1,), device=output_tensor.device, dtype=output_tensor.dtype)
+
+
+def custom_backward(output, grad_output):
+    """torch.autograd.backward without its check that the gradient has the output's shape (a
+    freed output has one element left): autograd's engine called directly, as Megatron does."""
+    if grad_output is None:  # the loss
+        return torch.autograd.backward(output)
+    Variable._execution_engine.run_backward(
+        tensors=(output,), grad_tensors=(grad_output,), keep_graph=False, create_graph=False,
+        inputs=(), allow_unreachable=True, accumulate_grad=True)
 
 
 def forward_backward_no_pipelining(forward_step_func, microbatches, model, tensor_shape, dtype):
@@ -111,6 +133,7 @@ def forward_backward_gpipe(forward_step_func, microbatches, model, tensor_shape,
         output_tensor = forward_step(forward_step_func, model[0], microbatch, input_tensor,
                                      len(microbatches), losses)
         p2p.send_forward(output_tensor)
+        deallocate_output_tensor(output_tensor)  # not the last stage's: a 0-dim loss
         inputs.append(input_tensor)
         outputs.append(output_tensor)
     for input_tensor, output_tensor in zip(inputs, outputs):
@@ -133,12 +156,14 @@ def forward_backward_pipelining_without_interleaving(forward_step_func, microbat
         input_tensor = p2p.recv_forward(tensor_shape, dtype)
         output_tensor = step(i, input_tensor)
         p2p.send_forward(output_tensor)
+        deallocate_output_tensor(output_tensor)  # not the last stage's: a 0-dim loss
         inputs.append(input_tensor)
         outputs.append(output_tensor)
     input_tensor = p2p.recv_forward(tensor_shape, dtype) if warmup < m else None
     for i in range(warmup, m):  # steady state: 1F1B
         output_tensor = step(i, input_tensor)
         output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, dtype)
+        deallocate_output_tensor(output_tensor)  # not the last stage's: a 0-dim loss
         inputs.append(input_tensor)
         outputs.append(output_tensor)
         input_tensor_grad = backward_step(inputs.pop(0), outputs.pop(0), output_tensor_grad)
@@ -231,6 +256,7 @@ class _Interleaved:
             else:
                 input_tensor = p2p.send_forward_recv_forward(output, recv_prev, self.shape,
                                                              self.dtype)
+            deallocate_output_tensor(output)  # None on the last stage's last chunk
             if recv_prev:
                 self.inputs[self.chunk_id(k + 1, forward=True)].append(input_tensor)
 
@@ -255,6 +281,7 @@ class _Interleaved:
             recv_prev = recv_prev and k != total - warmup - 1
             input_tensor, output_grad = p2p.send_forward_backward_recv_forward_backward(
                 output, input_grad, recv_prev, recv_next, self.shape, self.dtype)
+            deallocate_output_tensor(output)
             if recv_prev:
                 self.inputs[next_forward].append(input_tensor)
             if recv_next:

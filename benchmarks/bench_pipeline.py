@@ -34,6 +34,9 @@ T_F = 0.010  # seconds of one micro-batch's forward through one stage (synthetic
 POINTS = [("gpipe", 2, 4, 1), ("1f1b", 2, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1),
           ("1f1b", 4, 8, 2), ("1f1b", 2, 8, 1), ("1f1b", 2, 8, 2)]  # schedule, p, m, v
 QUICK_POINTS = [("gpipe", 2, 2, 1), ("1f1b", 2, 4, 1), ("1f1b", 2, 4, 2)]
+# The real transformer's saved bytes per stage (memory needs no core of its own): p, m.
+MEMORY = (4, 8)
+QUICK_MEMORY = (2, 4)
 PICTURE = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 8, 2)]  # the paper's Figs. 3, 4
 
 
@@ -50,6 +53,34 @@ class _Sleep(torch.autograd.Function):
     def backward(ctx, grad):
         time.sleep(2 * ctx.seconds)
         return grad, None
+
+
+class SavedBytes:
+    """saved_tensors_hooks that count the bytes a rank's autograd graphs hold for backward, live:
+    each saved tensor (parameters aside) is wrapped in a holder counted until autograd drops it;
+    `peak` is the most held at once."""
+
+    def __init__(self, parameters):
+        self.params = {p.data_ptr() for p in parameters}
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        return t if t.data_ptr() in self.params else _Held(t, self)
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+
+class _Held:
+    def __init__(self, tensor, counter):
+        self.tensor, self.counter = tensor, counter
+        self.nbytes = tensor.numel() * tensor.element_size()
+        counter.live += self.nbytes
+        counter.peak = max(counter.peak, counter.live)
+
+    def __del__(self):
+        self.counter.live -= self.nbytes
 
 
 class SleepingChunk(nn.Module):
@@ -78,17 +109,20 @@ def worker(args):
                                  if ps.is_pipeline_last_stage() else chunk(mb[0] if x is None
                                                                            else x))
     run = schedules.get_forward_backward_func(args.schedule)
+    saved = SavedBytes(model.parameters())
     for repeat in range(3):  # the first two warm up (allocations, connections)
         schedules.TIMELINE = [] if repeat == 2 else None
         dist.barrier()
-        run(step, microbatches, model, shape, torch.float32)
-    timelines = [None] * p
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            run(step, microbatches, model, shape, torch.float32)
+    timelines, peaks = [None] * p, [None] * p
     dist.all_gather_object(timelines, schedules.TIMELINE)
+    dist.all_gather_object(peaks, saved.peak)
     dist.barrier()
     ps.destroy_model_parallel()
     if int(os.environ["RANK"]) == 0:
         print_result(dict(timelines=timelines, schedule=args.schedule, p=p, m=args.m, v=args.v,
-                          real=args.real, t_f=T_F))
+                          real=args.real, t_f=T_F, saved_peak_bytes=peaks))
 
 
 def _build(args, p, v):
@@ -103,10 +137,10 @@ def _build(args, p, v):
         ps.set_virtual_pipeline_model_parallel_rank(c if v > 1 else None)
         first = c * p + ps.get_pipeline_model_parallel_rank()
         torch.manual_seed(0)
-        chunks.append(ToyTransformer(50, 16, 64, 256, 4, p * v, tensor_parallel=True,
+        chunks.append(ToyTransformer(50, 16, 64, 256, 4, p * v * 2, tensor_parallel=True,
                                      pre_process=ps.is_pipeline_first_stage(),
                                      post_process=ps.is_pipeline_last_stage(),
-                                     layers=range(first, first + 1)))
+                                     layers=range(2 * first, 2 * first + 2)))
     ps.set_virtual_pipeline_model_parallel_rank(0 if v > 1 else None)
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(0, 50, (8, 17), generator=g) for _ in range(args.m)]
@@ -134,6 +168,22 @@ def measure(timelines, m, v, t_f):
     return dict(bubble=(end - start - ideal) / ideal, formula=(p - 1) / (v * m),
                 in_flight=in_flight, span_s=end - start, ideal_s=ideal,
                 hop_ms=1e3 * min(hops) if hops else None)
+
+
+def report_memory(runs):
+    """The real transformer's activations held per stage at the peak, GPipe and 1F1B: in
+    micro-batches, GPipe's peak on that stage being m of them (Fig. 3: m, and p - s)."""
+    gpipe, one_f_one_b = runs
+    m, p = gpipe["m"], gpipe["p"]
+    per_microbatch = [b / m for b in gpipe["saved_peak_bytes"]]
+    kept = [b / a for a, b in zip(per_microbatch, one_f_one_b["saved_peak_bytes"])]
+    print(f"the toy transformer, p={p}, m={m}: activations saved per stage at the peak, KiB: "
+          f"GPipe {[round(b / 1024, 1) for b in gpipe['saved_peak_bytes']]}, 1F1B "
+          f"{[round(b / 1024, 1) for b in one_f_one_b['saved_peak_bytes']]}; 1F1B's in "
+          f"micro-batches {[round(k, 3) for k in kept]} (paper: p - s = "
+          f"{[p - s for s in range(p)]})", flush=True)
+    return dict(p=p, m=m, gpipe_bytes=gpipe["saved_peak_bytes"],
+                one_f_one_b_bytes=one_f_one_b["saved_peak_bytes"], kept_microbatches=kept)
 
 
 def plot(results, path):
@@ -187,7 +237,9 @@ def main():
     check_output(p, "--out", args.out, ".json")
     results = []
     points = QUICK_POINTS if args.quick else POINTS
-    runs = [(s, pp, m, v, False) for s, pp, m, v in points] + [("1f1b", 2, 4, 1, True)]
+    mp, mm = QUICK_MEMORY if args.quick else MEMORY
+    runs = [(s, pp, m, v, False) for s, pp, m, v in points] + [("1f1b", 2, 4, 1, True)] + [
+        (s, mp, mm, 1, True) for s in ("gpipe", "1f1b")]
     for schedule, pp, m, v, real in runs:
         extra = ("--pipeline_schedule", schedule, "--num_microbatches", str(m),
                  "--virtual_size", str(v), "--real_compute", str(int(real)))
@@ -199,6 +251,8 @@ def main():
         print(f"{schedule:>6} p={pp} m={m} v={v}{' real' if real else '     '}  bubble "
               f"{r['bubble']:.3f} (paper {r['formula']:.3f})  in flight per stage "
               f"{[round(x, 2) for x in r['in_flight']]}{hop}", flush=True)
+    memory = report_memory(results[-2:])
+    results = results[:-2]
     # The paper's figures and the real run; with --quick, every point measured.
     chosen = [r for r in results if (r["schedule"], r["p"], r["m"], r["v"]) in PICTURE
               and not r["real"]]
@@ -209,7 +263,7 @@ def main():
         json.dump(dict(machine=dict(processor=cpu_name(), cpu_count=os.cpu_count(),
                                     torch=torch.__version__), t_f=T_F,
                        results=[{k: v for k, v in r.items() if k != "timelines"}
-                                for r in results]), f, indent=1)
+                                for r in results], memory=memory), f, indent=1)
     print(f"measured on {cpu_name()}, {os.cpu_count()} cores; wrote {args.plot}, {args.out}")
 
 

@@ -132,6 +132,12 @@ MUTANTS = {
         "output_tensor_grad = p2p.send_forward_recv_backward(\n"
         "            outputs[-1] if outputs else output_tensor, tensor_shape, dtype)",
         ["tests/test_pipeline.py"]),
+    "a backward that uses a freed activation (the received input freed, not the sent output)": (
+        "schedules.py",
+        "        output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, "
+        "dtype)\n        deallocate_output_tensor(output_tensor)",
+        "        output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, "
+        "dtype)\n        deallocate_output_tensor(input_tensor)", ["tests/test_pipeline.py"]),
     "the tied embedding's gradients not summed across stages": (
         "finalize_model_grads.py", "        comm.sum_over_embedding_group(shared)",
         "        pass", ["tests/test_pipeline.py"]),
