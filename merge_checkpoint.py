@@ -1,5 +1,5 @@
-"""Merge a checkpoint's tensor-parallel shards into one serial state_dict, or cut them for another
-tensor-parallel size.
+"""Merge a checkpoint's tensor-parallel shards (and pipeline stages) into one serial state_dict,
+or cut them for another tensor-parallel size.
 
     python merge_checkpoint.py checkpoints --out merged.pt        # the newest iteration
     python merge_checkpoint.py checkpoints --iteration 100 --out merged.pt
@@ -24,7 +24,7 @@ from training.checkpointing import (
     TRACKER,
     CheckpointError,
     latest_iteration,
-    load_shards,
+    load_stages,
     shard_path,
 )
 from training.metrics import atomic_write
@@ -57,16 +57,18 @@ def check_divisible(sizes, tp):
                               f"--tensor_model_parallel_size {tp}")
 
 
-def save_resharded(shards, iteration, tp, directory):
-    """The checkpoint at tensor-parallel size tp, each shard written before the tracker."""
+def save_resharded(stages, iteration, tp, directory):
+    """The checkpoint at tensor-parallel size tp (each pipeline stage cut alike), every shard
+    written before the tracker."""
     if os.path.exists(os.path.join(directory, TRACKER)):
         raise CheckpointError(f"{directory} holds a checkpoint already; choose a new --save "
                               "directory")
-    for tp_rank in range(tp):
-        state = reshard(shards.__getitem__, len(shards), tp, tp_rank)
-        path = shard_path(directory, iteration, tp_rank)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda f: torch.save(state, f))
+    for stage, shards in enumerate(stages):
+        for tp_rank in range(tp):
+            state = reshard(shards.__getitem__, len(shards), tp, tp_rank)
+            path = shard_path(directory, iteration, tp_rank, stage if len(stages) > 1 else None)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, lambda f: torch.save(state, f))
     atomic_write(os.path.join(directory, TRACKER), lambda f: f.write(f"{iteration}\n".encode()))
 
 
@@ -102,22 +104,27 @@ def main(argv=None):
             raise CheckpointError(f"no checkpoint in {args.directory} (no {TRACKER})" + (
                 "; it is a run's --out_dir, and its model.pt is the merged model already "
                 "(checkpoints go where parallel_train.py's --save points)" if out_dir else ""))
-        shards = load_shards(args.directory, iteration)
+        stages = load_stages(args.directory, iteration)
+        shards = stages[0]
         if args.save:
             check_divisible(shards[0]["sizes"], args.tensor_model_parallel_size)
-            save_resharded(shards, iteration, args.tensor_model_parallel_size, args.save)
+            save_resharded(stages, iteration, args.tensor_model_parallel_size, args.save)
     except (CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
     if args.save:
         print(f"cut the {len(shards)} shards of iteration {iteration} into "
               f"{args.tensor_model_parallel_size} in {args.save}, momentum included")
         return
-    state = merge(shards)
+    state = {}
+    for stage in stages:  # the tied embeddings' copies are equal: the first stage's kept
+        for name, tensor in merge(stage).items():
+            state.setdefault(name, tensor)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write(args.out, lambda f: torch.save(state, f))
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in state.items())
-    print(f"merged {len(shards)} shards of iteration {iteration} into {args.out}: {shapes}; "
-          f"{precision(shards[0]['sizes'].get('dtype', 'float32'), state)}")
+    pipeline = f" x {len(stages)} pipeline stages" if len(stages) > 1 else ""
+    print(f"merged {len(shards)} shards{pipeline} of iteration {iteration} into {args.out}: "
+          f"{shapes}; {precision(shards[0]['sizes'].get('dtype', 'float32'), state)}")
 
 
 def precision(run_dtype, state):

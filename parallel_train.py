@@ -153,9 +153,7 @@ def run(args, device, precision):
     main = main_model(model, optimizer)  # what checkpoints hold: fp32 main parameters under bf16
     (X, y), valid = on_every_rank(load_data, args)
     set_identity(args, X, y)  # whose the checkpoints are
-    # Checkpoints hold the one chunk there is without a pipeline (arguments.py refuses --save
-    # and --load with one).
-    start = on_every_rank(load_checkpoint, args.load, main[0], optimizer, args) if args.load else 0
+    start = on_every_rank(load_checkpoint, args.load, main, optimizer, args) if args.load else 0
     batches = iterate_batches(*to_tensors(X, y, args, device), args.batch_size, start,
                               this_ranks_rows(args))
     valid = to_tensors(*valid, args, device)
@@ -178,7 +176,7 @@ def run(args, device, precision):
     with Logbook(args, validate, metrics, log_prefix, start) as logbook:
         if args.save:
             logbook.save_every(args.save_interval,
-                               lambda it: save_checkpoint(args.save, it, main[0], optimizer, args))
+                               lambda it: save_checkpoint(args.save, it, main, optimizer, args))
         train(model, optimizer, batches, logbook, args, start)
     state = serial_state_dict(main)
     if rank == 0:

@@ -9,6 +9,8 @@ group adds the two) — 2.3e-16 relative in the loss over 10 iterations at P 2 a
 1F1B and interleaved; bound 1e-12, the issue's.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -212,6 +214,52 @@ def assert_same_as_serial(serial_dir, piped_dir, more=()):
 
 
 # ---------------------------------------------------------------------------
+# Checkpoints: Megatron's mp_rank_TT_PPP, resumed bit for bit, resharded, merged.
+
+def test_a_pipeline_resumes_bit_for_bit_and_merges(serial_toy, data_dir, tmp_path):
+    """The toy model in two stages, killed after its checkpoint at 10 and resumed: the
+    uninterrupted run, every loss and weight; merge_checkpoint.py gives model.pt."""
+    from curves import assert_bitwise_same_run
+    from test_scale import killed_after
+    run = ("parallel_train.py", *TOY, "--data_dir", data_dir, "--tensor_model_parallel_size",
+           "1", "--pipeline_model_parallel_size", "2", "--save_interval", "5")
+    ck, resumed = str(tmp_path / "ck"), str(tmp_path / "resumed")
+    run_script(*run, "--out_dir", resumed, "--save", ck, nproc=2)
+    assert sorted(os.listdir(f"{ck}/iter_0000010")) == ["mp_rank_00_000", "mp_rank_00_001"]
+    killed_after(ck, 10)
+    out = run_script(*run, "--out_dir", resumed, "--save", ck, "--load", ck, nproc=2).out
+    assert "resuming from" in out and "at iteration 10" in out, out
+    assert_bitwise_same_run(serial_toy, resumed)  # = the uninterrupted run (bitwise serial's)
+    merged = run_script("merge_checkpoint.py", ck, "--out", tmp_path / "m.pt").out
+    assert "merged 1 shards x 2 pipeline stages of iteration 12" in merged
+    wa, wb = torch.load(f"{resumed}/model.pt"), torch.load(tmp_path / "m.pt")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    wrong = run_script("parallel_train.py", *TOY, "--num_iterations", "20", "--data_dir",
+                       data_dir, "--out_dir", tmp_path / "p1", "--tensor_model_parallel_size",
+                       "1", "--load", ck, nproc=2, ok=False).out
+    assert "was saved by a pipeline of 2 stage(s), this run has 1; resume with " \
+           "--pipeline_model_parallel_size 2" in wrong, wrong
+
+
+def test_an_interleaved_pipeline_resumes_at_another_tensor_parallel_size(serial_transformer,
+                                                                          token_dir, tmp_path):
+    """PP 2 x V 2 x TP 2 with SP saved at 3, resumed at TP 1 (each stage's shards cut, momentum
+    included): the serial run's curve and weights, within RTOL."""
+    from test_scale import killed_after
+    run = ("parallel_train.py", *TRANSFORMER, "--data_dir", token_dir,
+           "--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2",
+           "--save_interval", "3")
+    ck, out = str(tmp_path / "ck"), str(tmp_path / "out")
+    run_script(*run, "--tensor_model_parallel_size", "2", "--sequence_parallel", "--out_dir",
+               out, "--save", ck, nproc=4)
+    killed_after(ck, 3)
+    log = run_script(*run, "--tensor_model_parallel_size", "1", "--out_dir", out, "--save", ck,
+                     "--load", ck, nproc=2).out
+    assert "resharded from tensor-parallel size 2 to 1" in log, log
+    assert_same_as_serial(serial_transformer, out)
+
+
+# ---------------------------------------------------------------------------
 # One line for what cannot run.
 
 @pytest.mark.parametrize("argv,world_size,message", [
@@ -238,12 +286,8 @@ def assert_same_as_serial(serial_dir, piped_dir, more=()):
     (["--pipeline_model_parallel_size", "2"], 2,
      "world size 2 is not divisible by --tensor_model_parallel_size 2 x "
      "--pipeline_model_parallel_size 2"),
-    (["--pipeline_model_parallel_size", "2", "--tensor_model_parallel_size", "1", "--save",
-      "/tmp/pipeline_checkpoints_refused"], 2,
-     "--save/--load under --pipeline_model_parallel_size > 1: checkpoints of a pipeline are not "
-     "written yet"),
 ], ids=["toy_p4", "micro_batch", "layers", "interleaved_m", "interleaved_gpipe", "toy_virtual",
-        "world", "save"])
+        "world"])
 def test_pipeline_flags_that_cannot_run_are_one_line(argv, world_size, message):
     error = flag_error(argv, world_size)
     assert error is not None and message in error, error

@@ -327,6 +327,4 @@ def check_pipeline(parser, args, tp):
     if args.model == "transformer" and args.num_layers % chunks != 0:
         parser.error(f"--num_layers {args.num_layers} cannot be split evenly into {chunks} "
                      f"pipeline chunks (PP {pp} x virtual {v or 1}); choose a multiple of {chunks}")
-    if pp > 1 and (args.save or args.load):
-        parser.error("--save/--load under --pipeline_model_parallel_size > 1: checkpoints of a "
-                     "pipeline are not written yet; train without them (model.pt is written)")
+

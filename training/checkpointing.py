@@ -3,6 +3,10 @@
     DIR/latest_checkpointed_iteration.txt           "200": the newest complete checkpoint
     DIR/iter_0000200/mp_rank_00/model_optim_rng.pt  tensor-parallel rank 0's shard
     DIR/iter_0000200/mp_rank_01/model_optim_rng.pt  ...
+    DIR/iter_0000200/mp_rank_00_001/...             with a pipeline: TP rank 0 of stage 1
+
+A pipeline stage's shard holds its chunks' parameters under the whole model's names (its
+blocks' numbers among them), its optimizer state in the order of those parameters.
 
 Each shard holds that rank's slice of the model, its optimizer state (the
 momentum buffers), the iteration, the sizes it was saved with, the RNG state
@@ -43,7 +47,9 @@ from training.metrics import atomic_write
 from training.reshard import reshard
 
 TRACKER = "latest_checkpointed_iteration.txt"
-SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype")
+SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype",
+         "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
+ABSENT = dict(model="toy", pipeline_model_parallel_size=1)  # in checkpoints from before them
 RESHARDABLE = ("tensor_model_parallel_size",)  # the rest must match: they change the model
 TRANSFORMER_SIZES = ("model", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
 
@@ -86,26 +92,43 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed by this run; the message says why."""
 
 
-def shard_path(directory, iteration, tp_rank):
-    return os.path.join(directory, f"iter_{iteration:07d}", f"mp_rank_{tp_rank:02d}",
+def shard_path(directory, iteration, tp_rank, pp_rank=None):
+    """Megatron's: mp_rank_TT, or mp_rank_TT_PPP for stage PPP of a pipeline."""
+    stage = "" if pp_rank is None else f"_{pp_rank:03d}"
+    return os.path.join(directory, f"iter_{iteration:07d}", f"mp_rank_{tp_rank:02d}{stage}",
                         "model_optim_rng.pt")
+
+
+def this_stage():
+    """This rank's pipeline stage, for its shards' names; None without a pipeline."""
+    return ps.get_pipeline_model_parallel_rank() \
+        if ps.get_pipeline_model_parallel_world_size() > 1 else None
+
+
+def chunks_of(model):
+    """The modules a shard holds: a pipeline stage's chunks, or the one model."""
+    return list(model) if isinstance(model, nn.ModuleList) else [model]
+
+
+def named_parameters(model):
+    """(name, parameter) of every chunk, under the whole model's names, in the optimizer's order."""
+    return [item for chunk in chunks_of(model) for item in chunk.named_parameters()]
 
 
 def save_checkpoint(directory, iteration, model, optimizer, args):
     if ps.get_data_parallel_rank() == 0:
-        path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank())
+        path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank(), this_stage())
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        params = named_parameters(model)
         state = dict(
             iteration=iteration,
-            model=model.state_dict(),
+            model={name: p.detach() for name, p in params},
             optimizer=optimizer.state_dict(),
             sizes=sizes(args),
             identity=identity(args),
-            partition_dims={n: getattr(p, "partition_dim", None)
-                            for n, p in model.named_parameters()},
+            partition_dims={n: getattr(p, "partition_dim", None) for n, p in params},
             # Vocabularies padded for TP: merging keeps the first vocab_size rows.
-            vocab_sizes={n: p.vocab_size for n, p in model.named_parameters()
-                         if hasattr(p, "vocab_size")},
+            vocab_sizes={n: p.vocab_size for n, p in params if hasattr(p, "vocab_size")},
             # The default generators (the GPU's too, where the run is on one: dropout outside
             # the split regions draws from it) and dropout's own stream, as Megatron saves them.
             rng=dict(zip(("torch", "cuda"),
@@ -130,10 +153,19 @@ def latest_iteration(directory):
     return int(text)
 
 
-def shard_reader(directory, iteration):
-    """(read, saved_tp): read(tp_rank) gives that saved shard, read once and checked to belong to
-    this checkpoint; saved_tp is the tensor-parallel size it was saved at, from the first shard
-    this node sees (on several nodes without a shared disk, each sees its own)."""
+def saved_stages(where):
+    """The pipeline size a checkpoint's iteration directory was saved with (1: no pipeline),
+    from its shards' names."""
+    stages = {int(m.group(1) or -1) for d in os.listdir(where)
+              if (m := re.fullmatch(r"mp_rank_\d\d(?:_(\d\d\d))?", d))}
+    return max(stages) + 1 if stages and min(stages) >= 0 else 1
+
+
+def shard_reader(directory, iteration, pp_rank=None):
+    """(read, saved_tp): read(tp_rank) gives that saved shard (of stage pp_rank, with a pipeline),
+    read once and checked to belong to this checkpoint; saved_tp is the tensor-parallel size it
+    was saved at, from the first shard this node sees (on several nodes without a shared disk,
+    each sees its own)."""
     where = os.path.join(directory, f"iter_{iteration:07d}")
     if not os.path.isdir(where):
         saved = sorted(int(d[len("iter_"):]) for d in os.listdir(directory)
@@ -142,9 +174,17 @@ def shard_reader(directory, iteration):
             directory) else "asked for")
         raise CheckpointError(f"{named} iteration {iteration}, but {where} is missing (saved "
                               f"there: {', '.join(map(str, saved)) or 'none'})")
-    seen = sorted(int(d[len("mp_rank_"):]) for d in os.listdir(where)
-                  if re.fullmatch(r"mp_rank_\d\d", d))
-    seen = [r for r in seen if os.path.isfile(shard_path(directory, iteration, r))]
+    stages = saved_stages(where)
+    if stages != (1 if pp_rank is None else ps.get_pipeline_model_parallel_world_size()):
+        raise CheckpointError(
+            f"{directory} (iteration {iteration}) was saved by a pipeline of {stages} stage(s), "
+            f"this run has {1 if pp_rank is None else ps.get_pipeline_model_parallel_world_size()}"
+            f"; resume with --pipeline_model_parallel_size {stages} (or merge it with "
+            "merge_checkpoint.py and start a new run from it with --init_from)")
+    stage = "" if pp_rank is None else f"_{pp_rank:03d}"
+    seen = sorted(int(d[len("mp_rank_"):len("mp_rank_") + 2]) for d in os.listdir(where)
+                  if re.fullmatch(rf"mp_rank_\d\d{stage}", d))
+    seen = [r for r in seen if os.path.isfile(shard_path(directory, iteration, r, pp_rank))]
     if not seen:
         raise CheckpointError(f"{directory} names iteration {iteration}, but {where} holds no "
                               "shards")
@@ -153,7 +193,7 @@ def shard_reader(directory, iteration):
     def read(tp_rank):
         if tp_rank in cache:
             return cache[tp_rank]
-        path = shard_path(directory, iteration, tp_rank)
+        path = shard_path(directory, iteration, tp_rank, pp_rank)
         if not os.path.isfile(path):
             raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is "
                                   "missing (an incomplete checkpoint)")
@@ -173,7 +213,7 @@ def shard_reader(directory, iteration):
                                   f"{iteration}: shards of two checkpoints are mixed")
         was = shard["sizes"]["tensor_model_parallel_size"]
         if cache:  # the first shard read (seen[0]) is the reference
-            first, first_path = cache[seen[0]], shard_path(directory, iteration, seen[0])
+            first, first_path = cache[seen[0]], shard_path(directory, iteration, seen[0], pp_rank)
             if was != saved_tp:
                 raise CheckpointError(f"{path} was saved at tensor-parallel size {was}, "
                                       f"{first_path} at {saved_tp}: shards of two checkpoints "
@@ -194,10 +234,33 @@ def shard_reader(directory, iteration):
     return read, saved_tp
 
 
-def load_shards(directory, iteration):
-    """Every tensor-parallel shard of one iteration, in rank order (for merging)."""
-    read, saved_tp = shard_reader(directory, iteration)
+def load_shards(directory, iteration, pp_rank=None):
+    """Every tensor-parallel shard of one iteration (of stage pp_rank), in rank order."""
+    read, saved_tp = shard_reader(directory, iteration, pp_rank)
     return [read(tp_rank) for tp_rank in range(saved_tp)]
+
+
+def load_stages(directory, iteration):
+    """[the tensor-parallel shards of each pipeline stage], stage by stage (one, without a
+    pipeline): what merge_checkpoint.py merges."""
+    where = os.path.join(directory, f"iter_{iteration:07d}")
+    stages = saved_stages(where) if os.path.isdir(where) else 1
+    if stages == 1:
+        return [load_shards(directory, iteration)]
+    return [_load_stage(directory, iteration, s, stages) for s in range(stages)]
+
+
+def _load_stage(directory, iteration, stage, stages):
+    read = {}
+    for tp_rank in range(100):
+        path = shard_path(directory, iteration, tp_rank, stage)
+        if not os.path.isfile(path):
+            break
+        read[tp_rank] = torch.load(path, map_location="cpu", weights_only=True)
+    if not read:
+        raise CheckpointError(f"{directory} (iteration {iteration}) has no shards of pipeline "
+                              f"stage {stage} of {stages}: an incomplete checkpoint")
+    return [read[r] for r in sorted(read)]
 
 
 def load_checkpoint(directory, model, optimizer, args):
@@ -215,10 +278,10 @@ def load_checkpoint(directory, model, optimizer, args):
         raise CheckpointError(f"{directory} is at iteration {iteration} and --num_iterations is "
                               f"{args.num_iterations}: nothing to train; raise --num_iterations")
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    read, saved_tp = shard_reader(directory, iteration)
+    read, saved_tp = shard_reader(directory, iteration, this_stage())
     saved = read(tp_rank * saved_tp // tp)  # the first shard this rank needs
     for key, value in sizes(args).items():
-        was = saved["sizes"].get(key, "toy" if key == "model" else None)
+        was = saved["sizes"].get(key, ABSENT.get(key))
         if was != value and key == "dtype":
             raise CheckpointError(f"{directory} (iteration {iteration}) was saved by a --dtype "
                                   f"{was} run, this one is --dtype {value}; resume it with "
@@ -241,7 +304,8 @@ def load_checkpoint(directory, model, optimizer, args):
                 "the run's own flags and data")
     args.run_id = saved_identity.get("run", args.run_id)  # the run goes on under its own id
     state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
-    model.load_state_dict(state["model"])
+    for chunk in chunks_of(model):  # each chunk its parameters, under the whole model's names
+        chunk.load_state_dict({name: state["model"][name] for name in chunk.state_dict()})
     optimizer.load_state_dict(state["optimizer"])
     on_cuda = comm.get_device().type == "cuda"
     set_default_generator_states((state["rng"]["torch"],
