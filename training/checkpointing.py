@@ -16,9 +16,11 @@ writes. Every file is written to a temporary name and renamed, and the
 tracker is written last, after every shard is on disk: a crash mid-save
 leaves the previous checkpoint as the latest, never a half-written one.
 
-A checkpoint resumes at any tensor-parallel and data-parallel size: a rank
-whose size differs from the saved one reads the saved shards that overlap its
-slice and cuts its part, momentum included (reshard.py).
+A checkpoint resumes at any tensor-parallel, pipeline-parallel and
+data-parallel size: a rank whose size differs from the saved one reads the
+saved shards that overlap its slice and cuts its part, momentum included
+(reshard.py); at another pipeline size, every saved stage's shards are read as
+one, by the parameters' names, and each rank keeps its stage's.
 
 At the end, the serial form of a model (one full state_dict, as model.pt and
 --init_from hold it): loaded into any tensor-parallel size, and gathered back.
@@ -50,7 +52,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype",
          "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
 ABSENT = dict(model="toy", pipeline_model_parallel_size=1)  # in checkpoints from before them
-RESHARDABLE = ("tensor_model_parallel_size",)  # the rest must match: they change the model
+RESHARDABLE = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+               "virtual_pipeline_model_parallel_size")  # the rest change the model: must match
 TRANSFORMER_SIZES = ("model", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
 
 
@@ -161,7 +164,7 @@ def saved_stages(where):
     return max(stages) + 1 if stages and min(stages) >= 0 else 1
 
 
-def shard_reader(directory, iteration, pp_rank=None):
+def shard_reader(directory, iteration, pp_rank=None, any_pipeline=False):
     """(read, saved_tp): read(tp_rank) gives that saved shard (of stage pp_rank, with a pipeline),
     read once and checked to belong to this checkpoint; saved_tp is the tensor-parallel size it
     was saved at, from the first shard this node sees (on several nodes without a shared disk,
@@ -175,7 +178,8 @@ def shard_reader(directory, iteration, pp_rank=None):
         raise CheckpointError(f"{named} iteration {iteration}, but {where} is missing (saved "
                               f"there: {', '.join(map(str, saved)) or 'none'})")
     stages = saved_stages(where)
-    if stages != (1 if pp_rank is None else ps.get_pipeline_model_parallel_world_size()):
+    if not any_pipeline and stages != (
+            1 if pp_rank is None else ps.get_pipeline_model_parallel_world_size()):
         raise CheckpointError(
             f"{directory} (iteration {iteration}) was saved by a pipeline of {stages} stage(s), "
             f"this run has {1 if pp_rank is None else ps.get_pipeline_model_parallel_world_size()}"
@@ -278,7 +282,15 @@ def load_checkpoint(directory, model, optimizer, args):
         raise CheckpointError(f"{directory} is at iteration {iteration} and --num_iterations is "
                               f"{args.num_iterations}: nothing to train; raise --num_iterations")
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    read, saved_tp = shard_reader(directory, iteration, this_stage())
+    where = os.path.join(directory, f"iter_{iteration:07d}")
+    stages = saved_stages(where) if os.path.isdir(where) else 1
+    restaged = stages != ps.get_pipeline_model_parallel_world_size()
+    if not restaged:  # the same stages; each holds other blocks if the chunks differ
+        read, saved_tp = shard_reader(directory, iteration, this_stage())
+        chunks = read(tp_rank * saved_tp // tp)["sizes"].get("virtual_pipeline_model_parallel_size")
+        restaged = chunks != args.virtual_pipeline_model_parallel_size
+    if restaged:  # every saved stage's shards, read as one whole-model shard per TP rank
+        read, saved_tp = whole_model_reader(directory, iteration, stages)
     saved = read(tp_rank * saved_tp // tp)  # the first shard this rank needs
     for key, value in sizes(args).items():
         was = saved["sizes"].get(key, ABSENT.get(key))
@@ -304,6 +316,8 @@ def load_checkpoint(directory, model, optimizer, args):
                 "the run's own flags and data")
     args.run_id = saved_identity.get("run", args.run_id)  # the run goes on under its own id
     state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
+    if restaged:
+        state = this_stages_part(state, [name for name, _ in named_parameters(model)])
     for chunk in chunks_of(model):  # each chunk its parameters, under the whole model's names
         chunk.load_state_dict({name: state["model"][name] for name in chunk.state_dict()})
     optimizer.load_state_dict(state["optimizer"])
@@ -317,9 +331,57 @@ def load_checkpoint(directory, model, optimizer, args):
         seed_tensor_parallel_stream(args.seed + iteration)  # repeats no mask
     if dist.get_rank() == 0:
         changed = f", resharded from tensor-parallel size {saved_tp} to {tp}"
+        pp = ps.get_pipeline_model_parallel_world_size()
         print(f"resuming from {directory} at iteration {iteration}"
-              f"{changed if saved_tp != tp else ''}")
+              f"{changed if saved_tp != tp else ''}"
+              f"{f', from {stages} pipeline stage(s) to {pp}' if restaged else ''}")
     return iteration
+
+
+def whole_model_reader(directory, iteration, stages):
+    """(read, saved_tp) as shard_reader's, but read(tp_rank) is tensor-parallel rank tp_rank's
+    shard of the whole model: every saved pipeline stage's parameters and momentum buffers, by
+    name, in stage order (the tied embeddings' second copy, equal to the first, dropped)."""
+    readers = [shard_reader(directory, iteration, s if stages > 1 else None, any_pipeline=True)
+               for s in range(stages)]
+    saved_tp = readers[0][1]
+    cache = {}
+
+    def read(tp_rank):
+        if tp_rank not in cache:
+            cache[tp_rank] = _whole(read_stage(tp_rank) for read_stage, _ in readers)
+        return cache[tp_rank]
+    return read, saved_tp
+
+
+def _whole(shards):
+    shards = list(shards)
+    model, dims, vocab, momentum = {}, {}, {}, {}
+    for shard in shards:
+        for i, name in enumerate(shard["partition_dims"]):
+            if name in model:
+                continue
+            model[name], dims[name] = shard["model"][name], shard["partition_dims"][name]
+            if name in shard.get("vocab_sizes", {}):
+                vocab[name] = shard["vocab_sizes"][name]
+            if "momentum_buffer" in shard["optimizer"]["state"].get(i, {}):
+                momentum[len(dims) - 1] = shard["optimizer"]["state"][i]
+    first = shards[0]
+    groups = [dict(first["optimizer"]["param_groups"][0], params=list(range(len(dims))))]
+    return dict(first, model=model, partition_dims=dims, vocab_sizes=vocab,
+                optimizer=dict(state=momentum, param_groups=groups),
+                rng={k: v for k, v in first["rng"].items() if k != "tracker"})
+
+
+def this_stages_part(state, names):
+    """A whole-model state (whole_model_reader's, cut for this TP rank) narrowed to this rank's
+    parameters `names`, in its optimizer's order."""
+    index = {name: i for i, name in enumerate(state["partition_dims"])}
+    momentum = {j: state["optimizer"]["state"][index[name]] for j, name in enumerate(names)
+                if index[name] in state["optimizer"]["state"]}
+    groups = [dict(state["optimizer"]["param_groups"][0], params=list(range(len(names))))]
+    return dict(state, model={name: state["model"][name] for name in names},
+                optimizer=dict(state=momentum, param_groups=groups))
 
 
 # ---------------------------------------------------------------------------
