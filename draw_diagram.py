@@ -3,6 +3,7 @@
     python draw_diagram.py --tp 2 --input_size 64 --batch_size 32
     python draw_diagram.py --sequence_parallel     # assets/toy_sequence_parallel.png
     python draw_diagram.py --model transformer     # assets/transformer_tensor_parallel.png
+    python draw_diagram.py --pp 2 --virtual 2 --num_layers 8   # assets/pipeline_stages.png
 
 One row per tensor-parallel rank: the replicated input X, f, X·A_i and its
 ReLU, the partial product Y_i·B_i, g's all-reduce, the replicated fc and the
@@ -199,6 +200,56 @@ def draw_transformer(tp, width, heads, vocab_size, seq_length, batch_size, path)
     return [t.get_text() for t in ax.texts]
 
 
+def draw_stages(pp, virtual, num_layers, model, path):
+    """The pipeline's stages (Narayanan et al., 2021): one row per stage, its chunks of layers
+    (Megatron's layout: chunk c of stage r holds layers (c P + r) L ... (c P + r + 1) L - 1),
+    the point-to-point sends between them and the tied embeddings' sum; returns its texts."""
+    fig, ax = plt.subplots(figsize=(4.2 * virtual + 5, 1.3 * pp + 2.2))
+    ax.set_xlim(-4, 100)
+    ax.axis("off")
+    per_chunk, width = num_layers // (pp * virtual), 88 / virtual
+    rows = [(pp - 1 - s) * ROW + 12 for s in range(pp)]
+    for s, y in enumerate(rows):
+        ax.text(-3.5, y, f"stage {s}", ha="left", va="center", fontsize=9, fontweight="bold")
+        for c in range(virtual):
+            first = (c * pp + s) * per_chunk
+            if model == "toy":
+                text = "MLP: fc1, ReLU, fc2" if s == 0 else "fc, loss"
+            else:
+                text = (("embeddings\n" if s == 0 and c == 0 else "")
+                        + (f"block {first}" if per_chunk == 1 else
+                           f"blocks {first}..{first + per_chunk - 1}")
+                        + ("\nLN_f, output layer\n(embeddings' copy), loss"
+                           if s == pp - 1 and c == virtual - 1 else ""))
+            x = 6 + c * width + width / 2
+            ax.add_patch(FancyBboxPatch((x - width * 0.38, y - 5.5), width * 0.76, 11,
+                                        boxstyle="round,pad=0.4", fc=COMPUTE, ec="#555555"))
+            ax.text(x, y, (f"chunk {c}: " if virtual > 1 else "") + text, ha="center",
+                    va="center", fontsize=8)
+            if s < pp - 1:  # the activation forward, its gradient back
+                ax.annotate("", (x, rows[s + 1] + 6), (x, y - 6),
+                            arrowprops=dict(arrowstyle="<->", color="#c26a00"))
+            elif c < virtual - 1:  # the last stage's chunk c on to stage 0's chunk c + 1
+                ax.annotate("", (x + width * 0.62, rows[0] - 5), (x + width * 0.38, y + 5),
+                            arrowprops=dict(arrowstyle="<->", color="#c26a00", ls="--"))
+    notes = ("orange: point to point, the activation down to the next stage, its gradient back "
+             "up (a micro-batch at a time)")
+    if virtual > 1:
+        notes += f";\nthe last stage's chunk c sends on to stage 0's chunk c + 1 ({virtual} laps)"
+    if model == "transformer" and pp > 1:
+        notes += ";\nthe embeddings on stage 0 and their copy on the last stage: gradients " \
+                 "summed over the embedding group after backward"
+    ax.text(50, rows[-1] - 9, notes, ha="center", va="top", fontsize=8.5)
+    title = (f"Pipeline parallelism, {pp} stages" + (f" x {virtual} chunks" if virtual > 1
+                                                     else "") + f": the {model}"
+             + (f", {num_layers} blocks" if model == "transformer" else ""))
+    ax.text(50, rows[0] + 9, title, ha="center", fontsize=11)
+    ax.set_ylim(rows[-1] - 16, rows[0] + 13)
+    fig.tight_layout()
+    save(fig, path)
+    return [t.get_text() for t in ax.texts]
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])  # one-line errors
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
@@ -216,7 +267,14 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=50, help="transformer")
     p.add_argument("--seq_length", type=int, default=16, help="transformer")
     p.add_argument("--num_attention_heads", type=int, default=4, help="transformer")
+    p.add_argument("--pp", type=int, default=None,
+                   help="draw the pipeline's stages instead (assets/pipeline_stages.png)")
+    p.add_argument("--virtual", type=int, default=1, help="with --pp: chunks per stage")
+    p.add_argument("--num_layers", type=int, default=None,
+                   help="with --pp: the transformer's blocks (default: one per chunk)")
     args = p.parse_args(argv)
+    if args.pp is not None:
+        return stages_main(p, args)
     sizes = ["tp", "input_size", "batch_size", "hidden_size", "vocab_size", "seq_length",
              "num_attention_heads"]
     for name in sizes:
@@ -243,6 +301,23 @@ def main(argv=None):
     out = args.out or default
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     return draw(args.tp, args.input_size, hidden, args.batch_size, out, args.sequence_parallel)
+
+
+def stages_main(p, args):
+    """draw_diagram.py --pp: its checks, then the picture."""
+    if args.pp <= 0 or args.virtual <= 0:
+        p.error(f"--pp and --virtual must be positive integers, got {args.pp} and {args.virtual}")
+    if args.model == "toy" and (args.pp != 2 or args.virtual != 1):
+        p.error("the toy model has two stages (the MLP | fc): --pp 2, no --virtual; or --model "
+                "transformer")
+    layers = args.num_layers or args.pp * args.virtual
+    if layers % (args.pp * args.virtual):
+        p.error(f"--num_layers {layers} cannot be split evenly into {args.pp * args.virtual} "
+                "chunks")
+    out = args.out or "assets/pipeline_stages.png"
+    check_output(p, "--out", out, ".png")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    return draw_stages(args.pp, args.virtual, layers, args.model, out)
 
 
 if __name__ == "__main__":
