@@ -34,15 +34,15 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     """Split the world (DP x PP x TP ranks) into tensor-, data- and pipeline-parallel groups,
     in Megatron's rank order: TP fastest, then DP, then PP.
 
-    Tensor-parallel groups are runs of consecutive ranks, as in Megatron: with
-    8 ranks, TP 2 and PP 2 they are [0, 1], [2, 3], [4, 5], [6, 7]. Consecutive ranks share a
-    node, and the tensor-parallel all-reduces are the most frequent, so they get the fastest
-    links. Data-parallel groups hold the ranks of one pipeline stage with the same
-    tensor-parallel rank ([0, 2], [1, 3], [4, 6], [5, 7]): each holds the same shard of a
-    different replica, so their gradients can be averaged element-wise. Pipeline groups hold
-    one rank of each stage ([0, 4], [1, 5], [2, 6], [3, 7]): stage s sends its activations to
-    stage s + 1, point to point, the least frequent and smallest traffic, over the slowest
-    links (Sec. 3.2). The embedding group is each pipeline's first and last stage.
+    Tensor-parallel groups are runs of consecutive ranks, as in Megatron: with 8 ranks, TP 2
+    and PP 2 they are [0, 1], [2, 3], [4, 5], [6, 7]. Consecutive ranks share a node, and the
+    tensor-parallel all-reduces are the most frequent, so they get the fastest links.
+    Data-parallel groups hold the ranks of one stage with the same tensor-parallel rank ([0, 2],
+    [1, 3], [4, 6], [5, 7]): each holds the same shard of a different replica, so their
+    gradients can be averaged element-wise. Pipeline groups hold one rank of each stage ([0, 4],
+    [1, 5], [2, 6], [3, 7]): stage s sends its activations to stage s + 1, point to point, the
+    least frequent and smallest traffic, over the slowest links (Sec. 3.2). The embedding group
+    is each pipeline's first and last stage.
     """
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
     global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
@@ -70,11 +70,14 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     _DATA_PARALLEL_GROUP, _ = mine(
         [list(range(stage * stage_size + tp_rank, (stage + 1) * stage_size, tp))
          for stage in range(pp) for tp_rank in range(tp)])
-    _TENSOR_AND_DATA_PARALLEL_GROUP, _ = mine(
-        [list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)])
-    pipelines = [list(range(first, world_size, stage_size)) for first in range(stage_size)]
-    _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = mine(pipelines)
-    _EMBEDDING_GROUP, _ = mine([sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
+    if pp == 1:  # one stage, the world: nothing to create (a pipeline of one sends nothing)
+        _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = dist.group.WORLD, [rank]
+    else:
+        _TENSOR_AND_DATA_PARALLEL_GROUP, _ = mine(
+            [list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)])
+        pipelines = [list(range(first, world_size, stage_size)) for first in range(stage_size)]
+        _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = mine(pipelines)
+        _EMBEDDING_GROUP, _ = mine([sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = virtual_pipeline_model_parallel_size
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = 0 if virtual_pipeline_model_parallel_size else None
 
@@ -122,11 +125,12 @@ def get_pipeline_model_parallel_group():
 
 
 def get_pipeline_model_parallel_world_size() -> int:
-    return dist.get_world_size(group=get_pipeline_model_parallel_group())
+    assert _PIPELINE_GLOBAL_RANKS is not None, "call initialize_model_parallel() first"
+    return len(_PIPELINE_GLOBAL_RANKS)
 
 
 def get_pipeline_model_parallel_rank() -> int:
-    return dist.get_rank(group=get_pipeline_model_parallel_group())
+    return _PIPELINE_GLOBAL_RANKS.index(dist.get_rank())
 
 
 def get_pipeline_model_parallel_next_rank() -> int:  # global ranks; the last stage's next is 0
@@ -163,9 +167,8 @@ def set_virtual_pipeline_model_parallel_rank(rank) -> None:
 
 def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
     """This rank holds the model's first layers (with interleaving: and runs its first chunk)."""
-    if not ignore_virtual and get_virtual_pipeline_model_parallel_world_size():
-        if get_virtual_pipeline_model_parallel_rank() != 0:
-            return False
+    if not ignore_virtual and get_virtual_pipeline_model_parallel_rank() not in (None, 0):
+        return False
     return get_pipeline_model_parallel_rank() == 0
 
 

@@ -149,9 +149,7 @@ def _signals_threads_and_work_as_new():
     assert "left-behind" not in [t.name for t in threading.enumerate()]
     # The groups of initialize_model_parallel(2) this rank is in, and the default group: no more.
     assert set(dist.distributed_c10d._world.pg_map) == {
-        dist.group.WORLD, ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group(),
-        ps.get_tensor_and_data_parallel_group(), ps.get_pipeline_model_parallel_group(),
-        ps.get_embedding_group()}
+        dist.group.WORLD, ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()}
     # The first message on the TP group is this job's, not what the last job left pending.
     got = torch.tensor([2.0])
     if dist.get_rank() == 0:
