@@ -182,12 +182,9 @@ def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
 
 
 def destroy_model_parallel(barrier: bool = True) -> None:
-    """Leave the job.
-
-    The barrier matters: with gloo, a rank that tears down while its peer is
-    still in a collective can abort the peer ("terminate called without an
-    active exception"). Skip it only when peers may never reach it.
-    """
+    """Leave the job. The barrier matters: with gloo, a rank that tears down while its peer is
+    still in a collective can abort the peer ("terminate called without an active exception").
+    Skip it only when peers may never reach it."""
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
     global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
