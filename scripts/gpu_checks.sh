@@ -49,6 +49,17 @@ part "bash scripts"
       | tail -1
   echo "bfloat16, serial vs TP=2 against the reordered runs:"
   "$PYTHON" compare_runs.py runs/bf16_serial runs/bf16_tp --noise runs/bf16_serial1 runs/bf16_serial2
+  # Pipeline parallelism with CUDA tensors: 2 stages on one GPU over gloo (host-staged sends),
+  # interleaved, against serial with the same micro-batches (NCCL's p2p where there are 2 GPUs).
+  "$PYTHON" train.py --model transformer --num_layers 4 --dtype float64 --micro_batch_size 8 \
+      --data_dir /tmp/gpu_tokens --update_freq 100 --out_dir runs/pp_serial | tail -1
+  timeout 120 "$PYTHON" scripts/launch.py --standalone --nproc_per_node 2 parallel_train.py \
+      --model transformer --num_layers 4 --dtype float64 --micro_batch_size 8 \
+      --data_dir /tmp/gpu_tokens --update_freq 100 --tensor_model_parallel_size 1 \
+      --pipeline_model_parallel_size 2 --virtual_pipeline_model_parallel_size 2 \
+      --out_dir runs/pp_interleaved | tail -3
+  echo "transformer float64, serial vs PP=2 x V=2:"
+  "$PYTHON" compare_runs.py runs/pp_serial runs/pp_interleaved --rtol 1e-12
   # Iteration cost in a full run: 1000 more iterations, timed from outside.
   for n in 200 1200; do TIMEFORMAT="serial, $n iterations: %R s"; time "$PYTHON" train.py --data_dir /tmp/gpu_data \
       --num_iterations $n --update_freq 10 --eval_interval 100000 --out_dir /tmp/t_s >/dev/null; done
