@@ -87,12 +87,17 @@ def evaluate(model, inputs, targets, chunk_rows=1024, outputs=None):
 
 
 def make_optimizer(model, args):
-    """SGD with momentum; under --dtype bfloat16, over fp32 main copies of the parameters, the
-    model cast to bf16 (training/mixed_precision.py)."""
-    sgd = lambda params: torch.optim.SGD(params, lr=args.init_lr, momentum=args.momentum)
+    """SGD with momentum (the original's), or Adam (--optimizer adam, Megatron's default, no
+    weight decay); under --dtype bfloat16, over fp32 main copies of the parameters, their state
+    in fp32 too, the model cast to bf16 (training/mixed_precision.py)."""
+    if args.optimizer == "adam":
+        make = lambda params: torch.optim.Adam(params, lr=args.init_lr, eps=args.adam_eps,
+                                               betas=(args.adam_beta1, args.adam_beta2))
+    else:
+        make = lambda params: torch.optim.SGD(params, lr=args.init_lr, momentum=args.momentum)
     if args.dtype == "bfloat16":
-        return MixedPrecisionOptimizer(model, sgd)
-    return sgd(model.parameters())
+        return MixedPrecisionOptimizer(model, make)
+    return make(model.parameters())
 
 
 def train(model, optimizer, batches, logbook, args):

@@ -90,8 +90,9 @@ MUTANTS = {
         "training/reshard.py", "start = lo - shards.start * saved_rows", "start = 0",
         ["tests/test_reshard.py"]),
     "reshard: momentum zeroed": (
-        "training/reshard.py", "pick=lambda shard: saved_momentum(shard, i),",
-        "pick=lambda shard: saved_momentum(shard, i) * 0,", ["tests/test_reshard.py"]),
+        "training/reshard.py", """pick=lambda shard: shard["optimizer"]["state"][i][key])""",
+        """pick=lambda shard: shard["optimizer"]["state"][i][key] * 0)""",
+        ["tests/test_reshard.py"]),
     # Activation recomputation (recompute.py).
     "recompute: random states not set": (
         "recompute.py", "_set_all_rng_states(ctx.rng_states)  # the masks", "pass  #",

@@ -35,10 +35,11 @@ def full_state(seed=0):
 DIMS = {"embedding": 0, "fc1": 0, "fc2": 1, "ln": None}
 
 
-def saved_at(tp):
-    """The shards a run at TP = tp writes (as checkpointing.save_checkpoint), momentum for all but
-    fc2 (a parameter that has not stepped yet has none)."""
-    weights, momentum = full_state(0), full_state(1)
+def saved_at(tp, optimizer="sgd"):
+    """The shards a run at TP = tp writes (as checkpointing.save_checkpoint), the optimizer's
+    state for all but fc2 (a parameter that has not stepped yet has none): SGD's momentum, or
+    Adam's two moments and its step count."""
+    weights, momentum, second = full_state(0), full_state(1), full_state(2)
     shards = []
     for rank in range(tp):
         def local(name, t):
@@ -48,8 +49,10 @@ def saved_at(tp):
             if name == "embedding":  # zero rows that no token looks up
                 t = torch.cat([t, t.new_zeros(vocab_size_with_padding(VOCAB, tp) - VOCAB, WIDTH)])
             return t.chunk(tp, dim)[rank].clone()
-        state = {i: {"momentum_buffer": local(n, momentum[n])} for i, n in enumerate(DIMS)
-                 if n != "fc2"}
+        state = {i: ({"momentum_buffer": local(n, momentum[n])} if optimizer == "sgd" else
+                     {"step": torch.tensor(5.0), "exp_avg": local(n, momentum[n]),
+                      "exp_avg_sq": local(n, second[n].abs())})
+                 for i, n in enumerate(DIMS) if n != "fc2"}
         shards.append(dict(iteration=7, model={n: local(n, t) for n, t in weights.items()},
                            optimizer=dict(state=state, param_groups=[dict(params=[0, 1, 2, 3])]),
                            sizes=dict(tensor_model_parallel_size=tp, hidden_size=HIDDEN),
@@ -61,13 +64,14 @@ def saved_at(tp):
 SIZES = [(a, c) for a, c in itertools.product((1, 2, 3, 4, 6), repeat=2) if a != c]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("a,c", SIZES)
-def test_cut_for_another_size_equals_saved_at_that_size(a, c):
-    check_cut(a, c, reshard_module)
+def test_cut_for_another_size_equals_saved_at_that_size(a, c, optimizer):
+    check_cut(a, c, reshard_module, optimizer)
 
 
-def check_cut(a, c, module):
-    saved, wanted = saved_at(a), saved_at(c)
+def check_cut(a, c, module, optimizer="sgd"):
+    saved, wanted = saved_at(a, optimizer), saved_at(c, optimizer)
     for rank in range(c):
         reads = []
         read = lambda j: reads.append(j) or saved[j]
@@ -77,8 +81,9 @@ def check_cut(a, c, module):
             assert torch.equal(got["model"][name], wanted[rank]["model"][name]), (name, rank)
         assert got["optimizer"]["state"].keys() == wanted[rank]["optimizer"]["state"].keys()
         for i, s in wanted[rank]["optimizer"]["state"].items():
-            assert torch.equal(got["optimizer"]["state"][i]["momentum_buffer"],
-                               s["momentum_buffer"]), (i, rank)
+            assert got["optimizer"]["state"][i].keys() == s.keys(), (i, rank)
+            for key in s:
+                assert torch.equal(got["optimizer"]["state"][i][key], s[key]), (i, key, rank)
         assert got["sizes"]["tensor_model_parallel_size"] == c and got["iteration"] == 7
         assert "tracker" not in got["rng"]  # the saved streams were the old split's
         # Only the shards that hold some of this rank's rows (of fc1's, and the embedding's).
@@ -94,8 +99,8 @@ MUTANTS = {
     # every rank's rows taken from the start of the shards it reads, not from its own offset
     "offset dropped": ("start = lo - shards.start * saved_rows", "start = 0"),
     # the momentum buffers cut to the right shape, but their values lost
-    "momentum zeroed": ("pick=lambda shard: saved_momentum(shard, i),",
-                        "pick=lambda shard: saved_momentum(shard, i) * 0,"),
+    "momentum zeroed": ("""pick=lambda shard: shard["optimizer"]["state"][i][key])""",
+                        """pick=lambda shard: shard["optimizer"]["state"][i][key] * 0)"""),
 }
 
 

@@ -27,13 +27,19 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--init_lr", type=float, default=None,
                    help="default: 0.001 (the original's; the transformer: 0.01)")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD's")
     p.add_argument("--num_iterations", type=int, default=200)
     p.add_argument("--data_dir", default=None, help="default: data (data_transformer)")
     p.add_argument("--update_freq", type=int, default=50,
                    help="every N iterations print the sum of the last N train losses (the "
                         "original's 'Train Loss'; metrics.csv has each iteration's)")
     # Ours.
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd: SGD with --momentum (the original's); adam: Adam (Megatron's "
+                        "default) with --adam_beta1/--adam_beta2/--adam_eps, fp32 moments")
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_eps", type=float, default=1e-8)
     p.add_argument("--hidden_size", type=int, default=None, help="default: 32 x input_size")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="bfloat16: bf16 model and activations, fp32 main parameters, gradients, "
@@ -88,6 +94,11 @@ def parse_args(parser, argv=None):
         parser.error(f"--init_lr must be a positive number, got {args.init_lr}")
     if not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if not (args.adam_eps > 0 and math.isfinite(args.adam_eps)):
+        parser.error(f"--adam_eps must be a positive number, got {args.adam_eps}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     clip = args.clip_grad

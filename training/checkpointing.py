@@ -364,7 +364,7 @@ def _whole(shards):
             model[name], dims[name] = shard["model"][name], shard["partition_dims"][name]
             if name in shard.get("vocab_sizes", {}):
                 vocab[name] = shard["vocab_sizes"][name]
-            if "momentum_buffer" in shard["optimizer"]["state"].get(i, {}):
+            if shard["optimizer"]["state"].get(i):  # momentum, or Adam's moments and step
                 momentum[len(dims) - 1] = shard["optimizer"]["state"][i]
     first = shards[0]
     groups = [dict(first["optimizer"]["param_groups"][0], params=list(range(len(dims))))]

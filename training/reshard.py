@@ -5,8 +5,9 @@ whatever the tensor-parallel size (a vocabulary's rows padded with zeros that no
 token looks up). Rank r of TP = c holds rows [r n_c, (r+1) n_c) of it, where n_c
 is the full size (padded for c) over c. Those rows lie in one or a few of the
 shards saved at TP = a: the rank reads only those and cuts its part. SGD's
-momentum buffer has its parameter's shape and split, and is cut the same way,
-so the resumed run takes the very steps the saved one would have. Replicated
+momentum buffer (Adam's two moments) has its parameter's shape and split, and
+is cut the same way, so the resumed run takes the very steps the saved one would
+have. Replicated
 parameters and their buffers are the same in every shard: taken from the
 first one read.
 
@@ -67,15 +68,17 @@ def reshard(read, saved_tp, tp, rank):
     first = read(rank * saved_tp // tp)  # holds the start of this rank's rows: read anyway
     dims, vocab_sizes = first["partition_dims"], first.get("vocab_sizes", {})
     names = list(dims)  # the order of model.parameters(), hence of the optimizer's indices
-    model, momentum = {}, {}
-    saved_momentum = lambda shard, i: shard["optimizer"]["state"].get(i, {}).get("momentum_buffer")
+    model, state = {}, {}
     for i, name in enumerate(names):
-        dim = dims[name]
-        has_momentum = saved_momentum(first, i) is not None
+        dim, saved = dims[name], first["optimizer"]["state"].get(i, {})
+        # The state shaped as its parameter (SGD's momentum, Adam's two moments) is split as
+        # it is; the rest (Adam's step count) is the same everywhere.
+        per_element = [key for key, v in saved.items()
+                       if torch.is_tensor(v) and v.shape == first["model"][name].shape]
+        if saved:
+            state[i] = {key: v.clone() if torch.is_tensor(v) else v for key, v in saved.items()}
         if dim is None:
             model[name] = first["model"][name].clone()
-            if has_momentum:
-                momentum[i] = saved_momentum(first, i).clone()
             continue
         saved_rows = first["model"][name].shape[dim]
         vocab = name in vocab_sizes
@@ -83,12 +86,10 @@ def reshard(read, saved_tp, tp, rank):
         args = (dim, saved_rows, saved_tp, rows, rank)
         model[name] = cut(read, *args, pick=lambda shard: shard["model"][name],
                           like=first["model"][name])
-        if has_momentum:
-            momentum[i] = cut(read, *args, pick=lambda shard: saved_momentum(shard, i),
-                              like=saved_momentum(first, i))
-    optimizer = dict(first["optimizer"])
-    optimizer["state"] = {i: {**first["optimizer"]["state"][i], "momentum_buffer": m}
-                          for i, m in momentum.items()}
+        for key in per_element:
+            state[i][key] = cut(read, *args, like=saved[key],
+                                pick=lambda shard: shard["optimizer"]["state"][i][key])
+    optimizer = dict(first["optimizer"], state=state)
     sizes = dict(first["sizes"], tensor_model_parallel_size=tp)
     rng = {k: v for k, v in first["rng"].items() if k != "tracker"}  # the default generators
     return dict(first, model=model, optimizer=optimizer, sizes=sizes, rng=rng)
