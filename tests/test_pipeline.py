@@ -45,14 +45,20 @@ def _groups(tp, pp, expected):
     assert ps.is_pipeline_last_stage() == (rank == want["pp"][-1])
 
 
-@pytest.mark.parametrize("tp,pp,expected", [
+LAYOUTS = [  # (tp, pp, the groups of 4 ranks)
     (2, 2, dict(tp=[[0, 1], [2, 3]], dp=[[0], [1], [2], [3]], pp=[[0, 2], [1, 3]],
                 embedding=[[0, 2], [1, 3]], stage=[[0, 1], [2, 3]])),
     (1, 2, dict(tp=[[0], [1], [2], [3]], dp=[[0, 1], [2, 3]], pp=[[0, 2], [1, 3]],
-                embedding=[[0, 2], [1, 3]], stage=[[0, 1], [2, 3]])),
-], ids=["tp2_pp2", "dp2_pp2"])
-def test_groups_in_megatrons_rank_order(tp, pp, expected):
-    run_distributed(_groups, 4, tp, pp, expected)
+                embedding=[[0, 2], [1, 3]], stage=[[0, 1], [2, 3]]))]
+
+
+def _every_layout():
+    for tp, pp, expected in LAYOUTS:  # TP 2 x PP 2, then DP 2 x PP 2, in one world
+        _groups(tp, pp, expected)
+
+
+def test_groups_in_megatrons_rank_order():
+    run_distributed(_every_layout, 4)
 
 
 # ---------------------------------------------------------------------------
