@@ -210,6 +210,16 @@ def test_the_transformer_through_every_schedule_is_the_serial_run(nproc, flags, 
                                  abs=0.005), log
 
 
+def test_interleaved_with_as_many_micro_batches_as_stages(token_dir, tmp_path):
+    """m = p: Megatron's all-warm-up case of the interleaved schedule (no steady state)."""
+    flags = [*TRANSFORMER, "--micro_batch_size", "4", "--data_dir", token_dir]
+    run_script("train.py", *flags, "--out_dir", tmp_path / "serial")
+    run_script("parallel_train.py", *flags, "--out_dir", tmp_path / "pp",
+               "--tensor_model_parallel_size", "1", "--pipeline_model_parallel_size", "2",
+               "--virtual_pipeline_model_parallel_size", "2", nproc=2)
+    assert_same_as_serial(str(tmp_path / "serial"), str(tmp_path / "pp"))
+
+
 def test_clipping_takes_the_norm_over_every_stage_and_the_tied_embedding_once(token_dir,
                                                                                tmp_path):
     """--clip_grad 0.5 (below the gradient norm all run): serial's norm and curve at P 2."""
