@@ -31,6 +31,8 @@ def finalize_model_grads(model, params, losses) -> torch.Tensor:
     and the loss from this rank's `losses` (the micro-batches' shares of the batch's loss: on
     the last pipeline stage, none before it); returns the loss every rank reports. `model`:
     this rank's chunks of the model."""
+    # Stages before the last stand in a zero in the main dtype: the loss's own (fp32 under bf16,
+    # as both models compute it), so the last stage's broadcast below fits it.
     loss = losses[0] if losses else params[0].new_zeros(())
     for share in losses[1:]:  # in order, as train.py adds them
         loss = loss + share

@@ -2,9 +2,9 @@
 function names of Megatron-core's pipeline_parallel/p2p_communication.py.
 
 In forward, stage s sends its output activations to stage s + 1; in backward, stage s + 1 sends
-the gradient of those activations back. The shape is agreed in advance (`tensor_shape`: the
-schedule computes it from the micro-batch size, as Megatron does from seq_length,
-micro_batch_size and hidden_size), so a receive knows what to allocate.
+the gradient of those activations back. The shape is agreed in advance (`tensor_shape`,
+computed by parallel_train.py from the micro-batch size, as Megatron's schedules compute it from
+seq_length, micro_batch_size and hidden_size), so a receive knows what to allocate.
 
 Everything that happens at once goes as one `batch_isend_irecv`: a stage that sends an
 activation forward while it waits for a gradient from the same neighbour must not block on
@@ -14,8 +14,12 @@ communication.py's rules and counters (`pipeline_send`: its bytes, once).
 Under TP_CHECK_COLLECTIVES=1 (the test suite) each tensor is announced before it is sent: a
 header with its number in this direction, kind, dtype and shape travels first, and the receiver
 checks it against what it expects. A send and a receive that do not pair in order, shape and
-dtype fail in one line (PipelineP2PError), where NCCL would hang or read garbage. Every rank
-records its sends and receives in order in `p2p_log`.
+dtype fail in one line (PipelineP2PError), where NCCL would hang or read garbage; there every
+rank also records its sends and receives in order in `p2p_log`.
+
+At p = 2 the next and the previous stage are one rank: an exchange may then hold two sends to
+it and two receives from it, and they pair because every exchange lists the activation before
+the gradient, on both sides (_communicate).
 """
 
 from collections import Counter
@@ -26,7 +30,8 @@ import torch.distributed as dist
 import communication as comm
 import parallel_state as ps
 
-p2p_log = []  # ("send" | "recv", peer, "activation" | "gradient", shape, dtype), in order
+# Under TP_CHECK_COLLECTIVES: ("send" | "recv", peer, "activation" | "gradient", shape, dtype).
+p2p_log = []
 _numbered = Counter()  # (send | recv, peer, kind): tensors so far, for the headers
 
 
@@ -50,11 +55,13 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev, recv_next, tenso
         _announce(sends, recvs, tensor_shape, dtype)
     ops, received = [], {}
     for tensor, peer, kind in sends:
-        p2p_log.append(("send", peer, kind, tuple(tensor.shape), tensor.dtype))
+        if comm.CHECK_COLLECTIVES:
+            p2p_log.append(("send", peer, kind, tuple(tensor.shape), tensor.dtype))
         ops.append(dist.P2POp(dist.isend, comm.point_to_point_wire("pipeline_send", tensor),
                               peer))
     for peer, kind in recvs:
-        p2p_log.append(("recv", peer, kind, tuple(tensor_shape), dtype))
+        if comm.CHECK_COLLECTIVES:
+            p2p_log.append(("recv", peer, kind, tuple(tensor_shape), dtype))
         received[kind] = comm.receive_buffer(tensor_shape, dtype)
         ops.append(dist.P2POp(dist.irecv, received[kind], peer))
     if ops:

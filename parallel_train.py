@@ -1,4 +1,5 @@
-"""Train the ToyModel with Megatron-style tensor parallelism, under torchrun.
+"""Train the ToyModel (or the transformer) with Megatron-style tensor, data and pipeline
+parallelism, under torchrun.
 
     torchrun --nproc_per_node 2 parallel_train.py --tensor_model_parallel_size 2
 

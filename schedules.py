@@ -191,6 +191,8 @@ class _Interleaved:
     chunk_id(k) running its next micro-batch."""
 
     def __init__(self, forward_step_func, microbatches, model, tensor_shape, dtype):
+        assert len(microbatches) % ps.get_pipeline_model_parallel_world_size() == 0, \
+            "the interleaved schedule runs micro-batches in groups of p (training/arguments.py)"
         self.step_func, self.microbatches, self.model = forward_step_func, microbatches, model
         self.shape, self.dtype = tensor_shape, dtype
         self.p, self.v, self.m = ps.get_pipeline_model_parallel_world_size(), len(model), \
@@ -266,6 +268,10 @@ class _Interleaved:
             output = self.forward(forward_k)
             input_grad = self.backward(backward_k)
             recv_prev, recv_next = True, True
+            # What arrives now is for a later forward (backward) of this rank. On the first rank
+            # it comes from the last rank's chunk, whose forward ran p - 1 steps behind this
+            # one's (Megatron's "ahead by p - 1"); its chunk is the next one, and none after the
+            # last chunk. Elsewhere it is simply the (k + 1)-th's. Likewise backward, mirrored.
             if ps.is_pipeline_first_stage(ignore_virtual=True):
                 next_forward = self.chunk_id(forward_k - (self.p - 1), forward=True)
                 recv_prev = next_forward != self.v - 1
@@ -288,7 +294,8 @@ class _Interleaved:
                 self.output_grads[next_backward].append(output_grad)
 
     def cool_down(self, warmup, total, all_warmup):
-        if all_warmup:
+        if all_warmup:  # the last chunk's first gradient, asked for as the last chunk
+            ps.set_virtual_pipeline_model_parallel_rank(self.v - 1)
             self.output_grads[self.v - 1].append(p2p.recv_backward(self.shape, self.dtype))
         for k in range(total - warmup, total):
             input_grad = self.backward(k)
