@@ -193,9 +193,9 @@ def point_to_point_wire(op: str, tensor: torch.Tensor) -> torch.Tensor:
     return _on_wire(tensor)
 
 
-def receive_buffer(shape, dtype) -> torch.Tensor:
-    """Where a point-to-point receive lands: on the run's device, or the host when gloo carries
-    CUDA tensors (then moved with .to(get_device()))."""
+def wire_buffer(shape, dtype) -> torch.Tensor:
+    """An empty tensor where the backend moves it: on the run's device, or the host when gloo
+    carries CUDA tensors (a receive then moves it with .to(get_device()))."""
     return torch.empty(shape, dtype=dtype, device="cpu" if _STAGE_THROUGH_HOST else get_device())
 
 

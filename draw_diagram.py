@@ -23,6 +23,7 @@ from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 
 from parallel_layers import vocab_size_with_padding  # noqa: E402
 from plot_runs import save  # noqa: E402
+from schedules import chunk_layers  # noqa: E402
 from training.operations import ArgumentParser, check_output  # noqa: E402
 
 COMPUTE, REPLICATED, COMM, ROWS = "#dbe9f6", "#e8e8e8", "#fdd9a8", "#dcefd6"
@@ -207,18 +208,18 @@ def draw_stages(pp, virtual, num_layers, model, path):
     fig, ax = plt.subplots(figsize=(4.2 * virtual + 5, 1.3 * pp + 2.2))
     ax.set_xlim(-4, 100)
     ax.axis("off")
-    per_chunk, width = num_layers // (pp * virtual), 88 / virtual
+    width = 88 / virtual
     rows = [(pp - 1 - s) * ROW + 12 for s in range(pp)]
     for s, y in enumerate(rows):
         ax.text(-3.5, y, f"stage {s}", ha="left", va="center", fontsize=9, fontweight="bold")
         for c in range(virtual):
-            first = (c * pp + s) * per_chunk
+            layers = chunk_layers(num_layers, pp, s, virtual, c)
             if model == "toy":
                 text = "MLP: fc1, ReLU, fc2" if s == 0 else "fc, loss"
             else:
                 text = (("embeddings\n" if s == 0 and c == 0 else "")
-                        + (f"block {first}" if per_chunk == 1 else
-                           f"blocks {first}..{first + per_chunk - 1}")
+                        + (f"block {layers[0]}" if len(layers) == 1 else
+                           f"blocks {layers[0]}..{layers[-1]}")
                         + ("\nLN_f, output layer\n(embeddings' copy), loss"
                            if s == pp - 1 and c == virtual - 1 else ""))
             x = 6 + c * width + width / 2

@@ -62,7 +62,7 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev, recv_next, tenso
     for peer, kind in recvs:
         if comm.CHECK_COLLECTIVES:
             p2p_log.append(("recv", peer, kind, tuple(tensor_shape), dtype))
-        received[kind] = comm.receive_buffer(tensor_shape, dtype)
+        received[kind] = comm.wire_buffer(tensor_shape, dtype)
         ops.append(dist.P2POp(dist.irecv, received[kind], peer))
     if ops:
         for request in dist.batch_isend_irecv(ops):
@@ -81,7 +81,7 @@ def _announce(sends, recvs, tensor_shape, dtype):
     """TP_CHECK_COLLECTIVES: a header per tensor, sent and checked before the tensors."""
     def header(n, kind, t_dtype, shape):  # uncounted: the check's, not the training's
         values = [n, KINDS.index(kind), comm.NCCL_DTYPES.index(t_dtype), len(shape), *shape]
-        return comm.receive_buffer((12,), torch.int64).copy_(
+        return comm.wire_buffer((12,), torch.int64).copy_(
             torch.tensor(values + [-1] * (12 - len(values))))
     ops, expected, headers = [], [], []
     for tensor, peer, kind in sends:
@@ -92,7 +92,7 @@ def _announce(sends, recvs, tensor_shape, dtype):
         _numbered["recv", peer, kind] += 1
         expected.append((peer, header(_numbered["recv", peer, kind], kind, dtype,
                                       tuple(tensor_shape)).cpu()))
-        headers.append(comm.receive_buffer((12,), torch.int64))
+        headers.append(comm.wire_buffer((12,), torch.int64))
         ops.append(dist.P2POp(dist.irecv, headers[-1], peer))
     for request in dist.batch_isend_irecv(ops):
         request.wait()

@@ -23,7 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import communication as comm
 import parallel_state as ps
 from finalize_model_grads import finalize_model_grads
-from schedules import forward_only, get_forward_backward_func
+from schedules import chunk_layers, forward_only, get_forward_backward_func
 from sequence_parallel import sequence_parallel_disabled
 from train import build_model, evaluate, holds, load_data, make_optimizer
 from training import initialize
@@ -109,16 +109,15 @@ def tensor_shape(args, rows, sequence_parallel=None):
 
 
 def build_chunks(args, device):
-    """This rank's chunks of the model: its pipeline stage, or (interleaved) its V chunks, chunk c
-    of rank r holding the transformer's blocks (c P + r) L ... (c P + r + 1) L - 1 (Megatron's
-    layout; L = layers / (P V)). One chunk, the whole model, without a pipeline."""
+    """This rank's chunks of the model: its pipeline stage, or (interleaved) its V chunks, each
+    with the transformer's blocks Megatron's layout gives it (schedules.chunk_layers). One chunk,
+    the whole model, without a pipeline."""
     p, v = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size or 1
-    per_chunk = args.num_layers // (p * v)
     chunks = []
     for c in range(v):
         ps.set_virtual_pipeline_model_parallel_rank(c if v > 1 else None)
-        first = (c * p + ps.get_pipeline_model_parallel_rank()) * per_chunk
-        layers = range(first, first + per_chunk) if p > 1 else None
+        layers = chunk_layers(args.num_layers, p, ps.get_pipeline_model_parallel_rank(), v,
+                              c) if p > 1 else None
         chunks.append(build_model(args, device, tensor_parallel=True,
                                   sequence_parallel=args.sequence_parallel,
                                   pre_process=ps.is_pipeline_first_stage(),

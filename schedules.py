@@ -48,6 +48,15 @@ def _recorded(kind, run):
     return result
 
 
+def chunk_layers(num_layers, pipeline_size, stage, virtual_size, chunk):
+    """The layers chunk `chunk` of stage `stage` holds, Megatron's layout: with L = layers /
+    (P V) per chunk, layers (chunk P + stage) L ... (chunk P + stage + 1) L - 1, so that a
+    micro-batch goes round the stages once per chunk."""
+    per_chunk = num_layers // (pipeline_size * virtual_size)
+    first = (chunk * pipeline_size + stage) * per_chunk
+    return range(first, first + per_chunk)
+
+
 def get_forward_backward_func(pipeline_schedule="1f1b"):
     """The schedule for this job: no pipeline, GPipe, 1F1B or (with virtual stages) interleaved."""
     if ps.get_pipeline_model_parallel_world_size() == 1:

@@ -131,16 +131,18 @@ def _build(args, p, v):
     if not args.real:
         model = nn.ModuleList(SleepingChunk(T_F / v) for _ in range(v))
         return model, [(torch.ones(4, 8), None) for _ in range(args.m)], (4, 8)
+    from schedules import chunk_layers
     from transformer import ToyTransformer
     chunks = []
-    for c in range(v):
+    for c in range(v):  # two blocks a chunk
         ps.set_virtual_pipeline_model_parallel_rank(c if v > 1 else None)
-        first = c * p + ps.get_pipeline_model_parallel_rank()
         torch.manual_seed(0)
         chunks.append(ToyTransformer(50, 16, 64, 256, 4, p * v * 2, tensor_parallel=True,
                                      pre_process=ps.is_pipeline_first_stage(),
                                      post_process=ps.is_pipeline_last_stage(),
-                                     layers=range(2 * first, 2 * first + 2)))
+                                     layers=chunk_layers(p * v * 2, p,
+                                                         ps.get_pipeline_model_parallel_rank(),
+                                                         v, c)))
     ps.set_virtual_pipeline_model_parallel_rank(0 if v > 1 else None)
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(0, 50, (8, 17), generator=g) for _ in range(args.m)]

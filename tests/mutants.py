@@ -141,7 +141,7 @@ MUTANTS = {
         "dtype)\n        deallocate_output_tensor(input_tensor)", ["tests/test_pipeline.py"]),
     "momentum lost when a checkpoint changes pipeline size": (
         "training/checkpointing.py",
-        "                momentum[len(dims) - 1] = shard[\"optimizer\"][\"state\"][i]",
+        "                state[len(dims) - 1] = shard[\"optimizer\"][\"state\"][i]",
         "                pass", ["tests/test_pipeline.py"]),
     "the tied embedding's gradients not summed across stages": (
         "finalize_model_grads.py", "        comm.sum_over_embedding_group(shared)",

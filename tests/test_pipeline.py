@@ -387,15 +387,6 @@ def test_the_stages_drawn_hold_megatrons_layers(tmp_path):
     assert "chunk 0: embeddings\nblocks 0..1" in texts and "chunk 1: blocks 8..9" in texts
     assert "chunk 1: blocks 14..15\nLN_f, output layer\n(embeddings' copy), loss" in texts
     assert "stage 3" in texts and (tmp_path / "s.png").is_file()
-    error = flag_error_of(draw_diagram.main, ["--pp", "3", "--out", str(tmp_path / "t.png")])
-    assert "the toy model has two stages (the MLP | fc)" in error
-
-
-def flag_error_of(main, argv):
-    """A tool's one-line error for argv."""
-    import contextlib
-    import io
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
-        main(argv)
-    return stderr.getvalue()
+    from test_tools import one_line_error
+    code, line = one_line_error(draw_diagram, ["--pp", "3", "--out", str(tmp_path / "t.png")])
+    assert code == 2 and "the toy model has two stages (the MLP | fc)" in line

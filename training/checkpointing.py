@@ -164,7 +164,7 @@ def saved_stages(where):
     return max(stages) + 1 if stages and min(stages) >= 0 else 1
 
 
-def shard_reader(directory, iteration, pp_rank=None, any_pipeline=False):
+def shard_reader(directory, iteration, pp_rank=None):
     """(read, saved_tp): read(tp_rank) gives that saved shard (of stage pp_rank, with a pipeline),
     read once and checked to belong to this checkpoint; saved_tp is the tensor-parallel size it
     was saved at, from the first shard this node sees (on several nodes without a shared disk,
@@ -177,14 +177,6 @@ def shard_reader(directory, iteration, pp_rank=None, any_pipeline=False):
             directory) else "asked for")
         raise CheckpointError(f"{named} iteration {iteration}, but {where} is missing (saved "
                               f"there: {', '.join(map(str, saved)) or 'none'})")
-    stages = saved_stages(where)
-    if not any_pipeline and stages != (
-            1 if pp_rank is None else ps.get_pipeline_model_parallel_world_size()):
-        raise CheckpointError(
-            f"{directory} (iteration {iteration}) was saved by a pipeline of {stages} stage(s), "
-            f"this run has {1 if pp_rank is None else ps.get_pipeline_model_parallel_world_size()}"
-            f"; resume with --pipeline_model_parallel_size {stages} (or merge it with "
-            "merge_checkpoint.py and start a new run from it with --init_from)")
     stage = "" if pp_rank is None else f"_{pp_rank:03d}"
     seen = sorted(int(d[len("mp_rank_"):len("mp_rank_") + 2]) for d in os.listdir(where)
                   if re.fullmatch(rf"mp_rank_\d\d{stage}", d))
@@ -249,22 +241,7 @@ def load_stages(directory, iteration):
     pipeline): what merge_checkpoint.py merges."""
     where = os.path.join(directory, f"iter_{iteration:07d}")
     stages = saved_stages(where) if os.path.isdir(where) else 1
-    if stages == 1:
-        return [load_shards(directory, iteration)]
-    return [_load_stage(directory, iteration, s, stages) for s in range(stages)]
-
-
-def _load_stage(directory, iteration, stage, stages):
-    read = {}
-    for tp_rank in range(100):
-        path = shard_path(directory, iteration, tp_rank, stage)
-        if not os.path.isfile(path):
-            break
-        read[tp_rank] = torch.load(path, map_location="cpu", weights_only=True)
-    if not read:
-        raise CheckpointError(f"{directory} (iteration {iteration}) has no shards of pipeline "
-                              f"stage {stage} of {stages}: an incomplete checkpoint")
-    return [read[r] for r in sorted(read)]
+    return [load_shards(directory, iteration, s if stages > 1 else None) for s in range(stages)]
 
 
 def load_checkpoint(directory, model, optimizer, args):
@@ -342,7 +319,7 @@ def whole_model_reader(directory, iteration, stages):
     """(read, saved_tp) as shard_reader's, but read(tp_rank) is tensor-parallel rank tp_rank's
     shard of the whole model: every saved pipeline stage's parameters and momentum buffers, by
     name, in stage order (the tied embeddings' second copy, equal to the first, dropped)."""
-    readers = [shard_reader(directory, iteration, s if stages > 1 else None, any_pipeline=True)
+    readers = [shard_reader(directory, iteration, s if stages > 1 else None)
                for s in range(stages)]
     saved_tp = readers[0][1]
     cache = {}
@@ -356,7 +333,7 @@ def whole_model_reader(directory, iteration, stages):
 
 def _whole(shards):
     shards = list(shards)
-    model, dims, vocab, momentum = {}, {}, {}, {}
+    model, dims, vocab, state = {}, {}, {}, {}
     for shard in shards:
         for i, name in enumerate(shard["partition_dims"]):
             if name in model:
@@ -365,11 +342,11 @@ def _whole(shards):
             if name in shard.get("vocab_sizes", {}):
                 vocab[name] = shard["vocab_sizes"][name]
             if shard["optimizer"]["state"].get(i):  # momentum, or Adam's moments and step
-                momentum[len(dims) - 1] = shard["optimizer"]["state"][i]
+                state[len(dims) - 1] = shard["optimizer"]["state"][i]
     first = shards[0]
     groups = [dict(first["optimizer"]["param_groups"][0], params=list(range(len(dims))))]
     return dict(first, model=model, partition_dims=dims, vocab_sizes=vocab,
-                optimizer=dict(state=momentum, param_groups=groups),
+                optimizer=dict(state=state, param_groups=groups),
                 rng={k: v for k, v in first["rng"].items() if k != "tracker"})
 
 
@@ -377,11 +354,11 @@ def this_stages_part(state, names):
     """A whole-model state (whole_model_reader's, cut for this TP rank) narrowed to this rank's
     parameters `names`, in its optimizer's order."""
     index = {name: i for i, name in enumerate(state["partition_dims"])}
-    momentum = {j: state["optimizer"]["state"][index[name]] for j, name in enumerate(names)
-                if index[name] in state["optimizer"]["state"]}
+    kept = {j: state["optimizer"]["state"][index[name]] for j, name in enumerate(names)
+            if index[name] in state["optimizer"]["state"]}
     groups = [dict(state["optimizer"]["param_groups"][0], params=list(range(len(names))))]
     return dict(state, model={name: state["model"][name] for name in names},
-                optimizer=dict(state=momentum, param_groups=groups))
+                optimizer=dict(state=kept, param_groups=groups))
 
 
 # ---------------------------------------------------------------------------
