@@ -306,6 +306,35 @@ def average_over_data_parallel(tensors) -> None:
                           get_data_parallel_world_size())
 
 
+def sum_over_data_parallel(tensors, name) -> None:
+    """Sum `tensors` in place over the data-parallel group (the clipping norm's squares of the
+    distributed optimizer's shards), in one all-reduce counted under `name`."""
+    _all_reduce_coalesced(tensors, get_data_parallel_group(), name)
+
+
+def reduce_scatter_over_data_parallel(buffer: torch.Tensor, shard: torch.Tensor) -> None:
+    """The distributed optimizer's gradients: `buffer` summed over the data-parallel group, and
+    this rank's part of the sum written into `shard`, its view of `buffer` (Megatron reduces in
+    place; here into a new tensor, then copied: gloo does not promise an aliased output)."""
+    group = get_data_parallel_group()
+    wire = _to_wire("dp_reduce_scatter", buffer, REDUCE_SCATTER, group, summed=True)
+    output = wire.new_empty(shard.numel())
+    _reduce_scatter_one_buffer(output, wire, group, async_op=False)
+    shard.copy_(output)
+
+
+def all_gather_over_data_parallel(buffer: torch.Tensor, shard: torch.Tensor) -> None:
+    """The distributed optimizer's parameters: every rank's `shard` (its view of `buffer`, the
+    part it updated) into every rank's `buffer`, in place where the backend moves the buffer
+    itself (its input then is its own part of the output, as NCCL allows)."""
+    group = get_data_parallel_group()
+    wire = _to_wire("dp_all_gather", shard, ALL_GATHER, group)
+    output = buffer if wire is shard else wire.new_empty(buffer.numel())
+    _all_gather_one_buffer(output, wire, group, async_op=False)
+    if output is not buffer:
+        buffer.copy_(output)
+
+
 def sum_over_tensor_parallel(tensors, name="all_reduce") -> None:
     """Sum `tensors` in place over the tensor-parallel group, in one all-reduce
     (sequence parallelism's partial gradients of replicated weights and the loss; the squared

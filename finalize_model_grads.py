@@ -23,35 +23,40 @@ import torch
 
 import communication as comm
 import parallel_state as ps
+from distrib_optimizer import DistributedOptimizer
 from sequence_parallel import allreduce_sequence_parallel_grads
 
 
-def finalize_model_grads(model, params, losses) -> torch.Tensor:
-    """Finish every gradient in `params` (under bf16 the fp32 main parameters, which hold them)
-    and the loss from this rank's `losses` (the micro-batches' shares of the batch's loss: on
-    the last pipeline stage, none before it); returns the loss every rank reports. `model`:
-    this rank's chunks of the model."""
+def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
+    """Finish every gradient `optimizer` steps with (under bf16 the fp32 main parameters'; under
+    --use_distributed_optimizer this rank's shard of the gradient buffers) and the loss from this
+    rank's `losses` (the micro-batches' shares of the batch's loss: on the last pipeline stage,
+    none before it); returns the loss every rank reports. `model`: this rank's chunks."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     # Stages before the last stand in a zero in the main dtype: the loss's own (fp32 under bf16,
     # as both models compute it), so the last stage's broadcast below fits it.
     loss = losses[0] if losses else params[0].new_zeros(())
     for share in losses[1:]:  # in order, as train.py adds them
         loss = loss + share
     partial = model[-1].loss_is_partial
+    if isinstance(optimizer, DistributedOptimizer):  # the other sums, then each replica its shard
+        loss = reduce_scatter_over_data_parallel_replicas(optimizer, loss, partial)
+        return comm.broadcast_from_last_stage(loss.detach())
     if ps.get_data_parallel_world_size() > 1:  # replicas saw different rows: average them
         loss = average_over_data_parallel_replicas(params, loss, partial)
     elif partial or any(getattr(p, "grad_is_partial", False) for p in params):
         loss = allreduce_sequence_parallel_grads(params, loss, partial)
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        allreduce_embedding_grads(params)
+        allreduce_embedding_grads([p.grad for p in params if getattr(p, "shared_embedding", 0)])
     return comm.broadcast_from_last_stage(loss.detach())
 
 
-def allreduce_embedding_grads(params):
+def allreduce_embedding_grads(grads):
     """The tied word embeddings' two gradients summed: the first stage's (the lookup's) and the
-    last stage's (the output layer's), marked `shared_embedding` by the model."""
-    shared = [p.grad for p in params if getattr(p, "shared_embedding", False)]
-    if shared:  # the stages between hold neither
-        comm.sum_over_embedding_group(shared)
+    last stage's (the output layer's), of the parameters marked `shared_embedding` by the model
+    (the stages between hold neither)."""
+    if grads:
+        comm.sum_over_embedding_group(grads)
 
 
 def average_over_data_parallel_replicas(params, loss, loss_is_partial):
@@ -72,4 +77,30 @@ def average_over_data_parallel_replicas(params, loss, loss_is_partial):
     grads["partial" if loss_is_partial else "whole"].append(loss)
     comm.average_over_data_parallel(grads["split"])
     comm.average_replicated(grads["whole"], grads["partial"])
+    return loss[0]
+
+
+def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial):
+    """--use_distributed_optimizer (distrib_optimizer.py): each replica keeps the average of its
+    shard of the gradients (a reduce-scatter of the buffers) instead of all of them; returns the
+    loss, averaged beside.
+
+    The other sums come first, on the whole gradients (each parameter's `main_grad`, its view of
+    the buffer): sequence parallelism's over the tensor-parallel group and the tied embeddings'
+    over the embedding group. A sum commutes with the average, so this order gives the plain
+    optimizer's gradients; the older Megatron's order too (Megatron today reduce-scatters first
+    and then sums the embeddings' shards, which it can because it gives the shared embedding a
+    bucket of its own, the same shards on both stages).
+    """
+    params = optimizer.params  # the model's
+    partial = [p.main_grad for p in params if getattr(p, "grad_is_partial", False)]
+    if partial:
+        comm.sum_over_tensor_parallel(partial)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        allreduce_embedding_grads([p.main_grad for p in params
+                                   if getattr(p, "shared_embedding", False)])
+    loss = loss.detach().reshape(1).clone()
+    if ps.get_data_parallel_world_size() > 1 or loss_is_partial:
+        comm.average_replicated(*(([], [loss]) if loss_is_partial else ([loss], [])))
+    optimizer.finish_grad_sync()
     return loss[0]

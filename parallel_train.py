@@ -22,10 +22,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import communication as comm
 import parallel_state as ps
+from distrib_optimizer import DistributedOptimizer
 from finalize_model_grads import finalize_model_grads
 from schedules import chunk_layers, forward_only, get_forward_backward_func
 from sequence_parallel import sequence_parallel_disabled
-from train import build_model, evaluate, holds, load_data, make_optimizer
+from train import build_model, evaluate, holds, load_data, make_optimizer, torch_optimizer
 from training import initialize
 from training.arguments import get_parallel_args
 from training.checkpointing import (
@@ -50,7 +51,7 @@ from training.operations import (
 def train(model, optimizer, batches, logbook, args, start=0):
     """train.py's loop through the pipeline's schedule, and what parallelism adds after backward
     (finalize_model_grads). `model`: this rank's chunks of the model (one, unless interleaved)."""
-    params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters
+    params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters (or their shard)
     forward_backward = get_forward_backward_func(args.pipeline_schedule)
     shape = args.pipeline_tensor_shape = tensor_shape(args, args.micro_batch_size)
     comm.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
@@ -64,9 +65,10 @@ def train(model, optimizer, batches, logbook, args, start=0):
         losses = forward_backward(forward_step, microbatches(inputs, targets, args), model,
                                   shape, args.torch_dtype)
         # Data-parallel, sequence-parallel and the tied embedding's sums; every rank's loss.
-        loss = finalize_model_grads(model, params, losses)
+        loss = finalize_model_grads(model, optimizer, losses)
         # The global norm over every rank's shards (training/clip_grads.py), once the sums are done.
-        grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None
+        grad_norm = clip_grad_norm(params, args.clip_grad, sharded=args.use_distributed_optimizer) \
+            if args.clip_grad else None
         optimizer.step()
         logbook.step(it, loss, grad_norm)  # logging, validation, the ranks' agreement, checkpoints
 
@@ -149,7 +151,10 @@ def run(args, device, precision):
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
     model = build_chunks(args, device)
     comm.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
-    optimizer = make_optimizer(model, args)
+    if args.use_distributed_optimizer:  # each replica its shard of the optimizer
+        optimizer = DistributedOptimizer(model, torch_optimizer(args), args.torch_dtype)
+    else:
+        optimizer = make_optimizer(model, args)
     main = main_model(model, optimizer)  # what checkpoints hold: fp32 main parameters under bf16
     (X, y), valid = on_every_rank(load_data, args)
     set_identity(args, X, y)  # whose the checkpoints are
@@ -178,7 +183,8 @@ def run(args, device, precision):
             logbook.save_every(args.save_interval,
                                lambda it: save_checkpoint(args.save, it, main, optimizer, args))
         train(model, optimizer, batches, logbook, args, start)
-    state = serial_state_dict(main)
+    state = serial_state_dict(optimizer.gather_main_model() if args.use_distributed_optimizer
+                              else main)
     if rank == 0:
         save_model(state, args.out_dir)
         report_communication(logbook.first_step_comm, args)

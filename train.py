@@ -90,14 +90,17 @@ def make_optimizer(model, args):
     """SGD with momentum (the original's), or Adam (--optimizer adam, Megatron's default, no
     weight decay); under --dtype bfloat16, over fp32 main copies of the parameters, their state
     in fp32 too, the model cast to bf16 (training/mixed_precision.py)."""
-    if args.optimizer == "adam":
-        make = lambda params: torch.optim.Adam(params, lr=args.init_lr, eps=args.adam_eps,
-                                               betas=(args.adam_beta1, args.adam_beta2))
-    else:
-        make = lambda params: torch.optim.SGD(params, lr=args.init_lr, momentum=args.momentum)
     if args.dtype == "bfloat16":
-        return MixedPrecisionOptimizer(model, make)
-    return make(model.parameters())
+        return MixedPrecisionOptimizer(model, torch_optimizer(args))
+    return torch_optimizer(args)(model.parameters())
+
+
+def torch_optimizer(args):
+    """The optimizer of --optimizer, as a function of the parameters it updates."""
+    if args.optimizer == "adam":
+        return lambda params: torch.optim.Adam(params, lr=args.init_lr, eps=args.adam_eps,
+                                               betas=(args.adam_beta1, args.adam_beta2))
+    return lambda params: torch.optim.SGD(params, lr=args.init_lr, momentum=args.momentum)
 
 
 def train(model, optimizer, batches, logbook, args):

@@ -155,7 +155,7 @@ PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes"
                  "--distributed_backend", "--sequence_parallel", "--tp_reduce_dtype", "--save",
                  "--save_interval", "--load", "--distribute_saved_activations",
                  "--pipeline_model_parallel_size", "--pipeline_schedule",
-                 "--virtual_pipeline_model_parallel_size")
+                 "--virtual_pipeline_model_parallel_size", "--use_distributed_optimizer")
 SERIAL_ONLY = ("--reorder_seed",)
 
 
@@ -226,6 +226,10 @@ def get_parallel_args(argv=None):
     parser.add_argument("--virtual_pipeline_model_parallel_size", type=int, default=None,
                         metavar="V", help="transformer: V chunks of blocks per stage, the "
                                           "interleaved 1F1B schedule")
+    parser.add_argument("--use_distributed_optimizer", action="store_true",
+                        help="each data-parallel replica keeps 1/d of the main parameters and the "
+                             "optimizer's state: gradients reduce-scattered, parameters "
+                             "all-gathered (Megatron's flag; ZeRO stage 1; distrib_optimizer.py)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=None,
                         help="checkpoint every N iterations (default 100), and at the end")

@@ -7,6 +7,15 @@
 
 A pipeline stage's shard holds its chunks' parameters under the whole model's names (its
 blocks' numbers among them), its optimizer state in the order of those parameters.
+Under --use_distributed_optimizer each data-parallel replica also writes its shard of the main
+parameters and of the optimizer's state beside the shard, as Megatron's sharded format does
+(its older one gathers them into one distrib_optim.pt per model-parallel rank):
+
+    DIR/iter_0000200/mp_rank_00/distrib_optim_000.pt    data-parallel rank 0's shard
+    DIR/iter_0000200/mp_rank_00/distrib_optim_001.pt    ...
+
+and a reader puts them back together into the plain optimizer's form (whole tensors per
+parameter), so every resharding below, and a plain run, reads them as any other checkpoint.
 
 Each shard holds that rank's slice of the model, its optimizer state (the
 momentum buffers), the iteration, the sizes it was saved with, the RNG state
@@ -38,6 +47,7 @@ import torch.nn as nn
 
 import communication as comm
 import parallel_state as ps
+from distrib_optimizer import DistributedOptimizer, unshard_state
 from parallel_state import UserError
 from rng_tracker import (
     default_generator_states,
@@ -102,6 +112,11 @@ def shard_path(directory, iteration, tp_rank, pp_rank=None):
                         "model_optim_rng.pt")
 
 
+def distrib_optim_path(shard, dp_rank):
+    """A replica's shard of the distributed optimizer, beside the shard `shard`'s path."""
+    return os.path.join(os.path.dirname(shard), f"distrib_optim_{dp_rank:03d}.pt")
+
+
 def this_stage():
     """This rank's pipeline stage, for its shards' names; None without a pipeline."""
     return ps.get_pipeline_model_parallel_rank() \
@@ -119,9 +134,10 @@ def named_parameters(model):
 
 
 def save_checkpoint(directory, iteration, model, optimizer, args):
+    path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank(), this_stage())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    distributed = isinstance(optimizer, DistributedOptimizer)
     if ps.get_data_parallel_rank() == 0:
-        path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank(), this_stage())
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         params = named_parameters(model)
         state = dict(
             iteration=iteration,
@@ -138,7 +154,15 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
                          default_generator_states(comm.get_device().type == "cuda")),
                      tracker=dict(get_rng_tracker().states)),
         )
+        if distributed:  # the state is in the replicas' files
+            state["distributed_optimizer"] = dict(
+                data_parallel_size=ps.get_data_parallel_world_size())
         atomic_write(path, lambda f: torch.save(state, f))
+    if distributed:
+        rank = ps.get_data_parallel_rank()
+        shard = dict(iteration=iteration, data_parallel_rank=rank,
+                     shard=optimizer.sharded_state_dict())
+        atomic_write(distrib_optim_path(path, rank), lambda f: torch.save(shard, f))
     dist.barrier()  # every shard is on disk before the tracker points at it
     if dist.get_rank() == 0:
         atomic_write(os.path.join(directory, TRACKER), lambda f: f.write(f"{iteration}\n".encode()))
@@ -190,16 +214,7 @@ def shard_reader(directory, iteration, pp_rank=None):
         if tp_rank in cache:
             return cache[tp_rank]
         path = shard_path(directory, iteration, tp_rank, pp_rank)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is "
-                                  "missing (an incomplete checkpoint)")
-        try:
-            with warnings.catch_warnings():  # torch's notes on old pickle protocols: not ours
-                warnings.simplefilter("ignore")
-                shard = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, or not a checkpoint at all
-            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); it is truncated "
-                                  "or not a checkpoint shard") from None
+        shard = _load(path, directory, iteration)
         if not isinstance(shard, dict) or not {"iteration", "model", "optimizer",
                                                 "sizes"} <= shard.keys():
             raise CheckpointError(f"{path} is not a checkpoint shard written by parallel_train.py "
@@ -223,11 +238,54 @@ def shard_reader(directory, iteration, pp_rank=None):
                             f"{path} belongs to another run than {first_path} ({field} "
                             f"{mine.get(field)} vs {theirs.get(field)}): shards of two "
                             "checkpoints are mixed")
+        if "distributed_optimizer" in shard:
+            shard = with_optimizer_shards(shard, path, directory)
         cache[tp_rank] = shard
         return shard
 
     saved_tp = read(seen[0])["sizes"]["tensor_model_parallel_size"]
     return read, saved_tp
+
+
+def _load(path, directory, iteration):
+    """A checkpoint file, read on the CPU; a missing or unreadable one is a CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory} names iteration {iteration}, but {path} is "
+                              "missing (an incomplete checkpoint)")
+    try:
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols: not ours
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not a checkpoint at all
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); it is truncated "
+                              "or not a checkpoint shard") from None
+
+
+def with_optimizer_shards(shard, path, directory):
+    """A shard saved under --use_distributed_optimizer as the plain optimizer's shard: its
+    replicas' files put together, the main parameters (fp32 under bf16) in `model`, each
+    parameter's whole state in `optimizer`."""
+    iteration, d = shard["iteration"], shard["distributed_optimizer"]["data_parallel_size"]
+    files = [_load(distrib_optim_path(path, r), directory, iteration) for r in range(d)]
+    for r, f in enumerate(files):
+        if not isinstance(f, dict) or f.get("iteration") != iteration or \
+                f.get("data_parallel_rank") != r:
+            raise CheckpointError(f"{distrib_optim_path(path, r)} is not data-parallel rank {r}'s "
+                                  f"shard of iteration {iteration}: shards of two checkpoints "
+                                  "are mixed")
+    names = list(shard["partition_dims"])
+    shapes = {name: shard["model"][name].shape for name in names}
+    try:
+        params, states = unshard_state([f["shard"] for f in files], names,
+                                       [shard["model"][name].numel() for name in names])
+    except ValueError as e:
+        raise CheckpointError(f"{os.path.dirname(path)}: {e}") from None
+    flat = lambda v, name: torch.is_tensor(v) and v.dim() == 1 and v.numel() == shapes[
+        name].numel()
+    state = {i: {k: v.view(shapes[name]) if flat(v, name) else v for k, v in states[name].items()}
+             for i, name in enumerate(names) if states[name]}
+    return dict(shard, model={name: params[name].view(shapes[name]) for name in names},
+                optimizer=dict(shard["optimizer"], state=state))
 
 
 def load_shards(directory, iteration, pp_rank=None):
@@ -297,7 +355,10 @@ def load_checkpoint(directory, model, optimizer, args):
         state = this_stages_part(state, [name for name, _ in named_parameters(model)])
     for chunk in chunks_of(model):  # each chunk its parameters, under the whole model's names
         chunk.load_state_dict({name: state["model"][name] for name in chunk.state_dict()})
-    optimizer.load_state_dict(state["optimizer"])
+    if isinstance(optimizer, DistributedOptimizer):  # its pieces of the main parameters too
+        optimizer.load_state_dict(state["optimizer"], state["model"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     on_cuda = comm.get_device().type == "cuda"
     set_default_generator_states((state["rng"]["torch"],
                                   state["rng"].get("cuda") if on_cuda else None))

@@ -21,7 +21,10 @@ megatron/core/optimizer/clip_grads.py):
     the pipeline group too (Megatron sums over the model-parallel group), and the
     last stage's copy of the tied word embeddings is not counted, the first
     stage's is (Megatron's param_is_not_shared): after the embedding group's sum
-    both hold the one gradient the serial weight has.
+    both hold the one gradient the serial weight has;
+  * under the distributed optimizer (distrib_optimizer.py) each replica holds
+    its shard of the gradients, as pieces that carry their parameter's marks:
+    the replicas' sums are added too (Megatron sums over every rank then).
 
 Called with the parameters the optimizer updates: the fp32 main parameters
 under bf16 (training/mixed_precision.py), so the norm is taken in fp32.
@@ -44,9 +47,9 @@ def counted_once(param) -> bool:
     return not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_rank() == 0
 
 
-def get_grad_norm(parameters) -> torch.Tensor:
+def get_grad_norm(parameters, sharded=False) -> torch.Tensor:
     """The gradient norm of the whole model, the same on every rank (a 0-dim tensor: no wait
-    for the device)."""
+    for the device). `sharded`: each data-parallel rank holds its shard of the gradients."""
     parameters = [p for p in parameters if p.grad is not None]
     if not parameters:  # no gradient yet, on any rank alike: 0, as torch's clip_grad_norm_ says
         return torch.zeros(())
@@ -58,15 +61,17 @@ def get_grad_norm(parameters) -> torch.Tensor:
         comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
     if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         comm.sum_over_pipeline([squares], name="grad_norm_pipeline_all_reduce")  # + other stages
+    if sharded and ps.get_data_parallel_world_size() > 1:
+        comm.sum_over_data_parallel([squares], name="grad_norm_dp_all_reduce")  # + other shards
     return squares[0].sqrt()
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, sharded=False) -> torch.Tensor:
     """Scale every gradient by min(1, max_norm / (norm + 1e-6)), in place; returns the norm
     before clipping. Always multiplies (by 1 when under the limit), as clip_grad_norm_ does:
     no branch on a device value, so no wait for the device."""
     parameters = [p for p in parameters if p.grad is not None]
-    norm = get_grad_norm(parameters)
+    norm = get_grad_norm(parameters, sharded)
     coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in parameters:
         p.grad.mul_(coefficient)

@@ -87,7 +87,8 @@ def _accumulate_into_main_grad(param):
 
 def main_model(model: nn.Module, optimizer) -> nn.Module:
     """The module whose parameters the optimizer updates and checkpoints hold: the fp32 main
-    copy under bf16, the model itself otherwise."""
+    copy under bf16, the model itself otherwise (and under the distributed optimizer, whose
+    main parameters are its shards: distrib_optimizer.py)."""
     return optimizer.main if isinstance(optimizer, MixedPrecisionOptimizer) else model
 
 
