@@ -46,6 +46,7 @@ from training.operations import (
     pin_float32_precision,
     run_cli,
 )
+from training.optimizer_memory import report_optimizer_memory
 
 
 def train(model, optimizer, batches, logbook, args, start=0):
@@ -188,6 +189,7 @@ def run(args, device, precision):
     if rank == 0:
         save_model(state, args.out_dir)
         report_communication(logbook.first_step_comm, args)
+        report_optimizer_memory(model, optimizer, args, ps.get_data_parallel_world_size())
         print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt{holds(args)}")
 
 

@@ -372,8 +372,20 @@ def load_checkpoint(directory, model, optimizer, args):
         pp = ps.get_pipeline_model_parallel_world_size()
         print(f"resuming from {directory} at iteration {iteration}"
               f"{changed if saved_tp != tp else ''}"
-              f"{f', from {stages} pipeline stage(s) to {pp}' if restaged else ''}")
+              f"{f', from {stages} pipeline stage(s) to {pp}' if restaged else ''}"
+              f"{optimizer_change(saved, optimizer)}")
     return iteration
+
+
+def optimizer_change(saved, optimizer):
+    """What resuming did to the distributed optimizer's shards, for the line that says so."""
+    was = saved.get("distributed_optimizer", {}).get("data_parallel_size")
+    now = ps.get_data_parallel_world_size() if isinstance(optimizer, DistributedOptimizer) \
+        else None
+    if was == now:
+        return ""
+    source = f"{was} data-parallel replicas" if was else "the plain optimizer"
+    return f", the optimizer's shards from {source} to {now or 'the plain optimizer'}"
 
 
 def whole_model_reader(directory, iteration, stages):
