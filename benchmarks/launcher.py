@@ -11,7 +11,7 @@ from benchmarks.configs import REPO
 
 DEVICE = "cpu"  # the driver's --device, passed to every worker
 PARALLEL = ("ours", "dtensor", "loop-ours", "loop-dtensor", "recompute",  # launched with ranks
-            "pipeline")
+            "pipeline", "optimizer")
 
 
 def print_result(result: dict):

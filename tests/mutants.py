@@ -144,7 +144,7 @@ MUTANTS = {
         "                state[len(dims) - 1] = shard[\"optimizer\"][\"state\"][i]",
         "                pass", ["tests/test_pipeline.py"]),
     "the tied embedding's gradients not summed across stages": (
-        "finalize_model_grads.py", "        comm.sum_over_embedding_group(shared)",
+        "finalize_model_grads.py", "        comm.sum_over_embedding_group(grads)",
         "        pass", ["tests/test_pipeline.py"]),
     "the clipping norm of one stage's layers": (
         "training/clip_grads.py",
@@ -154,6 +154,35 @@ MUTANTS = {
         "training/clip_grads.py",
         'if getattr(param, "shared_embedding", False) and ps.is_pipeline_last_stage(',
         'if False and ps.is_pipeline_last_stage(', ["tests/test_pipeline.py"]),
+    # The distributed optimizer (distrib_optimizer.py).
+    "a straddling parameter's boundary element stepped by two replicas": (
+        "distrib_optimizer.py", "at, end = max(first, start), min(last, start + param.numel())",
+        "at, end = max(first, start), min(last + 1, start + param.numel())",
+        ["tests/test_distrib_optimizer.py"]),
+    "the first element of each shard stepped by no replica": (
+        "distrib_optimizer.py", "at, end = max(first, start), min(last, start + param.numel())",
+        "at, end = max(first + 1, start), min(last, start + param.numel())",
+        ["tests/test_distrib_optimizer.py"]),
+    "the all-gather of the updated parameters skipped": (
+        "distrib_optimizer.py",
+        "        for buffer in self.buffers:\n            buffer.all_gather_params()",
+        "        pass", ["tests/test_distrib_optimizer.py"]),
+    "the reduce-scatter averaging the next shard": (
+        "distrib_optimizer.py", "        shard /= ps.get_data_parallel_world_size()",
+        "        self.grad_data[self.shard[1] % self.grad_data.numel():][:self.shard_size] /= "
+        "ps.get_data_parallel_world_size()", ["tests/test_distrib_optimizer.py"]),
+    "the clipping norm of this replica's shard only": (
+        "training/clip_grads.py",
+        '        comm.sum_over_data_parallel([squares], name="grad_norm_dp_all_reduce")',
+        "        pass", ["tests/test_distrib_optimizer.py"]),
+    "sequence parallelism's partial gradients not summed before the reduce-scatter": (
+        "finalize_model_grads.py", "    if partial:\n        comm.sum_over_tensor_parallel(partial)",
+        "    if False:\n        pass", ["tests/test_distrib_optimizer.py"]),
+    "the replicas' optimizer shards read as one replica's": (
+        "training/checkpointing.py",
+        "    files = [_load(distrib_optim_path(path, r), directory, iteration) for r in range(d)]",
+        "    files = [_load(distrib_optim_path(path, r), directory, iteration) for r in range(1)]",
+        ["tests/test_distrib_optimizer.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",
