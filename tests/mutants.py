@@ -176,7 +176,8 @@ MUTANTS = {
         '        comm.sum_over_data_parallel([squares], name="grad_norm_dp_all_reduce")',
         "        pass", ["tests/test_distrib_optimizer.py"]),
     "sequence parallelism's partial gradients not summed before the reduce-scatter": (
-        "finalize_model_grads.py", "    if partial:\n        comm.sum_over_tensor_parallel(partial)",
+        "finalize_model_grads.py",
+        "    if partial:\n        comm.sum_over_tensor_parallel(partial)",
         "    if False:\n        pass", ["tests/test_distrib_optimizer.py"]),
     "the replicas' optimizer shards read as one replica's": (
         "training/checkpointing.py",

@@ -173,3 +173,28 @@ def test_the_flag_is_parallel_train_pys(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "train.py: error: --use_distributed_optimizer is parallel_train.py's (bash "
         "bash_parallel_train.sh); train.py trains on one device (see --help)"]
+
+
+def test_the_benchmark_measures_the_formula_and_the_wire(tmp_path, monkeypatch):
+    """benchmarks/bench_distrib_optimizer.py --quick (DP 2, Adam, bf16): the bytes per parameter
+    counted from the tensors are the formula's, 18 plain and 6 + 12/2 = 12 distributed; the
+    reduce-scatter sends half of what an all-reduce of the fp32 gradient buffer does and the
+    all-gather of bf16 parameters a quarter; the picture has the two formula lines per optimizer
+    and a point per run."""
+    import json
+
+    from benchmarks import bench_distrib_optimizer
+    from figures import record_saved_figures
+    from test_benchmark import run_driver
+    saved = record_saved_figures(monkeypatch)
+    run_driver(bench_distrib_optimizer, monkeypatch, "--quick", "--plot", tmp_path / "m.png",
+               "--out", tmp_path / "m.json")
+    plain, distributed = json.loads((tmp_path / "m.json").read_text())["results"]
+    for r, expected in ((plain, 18), (distributed, 12)):
+        measured = sum(r["bytes"].values()) / r["numel"]
+        assert r["formula"] == expected and abs(measured - expected) < 1e-3, r  # padding: < d
+    buffer = distributed["grad_buffer"]  # fp32: an all-reduce would send 2 (2-1)/2 of it
+    assert distributed["wire"]["dp_reduce_scatter"] == buffer // 2
+    assert distributed["wire"]["dp_all_gather"] == buffer // 4  # bf16, half the bytes
+    ax, = saved[0].axes
+    assert len(ax.lines) == 2 * 2 + len([plain, distributed]), [line for line in ax.lines]
