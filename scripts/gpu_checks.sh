@@ -60,6 +60,16 @@ part "bash scripts"
       --out_dir runs/pp_interleaved | tail -3
   echo "transformer float64, serial vs PP=2 x V=2:"
   "$PYTHON" compare_runs.py runs/pp_serial runs/pp_interleaved --rtol 1e-12
+  # The distributed optimizer with CUDA tensors: 2 replicas on one GPU over gloo, bf16 and Adam,
+  # against the plain optimizer (bitwise on CPU at DP 2), and its bytes per parameter (12).
+  for do in "" --use_distributed_optimizer; do
+    timeout 120 "$PYTHON" scripts/launch.py --standalone --nproc_per_node 2 parallel_train.py \
+        --model transformer --dtype bfloat16 --optimizer adam --init_lr 1e-3 \
+        --data_dir /tmp/gpu_tokens --update_freq 100 --tensor_model_parallel_size 1 $do \
+        --out_dir runs/do${do:+_on} | grep -A1 "^Memory"
+  done
+  echo "transformer bf16 Adam at DP 2, plain vs distributed optimizer:"
+  "$PYTHON" compare_runs.py runs/do runs/do_on --rtol 1e-300
   # Iteration cost in a full run: 1000 more iterations, timed from outside.
   for n in 200 1200; do TIMEFORMAT="serial, $n iterations: %R s"; time "$PYTHON" train.py --data_dir /tmp/gpu_data \
       --num_iterations $n --update_freq 10 --eval_interval 100000 --out_dir /tmp/t_s >/dev/null; done
