@@ -12,7 +12,6 @@ the gradient buffer; the median time per step. Each point is parallel_train.py's
 optimizer and step on d ranks (one thread each), the data random tokens.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -21,8 +20,8 @@ import time
 import torch
 
 from benchmarks.configs import cpu_name
-from benchmarks.launcher import launch, print_result
-from training.operations import ArgumentParser, check_output
+from benchmarks.launcher import driver_parser, launch, print_result
+from training.operations import check_output
 
 SIZES = (1, 2, 4)
 QUICK_SIZES = (2,)
@@ -132,14 +131,10 @@ def plot(results, path):
 
 
 def main():
-    p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--plot", default="assets/distributed_optimizer_memory.png")
-    p.add_argument("--out", default="assets/distributed_optimizer_memory.json")
-    p.add_argument("--worker", choices=["optimizer"], help=argparse.SUPPRESS)
-    for name in ("optimizer_name", "distributed", "steps", "warmup", "threads", "config",
-                 "device"):
-        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    p = driver_parser(__doc__, "assets/distributed_optimizer_memory.png",
+                      "assets/distributed_optimizer_memory.json", "optimizer",
+                      ("optimizer_name", "distributed", "steps", "warmup", "threads", "config",
+                       "device"))
     args = p.parse_args()
     if args.worker:
         args.steps, args.warmup = int(args.steps), int(args.warmup)

@@ -17,7 +17,6 @@ and the point-to-point latency alone. Beside it, one real run: the toy transform
 (one core each), whose timeline shows the same pattern with compute's own irregular lengths.
 """
 
-import argparse
 import json
 import os
 import time
@@ -27,8 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from benchmarks.configs import cpu_name
-from benchmarks.launcher import launch, print_result
-from training.operations import ArgumentParser, check_output
+from benchmarks.launcher import driver_parser, launch, print_result
+from training.operations import check_output
 
 T_F = 0.010  # seconds of one micro-batch's forward through one stage (synthetic mode)
 POINTS = [("gpipe", 2, 4, 1), ("1f1b", 2, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1),
@@ -221,14 +220,10 @@ def plot(results, path):
 
 
 def main():
-    p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--plot", default="assets/pipeline_schedule.png")
-    p.add_argument("--out", default="assets/pipeline_schedule.json")
-    p.add_argument("--worker", choices=["pipeline"], help=argparse.SUPPRESS)
-    for name in ("pipeline_schedule", "num_microbatches", "virtual_size", "real_compute", "steps",
-                 "warmup", "threads", "config", "device"):
-        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    p = driver_parser(__doc__, "assets/pipeline_schedule.png", "assets/pipeline_schedule.json",
+                      "pipeline", ("pipeline_schedule", "num_microbatches", "virtual_size",
+                                   "real_compute", "steps", "warmup", "threads", "config",
+                                   "device"))
     args = p.parse_args()
     if args.worker:
         args.schedule, args.m, args.v = (args.pipeline_schedule, int(args.num_microbatches),

@@ -2,12 +2,14 @@
 the trainings are (python for one rank, scripts/launch.py for several), one thread per rank; a
 worker prints one line "RESULT {json}" and the driver reads it."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 
 from benchmarks.configs import REPO
+from training.operations import ArgumentParser
 
 DEVICE = "cpu"  # the driver's --device, passed to every worker
 PARALLEL = ("ours", "dtensor", "loop-ours", "loop-dtensor", "recompute",  # launched with ranks
@@ -24,6 +26,19 @@ def read_result(what, proc_stdout, proc_stderr, returncode):
     if returncode != 0 or not lines:
         sys.exit(f"error: {what} failed:\n{proc_stdout[-2000:]}{proc_stderr[-3000:]}")
     return json.loads(lines[0][len("RESULT "):])
+
+
+def driver_parser(doc, plot, out, worker, hidden):
+    """The flags of a driver whose workers are itself (`--worker`): --quick, --plot, --out, and
+    the worker's own, hidden from --help."""
+    p = ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--plot", default=plot)
+    p.add_argument("--out", default=out)
+    p.add_argument("--worker", choices=[worker], help=argparse.SUPPRESS)
+    for name in hidden:
+        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    return p
 
 
 def launch(variant, config, steps, warmup, ranks=1, threads=1, extra=(),
