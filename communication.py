@@ -306,10 +306,10 @@ def average_over_data_parallel(tensors) -> None:
                           get_data_parallel_world_size())
 
 
-def sum_over_data_parallel(tensors, name) -> None:
-    """Sum `tensors` in place over the data-parallel group (the clipping norm's squares of the
-    distributed optimizer's shards), in one all-reduce counted under `name`."""
-    _all_reduce_coalesced(tensors, get_data_parallel_group(), name)
+def sum_over_all_ranks(tensors, name) -> None:
+    """Sum `tensors` in place over every rank (the clipping norm's squares of the distributed
+    optimizer's shards), in one all-reduce counted under `name`."""
+    _all_reduce_coalesced(tensors, dist.group.WORLD, name)
 
 
 def reduce_scatter_over_data_parallel(buffer: torch.Tensor, shard: torch.Tensor) -> None:

@@ -31,7 +31,8 @@ and one step is:
      buffer the model's parameters are views of (the all-reduce's second half).
 
 A reduce-scatter and an all-gather are the two halves of a ring all-reduce, (d-1)/d N bytes
-each (communication._count): the wire carries what the plain optimizer's all-reduce did.
+each (communication._count): the wire carries what the plain optimizer's all-reduce did (under
+bf16 3/4 of it: the all-gather moves bf16 parameters, the reduce-scatter fp32 gradients).
 What differs from Megatron is said where it is: the buffer's order, no buckets, the sums before
 the reduce-scatter (finalize_model_grads.py), one file per replica in a checkpoint.
 """
@@ -217,6 +218,10 @@ class DistributedOptimizer:
         if not self.mixed_precision:
             return self.model
         main = copy.deepcopy(self.model).to(self.main_dtype)
+        for param, copied in zip(self.params, main.parameters()):  # (deepcopy keeps no marks)
+            for attribute in (*INHERITED, "vocab_size"):
+                if hasattr(param, attribute):
+                    setattr(copied, attribute, getattr(param, attribute))
         mains = dict(zip(map(id, self.params), main.parameters()))
         for buffer in self.buffers:
             flat = torch.zeros_like(buffer.grad_data)  # the main dtype, the buffer's length

@@ -153,7 +153,8 @@ def run(args, device, precision):
     model = build_chunks(args, device)
     comm.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
     if args.use_distributed_optimizer:  # each replica its shard of the optimizer
-        optimizer = DistributedOptimizer(model, torch_optimizer(args), args.torch_dtype)
+        optimizer = on_every_rank(DistributedOptimizer, model, torch_optimizer(args),
+                                  args.torch_dtype)  # (a stage may be too small for its shards)
     else:
         optimizer = make_optimizer(model, args)
     main = main_model(model, optimizer)  # what checkpoints hold: fp32 main parameters under bf16

@@ -173,12 +173,16 @@ MUTANTS = {
         "ps.get_data_parallel_world_size()", ["tests/test_distrib_optimizer.py"]),
     "the clipping norm of this replica's shard only": (
         "training/clip_grads.py",
-        '        comm.sum_over_data_parallel([squares], name="grad_norm_dp_all_reduce")',
-        "        pass", ["tests/test_distrib_optimizer.py"]),
+        '        comm.sum_over_all_ranks([squares], name="grad_norm_all_reduce")',
+        '        comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")',
+        ["tests/test_distrib_optimizer.py"]),
     "sequence parallelism's partial gradients not summed before the reduce-scatter": (
         "finalize_model_grads.py",
         "    if partial:\n        comm.sum_over_tensor_parallel(partial)",
         "    if False:\n        pass", ["tests/test_distrib_optimizer.py"]),
+    "bf16's gathered main model without its parameters' marks (model.pt TP rank 0's)": (
+        "distrib_optimizer.py", '            for attribute in (*INHERITED, "vocab_size"):',
+        "            for attribute in ():", ["tests/test_distrib_optimizer.py"]),
     "the replicas' optimizer shards read as one replica's": (
         "training/checkpointing.py",
         "    files = [_load(distrib_optim_path(path, r), directory, iteration) for r in range(d)]",

@@ -174,6 +174,20 @@ def test_the_transformer_at_dp_2_x_tp_2_with_sequence_parallelism_is_the_plain_r
     assert replicated and all(torch.equal(a["model"][n], b["model"][n]) for n in replicated)
 
 
+def test_bf16_at_dp_2_x_tp_2_is_the_plain_run_bit_for_bit(data_dir, tmp_path):
+    """bf16, fp32 main parameters in shards: two replicas' sums are a + b either way, so the run is
+    the plain optimizer's bit for bit, and model.pt is gathered whole over the tensor-parallel
+    ranks from the replicas' fp32 pieces."""
+    from curves import assert_bitwise_same_run
+    flags = ["--hidden_size", "64", "--num_iterations", "6", "--update_freq", "3",
+             "--eval_interval", "3", "--dtype", "bfloat16", "--data_dir", data_dir,
+             "--tensor_model_parallel_size", "2"]
+    plain, dist_opt = str(tmp_path / "plain"), str(tmp_path / "do")
+    run_script("parallel_train.py", *flags, "--out_dir", plain, nproc=4)
+    run_script("parallel_train.py", *flags, DO, "--out_dir", dist_opt, nproc=4)
+    assert_bitwise_same_run(plain, dist_opt)
+
+
 def test_the_flag_is_parallel_train_pys(capsys):
     from training.arguments import get_args
     with pytest.raises(SystemExit):

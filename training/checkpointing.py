@@ -160,7 +160,8 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
         atomic_write(path, lambda f: torch.save(state, f))
     if distributed:
         rank = ps.get_data_parallel_rank()
-        shard = dict(iteration=iteration, data_parallel_rank=rank,
+        shard = dict(iteration=iteration, data_parallel_rank=rank, identity=identity(args),
+                     data_parallel_size=ps.get_data_parallel_world_size(),
                      shard=optimizer.sharded_state_dict())
         atomic_write(distrib_optim_path(path, rank), lambda f: torch.save(shard, f))
     dist.barrier()  # every shard is on disk before the tracker points at it
@@ -267,9 +268,10 @@ def with_optimizer_shards(shard, path, directory):
     parameter's whole state in `optimizer`."""
     iteration, d = shard["iteration"], shard["distributed_optimizer"]["data_parallel_size"]
     files = [_load(distrib_optim_path(path, r), directory, iteration) for r in range(d)]
-    for r, f in enumerate(files):
-        if not isinstance(f, dict) or f.get("iteration") != iteration or \
-                f.get("data_parallel_rank") != r:
+    for r, f in enumerate(files):  # each of this write: the iteration, the run, the size
+        if not isinstance(f, dict) or (f.get("iteration"), f.get("data_parallel_rank"),
+                                       f.get("data_parallel_size"), f.get("identity")) != (
+                iteration, r, d, shard.get("identity")):
             raise CheckpointError(f"{distrib_optim_path(path, r)} is not data-parallel rank {r}'s "
                                   f"shard of iteration {iteration}: shards of two checkpoints "
                                   "are mixed")

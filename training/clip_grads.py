@@ -24,7 +24,8 @@ megatron/core/optimizer/clip_grads.py):
     both hold the one gradient the serial weight has;
   * under the distributed optimizer (distrib_optimizer.py) each replica holds
     its shard of the gradients, as pieces that carry their parameter's marks:
-    the replicas' sums are added too (Megatron sums over every rank then).
+    every rank's sum is added in one all-reduce over all ranks (as Megatron
+    does then): one communicator, so every rank gets the same bits.
 
 Called with the parameters the optimizer updates: the fp32 main parameters
 under bf16 (training/mixed_precision.py), so the norm is taken in fp32.
@@ -56,13 +57,14 @@ def get_grad_norm(parameters, sharded=False) -> torch.Tensor:
     squares = parameters[0].grad.new_zeros(1)
     for p in filter(counted_once, parameters):
         squares += p.grad.pow(2).sum()
+    if sharded:  # every rank holds its own part: one sum over all of them, as Megatron's
+        comm.sum_over_all_ranks([squares], name="grad_norm_all_reduce")
+        return squares[0].sqrt()
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         # + the other ranks' shards (and their zero for replicated ones)
         comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
     if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         comm.sum_over_pipeline([squares], name="grad_norm_pipeline_all_reduce")  # + other stages
-    if sharded and ps.get_data_parallel_world_size() > 1:
-        comm.sum_over_data_parallel([squares], name="grad_norm_dp_all_reduce")  # + other shards
     return squares[0].sqrt()
 
 
