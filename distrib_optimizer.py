@@ -64,7 +64,6 @@ class ParamAndGradBuffer:
 
     def __init__(self, params, grad_dtype):
         d, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.params = params
         self.numel = sum(p.numel() for p in params)
         self.shard_size = -(-self.numel // d)
         self.shard = (r * self.shard_size, (r + 1) * self.shard_size)  # this rank's, of the buffer
@@ -248,18 +247,19 @@ def _accumulate_into_main_grad(param):
         param.grad = None
 
 
-def unshard_state(shards, names, numels):
+def unshard_state(shards, shapes):
     """Every replica's sharded_state_dict() put back together, for training/checkpointing.py's
-    readers: ({name: main parameter, flat}, {name: its state, per-element tensors flat})."""
+    readers: ({name: main parameter}, {name: its state}), each per-element tensor in its
+    parameter's shape `shapes[name]`."""
     params, states = {}, {}
-    for name, numel in zip(names, numels):
+    for name, shape in shapes.items():
         pieces = sorted((s[name] for s in shards if name in s), key=lambda p: p["range"][0])
-        covered = [p["range"] for p in pieces]
+        covered, numel = [p["range"] for p in pieces], shape.numel()
         if not pieces or covered[0][0] != 0 or covered[-1][1] != numel or any(
                 a[1] != b[0] for a, b in zip(covered, covered[1:])):
             raise ValueError(f"the replicas' shards of {name} cover {covered}, not [0, {numel})")
-        params[name] = torch.cat([p["param"] for p in pieces])
-        states[name] = {key: torch.cat([p["state"][key] for p in pieces])
-                        if torch.is_tensor(value) and value.dim() > 0 else value
+        whole = lambda key: torch.cat([p["state"][key] for p in pieces]).view(shape)
+        params[name] = torch.cat([p["param"] for p in pieces]).view(shape)
+        states[name] = {key: whole(key) if torch.is_tensor(value) and value.dim() > 0 else value
                         for key, value in pieces[0]["state"].items()}
     return params, states

@@ -106,12 +106,12 @@ def test_a_replica_without_a_shard_is_one_line():
 # ---------------------------------------------------------------------------
 # The runs.
 
-def check_memory_and_wire(log, d, dtype_bytes):
+def check_memory_and_wire(log, d):
     """The run's own table: the bytes per parameter are the formula's, and the reduce-scatter
     plus the all-gather send what an all-reduce of the gradient buffer would."""
     table = comm_table(log)
     rs, ag = table["dp_reduce_scatter"], table["dp_all_gather"]
-    assert rs[0] == ag[0] == 1 and abs(rs[1] / dtype_bytes * dtype_bytes - rs[1]) == 0
+    assert rs[0] == ag[0] == 1, (rs, ag)
     assert abs((rs[2] + ag[2]) - 2 * (d - 1) / d * rs[1]) <= 0.02, (rs, ag)  # KiB, as printed
     line = log[log.index("Memory of rank 0's"):].splitlines()[1]
     measured, formula = line.split(" = ")[1].split("; the formula P + G + (M + S)/d: ")
@@ -134,7 +134,7 @@ def test_the_toy_model_at_dp_4_with_adam_and_clipping_is_the_plain_run_and_resum
     assert_same_curve(serial, dist_opt, "float64")
     assert_same_curve(plain, dist_opt, "float64")
     assert_same_weights(plain, dist_opt)
-    check_memory_and_wire(log, 4, 8)
+    check_memory_and_wire(log, 4)
     killed_after(ck, 6)
     resumed = str(tmp_path / "resumed")
     run_script(*run, DO, "--out_dir", resumed, "--save", ck, "--load", ck, nproc=4)
@@ -165,7 +165,7 @@ def test_the_transformer_at_dp_2_x_tp_2_with_sequence_parallelism_is_the_plain_r
     assert_same_curve(plain, dist_opt, "float64")
     assert_same_weights(plain, dist_opt)
     assert_same_weights(serial, dist_opt)
-    check_memory_and_wire(log, 2, 8)
+    check_memory_and_wire(log, 2)
     # The LayerNorms, reduce-scattered over each TP rank's own DP group, stay bitwise equal on
     # both TP ranks (distrib_optimizer.py's docs say why it is not assumed).
     a, b = (torch.load(f"{ck}/iter_0000006/mp_rank_0{t}/model_optim_rng.pt", weights_only=True)

@@ -275,19 +275,14 @@ def with_optimizer_shards(shard, path, directory):
             raise CheckpointError(f"{distrib_optim_path(path, r)} is not data-parallel rank {r}'s "
                                   f"shard of iteration {iteration}: shards of two checkpoints "
                                   "are mixed")
-    names = list(shard["partition_dims"])
-    shapes = {name: shard["model"][name].shape for name in names}
+    names = list(shard["partition_dims"])  # in the optimizer's order
     try:
-        params, states = unshard_state([f["shard"] for f in files], names,
-                                       [shard["model"][name].numel() for name in names])
+        params, states = unshard_state([f["shard"] for f in files],
+                                       {name: shard["model"][name].shape for name in names})
     except ValueError as e:
         raise CheckpointError(f"{os.path.dirname(path)}: {e}") from None
-    flat = lambda v, name: torch.is_tensor(v) and v.dim() == 1 and v.numel() == shapes[
-        name].numel()
-    state = {i: {k: v.view(shapes[name]) if flat(v, name) else v for k, v in states[name].items()}
-             for i, name in enumerate(names) if states[name]}
-    return dict(shard, model={name: params[name].view(shapes[name]) for name in names},
-                optimizer=dict(shard["optimizer"], state=state))
+    state = {i: states[name] for i, name in enumerate(names) if states[name]}
+    return dict(shard, model=params, optimizer=dict(shard["optimizer"], state=state))
 
 
 def load_shards(directory, iteration, pp_rank=None):
