@@ -21,9 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 
+from core.pipeline_parallel.schedules import chunk_layers  # noqa: E402
 from parallel_layers import vocab_size_with_padding  # noqa: E402
 from plot_runs import save  # noqa: E402
-from schedules import chunk_layers  # noqa: E402
 from training.operations import ArgumentParser, check_output  # noqa: E402
 
 COMPUTE, REPLICATED, COMM, ROWS = "#dbe9f6", "#e8e8e8", "#fdd9a8", "#dcefd6"

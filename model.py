@@ -13,7 +13,7 @@ the first stage keeps `mlp` (pre_process, Megatron's name), the last keeps `fc` 
 import torch.nn as nn
 import torch.nn.functional as F
 
-import parallel_state as ps
+from core import parallel_state as ps
 from parallel_layers import ColumnParallelLinear, RowParallelLinear
 
 

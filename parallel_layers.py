@@ -30,15 +30,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import parallel_state as ps
-from mappings import (
+from core import parallel_state as ps
+from core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     linear_with_async_allreduce,
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from sequence_parallel import (
+from core.tensor_parallel.sequence_parallel import (
     linear_with_sequence_parallel,
     reduce_scatter_to_sequence_parallel_region,
 )

@@ -20,16 +20,17 @@ import torch
 import torch.nn as nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-import communication as comm
-import parallel_state as ps
-from distrib_optimizer import DistributedOptimizer
-from finalize_model_grads import finalize_model_grads
-from schedules import chunk_layers, forward_only, get_forward_backward_func
-from sequence_parallel import sequence_parallel_disabled
+from core import parallel_state as ps
+from core import wire
+from core.distributed.finalize_model_grads import broadcast_from_last_stage, finalize_model_grads
+from core.optimizer.distrib_optimizer import DistributedOptimizer
+from core.pipeline_parallel.schedules import chunk_layers, forward_only, get_forward_backward_func
+from core.tensor_parallel.sequence_parallel import sequence_parallel_disabled
 from train import build_model, evaluate, holds, load_data, make_optimizer, torch_optimizer
 from training import initialize
 from training.arguments import get_parallel_args
 from training.checkpointing import (
+    gather_over_pipeline,
     gather_serial_state_dict,
     load_checkpoint,
     save_checkpoint,
@@ -55,7 +56,7 @@ def train(model, optimizer, batches, logbook, args, start=0):
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters (or their shard)
     forward_backward = get_forward_backward_func(args.pipeline_schedule)
     shape = args.pipeline_tensor_shape = tensor_shape(args, args.micro_batch_size)
-    comm.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
+    wire.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
     model.train()
     for it in range(start + 1, args.num_iterations + 1):
         inputs, targets = next(batches)
@@ -138,11 +139,11 @@ def evaluate_pipeline(model, inputs, targets, args, chunk_rows=1024):
     shapes = [tensor_shape(args, len(x), sequence_parallel=False) for x, _ in parts]
     step = lambda chunk, part, x: chunk(part[0] if x is None else x)
     outputs = forward_only(step, parts, model, shapes, args.torch_dtype)
-    loss = torch.zeros((), dtype=torch.float64, device=comm.get_device())
+    loss = torch.zeros((), dtype=torch.float64, device=wire.get_device())
     if outputs:  # the last stage: serial's loss from serial's outputs
         loss += evaluate(model[-1], inputs, targets, chunk_rows, outputs)
     model.train()
-    return comm.broadcast_from_last_stage(loss).item()
+    return broadcast_from_last_stage(loss).item()
 
 
 def run(args, device, precision):
@@ -151,7 +152,7 @@ def run(args, device, precision):
                                  args.virtual_pipeline_model_parallel_size)
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
     model = build_chunks(args, device)
-    comm.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
+    wire.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
     if args.use_distributed_optimizer:  # each replica its shard of the optimizer
         optimizer = on_every_rank(DistributedOptimizer, model, torch_optimizer(args),
                                   args.torch_dtype)  # (a stage may be too small for its shards)
@@ -201,7 +202,7 @@ def serial_state_dict(main):
     state = {}
     for chunk in main:
         state.update(gather_serial_state_dict(chunk))
-    stages = comm.gather_over_pipeline(state)
+    stages = gather_over_pipeline(state)
     if stages is None:
         return None
     merged = {}

@@ -14,8 +14,8 @@ the way.
 import torch
 import torch.nn.functional as F
 
+from core.tensor_parallel.random import model_parallel_manual_seed
 from model import ToyModel
-from rng_tracker import model_parallel_manual_seed
 from training.arguments import get_args
 from training.checkpointing import (
     data_fingerprint,

@@ -56,21 +56,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import parallel_state as ps
-from cross_entropy import vocab_parallel_cross_entropy
-from mappings import copy_to_tensor_model_parallel_region
+from core import parallel_state as ps
+from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from core.tensor_parallel.random import get_rng_tracker
+from core.tensor_parallel.recompute import checkpoint
+from core.tensor_parallel.sequence_parallel import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from model import MLP
 from parallel_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     linear_with_grad_accumulation,
-)
-from recompute import checkpoint
-from rng_tracker import get_rng_tracker
-from sequence_parallel import (
-    gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
 )
 
 

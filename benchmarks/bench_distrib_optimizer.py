@@ -32,12 +32,12 @@ FLAGS = ["--model", "transformer", "--dtype", "bfloat16", "--tensor_model_parall
 
 def worker(args):
     """One point: d ranks train a few steps; rank 0 reports its memory, wire and times."""
-    import communication as comm
-    import parallel_state as ps
-    from distrib_optimizer import DistributedOptimizer
-    from finalize_model_grads import finalize_model_grads
+    from core import parallel_state as ps
+    from core import wire
+    from core.distributed.finalize_model_grads import finalize_model_grads
+    from core.optimizer.distrib_optimizer import DistributedOptimizer
+    from core.pipeline_parallel.schedules import get_forward_backward_func
     from parallel_train import build_chunks, forward_step, microbatches, tensor_shape
-    from schedules import get_forward_backward_func
     from train import make_optimizer, torch_optimizer
     from training import initialize
     from training.arguments import get_parallel_args
@@ -59,7 +59,7 @@ def worker(args):
     shape = run.pipeline_tensor_shape = tensor_shape(run, run.micro_batch_size)
     times = []
     for i in range(args.warmup + args.steps):
-        comm.reset_comm_stats()  # the last step's are reported
+        wire.reset_comm_stats()  # the last step's are reported
         torch.distributed.barrier()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -70,7 +70,7 @@ def worker(args):
         torch.distributed.barrier()
         times.append(time.perf_counter() - start)
     counted = optimizer_memory(model, optimizer)
-    wire = {op: c["ring_bytes"] for op, c in comm.comm_stats().items()}
+    sent = {op: c["ring_bytes"] for op, c in wire.comm_stats().items()}
     grad_buffer = sum(b.grad_data.numel() * b.grad_data.element_size()
                       for b in getattr(optimizer, "buffers", []))
     rank = torch.distributed.get_rank()
@@ -80,7 +80,7 @@ def worker(args):
                           bytes={k: v for k, v in counted.items() if k != "numel"},
                           numel=counted["numel"],
                           formula=formula(run, d if args.distributed == "1" else 1),
-                          wire=wire, grad_buffer=grad_buffer,
+                          wire=sent, grad_buffer=grad_buffer,
                           step_ms=1e3 * statistics.median(times[args.warmup:])))
 
 

@@ -96,8 +96,8 @@ class SleepingChunk(nn.Module):
 
 def worker(args):
     """One point (or the real run): three steps, the last one's timeline of every stage."""
-    import parallel_state as ps
-    import schedules
+    from core import parallel_state as ps
+    from core.pipeline_parallel import schedules
     from training import initialize
     torch.set_num_threads(1)
     initialize.init_distributed("gloo", timeout_minutes=5, device="cpu")
@@ -126,11 +126,11 @@ def worker(args):
 
 def _build(args, p, v):
     """(this rank's chunks, the micro-batches, the activation's shape)."""
-    import parallel_state as ps
+    from core import parallel_state as ps
     if not args.real:
         model = nn.ModuleList(SleepingChunk(T_F / v) for _ in range(v))
         return model, [(torch.ones(4, 8), None) for _ in range(args.m)], (4, 8)
-    from schedules import chunk_layers
+    from core.pipeline_parallel.schedules import chunk_layers
     from transformer import ToyTransformer
     chunks = []
     for c in range(v):  # two blocks a chunk

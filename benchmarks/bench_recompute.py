@@ -26,11 +26,11 @@ import sys
 import numpy as np
 import torch
 
-import parallel_state as ps
 from benchmarks import bench_transformer, launcher
 from benchmarks.configs import CONFIGS, SEED, cpu_name, describe
 from benchmarks.step_measures import saved_activations, timed_step
-from rng_tracker import model_parallel_manual_seed
+from core import parallel_state as ps
+from core.tensor_parallel.random import model_parallel_manual_seed
 from training import initialize
 from training.operations import ArgumentParser, check_output, pin_float32_precision
 

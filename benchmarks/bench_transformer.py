@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
-from sequence_parallel import allreduce_sequence_parallel_grads
+from core.distributed.finalize_model_grads import allreduce_sequence_parallel_grads
 from transformer import ToyTransformer
 
 

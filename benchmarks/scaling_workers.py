@@ -65,8 +65,8 @@ def compute_worker(args):
 
 def allreduce_worker(args):
     """Median seconds of one all-reduce per message size, as the training issues it."""
-    import communication as comm
-    import parallel_state as ps
+    from core import parallel_state as ps
+    from core import wire
     from training import initialize
     torch.set_num_threads(1)
     device = initialize.init_distributed("auto", timeout_minutes=5, device=args.device)
@@ -80,14 +80,14 @@ def allreduce_worker(args):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            comm.all_reduce(t)
+            wire.all_reduce(t, ps.get_tensor_model_parallel_group())
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 5:
                 times.append(time.perf_counter() - start)
         # coupled ranks: the slowest rank's median
         median = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-        result[n] = float(comm.all_gather(median, dim=0).max())
+        result[n] = float(wire.all_gather(median, ps.get_tensor_model_parallel_group()).max())
     torch.distributed.barrier()
     ps.destroy_model_parallel()
     if os.environ["RANK"] == "0":

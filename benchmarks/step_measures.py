@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn as nn
 
-import communication as comm
-from sequence_parallel import allreduce_sequence_parallel_grads
+from core import wire
+from core.distributed.finalize_model_grads import allreduce_sequence_parallel_grads
 
 
 def local(t):
@@ -93,11 +93,11 @@ def count_ours(step, batch):
     counts = {}
     for input_grad in (False, True) if batch[0].is_floating_point() else (False,):
         x = batch[0].clone().requires_grad_(input_grad)
-        comm.reset_comm_stats()
+        wire.reset_comm_stats()
         step.backward(step.loss(x, batch[1]))
         counts["input_grad" if input_grad else "no_input_grad"] = dict(
-            calls=dict(comm.comm_calls), bytes=dict(comm.comm_bytes),
-            ring_bytes=dict(comm.comm_ring_bytes))
+            calls=dict(wire.comm_calls), bytes=dict(wire.comm_bytes),
+            ring_bytes=dict(wire.comm_ring_bytes))
     step.model.zero_grad(set_to_none=True)
     return counts
 

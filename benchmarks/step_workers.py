@@ -19,8 +19,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import communication as comm
-import parallel_state as ps
 from benchmarks import bench_transformer
 from benchmarks.configs import CONFIGS, SEED
 from benchmarks.launcher import print_result
@@ -32,6 +30,8 @@ from benchmarks.step_measures import (
     saved_activations,
     time_steps,
 )
+from core import parallel_state as ps
+from core import wire
 from model import ToyModel
 from training import initialize
 from training.operations import pin_float32_precision
@@ -107,8 +107,8 @@ def worker(args):
                   comm=count, tp=tp, device=str(device))
     if args.variant != "serial":
         # The ranks of one step are coupled by the all-reduce: report the slowest rank's median.
-        medians = comm.all_gather(torch.tensor([statistics.median(times)], dtype=torch.float64,
-                                               device=device), dim=0)
+        median = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+        medians = wire.all_gather(median, ps.get_tensor_model_parallel_group())
         result["slowest_rank"] = int(medians.argmax())
         ps.destroy_model_parallel()
     if os.environ.get("RANK", "0") == "0":

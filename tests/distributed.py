@@ -465,7 +465,7 @@ def _torchrun_env(job):
 def _call(job):
     """fn(*args) as rank job.rank of a new world, after initialize_model_parallel(tp_size); the
     ranks leave together (a barrier) and the world is torn down."""
-    import parallel_state as ps  # this repo, imported here: in the job's own environment
+    from core import parallel_state as ps  # this repo, imported here: in the job's own environment
     from training import initialize
     fn, args = pickle.loads(job.call)  # imports the test module
     initialize.init_distributed(backend="gloo", timeout_minutes=TIMEOUT_S / 60, device="cpu")

@@ -29,11 +29,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import communication as comm  # noqa: E402
-import finalize_model_grads  # noqa: E402
-import mappings  # noqa: E402
-import parallel_state as ps  # noqa: E402
 import parallel_train  # noqa: E402
+from core import parallel_state as ps  # noqa: E402
+from core.distributed import finalize_model_grads  # noqa: E402
+from core.tensor_parallel import mappings  # noqa: E402
 from training import clip_grads, logbook  # noqa: E402
 
 kind = sys.argv.pop(1)
@@ -43,14 +42,14 @@ if kind.endswith("_to_the_end"):
 reduce, iteration = mappings._reduce, [1]
 
 
-def broken_reduce(input_):
+def broken_reduce(input_, group, async_op=False):  # async_op: only an option's f uses it
     if kind == "drop" or (kind == "skipped_once" and iteration[0] == 10):
         return input_
     if kind == "average":
-        return reduce(input_).div_(ps.get_tensor_model_parallel_world_size())
+        return reduce(input_, group).div_(ps.get_tensor_model_parallel_world_size())
     if kind == "off_by_1pct":
-        return reduce(input_).mul_(1.01)
-    return reduce(input_)
+        return reduce(input_, group).mul_(1.01)
+    return reduce(input_, group)
 
 
 class CountingLogbook(parallel_train.Logbook):
@@ -59,7 +58,7 @@ class CountingLogbook(parallel_train.Logbook):
         return super().step(it, *args)
 
 
-sum_over_tensor_parallel = comm.sum_over_tensor_parallel
+sum_squares = clip_grads._sum_squares
 average_replicas = finalize_model_grads.average_over_data_parallel_replicas
 allreduce_sequence_parallel_grads = finalize_model_grads.allreduce_sequence_parallel_grads
 max_norm = float(sys.argv[sys.argv.index("--clip_grad") + 1]) if "--clip_grad" in sys.argv else 0
@@ -70,8 +69,8 @@ if kind in ("drop", "average", "off_by_1pct", "skipped_once"):
 elif kind == "replicated_counted_tp_times":
     clip_grads.counted_once = lambda param: True
 elif kind == "norm_not_all_reduced":
-    comm.sum_over_tensor_parallel = lambda tensors, name="all_reduce": (
-        None if name == "grad_norm_all_reduce" else sum_over_tensor_parallel(tensors, name))
+    clip_grads._sum_squares = lambda squares, group: (
+        squares if group is ps.get_tensor_model_parallel_group() else sum_squares(squares, group))
 elif kind == "dp_rank_norm_alone":
     def clip_then_average(params, loss, partial_loss):
         clip_grads.clip_grad_norm(params, max_norm)  # this replica's own gradients

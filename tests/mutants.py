@@ -55,7 +55,8 @@ MUTANTS = {
         "training/checkpointing.py", "get_rng_tracker().states.update(tracker)", "pass",
         ["tests/test_transformer_train.py"]),
     "the RNG tracker's fork a no-op": (
-        "rng_tracker.py", "        set_default_generator_states(self.states[name])\n", "",
+        "core/tensor_parallel/random.py",
+        "        set_default_generator_states(self.states[name])\n", "",
         ["tests/test_rng_tracker.py", "tests/test_transformer.py"]),
     "scaling's overheads from the wrong grid point": (
         "benchmarks/scaling.py", 'if pt["hidden_size"] == grid[0]}',
@@ -63,12 +64,14 @@ MUTANTS = {
         ["tests/test_scaling.py"]),
     # f and g (mappings.py), as tests/inject_bug.py injects them into a run.
     "g's all-reduce dropped": (
-        "mappings.py", "    comm.all_reduce(input_)\n    return input_", "    return input_",
+        "core/tensor_parallel/mappings.py",
+        "    work = dist.all_reduce(input_, group=group, async_op=async_op)\n", "    work = None\n",
         ["tests/test_layers.py", "tests/test_model.py", "tests/test_end_to_end.py"]),
     "g's all-reduce averaged": (
-        "mappings.py", "    comm.all_reduce(input_)\n    return input_",
-        "    comm.all_reduce(input_)\n"
-        "    return input_.div_(ps.get_tensor_model_parallel_world_size())",
+        "core/tensor_parallel/mappings.py",
+        "    work = dist.all_reduce(input_, group=group, async_op=async_op)\n",
+        "    work = dist.all_reduce(input_, group=group, async_op=async_op)\n"
+        "    input_ /= dist.get_world_size(group)\n",
         ["tests/test_layers.py", "tests/test_model.py", "tests/test_end_to_end.py"]),
     # Clipping (training/clip_grads.py).
     "replicated parameters counted TP times": (
@@ -76,14 +79,14 @@ MUTANTS = {
         "for p in parameters:", ["tests/test_precision.py"]),
     "the norm not all-reduced": (
         "training/clip_grads.py",
-        '        comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")',
+        "        _sum_squares(squares, ps.get_tensor_model_parallel_group())",
         "        pass",
         ["tests/test_precision.py"]),
-    # Sequence parallelism's partial gradients (sequence_parallel.py).
+    # Sequence parallelism's partial gradients (finalize_model_grads.py).
     "SP partial gradients not summed": (
-        "sequence_parallel.py",
-        "    comm.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))",
-        "    comm.sum_over_tensor_parallel([loss] if loss_is_partial else [])",
+        "core/distributed/finalize_model_grads.py",
+        "    _allreduce_layernorm_grads(partial + ([loss] if loss_is_partial else []),",
+        "    _allreduce_layernorm_grads(([loss] if loss_is_partial else []),",
         ["tests/test_sequence_parallel_train.py", "tests/test_transformer_train.py"]),
     # Checkpoints (training/reshard.py, training/checkpointing.py, training/mixed_precision.py).
     "reshard: offset dropped": (
@@ -95,13 +98,15 @@ MUTANTS = {
         ["tests/test_reshard.py"]),
     # Activation recomputation (recompute.py).
     "recompute: random states not set": (
-        "recompute.py", "_set_all_rng_states(ctx.rng_states)  # the masks", "pass  #",
+        "core/tensor_parallel/recompute.py",
+        "_set_all_rng_states(ctx.rng_states)  # the masks", "pass  #",
         ["tests/test_recompute.py"]),
     "recompute: no recomputation": (
-        "recompute.py", "return CheckpointFunction.apply(function, distribute_saved_activations, "
+        "core/tensor_parallel/recompute.py",
+        "return CheckpointFunction.apply(function, distribute_saved_activations, "
         "*args)", "return function(*args)", ["tests/test_recompute.py"]),
     "recompute: gradients returned in the wrong order": (
-        "recompute.py", "return (None, None, *(x.grad for x in inputs))",
+        "core/tensor_parallel/recompute.py", "return (None, None, *(x.grad for x in inputs))",
         "return (None, None, *reversed([x.grad for x in inputs]))", ["tests/test_recompute.py"]),
     "train.py: --recompute_granularity not passed to the model": (
         "train.py", "recompute_granularity=args.recompute_granularity,",
@@ -128,13 +133,13 @@ MUTANTS = {
         "parts = list(zip(inputs.split(rows), targets.roll(rows, 0).split(rows)))",
         ["tests/test_pipeline.py"]),
     "a stage sends the previous micro-batch's activation": (
-        "schedules.py",
+        "core/pipeline_parallel/schedules.py",
         "output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, dtype)",
         "output_tensor_grad = p2p.send_forward_recv_backward(\n"
         "            outputs[-1] if outputs else output_tensor, tensor_shape, dtype)",
         ["tests/test_pipeline.py"]),
     "a backward that uses a freed activation (the received input freed, not the sent output)": (
-        "schedules.py",
+        "core/pipeline_parallel/schedules.py",
         "        output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, "
         "dtype)\n        deallocate_output_tensor(output_tensor)",
         "        output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, "
@@ -144,11 +149,12 @@ MUTANTS = {
         "                state[len(dims) - 1] = shard[\"optimizer\"][\"state\"][i]",
         "                pass", ["tests/test_pipeline.py"]),
     "the tied embedding's gradients not summed across stages": (
-        "finalize_model_grads.py", "        comm.sum_over_embedding_group(grads)",
+        "core/distributed/finalize_model_grads.py",
+        "        _allreduce_embedding_grads(grads, ps.get_embedding_group())",
         "        pass", ["tests/test_pipeline.py"]),
     "the clipping norm of one stage's layers": (
         "training/clip_grads.py",
-        '        comm.sum_over_pipeline([squares], name="grad_norm_pipeline_all_reduce")',
+        "        _sum_squares_over_stages(squares, ps.get_pipeline_model_parallel_group())",
         "        pass", ["tests/test_pipeline.py"]),
     "the tied embedding counted twice in the norm": (
         "training/clip_grads.py",
@@ -156,32 +162,36 @@ MUTANTS = {
         'if False and ps.is_pipeline_last_stage(', ["tests/test_pipeline.py"]),
     # The distributed optimizer (distrib_optimizer.py).
     "a straddling parameter's boundary element stepped by two replicas": (
-        "distrib_optimizer.py", "at, end = max(first, start), min(last, start + param.numel())",
+        "core/optimizer/distrib_optimizer.py",
+        "at, end = max(first, start), min(last, start + param.numel())",
         "at, end = max(first, start), min(last + 1, start + param.numel())",
         ["tests/test_distrib_optimizer.py"]),
     "the first element of each shard stepped by no replica": (
-        "distrib_optimizer.py", "at, end = max(first, start), min(last, start + param.numel())",
+        "core/optimizer/distrib_optimizer.py",
+        "at, end = max(first, start), min(last, start + param.numel())",
         "at, end = max(first + 1, start), min(last, start + param.numel())",
         ["tests/test_distrib_optimizer.py"]),
     "the all-gather of the updated parameters skipped": (
-        "distrib_optimizer.py",
+        "core/optimizer/distrib_optimizer.py",
         "        for buffer in self.buffers:\n            buffer.all_gather_params()",
         "        pass", ["tests/test_distrib_optimizer.py"]),
     "the reduce-scatter averaging the next shard": (
-        "distrib_optimizer.py", "        shard /= ps.get_data_parallel_world_size()",
+        "core/optimizer/distrib_optimizer.py", "        shard /= ps.get_data_parallel_world_size()",
         "        self.grad_data[self.shard[1] % self.grad_data.numel():][:self.shard_size] /= "
         "ps.get_data_parallel_world_size()", ["tests/test_distrib_optimizer.py"]),
     "the clipping norm of this replica's shard only": (
         "training/clip_grads.py",
-        '        comm.sum_over_all_ranks([squares], name="grad_norm_all_reduce")',
-        '        comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")',
+        "        _sum_squares(squares, dist.group.WORLD)",
+        "        _sum_squares(squares, ps.get_tensor_model_parallel_group())",
         ["tests/test_distrib_optimizer.py"]),
     "sequence parallelism's partial gradients not summed before the reduce-scatter": (
-        "finalize_model_grads.py",
-        "    if partial:\n        comm.sum_over_tensor_parallel(partial)",
+        "core/distributed/finalize_model_grads.py",
+        "    if partial:\n"
+        "        _allreduce_layernorm_grads(partial, ps.get_tensor_model_parallel_group())",
         "    if False:\n        pass", ["tests/test_distrib_optimizer.py"]),
     "bf16's gathered main model without its parameters' marks (model.pt TP rank 0's)": (
-        "distrib_optimizer.py", '            for attribute in (*INHERITED, "vocab_size"):',
+        "core/optimizer/distrib_optimizer.py",
+        '            for attribute in (*INHERITED, "vocab_size"):',
         "            for attribute in ():", ["tests/test_distrib_optimizer.py"]),
     "the replicas' optimizer shards read as one replica's": (
         "training/checkpointing.py",
@@ -194,7 +204,8 @@ MUTANTS = {
         ["tests/test_backends.py"]),
     # The vocabulary (cross_entropy.py).
     "padded logits not masked": (
-        "cross_entropy.py", "and last > vocab_size:  # padded", "and False:  # padded",
+        "core/tensor_parallel/cross_entropy.py",
+        "and last > vocab_size:  # padded", "and False:  # padded",
         ["tests/test_vocab_parallel.py", "tests/test_transformer_train.py"]),
 }
 

@@ -13,8 +13,9 @@ from unittest import mock
 import pytest
 import torch
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire as comm
+from core.distributed.finalize_model_grads import average_replicated
 from curves import assert_same_curve
 from distributed import all_ranks, run_distributed, run_script
 from training import initialize
@@ -93,13 +94,16 @@ def test_a_node_without_gpus_makes_the_whole_job_gloo_on_cpu():
 
 
 def test_every_collective_checks_the_device():
+    """Every function marked @wire.collective, in core/ and training/ (tests/test_nccl_rules.py
+    checks that no collective goes around the wire)."""
+    import parallel_train  # noqa: F401  (imports every module that issues a collective)
+    assert len(comm.COLLECTIVES) >= 14, sorted(comm.COLLECTIVES)
     with mock.patch.object(comm, "_DEVICE", torch.device("cpu")):
-        for op in (lambda t: comm.all_reduce(t), lambda t: comm.all_gather(t, dim=0),
-                   lambda t: comm.reduce_scatter(t)):
+        for name, op in comm.COLLECTIVES.items():
             with pytest.raises(comm.DeviceMismatchError) as e:
-                op(torch.empty(4, device="meta"))
+                op(torch.empty(4, device="meta"), None)
             assert "was given a tensor on meta, but this run's collectives use cpu" in str(e.value)
-            assert "\n" not in str(e.value)
+            assert "\n" not in str(e.value), name
 
 
 def test_tf32_is_switched_off_whatever_the_environment_asked():
@@ -143,13 +147,13 @@ def _check_replicated_average_is_bitwise_identical():
     values = [torch.randn(5, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(r)) for r in range(6)]
     t = values[rank].clone()
-    comm.average_replicated([t])
+    average_replicated([t])
     everyone = all_ranks(t)
     assert torch.equal(everyone, everyone[:1].expand_as(everyone))
     torch.testing.assert_close(t, (values[0] + values[2] + values[4]) / 3, rtol=0, atol=4e-16)
     # Sequence parallelism: every rank holds a partial sum of its rows; all of them add up.
     t = values[rank].clone()
-    comm.average_replicated([], [t])
+    average_replicated([], [t])
     everyone = all_ranks(t)
     assert torch.equal(everyone, everyone[:1].expand_as(everyone)) and tp_rank in (0, 1)
     torch.testing.assert_close(t, sum(values) / 3, rtol=0, atol=2e-15)

@@ -44,8 +44,8 @@ def _shards(tp):
     """A toy model whose sizes leave parameters straddling the shards: every element of every
     parameter in exactly one replica's shard; the reduce-scatter leaves each rank the average of
     its shard; an SGD step (lr 1) then the all-gather give every rank every updated element."""
-    import parallel_state as ps
-    from distrib_optimizer import DistributedOptimizer
+    from core import parallel_state as ps
+    from core.optimizer.distrib_optimizer import DistributedOptimizer
     from model import ToyModel
     ps.initialize_model_parallel(tp)
     torch.manual_seed(0)
@@ -86,8 +86,8 @@ def test_every_element_is_in_one_shard_and_the_step_reaches_every_replica():
 
 
 def _too_small():
-    import parallel_state as ps
-    from distrib_optimizer import DistributedOptimizer, DistributedOptimizerError
+    from core import parallel_state as ps
+    from core.optimizer.distrib_optimizer import DistributedOptimizer, DistributedOptimizerError
     ps.initialize_model_parallel(1)
     model = torch.nn.ModuleList([torch.nn.Linear(1, 1)])  # 2 parameters, 4 shards of 1
     try:
@@ -167,7 +167,7 @@ def test_the_transformer_at_dp_2_x_tp_2_with_sequence_parallelism_is_the_plain_r
     assert_same_weights(serial, dist_opt)
     check_memory_and_wire(log, 2)
     # The LayerNorms, reduce-scattered over each TP rank's own DP group, stay bitwise equal on
-    # both TP ranks (distrib_optimizer.py's docs say why it is not assumed).
+    # both TP ranks (core/optimizer/distrib_optimizer.py's docs say why it is not assumed).
     a, b = (torch.load(f"{ck}/iter_0000006/mp_rank_0{t}/model_optim_rng.pt", weights_only=True)
             for t in (0, 1))
     replicated = [n for n, dim in a["partition_dims"].items() if dim is None]

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire as comm
+from core.tensor_parallel import cross_entropy, mappings
 from distributed import RankFailed, all_ranks, run_distributed
 from parallel_layers import ColumnParallelLinear, RowParallelLinear
 
@@ -181,8 +182,8 @@ def _check_overlapped_f_computes_what_f_does():
 
 def _check_default_run_meets_f_and_g():
     """The default tensor-parallel ToyModel calls f and g of mappings.py, once each per forward."""
-    import mappings
     import parallel_layers
+    from core.tensor_parallel import mappings
     from model import ToyModel
     calls = []
     for name in ("copy_to_tensor_model_parallel_region",
@@ -220,15 +221,15 @@ def test_row_parallel_linear_matches_serial(tp):
 # The checks above must be able to fail: break the all-reduce the way a bug would.
 
 def _with_broken_all_reduce(kind, check):
-    def broken(tensor, async_op=False, group=None, op="sum"):
+    def broken(tensor, group, async_op=False):  # the sums of f, g and the vocabulary loss
         # counted like the real one (2 ranks): only the numbers can tell
         comm._count("all_reduce", tensor.dtype, tensor.numel(), ring_share=1)
         if kind == "average":  # mean instead of sum: a classic mix-up with data parallelism
-            dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
-            tensor /= ps.get_tensor_model_parallel_world_size()
+            dist.all_reduce(tensor, group=group)
+            tensor /= dist.get_world_size(group)
         return (lambda: tensor) if async_op else tensor  # "drop": the tensor is left as it was
 
-    comm.all_reduce = broken
+    mappings._reduce = cross_entropy._all_reduce_sum = broken  # (test_vocab_parallel.py's too)
     check()
 
 

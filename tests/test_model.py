@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire as comm
 from distributed import all_ranks, run_distributed
 from model import ToyModel
 from training.checkpointing import StateDictError, gather_serial_state_dict, load_serial_state_dict

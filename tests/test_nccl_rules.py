@@ -1,13 +1,57 @@
-"""NCCL's rules, held on every backend (communication._check): what gloo on CPU accepts and NCCL on
+"""NCCL's rules, held on every backend (core/wire.py's _check): what gloo on CPU accepts and NCCL on
 GPUs refuses, or silently gets wrong, is a one-line error here too."""
+
+import ast
+import glob
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
-import communication as comm
-from distributed import run_distributed
-from mappings import copy_to_tensor_model_parallel_region
+from core import wire as comm
+from core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from distributed import REPO, run_distributed
+
+# torch.distributed's calls that move tensors, by the names this repo could use.
+MOVES_TENSORS = {"all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_to_all",
+                 "all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+                 "all_gather_single", "reduce_scatter_single", "send", "recv", "isend", "irecv",
+                 "P2POp", "batch_isend_irecv", "gather", "scatter", "reduce",
+                 "dist_all_gather_func", "dist_reduce_scatter_func"}
+# The functions that call one without @wire.collective, and why that is right.
+AROUND_THE_WIRE = {
+    "core/wire.py:_check_same_on_every_rank",  # the check's own all-gather of shapes
+    "core/pipeline_parallel/p2p_communication.py:_communicate",  # wire.point_to_point_wire
+    "core/pipeline_parallel/p2p_communication.py:_announce",  # the check's headers
+}
+
+
+def _unwired_calls():
+    """(file:function, call) for every call that moves tensors outside a @wire.collective."""
+    for path in sorted(glob.glob(os.path.join(REPO, "core", "**", "*.py"), recursive=True) +
+                       glob.glob(os.path.join(REPO, "training", "*.py")) +
+                       glob.glob(os.path.join(REPO, "*.py"))):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef) or any(
+                    "collective" in ast.unparse(d) for d in fn.decorator_list):
+                continue
+            for node in ast.walk(fn):
+                call = ast.unparse(node.func) if isinstance(node, ast.Call) else ""
+                if call.removeprefix("dist.") in MOVES_TENSORS and (
+                        call.startswith("dist.") or call.startswith("dist_")):
+                    yield f"{os.path.relpath(path, REPO)}:{fn.name}", call
+
+
+def test_no_collective_goes_around_the_wire():
+    """Every torch.distributed call that moves a tensor sits in a function marked
+    @wire.collective, so NCCL's rules are checked and the call counted in every run and test."""
+    found = {where for where, _ in _unwired_calls()}
+    assert found == AROUND_THE_WIRE, sorted(set(_unwired_calls()))
+    with open(os.path.join(REPO, "core/pipeline_parallel/p2p_communication.py")) as f:
+        assert "dist.P2POp(dist.isend, wire.point_to_point_wire(" in f.read()
 
 
 def _refused(call, *words):
@@ -20,21 +64,22 @@ def _refused(call, *words):
 def _check_rules():
     rank = dist.get_rank()
     transposed = torch.ones(2, 3).t()  # a view: gloo would sum its raw storage
-    _refused(lambda: comm.all_reduce(transposed), "all_reduce: NCCL needs a contiguous tensor",
-             "shape (3, 2), strides (1, 3)")
-    _refused(lambda: comm.all_reduce(torch.ones(4, dtype=torch.int16)),
+    _refused(lambda: comm.all_reduce(transposed, dist.group.WORLD),
+             "all_reduce: NCCL needs a contiguous tensor", "shape (3, 2), strides (1, 3)")
+    _refused(lambda: comm.all_reduce(torch.ones(4, dtype=torch.int16), dist.group.WORLD),
              "all_reduce: NCCL does not reduce torch.int16")
     # Shapes or dtypes that differ between ranks: NCCL would hang or read past the end.
     assert comm.CHECK_COLLECTIVES, "the suite runs with TP_CHECK_COLLECTIVES=1 (conftest.py)"
-    _refused(lambda: comm.all_reduce(torch.ones(4 + rank)),
+    _refused(lambda: comm.all_reduce(torch.ones(4 + rank), dist.group.WORLD),
              "all_reduce: every rank must hand it the same shape and dtype",
              f"this rank has torch.float32 ({4 + rank},) and rank {1 - rank} of the group has "
              f"torch.float32 ({5 - rank},)")
     _refused(lambda: comm.all_gather(torch.ones(2, 3, dtype=[torch.float32, torch.float64][rank]),
-                                   dim=0), "all_gather: every rank must hand it the same shape")
+                                     dist.group.WORLD),
+             "all_gather: every rank must hand it the same shape")
     # Within the rules, the collectives still work afterwards.
     t = torch.ones(3)
-    comm.all_reduce(t)
+    comm.all_reduce(t, dist.group.WORLD)
     assert torch.equal(t, torch.full((3,), 2.0))
 
 

@@ -32,7 +32,7 @@ RTOL = 1e-12  # measured 2.3e-16 (module docstring)
 # The groups, in Megatron's rank order (TP fastest, then DP, then PP).
 
 def _groups(tp, pp, expected):
-    import parallel_state as ps
+    from core import parallel_state as ps
     ps.initialize_model_parallel(tp, pp)
     rank = dist.get_rank()
     got = {name: dist.get_process_group_ranks(getter()) for name, getter in (
@@ -65,8 +65,8 @@ def test_groups_in_megatrons_rank_order():
 # Point to point: what does not pair fails in one line, what a schedule sends pairs.
 
 def _mismatched(what):
-    import p2p_communication as p2p
-    import parallel_state as ps
+    from core import parallel_state as ps
+    from core.pipeline_parallel import p2p_communication as p2p
     ps.initialize_model_parallel(1, 2)
     sent = torch.zeros(4, 8, dtype=torch.float64 if what == "dtype" else torch.float32)
     if ps.is_pipeline_first_stage():
@@ -89,7 +89,7 @@ def test_a_send_and_a_receive_that_do_not_pair_fail_in_one_line(what, message):
 
 def _schedule_logs():
     """1F1B with m = 3, then GPipe with m = 2, in one world."""
-    import p2p_communication as p2p
+    from core.pipeline_parallel import p2p_communication as p2p
     for schedule, m in (("1f1b", 3), ("gpipe", 2)):
         p2p.p2p_log.clear()
         _schedule_log(schedule, m)
@@ -97,10 +97,10 @@ def _schedule_logs():
 
 def _schedule_log(schedule, m):
     """Three steps of the toy model's two stages; every rank's point-to-point log, gathered."""
-    import p2p_communication as p2p
-    import parallel_state as ps
+    from core import parallel_state as ps
+    from core.pipeline_parallel import p2p_communication as p2p
+    from core.pipeline_parallel.schedules import get_forward_backward_func
     from model import ToyModel
-    from schedules import get_forward_backward_func
     ps.initialize_model_parallel(1, 2)
     torch.manual_seed(0)
     model = [ToyModel(4, 8, tensor_parallel=True, pre_process=ps.is_pipeline_first_stage(),
@@ -126,8 +126,8 @@ def test_every_send_of_a_schedule_pairs_with_its_receive():
 def test_a_sent_output_is_freed_and_its_backward_is_unchanged():
     """Megatron's deallocate_output_tensor: the stage's output keeps one element, its graph
     stays, and backward from it with the next stage's gradient is the plain backward, bitwise."""
+    from core.pipeline_parallel.schedules import custom_backward, deallocate_output_tensor
     from model import MLP
-    from schedules import custom_backward, deallocate_output_tensor
     torch.manual_seed(0)
     mlp = MLP(8, 32).double()
     x, grad = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)

@@ -137,15 +137,14 @@ def test_all_reduce_in_fp32_doubles_the_bytes(data_dir, tmp_path):
 def _clip_matches_serial(mutant, sequence_parallel):
     """One step of the transformer at float64, split and serial; the norm and every clipped
     gradient against torch.nn.utils.clip_grad_norm_ on the serial model."""
-    import communication as comm
-    from sequence_parallel import allreduce_sequence_parallel_grads
+    from core.distributed.finalize_model_grads import allreduce_sequence_parallel_grads
     from training import clip_grads
     from training.checkpointing import gather_serial_state_dict
     from transformer import ToyTransformer
     if mutant == "replicated_counted_tp_times":
         clip_grads.counted_once = lambda param: True
     if mutant == "norm_not_all_reduced":
-        comm.sum_over_tensor_parallel = lambda tensors, name=None: None
+        clip_grads._sum_squares = lambda squares, group: squares
     make = lambda tp: ToyTransformer(50, 8, 16, 64, 4, 1, tp, 0.0, sequence_parallel and tp,
                                      dtype=torch.float64)
     torch.manual_seed(3)

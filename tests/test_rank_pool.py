@@ -19,20 +19,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire as comm
 from distributed import GRACE_S, REPO, RankFailed, _launch_arguments, run_distributed, run_script
 
 
 def _rank_1_raises_while_rank_0_waits():
     if dist.get_rank() == 1:
         raise ValueError("rank 1 gave up")
-    comm.all_reduce(torch.ones(1))  # rank 0 waits here for a peer that never comes
+    comm.all_reduce(torch.ones(1), dist.group.WORLD)  # rank 0 waits here for a peer never coming
 
 
 def _sum_of_ranks():
     t = torch.tensor([float(dist.get_rank())])
-    comm.all_reduce(t)
+    comm.all_reduce(t, dist.group.WORLD)
     assert t.item() == sum(range(dist.get_world_size()))
 
 
@@ -48,7 +48,7 @@ def test_a_raising_rank_fails_the_test_at_once_and_the_next_one_runs():
 def _rank_0_dies():
     if dist.get_rank() == 0:
         os._exit(7)
-    comm.all_reduce(torch.ones(1))
+    comm.all_reduce(torch.ones(1), dist.group.WORLD)
 
 
 def _rank_0_hangs():
@@ -74,7 +74,7 @@ def test_a_rank_that_dies_or_hangs_fails_the_test_and_is_replaced():
 def _break_things(directory):
     torch.save(torch.rand(3), os.path.join(directory, f"draw{dist.get_rank()}.pt"))
     import draw_diagram  # a module first imported in this job
-    import rng_tracker
+    from core.tensor_parallel import random as rng_tracker
     from training import metrics
     draw_diagram.ROW = -1
     rng_tracker.model_parallel_manual_seed(3)  # an object's state: the tracker's streams
@@ -92,7 +92,7 @@ def _break_things(directory):
 
 def _nothing_left_behind(directory):
     import draw_diagram  # imported afresh, not the patched one
-    import rng_tracker
+    from core.tensor_parallel import random as rng_tracker
     from training import metrics
     assert draw_diagram.ROW == 16 and not rng_tracker.get_rng_tracker().states
     assert metrics.SIZES["toy"] == ("input_size", "hidden_size", "batch_size")
@@ -114,14 +114,14 @@ def _patch_classes():
     torch's."""
     import contextlib
 
-    import rng_tracker
+    from core.tensor_parallel import random as rng_tracker
     rng_tracker.RNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
     torch.nn.Linear.forward = lambda self, x: x
     torch.Tensor.add_ = None
 
 
 def _classes_as_defined():
-    import rng_tracker
+    from core.tensor_parallel import random as rng_tracker
     assert rng_tracker.RNGStatesTracker.fork.__qualname__ == "RNGStatesTracker.fork"
     assert torch.nn.Linear.forward.__qualname__ == "Linear.forward"
     assert torch.ones(1).add_(1).item() == 2
@@ -168,7 +168,7 @@ PROBE = """\
 import atexit, json, os, sys, time
 path0 = sys.path[0]
 sys.path.insert(0, {repo!r})  # as tests/inject_bug.py does: run from outside the repository
-import communication
+from core import wire as communication
 out, rank = sys.argv[1], os.environ.get("RANK", "0")
 atexit.register(lambda: open(os.path.join(out, "atexit" + rank), "w").close())
 json.dump(dict(env=dict(os.environ), path0=path0, check=communication.CHECK_COLLECTIVES),

@@ -7,10 +7,10 @@ tests/test_transformer_train.py). The bytes each block saves, measured as the be
 them, equal this block's formula (Korthikanti et al., Table 2's terms; bench_recompute.py) in
 every setting, and the formula is Table 2 as printed when the block is made the paper's.
 
-Mutants written into recompute.py's source, as a bug would be, each caught by the assertion it
-should trip: the random states not set for the recomputation, not put back after it, the tracker's
-streams or the default generator left out, the distributed input not gathered again; the input
-kept whole, and no recomputation at all (the memory check).
+Mutants written into core/tensor_parallel/recompute.py's source, as a bug would be, each caught
+by the assertion it should trip: the random states not set for the recomputation, not put back
+after it, the tracker's streams or the default generator left out, the distributed input not
+gathered again; the input kept whole, and no recomputation at all (the memory check).
 """
 
 import inspect
@@ -19,12 +19,12 @@ import types
 import pytest
 import torch
 
-import parallel_state as ps
-import recompute
-import rng_tracker
 import transformer
 from benchmarks import bench_recompute, bench_transformer
 from benchmarks.step_measures import saved_activations
+from core import parallel_state as ps
+from core.tensor_parallel import random as rng_tracker
+from core.tensor_parallel import recompute
 from distributed import RankFailed, run_distributed
 
 # Sizes: 4 heads and 8 tokens, so that TP 4 splits both; two blocks, so that one block's
@@ -178,7 +178,7 @@ def _with_mutant(mutant, check, *args):
 ])
 def test_the_checks_catch_a_broken_recomputation(mutant, args, caught):
     assert inspect.getsource(recompute).count(MUTANTS[mutant][0]) == 1, \
-        f"the line {mutant!r} changes is gone from recompute.py"
+        f"the line {mutant!r} changes is gone from core/tensor_parallel/recompute.py"
     check = _check_memory if args is None else _check_bitwise
     with pytest.raises(RankFailed, match=f"AssertionError: {caught}"):
         run_distributed(_with_mutant, 2, mutant, check, *(args or ()))

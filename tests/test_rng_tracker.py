@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import parallel_state as ps
-import rng_tracker
+from core import parallel_state as ps
+from core.tensor_parallel import random as rng_tracker
 from distributed import RankFailed, all_ranks, run_distributed
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import communication as comm
-import parallel_state as ps
 from benchmarks import scaling, scaling_model
+from core import parallel_state as ps
+from core import wire as comm
 from distributed import run_distributed
 from figures import lines, png_pixels, record_saved_figures
 from model import ToyModel

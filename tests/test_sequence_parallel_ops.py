@@ -9,13 +9,13 @@ there at most 4.4e-16 on values of order 1).
 import pytest
 import torch
 
-import communication as comm
-import parallel_state as ps
-from distributed import run_distributed
-from sequence_parallel import (
+from core import parallel_state as ps
+from core import wire as comm
+from core.tensor_parallel.sequence_parallel import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from distributed import run_distributed
 
 ATOL = 1e-14
 COLS = 3
@@ -64,7 +64,7 @@ def _check_operators():
         both = gather_from_sequence_parallel_region(scattered)
         reduced = t.clone()
         if tp > 1:
-            comm.all_reduce(reduced)
+            comm.all_reduce(reduced, ps.get_tensor_model_parallel_group())
     close(both, reduced, "all-gather(reduce-scatter(t)) vs all-reduce(t)")
 
 

@@ -14,9 +14,9 @@ here at most 8.9e-16 on values of order 1).
 import pytest
 import torch
 
-import communication as comm
-import parallel_state as ps
-import rng_tracker
+from core import parallel_state as ps
+from core import wire as comm
+from core.tensor_parallel import random as rng_tracker
 from distributed import RankFailed, all_ranks, run_distributed
 from test_layers import _with_broken_all_reduce, close
 from transformer import ToyTransformer
@@ -86,7 +86,7 @@ def _check_step():
 def _check_sequence_parallel_step():
     """Under sequence parallelism each rank holds 1/p of the sequence outside the split regions;
     the LayerNorms' and the row-parallel biases' gradients are partial, summed after backward."""
-    from sequence_parallel import allreduce_sequence_parallel_grads
+    from core.distributed.finalize_model_grads import allreduce_sequence_parallel_grads
     tp = ps.get_tensor_model_parallel_world_size()
     vocab_size = 10
     rng_tracker.model_parallel_manual_seed(0)

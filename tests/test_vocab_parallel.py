@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import communication as comm
-import parallel_state as ps
-from cross_entropy import vocab_parallel_cross_entropy
+from core import parallel_state as ps
+from core import wire as comm
+from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from distributed import RankFailed, run_distributed
 from parallel_layers import VocabParallelEmbedding
 from test_layers import _with_broken_all_reduce, close

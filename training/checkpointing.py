@@ -45,11 +45,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import communication as comm
-import parallel_state as ps
-from distrib_optimizer import DistributedOptimizer, unshard_state
-from parallel_state import UserError
-from rng_tracker import (
+from core import parallel_state as ps
+from core import wire
+from core.optimizer.distrib_optimizer import DistributedOptimizer, unshard_state
+from core.parallel_state import UserError
+from core.tensor_parallel.random import (
     default_generator_states,
     get_rng_tracker,
     seed_tensor_parallel_stream,
@@ -85,10 +85,10 @@ def set_identity(args, *data):
     args.data_fingerprint = data_fingerprint(*data)  # in config.json too: whose data a run had
     args.run_id = None
     if args.save:  # every rank has the same flags, so every rank takes part
-        drawn = torch.zeros(1, dtype=torch.int64, device=comm.get_device())
+        drawn = torch.zeros(1, dtype=torch.int64, device=wire.get_device())
         if dist.get_rank() == 0:
             drawn[0] = int.from_bytes(os.urandom(6), "big")
-        comm.all_reduce(drawn, group=dist.group.WORLD)
+        wire.all_reduce(drawn, dist.group.WORLD)
         args.run_id = f"{int(drawn[0]):012x}"
 
 
@@ -151,7 +151,7 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
             # The default generators (the GPU's too, where the run is on one: dropout outside
             # the split regions draws from it) and dropout's own stream, as Megatron saves them.
             rng=dict(zip(("torch", "cuda"),
-                         default_generator_states(comm.get_device().type == "cuda")),
+                         default_generator_states(wire.get_device().type == "cuda")),
                      tracker=dict(get_rng_tracker().states)),
         )
         if distributed:  # the state is in the replicas' files
@@ -356,7 +356,7 @@ def load_checkpoint(directory, model, optimizer, args):
         optimizer.load_state_dict(state["optimizer"], state["model"])
     else:
         optimizer.load_state_dict(state["optimizer"])
-    on_cuda = comm.get_device().type == "cuda"
+    on_cuda = wire.get_device().type == "cuda"
     set_default_generator_states((state["rng"]["torch"],
                                   state["rng"].get("cuda") if on_cuda else None))
     tracker = state["rng"].get("tracker", {})
@@ -487,12 +487,25 @@ def load_serial_state_dict(model: nn.Module, state_dict: dict) -> None:
             param.copy_(full)
 
 
+def gather_over_pipeline(obj):
+    """Every stage's `obj` (a state_dict on the CPU), in stage order, on the first stage; None on
+    the others. Without a pipeline, [obj]."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return [obj]
+    group = ps.get_pipeline_model_parallel_group()
+    first = dist.get_global_rank(group, 0)
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(obj, gathered, dst=first, group=group)
+    return gathered
+
+
 def gather_serial_state_dict(model: nn.Module) -> dict:
     """The full serial state_dict (on the CPU), put together from every rank's shards."""
     state = {}
     for name, param in model.named_parameters():
-        dim = getattr(param, "partition_dim", None)
-        full = param.detach() if dim is None else comm.all_gather(param.detach(), dim=dim)
+        dim = getattr(param, "partition_dim", None)  # None: whole on every rank (and serially)
+        full = param.detach() if dim is None else wire.all_gather(
+            param.detach(), ps.get_tensor_model_parallel_group(), dim=dim)
         if hasattr(param, "vocab_size"):
             full = full[:param.vocab_size]  # without the padding rows
         state[name] = full.cpu().clone()

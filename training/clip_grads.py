@@ -32,9 +32,10 @@ under bf16 (training/mixed_precision.py), so the norm is taken in fp32.
 """
 
 import torch
+import torch.distributed as dist
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire
 
 
 def counted_once(param) -> bool:
@@ -58,14 +59,28 @@ def get_grad_norm(parameters, sharded=False) -> torch.Tensor:
     for p in filter(counted_once, parameters):
         squares += p.grad.pow(2).sum()
     if sharded:  # every rank holds its own part: one sum over all of them, as Megatron's
-        comm.sum_over_all_ranks([squares], name="grad_norm_all_reduce")
+        _sum_squares(squares, dist.group.WORLD)
         return squares[0].sqrt()
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         # + the other ranks' shards (and their zero for replicated ones)
-        comm.sum_over_tensor_parallel([squares], name="grad_norm_all_reduce")
+        _sum_squares(squares, ps.get_tensor_model_parallel_group())
     if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        comm.sum_over_pipeline([squares], name="grad_norm_pipeline_all_reduce")  # + other stages
+        _sum_squares_over_stages(squares, ps.get_pipeline_model_parallel_group())  # + other stages
     return squares[0].sqrt()
+
+
+@wire.collective("grad_norm_all_reduce", wire.ALL_REDUCE, summed=True)
+def _sum_squares(squares, group):
+    """Every rank's sum of squares, summed over `group`, in place."""
+    dist.all_reduce(squares, group=group)
+    return squares
+
+
+@wire.collective("grad_norm_pipeline_all_reduce", wire.ALL_REDUCE, summed=True)
+def _sum_squares_over_stages(squares, group):
+    """Every stage's sum of squares, summed over the pipeline `group`, in place."""
+    dist.all_reduce(squares, group=group)
+    return squares
 
 
 def clip_grad_norm(parameters, max_norm: float, sharded=False) -> torch.Tensor:

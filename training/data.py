@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from parallel_state import UserError
+from core.parallel_state import UserError
 
 
 class DataError(UserError, ValueError):

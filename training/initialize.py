@@ -15,8 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-import communication as comm
-from parallel_state import ParallelConfigError
+from core import wire
+from core.parallel_state import ParallelConfigError
 from training.operations import torchrun_store
 
 BACKEND_NOTE = None  # why 'auto' fell back to gloo on a machine with GPUs, if it did
@@ -43,7 +43,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0,
         torch.cuda.set_device(device)  # before the group exists, so NCCL binds to it
     else:
         device = torch.device("cpu")
-    comm.set_device(device, stage_through_host=backend == "gloo" and device_type == "cuda")
+    wire.set_device(device, stage_through_host=backend == "gloo" and device_type == "cuda")
     kwargs = {}
     if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         kwargs["device_id"] = device  # torch >= 2.3: the group knows its GPU from the start
@@ -122,7 +122,7 @@ def decide_backend(seen, backend, device):
 
 def backend_report() -> dict:
     """What config.json records of the job's communication set-up."""
-    return dict(backend=dist.get_backend(), device_type=comm.get_device().type,
+    return dict(backend=dist.get_backend(), device_type=wire.get_device().type,
                 backend_note=BACKEND_NOTE)
 
 

@@ -22,9 +22,9 @@ import sys
 
 import torch
 
-import communication as comm
-import parallel_state as ps
-from parallel_state import UserError
+from core import parallel_state as ps
+from core import wire
+from core.parallel_state import UserError
 from training.metrics import EARLIER_RUN
 from training.operations import Terminated
 
@@ -63,7 +63,7 @@ class Logbook:
 
     def step(self, it, loss, grad_norm=None):
         if not self.pending and not self.rows:
-            self.first_step_comm = comm.comm_stats()
+            self.first_step_comm = wire.comm_stats()
         self.pending.append(loss.detach())
         if grad_norm is not None:
             self.pending_norms.append(grad_norm.detach())
@@ -130,7 +130,8 @@ class Logbook:
         """(tp, k): every tensor-parallel rank's last k losses (one all-gather); (1, k) serially."""
         if not ps.model_parallel_is_initialized():
             return losses[None]
-        gathered = comm.all_gather(losses.to(comm.get_device()), dim=0)
+        gathered = wire.all_gather(losses.to(wire.get_device()),
+                                   ps.get_tensor_model_parallel_group())
         return gathered.view(ps.get_tensor_model_parallel_world_size(), -1).cpu()
 
     def __enter__(self):

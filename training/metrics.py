@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from parallel_state import UserError
+from core.parallel_state import UserError
 
 RUN_FILES = ("metrics.csv", "config.json", "model.pt")
 # An earlier run's files, moved here when a new run starts in the same --out_dir, and removed only

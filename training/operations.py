@@ -27,9 +27,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-import communication as comm
-import parallel_state as ps
-from parallel_state import UserError  # what a user can cause: one line, no traceback
+from core import parallel_state as ps
+from core import wire
+from core.parallel_state import UserError  # what a user can cause: one line, no traceback
 
 
 class QuietExit(SystemExit):
@@ -336,9 +336,9 @@ def on_every_rank(fn, *args):
     except UserError as e:
         error = e
     world, rank = dist.get_world_size(), dist.get_rank()
-    failed = torch.zeros(world, dtype=torch.int32, device=comm.get_device())
+    failed = torch.zeros(world, dtype=torch.int32, device=wire.get_device())
     failed[rank] = error is not None
-    comm.all_reduce(failed, group=dist.group.WORLD)
+    wire.all_reduce(failed, dist.group.WORLD)
     if not failed.any():
         return result
     if rank != int(failed.nonzero()[0]):

@@ -11,7 +11,7 @@ optimizer is split over (1 for the plain optimizer). Adam under bf16: 18 plain, 
 
 import torch
 
-from distrib_optimizer import DistributedOptimizer
+from core.optimizer.distrib_optimizer import DistributedOptimizer
 
 
 def optimizer_memory(model, optimizer) -> dict:

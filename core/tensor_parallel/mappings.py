@@ -15,21 +15,27 @@ a tensor between replicated and split-along-the-last-dimension form; the
 layers use it for `gather_output=True` and `input_is_parallel=False`.
 (Sequence parallelism's pair, which replaces f and g, is in sequence_parallel.py.)
 
-Same layout as megatron/core/tensor_parallel/mappings.py: private helpers,
-one autograd Function per operator, one public lower-case wrapper each.
+Same layout as megatron/core/tensor_parallel/mappings.py: private helpers that make the
+torch.distributed call, one autograd Function per operator, one public lower-case wrapper each.
+Each helper is marked @wire.collective: NCCL's rules checked and the call counted around it
+(core/wire.py), off the reading path.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire
+from core.utils import dist_all_gather_func
 
 
-def _reduce(input_):
-    """All-reduce over the tensor-parallel group, in place."""
-    comm.all_reduce(input_)
-    return input_
+@wire.collective("all_reduce", wire.ALL_REDUCE, summed=True)
+def _reduce(input_, group, async_op=False):
+    """All-reduce the input over `group` (the tensor-parallel group), in place. With async_op,
+    also torch's handle to wait on."""
+    work = dist.all_reduce(input_, group=group, async_op=async_op)
+    return (input_, work) if async_op else input_
 
 
 def _split_along_last_dim(input_):
@@ -38,9 +44,13 @@ def _split_along_last_dim(input_):
     return input_.chunk(world_size, dim=-1)[ps.get_tensor_model_parallel_rank()]
 
 
-def _gather_along_last_dim(input_):
-    """Concatenate every rank's slice along the last dimension."""
-    return comm.all_gather(input_, dim=-1)
+@wire.collective("all_gather", wire.ALL_GATHER)
+def _gather_along_last_dim(input_, group):
+    """Concatenate every rank's slice along the last dimension: gathered into one buffer along
+    the first dimension (NCCL's all-gather), then rearranged, as Megatron does."""
+    output = input_.new_empty((group.size() * input_.shape[0], *input_.shape[1:]))
+    dist_all_gather_func(output, input_, group=group)
+    return torch.cat(output.chunk(group.size()), dim=-1)
 
 
 class _CopyToModelParallelRegion(torch.autograd.Function):
@@ -55,7 +65,8 @@ class _CopyToModelParallelRegion(torch.autograd.Function):
         # Each rank holds only its columns' share of dL/dX; the true gradient is the sum.
         # A contiguous copy: autograd may hand the same buffer to other consumers, and the
         # gradient may be a view (the transformer's is transposed), which NCCL refuses.
-        return _reduce(grad_output.clone(memory_format=torch.contiguous_format))
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        return _reduce(grad, ps.get_tensor_model_parallel_group())
 
 
 class _ReduceFromModelParallelRegion(torch.autograd.Function):
@@ -65,7 +76,7 @@ class _ReduceFromModelParallelRegion(torch.autograd.Function):
     def forward(ctx, input_):
         # The partial sums Y_i B_i are fresh matmul outputs: reduce them in place.
         ctx.mark_dirty(input_)
-        return _reduce(input_)
+        return _reduce(input_, ps.get_tensor_model_parallel_group())
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -97,7 +108,7 @@ class LinearWithAsyncAllreduce(torch.autograd.Function):
         grad_input = reducing = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(weight)
-            reducing = comm.all_reduce(grad_input, async_op=True)
+            reducing = _reduce(grad_input, ps.get_tensor_model_parallel_group(), async_op=True)
         # Flatten leading dimensions so dL/dW is one (out, in) matmul.
         grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_weight = grad_output_2d.t().matmul(input_.reshape(-1, input_.shape[-1]))
@@ -116,7 +127,8 @@ class _ScatterToModelParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _gather_along_last_dim(grad_output)
+        group = ps.get_tensor_model_parallel_group()
+        return _gather_along_last_dim(grad_output.contiguous(), group)
 
 
 class _GatherFromModelParallelRegion(torch.autograd.Function):
@@ -124,7 +136,7 @@ class _GatherFromModelParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input_):
-        return _gather_along_last_dim(input_)
+        return _gather_along_last_dim(input_.contiguous(), ps.get_tensor_model_parallel_group())
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -36,9 +36,14 @@ import contextlib
 
 import torch
 
-import communication as comm
-import parallel_state as ps
-from rng_tracker import default_generator_states, get_rng_tracker, set_default_generator_states
+from core import parallel_state as ps
+from core import wire
+from core.tensor_parallel.random import (
+    default_generator_states,
+    get_rng_tracker,
+    set_default_generator_states,
+)
+from core.utils import dist_all_gather_func
 
 
 def _get_all_rng_states(cuda):
@@ -68,9 +73,16 @@ def split_tensor_into_1d_equal_chunks(tensor):
     return tensor.reshape(-1).chunk(tp)[rank].clone()
 
 
-def gather_split_1d_tensor(tensor):
+@wire.collective("all_gather", wire.ALL_GATHER)
+def _gather_split_1d_tensor(tensor, group):
     """Every rank's chunk, concatenated: the flattened tensor again."""
-    return comm.all_gather(tensor, dim=0)
+    gathered = tensor.new_empty(group.size() * tensor.numel())
+    dist_all_gather_func(gathered, tensor, group=group)
+    return gathered
+
+
+def gather_split_1d_tensor(tensor):
+    return _gather_split_1d_tensor(tensor, ps.get_tensor_model_parallel_group())
 
 
 class CheckpointFunction(torch.autograd.Function):

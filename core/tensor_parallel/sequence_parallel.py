@@ -26,13 +26,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire
+from core.utils import dist_all_gather_func, dist_reduce_scatter_func
 
 
-def _gather_along_first_dim(input_):
-    """Concatenate every rank's rows."""
-    return comm.all_gather(input_, dim=0)
+@wire.collective("all_gather", wire.ALL_GATHER)
+def _gather_along_first_dim(input_, group, async_op=False):
+    """Concatenate every rank's rows (with async_op, also torch's handle to wait on)."""
+    output = input_.new_empty((group.size() * input_.shape[0], *input_.shape[1:]))
+    work = dist_all_gather_func(output, input_, group=group, async_op=async_op)
+    return (output, work) if async_op else output
 
 
 def _split_along_first_dim(input_):
@@ -41,9 +45,12 @@ def _split_along_first_dim(input_):
     return input_.chunk(tp, dim=0)[rank].contiguous()
 
 
-def _reduce_scatter_along_first_dim(input_):
-    """Sum over ranks and keep this rank's rows of the sum."""
-    return comm.reduce_scatter(input_)
+@wire.collective("reduce_scatter", wire.REDUCE_SCATTER, summed=True)
+def _reduce_scatter_along_first_dim(input_, group, async_op=False):
+    """Sum over ranks and keep this rank's rows of the sum (with async_op, also torch's handle)."""
+    output = input_.new_empty((input_.shape[0] // group.size(), *input_.shape[1:]))
+    work = dist_reduce_scatter_func(output, input_, group=group, async_op=async_op)
+    return (output, work) if async_op else output
 
 
 class _GatherFromSequenceParallelRegion(torch.autograd.Function):
@@ -51,11 +58,13 @@ class _GatherFromSequenceParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input_):
-        return _gather_along_first_dim(input_)
+        group = ps.get_tensor_model_parallel_group()
+        return _gather_along_first_dim(input_.contiguous(), group)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _reduce_scatter_along_first_dim(grad_output)
+        group = ps.get_tensor_model_parallel_group()
+        return _reduce_scatter_along_first_dim(grad_output.contiguous(), group)
 
 
 class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
@@ -63,11 +72,13 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input_):
-        return _reduce_scatter_along_first_dim(input_)
+        group = ps.get_tensor_model_parallel_group()
+        return _reduce_scatter_along_first_dim(input_.contiguous(), group)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _gather_along_first_dim(grad_output)
+        group = ps.get_tensor_model_parallel_group()
+        return _gather_along_first_dim(grad_output.contiguous(), group)
 
 
 class _ScatterToSequenceParallelRegion(torch.autograd.Function):
@@ -79,7 +90,8 @@ class _ScatterToSequenceParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _gather_along_first_dim(grad_output)
+        group = ps.get_tensor_model_parallel_group()
+        return _gather_along_first_dim(grad_output.contiguous(), group)
 
 
 class LinearWithSequenceParallel(torch.autograd.Function):
@@ -98,17 +110,20 @@ class LinearWithSequenceParallel(torch.autograd.Function):
     def forward(ctx, input_, weight, bias):
         ctx.save_for_backward(input_, weight)
         ctx.has_bias = bias is not None
-        return F.linear(_gather_along_first_dim(input_), weight, bias)
+        group = ps.get_tensor_model_parallel_group()
+        total_input = _gather_along_first_dim(input_.contiguous(), group)
+        return F.linear(total_input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         input_, weight = ctx.saved_tensors
-        gathering = comm.all_gather(input_, dim=0, async_op=True)
+        group = ps.get_tensor_model_parallel_group()
+        gathering = _gather_along_first_dim(input_, group, async_op=True)
         grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
         total_input = gathering()
         scattering = None
         if grad_input is not None:
-            scattering = comm.reduce_scatter(grad_input, async_op=True)
+            scattering = _reduce_scatter_along_first_dim(grad_input, group, async_op=True)
         grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_weight = grad_output_2d.t().matmul(total_input.reshape(-1, total_input.shape[-1]))
         grad_bias = grad_output_2d.sum(dim=0) if ctx.has_bias else None
@@ -135,24 +150,6 @@ def linear_with_sequence_parallel(input_, weight, bias):
 
 def _single_rank():
     return ps.get_tensor_model_parallel_world_size() == 1
-
-
-def allreduce_sequence_parallel_grads(params, loss: torch.Tensor,
-                                      loss_is_partial: bool = True) -> torch.Tensor:
-    """Sum over the tensor-parallel group what each rank took from its rows only; returns the loss.
-
-    Parameters used outside the split region (ToyModel's fc, a transformer's
-    LayerNorms, marked `grad_is_partial`) see 1/TP of the rows per rank, so
-    their gradients are partial sums (Megatron-LM's `_allreduce_layernorm_grads`);
-    so is each rank's loss in ToyModel, whose loss is taken on each rank's rows.
-    (The transformer gathers the sequence before its loss: loss_is_partial=False.)
-    One all-reduce carries them all. `params`: the parameters the optimizer updates (under bf16,
-    the fp32 main copies, which hold the gradients).
-    """
-    loss = loss.detach().reshape(1).clone()
-    partial = [p.grad for p in params if getattr(p, "grad_is_partial", False)]
-    comm.sum_over_tensor_parallel(partial + ([loss] if loss_is_partial else []))
-    return loss[0]
 
 
 @contextmanager

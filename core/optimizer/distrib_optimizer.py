@@ -31,7 +31,7 @@ and one step is:
      buffer the model's parameters are views of (the all-reduce's second half).
 
 A reduce-scatter and an all-gather are the two halves of a ring all-reduce, (d-1)/d N bytes
-each (communication._count): the wire carries what the plain optimizer's all-reduce did (under
+each (core/wire.py's _count): the wire carries what the plain optimizer's all-reduce did (under
 bf16 3/4 of it: the all-gather moves bf16 parameters, the reduce-scatter fp32 gradients).
 What differs from Megatron is said where it is: the buffer's order, no buckets, the sums before
 the reduce-scatter (finalize_model_grads.py), one file per replica in a checkpoint.
@@ -42,8 +42,9 @@ import copy
 import torch
 import torch.nn as nn
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire
+from core.utils import dist_all_gather_func, dist_reduce_scatter_func
 
 # What a piece of a main parameter inherits from its model parameter: what the gradient's sums
 # (finalize_model_grads.py) and the clipping norm (training/clip_grads.py) ask of a parameter.
@@ -95,12 +96,32 @@ class ParamAndGradBuffer:
     def reduce_scatter_grads(self):
         """Each rank gets the average over the replicas of its shard of the gradients."""
         shard = self.shard_of(self.grad_data)
-        comm.reduce_scatter_over_data_parallel(self.grad_data, shard)
-        shard /= ps.get_data_parallel_world_size()  # the average, as the plain all-reduce takes it
+        shard.copy_(_reduce_scatter(self.grad_data, ps.get_data_parallel_group()))
+        # The average, as the plain all-reduce takes it: the sum divided after, where Megatron
+        # scales before (gradient_scaling_factor); the same as the plain optimizer, bit for bit.
+        shard /= ps.get_data_parallel_world_size()
 
     def all_gather_params(self):
         """Every rank's updated shard of the parameters, into every rank's parameter buffer."""
-        comm.all_gather_over_data_parallel(self.param_data, self.shard_of(self.param_data))
+        _all_gather(self.shard_of(self.param_data), ps.get_data_parallel_group(),
+                    out=self.param_data)
+
+
+@wire.collective("dp_reduce_scatter", wire.REDUCE_SCATTER, summed=True)
+def _reduce_scatter(buffer, group):
+    """`buffer` summed over the data-parallel group; returns this rank's shard of the sum, a new
+    tensor (Megatron reduces in place; gloo does not promise an output aliasing its input)."""
+    shard = buffer.new_empty(buffer.numel() // group.size())
+    dist_reduce_scatter_func(shard, buffer, group=group)
+    return shard
+
+
+@wire.collective("dp_all_gather", wire.ALL_GATHER)
+def _all_gather(shard, group, out):
+    """Every rank's `shard` into `out`, in place: `shard` is this rank's part of `out` (NCCL
+    gathers in place when the input is the output's own part)."""
+    dist_all_gather_func(out, shard, group=group)
+    return out
 
 
 class DistributedOptimizer:
@@ -227,7 +248,7 @@ class DistributedOptimizer:
             for piece, b, param, lo, hi, at in self.pieces:
                 if b is buffer:
                     flat[at:at + hi - lo] = piece
-            comm.all_gather_over_data_parallel(flat, buffer.shard_of(flat))
+            _all_gather(buffer.shard_of(flat), ps.get_data_parallel_group(), out=flat)
             for param, start in buffer.ranges:
                 mains[id(param)].copy_(flat[start:start + param.numel()].view_as(param))
         return main

@@ -9,7 +9,7 @@ seq_length, micro_batch_size and hidden_size), so a receive knows what to alloca
 Everything that happens at once goes as one `batch_isend_irecv`: a stage that sends an
 activation forward while it waits for a gradient from the same neighbour must not block on
 either first (two blocking calls in the wrong order deadlock on NCCL). Every tensor passes
-communication.py's rules and counters (`pipeline_send`: its bytes, once).
+core/wire.py's rules and counters (`pipeline_send`: its bytes, once).
 
 Under TP_CHECK_COLLECTIVES=1 (the test suite) each tensor is announced before it is sent: a
 header with its number in this direction, kind, dtype and shape travels first, and the receiver
@@ -27,15 +27,15 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire
 
 # Under TP_CHECK_COLLECTIVES: ("send" | "recv", peer, "activation" | "gradient", shape, dtype).
 p2p_log = []
 _numbered = Counter()  # (send | recv, peer, kind): tensors so far, for the headers
 
 
-class PipelineP2PError(comm.CollectiveRuleError):
+class PipelineP2PError(wire.CollectiveRuleError):
     """A send and its receive do not pair (order, shape or dtype): a bug in a schedule."""
 
 
@@ -43,7 +43,8 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev, recv_next, tenso
     """One exchange with the neighbour stages: send an activation to the next stage and/or a
     gradient to the previous one, receive an activation from the previous stage and/or a
     gradient from the next one, all in one batch. Returns (from prev, from next)."""
-    next_rank = ps.get_pipeline_model_parallel_next_rank()
+    next_rank = ps.get_pipeline_model_parallel_next_rank()  # global ranks, in the pipeline group
+    group = ps.get_pipeline_model_parallel_group()
     prev_rank = ps.get_pipeline_model_parallel_prev_rank()
     sends = [(t, peer, kind) for t, peer, kind in ((tensor_send_next, next_rank, "activation"),
                                                    (tensor_send_prev, prev_rank, "gradient"))
@@ -51,23 +52,23 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev, recv_next, tenso
     recvs = [(peer, kind) for wanted, peer, kind in ((recv_prev, prev_rank, "activation"),
                                                      (recv_next, next_rank, "gradient"))
              if wanted]
-    if comm.CHECK_COLLECTIVES and (sends or recvs):
+    if wire.CHECK_COLLECTIVES and (sends or recvs):
         _announce(sends, recvs, tensor_shape, dtype)
     ops, received = [], {}
     for tensor, peer, kind in sends:
-        if comm.CHECK_COLLECTIVES:
+        if wire.CHECK_COLLECTIVES:
             p2p_log.append(("send", peer, kind, tuple(tensor.shape), tensor.dtype))
-        ops.append(dist.P2POp(dist.isend, comm.point_to_point_wire("pipeline_send", tensor),
-                              peer))
+        ops.append(dist.P2POp(dist.isend, wire.point_to_point_wire("pipeline_send", tensor), peer,
+                              group))
     for peer, kind in recvs:
-        if comm.CHECK_COLLECTIVES:
+        if wire.CHECK_COLLECTIVES:
             p2p_log.append(("recv", peer, kind, tuple(tensor_shape), dtype))
-        received[kind] = comm.wire_buffer(tensor_shape, dtype)
-        ops.append(dist.P2POp(dist.irecv, received[kind], peer))
+        received[kind] = wire.wire_buffer(tensor_shape, dtype)
+        ops.append(dist.P2POp(dist.irecv, received[kind], peer, group))
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
-    arrived = {kind: t.to(comm.get_device()) for kind, t in received.items()}
+    arrived = {kind: t.to(wire.get_device()) for kind, t in received.items()}
     activation = arrived.get("activation")
     if activation is not None:  # the input of this stage's forward: backward needs its gradient
         activation.requires_grad_()
@@ -80,20 +81,21 @@ KINDS = ("activation", "gradient")
 def _announce(sends, recvs, tensor_shape, dtype):
     """TP_CHECK_COLLECTIVES: a header per tensor, sent and checked before the tensors."""
     def header(n, kind, t_dtype, shape):  # uncounted: the check's, not the training's
-        values = [n, KINDS.index(kind), comm.NCCL_DTYPES.index(t_dtype), len(shape), *shape]
-        return comm.wire_buffer((12,), torch.int64).copy_(
+        values = [n, KINDS.index(kind), wire.NCCL_DTYPES.index(t_dtype), len(shape), *shape]
+        return wire.wire_buffer((12,), torch.int64).copy_(
             torch.tensor(values + [-1] * (12 - len(values))))
     ops, expected, headers = [], [], []
+    group = ps.get_pipeline_model_parallel_group()
     for tensor, peer, kind in sends:
         _numbered["send", peer, kind] += 1
         h = header(_numbered["send", peer, kind], kind, tensor.dtype, tuple(tensor.shape))
-        ops.append(dist.P2POp(dist.isend, h, peer))
+        ops.append(dist.P2POp(dist.isend, h, peer, group))
     for peer, kind in recvs:
         _numbered["recv", peer, kind] += 1
         expected.append((peer, header(_numbered["recv", peer, kind], kind, dtype,
                                       tuple(tensor_shape)).cpu()))
-        headers.append(comm.wire_buffer((12,), torch.int64))
-        ops.append(dist.P2POp(dist.irecv, headers[-1], peer))
+        headers.append(wire.wire_buffer((12,), torch.int64))
+        ops.append(dist.P2POp(dist.irecv, headers[-1], peer, group))
     for request in dist.batch_isend_irecv(ops):
         request.wait()
     for (peer, mine), theirs in zip(expected, headers):
@@ -107,7 +109,7 @@ def _announce(sends, recvs, tensor_shape, dtype):
 def _said(header):
     n, kind, dtype, ndim = header[:4].tolist()
     shape = tuple(header[4:4 + ndim].tolist())
-    return f"{KINDS[kind]} #{n}, {comm.NCCL_DTYPES[dtype]} {shape}"
+    return f"{KINDS[kind]} #{n}, {wire.NCCL_DTYPES[dtype]} {shape}"
 
 
 # Megatron's names. On the first stage nothing comes from before it, on the last nothing goes

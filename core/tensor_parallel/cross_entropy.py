@@ -23,14 +23,29 @@ unpadded vocabulary's.
 """
 
 import torch
+import torch.distributed as dist
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire
 
 
 def vocab_range(per_partition, rank):
     """[first, last) of the vocabulary a rank holds (Megatron's VocabUtility)."""
     return rank * per_partition, (rank + 1) * per_partition
+
+
+@wire.collective("all_reduce", wire.ALL_REDUCE)
+def _all_reduce_max(tensor, group):
+    """Every rank's largest logit per token, the largest of them, in place."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+@wire.collective("all_reduce", wire.ALL_REDUCE, summed=True)
+def _all_reduce_sum(tensor, group):
+    """The ranks' partial sums, summed, in place."""
+    dist.all_reduce(tensor, group=group)
+    return tensor
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -47,7 +62,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         one_rank = ps.get_tensor_model_parallel_world_size() == 1  # nothing to reduce
         logits_max = logits.max(dim=-1).values
         if not one_rank:
-            comm.all_reduce(logits_max, op="max")
+            _all_reduce_max(logits_max, ps.get_tensor_model_parallel_group())
         logits -= logits_max.unsqueeze(-1)
 
         # The target's logit lives on one rank: the others look up index 0 and add zero.
@@ -59,7 +74,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp_logits = logits.exp_()
         sums = torch.stack([predicted, exp_logits.sum(dim=-1)])  # one all-reduce for both
         if not one_rank:
-            comm.all_reduce(sums)
+            _all_reduce_sum(sums, ps.get_tensor_model_parallel_group())
         predicted, sum_exp = sums[0], sums[1]
 
         ctx.save_for_backward(exp_logits.div_(sum_exp.unsqueeze(-1)), not_here, local_target)

@@ -30,8 +30,8 @@ import time
 import torch
 from torch.autograd import Variable
 
-import p2p_communication as p2p
-import parallel_state as ps
+from core import parallel_state as ps
+from core.pipeline_parallel import p2p_communication as p2p
 
 # benchmarks/bench_pipeline.py's timeline: a list to which every forward and backward appends
 # ("F" or "B", its chunk, start, end) in perf_counter seconds; None (no clock read) otherwise.

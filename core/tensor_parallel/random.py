@@ -28,8 +28,8 @@ from contextlib import contextmanager
 
 import torch
 
-import communication as comm
-import parallel_state as ps
+from core import parallel_state as ps
+from core import wire
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TENSOR_PARALLEL_SEED_OFFSET = 2718  # Megatron's: keeps the two streams' seeds apart
@@ -90,7 +90,7 @@ class RNGStatesTracker:
         from the default generator, the same mask on every rank: refused in one line.
         """
         cuda = self.states[name][1] is not None
-        device = device or (comm.get_device() if comm.device_is_set() else None)
+        device = device or (wire.get_device() if wire.device_is_set() else None)
         if device is not None and (torch.device(device).type == "cuda") != cuda:
             raise RNGDeviceError(
                 f"dropout on {torch.device(device).type} inside fork({name!r}), but the stream was "
@@ -126,6 +126,6 @@ def seed_tensor_parallel_stream(seed: int, device=None) -> None:
     checkpoint is resumed at another tensor-parallel size: the saved streams were the old
     split's)."""
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
-    cuda = torch.device(device or comm.get_device()).type == "cuda"
+    cuda = torch.device(device or wire.get_device()).type == "cuda"
     _RNG_TRACKER.states.clear()
     _RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank, cuda)

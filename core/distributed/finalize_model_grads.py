@@ -19,12 +19,14 @@ over the replicas where the model says it is a partial sum (`loss_is_partial`: T
 sequence parallelism), and sent from the pipeline's last stage, where it is computed, to all.
 """
 
-import torch
+from fractions import Fraction
 
-import communication as comm
-import parallel_state as ps
-from distrib_optimizer import DistributedOptimizer
-from sequence_parallel import allreduce_sequence_parallel_grads
+import torch
+import torch.distributed as dist
+
+from core import parallel_state as ps
+from core import wire
+from core.optimizer.distrib_optimizer import DistributedOptimizer
 
 
 def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
@@ -41,14 +43,14 @@ def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
     partial = model[-1].loss_is_partial
     if isinstance(optimizer, DistributedOptimizer):  # the other sums, then each replica its shard
         loss = reduce_scatter_over_data_parallel_replicas(optimizer, loss, partial)
-        return comm.broadcast_from_last_stage(loss.detach())
+        return broadcast_from_last_stage(loss.detach())
     if ps.get_data_parallel_world_size() > 1:  # replicas saw different rows: average them
         loss = average_over_data_parallel_replicas(params, loss, partial)
     elif partial or any(getattr(p, "grad_is_partial", False) for p in params):
         loss = allreduce_sequence_parallel_grads(params, loss, partial)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         allreduce_embedding_grads([p.grad for p in params if getattr(p, "shared_embedding", 0)])
-    return comm.broadcast_from_last_stage(loss.detach())
+    return broadcast_from_last_stage(loss.detach())
 
 
 def allreduce_embedding_grads(grads):
@@ -56,7 +58,41 @@ def allreduce_embedding_grads(grads):
     last stage's (the output layer's), of the parameters marked `shared_embedding` by the model
     (the stages between hold neither)."""
     if grads:
-        comm.sum_over_embedding_group(grads)
+        _allreduce_embedding_grads(grads, ps.get_embedding_group())
+
+
+@wire.collective("embedding_all_reduce", wire.ALL_REDUCE, summed=True)
+def _allreduce_embedding_grads(coalesced, group):
+    """Sum over the embedding group (each pipeline's first and last stage), in place."""
+    dist.all_reduce(coalesced, group=group)
+    return coalesced
+
+
+def allreduce_sequence_parallel_grads(params, loss: torch.Tensor,
+                                      loss_is_partial: bool = True) -> torch.Tensor:
+    """Sum over the tensor-parallel group what each rank took from its rows only; returns the loss.
+
+    Under sequence parallelism (core/tensor_parallel/sequence_parallel.py) the parameters used
+    outside the split region (ToyModel's fc, a transformer's LayerNorms, marked
+    `grad_is_partial`) see 1/TP of the rows per rank, so their gradients are partial sums; so is
+    each rank's loss in ToyModel, whose loss is taken on each rank's rows. (The transformer
+    gathers the sequence before its loss: loss_is_partial=False.) One all-reduce carries them all,
+    laid end to end in one buffer (wire.collective). `params`: the parameters the optimizer
+    updates (under bf16, the fp32 main copies, which hold the gradients).
+    """
+    loss = loss.detach().reshape(1).clone()
+    partial = [p.grad for p in params if getattr(p, "grad_is_partial", False)]
+    _allreduce_layernorm_grads(partial + ([loss] if loss_is_partial else []),
+                               ps.get_tensor_model_parallel_group())
+    return loss[0]
+
+
+@wire.collective("all_reduce", wire.ALL_REDUCE, summed=True)
+def _allreduce_layernorm_grads(coalesced, group):
+    """Sum over the tensor-parallel group, in place (Megatron's name: the LayerNorms' are the
+    transformer's partial gradients)."""
+    dist.all_reduce(coalesced, group=group)
+    return coalesced
 
 
 def average_over_data_parallel_replicas(params, loss, loss_is_partial):
@@ -65,8 +101,8 @@ def average_over_data_parallel_replicas(params, loss, loss_is_partial):
     Each rank's shards of the split weights over its data-parallel group; what every
     tensor-parallel rank holds, whole (fc's gradient, the loss) or under sequence parallelism as
     its rows' part (`grad_is_partial` parameters), in one all-reduce over all ranks
-    (communication.average_replicated says why). The sequence-parallel sums ride along: the
-    partial parts add up over the tensor-parallel ranks in the same all-reduce.
+    (average_replicated says why). The sequence-parallel sums ride along: the partial parts add
+    up over the tensor-parallel ranks in the same all-reduce.
     """
     loss = loss.detach().reshape(1).clone()
     kind = lambda p: ("split" if getattr(p, "tensor_model_parallel", False) else
@@ -75,9 +111,58 @@ def average_over_data_parallel_replicas(params, loss, loss_is_partial):
     for p in params:
         grads[kind(p)].append(p.grad)
     grads["partial" if loss_is_partial else "whole"].append(loss)
-    comm.average_over_data_parallel(grads["split"])
-    comm.average_replicated(grads["whole"], grads["partial"])
+    _average_over_data_parallel(grads["split"], ps.get_data_parallel_group())
+    average_replicated(grads["whole"], grads["partial"])
     return loss[0]
+
+
+@wire.collective("dp_all_reduce", wire.ALL_REDUCE, summed=True)
+def _average_over_data_parallel(coalesced, group):
+    """The average over the data-parallel group (the replicas), in place."""
+    dist.all_reduce(coalesced, group=group)
+    return coalesced.div_(group.size())
+
+
+def average_replicated(whole, partial=()) -> None:
+    """Average over data-parallel replicas, in one all-reduce over *all* ranks of the pipeline
+    stage (every rank, without pipeline parallelism), tensors that every tensor-parallel rank
+    holds: `whole` (fc's gradient, the loss) or, under sequence parallelism, as a partial sum over
+    its own rows (`partial`: the sum over the group is the whole).
+
+    Why not the data-parallel groups ([0, 2, 4] and [1, 3, 5] at TP 2), as Megatron does: those
+    are separate communicators, and nothing promises that they add in the same order (NCCL picks
+    rings and trees per communicator), so fc could drift apart by an ulp between tensor-parallel
+    ranks. One all-reduce over one communicator gives every rank the same bits. To make its sum
+    the data-parallel sum, only tensor-parallel rank 0 contributes the whole tensors; every rank
+    adds its part of the partial ones.
+    """
+    whole, partial = list(whole), list(partial)
+    if ps.get_tensor_model_parallel_rank() != 0:
+        for t in whole:
+            t.zero_()
+    _average_replicated(whole + partial, ps.get_tensor_and_data_parallel_group(),
+                        ps.get_data_parallel_world_size())
+
+
+@wire.collective("replicated_all_reduce", wire.ALL_REDUCE, summed=True)
+def _average_replicated(coalesced, group, data_parallel_size):
+    """Sum over the pipeline stage's ranks, divided by the data-parallel size, in place."""
+    dist.all_reduce(coalesced, group=group)
+    return coalesced.div_(data_parallel_size)
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
+    """The pipeline's last stage's `tensor` (the loss) on every stage; as is without one."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    return _broadcast_from_last_stage(tensor.contiguous(), ps.get_pipeline_model_parallel_group())
+
+
+@wire.collective("pipeline_loss_broadcast", lambda p: Fraction(1))
+def _broadcast_from_last_stage(tensor, group):
+    """The last stage's `tensor` into every stage's, in place."""
+    dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
+    return tensor
 
 
 def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial):
@@ -95,12 +180,12 @@ def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial)
     params = optimizer.params  # the model's
     partial = [p.main_grad for p in params if getattr(p, "grad_is_partial", False)]
     if partial:
-        comm.sum_over_tensor_parallel(partial)
+        _allreduce_layernorm_grads(partial, ps.get_tensor_model_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         allreduce_embedding_grads([p.main_grad for p in params
                                    if getattr(p, "shared_embedding", False)])
     loss = loss.detach().reshape(1).clone()
     if ps.get_data_parallel_world_size() > 1 or loss_is_partial:
-        comm.average_replicated(*(([], [loss]) if loss_is_partial else ([loss], [])))
+        average_replicated(*(([], [loss]) if loss_is_partial else ([loss], [])))
     optimizer.finish_grad_sync()
     return loss[0]

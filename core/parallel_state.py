@@ -3,7 +3,7 @@ Fig. 8), and which hold the stages of one pipeline (Narayanan et al., 2021, Sec.
 
 Megatron-LM keeps its process groups in module-level globals behind small getters
 (megatron/core/parallel_state.py); so do we. What moves over the groups, counted and held to
-NCCL's rules, is communication.py's.
+NCCL's rules, is core/wire.py's.
 """
 
 import torch.distributed as dist

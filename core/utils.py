@@ -1,0 +1,10 @@
+"""torch.distributed's one-buffer collectives, by the name this torch gives them, as Megatron
+keeps them (`dist_all_gather_func`, `dist_reduce_scatter_func`): torch 2.13 renamed
+all_gather_into_tensor and reduce_scatter_tensor to all_gather_single and reduce_scatter_single
+and warns on the old names; every earlier torch knows only the old ones."""
+
+import torch.distributed as dist
+
+dist_all_gather_func = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+dist_reduce_scatter_func = getattr(dist, "reduce_scatter_single", None) or \
+    dist.reduce_scatter_tensor

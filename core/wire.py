@@ -1,0 +1,283 @@
+"""The wire: around every collective this repo issues, NCCL's rules checked, the call counted,
+the tensor staged. Not Megatron's, and off the reading path: Megatron calls torch.distributed and
+trusts NCCL to refuse; here the same code runs on CPUs over gloo, which refuses less.
+
+A function that makes one torch.distributed call on a tensor is written as the paper's operation,
+the call in plain sight, and marked with `@collective(name, ring_share)`:
+
+    @wire.collective("all_reduce", wire.ALL_REDUCE, summed=True)
+    def _reduce(input_, group):
+        dist.all_reduce(input_, group=group)
+        return input_
+
+Around the call, and in the same order for every collective, the wire does three things:
+
+  check   NCCL's rules on every backend (the run's device, a contiguous tensor, a dtype NCCL
+          reduces; under TP_CHECK_COLLECTIVES=1 the same shape and dtype on every rank), so a
+          CPU run finds what a GPU run would refuse,
+  count   its calls and bytes under `name` (what the tests and the benchmark hold to the
+          papers' counts),
+  stage   the tensor the backend moves: a host copy when gloo carries CUDA tensors, an fp32
+          copy of a bf16 tensor to be summed under --tp_reduce_dtype float32; a list of tensors
+          laid end to end in one buffer (one collective: for small tensors the latency, not the
+          bytes, dominates). The result comes back to the caller's device and dtype, into the
+          caller's tensors when the function worked in place.
+
+Which backend and device the job uses is decided once, before this module is asked for
+anything, by training/initialize.py; the layers never ask which backend runs.
+"""
+
+import functools
+import os
+from collections import Counter
+from fractions import Fraction
+
+import torch
+import torch.distributed as dist
+
+from core.utils import dist_all_gather_func
+
+_DEVICE = None
+_STAGE_THROUGH_HOST = False  # gloo with CUDA tensors: collectives run on host copies
+_REDUCE_IN_FP32 = False  # --tp_reduce_dtype float32: bf16 tensors are summed as fp32 copies
+
+# comm_calls["all_reduce"] = number of calls; comm_bytes[...] = bytes each rank contributed;
+# comm_ring_bytes[...] = bytes each rank sends when the collective runs as a ring (see _count).
+comm_calls = Counter()
+comm_bytes = Counter()
+comm_ring_bytes = Counter()
+
+
+class CollectiveRuleError(RuntimeError):
+    """A tensor handed to a collective breaks a rule NCCL enforces, or one it does not check and
+    then hangs or corrupts on (a bug in the caller); checked on every backend (_check)."""
+
+
+class DeviceMismatchError(CollectiveRuleError):
+    """A tensor handed to a collective is not on the run's device."""
+
+
+def set_device(device: torch.device, stage_through_host: bool = False) -> None:
+    """Where this rank's tensors live, for every collective's device rule; with
+    `stage_through_host` (gloo carrying CUDA tensors) collectives run on host copies. Called once,
+    by training/initialize.py, which chooses them for the whole job."""
+    global _DEVICE, _STAGE_THROUGH_HOST
+    _DEVICE, _STAGE_THROUGH_HOST = device, stage_through_host
+
+
+def set_reduce_in_fp32(enabled: bool) -> None:
+    """Sum bf16 tensors in fp32 in the tensor-parallel all-reduces and reduce-scatters (twice the
+    bytes on the wire); off: in bf16, as Megatron does. See docs/precision.md."""
+    global _REDUCE_IN_FP32
+    _REDUCE_IN_FP32 = enabled
+
+
+def get_device() -> torch.device:
+    """The run's device (the CPU until training/initialize.py sets it)."""
+    return _DEVICE if _DEVICE is not None else torch.device("cpu")
+
+
+def device_is_set() -> bool:
+    return _DEVICE is not None
+
+
+# ---------------------------------------------------------------------------
+# Checked, counted, then staged: over the tensor-parallel group unless they say otherwise.
+
+def _to_wire(op: str, tensor: torch.Tensor, ring_share, group, summed: bool = False):
+    """check -> count -> stage, the one order of every collective (a tensor refused is not
+    counted); returns what the backend moves. `ring_share(p)`: the share of its bytes each of the
+    group's p ranks sends in a ring (_count); `group`: the collective's; `summed`: the collective
+    adds the ranks' tensors (so --tp_reduce_dtype float32 widens a bf16 one)."""
+    _check(op, tensor, group)
+    p = dist.get_world_size(group)
+    _count(op, _wire_dtype(tensor, summed), tensor.numel(), ring_share(p))
+    return _on_wire(tensor, summed)
+
+
+ALL_REDUCE = lambda p: Fraction(2 * (p - 1), p)  # a reduce-scatter, then an all-gather
+ALL_GATHER = lambda p: Fraction(p - 1)  # of each rank's 1/p, its p - 1 others'
+REDUCE_SCATTER = lambda p: Fraction(p - 1, p)
+
+
+def _count(op: str, dtype: torch.dtype, numel: int, ring_share: Fraction) -> None:
+    """Count one call of `op` on `numel` elements of `dtype` on the wire, this rank's
+    contribution.
+
+    `ring_share` x its bytes is what each rank sends when the collective runs as a
+    ring of p ranks (NCCL's ring algorithm, bandwidth-optimal): the data moves in
+    chunks of 1/p, one chunk per rank per step. A reduce-scatter of N bytes takes
+    p - 1 steps, (p-1)/p N; an all-gather of N/p bytes per rank sends (p - 1) of
+    them, also (p-1)/p N; an all-reduce is the two, 2(p-1)/p N (Korthikanti et al.,
+    2022, Sec. 4.2.2: why sequence parallelism's pair costs what one all-reduce does).
+    """
+    nbytes = numel * dtype.itemsize
+    comm_calls[op] += 1
+    comm_bytes[op] += nbytes
+    comm_ring_bytes[op] += int(nbytes * ring_share)
+
+
+def reset_comm_stats() -> None:
+    comm_calls.clear()
+    comm_bytes.clear()
+    comm_ring_bytes.clear()
+
+
+def comm_stats() -> dict:
+    """What was counted since reset_comm_stats(): {op: {"calls", "bytes", "ring_bytes"}}."""
+    return {op: dict(calls=comm_calls[op], bytes=comm_bytes[op], ring_bytes=comm_ring_bytes[op])
+            for op in sorted(comm_calls)}
+
+
+# What NCCL reduces and moves (ncclDataType_t; bool as uint8). gloo takes more: int16, the
+# unsigned types, complex; a run that uses them would work on CPU and fail on GPUs.
+NCCL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8,
+               torch.uint8, torch.int32, torch.int64, torch.bool)
+# Under TP_CHECK_COLLECTIVES=1 every collective first checks that each rank of its group hands it
+# a tensor of the same shape and dtype: one more small all-gather per collective, so off by
+# default (the test suite turns it on). NCCL does not check this: it hangs or reads past the end.
+CHECK_COLLECTIVES = os.environ.get("TP_CHECK_COLLECTIVES", "0") == "1"
+
+
+def _check(op: str, tensor: torch.Tensor, group) -> None:
+    """NCCL's rules, on every backend, so that a CPU run finds what a GPU run would refuse."""
+    _check_rules(op, tensor)
+    if CHECK_COLLECTIVES:
+        _check_same_on_every_rank(op, tensor, group)
+
+
+def _check_rules(op: str, tensor: torch.Tensor) -> None:
+    """The rules one rank can check alone: the run's device, contiguous, a dtype NCCL takes."""
+    def broken(rule):
+        return CollectiveRuleError(f"{op}: {rule}; got a {tensor.dtype} tensor of shape "
+                                   f"{tuple(tensor.shape)}, strides {tensor.stride()}")
+    if _DEVICE is not None and tensor.device != _DEVICE:
+        raise DeviceMismatchError(f"{op} was given a tensor on {tensor.device}, but this run's "
+                                  f"collectives use {_DEVICE}; move it with "
+                                  ".to(wire.get_device())")
+    if not tensor.is_contiguous():  # a stride check, no copy
+        raise broken("NCCL needs a contiguous tensor (gloo would reduce its raw storage); make "
+                     "it .contiguous() first")
+    if tensor.dtype not in NCCL_DTYPES:
+        raise broken(f"NCCL does not reduce {tensor.dtype}")
+
+
+def _check_same_on_every_rank(op, tensor, group):
+    """TP_CHECK_COLLECTIVES: every rank of the group hands `op` the same shape and dtype."""
+    if tensor.dim() > 8:  # the check's own all-gather has room for 8 (ours have at most 3)
+        raise CollectiveRuleError(f"{op}: TP_CHECK_COLLECTIVES checks tensors of up to 8 "
+                                  f"dimensions, got {tensor.dim()}")
+    mine = [NCCL_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+    mine = _on_wire(torch.tensor(mine + [-1] * (10 - len(mine)), dtype=torch.int64,
+                                 device=get_device()))
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if not torch.equal(theirs, mine):
+            dtype, ndim = NCCL_DTYPES[int(theirs[0])], int(theirs[1])
+            raise CollectiveRuleError(
+                f"{op}: every rank must hand it the same shape and dtype, but this rank has "
+                f"{tensor.dtype} {tuple(tensor.shape)} and rank {rank} of the group has {dtype} "
+                f"{tuple(theirs[2:2 + ndim].tolist())}")
+
+
+def point_to_point_wire(op: str, tensor: torch.Tensor) -> torch.Tensor:
+    """check -> count -> stage for one send between pipeline stages (the pipeline's
+    p2p_communication.py, which checks that sends and receives pair): its bytes counted once, a
+    send being no ring."""
+    _check_rules(op, tensor)
+    _count(op, tensor.dtype, tensor.numel(), Fraction(1))
+    return _on_wire(tensor)
+
+
+def wire_buffer(shape, dtype) -> torch.Tensor:
+    """An empty tensor where the backend moves it: on the run's device, or the host when gloo
+    carries CUDA tensors (a receive then moves it with .to(get_device()))."""
+    return torch.empty(shape, dtype=dtype, device="cpu" if _STAGE_THROUGH_HOST else get_device())
+
+
+def _wire_dtype(tensor: torch.Tensor, summed: bool) -> torch.dtype:
+    """fp32 for a bf16 tensor to be `summed` under set_reduce_in_fp32, else the tensor's own."""
+    if summed and _REDUCE_IN_FP32 and tensor.dtype == torch.bfloat16:
+        return torch.float32
+    return tensor.dtype
+
+
+def _on_wire(tensor: torch.Tensor, summed: bool = False) -> torch.Tensor:
+    """The tensor the backend moves: in its wire dtype (_wire_dtype), and a host copy when gloo
+    carries CUDA tensors (as gloo's own CUDA path does); else the tensor itself."""
+    tensor = tensor.to(_wire_dtype(tensor, summed))
+    return tensor.cpu() if _STAGE_THROUGH_HOST else tensor
+
+
+COLLECTIVES = {}  # "module.function": every function marked @collective, for the tests
+
+
+def collective(name: str, ring_share, summed: bool = False):
+    """Put the wire around `fn(tensor, group, ...)`, a function that makes one torch.distributed
+    call on `tensor` over `group` and returns its result (or, called with async_op=True, the
+    result and torch's work handle): checked, counted under `name`, staged (module docstring).
+
+    `tensor` may be a list of tensors: `fn` then gets them laid end to end in one buffer, and the
+    result comes back into them. An output buffer given as `out=` is staged too, and the result
+    comes back into it. With async_op=True the call returns at once a function that waits and
+    returns the result. `ring_share(p)`: the share of its bytes each of p ranks sends
+    when the collective runs as a ring (_count); `summed`: the collective adds the ranks' tensors.
+    """
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(tensor, group, *args, async_op=False, out=None, **kwargs):
+            given = tensor
+            if isinstance(tensor, (list, tuple)):
+                tensor = torch.cat([t.reshape(-1) for t in given])
+            staged = _to_wire(name, tensor, ring_share, group, summed)
+            if out is not None:
+                given, tensor, kwargs["out"] = out, out, _on_wire(out)
+            if async_op:
+                output, work = fn(staged, group, *args, async_op=True, **kwargs)
+            else:
+                output, work = fn(staged, group, *args, **kwargs), None
+            if out is not None:
+                staged = kwargs["out"]
+            return _off_wire(given, tensor, staged, output, work, async_op)
+        COLLECTIVES[f"{fn.__module__}.{fn.__qualname__}"] = call
+        return call
+    return wrap
+
+
+def _off_wire(given, tensor, staged, output, work, async_op):
+    """The result where the caller wants it (collective): into `tensor` when the function worked
+    in place on `staged`, else in `tensor`'s device and dtype; into `given`, a list, from `tensor`
+    its flat copy. With async_op, a function that waits first."""
+    def finish():
+        if work is not None:
+            work.wait()
+        result = tensor.copy_(staged) if output is staged and staged is not tensor else \
+            tensor if output is staged else output.to(tensor.device, tensor.dtype)
+        if not isinstance(given, (list, tuple)):
+            return result
+        offset = 0
+        for t in given:
+            t.copy_(result[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return given
+    return finish if async_op else finish()
+
+
+# For training/ and benchmarks/ (the runs' own checks and measurements, off the reading path):
+# a sum and a gather over any group. The paper's operations have theirs beside them.
+
+@collective("all_reduce", ALL_REDUCE, summed=True)
+def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or `op`) `tensor` over `group`, in place."""
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+@collective("all_gather", ALL_GATHER)
+def all_gather(tensor: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along `dim`, in rank order (one buffer, the first
+    dimension, rearranged after)."""
+    output = tensor.new_empty((group.size() * tensor.shape[0], *tensor.shape[1:]))
+    dist_all_gather_func(output, tensor, group=group)
+    return output if dim % tensor.dim() == 0 else torch.cat(output.chunk(group.size()), dim=dim)
