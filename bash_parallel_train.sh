@@ -5,7 +5,7 @@
 #   GPUS_PER_NODE=4 bash bash_parallel_train.sh --tensor_model_parallel_size 4
 #   bash bash_parallel_train.sh --model transformer      # the toy GPT of transformer.py
 # Multi-node: run on every node with the same MASTER_ADDR/MASTER_PORT and NNODES,
-# and NODE_RANK = 0, 1, ... World size = GPUS_PER_NODE x NNODES = DP x TP.
+# and NODE_RANK = 0, 1, ... World size = GPUS_PER_NODE x NNODES = DP x PP x TP.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

@@ -120,7 +120,8 @@ def noise_verdict(a, b, noise, dtype):
 # What makes a run the training it is, beside the model and its sizes: under --noise the compared
 # run and the noise runs must share these with the reference, or the band measures another thing.
 TRAINING = ("dtype", "init_lr", "momentum", "seed", "clip_grad", "batch_size", "dropout",
-            "init_from", "data_fingerprint", "optimizer", "adam_beta1", "adam_beta2", "adam_eps")
+            "init_from", "data_fingerprint", "optimizer", "adam_beta1", "adam_beta2", "adam_eps",
+            "weight_decay")
 
 
 def why_not_judged(run_dirs, configs):

@@ -3,11 +3,12 @@ parallelism, under torchrun.
 
     torchrun --nproc_per_node 2 parallel_train.py --tensor_model_parallel_size 2
 
-Same model, flags and loop as train.py. What parallelism adds is all here: the
-process groups, the rows of each batch a rank takes (its data-parallel
-replica's share), what happens after backward when some gradients hold only
-part of the batch, checkpoints, and the shards put back together into a serial
-state_dict. Every rank computes the same loss; the logbook checks it.
+Same model, flags and loop as train.py; what parallelism adds is called from here: the
+process groups (core/parallel_state.py), each rank's rows of a batch (its data-parallel
+replica's share, here), the pipeline's schedule (core/pipeline_parallel/schedules.py), the
+sums after backward (core/distributed/finalize_model_grads.py), the global gradient norm
+(training/clip_grads.py), sharded checkpoints and the serial state_dict put back together
+from them (training/checkpointing.py). Every rank computes the same loss; the logbook checks it.
 
 World size = data-parallel size x pipeline-parallel size x tensor-parallel
 size; --batch_size is the global batch, split evenly between the data-parallel
@@ -123,7 +124,6 @@ def build_chunks(args, device):
         layers = chunk_layers(args.num_layers, p, ps.get_pipeline_model_parallel_rank(), v,
                               c) if p > 1 else None
         chunks.append(build_model(args, device, tensor_parallel=True,
-                                  sequence_parallel=args.sequence_parallel,
                                   pre_process=ps.is_pipeline_first_stage(),
                                   post_process=ps.is_pipeline_last_stage(), layers=layers))
     ps.set_virtual_pipeline_model_parallel_rank(0 if v > 1 else None)
@@ -153,11 +153,7 @@ def run(args, device, precision):
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
     model = build_chunks(args, device)
     wire.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
-    if args.use_distributed_optimizer:  # each replica its shard of the optimizer
-        optimizer = on_every_rank(DistributedOptimizer, model, torch_optimizer(args),
-                                  args.torch_dtype)  # (a stage may be too small for its shards)
-    else:
-        optimizer = make_optimizer(model, args)
+    optimizer = build_optimizer(model, args)
     main = main_model(model, optimizer)  # what checkpoints hold: fp32 main parameters under bf16
     (X, y), valid = on_every_rank(load_data, args)
     set_identity(args, X, y)  # whose the checkpoints are
@@ -173,12 +169,7 @@ def run(args, device, precision):
             return evaluate(model[0], *valid)
 
     rank = torch.distributed.get_rank()
-    metrics = None
-    if rank == 0:
-        config = run_config(args, device=str(device), world_size=torch.distributed.get_world_size(),
-                            data_parallel_size=ps.get_data_parallel_world_size(),
-                            **initialize.backend_report(), **precision)
-        metrics = MetricsWriter(args.out_dir, config, num_ranks=tp, resume_from=start)
+    metrics = metrics_writer(args, device, precision, start) if rank == 0 else None
     # The first group's ranks print, as in the original: "Rank 0 Iter 10 Train Loss ...".
     log_prefix = f"Rank {tp_rank} " if rank < tp else None
     with Logbook(args, validate, metrics, log_prefix, start) as logbook:
@@ -193,6 +184,24 @@ def run(args, device, precision):
         report_communication(logbook.first_step_comm, args)
         report_optimizer_memory(model, optimizer, args, ps.get_data_parallel_world_size())
         print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt{holds(args)}")
+
+
+def build_optimizer(model, args):
+    """train.py's optimizer over this rank's chunks, or (--use_distributed_optimizer) each
+    data-parallel replica its shard of it."""
+    if args.use_distributed_optimizer:  # each replica its shard of the optimizer
+        return on_every_rank(DistributedOptimizer, model, torch_optimizer(args),
+                             args.torch_dtype)  # (a stage may be too small for its shards)
+    return make_optimizer(model, args)
+
+
+def metrics_writer(args, device, precision, start):
+    """metrics.csv and config.json, written by global rank 0."""
+    config = run_config(args, device=str(device), world_size=torch.distributed.get_world_size(),
+                        data_parallel_size=ps.get_data_parallel_world_size(),
+                        **initialize.backend_report(), **precision)
+    return MetricsWriter(args.out_dir, config, num_ranks=args.tensor_model_parallel_size,
+                         resume_from=start)
 
 
 def serial_state_dict(main):

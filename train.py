@@ -14,6 +14,7 @@ the way.
 import torch
 import torch.nn.functional as F
 
+from core.optimizer import optimizer_with_param_groups
 from core.tensor_parallel.random import model_parallel_manual_seed
 from model import ToyModel
 from training.arguments import get_args
@@ -33,14 +34,16 @@ from training.reorder import reorder_sums
 from transformer import ToyTransformer
 
 
-def build_model(args, device, tensor_parallel=False, sequence_parallel=False, pre_process=True,
-                post_process=True, layers=None):
+def build_model(args, device, tensor_parallel=False, pre_process=True, post_process=True,
+                layers=None):
     """The same model for every run: nn.Linear's init from --seed, or --init_from's weights.
     Built on the CPU, in fp32 for a bf16 run (make_optimizer casts it); `device` is where it
-    will run (dropout's streams live there). A pipeline stage (parallel_train.py) is the same
-    model holding its part: the first stage's inputs (pre_process), the last stage's output
-    and loss (post_process), the transformer's `layers`."""
-    model_parallel_manual_seed(args.seed, device)  # and dropout's streams (rng_tracker.py)
+    will run (dropout's streams live there). The parallel model (parallel_train.py) is the same
+    class with the parallel layers swapped in (`tensor_parallel`, and --sequence_parallel's); a
+    pipeline stage holds its part: the first stage's inputs (pre_process), the last stage's
+    output and loss (post_process), the transformer's `layers`."""
+    sequence_parallel = tensor_parallel and getattr(args, "sequence_parallel", False)
+    model_parallel_manual_seed(args.seed, device)  # and dropout's streams (tensor_parallel/random)
     if args.model == "transformer":
         model = ToyTransformer(args.vocab_size, args.seq_length, args.input_size, args.hidden_size,
                                args.num_attention_heads, args.num_layers, tensor_parallel,
@@ -87,20 +90,27 @@ def evaluate(model, inputs, targets, chunk_rows=1024, outputs=None):
 
 
 def make_optimizer(model, args):
-    """SGD with momentum (the original's), or Adam (--optimizer adam, Megatron's default, no
-    weight decay); under --dtype bfloat16, over fp32 main copies of the parameters, their state
-    in fp32 too, the model cast to bf16 (training/mixed_precision.py)."""
+    """SGD with momentum (the original's), or Adam (--optimizer adam, Megatron's default, with
+    its decoupled weight decay: AdamW); under --dtype bfloat16, over fp32 main copies of the
+    parameters, their state in fp32 too, the model cast to bf16 (training/mixed_precision.py)."""
     if args.dtype == "bfloat16":
         return MixedPrecisionOptimizer(model, torch_optimizer(args))
     return torch_optimizer(args)(model.parameters())
 
 
 def torch_optimizer(args):
-    """The optimizer of --optimizer, as a function of the parameters it updates."""
+    """The optimizer of --optimizer, as a function of the parameters it updates (the model's,
+    the fp32 main copies under bf16, a replica's pieces under the distributed optimizer). With
+    --weight_decay two groups: the weights decayed, the biases and norms not (Megatron's
+    get_param_groups: core/optimizer/__init__.py); at 0 torch's Adam or SGD over one, as before."""
+    wd = args.weight_decay
     if args.optimizer == "adam":
-        return lambda params: torch.optim.Adam(params, lr=args.init_lr, eps=args.adam_eps,
-                                               betas=(args.adam_beta1, args.adam_beta2))
-    return lambda params: torch.optim.SGD(params, lr=args.init_lr, momentum=args.momentum)
+        adam = torch.optim.AdamW if wd else torch.optim.Adam
+        return lambda params: optimizer_with_param_groups(
+            adam, params, wd, lr=args.init_lr, eps=args.adam_eps,
+            betas=(args.adam_beta1, args.adam_beta2))
+    return lambda params: optimizer_with_param_groups(torch.optim.SGD, params, wd,
+                                                      lr=args.init_lr, momentum=args.momentum)
 
 
 def train(model, optimizer, batches, logbook, args):

@@ -6,7 +6,12 @@ stream after dropout) -> a final LayerNorm -> logits through the word
 embeddings again (tied) -> mean cross-entropy over every predicted token.
 
 With tensor_parallel=True the same model is built with the parallel layers
-swapped in, in `__init__`s below and nowhere else:
+swapped in, in the `__init__`s below, and one method branches on it: `ToyTransformer.loss`.
+The output layer is no layer of its own but the word embeddings' weight again (tied), so
+there is no layer to swap: under TP `loss` applies f, computes this rank's vocabulary slice
+of the logits, and hands them to vocab_parallel_cross_entropy (F.cross_entropy needs the
+whole vocabulary, which no rank holds). Sequence parallelism and recomputation (below)
+branch at run time too, in `embed`, `dropout_outside`, `forward` and `loss`.
 
   * attention (Fig. 3b): query, key and value are one ColumnParallelLinear whose
     split falls on whole heads, so rank i computes heads i H/p ... (i+1) H/p - 1
@@ -21,7 +26,7 @@ swapped in, in `__init__`s below and nowhere else:
     are never gathered.
   * dropout outside the split regions draws the same mask on every rank,
     dropout of the attention probabilities (inside, this rank's heads) a mask
-    of its own: rng_tracker.py.
+    of its own: core/tensor_parallel/random.py.
   * sequence_parallel (Korthikanti et al., 2022): outside the split regions
     each rank keeps 1/p of the sequence; the blocks' layers all-gather it and
     reduce-scatter their outputs (sequence_parallel.py), the sequence is
@@ -221,6 +226,17 @@ class ToyTransformer(nn.Module):
         layers = range(num_layers) if layers is None else layers
         self.blocks = nn.ModuleDict({str(i): blocks[i] for i in layers})
         self.ln_f = nn.LayerNorm(width, dtype=dtype)
+        self.dropout = dropout
+        self._keep_this_stage(pre_process, post_process)
+        for module in self.modules():  # their gradients come from 1/p of the tokens: summed
+            if isinstance(module, nn.LayerNorm):
+                for p in module.parameters():
+                    p.grad_is_partial = self.sequence_parallel
+
+    def _keep_this_stage(self, pre_process, post_process):
+        """A pipeline stage's part: the embeddings on the first stage (pre_process), the final
+        LayerNorm and the output layer on the last (post_process), which ties its weight to the
+        word embeddings: a copy of its own there, summed with the first stage's after backward."""
         self.pre_process, self.post_process = pre_process, post_process
         if not pre_process:
             del self.position_embeddings
@@ -230,11 +246,6 @@ class ToyTransformer(nn.Module):
             del self.ln_f
         if pre_process != post_process:  # the first stage's or the last's copy: summed
             self.word_embeddings.weight.shared_embedding = True
-        self.dropout = dropout
-        for module in self.modules():  # their gradients come from 1/p of the tokens: summed
-            if isinstance(module, nn.LayerNorm):
-                for p in module.parameters():
-                    p.grad_is_partial = self.sequence_parallel
 
     def forward(self, tokens):
         """The final hidden states, (seq, batch, width), or this rank's rows of the sequence

@@ -1,13 +1,16 @@
 """The pipeline's bubble and the activations it keeps, measured against Narayanan et al. (2021).
 
-    python -m benchmarks.bench_pipeline                 # ~1 minute; assets/pipeline_schedule.png
+    python -m benchmarks.bench_pipeline                 # assets/pipeline_schedule.png
     python -m benchmarks.bench_pipeline --quick         # fewer points, for the tests
+
+On 2 CPU cores shared with other work: 79 s, and 21 s with --quick (docs/pipeline.md: what
+that load does to the measured bubble).
 
 Each stage records when each micro-batch's forward and backward ran (schedules.TIMELINE); the
 step's span over all stages, less the ideal time m (t_f + t_b) of one stage's own work, over that
 ideal time, is the bubble fraction: (p - 1) / m for GPipe and 1F1B, (p - 1) / (v m) interleaved
 (Sec. 2.2). The micro-batches a stage has run forward but not yet backward, at the worst moment,
-are the activations it keeps: m under GPipe, p - s on stage s under 1F1B (Fig. 3).
+are the activations it keeps: m under GPipe (Fig. 3), p - s on stage s under 1F1B (Fig. 4, top).
 
 On 2 shared cores P ranks cannot each have a core, and real compute would measure the scheduler
 of the operating system more than the pipeline's. So the formula is checked with stages whose
@@ -173,7 +176,7 @@ def measure(timelines, m, v, t_f):
 
 def report_memory(runs):
     """The real transformer's activations held per stage at the peak, GPipe and 1F1B: in
-    micro-batches, GPipe's peak on that stage being m of them (Fig. 3: m, and p - s)."""
+    micro-batches, GPipe's peak on that stage being m of them (Fig. 3: m; Fig. 4, top: p - s)."""
     gpipe, one_f_one_b = runs
     m, p = gpipe["m"], gpipe["p"]
     per_microbatch = [b / m for b in gpipe["saved_peak_bytes"]]

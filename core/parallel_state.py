@@ -54,32 +54,43 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
             f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp} x "
             f"--pipeline_model_parallel_size {pp}; launch a multiple of {tp * pp} ranks with "
             "torchrun --nproc_per_node")
-    rank, stage_size = dist.get_rank(), world_size // pp  # the ranks of one pipeline stage
-
-    def mine(groups):
-        """Create every group (every rank must, in the same order); (this rank's, its ranks)."""
-        found = None, None
-        for ranks in groups:
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                found = group, ranks
-        return found
-
-    _TENSOR_MODEL_PARALLEL_GROUP, _ = mine(
-        [list(range(start, start + tp)) for start in range(0, world_size, tp)])
-    _DATA_PARALLEL_GROUP, _ = mine(
-        [list(range(stage * stage_size + tp_rank, (stage + 1) * stage_size, tp))
-         for stage in range(pp) for tp_rank in range(tp)])
+    groups = group_ranks(world_size, tp, pp)
+    _TENSOR_MODEL_PARALLEL_GROUP, _ = _create(groups["tensor"])
+    _DATA_PARALLEL_GROUP, _ = _create(groups["data"])
     if pp == 1:  # one stage, the world: nothing to create (a pipeline of one sends nothing)
-        _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = dist.group.WORLD, [rank]
+        _TENSOR_AND_DATA_PARALLEL_GROUP = dist.group.WORLD
+        _PIPELINE_GLOBAL_RANKS = [dist.get_rank()]
     else:
-        _TENSOR_AND_DATA_PARALLEL_GROUP, _ = mine(
-            [list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)])
-        pipelines = [list(range(first, world_size, stage_size)) for first in range(stage_size)]
-        _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = mine(pipelines)
-        _EMBEDDING_GROUP, _ = mine([sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
+        _TENSOR_AND_DATA_PARALLEL_GROUP, _ = _create(groups["stage"])
+        _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = _create(groups["pipeline"])
+        _EMBEDDING_GROUP, _ = _create(groups["embedding"])
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = virtual_pipeline_model_parallel_size
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = 0 if virtual_pipeline_model_parallel_size else None
+
+
+def group_ranks(world_size: int, tp: int, pp: int) -> dict:
+    """The ranks of every group, by kind: lists of global ranks, in Megatron's order (TP fastest,
+    then DP, then PP; initialize_model_parallel's docstring draws them for 8 ranks)."""
+    stage_size = world_size // pp  # the ranks of one pipeline stage
+    pipelines = [list(range(first, world_size, stage_size)) for first in range(stage_size)]
+    return dict(
+        tensor=[list(range(start, start + tp)) for start in range(0, world_size, tp)],
+        data=[list(range(stage * stage_size + tp_rank, (stage + 1) * stage_size, tp))
+              for stage in range(pp) for tp_rank in range(tp)],
+        stage=[list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)],
+        pipeline=pipelines,
+        embedding=[sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
+
+
+def _create(groups):
+    """Create every group of a kind (every rank must, in the same order); (this rank's group,
+    its ranks)."""
+    found = None, None
+    for ranks in groups:
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            found = group, ranks
+    return found
 
 
 def model_parallel_is_initialized() -> bool:

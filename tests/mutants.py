@@ -198,6 +198,15 @@ MUTANTS = {
         "    files = [_load(distrib_optim_path(path, r), directory, iteration) for r in range(d)]",
         "    files = [_load(distrib_optim_path(path, r), directory, iteration) for r in range(1)]",
         ["tests/test_distrib_optimizer.py"]),
+    # Weight decay's parameter groups (core/optimizer/__init__.py).
+    "biases and LayerNorms decayed": (
+        "core/optimizer/__init__.py",
+        'return getattr(param, "no_weight_decay", param.dim() == 1)',
+        'return getattr(param, "no_weight_decay", False)', ["tests/test_optimizers.py"]),
+    "a distributed optimizer's piece grouped by its own shape (1-D: never decayed)": (
+        "core/optimizer/distrib_optimizer.py",
+        "main.no_weight_decay = no_weight_decay(param)",
+        "main.no_weight_decay = no_weight_decay(main)", ["tests/test_distrib_optimizer.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

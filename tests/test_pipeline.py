@@ -400,3 +400,82 @@ def test_the_stages_drawn_hold_megatrons_layers(tmp_path):
     from test_tools import one_line_error
     code, line = one_line_error(draw_diagram, ["--pp", "3", "--out", str(tmp_path / "t.png")])
     assert code == 2 and "the toy model has two stages (the MLP | fc)" in line
+
+
+# ---------------------------------------------------------------------------
+# scripts/print_schedule.py: the schedules' order, printed without training.
+
+PRINT = "scripts/print_schedule.py"
+P2_V2_M4 = ["--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2",
+            "--num_microbatches", "4"]
+
+
+class _Logged(torch.autograd.Function):
+    """x unchanged; "F<label>" logged in forward, "B<label>" in backward."""
+
+    @staticmethod
+    def forward(ctx, x, label, log):
+        ctx.label, ctx.log = label, log
+        log.append(f"F{label}")
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append(f"B{ctx.label}")
+        return grad, None, None
+
+
+def _real_orders(printed):
+    """Each schedule run for real on 2 ranks (gloo, the real sends): chunks that log their
+    forwards and backwards; this rank's log is the row print_schedule.py printed for it."""
+    from core import parallel_state as ps
+    from core.pipeline_parallel.schedules import get_forward_backward_func
+    for (schedule, v), rows in printed.items():
+        ps.initialize_model_parallel(1, 2, v if v > 1 else None)
+        log, weights = [], [torch.ones(2, dtype=torch.float64, requires_grad=True)
+                            for _ in range(v)]
+
+        def step(chunk, mb, x):
+            data = torch.full((2,), float(mb), dtype=torch.float64) if x is None else x
+            out = _Logged.apply(data * weights[chunk], f"{mb + 1}" + f".{chunk}" * (v > 1), log)
+            return out.sum() if ps.is_pipeline_last_stage() else out
+        get_forward_backward_func(schedule)(step, list(range(4)), list(range(v)), (2,),
+                                            torch.float64)
+        assert " ".join(log) == rows[dist.get_rank()], (schedule, v, log, rows)
+
+
+def _printed(*flags):
+    """print_schedule.py's output and the rows of its "each stage's order"."""
+    out = run_script(PRINT, *flags, env={"COLUMNS": "100"}).stdout
+    block = out.split("each stage's order:\n")[1].split("\n\n")[0]
+    return out, [line.split(": ", 1)[1] for line in block.splitlines()]
+
+
+def test_the_printed_schedules_are_what_the_schedules_run():
+    """p = 2, m = 4: GPipe, 1F1B and interleaved (v = 2) as print_schedule.py prints them from
+    stub stages are the orders the schedules run on two real ranks; the interleaved table and
+    its receives are docs/pipeline.md's, and its time steps hold the paper's bubble: (p - 1) /
+    (v m) of the 16 steps of work, 2."""
+    out, interleaved = _printed(*P2_V2_M4, "--receives")
+    printed = {("1f1b", 2): interleaved}
+    for schedule in ("1f1b", "gpipe"):
+        printed[schedule, 1] = _printed(*P2_V2_M4[:2], *P2_V2_M4[4:], "--pipeline_schedule",
+                                        schedule)[1]
+    assert printed["gpipe", 1] == ["F1 F2 F3 F4 B1 B2 B3 B4"] * 2
+    run_distributed(_real_orders, 2, printed)
+    assert "\n  F4.0 B2.1  -> a F3.1, g B1.0\n" in out  # the steady state's two receives
+    assert "step        1    2" in out and out.count("   18\n") == 1  # 16 steps + the bubble, 2
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs/pipeline.md")) as f:
+        assert out in f.read(), "docs/pipeline.md's table is not what print_schedule.py prints"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (P2_V2_M4[:4] + ["--num_microbatches", "3"],
+     "the interleaved schedule runs micro-batches in groups of the pipeline size 2 (as "
+     "Megatron's): --num_microbatches 3 is not a multiple of 2"),
+    (["--pipeline_model_parallel_size", "0"],
+     "--pipeline_model_parallel_size must be a positive integer, got 0")])
+def test_print_schedule_refuses_what_cannot_run_in_one_line(flags, message):
+    run = run_script(PRINT, *flags, ok=False)
+    assert run.code == 2 and run.stdout == "" and len(run.stderr.splitlines()) == 1, run.out
+    assert message in run.stderr and "Traceback" not in run.stderr, run.out

@@ -1,6 +1,6 @@
-"""Dropout's two streams (Megatron-LM, App. B.2; rng_tracker.py): outside the split region every
-tensor-parallel rank draws the same mask, inside it each rank draws its own; both reproducible
-from the seed, and drawing inside leaves the outside stream where it was."""
+"""Dropout's two streams (Megatron-LM, App. B.2; core/tensor_parallel/random.py): outside the
+split region every tensor-parallel rank draws the same mask, inside it each rank draws its own;
+both reproducible from the seed, and drawing inside leaves the outside stream where it was."""
 
 import pytest
 import torch

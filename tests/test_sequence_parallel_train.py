@@ -35,7 +35,7 @@ def test_sequence_parallel_matches_serial(nproc, tp, dtype, data_dir, serial_run
     if nproc == tp:
         assert table["all_reduce"] == pytest.approx((1, small, 2 * share * small), abs=0.005), log
     # with data parallelism it goes over all ranks, averaged over replicas
-    # (parallel_state.average_replicated)
+    # (finalize_model_grads.average_replicated)
     else:
         world_share = (nproc - 1) / nproc
         assert "all_reduce" not in table

@@ -36,7 +36,14 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
     # Ours.
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd: SGD with --momentum (the original's); adam: Adam (Megatron's "
-                        "default) with --adam_beta1/--adam_beta2/--adam_eps, fp32 moments")
+                        "default) with --adam_beta1/--adam_beta2/--adam_eps and --weight_decay "
+                        "(AdamW), fp32 moments")
+    p.add_argument("--weight_decay", type=float, default=None,
+                   help="weight decay of the weights (2 or more dims), not of the biases and "
+                        "LayerNorms (1-D), as Megatron's --weight-decay; default: 0.01 under "
+                        "--optimizer adam (Megatron's; decoupled, AdamW), 0 under sgd (the "
+                        "original's runs; given, SGD adds it to the gradient, L2, as Megatron's "
+                        "SGD). 0: one parameter group, torch's Adam or SGD as before")
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--adam_eps", type=float, default=1e-8)
@@ -99,6 +106,10 @@ def parse_args(parser, argv=None):
             parser.error(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
     if not (args.adam_eps > 0 and math.isfinite(args.adam_eps)):
         parser.error(f"--adam_eps must be a positive number, got {args.adam_eps}")
+    if args.weight_decay is None:  # Megatron's under Adam; the default SGD runs stay the original's
+        args.weight_decay = 0.01 if args.optimizer == "adam" else 0.0
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        parser.error(f"--weight_decay must be a non-negative number, got {args.weight_decay}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     clip = args.clip_grad

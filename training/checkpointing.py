@@ -18,7 +18,9 @@ and a reader puts them back together into the plain optimizer's form (whole tens
 parameter), so every resharding below, and a plain run, reads them as any other checkpoint.
 
 Each shard holds that rank's slice of the model, its optimizer state (the
-momentum buffers), the iteration, the sizes it was saved with, the RNG state
+momentum buffers, and each parameter group's hyperparameters: with --weight_decay
+the weights' decay and the biases' and norms' none, which a resume keeps and
+checks against its flag), the iteration, the sizes it was saved with, the RNG state
 and which dimension each parameter is split along (for merge_checkpoint.py).
 Data-parallel replicas hold identical shards, so only data-parallel rank 0
 writes. Every file is written to a temporary name and renamed, and the
@@ -47,6 +49,7 @@ import torch.nn as nn
 
 from core import parallel_state as ps
 from core import wire
+from core.optimizer import in_group
 from core.optimizer.distrib_optimizer import DistributedOptimizer, unshard_state
 from core.parallel_state import UserError
 from core.tensor_parallel.random import (
@@ -346,6 +349,11 @@ def load_checkpoint(directory, model, optimizer, args):
                 f"{directory} (iteration {iteration}) was saved by a run with another {what} "
                 f"({saved_identity[field]}, this run has {identity(args)[field]}); resume with "
                 "the run's own flags and data")
+    if saved_weight_decay(saved) != args.weight_decay:  # each group its own, as it was saved
+        decay = saved_weight_decay(saved)
+        raise CheckpointError(f"{directory} (iteration {iteration}) was saved by a run with "
+                              f"--weight_decay {decay:g}, this one has {args.weight_decay:g}; "
+                              f"resume with --weight_decay {decay:g}")
     args.run_id = saved_identity.get("run", args.run_id)  # the run goes on under its own id
     state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
     if restaged:
@@ -414,7 +422,7 @@ def _whole(shards):
             if shard["optimizer"]["state"].get(i):  # momentum, or Adam's moments and step
                 state[len(dims) - 1] = shard["optimizer"]["state"][i]
     first = shards[0]
-    groups = [dict(first["optimizer"]["param_groups"][0], params=list(range(len(dims))))]
+    groups = groups_over(first["optimizer"]["param_groups"], [model[name] for name in dims])
     return dict(first, model=model, partition_dims=dims, vocab_sizes=vocab,
                 optimizer=dict(state=state, param_groups=groups),
                 rng={k: v for k, v in first["rng"].items() if k != "tracker"})
@@ -426,9 +434,23 @@ def this_stages_part(state, names):
     index = {name: i for i, name in enumerate(state["partition_dims"])}
     kept = {j: state["optimizer"]["state"][index[name]] for j, name in enumerate(names)
             if index[name] in state["optimizer"]["state"]}
-    groups = [dict(state["optimizer"]["param_groups"][0], params=list(range(len(names))))]
+    groups = groups_over(state["optimizer"]["param_groups"], [state["model"][n] for n in names])
     return dict(state, model={name: state["model"][name] for name in names},
                 optimizer=dict(state=kept, param_groups=groups))
+
+
+def groups_over(saved_groups, params):
+    """The saved optimizer's groups (their hyperparameters: weight decay or none, lr, ...) over
+    other parameters, each listing those of `params` it holds by their number there."""
+    return [dict(group, params=[i for i, p in enumerate(params) if in_group(group, p)])
+            for group in saved_groups]
+
+
+def saved_weight_decay(shard):
+    """The --weight_decay a shard was saved with: its decayed group's (0 in checkpoints from
+    before the flag, whose Adam and SGD had none)."""
+    return max((group.get("weight_decay", 0.0) for group in shard["optimizer"]["param_groups"]),
+               default=0.0)
 
 
 # ---------------------------------------------------------------------------

@@ -186,9 +186,14 @@ def report_communication(stats, args):
     for op, c in stats.items():
         print(f"  {op:<22} x{c['calls']:<4}{_kib(c['bytes']):>15} KiB"
               f"{_kib(c['ring_bytes']):>21} KiB")
-    if "grad_norm_all_reduce" in stats:
-        print("  grad_norm_all_reduce: --clip_grad's squared gradient norm, summed over the "
-              "tensor-parallel group (training/clip_grads.py)")
+    if "grad_norm_all_reduce" in stats:  # over whom: training/clip_grads.py's get_grad_norm
+        over = ("every rank at once (the distributed optimizer's shards)"
+                if getattr(args, "use_distributed_optimizer", False) else
+                "the tensor-parallel group" + (", then over the pipeline's stages by "
+                                               "grad_norm_pipeline_all_reduce"
+                                               if "grad_norm_pipeline_all_reduce" in stats else ""))
+        print(f"  grad_norm_all_reduce: --clip_grad's squared gradient norm, summed over {over} "
+              "(training/clip_grads.py)")
     if getattr(args, "tp_reduce_dtype", "activation") == "float32":
         print("  --tp_reduce_dtype float32: the bf16 activations are summed as fp32, twice the "
               "bytes the papers count below")

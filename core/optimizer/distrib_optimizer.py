@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from core import parallel_state as ps
 from core import wire
+from core.optimizer import in_group, no_weight_decay, regrouped
 from core.utils import dist_all_gather_func, dist_reduce_scatter_func
 
 # What a piece of a main parameter inherits from its model parameter: what the gradient's sums
@@ -60,7 +61,9 @@ class ParamAndGradBuffer:
     parameters' (the model's parameters become views of it, so the all-gather lands in the model)
     and their gradients' (param.main_grad are views of it), padded to a multiple of the
     data-parallel size d (Megatron's _ParamAndGradBuffer; it orders them as backward meets them,
-    to start reducing early, and cuts them into buckets; here one bucket, in the model's order).
+    to start reducing early, starts each at a multiple of 64 elements, pads each bucket to a
+    multiple of lcm(d, 128) and cuts them into buckets; here one bucket, in the model's order,
+    unaligned: the shards fall elsewhere, the numbers are the same, docs/distributed-optimizer.md).
     """
 
     def __init__(self, params, grad_dtype):
@@ -98,7 +101,8 @@ class ParamAndGradBuffer:
         shard = self.shard_of(self.grad_data)
         shard.copy_(_reduce_scatter(self.grad_data, ps.get_data_parallel_group()))
         # The average, as the plain all-reduce takes it: the sum divided after, where Megatron
-        # scales before (gradient_scaling_factor); the same as the plain optimizer, bit for bit.
+        # scales before (gradient_scaling_factor); the same as the plain optimizer, bit for bit
+        # (Megatron's rounds each share first: the same bits when d is a power of two).
         shard /= ps.get_data_parallel_world_size()
 
     def all_gather_params(self):
@@ -167,6 +171,8 @@ class DistributedOptimizer:
                 for attribute in INHERITED:
                     if hasattr(param, attribute):
                         setattr(main, attribute, getattr(param, attribute))
+                # Its parameter's weight decay group (a piece is 1-D, a weight's too).
+                main.no_weight_decay = no_weight_decay(param)
                 self.pieces.append((main, buffer, param, lo, hi, at))
         for param in self.params:
             param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
@@ -201,9 +207,13 @@ class DistributedOptimizer:
     # -- checkpoints: each replica writes its shard (training/checkpointing.py) ---------------
 
     def state_dict(self):
-        """The hyperparameters, for model_optim_rng.pt; the state is in sharded_state_dict()."""
-        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
-        return dict(state={}, param_groups=[dict(group, params=list(range(len(self.params))))])
+        """The hyperparameters, for model_optim_rng.pt, each group's listing its parameters by
+        their number in the model (a plain optimizer's state_dict); the state is in
+        sharded_state_dict()."""
+        groups = [dict({k: v for k, v in group.items() if k != "params"},
+                       params=[i for i, p in enumerate(self.params) if in_group(group, p)])
+                  for group in self.optimizer.param_groups]
+        return dict(state={}, param_groups=groups)
 
     def sharded_state_dict(self):
         """This rank's shard, under each parameter's name: its elements [lo, hi) of the main
@@ -220,7 +230,7 @@ class DistributedOptimizer:
     def load_state_dict(self, state_dict, main_params):
         """A plain optimizer's state_dict (whole tensors per parameter, as torch's and
         training/checkpointing.py's readers give it) and the whole main parameters
-        {name: tensor}: each piece takes its elements."""
+        {name: tensor}: each piece takes its elements, each group its saved hyperparameters."""
         saved, inner = state_dict["state"], {}
         for j, (main, buffer, param, lo, hi, at) in enumerate(self.pieces):
             i = self.index[id(param)]
@@ -228,8 +238,9 @@ class DistributedOptimizer:
                 main.copy_(main_params[self.names[i]].reshape(-1)[lo:hi])
             inner[j] = {k: v.reshape(-1)[lo:hi].clone() if _per_element(v, param) else v
                         for k, v in saved.get(i, {}).items()}
-        group = dict(state_dict["param_groups"][0], params=list(inner))
-        self.optimizer.load_state_dict(dict(state=inner, param_groups=[group]))
+        pieces = {id(main): j for j, (main, *_) in enumerate(self.pieces)}
+        groups = regrouped(state_dict["param_groups"], self.optimizer, pieces)
+        self.optimizer.load_state_dict(dict(state=inner, param_groups=groups))
 
     @torch.no_grad()
     def gather_main_model(self) -> nn.ModuleList:

@@ -7,15 +7,15 @@ has sent it the activation, and its backward when stage s + 1 has sent back that
 gradient (p2p_communication.py). The weights' gradients add up over the micro-batches, and the
 optimizer steps once, after the last backward: the same update as without a pipeline.
 
-  GPipe (Fig. 3, top): every forward, then every backward. The bubble, the time a stage waits
+  GPipe (Fig. 3): every forward, then every backward. The bubble, the time a stage waits
       at the start and the end of a step, is (p - 1) / m of the ideal time; each stage keeps the
       activations of all m micro-batches until their backward.
-  1F1B, PipeDream-Flush (Fig. 3, bottom): after a warm-up of p - s - 1 forwards, stage s
+  1F1B, PipeDream-Flush (Fig. 4, top): after a warm-up of p - s - 1 forwards, stage s
       alternates one forward and one backward. The same bubble, but at most p micro-batches'
       activations are kept, not m.
-  Interleaved 1F1B (Fig. 4): each rank holds v chunks of layers (rank r: chunks r, r + p, ...);
-      a micro-batch goes round the ranks v times. The bubble is (p - 1) / (v m), for v times
-      the point-to-point traffic.
+  Interleaved 1F1B (Fig. 4, bottom): each rank holds v chunks of layers (rank r: chunks r,
+      r + p, ...); a micro-batch goes round the ranks v times. The bubble is (p - 1) / (v m),
+      for v times the point-to-point traffic.
 
 Every schedule takes `forward_step_func(model_chunk, microbatch, input_tensor)`: the chunk's
 forward on `input_tensor` (None on the first stage, which reads the micro-batch's data), and on
@@ -190,7 +190,8 @@ def forward_backward_pipelining_without_interleaving(forward_step_func, microbat
 def forward_backward_pipelining_with_interleaving(forward_step_func, microbatches, model,
                                                   tensor_shape, dtype):
     """Interleaved 1F1B: rank r holds chunks r, r + p, ..., and runs p micro-batches through one
-    chunk, then through the next (Megatron's order, get_model_chunk_id below)."""
+    chunk, then through the next (Megatron's order: _Interleaved.chunk_id below, Megatron's
+    get_model_chunk_id)."""
     return _Interleaved(forward_step_func, microbatches, model, tensor_shape, dtype).run()
 
 
@@ -249,10 +250,20 @@ class _Interleaved:
         return self.losses
 
     def recv_prev_after(self, k, total):
-        """Whether the forward after the k-th needs an activation from the previous rank."""
+        """Whether the forward after the k-th takes an activation from the previous rank: every
+        one does but the first rank's through chunk 0 (it reads the data) and none after the
+        last (Megatron's recv_prev)."""
         next_chunk = self.chunk_id(k + 1, forward=True)
         first_rank = ps.is_pipeline_first_stage(ignore_virtual=True)
         return not (first_rank and next_chunk == 0) and k != total - 1
+
+    def recv_next_after(self, k, total):
+        """Whether the backward after the k-th takes a gradient from the next rank: every one
+        does but the last rank's through chunk v - 1 (it starts from the loss) and none after
+        the last (Megatron's recv_next)."""
+        next_chunk = self.chunk_id(k + 1, forward=False)
+        last_rank = ps.is_pipeline_last_stage(ignore_virtual=True)
+        return not (last_rank and next_chunk == self.v - 1) and k != total - 1
 
     def warm_up(self, warmup, total, all_warmup):
         for k in range(warmup):
@@ -272,35 +283,28 @@ class _Interleaved:
                 self.inputs[self.chunk_id(k + 1, forward=True)].append(input_tensor)
 
     def steady(self, warmup, total):
+        """One forward and one backward a step, then one exchange: it sends their output on
+        and their input gradient back, and receives the input of this rank's next forward and
+        the output gradient of its next backward, where a neighbour makes them
+        (recv_prev_after, recv_next_after). Megatron finds the first rank's chunk from the last
+        rank's side ("first stage is ahead of last stage by p - 1"): what arrives is the output
+        of the last rank's forward forward_k - (p - 1), chunk get_model_chunk_id(forward_k -
+        (p - 1)); it feeds the same micro-batch through the next chunk, p forwards later:
+        forward forward_k + 1. The last rank's gradients, mirrored. docs/pipeline.md works it
+        through for p = 2, v = 2, m = 4."""
         for k in range(total - warmup):
             forward_k, backward_k = k + warmup, k
             output = self.forward(forward_k)
             input_grad = self.backward(backward_k)
-            recv_prev, recv_next = True, True
-            # What arrives now is for a later forward (backward) of this rank. On the first rank
-            # it comes from the last rank's chunk, whose forward ran p - 1 steps behind this
-            # one's (Megatron's "ahead by p - 1"); its chunk is the next one, and none after the
-            # last chunk. Elsewhere it is simply the (k + 1)-th's. Likewise backward, mirrored.
-            if ps.is_pipeline_first_stage(ignore_virtual=True):
-                next_forward = self.chunk_id(forward_k - (self.p - 1), forward=True)
-                recv_prev = next_forward != self.v - 1
-                next_forward += 1
-            else:
-                next_forward = self.chunk_id(forward_k + 1, forward=True)
-            if ps.is_pipeline_last_stage(ignore_virtual=True):
-                next_backward = self.chunk_id(backward_k - (self.p - 1), forward=False)
-                recv_next = next_backward != 0
-                next_backward -= 1
-            else:
-                next_backward = self.chunk_id(backward_k + 1, forward=False)
-            recv_prev = recv_prev and k != total - warmup - 1
+            recv_prev = self.recv_prev_after(forward_k, total)
+            recv_next = self.recv_next_after(backward_k, total)
             input_tensor, output_grad = p2p.send_forward_backward_recv_forward_backward(
                 output, input_grad, recv_prev, recv_next, self.shape, self.dtype)
             deallocate_output_tensor(output)
             if recv_prev:
-                self.inputs[next_forward].append(input_tensor)
+                self.inputs[self.chunk_id(forward_k + 1, forward=True)].append(input_tensor)
             if recv_next:
-                self.output_grads[next_backward].append(output_grad)
+                self.output_grads[self.chunk_id(backward_k + 1, forward=False)].append(output_grad)
 
     def cool_down(self, warmup, total, all_warmup):
         if all_warmup:  # the last chunk's first gradient, asked for as the last chunk
@@ -308,10 +312,8 @@ class _Interleaved:
             self.output_grads[self.v - 1].append(p2p.recv_backward(self.shape, self.dtype))
         for k in range(total - warmup, total):
             input_grad = self.backward(k)
-            next_backward = self.chunk_id(k + 1, forward=False)
-            recv_next = not (ps.is_pipeline_last_stage(ignore_virtual=True)
-                             and next_backward == self.v - 1) and k != total - 1
+            recv_next = self.recv_next_after(k, total)
             output_grad = p2p.send_backward_recv_backward(input_grad, recv_next, self.shape,
                                                           self.dtype)
             if recv_next:
-                self.output_grads[next_backward].append(output_grad)
+                self.output_grads[self.chunk_id(k + 1, forward=False)].append(output_grad)

@@ -20,8 +20,8 @@ puts back, with the default generators' (`default_generator_states`).
 
 As Megatron's `model_parallel_cuda_manual_seed` and `get_cuda_rng_tracker`
 (tensor_parallel/random.py), with the CPU generator tracked beside the CUDA
-one, so the same code runs where there is no GPU. (Named rng_tracker.py: a
-module random.py would shadow Python's own for every script here.)
+one, so the same code runs where there is no GPU. (Once rng_tracker.py at the root, where a
+random.py would have shadowed Python's own; inside core/tensor_parallel/ it takes Megatron's name.)
 """
 
 from contextlib import contextmanager

@@ -18,7 +18,7 @@ reentrant checkpoint with two changes.
   * Dropout's streams. The forward that runs again must draw the masks the
     first one drew, on every stream, or the gradients are those of other
     masks, silently wrong: the default generators (CPU; CUDA's where the
-    tensors are) and the tracker's streams (rng_tracker.py: attention dropout
+    tensors are) and the tracker's streams (random.py: attention dropout
     inside the split region; under sequence parallelism every dropout of the
     block) are saved in forward, set before the recomputation and set back
     after it, so that the next forward draws what it would have drawn without
