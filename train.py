@@ -102,7 +102,7 @@ def torch_optimizer(args):
     """The optimizer of --optimizer, as a function of the parameters it updates (the model's,
     the fp32 main copies under bf16, a replica's pieces under the distributed optimizer). With
     --weight_decay two groups: the weights decayed, the biases and norms not (Megatron's
-    get_param_groups: core/optimizer/__init__.py); at 0 torch's Adam or SGD over one, as before."""
+    _get_param_groups: core/optimizer/__init__.py); at 0 torch's Adam or SGD over one, as before."""
     wd = args.weight_decay
     if args.optimizer == "adam":
         adam = torch.optim.AdamW if wd else torch.optim.Adam

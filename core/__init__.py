@@ -9,6 +9,9 @@
     wire.py                 not Megatron's: every collective checked against NCCL's rules,
                             counted and staged, around the torch.distributed call
 
-A reader holding a Megatron-core path finds ours by the same path (megatron/core/X -> core/X).
+A reader holding a Megatron-core path finds ours by the same path (megatron/core/X -> core/X)
+for each file here; three of Megatron's live elsewhere: tensor_parallel/layers.py is the root's
+parallel_layers.py (the original repository's file), distributed/param_and_grad_buffer.py is
+inside optimizer/distrib_optimizer.py, and random.py's checkpoint is tensor_parallel/recompute.py.
 Nothing here imports training/ or a script; the model files at the root build on this package.
 """

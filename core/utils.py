@@ -1,5 +1,6 @@
-"""torch.distributed's one-buffer collectives, by the name this torch gives them, as Megatron
-keeps them (`dist_all_gather_func`, `dist_reduce_scatter_func`): torch 2.13 renamed
+"""torch.distributed's one-buffer collectives, by the name this torch gives them, under Megatron's
+names (`dist_all_gather_func`, `dist_reduce_scatter_func`, which Megatron defines in each module
+that uses them; here once): torch 2.13 renamed
 all_gather_into_tensor and reduce_scatter_tensor to all_gather_single and reduce_scatter_single
 and warns on the old names; every earlier torch knows only the old ones."""
 

@@ -66,8 +66,9 @@ def set_device(device: torch.device, stage_through_host: bool = False) -> None:
 
 
 def set_reduce_in_fp32(enabled: bool) -> None:
-    """Sum bf16 tensors in fp32 in the tensor-parallel all-reduces and reduce-scatters (twice the
-    bytes on the wire); off: in bf16, as Megatron does. See docs/precision.md."""
+    """Sum bf16 tensors in fp32 (twice the bytes on the wire) in every collective marked
+    summed=True; off: in bf16, as Megatron does. Only the tensor-parallel sums carry bf16: the
+    others sum fp32 main gradients, fp32 losses and norms, or integers. See docs/precision.md."""
     global _REDUCE_IN_FP32
     _REDUCE_IN_FP32 = enabled
 
@@ -142,6 +143,8 @@ CHECK_COLLECTIVES = os.environ.get("TP_CHECK_COLLECTIVES", "0") == "1"
 def _check(op: str, tensor: torch.Tensor, group) -> None:
     """NCCL's rules, on every backend, so that a CPU run finds what a GPU run would refuse."""
     _check_rules(op, tensor)
+    if group is None:  # torch would take the world: name the group, as Megatron's calls do
+        raise CollectiveRuleError(f"{op}: no process group given")
     if CHECK_COLLECTIVES:
         _check_same_on_every_rank(op, tensor, group)
 
@@ -203,6 +206,15 @@ def _wire_dtype(tensor: torch.Tensor, summed: bool) -> torch.dtype:
     return tensor.dtype
 
 
+def _empty_on_wire(out: torch.Tensor, summed: bool) -> torch.Tensor:
+    """An output buffer where the backend writes it: `out` itself, or an empty one in the wire
+    dtype, on the host when gloo carries CUDA tensors (its contents are overwritten)."""
+    dtype = _wire_dtype(out, summed)
+    if dtype == out.dtype and not _STAGE_THROUGH_HOST:
+        return out
+    return torch.empty(out.shape, dtype=dtype, device="cpu" if _STAGE_THROUGH_HOST else out.device)
+
+
 def _on_wire(tensor: torch.Tensor, summed: bool = False) -> torch.Tensor:
     """The tensor the backend moves: in its wire dtype (_wire_dtype), and a host copy when gloo
     carries CUDA tensors (as gloo's own CUDA path does); else the tensor itself."""
@@ -218,11 +230,14 @@ def collective(name: str, ring_share, summed: bool = False):
     call on `tensor` over `group` and returns its result (or, called with async_op=True, the
     result and torch's work handle): checked, counted under `name`, staged (module docstring).
 
-    `tensor` may be a list of tensors: `fn` then gets them laid end to end in one buffer, and the
-    result comes back into them. An output buffer given as `out=` is staged too, and the result
-    comes back into it. With async_op=True the call returns at once a function that waits and
-    returns the result. `ring_share(p)`: the share of its bytes each of p ranks sends
-    when the collective runs as a ring (_count); `summed`: the collective adds the ranks' tensors.
+    A function that works in place returns the tensor it was given, itself (not a view): the wire
+    then copies it back into the caller's where it staged a copy. `tensor` may be a list of
+    tensors: `fn` then gets them laid end to end in one buffer, sums in place, and the result
+    comes back into them. An output buffer given as `out=` is checked and overwritten (staged as
+    an empty buffer where the backend moves it), and returned. With async_op=True the call
+    returns at once a function that waits and returns the result. `ring_share(p)`: the share of
+    its bytes each of p ranks sends when the collective runs as a ring (_count); `summed`: the
+    collective adds the ranks' tensors.
     """
     def wrap(fn):
         @functools.wraps(fn)
@@ -232,17 +247,32 @@ def collective(name: str, ring_share, summed: bool = False):
                 tensor = torch.cat([t.reshape(-1) for t in given])
             staged = _to_wire(name, tensor, ring_share, group, summed)
             if out is not None:
-                given, tensor, kwargs["out"] = out, out, _on_wire(out)
+                _check_rules(name, out)
+                given, tensor, kwargs["out"] = out, out, _empty_on_wire(out, summed)
             if async_op:
                 output, work = fn(staged, group, *args, async_op=True, **kwargs)
             else:
                 output, work = fn(staged, group, *args, **kwargs), None
             if out is not None:
                 staged = kwargs["out"]
+            _check_in_place(name, given, staged, output)
             return _off_wire(given, tensor, staged, output, work, async_op)
         COLLECTIVES[f"{fn.__module__}.{fn.__qualname__}"] = call
         return call
     return wrap
+
+
+def _check_in_place(name, given, staged, output):
+    """A function given a list must sum in place, and one that works in place must return its
+    tensor itself: a view of it (or a new tensor for a list) would come back wrong, and only
+    where the wire staged a copy (gloo carrying CUDA tensors), far from any CPU test."""
+    if output is staged:
+        return
+    aliased = output.numel() and staged.numel() and \
+        output.untyped_storage().data_ptr() == staged.untyped_storage().data_ptr()
+    if isinstance(given, (list, tuple)) or aliased:
+        raise CollectiveRuleError(f"{name}: a collective that works in place must return the "
+                                  "tensor it was given, itself (wire.collective)")
 
 
 def _off_wire(given, tensor, staged, output, work, async_op):

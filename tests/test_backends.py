@@ -94,16 +94,50 @@ def test_a_node_without_gpus_makes_the_whole_job_gloo_on_cpu():
 
 
 def test_every_collective_checks_the_device():
-    """Every function marked @wire.collective, in core/ and training/ (tests/test_nccl_rules.py
-    checks that no collective goes around the wire)."""
+    """Every function marked @wire.collective (tests/test_nccl_rules.py checks that no collective
+    goes around the wire, and that these are all of them)."""
     import parallel_train  # noqa: F401  (imports every module that issues a collective)
-    assert len(comm.COLLECTIVES) >= 14, sorted(comm.COLLECTIVES)
     with mock.patch.object(comm, "_DEVICE", torch.device("cpu")):
         for name, op in comm.COLLECTIVES.items():
             with pytest.raises(comm.DeviceMismatchError) as e:
                 op(torch.empty(4, device="meta"), None)
             assert "was given a tensor on meta, but this run's collectives use cpu" in str(e.value)
             assert "\n" not in str(e.value), name
+
+
+def _check_staged_copies_come_back():
+    """The wire's staging as gloo carrying CUDA tensors does it (a copy of every tensor the
+    backend moves), played on the CPU by copying: every path brings the result back where the
+    caller wants it — in place (sync and async), a new tensor, a list, an `out=` buffer."""
+    from core.optimizer.distrib_optimizer import _all_gather
+    from core.tensor_parallel import mappings, sequence_parallel
+    comm._on_wire = lambda t, summed=False: t.to(comm._wire_dtype(t, summed)).clone()
+    comm._empty_on_wire = lambda out, summed: torch.empty_like(out)
+    rank, group = torch.distributed.get_rank(), ps.get_tensor_model_parallel_group()
+    base = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+    mine, summed = lambda: base + 10 * rank, 2 * base + 10  # rank r's, and both ranks' sum
+    t = mine()
+    assert mappings._reduce(t, group) is t and torch.equal(t, summed)
+    t = mine()
+    assert mappings._reduce(t, group, async_op=True)() is t and torch.equal(t, summed)
+    gathered = mappings._gather_along_last_dim(mine(), group)
+    assert torch.equal(gathered, torch.cat([base, base + 10], -1))
+    rows = sequence_parallel._reduce_scatter_along_first_dim(mine(), group, async_op=True)()
+    assert torch.equal(rows, summed[rank:rank + 1])
+    pieces = [mine(), mine()[0]]
+    average_replicated([], pieces)  # the list path (TP 2, DP 1: the sum over the stage's ranks)
+    assert torch.equal(pieces[0], summed) and torch.equal(pieces[1], summed[0])
+    buffer = torch.zeros(4, dtype=torch.float64)
+    buffer[2 * rank:2 * rank + 2] = rank + 1
+    assert _all_gather(buffer[2 * rank:2 * rank + 2], group, out=buffer) is buffer
+    assert torch.equal(buffer, torch.tensor([1.0, 1, 2, 2], dtype=torch.float64))
+    view = comm.collective("a_view", comm.ALL_REDUCE)(lambda x, group: x.view(-1))
+    with pytest.raises(comm.CollectiveRuleError, match="must return the tensor it was given"):
+        view(mine(), group)
+
+
+def test_the_wires_staged_copies_come_back_on_every_path():
+    run_distributed(_check_staged_copies_come_back, 2)
 
 
 def test_tf32_is_switched_off_whatever_the_environment_asked():

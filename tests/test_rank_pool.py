@@ -191,7 +191,7 @@ def _probe(tmp_path, name):
 
 
 def test_environment_read_at_import_is_the_jobs_own(tmp_path):
-    """communication.py reads TP_CHECK_COLLECTIVES when imported: each job imports it afresh."""
+    """core/wire.py reads TP_CHECK_COLLECTIVES when imported: each job imports it afresh."""
     (tmp_path / "probe.py").write_text(PROBE.format(repo=REPO))
     for value in ("0", "1", "0"):
         out = tmp_path / value / str(time.monotonic_ns())

@@ -12,11 +12,16 @@ After backward each rank's gradients are not yet the model's:
   * pipeline parallelism (Narayanan et al., 2021): the tied word embeddings live on the first
     stage (the lookup) and the last (the output layer), each copy with the gradient of its own
     use; summed over the embedding group, both take the step the serial model's one weight
-    takes, and stay equal (Megatron's `_allreduce_embedding_grads`).
+    takes, and stay equal (Megatron's `_allreduce_word_embedding_grads`).
 
 The loss the ranks report is finished alongside: the sum of the micro-batches' shares, averaged
 over the replicas where the model says it is a partial sum (`loss_is_partial`: ToyModel's under
 sequence parallelism), and sent from the pipeline's last stage, where it is computed, to all.
+Megatron's finalize_model_grads(model, num_tokens, ...) returns nothing and leaves the loss to
+its loss function and logging; here the loss rides in the same all-reduces as the gradients,
+and every rank reports it (the run checks that the tensor-parallel ranks agree). The private
+functions marked @wire.collective are each one torch.distributed call on a buffer the caller
+gathered: Megatron's functions of those names also collect the gradients from the model.
 """
 
 from fractions import Fraction

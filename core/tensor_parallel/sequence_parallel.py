@@ -118,7 +118,7 @@ class LinearWithSequenceParallel(torch.autograd.Function):
     def backward(ctx, grad_output):
         input_, weight = ctx.saved_tensors
         group = ps.get_tensor_model_parallel_group()
-        gathering = _gather_along_first_dim(input_, group, async_op=True)
+        gathering = _gather_along_first_dim(input_.contiguous(), group, async_op=True)
         grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
         total_input = gathering()
         scattering = None
