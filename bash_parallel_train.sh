@@ -50,6 +50,15 @@ with socket.socket() as s:
 PY
 fi
 
+if [ -n "${MASTER_ADDR:-}" ]; then
+    # An address that does not resolve: torchrun would retry for its whole timeout, warning.
+    "$PYTHON" -c 'import socket, sys
+try:
+    socket.getaddrinfo(sys.argv[1], None)
+except OSError:
+    sys.exit(f"error: MASTER_ADDR {sys.argv[1]} does not resolve; set it to node 0'"'"'s host name or address")' "$MASTER_ADDR" || exit 2
+fi
+
 [ "$NODE_RANK" != 0 ] || [ -f "$DATA_DIR/$DATA_FILE" ] || "$PYTHON" prepare_data.py --model "$MODEL" --data_dir "$DATA_DIR"
 
 # scripts/launch.py is torchrun with a one-line failure report (see its docstring).

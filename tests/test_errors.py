@@ -561,10 +561,12 @@ def test_a_model_too_big_for_the_machine_is_one_line(tmp_path, data_dir):
      "error: MASTER_PORT abc is not a port number (1 to 65535)"),
     ({"GPUS_PER_NODE": "0"}, "bash_parallel_train.sh",
      "error: GPUS_PER_NODE=0 must be a positive integer"),
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0.invalid"}, "bash_parallel_train.sh",
+     "error: MASTER_ADDR node0.invalid does not resolve; set it to node 0's host name or address"),
     ({"FROM": "abc"}, "scripts/change_tp_size.sh", "error: FROM=abc must be a positive integer"),
     ({"RUNS": "/sys/runs"}, "scripts/change_tp_size.sh",
      "error: RUNS=/sys/runs cannot be made or written; name another directory"),
-], ids=["port", "gpus", "from", "runs"])
+], ids=["port", "gpus", "address", "from", "runs"])
 def test_the_bash_scripts_check_their_variables(env, script, message):
     proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
                           timeout=FAIL_FAST_S, env={**os.environ, "PYTHON": sys.executable, **env})

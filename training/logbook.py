@@ -200,6 +200,10 @@ def report_communication(stats, args):
     if getattr(args, "pipeline_model_parallel_size", 1) > 1:
         _report_pipeline_papers(args)
         return
+    if tp == 1:
+        print("  Tensor-parallel size 1: no tensor-parallel collective runs (the papers' counts "
+              "of f and g start at 2); the rows above are the replicas' and the optimizer's.")
+        return
     if args.model == "transformer":
         _report_transformer_papers(args, tp, rows)
         return
