@@ -166,6 +166,16 @@ def test_the_toy_model_in_two_stages_is_the_serial_run_bit_for_bit(schedule, ser
     assert "Rank 0 Iter 12 Train Loss" in log
 
 
+def test_the_toy_model_in_two_stages_and_two_replicas_is_the_serial_run(serial_toy, data_dir,
+                                                                         tmp_path):
+    """PP 2 x DP 2: the last stage holds only fc, replicated, so no gradient of that stage is
+    split; its replicas skip the split gradients' average alike (it crashed on an empty list)."""
+    run_script("parallel_train.py", *TOY, "--data_dir", data_dir, "--out_dir", tmp_path,
+               "--tensor_model_parallel_size", "1", "--pipeline_model_parallel_size", "2",
+               nproc=4)
+    assert_same_as_serial(serial_toy, str(tmp_path))  # the replicas add in another order
+
+
 @pytest.mark.parametrize("m,dtype", [(1, "float64"), (8, "float64"), (2, "float32")])
 def test_one_to_eight_micro_batches_and_float32(m, dtype, data_dir, tmp_path):
     """m = 1 (nothing to overlap) and m = 8 bit for bit at float64; float32 too (the same

@@ -116,7 +116,9 @@ def average_over_data_parallel_replicas(params, loss, loss_is_partial):
     for p in params:
         grads[kind(p)].append(p.grad)
     grads["partial" if loss_is_partial else "whole"].append(loss)
-    _average_over_data_parallel(grads["split"], ps.get_data_parallel_group())
+    if grads["split"]:  # a stage holding only replicated layers (the toy's last: fc) has none,
+        # and so have its replicas, the data-parallel group: all of them skip alike
+        _average_over_data_parallel(grads["split"], ps.get_data_parallel_group())
     average_replicated(grads["whole"], grads["partial"])
     return loss[0]
 
