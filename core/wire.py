@@ -210,9 +210,7 @@ def _empty_on_wire(out: torch.Tensor, summed: bool) -> torch.Tensor:
     """An output buffer where the backend writes it: `out` itself, or an empty one in the wire
     dtype, on the host when gloo carries CUDA tensors (its contents are overwritten)."""
     dtype = _wire_dtype(out, summed)
-    if dtype == out.dtype and not _STAGE_THROUGH_HOST:
-        return out
-    return torch.empty(out.shape, dtype=dtype, device="cpu" if _STAGE_THROUGH_HOST else out.device)
+    return out if dtype == out.dtype and not _STAGE_THROUGH_HOST else wire_buffer(out.shape, dtype)
 
 
 def _on_wire(tensor: torch.Tensor, summed: bool = False) -> torch.Tensor:

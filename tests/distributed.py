@@ -65,15 +65,16 @@ PRELOAD = ["numpy", "torch", "torch.distributed", "torch.multiprocessing", "torc
            "torch.distributed.elastic.multiprocessing", "matplotlib.pyplot", "hypothesis", "pytest"]
 
 
-def _load_launch():
-    spec = importlib.util.spec_from_file_location("launch", os.path.join(REPO, "scripts",
-                                                                          "launch.py"))
+def load_script(path):
+    """The module of a script of this repository, `path` from its root (scripts/ is no package)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-failure_line = _load_launch().failure_line  # scripts/launch.py's last line for a failed job
+failure_line = load_script("scripts/launch.py").failure_line  # its last line for a failed job
 
 
 def comm_table(log):

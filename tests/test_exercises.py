@@ -5,24 +5,14 @@ and what the page says catches the bug checked to catch it. The data sets are th
 reference runs made once for the module (on unmodified code, before the edit): each exercise
 still passes alone and in any order, making what it lacks."""
 
-import importlib.util
 import os
 import re
 
 import pytest
 
-from distributed import REPO, comm_table, run_script
+from distributed import REPO, comm_table, load_script, run_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("exercise",
-                                                  os.path.join(REPO, "scripts", "exercise.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-exercise = _load()
+exercise = load_script("scripts/exercise.py")
 
 
 def pool_launcher(copy, script, args, nproc=None, env=None):
