@@ -29,6 +29,7 @@ from core.pipeline_parallel.schedules import chunk_layers, forward_only, get_for
 from core.tensor_parallel.sequence_parallel import sequence_parallel_disabled
 from train import build_model, evaluate, holds, load_data, make_optimizer, torch_optimizer
 from training import initialize
+from training.activation_memory import report_activations_kept
 from training.arguments import get_parallel_args
 from training.checkpointing import (
     gather_over_pipeline,
@@ -179,6 +180,7 @@ def run(args, device, precision):
         train(model, optimizer, batches, logbook, args, start)
     state = serial_state_dict(optimizer.gather_main_model() if args.use_distributed_optimizer
                               else main)
+    report_activations_kept(args)  # every stage's, gathered to the first
     if rank == 0:
         save_model(state, args.out_dir)
         report_communication(logbook.first_step_comm, args)

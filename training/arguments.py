@@ -4,6 +4,7 @@ defaults, and every check that can be made before any work, identically on every
 import math
 import os
 import sys
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -123,12 +124,7 @@ def parse_args(parser, argv=None):
                      "give a larger NORM")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.dropout and not transformer:
-        parser.error(f"--dropout {args.dropout} drops out in the transformer's blocks; the toy "
-                     "model has no dropout (Fig. 3a's MLP without it): add --model transformer")
-    if args.recompute_granularity and not transformer:
-        parser.error(f"--recompute_granularity {args.recompute_granularity} recomputes the "
-                     "transformer's blocks; the toy model has none: add --model transformer")
+    check_combinations(parser, args, MODEL_RULES)
     if transformer and args.input_size % args.num_attention_heads != 0:
         parser.error(f"--input_size {args.input_size} is not divisible by "
                      f"--num_attention_heads {args.num_attention_heads}")
@@ -202,6 +198,7 @@ def get_args(argv=None):
     check_micro_batches(parser, args, args.batch_size)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA GPU; use --device cpu (or auto)")
+    check_the_flags_given(parser, args, argv)
     return args
 
 
@@ -252,21 +249,11 @@ def get_parallel_args(argv=None):
     args.save_interval = 100 if args.save_interval is None else args.save_interval
     if args.save_interval <= 0:
         parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
-    if args.tp_reduce_dtype == "float32" and args.dtype != "bfloat16":
-        parser.error(f"--tp_reduce_dtype float32 changes bfloat16 runs only; this one is "
-                     f"--dtype {args.dtype}")
-    tp = args.tensor_model_parallel_size
-    if tp <= 0:
-        parser.error(f"--tensor_model_parallel_size must be a positive integer, got {tp}")
-    if args.distribute_saved_activations and args.recompute_granularity != "full":
-        parser.error("--distribute_saved_activations splits what full recomputation keeps: add "
-                     "--recompute_granularity full")
-    if args.distribute_saved_activations and args.sequence_parallel:
-        parser.error("--distribute_saved_activations with --sequence_parallel: the block's input "
-                     "is this rank's rows already (Megatron refuses both); leave one out")
-    if args.tp_reduce_dtype == "float32" and tp == 1:
-        parser.error("--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
-                     "--tensor_model_parallel_size 1 there are none")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    for flag, size in (("tensor", tp), ("pipeline", pp)):
+        if size <= 0:
+            parser.error(f"--{flag}_model_parallel_size must be a positive integer, got {size}")
+    check_combinations(parser, args, FLAG_RULES)
     timeout = args.distributed_timeout_minutes
     if not (timeout > 0 and math.isfinite(timeout)):
         parser.error("--distributed_timeout_minutes must be a positive number, got "
@@ -289,12 +276,11 @@ def get_parallel_args(argv=None):
     if world_size % tp != 0:
         parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
                      f"{tp}; launch a multiple of {tp} processes")
-    pp = args.pipeline_model_parallel_size
     if world_size % (tp * pp) != 0:
         parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
                      f"{tp} x --pipeline_model_parallel_size {pp}; launch a multiple of {tp * pp} "
                      "processes")
-    dp = world_size // (tp * pp)
+    dp = args.data_parallel_size = world_size // (tp * pp)
     if args.batch_size % dp != 0:
         sizes = f"tensor-parallel size {tp}" if pp == 1 else \
             f"(tensor-parallel size {tp} x pipeline-parallel size {pp})"
@@ -302,18 +288,8 @@ def get_parallel_args(argv=None):
                      f"{dp} (world size {world_size} / {sizes}); each replica takes an equal "
                      "share")
     check_micro_batches(parser, args, args.batch_size // dp)
-    check_pipeline(parser, args, tp)
-    if args.model == "transformer" and args.num_attention_heads % tp != 0:
-        parser.error(f"--num_attention_heads {args.num_attention_heads} is not divisible by "
-                     f"--tensor_model_parallel_size {tp}; each rank computes whole heads")
-    if args.model == "transformer" and args.sequence_parallel and args.seq_length % tp != 0:
-        parser.error(f"--sequence_parallel splits the {args.seq_length} tokens of a sequence "
-                     f"between {tp} tensor-parallel ranks; choose a --seq_length that they divide")
-    if args.model == "toy" and args.sequence_parallel and args.micro_batch_size % tp != 0:
-        whose = "replica's" if args.num_microbatches == 1 else "micro-batch's"
-        parser.error(f"--sequence_parallel splits each {whose} {args.micro_batch_size} rows "
-                     f"between {tp} tensor-parallel ranks; choose a --batch_size (or "
-                     "--micro_batch_size) that makes them divisible")
+    check_combinations(parser, args, SIZE_RULES)
+    check_the_flags_given(parser, args, argv)
     return args
 
 
@@ -330,27 +306,147 @@ def check_micro_batches(parser, args, replica_rows):
     args.num_microbatches = replica_rows // args.micro_batch_size
 
 
-def check_pipeline(parser, args, tp):
-    """--pipeline_model_parallel_size, its schedule and its virtual stages."""
-    pp, v = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
-    if pp <= 0:
-        parser.error(f"--pipeline_model_parallel_size must be a positive integer, got {pp}")
-    if args.model == "toy" and pp > 2:
-        parser.error(f"--pipeline_model_parallel_size {pp}: the toy model has two stages (the MLP "
-                     "| fc); use 1 or 2, or --model transformer")
-    if v is not None and (v <= 1 or pp == 1 or args.model == "toy"):
-        parser.error(f"--virtual_pipeline_model_parallel_size {v} gives each of the transformer's "
-                     "pipeline stages several chunks of blocks: it needs --model transformer, "
-                     "--pipeline_model_parallel_size 2 or more and a size of 2 or more")
-    if v is not None and args.pipeline_schedule == "gpipe":
-        parser.error("--virtual_pipeline_model_parallel_size runs the interleaved 1F1B schedule; "
-                     "leave out --pipeline_schedule gpipe")
-    if v is not None and args.num_microbatches % pp != 0:
-        parser.error(f"the interleaved schedule runs micro-batches in groups of the pipeline size "
-                     f"{pp} (as Megatron's): {args.num_microbatches} micro-batches are not; choose "
-                     "--micro_batch_size so that they are")
-    chunks = pp * (v or 1)
-    if args.model == "transformer" and args.num_layers % chunks != 0:
-        parser.error(f"--num_layers {args.num_layers} cannot be split evenly into {chunks} "
-                     f"pipeline chunks (PP {pp} x virtual {v or 1}); choose a multiple of {chunks}")
+class Rule(NamedTuple):
+    """A combination of flags that cannot run: the flags it reads (names in args), whether it
+    refuses them, and the one line that says why and what to do."""
+    reads: tuple
+    refuses: Callable
+    says: Callable
 
+
+def check_combinations(parser, args, rules):
+    for rule in rules:
+        if rule.refuses(args):
+            parser.error(rule.says(args))
+
+
+# The combinations that cannot run, each stated once: the checks above read these tables, and so
+# does the tests' covering array of configurations (tests/configurations.py), which must never
+# pick one. MODEL_RULES: both scripts' flags; FLAG_RULES: parallel_train.py's, before the sizes
+# are checked against the world; SIZE_RULES: after, with the data-parallel size and the number of
+# micro-batches known.
+MODEL_RULES = (
+    Rule(("dropout", "model"), lambda a: a.dropout and a.model == "toy",
+         lambda a: f"--dropout {a.dropout} drops out in the transformer's blocks; the toy model "
+                   "has no dropout (Fig. 3a's MLP without it): add --model transformer"),
+    Rule(("recompute_granularity", "model"), lambda a: a.recompute_granularity and a.model == "toy",
+         lambda a: f"--recompute_granularity {a.recompute_granularity} recomputes the "
+                   "transformer's blocks; the toy model has none: add --model transformer"),
+)
+FLAG_RULES = (
+    Rule(("tp_reduce_dtype", "dtype"), lambda a: a.tp_reduce_dtype == "float32" and
+         a.dtype != "bfloat16",
+         lambda a: f"--tp_reduce_dtype float32 changes bfloat16 runs only; this one is --dtype "
+                   f"{a.dtype}"),
+    Rule(("distribute_saved_activations", "recompute_granularity"),
+         lambda a: a.distribute_saved_activations and a.recompute_granularity != "full",
+         lambda a: "--distribute_saved_activations splits what full recomputation keeps: add "
+                   "--recompute_granularity full"),
+    Rule(("distribute_saved_activations", "sequence_parallel"),
+         lambda a: a.distribute_saved_activations and a.sequence_parallel,
+         lambda a: "--distribute_saved_activations with --sequence_parallel: the block's input is "
+                   "this rank's rows already (Megatron refuses both); leave one out"),
+    Rule(("tp_reduce_dtype", "tensor_model_parallel_size"),
+         lambda a: a.tp_reduce_dtype == "float32" and a.tensor_model_parallel_size == 1,
+         lambda a: "--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
+                   "--tensor_model_parallel_size 1 there are none"),
+)
+SIZE_RULES = (
+    Rule(("model", "pipeline_model_parallel_size"),
+         lambda a: a.model == "toy" and a.pipeline_model_parallel_size > 2,
+         lambda a: f"--pipeline_model_parallel_size {a.pipeline_model_parallel_size}: the toy "
+                   "model has two stages (the MLP | fc); use 1 or 2, or --model transformer"),
+    Rule(("virtual_pipeline_model_parallel_size", "pipeline_model_parallel_size", "model"),
+         lambda a: a.virtual_pipeline_model_parallel_size is not None and (
+             a.virtual_pipeline_model_parallel_size <= 1 or a.pipeline_model_parallel_size == 1
+             or a.model == "toy"),
+         lambda a: f"--virtual_pipeline_model_parallel_size "
+                   f"{a.virtual_pipeline_model_parallel_size} gives each of the transformer's "
+                   "pipeline stages several chunks of blocks: it needs --model transformer, "
+                   "--pipeline_model_parallel_size 2 or more and a size of 2 or more"),
+    Rule(("virtual_pipeline_model_parallel_size", "pipeline_schedule"),
+         lambda a: a.virtual_pipeline_model_parallel_size is not None and
+         a.pipeline_schedule == "gpipe",
+         lambda a: "--virtual_pipeline_model_parallel_size runs the interleaved 1F1B schedule; "
+                   "leave out --pipeline_schedule gpipe"),
+    Rule(("virtual_pipeline_model_parallel_size", "num_microbatches",
+          "pipeline_model_parallel_size"),
+         lambda a: a.virtual_pipeline_model_parallel_size is not None and
+         a.num_microbatches % a.pipeline_model_parallel_size != 0,
+         lambda a: "the interleaved schedule runs micro-batches in groups of the pipeline size "
+                   f"{a.pipeline_model_parallel_size} (as Megatron's): {a.num_microbatches} "
+                   "micro-batches are not; choose --micro_batch_size so that they are"),
+    Rule(("model", "num_layers", "pipeline_model_parallel_size",
+          "virtual_pipeline_model_parallel_size"),
+         lambda a: a.model == "transformer" and a.num_layers % chunks(a) != 0,
+         lambda a: f"--num_layers {a.num_layers} cannot be split evenly into {chunks(a)} pipeline "
+                   f"chunks (PP {a.pipeline_model_parallel_size} x virtual "
+                   f"{a.virtual_pipeline_model_parallel_size or 1}); choose a multiple of "
+                   f"{chunks(a)}"),
+    Rule(("model", "num_attention_heads", "tensor_model_parallel_size"),
+         lambda a: a.model == "transformer" and
+         a.num_attention_heads % a.tensor_model_parallel_size != 0,
+         lambda a: f"--num_attention_heads {a.num_attention_heads} is not divisible by "
+                   f"--tensor_model_parallel_size {a.tensor_model_parallel_size}; each rank "
+                   "computes whole heads"),
+    Rule(("model", "sequence_parallel", "seq_length", "tensor_model_parallel_size"),
+         lambda a: a.model == "transformer" and a.sequence_parallel and
+         a.seq_length % a.tensor_model_parallel_size != 0,
+         lambda a: f"--sequence_parallel splits the {a.seq_length} tokens of a sequence between "
+                   f"{a.tensor_model_parallel_size} tensor-parallel ranks; choose a --seq_length "
+                   "that they divide"),
+    Rule(("model", "sequence_parallel", "micro_batch_size", "num_microbatches",
+          "tensor_model_parallel_size"),
+         lambda a: a.model == "toy" and a.sequence_parallel and
+         a.micro_batch_size % a.tensor_model_parallel_size != 0,
+         lambda a: f"--sequence_parallel splits each "
+                   f"{'replica' if a.num_microbatches == 1 else 'micro-batch'}'s "
+                   f"{a.micro_batch_size} rows between {a.tensor_model_parallel_size} "
+                   "tensor-parallel ranks; choose a --batch_size (or --micro_batch_size) that "
+                   "makes them divisible"),
+)
+
+
+def chunks(a):
+    """The pipeline's chunks of layers: P stages of V chunks each."""
+    return a.pipeline_model_parallel_size * (a.virtual_pipeline_model_parallel_size or 1)
+
+
+def check_the_flags_given(parser, args, argv):
+    """What the user's own flags (read from argv by the parser's rules: abbreviations, --flag=value;
+    not by comparing with the defaults) do where they would do nothing, in one note each on
+    rank 0; a --load or --save folder whose tracker is gone, refused. args.given_flags lists them
+    (a resume takes the optimizer's hyperparameters given, and keeps the checkpoint's others:
+    training/checkpointing.py). Called last in get_args and get_parallel_args."""
+    import argparse
+
+    from training.checkpointing import missing_tracker
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, probe)  # (the flags parsed once already: no error here)
+    flag_of = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    args.given_flags = sorted(flag_of[dest] for dest, value in vars(probe).items()
+                              if value is not unset and dest in flag_of)
+    given = set(args.given_flags)
+    for flag in ("--load", "--save"):  # --load first: the same folder for both is a restart
+        directory = getattr(args, flag[2:], None)
+        if directory and (message := missing_tracker(directory, flag)):
+            parser.error(message)
+    notes = []
+    if "--momentum" in given and args.optimizer == "adam":
+        notes.append(f"--momentum {args.momentum:g} is SGD's: --optimizer adam does not use it "
+                     f"(its momentum is --adam_beta1, now {args.adam_beta1:g})")
+    adams = [flag for flag in ("--adam_beta1", "--adam_beta2", "--adam_eps") if flag in given]
+    if adams and args.optimizer == "sgd":
+        one = len(adams) == 1
+        notes.append(f"{' and '.join(adams)} {'is' if one else 'are'} Adam's: --optimizer sgd "
+                     f"does not use {'it' if one else 'them'}; add --optimizer adam to train "
+                     "with Adam")
+    if "--pipeline_schedule" in given and getattr(args, "pipeline_model_parallel_size", 1) == 1:
+        notes.append(f"--pipeline_schedule {args.pipeline_schedule} orders the micro-batches "
+                     "through a pipeline's stages: without a pipeline "
+                     "(--pipeline_model_parallel_size 1) it changes nothing")
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"note: {note}", flush=True)

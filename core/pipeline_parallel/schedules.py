@@ -38,6 +38,22 @@ from core.pipeline_parallel import p2p_communication as p2p
 TIMELINE = None
 
 
+class _Kept:
+    """How many micro-batches (per chunk, under interleaving) this rank holds activations of for
+    their backward: `now`, and `peak` since the last reset. A forward adds one, its backward
+    frees it: the schedules' memory, in micro-batches (GPipe m, 1F1B p - s: Sec. 2.2)."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def add(self, n):
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+
+KEPT = _Kept()
+
+
 def _recorded(kind, run):
     if TIMELINE is None:
         return run()
@@ -71,6 +87,7 @@ def forward_step(forward_step_func, model_chunk, microbatch, input_tensor, num_m
                  losses):
     """One micro-batch's forward through one chunk; on the last stage its loss / m."""
     output_tensor = _recorded("F", lambda: forward_step_func(model_chunk, microbatch, input_tensor))
+    KEPT.add(1)
     if ps.is_pipeline_last_stage():
         output_tensor = output_tensor / num_microbatches
         losses.append(output_tensor.detach())
@@ -81,6 +98,7 @@ def backward_step(input_tensor, output_tensor, output_tensor_grad):
     """Backward from this chunk's output (the loss on the last stage, where output_tensor_grad is
     None) to its input; returns the input's gradient, for the previous stage."""
     _recorded("B", lambda: custom_backward(output_tensor, output_tensor_grad))
+    KEPT.add(-1)
     return None if input_tensor is None else input_tensor.grad
 
 
