@@ -13,6 +13,7 @@ outside the split region holds only the rank's rows, f becomes an all-gather
 and g a reduce-scatter.
 """
 
+import argparse
 import os
 
 import matplotlib
@@ -270,12 +271,18 @@ def main(argv=None):
     p.add_argument("--num_attention_heads", type=int, default=4, help="transformer")
     p.add_argument("--pp", type=int, default=None,
                    help="draw the pipeline's stages instead (assets/pipeline_stages.png)")
-    p.add_argument("--virtual", type=int, default=1, help="with --pp: chunks per stage")
+    p.add_argument("--virtual", type=int, default=None, help="with --pp: chunks per stage "
+                                                              "(default 1)")
     p.add_argument("--num_layers", type=int, default=None,
                    help="with --pp: the transformer's blocks (default: one per chunk)")
     args = p.parse_args(argv)
+    given = given_flags(p, argv)
     if args.pp is not None:
-        return stages_main(p, args)
+        return stages_main(p, args, [flag for flag in TENSOR_PARALLEL_ONLY if flag in given])
+    if pipeline_only := [flag for flag in ("--virtual", "--num_layers") if flag in given]:
+        p.error(f"{' and '.join(pipeline_only)} draw{'s' if len(pipeline_only) == 1 else ''} "
+                "the pipeline's stages: add --pp P (e.g. --pp 2 --virtual 2 --model transformer)"
+                "; without --pp the picture is the tensor-parallel split")
     sizes = ["tp", "input_size", "batch_size", "hidden_size", "vocab_size", "seq_length",
              "num_attention_heads"]
     for name in sizes:
@@ -304,8 +311,25 @@ def main(argv=None):
     return draw(args.tp, args.input_size, hidden, args.batch_size, out, args.sequence_parallel)
 
 
-def stages_main(p, args):
-    """draw_diagram.py --pp: its checks, then the picture."""
+# The tensor-parallel picture's flags, which the pipeline's (--pp) does not draw.
+TENSOR_PARALLEL_ONLY = ("--tp", "--sequence_parallel", "--input_size", "--hidden_size",
+                        "--batch_size", "--vocab_size", "--seq_length", "--num_attention_heads")
+
+
+def given_flags(parser, argv):
+    """The flags the user gave (argv read by the parser's own rules), whatever their values."""
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, probe)
+    return {a.option_strings[0] for a in parser._actions
+            if a.option_strings and getattr(probe, a.dest, unset) is not unset}
+
+
+def stages_main(p, args, left_out=()):
+    """draw_diagram.py --pp: its checks, then the picture; a note on the flags of the
+    tensor-parallel picture given (left_out), which this one does not draw."""
+    args.virtual = 1 if args.virtual is None else args.virtual
     if args.pp <= 0 or args.virtual <= 0:
         p.error(f"--pp and --virtual must be positive integers, got {args.pp} and {args.virtual}")
     if args.model == "toy" and (args.pp != 2 or args.virtual != 1):
@@ -317,6 +341,10 @@ def stages_main(p, args):
                 "chunks")
     out = args.out or "assets/pipeline_stages.png"
     check_output(p, "--out", out, ".png")
+    if left_out:
+        print(f"note: --pp draws the pipeline's stages only (one row per stage, its chunks and "
+              f"blocks); {' and '.join(left_out)} {'is' if len(left_out) == 1 else 'are'} left "
+              "out of it: draw the tensor-parallel picture without --pp")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     return draw_stages(args.pp, args.virtual, layers, args.model, out)
 

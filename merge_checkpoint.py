@@ -25,6 +25,7 @@ from training.checkpointing import (
     CheckpointError,
     latest_iteration,
     load_stages,
+    missing_tracker,
     shard_path,
 )
 from training.metrics import atomic_write
@@ -65,7 +66,12 @@ def save_resharded(stages, iteration, tp, directory):
                               "directory")
     for stage, shards in enumerate(stages):
         for tp_rank in range(tp):
-            state = reshard(shards.__getitem__, len(shards), tp, tp_rank)
+            # A distributed optimizer's replicas' files were put together on reading: the shard
+            # written holds the whole state, as the plain optimizer's (any data-parallel size
+            # resumes it, with or without --use_distributed_optimizer), and no header that would
+            # send a reader to files not written here.
+            state = {k: v for k, v in reshard(shards.__getitem__, len(shards), tp, tp_rank).items()
+                     if k != "distributed_optimizer"}
             path = shard_path(directory, iteration, tp_rank, stage if len(stages) > 1 else None)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write(path, lambda f: torch.save(state, f))
@@ -99,6 +105,8 @@ def main(argv=None):
         iteration = args.iteration
         if iteration is None:
             iteration = latest_iteration(args.directory)
+        if iteration is None and (message := missing_tracker(args.directory, "")):
+            raise CheckpointError(message.lstrip())
         if iteration is None:
             out_dir = os.path.isfile(os.path.join(args.directory, "model.pt"))
             raise CheckpointError(f"no checkpoint in {args.directory} (no {TRACKER})" + (
@@ -112,8 +120,12 @@ def main(argv=None):
     except (CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
     if args.save:
+        replicas = shards[0].get("distributed_optimizer", {}).get("data_parallel_size")
         print(f"cut the {len(shards)} shards of iteration {iteration} into "
-              f"{args.tensor_model_parallel_size} in {args.save}, momentum included")
+              f"{args.tensor_model_parallel_size} in {args.save}, momentum included"
+              + (f" (the distributed optimizer's {replicas} replicas' files put together into "
+                 "each shard: it resumes at any data-parallel size, with or without "
+                 "--use_distributed_optimizer)" if replicas else ""))
         return
     state = {}
     for stage in stages:  # the tied embeddings' copies are equal: the first stage's kept

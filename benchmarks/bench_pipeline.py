@@ -1,7 +1,7 @@
 """The pipeline's bubble and the activations it keeps, measured against Narayanan et al. (2021).
 
-    python -m benchmarks.bench_pipeline                 # assets/pipeline_schedule.png
-    python -m benchmarks.bench_pipeline --quick         # fewer points, for the tests
+    python -m benchmarks.bench_pipeline            # assets/pipeline_schedule.png and .json
+    python -m benchmarks.bench_pipeline --quick    # fewer points: runs/pipeline_schedule_quick.*
 
 On 2 CPU cores shared with other work: 79 s, and 21 s with --quick (docs/pipeline.md: what
 that load does to the measured bubble).
@@ -20,7 +20,6 @@ and the point-to-point latency alone. Beside it, one real run: the toy transform
 (one core each), whose timeline shows the same pattern with compute's own irregular lengths.
 """
 
-import json
 import os
 import time
 
@@ -29,8 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from benchmarks.configs import cpu_name
-from benchmarks.launcher import driver_parser, launch, print_result
-from training.operations import check_output
+from benchmarks.launcher import driver_args, driver_cli, launch, print_result, write_results
 
 T_F = 0.010  # seconds of one micro-batch's forward through one stage (synthetic mode)
 POINTS = [("gpipe", 2, 4, 1), ("1f1b", 2, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1),
@@ -223,18 +221,14 @@ def plot(results, path):
 
 
 def main():
-    p = driver_parser(__doc__, "assets/pipeline_schedule.png", "assets/pipeline_schedule.json",
-                      "pipeline", ("pipeline_schedule", "num_microbatches", "virtual_size",
-                                   "real_compute", "steps", "warmup", "threads", "config",
-                                   "device"))
-    args = p.parse_args()
+    args = driver_args(__doc__, "pipeline_schedule", "pipeline",
+                       ("pipeline_schedule", "num_microbatches", "virtual_size", "real_compute",
+                        "steps", "warmup", "threads", "config", "device"))
     if args.worker:
         args.schedule, args.m, args.v = (args.pipeline_schedule, int(args.num_microbatches),
                                          int(args.virtual_size))
         args.real = args.real_compute == "1"
         return worker(args)
-    check_output(p, "--plot", args.plot, ".png")
-    check_output(p, "--out", args.out, ".json")
     results = []
     points = QUICK_POINTS if args.quick else POINTS
     mp, mm = QUICK_MEMORY if args.quick else MEMORY
@@ -259,15 +253,15 @@ def main():
     chosen = [r for r in results if (r["schedule"], r["p"], r["m"], r["v"]) in PICTURE
               and not r["real"]]
     real = [r for r in results if r["real"]]
-    plot(chosen + real if len(chosen) == len(PICTURE) else results, args.plot)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(machine=dict(processor=cpu_name(), cpu_count=os.cpu_count(),
-                                    torch=torch.__version__), t_f=T_F,
-                       results=[{k: v for k, v in r.items() if k != "timelines"}
-                                for r in results], memory=memory), f, indent=1)
-    print(f"measured on {cpu_name()}, {os.cpu_count()} cores; wrote {args.plot}, {args.out}")
+    print(f"measured on {cpu_name()}, {os.cpu_count()} cores")
+    report = dict(machine=dict(processor=cpu_name(), cpu_count=os.cpu_count(),
+                               torch=torch.__version__), t_f=T_F,
+                  results=[{k: v for k, v in r.items() if k != "timelines"} for r in results],
+                  memory=memory)
+    write_results(report, args.out,
+                  lambda path: plot(chosen + real if len(chosen) == len(PICTURE) else results,
+                                    path), args.plot)
 
 
 if __name__ == "__main__":
-    main()
+    driver_cli(main)

@@ -288,4 +288,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    launcher.driver_cli(main)  # Ctrl-C: its workers stopped, one line

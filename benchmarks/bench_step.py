@@ -50,7 +50,7 @@ import torch
 
 from benchmarks import launcher, step_workers
 from benchmarks.configs import CONFIGS, cpu_name
-from benchmarks.launcher import launch
+from benchmarks.launcher import driver_cli, launch
 from benchmarks.step_report import (
     check_targets,
     paper_count,
@@ -190,4 +190,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    driver_cli(main)  # Ctrl-C: its workers stopped, one line

@@ -43,7 +43,7 @@ import torch
 
 from benchmarks import configs, launcher, scaling_workers
 from benchmarks.configs import cpu_name
-from benchmarks.launcher import run_side_by_side
+from benchmarks.launcher import driver_cli, run_side_by_side
 from benchmarks.scaling_model import (
     BATCH,
     INPUT,
@@ -108,13 +108,15 @@ def parse_args():
                    help="timed iterations per point (default: 300 at small sizes, fewer at large)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--max_tp", type=int, default=None)
-    p.add_argument("--out", default="assets/scaling.json")
-    p.add_argument("--plot", default="assets/scaling.png")
+    p.add_argument("--out", help="default: assets/scaling.json; --quick: runs/scaling_quick.json")
+    p.add_argument("--plot", help="default: assets/scaling.png; --quick: runs/scaling_quick.png")
     p.add_argument("--worker", choices=["compute", "allreduce"], help=argparse.SUPPRESS)
     p.add_argument("--widths", type=int, nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--sizes", type=int, nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=200, help=argparse.SUPPRESS)
     args = p.parse_args()
+    default = "runs/scaling_quick" if args.quick else "assets/scaling"  # a quick look: not assets/
+    args.out, args.plot = args.out or default + ".json", args.plot or default + ".png"
     args.grid = sorted(args.grid or (QUICK_GRID if args.quick else GRID))
     if any(h % 4 for h in args.grid) or min(args.grid) < 4:
         p.error("--grid: hidden sizes must be multiples of 4, at least 4")
@@ -264,4 +266,4 @@ def print_report(report):
 
 
 if __name__ == "__main__":
-    main()
+    driver_cli(main)  # Ctrl-C: its workers stopped, one line

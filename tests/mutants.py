@@ -207,6 +207,46 @@ MUTANTS = {
         "core/optimizer/distrib_optimizer.py",
         "main.no_weight_decay = no_weight_decay(param)",
         "main.no_weight_decay = no_weight_decay(main)", ["tests/test_distrib_optimizer.py"]),
+    # Issue 37's kinds: in a pair of options no test ran together (the covering array,
+    # tests/test_configurations.py), a path compared with itself, a helper its caller never calls
+    # (tests/test_references.py).
+    "interleaved x distributed optimizer: only the first chunk's parameters all-gathered": (
+        "core/optimizer/distrib_optimizer.py",
+        "        for buffer in self.buffers:\n            buffer.all_gather_params()",
+        "        for buffer in self.buffers[:1]:\n            buffer.all_gather_params()",
+        ["tests/test_configurations.py"]),
+    "the distributed optimizer x clipping: the model's gradients clipped, not the optimizer's "
+    "shards": (
+        "parallel_train.py",
+        "    params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters",
+        "    params = list(model.parameters())  # under bf16 the fp32 main parameters",
+        ["tests/test_configurations.py"]),
+    "interleaved x clipping: the last stage's tied embedding counted again (its chunk asked)": (
+        "training/clip_grads.py", "and ps.is_pipeline_last_stage(ignore_virtual=True):",
+        "and ps.is_pipeline_last_stage():", ["tests/test_configurations.py"]),
+    "self-comparison: AdamW's decoupled decay built as Adam's L2": (
+        "train.py", "adam = torch.optim.AdamW if wd else torch.optim.Adam",
+        "adam = torch.optim.Adam", ["tests/test_references.py"]),
+    "self-comparison: Adam's beta2 read from --adam_beta1": (
+        "train.py", "betas=(args.adam_beta1, args.adam_beta2))",
+        "betas=(args.adam_beta1, args.adam_beta1))", ["tests/test_references.py"]),
+    "self-comparison: SGD's momentum dampened": (
+        "train.py", "lr=args.init_lr, momentum=args.momentum)",
+        "lr=args.init_lr, momentum=args.momentum, dampening=args.momentum)",
+        ["tests/test_references.py"]),
+    "uncalled helper: 1F1B's steady state keeps its sent outputs": (
+        "core/pipeline_parallel/schedules.py",
+        "        output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, "
+        "dtype)\n        deallocate_output_tensor(output_tensor)  # not the last stage's: a 0-dim "
+        "loss\n",
+        "        output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, tensor_shape, "
+        "dtype)\n", ["tests/test_references.py"]),
+    "uncalled helper: the interleaved steady state keeps its sent outputs": (
+        "core/pipeline_parallel/schedules.py",
+        "                output, input_grad, recv_prev, recv_next, self.shape, self.dtype)\n"
+        "            deallocate_output_tensor(output)\n",
+        "                output, input_grad, recv_prev, recv_next, self.shape, self.dtype)\n",
+        ["tests/test_references.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

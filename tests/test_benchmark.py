@@ -2,11 +2,15 @@
 """
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from benchmarks import bench_step, launcher
+from benchmarks import bench_distrib_optimizer, bench_pipeline, bench_step, launcher
 from benchmarks.configs import CONFIGS
 from distributed import pooled_subprocess
 from figures import bars, lines, png_pixels, record_saved_figures, words
@@ -209,3 +213,118 @@ def test_the_recompute_report_divides_by_none_only_where_it_ran(capsys):
     bench_recompute.print_report("tiny_transformer", cfg, [row("none", 1.0), row("full", 2.0)])
     full = capsys.readouterr().out.splitlines()[-1]
     assert full.count("2.00x") == 2, full  # time and FLOPs, each against none's
+
+
+class _NoWorkers:
+    """launcher.subprocess for a driver that must stop before its first worker."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a worker was launched (subprocess.{name})")
+
+
+@pytest.mark.parametrize("module,name", [(bench_pipeline, "pipeline_schedule"),
+                                         (bench_distrib_optimizer,
+                                          "distributed_optimizer_memory")])
+def test_quick_writes_to_runs_and_the_outputs_are_checked_before_any_work(module, name,
+                                                                          monkeypatch, capsys):
+    """--quick leaves the committed assets/ alone (runs/NAME_quick.*); a full run writes them; an
+    --out or --plot that cannot be written stops the driver before its first worker, in one
+    line."""
+    quick = f"runs/{name}_quick"
+    for argv, plot, out in ((["--quick"], quick + ".png", quick + ".json"),
+                            ([], f"assets/{name}.png", f"assets/{name}.json"),
+                            (["--quick", "--plot", "a.png"], "a.png", quick + ".json")):
+        monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+        args = launcher.driver_args(module.__doc__, name, "w", ())
+        assert (args.plot, args.out) == (plot, out), argv
+    monkeypatch.setattr(launcher, "subprocess", _NoWorkers())
+    readme = os.path.join(launcher.REPO, "README.md")
+    for flag in ("--out", "--plot"):
+        monkeypatch.setattr(sys, "argv", [module.__file__, "--quick", flag,
+                                          os.path.join(readme, "x.png")])
+        with pytest.raises(SystemExit) as stopped:
+            module.main()
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.endswith(f"{readme} is a file; name a directory "
+                                                "(see --help)\n")
+
+
+def test_results_go_into_a_folder_not_made_yet_and_ctrl_c_waits_for_them(tmp_path):
+    """write_results makes the folders check_output promised, and holds Ctrl-C off while it
+    writes (then puts the handler back): both files or neither."""
+    handler = signal.getsignal(signal.SIGINT)
+    seen = []
+    draw = lambda path: (seen.append(signal.getsignal(signal.SIGINT)),
+                         open(path, "wb").write(b"png"))
+    launcher.write_results({"a": 1}, tmp_path / "new" / "r.json", draw,
+                           tmp_path / "other" / "p.png")
+    assert json.loads((tmp_path / "new" / "r.json").read_text()) == {"a": 1}
+    assert (tmp_path / "other" / "p.png").read_bytes() == b"png"
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is handler
+
+
+def _descendants(pid):
+    """Every process under `pid`, from /proc (torchrun's ranks sit in sessions of their own)."""
+    try:
+        children = [int(c) for task in os.listdir(f"/proc/{pid}/task")
+                    for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    except FileNotFoundError:
+        return []
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+def _alive(pid):
+    """Running, not a zombie (in a container nobody may reap an orphan's exit)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
+def test_ctrl_c_of_a_benchmark_stops_its_worker_with_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) once the driver's
+    worker (scripts/launch.py) has started its 2 ranks: one line, status 130, no file written,
+    and none of the worker's processes left (subprocess.run used to SIGKILL torchrun, which left
+    its ranks running)."""
+    out = tmp_path / "p.json"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_pipeline", "--quick",
+                             "--out", out, "--plot", tmp_path / "p.png"],
+                            cwd=launcher.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _descendants(proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # torchrun and its 2 ranks
+        assert len(workers) >= 3, workers
+        os.killpg(proc.pid, signal.SIGINT)
+        said, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, said) == (130, "interrupted; no results written\n")
+    assert not [pid for pid in workers if _alive(pid)] and not os.listdir(tmp_path)
+
+
+def test_at_tp_1_the_run_says_what_was_sent_and_who_prints_the_loss(data_dir, tmp_path):
+    """parallel_train.py at TP 1, PP 2, DP 2 (training/logbook.py): the communication table says
+    no tensor-parallel collective ran and names each row's sender, none left unexplained, and
+    describes no tensor-parallel all-reduce; the loss lines, rank 0's alone, say why once."""
+    from distributed import run_script
+    from training.logbook import SENT_BY
+    out = run_script("parallel_train.py", "--tensor_model_parallel_size", "1",
+                     "--pipeline_model_parallel_size", "2", "--use_distributed_optimizer",
+                     "--num_iterations", "2", "--update_freq", "1", "--data_dir", data_dir,
+                     "--out_dir", tmp_path, nproc=4).stdout
+    table = out[out.index("Communication in one training step"):]
+    rows = ["dp_all_gather", "dp_reduce_scatter", "pipeline_loss_broadcast", "pipeline_send",
+            "replicated_all_reduce"]
+    assert [line.split()[0] for line in table.splitlines()[2:2 + len(rows)]] == rows, table
+    assert "no tensor-parallel collective ran" in table and "Megatron-LM" not in table
+    assert all(f"{op}, {SENT_BY[op]}" in table for op in rows), table
+    assert "tensor-parallel collectives above" not in table
+    why = ("(The loss is computed on the last of the 2 pipeline stages, averaged over the 2 "
+           "data-parallel replicas and broadcast to the other stages, so every rank holds it; "
+           "rank 0 prints it)\n")
+    assert out.count(why) == 1 and out.index(why) < out.index("Rank 0 Iter 1 Train Loss"), out
+    assert "Rank 1 Iter" not in out

@@ -571,3 +571,61 @@ def test_the_bash_scripts_check_their_variables(env, script, message):
     proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
                           timeout=FAIL_FAST_S, env={**os.environ, "PYTHON": sys.executable, **env})
     assert (proc.returncode, proc.stderr) == (2, message + "\n")
+
+
+# ---------------------------------------------------------------------------
+# Issue 37.
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_issue_37_a_pipeline_size_below_1_is_one_line(size):
+    """ISSUE 37, fixed in training/arguments.py by another change (was: a ZeroDivisionError for 0,
+    a --micro_batch_size error for -1)."""
+    assert flag_error(["--pipeline_model_parallel_size", size]) == (
+        f"parallel_train.py: error: --pipeline_model_parallel_size must be a positive integer, "
+        f"got {size} (see --help)")
+
+
+def test_a_checkpoint_folder_without_its_tracker_is_refused(tmp_path):
+    """Its iter_* folders were taken for no checkpoint: --save overwrote them without a word, and
+    --load said "no checkpoint yet"."""
+    ck, tracker = tmp_path / "ck", tmp_path / "ck" / "latest_checkpointed_iteration.txt"
+    for it in (10, 20):
+        (ck / f"iter_{it:07d}" / "mp_rank_00").mkdir(parents=True)
+    found = (f"{ck} holds checkpoint folders (iter_0000010, iter_0000020) but no "
+             "latest_checkpointed_iteration.txt")
+    assert flag_error(["--save", str(ck)]) == (
+        f"parallel_train.py: error: --save {found}, so this run would overwrite them; to go on "
+        f"with that run, write its newest complete iteration into the tracker (echo 20 > "
+        f"{tracker}) and add --load {ck}; or name a new directory (see --help)")
+    for argv in (["--load", str(ck)], ["--load", str(ck), "--save", str(ck)]):
+        assert flag_error(argv) == (
+            f"parallel_train.py: error: --load {found}, the file that names the newest complete "
+            f"one: write it (echo 20 > {tracker}) to resume from there, or name another "
+            "directory (see --help)")
+    tracker.write_text("20\n")
+    assert flag_error(["--load", str(ck), "--save", str(ck)]) is None
+
+
+@pytest.mark.parametrize("argv,note", [
+    (["--optimizer", "adam", "--mom", "0.5"],  # (an abbreviation is the flag given)
+     "note: --momentum 0.5 is SGD's: --optimizer adam does not use it (its momentum is "
+     "--adam_beta1, now 0.9)"),
+    (["--adam_beta1", "0.8", "--adam_eps=1e-6"],
+     "note: --adam_beta1 and --adam_eps are Adam's: --optimizer sgd does not use them; add "
+     "--optimizer adam to train with Adam"),
+    (["--pipeline_schedule", "1f1b"],  # the default's value, given
+     "note: --pipeline_schedule 1f1b orders the micro-batches through a pipeline's stages: "
+     "without a pipeline (--pipeline_model_parallel_size 1) it changes nothing"),
+    (["--optimizer", "adam", "--adam_beta2", "0.99", "--pipeline_model_parallel_size", "2",
+      "--tensor_model_parallel_size", "1", "--pipeline_schedule", "gpipe"], None),
+    (["--momentum", "0.5"], None),
+])
+def test_a_flag_that_does_nothing_here_says_so(argv, note, capsys):
+    """One note on rank 0 for a flag the user gave (the default's value too) that this run does
+    not use; nothing for the flags that it uses."""
+    assert flag_error(argv) is None
+    out = capsys.readouterr().out
+    assert out == ("" if note is None else note + "\n"), out
+    with mock.patch.dict(os.environ, {"RANK": "1", "WORLD_SIZE": "2"}):
+        get_parallel_args(argv)
+    assert capsys.readouterr().out == ""

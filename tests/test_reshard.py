@@ -215,6 +215,10 @@ def damage(kind, directory):
         (directory / TRACKER).write_text("9\n")
         return (f"{directory / TRACKER} names iteration 9, but "
                 f"{os.path.dirname(os.path.dirname(shard(0, 9)))} is missing (saved there: 7)")
+    if kind == "tracker gone":  # (merge_checkpoint.py said "no checkpoint in ...")
+        (directory / TRACKER).unlink()
+        return (f"{directory} holds checkpoint folders (iter_0000007) but no {TRACKER}: name one "
+                f"with --iteration N, or write the tracker (echo 7 > {directory / TRACKER})")
     if kind == "--iteration names a missing one":
         return (f"asked for iteration 15, but {os.path.dirname(os.path.dirname(shard(0, 15)))} "
                 "is missing (saved there: 7)")
@@ -224,7 +228,7 @@ def damage(kind, directory):
 @pytest.mark.parametrize("kind", ["missing shard", "missing last shard", "truncated shard",
                                   "mixed iterations", "shards of two sizes",
                                   "not a shard", "tracker names a missing iteration",
-                                  "--iteration names a missing one"])
+                                  "--iteration names a missing one", "tracker gone"])
 def test_a_damaged_checkpoint_is_named_in_one_line_and_nothing_is_written(kind, tmp_path):
     expected = damage(kind, tmp_path / "ck")
     asked = ["--iteration", "15"] if kind.startswith("--iteration") else []
@@ -239,3 +243,21 @@ def test_a_file_named_as_the_checkpoint_directory(tmp_path):
     (tmp_path / "ck").write_text("not a directory")
     error, _ = merge_checkpoint(tmp_path / "ck", "--out", tmp_path / "merged.pt")
     assert error == f"error: {tmp_path / 'ck'} is a file; name the --save directory of a run"
+
+
+def test_a_pipelines_missing_last_stage_is_named(tmp_path):
+    """A PP 3 checkpoint without its last stage's folder: its folders' names say 2 stages, its
+    shards 3; the missing one is named (issue 37: a stage folder gone read "holds no shards")."""
+    from training.checkpointing import TRACKER, shard_path
+    ck = tmp_path / "ck"
+    for stage in (0, 1):
+        shard = dict(saved_at(1)[0], sizes=dict(tensor_model_parallel_size=1, hidden_size=HIDDEN,
+                                                 pipeline_model_parallel_size=3))
+        path = shard_path(str(ck), 7, 0, stage)
+        os.makedirs(os.path.dirname(path))
+        torch.save(shard, path)
+    (ck / TRACKER).write_text("7\n")
+    error, _ = merge_checkpoint(ck, "--out", tmp_path / "merged.pt")
+    assert error == (f"error: {ck} names iteration 7, but {ck}/iter_0000007/mp_rank_00_002 is "
+                     "missing (an incomplete checkpoint of 3 pipeline stages)")
+    assert not (tmp_path / "merged.pt").exists()

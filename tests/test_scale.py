@@ -233,3 +233,137 @@ def test_checkpoints_know_whose_they_are(data_dir, tmp_path):
         assert mixed in out and out.count("error:") == 1, out
     out = run_script("merge_checkpoint.py", a, "--out", tmp_path / "merged.pt", ok=False).out
     assert mixed in out and not (tmp_path / "merged.pt").exists()
+
+
+# ---------------------------------------------------------------------------
+# Issue 37: a resume with other optimizer flags, merging a distributed optimizer's checkpoint, a
+# virtual pipeline's and a pipeline's with a stage gone. Tiny runs (--hidden_size 16, 2 to 4
+# iterations): what is checked is the lines, the files and the bits, not a curve.
+
+TINY = ["--tensor_model_parallel_size", "1", "--hidden_size", "16", "--update_freq", "1",
+        "--eval_interval", "2", "--save_interval", "2"]
+
+
+def test_a_resume_takes_the_optimizer_flags_given_and_refuses_another_optimizer(data_dir,
+                                                                                 tmp_path):
+    """SGD saved at 2 with --momentum 0.5: resumed with --optimizer adam (and the saved decay),
+    one line before anything is written (it was a KeyError); resumed with a new --init_lr and
+    no --momentum, the flag given wins (as Megatron's --override-opt_param-scheduler) and the
+    checkpoint's momentum is kept, both said, and config.json and the next checkpoint hold what
+    the run used."""
+    ck, flags = tmp_path / "ck", [*TINY, "--data_dir", data_dir]
+    run_script("parallel_train.py", *flags, "--num_iterations", "2", "--momentum", "0.5",
+               "--save", ck, "--out_dir", tmp_path / "first", nproc=1)
+    refused = run_script("parallel_train.py", *flags, "--num_iterations", "4", "--optimizer",
+                         "adam", "--weight_decay", "0", "--load", ck, "--save", ck, "--out_dir",
+                         tmp_path / "adam", nproc=1, ok=False)  # (the decay as saved)
+    assert refused.stderr.startswith(
+        f"error: {ck} (iteration 2) was saved by a run with --optimizer sgd, this one has adam; "
+        "resume with --optimizer sgd"), refused.out
+    assert refused.out.count("error:") == 1 and "resuming" not in refused.out
+    assert not (tmp_path / "adam").exists()
+    out = run_script("parallel_train.py", *flags, "--num_iterations", "3", "--init_lr", "0.002",
+                     "--load", ck, "--save", ck, "--out_dir", tmp_path / "first", nproc=1).out
+    assert (f"resuming from {ck} at iteration 2; --init_lr 0.002 replaces the checkpoint's "
+            "0.001; --momentum 0.5 kept from the checkpoint (not given; give it to change it)"
+            ) in out, out
+    config = json.loads((tmp_path / "first" / "config.json").read_text())
+    assert (config["init_lr"], config["momentum"]) == (0.002, 0.5)
+    saved = torch.load(ck / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt")
+    assert [(g["lr"], g["momentum"]) for g in saved["optimizer"]["param_groups"]] == [(0.002, 0.5)]
+
+
+def test_a_distributed_optimizer_checkpoint_merges_into_one_that_resumes(data_dir, tmp_path):
+    """Adam under --use_distributed_optimizer at DP 2, saved at 2: resumed with SGD (and the
+    saved decay), one line (it was a KeyError);
+    merge_checkpoint.py --save puts the replicas' files into the shard (it kept the header and
+    wrote no files: unreadable), and the run resumed from it is the uninterrupted one, bit for
+    bit. Another run's model_optim_rng.pt among the replicas' files is named, not theirs."""
+    flags = [*TINY, "--data_dir", data_dir, "--optimizer", "adam", "--use_distributed_optimizer"]
+    ck, out, full = tmp_path / "ck", tmp_path / "out", tmp_path / "full"
+    run_script("parallel_train.py", *flags, "--num_iterations", "4", "--save", ck, "--out_dir",
+               out, nproc=2)
+    shutil.copytree(out, full)
+    killed_after(str(ck), 2)
+    refused = run_script("parallel_train.py", *TINY, "--data_dir", data_dir, "--num_iterations",
+                         "4", "--weight_decay", "0.01", "--load", ck, "--out_dir",
+                         tmp_path / "sgd", nproc=1, ok=False)
+    assert refused.stderr.startswith(
+        f"error: {ck} (iteration 2) was saved by a run with --optimizer adam, this one has sgd; "
+        "resume with --optimizer adam"), refused.out
+    merged = tmp_path / "merged"
+    said = run_script("merge_checkpoint.py", ck, "--tensor_model_parallel_size", "1", "--save",
+                      merged).stdout
+    assert "the distributed optimizer's 2 replicas' files put together" in said, said
+    assert "distributed_optimizer" not in torch.load(
+        merged / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt")
+    log = run_script("parallel_train.py", *flags, "--num_iterations", "4", "--load", merged,
+                     "--out_dir", out, nproc=2).out
+    assert ("at iteration 2, the optimizer's shards from the plain optimizer to 2") in log, log
+    assert_bitwise_same_run(str(full), str(out))
+    run_script("merge_checkpoint.py", merged, "--out", tmp_path / "merged.pt")
+    # Another run's shard (another run id) copied among the replicas' files.
+    shard = ck / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"
+    other = torch.load(shard)
+    run_id = other["identity"]["run"]
+    other["identity"]["run"] = "another"
+    torch.save(other, shard)
+    mixed = run_script("merge_checkpoint.py", ck, "--out", tmp_path / "m.pt", ok=False).stderr
+    assert mixed == (f"error: {shard} belongs to another run than the distrib_optim_*.pt beside "
+                     f"it (run another vs {run_id}): shards of two checkpoints are mixed\n")
+    del other["distributed_optimizer"]  # another run's, saved without the distributed optimizer
+    torch.save(other, shard)
+    mixed = run_script("merge_checkpoint.py", ck, "--out", tmp_path / "m.pt", ok=False).stderr
+    assert mixed == (f"error: {shard} belongs to another run than {shard.parent}/"
+                     "distrib_optim_000.pt beside it (it was saved without "
+                     "--use_distributed_optimizer): shards of two checkpoints are mixed\n")
+
+
+def test_a_virtual_pipelines_resume_says_its_chunks_and_a_missing_stage_is_named(token_dir,
+                                                                                  tmp_path):
+    """PP 2 x V 2 saved at 2, resumed at V 1: the line says the chunks per stage (it said "from
+    2 pipeline stage(s) to 2"). Stage 1's folder deleted: --load and merge name it (they said
+    "holds no shards")."""
+    flags = ["--model", "transformer", "--input_size", "8", "--hidden_size", "16",
+             "--num_attention_heads", "2", "--num_layers", "4", "--batch_size", "4",
+             "--micro_batch_size", "2", "--pipeline_model_parallel_size", "2", *TINY,
+             "--data_dir", token_dir]
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    run_script("parallel_train.py", *flags, "--virtual_pipeline_model_parallel_size", "2",
+               "--num_iterations", "2", "--save", ck, "--out_dir", out, nproc=2)
+    log = run_script("parallel_train.py", *flags, "--num_iterations", "4", "--load", ck,
+                     "--save", ck, "--out_dir", out, nproc=2).out
+    assert (f"resuming from {ck} at iteration 2, from 2 to 1 model chunks per stage (virtual "
+            "pipeline size)\n") in log, log
+    stage = ck / "iter_0000004" / "mp_rank_00_001"
+    shutil.rmtree(stage)
+    missing = (f"error: {ck} names iteration 4, but {stage} is missing (an incomplete "
+               "checkpoint")
+    for tool, argv, nproc in (("parallel_train.py", [*flags, "--num_iterations", "6", "--load",
+                                                     ck, "--out_dir", tmp_path / "again"], 2),
+                              ("merge_checkpoint.py", [ck, "--out", tmp_path / "m.pt"], None)):
+        run = run_script(tool, *argv, nproc=nproc, ok=False)
+        assert run.stderr.startswith(missing) and run.out.count("error:") == 1, run.out
+        assert "resuming" not in run.out
+
+
+def test_adams_hyperparameters_given_replace_the_checkpoints_and_the_others_are_kept():
+    """resumed_hyperparameters on Adam's groups (the runs above: SGD's): --adam_beta2 and
+    --adam_eps given replace the saved ones in every group; --init_lr and --adam_beta1 left out
+    keep the checkpoint's, and args takes them (config.json records args)."""
+    import argparse
+
+    from training.checkpointing import resumed_hyperparameters
+    saved = [dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=w, params=[]) for w in
+             (0.01, 0.0)]
+    args = argparse.Namespace(optimizer="adam", init_lr=0.001, adam_beta1=0.9, adam_beta2=0.95,
+                              adam_eps=1e-8, given_flags=["--adam_beta2", "--adam_eps"])
+    groups, said = resumed_hyperparameters(saved, args)
+    assert [(g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in groups] == [
+        (0.01, (0.8, 0.95), 1e-8, 0.01), (0.01, (0.8, 0.95), 1e-8, 0.0)]
+    assert (args.init_lr, args.adam_beta1, args.adam_beta2, args.adam_eps) == (0.01, 0.8, 0.95,
+                                                                               1e-8)
+    assert said == ["--init_lr 0.01 kept from the checkpoint (not given; give it to change it)",
+                    "--adam_beta1 0.8 kept from the checkpoint (not given; give it to change it)",
+                    "--adam_beta2 0.95 replaces the checkpoint's 0.99",
+                    "--adam_eps 1e-08 replaces the checkpoint's 1e-06"]

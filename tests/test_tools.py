@@ -154,6 +154,9 @@ CASES = [
      "draw_diagram.py: error: --tp must be a positive integer, got 0"),
     (draw_diagram, ["--model", "transformer", "--vocab_size", "0", "--out", "{p}/d.png"],
      "draw_diagram.py: error: --vocab_size must be a positive integer, got 0"),
+    (draw_diagram, ["--virtual", "2", "--model", "transformer", "--out", "{p}/d.png"],
+     "draw_diagram.py: error: --virtual draws the pipeline's stages: add --pp P (e.g. --pp 2 "
+     "--virtual 2 --model transformer); without --pp the picture is the tensor-parallel split"),
     # merge_checkpoint.py
     (merge_checkpoint, ["{p}/a_dir", "--out", "{p}/a_dir"],
      "merge_checkpoint.py: error: --out {p}/a_dir exists; name a new file, or pass --force"),
@@ -291,3 +294,44 @@ def test_a_bf16_comparison_beyond_rtol_says_what_would_measure_it(dropout, tmp_p
     assert ("measure it for this run with --noise" in said) == (dropout == 0), said
     assert ("--noise cannot measure it here: its reordered reruns refuse --dropout" in said) == \
         (dropout > 0), said
+
+
+@pytest.mark.parametrize("offset,dropout,note", [
+    (1e-4, 0.0, "note: round-off grows with longer sums (pipelines, data-parallel averages, more "
+                "layers) and can pass --rtol 1e-05; --noise tells round-off from a bug: retrain "
+                "the reference's flags with python train.py ... --reorder_seed K"),
+    (1e-4, 0.1, "note: round-off grows with longer sums (pipelines, data-parallel averages, more "
+                "layers) and can pass --rtol 1e-05; --noise, which measures it, refuses "
+                "--dropout"),
+    (1.0, 0.0, None),  # 0.85 relative: no round-off
+], ids=["near", "near_dropout", "far"])
+def test_a_float32_comparison_beyond_rtol_says_what_tells_round_off_from_a_bug(offset, dropout,
+                                                                              note, tmp_path):
+    """A transformer at PP 2 x DP 2 against serial in float32 differs by 2.2e-5 (round-off of
+    longer sums): DIFFER, with the way to tell (it said nothing); far apart, no such note."""
+    for name, ranks, shift in (("a", 1, 0.0), ("b", 2, offset)):
+        fake_run(tmp_path / name, ranks, offset=shift)
+        config = tmp_path / name / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "dropout": dropout}))
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert compare_runs.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    lines = text.getvalue().splitlines()
+    assert lines[-1].endswith("DIFFER over 30 iterations"), lines
+    notes = [line for line in lines if line.startswith("note:")]
+    assert (notes[0].startswith(note) and len(notes) == 1) if note else notes == [], notes
+
+
+def test_the_pipeline_picture_says_what_it_leaves_out(tmp_path, monkeypatch, capsys):
+    """draw_diagram.py --pp draws stages only: --tp and --sequence_parallel given with it are
+    said to be left out (they were dropped without a word); --virtual without --pp is refused
+    (CASES)."""
+    monkeypatch.setattr(draw_diagram, "draw_stages", lambda *a, **k: None)
+    draw_diagram.main(["--pp", "2", "--tp", "4", "--sequence_parallel", "--out",
+                       str(tmp_path / "p.png")])
+    assert capsys.readouterr().out == (
+        "note: --pp draws the pipeline's stages only (one row per stage, its chunks and blocks); "
+        "--tp and --sequence_parallel are left out of it: draw the tensor-parallel picture "
+        "without --pp\n")
+    draw_diagram.main(["--pp", "2", "--out", str(tmp_path / "p.png")])
+    assert capsys.readouterr().out == ""

@@ -11,6 +11,7 @@ megatron/core for the model's parallel pieces, megatron/training for the rest).
     mixed_precision.py   --dtype bfloat16: a bf16 model, fp32 main parameters (Megatron's --bf16)
     clip_grads.py        --clip_grad: the global gradient norm over every rank's shards
     optimizer_memory.py  the bytes the model and its optimizer hold on one rank, counted
+    activation_memory.py the micro-batches each pipeline stage kept for backward, at most
     reorder.py           train.py --reorder_seed: the serial model's sums in another order
     operations.py        one-line errors, signals, launch quirks
 """

@@ -184,12 +184,64 @@ def latest_iteration(directory):
     return int(text)
 
 
+def untracked_iterations(directory):
+    """The iterations of the iter_* folders in `directory` when its tracker is missing (deleted, or
+    lost with a copy): [] when there is a tracker or no such folder."""
+    if not os.path.isdir(directory) or os.path.exists(os.path.join(directory, TRACKER)):
+        return []
+    return sorted(int(d[len("iter_"):]) for d in os.listdir(directory)
+                  if re.fullmatch(r"iter_\d{7}", d) and os.path.isdir(os.path.join(directory, d)))
+
+
+def missing_tracker(directory, flag):
+    """The one line for a checkpoint folder whose tracker is gone, given to --load or --save (or
+    merge_checkpoint.py), or None when it has one or no iter_* folder."""
+    iterations = untracked_iterations(directory)
+    if not iterations:
+        return None
+    tracker = os.path.join(directory, TRACKER)
+    folders = ", ".join(f"iter_{i:07d}" for i in iterations) if len(iterations) <= 3 else (
+        f"iter_{iterations[0]:07d} ... iter_{iterations[-1]:07d}, {len(iterations)} of them")
+    found = f"{flag} {directory} holds checkpoint folders ({folders}) but no {TRACKER}"
+    write = f"echo {iterations[-1]} > {tracker}"
+    if flag == "--save":
+        return (f"{found}, so this run would overwrite them; to go on with that run, write its "
+                f"newest complete iteration into the tracker ({write}) and add --load "
+                f"{directory}; or name a new directory")
+    if flag == "--load":
+        return (f"{found}, the file that names the newest complete one: write it ({write}) to "
+                "resume from there, or name another directory")
+    return f"{found}: name one with --iteration N, or write the tracker ({write})"
+
+
 def saved_stages(where):
     """The pipeline size a checkpoint's iteration directory was saved with (1: no pipeline),
-    from its shards' names."""
+    from its shards' names: a pipeline's (mp_rank_TT_PPP) are at least 2 stages, though the
+    last stage's folders be gone (check_stages then names them)."""
     stages = {int(m.group(1) or -1) for d in os.listdir(where)
               if (m := re.fullmatch(r"mp_rank_\d\d(?:_(\d\d\d))?", d))}
-    return max(stages) + 1 if stages and min(stages) >= 0 else 1
+    return max(max(stages) + 1, 2) if stages and min(stages) >= 0 else 1
+
+
+def check_stage_folders(directory, iteration, stages):
+    """Every stage's first shard is there (checked alike on every rank, before any reads its own
+    stage: the first missing named, by all; none says "resuming" before a peer fails)."""
+    for stage in range(stages) if stages > 1 else ():
+        first = shard_path(directory, iteration, 0, stage)
+        if not os.path.isfile(first):
+            missing = first if os.path.isdir(os.path.dirname(first)) else os.path.dirname(first)
+            raise CheckpointError(f"{directory} names iteration {iteration}, but {missing} is "
+                                  "missing (an incomplete checkpoint)")
+
+
+def check_stages(directory, iteration, stages, shard):
+    """The pipeline size `shard` was saved with against the `stages` whose folders are there:
+    the first stage folder missing is named."""
+    saved = shard["sizes"].get("pipeline_model_parallel_size", 1)
+    if saved > stages:
+        missing = os.path.dirname(shard_path(directory, iteration, 0, stages))
+        raise CheckpointError(f"{directory} names iteration {iteration}, but {missing} is missing "
+                              f"(an incomplete checkpoint of {saved} pipeline stages)")
 
 
 def shard_reader(directory, iteration, pp_rank=None):
@@ -209,9 +261,11 @@ def shard_reader(directory, iteration, pp_rank=None):
     seen = sorted(int(d[len("mp_rank_"):len("mp_rank_") + 2]) for d in os.listdir(where)
                   if re.fullmatch(rf"mp_rank_\d\d{stage}", d))
     seen = [r for r in seen if os.path.isfile(shard_path(directory, iteration, r, pp_rank))]
-    if not seen:
-        raise CheckpointError(f"{directory} names iteration {iteration}, but {where} holds no "
-                              "shards")
+    if not seen:  # the folder of TP rank 0 (of this stage), or its file, is missing
+        first = shard_path(directory, iteration, 0, pp_rank)
+        missing = first if os.path.isdir(os.path.dirname(first)) else os.path.dirname(first)
+        raise CheckpointError(f"{directory} names iteration {iteration}, but {missing} is "
+                              "missing (an incomplete checkpoint)")
     cache = {}
 
     def read(tp_rank):
@@ -244,6 +298,13 @@ def shard_reader(directory, iteration, pp_rank=None):
                             "checkpoints are mixed")
         if "distributed_optimizer" in shard:
             shard = with_optimizer_shards(shard, path, directory)
+        elif os.path.isfile(distrib_optim_path(path, 0)):  # a replica's file beside a plain shard
+            beside = _load(distrib_optim_path(path, 0), directory, iteration)
+            if not isinstance(beside, dict) or beside.get("identity") != shard.get("identity"):
+                raise CheckpointError(f"{path} belongs to another run than "
+                                      f"{distrib_optim_path(path, 0)} beside it (it was saved "
+                                      "without --use_distributed_optimizer): shards of two "
+                                      "checkpoints are mixed")
         cache[tp_rank] = shard
         return shard
 
@@ -271,13 +332,25 @@ def with_optimizer_shards(shard, path, directory):
     parameter's whole state in `optimizer`."""
     iteration, d = shard["iteration"], shard["distributed_optimizer"]["data_parallel_size"]
     files = [_load(distrib_optim_path(path, r), directory, iteration) for r in range(d)]
-    for r, f in enumerate(files):  # each of this write: the iteration, the run, the size
-        if not isinstance(f, dict) or (f.get("iteration"), f.get("data_parallel_rank"),
-                                       f.get("data_parallel_size"), f.get("identity")) != (
-                iteration, r, d, shard.get("identity")):
-            raise CheckpointError(f"{distrib_optim_path(path, r)} is not data-parallel rank {r}'s "
-                                  f"shard of iteration {iteration}: shards of two checkpoints "
-                                  "are mixed")
+    mine = shard.get("identity") or {}
+    whose = lambda f: (f.get("iteration"), f.get("data_parallel_rank"), f.get(
+        "data_parallel_size"), f.get("identity")) if isinstance(f, dict) else ()
+    wrong = [r for r, f in enumerate(files) if whose(f) != (iteration, r, d, mine)]
+    theirs = files[0].get("identity") if isinstance(files[0], dict) else None
+    if len(wrong) == d and theirs is not None and all(
+            whose(f) == (iteration, r, d, theirs) for r, f in enumerate(files)):
+        # The replicas' files agree with each other, not with the shard: the shard is the odd one
+        # (with one replica's file, either may be).
+        field = next((k for k in sorted(set(theirs) | set(mine))
+                      if theirs.get(k) != mine.get(k)), "identity")
+        odd = path if d > 1 else f"{path} (or {distrib_optim_path(path, 0)})"
+        raise CheckpointError(f"{odd} belongs to another run than the distrib_optim_*.pt beside "
+                              f"it ({field} {mine.get(field)} vs {theirs.get(field)}): shards "
+                              "of two checkpoints are mixed")
+    if wrong:  # each of this write: the iteration, the run, the size
+        raise CheckpointError(f"{distrib_optim_path(path, wrong[0])} is not data-parallel rank "
+                              f"{wrong[0]}'s shard of iteration {iteration}: shards of two "
+                              "checkpoints are mixed")
     names = list(shard["partition_dims"])  # in the optimizer's order
     try:
         params, states = unshard_state([f["shard"] for f in files],
@@ -299,7 +372,9 @@ def load_stages(directory, iteration):
     pipeline): what merge_checkpoint.py merges."""
     where = os.path.join(directory, f"iter_{iteration:07d}")
     stages = saved_stages(where) if os.path.isdir(where) else 1
-    return [load_shards(directory, iteration, s if stages > 1 else None) for s in range(stages)]
+    loaded = [load_shards(directory, iteration, s if stages > 1 else None) for s in range(stages)]
+    check_stages(directory, iteration, stages, loaded[0][0])
+    return loaded
 
 
 def load_checkpoint(directory, model, optimizer, args):
@@ -309,6 +384,8 @@ def load_checkpoint(directory, model, optimizer, args):
     Returns its iteration, or 0 when there is none yet.
     """
     iteration = latest_iteration(directory)
+    if iteration is None and (message := missing_tracker(directory, "--load")):
+        raise CheckpointError(message)  # (the flags' checks said it already, unless it just went)
     if iteration is None:
         if dist.get_rank() == 0:
             print(f"note: no checkpoint in {directory} yet; starting from iteration 0")
@@ -319,6 +396,7 @@ def load_checkpoint(directory, model, optimizer, args):
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     where = os.path.join(directory, f"iter_{iteration:07d}")
     stages = saved_stages(where) if os.path.isdir(where) else 1
+    check_stage_folders(directory, iteration, stages)
     restaged = stages != ps.get_pipeline_model_parallel_world_size()
     if not restaged:  # the same stages; each holds other blocks if the chunks differ
         read, saved_tp = shard_reader(directory, iteration, this_stage())
@@ -327,6 +405,7 @@ def load_checkpoint(directory, model, optimizer, args):
     if restaged:  # every saved stage's shards, read as one whole-model shard per TP rank
         read, saved_tp = whole_model_reader(directory, iteration, stages)
     saved = read(tp_rank * saved_tp // tp)  # the first shard this rank needs
+    check_stages(directory, iteration, stages, saved)
     for key, value in sizes(args).items():
         was = saved["sizes"].get(key, ABSENT.get(key))
         if was != value and key == "dtype":
@@ -349,6 +428,13 @@ def load_checkpoint(directory, model, optimizer, args):
                 f"{directory} (iteration {iteration}) was saved by a run with another {what} "
                 f"({saved_identity[field]}, this run has {identity(args)[field]}); resume with "
                 "the run's own flags and data")
+    kind = saved_optimizer(saved)  # its state is the other's: momentum, or Adam's moments
+    if kind is not None and kind != args.optimizer:
+        raise CheckpointError(f"{directory} (iteration {iteration}) was saved by a run with "
+                              f"--optimizer {kind}, this one has {args.optimizer}; resume with "
+                              f"--optimizer {kind} (its state is {STATE_OF[kind]}), or start a "
+                              f"new run from its weights: merge_checkpoint.py {directory} --out "
+                              "merged.pt, then --init_from merged.pt")
     if saved_weight_decay(saved) != args.weight_decay:  # each group its own, as it was saved
         decay = saved_weight_decay(saved)
         raise CheckpointError(f"{directory} (iteration {iteration}) was saved by a run with "
@@ -360,6 +446,8 @@ def load_checkpoint(directory, model, optimizer, args):
         state = this_stages_part(state, [name for name, _ in named_parameters(model)])
     for chunk in chunks_of(model):  # each chunk its parameters, under the whole model's names
         chunk.load_state_dict({name: state["model"][name] for name in chunk.state_dict()})
+    groups, changed = resumed_hyperparameters(state["optimizer"]["param_groups"], args)
+    state = dict(state, optimizer=dict(state["optimizer"], param_groups=groups))
     if isinstance(optimizer, DistributedOptimizer):  # its pieces of the main parameters too
         optimizer.load_state_dict(state["optimizer"], state["model"])
     else:
@@ -373,13 +461,60 @@ def load_checkpoint(directory, model, optimizer, args):
     else:  # this rank's stream belonged to another split, or another device: a new one, that
         seed_tensor_parallel_stream(args.seed + iteration)  # repeats no mask
     if dist.get_rank() == 0:
-        changed = f", resharded from tensor-parallel size {saved_tp} to {tp}"
+        resharded = f", resharded from tensor-parallel size {saved_tp} to {tp}"
         pp = ps.get_pipeline_model_parallel_world_size()
+        was, now = (saved["sizes"].get("virtual_pipeline_model_parallel_size") or 1,
+                    args.virtual_pipeline_model_parallel_size or 1)
+        rechunked = f", from {was} to {now} model chunks per stage (virtual pipeline size)"
         print(f"resuming from {directory} at iteration {iteration}"
-              f"{changed if saved_tp != tp else ''}"
-              f"{f', from {stages} pipeline stage(s) to {pp}' if restaged else ''}"
-              f"{optimizer_change(saved, optimizer)}")
+              f"{resharded if saved_tp != tp else ''}"
+              f"{f', from {stages} pipeline stage(s) to {pp}' if stages != pp else ''}"
+              f"{optimizer_change(saved, optimizer)}{rechunked if was != now else ''}"
+              f"{''.join(f'; {line}' for line in changed)}")
     return iteration
+
+
+STATE_OF = dict(sgd="SGD's momentum buffers", adam="Adam's two moments and step count")
+# The hyperparameters a resume reads from its flags or keeps from the checkpoint: (the flag, how
+# a parameter group holds it, and sets it), per optimizer.
+HYPERPARAMETERS = dict(
+    sgd=(("init_lr", lambda g: g["lr"], lambda g, v: dict(g, lr=v)),
+         ("momentum", lambda g: g["momentum"], lambda g, v: dict(g, momentum=v))),
+    adam=(("init_lr", lambda g: g["lr"], lambda g, v: dict(g, lr=v)),
+          ("adam_beta1", lambda g: g["betas"][0],
+           lambda g, v: dict(g, betas=(v, g["betas"][1]))),
+          ("adam_beta2", lambda g: g["betas"][1],
+           lambda g, v: dict(g, betas=(g["betas"][0], v))),
+          ("adam_eps", lambda g: g["eps"], lambda g, v: dict(g, eps=v))))
+
+
+def saved_optimizer(shard):
+    """The --optimizer a shard was saved with, from its groups' hyperparameters (None: unknown)."""
+    groups = shard["optimizer"]["param_groups"]
+    return ("adam" if "betas" in groups[0] else "sgd" if "momentum" in groups[0] else None) \
+        if groups else None
+
+
+def resumed_hyperparameters(groups, args):
+    """(the saved parameter groups with the run's hyperparameters, what changed in words). A flag
+    given on the command line wins, as Megatron's --override-opt_param-scheduler: the resumed
+    run steps with it; one left out keeps the checkpoint's value, and args takes it (so that
+    config.json records what the run uses)."""
+    given, changed = getattr(args, "given_flags", ()), []
+    for flag, get, put in HYPERPARAMETERS.get(args.optimizer, ()):
+        if not groups or any(get(g) != get(groups[0]) for g in groups):
+            continue  # (a checkpoint of other groups than this repo's: left as saved)
+        saved, now = get(groups[0]), getattr(args, flag)
+        if saved == now:
+            continue
+        if f"--{flag}" in given:
+            groups = [put(g, now) for g in groups]
+            changed.append(f"--{flag} {now:g} replaces the checkpoint's {saved:g}")
+        else:
+            setattr(args, flag, saved)
+            changed.append(f"--{flag} {saved:g} kept from the checkpoint (not given; give it to "
+                           "change it)")
+    return groups, changed
 
 
 def optimizer_change(saved, optimizer):

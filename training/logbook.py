@@ -117,6 +117,8 @@ class Logbook:
             if row[0] % self.args.update_freq == 0:
                 if self.log_prefix is not None:
                     if self.log_prefix in ("", "Rank 0 ") and not self.said_what_it_is:
+                        if who_prints := _who_prints():
+                            log(who_prints)
                         log(f"(Train Loss: the sum of the last {self.args.update_freq} "
                             "iterations' losses, as the original prints it; metrics.csv has "
                             "each iteration's)")
@@ -153,6 +155,26 @@ class Logbook:
                 print(f"stopped at iteration {last}: {self.metrics.path} has its rows so far"
                       f"{earlier_run_note(self.args.out_dir)}", file=sys.stderr, flush=True)
         return False
+
+
+def _who_prints():
+    """Why only the first tensor-parallel group prints the loss, said once where the other ranks
+    hold it too (finalize_model_grads returns the same loss on every rank); None otherwise."""
+    if not ps.model_parallel_is_initialized():
+        return None
+    tp, pp = (ps.get_tensor_model_parallel_world_size(),
+              ps.get_pipeline_model_parallel_world_size())
+    dp = ps.get_data_parallel_world_size()
+    if pp == 1 and dp == 1:
+        return None
+    steps = ([f"computed on the last of the {pp} pipeline stages"] * (pp > 1)
+             + [f"averaged over the {dp} data-parallel replicas"] * (dp > 1)
+             + ["broadcast to the other stages"] * (pp > 1))
+    how = ", ".join(steps[:-1]) + (" and " if len(steps) > 1 else "") + steps[-1]
+    printers = ("rank 0 prints it" if tp == 1 else
+                f"ranks {'0 and 1' if tp == 2 else f'0 to {tp - 1}'} (the first "
+                + "stage's first " * (pp > 1) + "tensor-parallel group) print it")
+    return f"(The loss is {how}, so every rank holds it; {printers})"
 
 
 def log(line):
@@ -197,12 +219,12 @@ def report_communication(stats, args):
     if getattr(args, "tp_reduce_dtype", "activation") == "float32":
         print("  --tp_reduce_dtype float32: the bf16 activations are summed as fp32, twice the "
               "bytes the papers count below")
+    if tp == 1:
+        print(f"  {_what_ran_at_tp_1(stats)}")
     if getattr(args, "pipeline_model_parallel_size", 1) > 1:
-        _report_pipeline_papers(args)
+        _report_pipeline_papers(args, tp)
         return
     if tp == 1:
-        print("  Tensor-parallel size 1: no tensor-parallel collective runs (the papers' counts "
-              "of f and g start at 2); the rows above are the replicas' and the optimizer's.")
         return
     if args.model == "transformer":
         _report_transformer_papers(args, tp, rows)
@@ -228,7 +250,31 @@ def report_communication(stats, args):
           f"gradient. The small all-reduce sums fc's gradient and the loss over the rows.")
 
 
-def _report_pipeline_papers(args):
+# Who sends each row at tensor-parallel size 1 (core/distributed, core/optimizer,
+# core/pipeline_parallel, training/clip_grads.py).
+SENT_BY = {"dp_all_reduce": "the data-parallel average of the parallel layers' gradients",
+           "replicated_all_reduce": "the data-parallel average of the other layers' gradients "
+                                    "and the loss",
+           "dp_reduce_scatter": "the distributed optimizer's gradient shards",
+           "dp_all_gather": "the distributed optimizer's updated parameters",
+           "pipeline_send": "the activations and their gradients between pipeline stages",
+           "pipeline_loss_broadcast": "the loss, from the last stage to the others",
+           "embedding_all_reduce": "the tied embedding's gradient over the first and last stages",
+           "grad_norm_all_reduce": "--clip_grad's norm",
+           "grad_norm_pipeline_all_reduce": "--clip_grad's norm over the stages"}
+
+
+def _what_ran_at_tp_1(stats):
+    """At tensor-parallel size 1 f and g are identities: say so, and what the rows are."""
+    said = "Tensor-parallel size 1: no tensor-parallel collective ran (the papers' f and g are " \
+           "identities; their counts start at size 2)"
+    if not stats:
+        return said + "; nothing was sent."
+    return said + "; what ran is data and pipeline parallelism's: " + "; ".join(
+        f"{op}, {SENT_BY.get(op, 'see its @wire.collective')}" for op in stats) + "."
+
+
+def _report_pipeline_papers(args, tp):
     """Narayanan et al.'s count of the point-to-point traffic, for the first stage (this rank)."""
     shape = args.pipeline_tensor_shape  # as the schedule agrees it (parallel_train.py)
     kib = math.prod(shape) * args.torch_dtype.itemsize / 1024
@@ -236,8 +282,9 @@ def _report_pipeline_papers(args):
     print(f"  Narayanan et al. (2021, Sec. 2.2): per micro-batch and stage boundary one activation "
           f"forward and its gradient back, {'x'.join(map(str, shape))} ({kib:.2f} KiB) each; the "
           f"first stage sends m (2v - 1) = {m * (2 * v - 1)} of them ({m} micro-batches, {v} "
-          f"chunk(s)): {m * (2 * v - 1) * kib:.2f} KiB. The tensor-parallel collectives above "
-          "run per micro-batch, on this stage's layers.")
+          f"chunk(s)): {m * (2 * v - 1) * kib:.2f} KiB."
+          + (" The tensor-parallel collectives above run per micro-batch, on this stage's layers."
+             if tp > 1 else ""))
 
 
 def _report_transformer_papers(args, tp, rows):
