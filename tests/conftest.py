@@ -1,12 +1,20 @@
 """Shared fixtures, and the `gpu` marker: tests marked gpu run where torch sees a CUDA GPU and are
 skipped, saying why, elsewhere. The session's rank processes (distributed.py) stop with it."""
 
+import compileall
 import os
+import re
 
 import pytest
 import torch
 
-from distributed import run_script, stop_pool
+from distributed import REPO, run_script, stop_pool
+
+# The repository's modules compiled once, here: every job imports them afresh in a new process,
+# and where PYTHONDONTWRITEBYTECODE is set (as on this machine) each would compile them again,
+# 35 ms a job (measured: 0.05 s of imports against 0.016 s), over a thousand jobs a session.
+compileall.compile_dir(REPO, rx=re.compile(r"[/\\](\.venv|\.git|runs|data\w*)([/\\]|$)"),
+                       quiet=1)
 
 # Every collective of every run the tests start, in the rank processes or in new ones, first
 # checks that its ranks agree on shape and dtype (communication._check): what NCCL would hang on.

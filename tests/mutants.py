@@ -224,6 +224,12 @@ MUTANTS = {
     "interleaved x clipping: the last stage's tied embedding counted again (its chunk asked)": (
         "training/clip_grads.py", "and ps.is_pipeline_last_stage(ignore_virtual=True):",
         "and ps.is_pipeline_last_stage():", ["tests/test_configurations.py"]),
+    "pipeline x dropout: validation with the stages before the last in training mode": (
+        "parallel_train.py",
+        "    model.eval()\n    parts = microbatches(inputs, targets, args, chunk_rows, "
+        "sequence_parallel=False)",
+        "    parts = microbatches(inputs, targets, args, chunk_rows, sequence_parallel=False)",
+        ["tests/test_configurations.py"]),
     "self-comparison: AdamW's decoupled decay built as Adam's L2": (
         "train.py", "adam = torch.optim.AdamW if wd else torch.optim.Adam",
         "adam = torch.optim.Adam", ["tests/test_references.py"]),
@@ -247,6 +253,11 @@ MUTANTS = {
         "            deallocate_output_tensor(output)\n",
         "                output, input_grad, recv_prev, recv_next, self.shape, self.dtype)\n",
         ["tests/test_references.py"]),
+    "a change of pipeline size alone: the decayed and undecayed groups swapped": (
+        "training/checkpointing.py",
+        'groups = groups_over(state["optimizer"]["param_groups"], [',
+        'groups = groups_over(state["optimizer"]["param_groups"][::-1], [',
+        ["tests/test_resume.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

@@ -47,10 +47,12 @@ def killed_after(ck, iteration):
         f.write(f"{iteration}\n")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_data_times_tensor_parallel_matches_serial(dtype, data_dir, serial_runs, tmp_path):
+def test_data_times_tensor_parallel_matches_serial(data_dir, serial_runs, tmp_path):
+    """DP 2 x TP 2 at the original's sizes: its collectives, and serial's first 50 iterations (in
+    float32 too, and with every other option, in the covering array: test_configurations.py)."""
+    dtype = "float64"
     log = launch(4, "--tensor_model_parallel_size", "2", "--data_dir", data_dir, "--dtype", dtype,
-                 "--out_dir", str(tmp_path))
+                 "--out_dir", str(tmp_path), "--num_iterations", "50")
     # This rank's shards of fc1's and fc2's gradients averaged over its data-parallel group: over
     # DP=2 ranks a ring sends 2 (2-1)/2 = all of it per rank. fc's gradient and the loss averaged in
     # one all-reduce over all 4 ranks (identical bits on every tensor-parallel rank): a ring sends 2
@@ -60,7 +62,9 @@ def test_data_times_tensor_parallel_matches_serial(dtype, data_dir, serial_runs,
     table = comm_table(log)
     assert table["dp_all_reduce"] == pytest.approx((1, kib, kib), abs=0.005), log
     assert table["replicated_all_reduce"] == pytest.approx((1, small, 1.5 * small), abs=0.005), log
-    assert_same_curve(serial_runs[dtype], str(tmp_path), dtype)
+    serial = rows_after(serial_runs[dtype])
+    assert_same_curve({k: v[serial["iteration"] <= 50] for k, v in serial.items()}, str(tmp_path),
+                      dtype)
 
 
 def test_batch_must_split_evenly_over_replicas(data_dir, tmp_path):
@@ -77,9 +81,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("per_node,tp", [(1, 2), (2, 2)])
+@pytest.mark.parametrize("per_node,tp", [(2, 2)])
 def test_two_nodes_on_one_machine(per_node, tp, data_dir, serial_runs, tmp_path):
-    """Two launchers over 127.0.0.1, as two machines would run bash_parallel_train.sh."""
+    """Two launchers over 127.0.0.1, as two machines would run bash_parallel_train.sh: DP 2 x TP 2,
+    each node a tensor-parallel group, the data-parallel sums across the nodes. (One rank per
+    node, TP across them, is the same code over the same gloo: it ran here until issue 37.)"""
     env = {**ENV, "NNODES": "2", "GPUS_PER_NODE": str(per_node), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "DATA_DIR": data_dir}
     args = ["bash", "bash_parallel_train.sh", "--tensor_model_parallel_size", str(tp), "--out_dir",
