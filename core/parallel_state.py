@@ -9,7 +9,9 @@ NCCL's rules, is core/wire.py's.
 import torch.distributed as dist
 
 _TENSOR_MODEL_PARALLEL_GROUP = None
+_CONTEXT_PARALLEL_GROUP = None  # the ranks that share one sequence, each holding 1/C of it
 _DATA_PARALLEL_GROUP = None
+_DATA_PARALLEL_GROUP_WITH_CP = None  # the replicas and their context ranks: gradients averaged
 _TENSOR_AND_DATA_PARALLEL_GROUP = None  # the ranks of one pipeline stage
 _PIPELINE_MODEL_PARALLEL_GROUP = None
 _PIPELINE_GLOBAL_RANKS = None  # this rank's pipeline, stage by stage
@@ -30,9 +32,11 @@ class ParallelConfigError(UserError, ValueError):
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
-                              virtual_pipeline_model_parallel_size=None) -> None:
-    """Split the world (DP x PP x TP ranks) into tensor-, data- and pipeline-parallel groups,
-    in Megatron's rank order: TP fastest, then DP, then PP.
+                              virtual_pipeline_model_parallel_size=None,
+                              context_parallel_size: int = 1) -> None:
+    """Split the world (DP x PP x CP x TP ranks) into tensor-, context-, data- and
+    pipeline-parallel groups, in Megatron's rank order: TP fastest, then CP, then DP, then PP
+    (Megatron's "tp-cp-ep-dp-pp", without experts).
 
     Tensor-parallel groups are runs of consecutive ranks, as in Megatron: with 8 ranks, TP 2
     and PP 2 they are [0, 1], [2, 3], [4, 5], [6, 7]. Consecutive ranks share a node, and the
@@ -42,21 +46,20 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     gradients can be averaged element-wise. Pipeline groups hold one rank of each stage ([0, 4],
     [1, 5], [2, 6], [3, 7]): stage s sends its activations to stage s + 1, point to point, the
     least frequent and smallest traffic, over the slowest links (Sec. 3.2). The embedding group
-    is each pipeline's first and last stage.
+    is each pipeline's first and last stage. Context parallelism: group_ranks.
     """
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
+    global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP
     global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
-    world_size, tp, pp = dist.get_world_size(), tensor_model_parallel_size, \
-        pipeline_model_parallel_size
-    if world_size % (tp * pp) != 0:
-        raise ParallelConfigError(
-            f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp} x "
-            f"--pipeline_model_parallel_size {pp}; launch a multiple of {tp * pp} ranks with "
-            "torchrun --nproc_per_node")
-    groups = group_ranks(world_size, tp, pp)
+    world_size, tp, pp, cp = dist.get_world_size(), tensor_model_parallel_size, \
+        pipeline_model_parallel_size, context_parallel_size
+    groups = group_ranks(world_size, tp, pp, cp)
     _TENSOR_MODEL_PARALLEL_GROUP, _ = _create(groups["tensor"])
     _DATA_PARALLEL_GROUP, _ = _create(groups["data"])
+    _CONTEXT_PARALLEL_GROUP, _ = _create(groups["context"]) if cp > 1 else (None, None)
+    _DATA_PARALLEL_GROUP_WITH_CP, _ = _create(groups["data_with_context"]) if cp > 1 else \
+        (_DATA_PARALLEL_GROUP, None)
     if pp == 1:  # one stage, the world: nothing to create (a pipeline of one sends nothing)
         _TENSOR_AND_DATA_PARALLEL_GROUP = dist.group.WORLD
         _PIPELINE_GLOBAL_RANKS = [dist.get_rank()]
@@ -68,15 +71,33 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = 0 if virtual_pipeline_model_parallel_size else None
 
 
-def group_ranks(world_size: int, tp: int, pp: int) -> dict:
+def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1) -> dict:
     """The ranks of every group, by kind: lists of global ranks, in Megatron's order (TP fastest,
-    then DP, then PP; initialize_model_parallel's docstring draws them for 8 ranks)."""
+    then CP, then DP, then PP; initialize_model_parallel's docstring draws them for 8 ranks).
+
+    Context parallelism (core/context_parallel/) puts C ranks on one sequence, each holding 1/C
+    of its tokens: its groups are TP apart ([0, 2], [1, 3] at TP 2, CP 2). A replica is then C
+    ranks wide, each of them saw other tokens, and the gradients are averaged over the data- and
+    context-parallel ranks together (`data_with_context`: Megatron's
+    get_data_parallel_group(with_context_parallel=True))."""
+    if world_size % (tp * pp * cp) != 0:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp} x "
+            f"--pipeline_model_parallel_size {pp} x --context_parallel_size {cp}; launch a "
+            f"multiple of {tp * pp * cp} ranks with torchrun --nproc_per_node")
     stage_size = world_size // pp  # the ranks of one pipeline stage
+    dp = stage_size // (tp * cp)
     pipelines = [list(range(first, world_size, stage_size)) for first in range(stage_size)]
+
+    def in_stage(stage, start, step):  # a stage's ranks from its `start`-th, `step` apart
+        return list(range(stage * stage_size + start, (stage + 1) * stage_size, step))
     return dict(
         tensor=[list(range(start, start + tp)) for start in range(0, world_size, tp)],
-        data=[list(range(stage * stage_size + tp_rank, (stage + 1) * stage_size, tp))
-              for stage in range(pp) for tp_rank in range(tp)],
+        context=[in_stage(s, d * tp * cp + t, tp)[:cp]
+                 for s in range(pp) for d in range(dp) for t in range(tp)],
+        data=[in_stage(s, c * tp + t, tp * cp) for s in range(pp) for t in range(tp)
+              for c in range(cp)],
+        data_with_context=[in_stage(s, t, tp) for s in range(pp) for t in range(tp)],
         stage=[list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)],
         pipeline=pipelines,
         embedding=[sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
@@ -111,9 +132,28 @@ def get_tensor_model_parallel_rank() -> int:
     return dist.get_rank(group=get_tensor_model_parallel_group())
 
 
-def get_data_parallel_group():
+def get_data_parallel_group(with_context_parallel: bool = False):
+    """The replicas of this rank's shard; with_context_parallel: and their context ranks, over
+    which gradients are averaged (each saw other tokens of other rows)."""
     assert _DATA_PARALLEL_GROUP is not None, "call initialize_model_parallel() first"
-    return _DATA_PARALLEL_GROUP
+    return _DATA_PARALLEL_GROUP_WITH_CP if with_context_parallel else _DATA_PARALLEL_GROUP
+
+
+def get_context_parallel_group():
+    """The ranks that hold the other tokens of this rank's sequences (None without context
+    parallelism: callers ask get_context_parallel_world_size first)."""
+    assert _DATA_PARALLEL_GROUP is not None, "call initialize_model_parallel() first"
+    return _CONTEXT_PARALLEL_GROUP
+
+
+def get_context_parallel_world_size() -> int:
+    group = get_context_parallel_group()
+    return 1 if group is None else dist.get_world_size(group=group)
+
+
+def get_context_parallel_rank() -> int:
+    group = get_context_parallel_group()
+    return 0 if group is None else dist.get_rank(group=group)
 
 
 def get_data_parallel_world_size() -> int:
@@ -199,6 +239,7 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
     global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
+    global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP
     if dist.is_initialized():
         if barrier:
             dist.barrier()
@@ -206,3 +247,4 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     _TENSOR_MODEL_PARALLEL_GROUP = _DATA_PARALLEL_GROUP = _PIPELINE_MODEL_PARALLEL_GROUP = None
     _TENSOR_AND_DATA_PARALLEL_GROUP = _PIPELINE_GLOBAL_RANKS = _EMBEDDING_GROUP = None
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
+    _CONTEXT_PARALLEL_GROUP = _DATA_PARALLEL_GROUP_WITH_CP = None

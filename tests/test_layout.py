@@ -157,3 +157,12 @@ def test_the_group_layout_is_the_one_its_docstring_draws():
     assert groups["pipeline"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert groups["embedding"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert groups["stage"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups["context"] == [[r] for r in range(8)]  # no context parallelism: no group
+    assert groups["data_with_context"] == groups["data"]
+    # TP 2 x CP 2 x DP 2 (Megatron's tp-cp-dp-pp): a sequence's context ranks are TP apart, the
+    # replicas TP x CP apart, and the gradients are averaged over both together.
+    groups = group_ranks(8, 2, 1, 2)
+    assert groups["tensor"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["context"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["data"] == [[0, 4], [2, 6], [1, 5], [3, 7]]
+    assert groups["data_with_context"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
