@@ -258,6 +258,19 @@ MUTANTS = {
         'groups = groups_over(state["optimizer"]["param_groups"], [',
         'groups = groups_over(state["optimizer"]["param_groups"][::-1], [',
         ["tests/test_resume.py"]),
+    # Context parallelism's attention (core/context_parallel/attention.py, issue 38).
+    "context parallelism: a ring step skipped": (
+        "core/context_parallel/attention.py", "    for step in range(size):",
+        "    for step in range(size - 1):", ["tests/test_context_parallel.py"]),
+    "context parallelism: the log-sum-exp merge without the max": (
+        "core/context_parallel/attention.py",
+        "    top = _finite(torch.maximum(lse1, lse2).detach())",
+        "    top = torch.zeros_like(lse1)", ["tests/test_context_parallel.py"]),
+    "context parallelism: K/V gradients not sent back (sent on, as the blocks)": (
+        "core/context_parallel/attention.py",
+        "_Exchange.apply(kv, group, _send_next_recv_prev, _send_prev_recv_next)",
+        "_Exchange.apply(kv, group, _send_next_recv_prev, _send_next_recv_prev)",
+        ["tests/test_context_parallel.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

@@ -29,32 +29,37 @@ RTOL = 1e-12  # measured 2.3e-16 (module docstring)
 
 
 # ---------------------------------------------------------------------------
-# The groups, in Megatron's rank order (TP fastest, then DP, then PP).
+# The groups, in Megatron's rank order (TP fastest, then CP, then DP, then PP).
 
-def _groups(tp, pp, expected):
+def _groups(tp, pp, expected, cp=1):
     from core import parallel_state as ps
-    ps.initialize_model_parallel(tp, pp)
+    ps.initialize_model_parallel(tp, pp, context_parallel_size=cp)
     rank = dist.get_rank()
-    got = {name: dist.get_process_group_ranks(getter()) for name, getter in (
-        ("tp", ps.get_tensor_model_parallel_group), ("dp", ps.get_data_parallel_group),
-        ("pp", ps.get_pipeline_model_parallel_group), ("embedding", ps.get_embedding_group),
-        ("stage", ps.get_tensor_and_data_parallel_group))}
+    getters = dict(tp=ps.get_tensor_model_parallel_group, dp=ps.get_data_parallel_group,
+                   pp=ps.get_pipeline_model_parallel_group, embedding=ps.get_embedding_group,
+                   stage=ps.get_tensor_and_data_parallel_group, cp=ps.get_context_parallel_group,
+                   dp_cp=lambda: ps.get_data_parallel_group(with_context_parallel=True))
+    got = {name: dist.get_process_group_ranks(getters[name]()) for name in expected}
     want = {name: next(g for g in groups if rank in g) for name, groups in expected.items()}
     assert got == want, (rank, got, want)
-    assert ps.is_pipeline_first_stage() == (rank in want["pp"][:1])
-    assert ps.is_pipeline_last_stage() == (rank == want["pp"][-1])
+    if "pp" in expected:
+        assert ps.is_pipeline_first_stage() == (rank in want["pp"][:1])
+        assert ps.is_pipeline_last_stage() == (rank == want["pp"][-1])
 
 
-LAYOUTS = [  # (tp, pp, the groups of 4 ranks)
+LAYOUTS = [  # (tp, pp, the groups of 4 ranks, cp)
     (2, 2, dict(tp=[[0, 1], [2, 3]], dp=[[0], [1], [2], [3]], pp=[[0, 2], [1, 3]],
-                embedding=[[0, 2], [1, 3]], stage=[[0, 1], [2, 3]])),
+                embedding=[[0, 2], [1, 3]], stage=[[0, 1], [2, 3]]), 1),
     (1, 2, dict(tp=[[0], [1], [2], [3]], dp=[[0, 1], [2, 3]], pp=[[0, 2], [1, 3]],
-                embedding=[[0, 2], [1, 3]], stage=[[0, 1], [2, 3]]))]
+                embedding=[[0, 2], [1, 3]], stage=[[0, 1], [2, 3]]), 1),
+    # CP 2 x DP 2 (core/context_parallel): a sequence's two ranks, then the replicas, and the
+    # gradients averaged over all four.
+    (1, 1, dict(cp=[[0, 1], [2, 3]], dp=[[0, 2], [1, 3]], dp_cp=[[0, 1, 2, 3]]), 2)]
 
 
 def _every_layout():
-    for tp, pp, expected in LAYOUTS:  # TP 2 x PP 2, then DP 2 x PP 2, in one world
-        _groups(tp, pp, expected)
+    for tp, pp, expected, cp in LAYOUTS:  # TP 2 x PP 2, DP 2 x PP 2, CP 2 x DP 2, in one world
+        _groups(tp, pp, expected, cp)
 
 
 def test_groups_in_megatrons_rank_order():
