@@ -13,7 +13,6 @@ outside the split region holds only the rank's rows, f becomes an all-gather
 and g a reduce-scatter.
 """
 
-import argparse
 import os
 
 import matplotlib
@@ -25,7 +24,7 @@ from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 from core.pipeline_parallel.schedules import chunk_layers  # noqa: E402
 from parallel_layers import vocab_size_with_padding  # noqa: E402
 from plot_runs import save  # noqa: E402
-from training.operations import ArgumentParser, check_output  # noqa: E402
+from training.operations import ArgumentParser, check_output, given_flags  # noqa: E402
 
 COMPUTE, REPLICATED, COMM, ROWS = "#dbe9f6", "#e8e8e8", "#fdd9a8", "#dcefd6"
 # x centre and width of each column, in axis units (0..100).
@@ -314,16 +313,6 @@ def main(argv=None):
 # The tensor-parallel picture's flags, which the pipeline's (--pp) does not draw.
 TENSOR_PARALLEL_ONLY = ("--tp", "--sequence_parallel", "--input_size", "--hidden_size",
                         "--batch_size", "--vocab_size", "--seq_length", "--num_attention_heads")
-
-
-def given_flags(parser, argv):
-    """The flags the user gave (argv read by the parser's own rules), whatever their values."""
-    unset = object()
-    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
-                                  if a.dest != argparse.SUPPRESS})
-    parser.parse_args(argv, probe)
-    return {a.option_strings[0] for a in parser._actions
-            if a.option_strings and getattr(probe, a.dest, unset) is not unset}
 
 
 def stages_main(p, args, left_out=()):

@@ -13,6 +13,7 @@ from training.operations import (
     ArgumentParser,
     check_output,
     file_in_the_way,
+    given_flags,
     single_process_env,
 )
 
@@ -418,16 +419,8 @@ def check_the_flags_given(parser, args, argv):
     rank 0; a --load or --save folder whose tracker is gone, refused. args.given_flags lists them
     (a resume takes the optimizer's hyperparameters given, and keeps the checkpoint's others:
     training/checkpointing.py). Called last in get_args and get_parallel_args."""
-    import argparse
-
     from training.checkpointing import missing_tracker
-    unset = object()
-    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
-                                  if a.dest != argparse.SUPPRESS})
-    parser.parse_args(argv, probe)  # (the flags parsed once already: no error here)
-    flag_of = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
-    args.given_flags = sorted(flag_of[dest] for dest, value in vars(probe).items()
-                              if value is not unset and dest in flag_of)
+    args.given_flags = sorted(given_flags(parser, argv))
     given = set(args.given_flags)
     for flag in ("--load", "--save"):  # --load first: the same folder for both is a restart
         directory = getattr(args, flag[2:], None)

@@ -347,3 +347,14 @@ def on_every_rank(fn, *args):
         error = type(error)(f"{error} (on {socket.gethostname()}; every node needs its files)")
     error.reported_by_this_rank = True
     raise error
+
+
+def given_flags(parser, argv) -> set:
+    """The flags the user gave (argv read by the parser's own rules: abbreviations and
+    --flag=value count), whatever their values: not a comparison with the defaults."""
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, probe)  # (parsed once already: no error here)
+    return {a.option_strings[0] for a in parser._actions
+            if a.option_strings and getattr(probe, a.dest, unset) is not unset}
