@@ -1,5 +1,5 @@
-"""Train the ToyModel (or the transformer) with Megatron-style tensor, data and pipeline
-parallelism, under torchrun.
+"""Train the ToyModel (or the transformer) with Megatron-style tensor, data, pipeline and (the
+transformer) context parallelism, under torchrun.
 
     torchrun --nproc_per_node 2 parallel_train.py --tensor_model_parallel_size 2
 
@@ -10,10 +10,11 @@ sums after backward (core/distributed/finalize_model_grads.py), the global gradi
 (training/clip_grads.py), sharded checkpoints and the serial state_dict put back together
 from them (training/checkpointing.py). Every rank computes the same loss; the logbook checks it.
 
-World size = data-parallel size x pipeline-parallel size x tensor-parallel
-size; --batch_size is the global batch, split evenly between the data-parallel
-replicas, and each replica's share into micro-batches of --micro_batch_size
-rows that run through the pipeline's stages (schedules.py). The flags and their
+World size = data-parallel size x pipeline-parallel size x context-parallel size x
+tensor-parallel size; --batch_size is the global batch, split evenly between the data-parallel
+replicas, and each replica's share into micro-batches of --micro_batch_size rows that run
+through the pipeline's stages (schedules.py); under context parallelism each of a replica's C
+ranks takes its tokens of every row (core/context_parallel/split.py). The flags and their
 checks are in training/arguments.py.
 """
 
@@ -23,6 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from core import parallel_state as ps
 from core import wire
+from core.context_parallel.split import context_parallel_disabled, get_batch_on_this_cp_rank
 from core.distributed.finalize_model_grads import broadcast_from_last_stage, finalize_model_grads
 from core.optimizer.distrib_optimizer import DistributedOptimizer
 from core.pipeline_parallel.schedules import chunk_layers, forward_only, get_forward_backward_func
@@ -91,27 +93,35 @@ def this_ranks_rows(args):
     return slice(ps.get_data_parallel_rank() * n, (ps.get_data_parallel_rank() + 1) * n)
 
 
-def microbatches(inputs, targets, args, rows=None, sequence_parallel=None):
+def microbatches(inputs, targets, args, rows=None, sequence_parallel=None, whole=False):
     """The replica's batch as micro-batches of `rows` (--micro_batch_size); under the ToyModel's
-    sequence parallelism, this rank's rows of each (the transformer splits its sequence)."""
+    sequence parallelism, this rank's rows of each (the transformer splits its sequence); under
+    context parallelism this rank's tokens of each sequence, and their targets (`whole`:
+    validation's, every token)."""
     rows = rows or args.micro_batch_size
     parts = list(zip(inputs.split(rows), targets.split(rows)))
     sp = args.sequence_parallel if sequence_parallel is None else sequence_parallel
     if sp and args.model == "toy" and args.tensor_model_parallel_size > 1:
         tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
         parts = [(x.chunk(tp)[tp_rank], y.chunk(tp)[tp_rank]) for x, y in parts]
+    cp = args.context_parallel_size
+    if cp > 1 and not whole:  # Megatron's get_batch_on_this_cp_rank, tokens and labels alike
+        mine = lambda t: get_batch_on_this_cp_rank(t, 1, cp, ps.get_context_parallel_rank(),
+                                                   args.cp_load_balance == "on")
+        parts = [(mine(x), mine(y)) for x, y in parts]
     return parts
 
 
-def tensor_shape(args, rows, sequence_parallel=None):
+def tensor_shape(args, rows, sequence_parallel=None, whole=False):
     """The activation a stage sends the next for a micro-batch of `rows` (agreed in advance, as
-    Megatron computes it from seq_length, micro_batch_size and hidden_size); under sequence
-    parallelism this rank's part of it."""
+    Megatron computes it from seq_length, micro_batch_size and hidden_size); under sequence and
+    context parallelism this rank's part of it (`whole`: validation's, every token)."""
     sp = args.sequence_parallel if sequence_parallel is None else sequence_parallel
     tp = args.tensor_model_parallel_size if sp else 1
     if args.model == "toy":
         return (rows // tp, args.input_size)
-    return (args.seq_length // tp, rows, args.input_size)
+    cp = 1 if whole else args.context_parallel_size
+    return (args.seq_length // cp // tp, rows, args.input_size)
 
 
 def build_chunks(args, device):
@@ -136,8 +146,8 @@ def evaluate_pipeline(model, inputs, targets, args, chunk_rows=1024):
     """train.evaluate's loss, the rows in the same chunks, through the pipeline's stages
     (forward only); every rank returns the last stage's."""
     model.eval()
-    parts = microbatches(inputs, targets, args, chunk_rows, sequence_parallel=False)
-    shapes = [tensor_shape(args, len(x), sequence_parallel=False) for x, _ in parts]
+    parts = microbatches(inputs, targets, args, chunk_rows, sequence_parallel=False, whole=True)
+    shapes = [tensor_shape(args, len(x), sequence_parallel=False, whole=True) for x, _ in parts]
     step = lambda chunk, part, x: chunk(part[0] if x is None else x)
     outputs = forward_only(step, parts, model, shapes, args.torch_dtype)
     loss = torch.zeros((), dtype=torch.float64, device=wire.get_device())
@@ -150,7 +160,8 @@ def evaluate_pipeline(model, inputs, targets, args, chunk_rows=1024):
 def run(args, device, precision):
     ps.initialize_model_parallel(args.tensor_model_parallel_size,
                                  args.pipeline_model_parallel_size,
-                                 args.virtual_pipeline_model_parallel_size)
+                                 args.virtual_pipeline_model_parallel_size,
+                                 args.context_parallel_size)
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
     model = build_chunks(args, device)
     wire.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
@@ -163,8 +174,8 @@ def run(args, device, precision):
                               this_ranks_rows(args))
     valid = to_tensors(*valid, args, device)
 
-    def validate():  # every rank, every row: validation saves nothing for backward
-        with sequence_parallel_disabled(model):
+    def validate():  # every rank, every row and token: validation saves nothing for backward
+        with sequence_parallel_disabled(model), context_parallel_disabled(model):
             if args.pipeline_model_parallel_size > 1:
                 return evaluate_pipeline(model, *valid, args)
             return evaluate(model[0], *valid)

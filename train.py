@@ -51,7 +51,11 @@ def build_model(args, device, tensor_parallel=False, pre_process=True, post_proc
                                recompute_granularity=args.recompute_granularity,
                                distribute_saved_activations=getattr(
                                    args, "distribute_saved_activations", False),
-                               pre_process=pre_process, post_process=post_process, layers=layers)
+                               pre_process=pre_process, post_process=post_process, layers=layers,
+                               context_parallel=tensor_parallel and getattr(
+                                   args, "context_parallel_size", 1) > 1,
+                               cp_comm_type=getattr(args, "cp_comm_type", "p2p"),
+                               cp_load_balance=getattr(args, "cp_load_balance", "on") == "on")
     else:
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
                          dtype=args.main_dtype, pre_process=pre_process, post_process=post_process)

@@ -42,6 +42,15 @@ branch at run time too, in `embed`, `dropout_outside`, `forward` and `loss`.
     and under sequence parallelism it is 1/p already (Megatron refuses the two
     together). Both branches are marked "Activation recomputation".
 
+  * context_parallel (Megatron-core's --context-parallel-size; core/context_parallel/): each
+    of the C ranks of a context-parallel group holds s/C tokens of every activation, the 2C-chunk
+    load-balanced split's or the plain one's (`cp_positions`, every rank's row); `embed` looks
+    up its positions, the attention core lets its queries meet the other ranks' keys by
+    `cp_comm_type` (ring, all-gather, all-to-all), and `loss` is the mean over its tokens,
+    averaged over the context ranks with the gradients (finalize_model_grads.py). Dropout
+    outside the split regions draws from a stream per context rank, inside from one per
+    tensor- and context-parallel rank (random.py).
+
 The blocks work on (sequence, batch, width), Megatron's layout, so that the
 sequence is the first dimension, the one sequence parallelism splits.
 
@@ -62,9 +71,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core import parallel_state as ps
+from core.context_parallel.attention import context_parallel_attention
+from core.context_parallel.split import get_positions_on_every_cp_rank
 from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-from core.tensor_parallel.random import get_rng_tracker
+from core.tensor_parallel.random import CONTEXT_PARALLEL_RNG, MODEL_PARALLEL_RNG, get_rng_tracker
 from core.tensor_parallel.recompute import checkpoint
 from core.tensor_parallel.sequence_parallel import (
     gather_from_sequence_parallel_region,
@@ -89,8 +100,12 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, width, num_heads, tensor_parallel=False, dropout=0.0,
-                 sequence_parallel=False, dtype=None, checkpoint_core_attention=False):
+                 sequence_parallel=False, dtype=None, checkpoint_core_attention=False,
+                 context_parallel=None):
         super().__init__()
+        # (cp_positions, cp_comm_type) under context parallelism: every rank's positions, the
+        # variant; `context_parallel` off (validation: every rank the whole sequence) runs serial.
+        self.context_parallel, self.cp = context_parallel is not None, context_parallel
         tp = ps.get_tensor_model_parallel_world_size() if tensor_parallel else 1
         if width % num_heads != 0:
             raise ps.ParallelConfigError(f"--input_size {width} is not divisible by "
@@ -126,8 +141,16 @@ class SelfAttention(nn.Module):
 
     def core_attention(self, q, k, v):
         """softmax(Q K^T / sqrt(d), causal), dropout, times V, for this rank's heads: the part
-        whose activations grow with the sequence squared. Returns (seq, batch, width / p)."""
+        whose activations grow with the sequence squared. Returns (seq, batch, width / p).
+        Under context parallelism this rank's tokens' queries against every rank's keys."""
         batch, _, seq, _ = q.shape
+        if self.context_parallel:
+            positions, variant = self.cp
+            with get_rng_tracker().fork():  # inside: this rank's heads and tokens, its own mask
+                context = context_parallel_attention(
+                    q, k, v, positions.to(q.device), ps.get_context_parallel_group(), variant,
+                    self.dropout if self.training else 0.0)
+            return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
         probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
@@ -138,15 +161,16 @@ class SelfAttention(nn.Module):
         return (probs @ v).permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
-def dropout_outside(x, p, training, sequence_parallel):
+def dropout_outside(x, p, training, sequence_parallel, context_parallel=False):
     """Dropout outside the split regions. Every rank holds the same tensor there, and draws the
     same mask from the default stream; under sequence parallelism each holds its own rows, and
-    draws from its own stream (as Megatron forks the tracker there)."""
+    draws from its own stream (as Megatron forks the tracker there); under context parallelism
+    alone each context rank its own tokens, and draws from its context rank's stream."""
     if not training or p == 0:
         return x
-    if not sequence_parallel:
+    if not (sequence_parallel or context_parallel):
         return F.dropout(x, p)
-    with get_rng_tracker().fork():
+    with get_rng_tracker().fork(MODEL_PARALLEL_RNG if sequence_parallel else CONTEXT_PARALLEL_RNG):
         return F.dropout(x, p)
 
 
@@ -154,17 +178,21 @@ class Block(nn.Module):
     """x + dropout(attention(LN(x))), then x + dropout(MLP(LN(x))): pre-LayerNorm, as GPT-2."""
 
     def __init__(self, width, hidden, num_heads, tensor_parallel=False, dropout=0.0,
-                 sequence_parallel=False, dtype=None, checkpoint_core_attention=False):
+                 sequence_parallel=False, dtype=None, checkpoint_core_attention=False,
+                 context_parallel=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, dtype=dtype)
         self.attention = SelfAttention(width, num_heads, tensor_parallel, dropout,
-                                       sequence_parallel, dtype, checkpoint_core_attention)
+                                       sequence_parallel, dtype, checkpoint_core_attention,
+                                       context_parallel)
         self.ln_2 = nn.LayerNorm(width, dtype=dtype)
         self.mlp = MLP(width, hidden, tensor_parallel, sequence_parallel, dtype=dtype)
         self.dropout, self.sequence_parallel = dropout, sequence_parallel
+        self.context_parallel = context_parallel is not None
 
     def forward(self, x):
-        drop = lambda t: dropout_outside(t, self.dropout, self.training, self.sequence_parallel)
+        drop = lambda t: dropout_outside(t, self.dropout, self.training, self.sequence_parallel,
+                                         self.context_parallel)
         x = x + drop(self.attention(self.ln_1(x)))
         return x + drop(self.mlp(self.ln_2(x)))
 
@@ -197,7 +225,8 @@ class ToyTransformer(nn.Module):
     def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
                  tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None,
                  recompute_granularity=None, distribute_saved_activations=False,
-                 pre_process=True, post_process=True, layers=None):
+                 pre_process=True, post_process=True, layers=None, context_parallel=False,
+                 cp_comm_type="p2p", cp_load_balance=True):
         super().__init__()
         self.vocab_size, self.tensor_parallel = vocab_size, tensor_parallel
         self.sequence_parallel = sequence_parallel and tensor_parallel
@@ -207,6 +236,12 @@ class ToyTransformer(nn.Module):
         self.distribute_saved_activations = (distribute_saved_activations and tensor_parallel
                                              and not self.sequence_parallel)
         hidden = hidden or 32 * width  # as ToyModel's
+        # Context parallelism: every context rank's positions, (C, s / C), and the attention's
+        # variant, handed to the blocks; None without (a group of one: the serial model).
+        cp = ps.get_context_parallel_world_size() if context_parallel else 1
+        self.context_parallel = cp > 1
+        self.cp = (get_positions_on_every_cp_rank(seq_length, cp, cp_load_balance),
+                   cp_comm_type) if cp > 1 else None
         # N(0, 0.02), GPT-2's and Megatron's init_method_normal. With nn.Embedding's N(0, 1) the
         # tied output layer's first logits are ~12 wide and the first loss ~59 (measured at the
         # defaults), not log(vocab) = 3.9.
@@ -219,7 +254,8 @@ class ToyTransformer(nn.Module):
         self.position_embeddings = nn.Embedding(seq_length, width, dtype=dtype)
         init(self.position_embeddings.weight)
         blocks = [Block(width, hidden, num_heads, tensor_parallel, dropout, self.sequence_parallel,
-                        dtype, checkpoint_core_attention=recompute_granularity == "selective")
+                        dtype, checkpoint_core_attention=recompute_granularity == "selective",
+                        context_parallel=self.cp)
                   for _ in range(num_layers)]
         # This stage's blocks, named by their number in the whole model (every stage drew them
         # all, from the same generator: each holds serial's weights).
@@ -263,13 +299,18 @@ class ToyTransformer(nn.Module):
         return self.ln_f(x) if self.post_process else x
 
     def embed(self, tokens):
-        """Word + position embeddings, (seq, batch, width) (this rank's rows under SP)."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        """Word + position embeddings, (seq, batch, width) (this rank's rows under SP). Under
+        context parallelism `tokens` are this context rank's, at its positions."""
+        if self.context_parallel:
+            positions = self.cp[0][ps.get_context_parallel_rank()].to(tokens.device)
+        else:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.word_embeddings(tokens) + self.position_embeddings(positions)
         x = x.transpose(0, 1).contiguous()  # (seq, batch, width)
         if self.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x)
-        return dropout_outside(x, self.dropout, self.training, self.sequence_parallel)
+        return dropout_outside(x, self.dropout, self.training, self.sequence_parallel,
+                               self.context_parallel)
 
     def shared_embedding_or_output_weight(self):
         """The tied weight: the word embeddings on the first stage, their copy, the output layer,
@@ -279,7 +320,8 @@ class ToyTransformer(nn.Module):
 
     def loss(self, hidden, targets):
         """Mean cross-entropy of the next token (targets: (batch, seq)), through the tied output
-        layer."""
+        layer. Under context parallelism the mean over this rank's tokens (targets: theirs):
+        the context ranks' losses and gradients are averaged after backward."""
         if not self.tensor_parallel:
             logits = _for_the_loss(output_layer(hidden, self.word_embeddings.weight))
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())

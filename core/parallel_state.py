@@ -156,12 +156,12 @@ def get_context_parallel_rank() -> int:
     return 0 if group is None else dist.get_rank(group=group)
 
 
-def get_data_parallel_world_size() -> int:
-    return dist.get_world_size(group=get_data_parallel_group())
+def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
+    return dist.get_world_size(group=get_data_parallel_group(with_context_parallel))
 
 
-def get_data_parallel_rank() -> int:
-    return dist.get_rank(group=get_data_parallel_group())
+def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
+    return dist.get_rank(group=get_data_parallel_group(with_context_parallel))
 
 
 def get_tensor_and_data_parallel_group():

@@ -163,7 +163,8 @@ PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes"
                  "--distributed_backend", "--sequence_parallel", "--tp_reduce_dtype", "--save",
                  "--save_interval", "--load", "--distribute_saved_activations",
                  "--pipeline_model_parallel_size", "--pipeline_schedule",
-                 "--virtual_pipeline_model_parallel_size", "--use_distributed_optimizer")
+                 "--virtual_pipeline_model_parallel_size", "--use_distributed_optimizer",
+                 "--context_parallel_size", "--cp_comm_type", "--cp_load_balance")
 SERIAL_ONLY = ("--reorder_seed",)
 
 
@@ -239,6 +240,18 @@ def get_parallel_args(argv=None):
                         help="each data-parallel replica keeps 1/d of the main parameters and the "
                              "optimizer's state: gradients reduce-scattered, parameters "
                              "all-gathered (Megatron's flag; ZeRO stage 1; distrib_optimizer.py)")
+    parser.add_argument("--context_parallel_size", type=int, default=1, metavar="C",
+                        help="transformer: each of C ranks holds 1/C of every sequence's tokens "
+                             "through the whole network; attention fetches the others' keys and "
+                             "values (Megatron's flag; core/context_parallel/)")
+    parser.add_argument("--cp_comm_type", choices=["p2p", "all_gather", "a2a"], default="p2p",
+                        help="how attention meets the other context ranks' tokens: p2p, a ring "
+                             "of K/V blocks (Ring Attention); all_gather, K/V gathered whole "
+                             "(Llama 3); a2a, heads traded for tokens (DeepSpeed-Ulysses)")
+    parser.add_argument("--cp_load_balance", choices=["on", "off"], default="on",
+                        help="on: the sequence in 2C chunks, rank r keeps r and 2C-1-r, the same "
+                             "causal work on every rank (Megatron's); off: rank r keeps chunk r "
+                             "of C")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=None,
                         help="checkpoint every N iterations (default 100), and at the end")
@@ -251,9 +264,10 @@ def get_parallel_args(argv=None):
     if args.save_interval <= 0:
         parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    for flag, size in (("tensor", tp), ("pipeline", pp)):
+    cp = args.context_parallel_size
+    for flag, size in (("tensor_model", tp), ("pipeline_model", pp), ("context", cp)):
         if size <= 0:
-            parser.error(f"--{flag}_model_parallel_size must be a positive integer, got {size}")
+            parser.error(f"--{flag}_parallel_size must be a positive integer, got {size}")
     check_combinations(parser, args, FLAG_RULES)
     timeout = args.distributed_timeout_minutes
     if not (timeout > 0 and math.isfinite(timeout)):
@@ -263,10 +277,11 @@ def get_parallel_args(argv=None):
         parser.error(f"--hidden_size {args.hidden_size} is not divisible by "
                      f"--tensor_model_parallel_size {tp}")
     if "RANK" not in os.environ:
-        if tp > 1:
-            parser.error(f"--tensor_model_parallel_size {tp} needs {tp} processes: launch with "
-                         f"torchrun --nproc_per_node {tp} parallel_train.py ... (or bash "
-                         "bash_parallel_train.sh)")
+        for flag, size in (("tensor_model", tp), ("context", cp)):
+            if size > 1:
+                parser.error(f"--{flag}_parallel_size {size} needs {size} processes: launch "
+                             f"with torchrun --nproc_per_node {size} parallel_train.py ... (or "
+                             "bash bash_parallel_train.sh)")
         single_process_env()
     world_size = int(os.environ["WORLD_SIZE"])
     if tp > world_size:
@@ -281,10 +296,15 @@ def get_parallel_args(argv=None):
         parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
                      f"{tp} x --pipeline_model_parallel_size {pp}; launch a multiple of {tp * pp} "
                      "processes")
-    dp = args.data_parallel_size = world_size // (tp * pp)
+    if world_size % (tp * pp * cp) != 0:
+        parser.error(f"world size {world_size} is not divisible by --tensor_model_parallel_size "
+                     f"{tp} x --pipeline_model_parallel_size {pp} x --context_parallel_size {cp}; "
+                     f"launch a multiple of {tp * pp * cp} processes")
+    dp = args.data_parallel_size = world_size // (tp * pp * cp)
     if args.batch_size % dp != 0:
-        sizes = f"tensor-parallel size {tp}" if pp == 1 else \
-            f"(tensor-parallel size {tp} x pipeline-parallel size {pp})"
+        sizes = f"tensor-parallel size {tp}" if pp == cp == 1 else \
+            f"(tensor-parallel size {tp} x pipeline-parallel size {pp}" + \
+            (f" x context-parallel size {cp})" if cp > 1 else ")")
         parser.error(f"--batch_size {args.batch_size} is not divisible by the data-parallel size "
                      f"{dp} (world size {world_size} / {sizes}); each replica takes an equal "
                      "share")
@@ -347,6 +367,10 @@ FLAG_RULES = (
          lambda a: a.distribute_saved_activations and a.sequence_parallel,
          lambda a: "--distribute_saved_activations with --sequence_parallel: the block's input is "
                    "this rank's rows already (Megatron refuses both); leave one out"),
+    Rule(("model", "context_parallel_size"),
+         lambda a: a.model == "toy" and a.context_parallel_size > 1,
+         lambda a: f"--context_parallel_size {a.context_parallel_size} splits the transformer's "
+                   "sequences; the toy model has none: add --model transformer"),
     Rule(("tp_reduce_dtype", "tensor_model_parallel_size"),
          lambda a: a.tp_reduce_dtype == "float32" and a.tensor_model_parallel_size == 1,
          lambda a: "--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
@@ -390,12 +414,31 @@ SIZE_RULES = (
          lambda a: f"--num_attention_heads {a.num_attention_heads} is not divisible by "
                    f"--tensor_model_parallel_size {a.tensor_model_parallel_size}; each rank "
                    "computes whole heads"),
-    Rule(("model", "sequence_parallel", "seq_length", "tensor_model_parallel_size"),
+    Rule(("model", "context_parallel_size", "cp_load_balance", "seq_length"),
+         lambda a: a.model == "transformer" and a.context_parallel_size > 1 and
+         a.seq_length % cp_chunks(a) != 0,
+         lambda a: f"--seq_length {a.seq_length} is not divisible by {cp_chunks(a)}, the chunks "
+                   f"of the {'load-balanced' if a.cp_load_balance == 'on' else 'plain'} split "
+                   f"over {a.context_parallel_size} context-parallel ranks; choose a "
+                   f"--seq_length divisible by {cp_chunks(a)}"),
+    Rule(("model", "sequence_parallel", "seq_length", "tensor_model_parallel_size",
+          "context_parallel_size"),
          lambda a: a.model == "transformer" and a.sequence_parallel and
-         a.seq_length % a.tensor_model_parallel_size != 0,
-         lambda a: f"--sequence_parallel splits the {a.seq_length} tokens of a sequence between "
+         a.seq_length % (a.tensor_model_parallel_size * a.context_parallel_size) != 0,
+         lambda a: f"--sequence_parallel splits the {a.seq_length // a.context_parallel_size} "
+                   "tokens of a sequence on each rank between "
                    f"{a.tensor_model_parallel_size} tensor-parallel ranks; choose a --seq_length "
-                   "that they divide"),
+                   f"divisible by {a.tensor_model_parallel_size * a.context_parallel_size}"),
+    Rule(("model", "cp_comm_type", "context_parallel_size", "num_attention_heads",
+          "tensor_model_parallel_size"),
+         lambda a: a.model == "transformer" and a.cp_comm_type == "a2a" and
+         a.context_parallel_size > 1 and
+         a.num_attention_heads % (a.context_parallel_size * a.tensor_model_parallel_size) != 0,
+         lambda a: f"--cp_comm_type a2a gives each of the {a.context_parallel_size} context ranks "
+                   f"1/{a.context_parallel_size} of a tensor-parallel rank's heads: "
+                   f"--num_attention_heads {a.num_attention_heads} is not divisible by "
+                   f"{a.context_parallel_size * a.tensor_model_parallel_size} (C x TP); choose a "
+                   "multiple, or --cp_comm_type p2p"),
     Rule(("model", "sequence_parallel", "micro_batch_size", "num_microbatches",
           "tensor_model_parallel_size"),
          lambda a: a.model == "toy" and a.sequence_parallel and
@@ -406,6 +449,11 @@ SIZE_RULES = (
                    "tensor-parallel ranks; choose a --batch_size (or --micro_batch_size) that "
                    "makes them divisible"),
 )
+
+
+def cp_chunks(a):
+    """The chunks a sequence is cut into over the context ranks: 2C load-balanced, C plain."""
+    return a.context_parallel_size * (2 if a.cp_load_balance == "on" else 1)
 
 
 def chunks(a):
@@ -440,6 +488,11 @@ def check_the_flags_given(parser, args, argv):
         notes.append(f"--pipeline_schedule {args.pipeline_schedule} orders the micro-batches "
                      "through a pipeline's stages: without a pipeline "
                      "(--pipeline_model_parallel_size 1) it changes nothing")
+    for flag in ("--cp_comm_type", "--cp_load_balance"):
+        if flag in given and getattr(args, "context_parallel_size", 1) == 1:
+            notes.append(f"{flag} {getattr(args, flag[2:])} chooses how context parallelism "
+                         "splits the attention: without it (--context_parallel_size 1) it "
+                         "changes nothing")
     if os.environ.get("RANK", "0") == "0":
         for note in notes:
             print(f"note: {note}", flush=True)

@@ -63,10 +63,13 @@ from training.reshard import reshard
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype",
-         "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
-ABSENT = dict(model="toy", pipeline_model_parallel_size=1)  # in checkpoints from before them
+         "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+         "context_parallel_size")
+# In checkpoints from before them:
+ABSENT = dict(model="toy", pipeline_model_parallel_size=1, context_parallel_size=1)
 RESHARDABLE = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-               "virtual_pipeline_model_parallel_size")  # the rest change the model: must match
+               "virtual_pipeline_model_parallel_size",
+               "context_parallel_size")  # the rest change the model: must match
 TRANSFORMER_SIZES = ("model", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
 
 
@@ -140,7 +143,8 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
     path = shard_path(directory, iteration, ps.get_tensor_model_parallel_rank(), this_stage())
     os.makedirs(os.path.dirname(path), exist_ok=True)
     distributed = isinstance(optimizer, DistributedOptimizer)
-    if ps.get_data_parallel_rank() == 0:
+    trackers = context_parallel_trackers()
+    if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
         params = named_parameters(model)
         state = dict(
             iteration=iteration,
@@ -157,19 +161,32 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
                          default_generator_states(wire.get_device().type == "cuda")),
                      tracker=dict(get_rng_tracker().states)),
         )
+        if trackers:  # each context rank's streams: its tokens' dropout masks
+            state["rng"]["context_parallel_trackers"] = trackers
         if distributed:  # the state is in the replicas' files
             state["distributed_optimizer"] = dict(
-                data_parallel_size=ps.get_data_parallel_world_size())
+                data_parallel_size=ps.get_data_parallel_world_size(with_context_parallel=True))
         atomic_write(path, lambda f: torch.save(state, f))
-    if distributed:
-        rank = ps.get_data_parallel_rank()
+    if distributed:  # (its shards are over the replicas and their context ranks)
+        rank = ps.get_data_parallel_rank(with_context_parallel=True)
         shard = dict(iteration=iteration, data_parallel_rank=rank, identity=identity(args),
-                     data_parallel_size=ps.get_data_parallel_world_size(),
+                     data_parallel_size=ps.get_data_parallel_world_size(with_context_parallel=True),
                      shard=optimizer.sharded_state_dict())
         atomic_write(distrib_optim_path(path, rank), lambda f: torch.save(shard, f))
     dist.barrier()  # every shard is on disk before the tracker points at it
     if dist.get_rank() == 0:
         atomic_write(os.path.join(directory, TRACKER), lambda f: f.write(f"{iteration}\n".encode()))
+
+
+def context_parallel_trackers():
+    """Every context rank's dropout streams, gathered to each (the shard's writer keeps them);
+    None without context parallelism. Its other state is the same on every context rank."""
+    if ps.get_context_parallel_world_size() == 1:
+        return None
+    trackers = [None] * ps.get_context_parallel_world_size()
+    dist.all_gather_object(trackers, dict(get_rng_tracker().states),
+                           group=ps.get_context_parallel_group())
+    return trackers
 
 
 def latest_iteration(directory):
@@ -455,7 +472,13 @@ def load_checkpoint(directory, model, optimizer, args):
     on_cuda = wire.get_device().type == "cuda"
     set_default_generator_states((state["rng"]["torch"],
                                   state["rng"].get("cuda") if on_cuda else None))
-    tracker = state["rng"].get("tracker", {})
+    tracker = state["rng"].get("tracker", {})  # (none where the TP split changed: reshard.py)
+    cp = ps.get_context_parallel_world_size()
+    saved_cp = saved["sizes"].get("context_parallel_size", 1)
+    if saved_cp != cp:
+        tracker = {}  # the streams of another split of the tokens: new ones
+    elif cp > 1 and tracker:  # this context rank's own
+        tracker = state["rng"]["context_parallel_trackers"][ps.get_context_parallel_rank()]
     if tracker and all((cuda is not None) == on_cuda for _, cuda in tracker.values()):
         get_rng_tracker().states.update(tracker)  # dropout's own streams
     else:  # this rank's stream belonged to another split, or another device: a new one, that
@@ -470,6 +493,7 @@ def load_checkpoint(directory, model, optimizer, args):
               f"{resharded if saved_tp != tp else ''}"
               f"{f', from {stages} pipeline stage(s) to {pp}' if stages != pp else ''}"
               f"{optimizer_change(saved, optimizer)}{rechunked if was != now else ''}"
+              f"{f', from context-parallel size {saved_cp} to {cp}' if saved_cp != cp else ''}"
               f"{''.join(f'; {line}' for line in changed)}")
     return iteration
 
@@ -520,8 +544,8 @@ def resumed_hyperparameters(groups, args):
 def optimizer_change(saved, optimizer):
     """What resuming did to the distributed optimizer's shards, for the line that says so."""
     was = saved.get("distributed_optimizer", {}).get("data_parallel_size")
-    now = ps.get_data_parallel_world_size() if isinstance(optimizer, DistributedOptimizer) \
-        else None
+    now = ps.get_data_parallel_world_size(with_context_parallel=True) \
+        if isinstance(optimizer, DistributedOptimizer) else None
     if was == now:
         return ""
     source = f"{was} data-parallel replicas" if was else "the plain optimizer"

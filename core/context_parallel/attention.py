@@ -31,6 +31,7 @@ from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from core import wire
 from core.tensor_parallel.sequence_parallel import (
@@ -70,15 +71,18 @@ def _finite(x):
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def _block(q, k, v, q_pos, k_pos):
-    """softmax(q k^T / sqrt(d)) v over this block's keys, masked by positions: (out, lse)."""
+def _block(q, k, v, q_pos, k_pos, dropout=0.0):
+    """softmax(q k^T / sqrt(d)) v over this block's keys, masked by positions: (out, lse).
+    `dropout` drops the probabilities before V, as serial attention does: the mask falls on the
+    unnormalised exp, the denominator keeps every key (FlashAttention's order)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
     shift = _finite(scores.amax(-1, keepdim=True).detach())  # the max: exp never overflows
     p = torch.exp(scores - shift)
     total = p.sum(-1, keepdim=True)
     seen = total > 0  # a row that sees no key: out 0, lse -inf, and no 0 / 0 in backward
-    out = (p @ v) / torch.where(seen, total, torch.ones_like(total))
+    weights = F.dropout(p, dropout) if dropout else p
+    out = (weights @ v) / torch.where(seen, total, torch.ones_like(total))
     lse = torch.where(seen, shift + torch.log(torch.where(seen, total, torch.ones_like(total))),
                       torch.full_like(total, float("-inf")))
     return out, lse
@@ -98,11 +102,11 @@ def merge(partial, new):
     return torch.exp(lse1 - base) * out1 + torch.exp(lse2 - base) * out2, lse
 
 
-def attend(q, kv, q_pos, k_pos, chunks, partials=None):
+def attend(q, kv, q_pos, k_pos, chunks, partials=None, dropout=0.0):
     """Add the keys and values kv = (k, v), at positions k_pos, to each query chunk's partial
     (out, lse), chunk by chunk (q_pos and k_pos each cut in `chunks` = (q's, k's) equal pieces),
     skipping the pairs the causal mask zeroes. `partials`: one (out, lse) per query chunk, or
-    None at first."""
+    None at first. `dropout`: of the probabilities, drawn from the caller's stream."""
     k, v = kv
     q_pieces, k_pieces = _pieces(q_pos, chunks[0]), _pieces(k_pos, chunks[1])
     partials = partials or [None] * len(q_pieces)
@@ -113,7 +117,8 @@ def attend(q, kv, q_pos, k_pos, chunks, partials=None):
                 continue
             blocks["computed"] += 1
             partials[i] = merge(partials[i], _block(q[..., qa:qb, :], k[..., ka:kb, :],
-                                                    v[..., ka:kb, :], q_pos[qa:qb], k_pos[ka:kb]))
+                                                    v[..., ka:kb, :], q_pos[qa:qb], k_pos[ka:kb],
+                                                    dropout))
     return partials
 
 
@@ -180,7 +185,7 @@ class _EveryStepBackward(torch.autograd.Function):
         return grad, grad.new_zeros(ctx.kv_shape)
 
 
-def ring_attention(q, k, v, positions, group):
+def ring_attention(q, k, v, positions, group, dropout=0.0):
     """Step t holds rank (r - t)'s K/V: attend to it, then pass it on (C - 1 shifts in all)."""
     size, rank = group.size(), group.rank()
     kv = torch.stack([k, v])  # one buffer, one send per step
@@ -190,21 +195,21 @@ def ring_attention(q, k, v, positions, group):
             kv = _Exchange.apply(kv, group, _send_next_recv_prev, _send_prev_recv_next)
         owner = (rank - step) % size
         partials = attend(q, (kv[0], kv[1]), positions[rank], positions[owner], (n, n),
-                          partials)
+                          partials, dropout)
     return _EveryStepBackward.apply(_output(partials), kv)
 
 
 # ---------------------------------------------------------------------------
 # all_gather: Llama 3's.
 
-def all_gather_attention(q, k, v, positions, group):
+def all_gather_attention(q, k, v, positions, group, dropout=0.0):
     """Every rank's K/V, in rank order, then this rank's queries against them."""
     kv = torch.stack([k, v]).movedim(-2, 0)  # (s / C, 2, batch, heads, d): gathered along s
     kv = _Exchange.apply(kv, group, _gather_along_first_dim,
                          _reduce_scatter_along_first_dim).movedim(0, -2)
     n = _chunks_per_rank(positions)
     partials = attend(q, (kv[0], kv[1]), positions[group.rank()], positions.reshape(-1),
-                      (n, n * group.size()))
+                      (n, n * group.size()), dropout=dropout)
     return _output(partials)
 
 
@@ -222,7 +227,7 @@ def _all_to_all(tensor, group):
     return output
 
 
-def a2a_attention(q, k, v, positions, group):
+def a2a_attention(q, k, v, positions, group, dropout=0.0):
     """Trade tokens for heads, attend over the whole sequence, trade back."""
     size = group.size()
     batch, heads, s, d = q.shape
@@ -235,7 +240,7 @@ def a2a_attention(q, k, v, positions, group):
     qkv = qkv.movedim(0, -3).reshape(3, batch, heads // size, size * s, d)
     everyone = positions.reshape(-1)
     n = _chunks_per_rank(positions) * size
-    out = _output(attend(qkv[0], (qkv[1], qkv[2]), everyone, everyone, (n, n)))
+    out = _output(attend(qkv[0], (qkv[1], qkv[2]), everyone, everyone, (n, n), dropout=dropout))
     out = out.view(batch, heads // size, size, s, d).movedim(2, 0)  # chunk j: rank j's tokens
     # (C: which heads, batch, heads / C, s, d)
     out = _Exchange.apply(out, group, _all_to_all, _all_to_all)
@@ -245,9 +250,10 @@ def a2a_attention(q, k, v, positions, group):
 VARIANTS = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": a2a_attention}
 
 
-def context_parallel_attention(q, k, v, positions, group, variant="p2p"):
-    """Causal attention for this rank's q, k, v (batch, heads, s / C, d) by `variant`."""
+def context_parallel_attention(q, k, v, positions, group, variant="p2p", dropout=0.0):
+    """Causal attention for this rank's q, k, v (batch, heads, s / C, d) by `variant`; `dropout`
+    of the probabilities, drawn from the caller's stream (transformer.py: this rank's)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown context-parallel attention {variant!r}; choose one of "
                          f"{', '.join(VARIANTS)}")
-    return VARIANTS[variant](q, k, v, positions, group)
+    return VARIANTS[variant](q, k, v, positions, group, dropout)

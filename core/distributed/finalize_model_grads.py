@@ -4,7 +4,9 @@
 After backward each rank's gradients are not yet the model's:
 
   * data parallelism: each replica's are its own rows' (Megatron-LM, App. B.1): averaged over
-    the replicas;
+    the replicas; context parallelism (core/context_parallel/): each context rank's are its own
+    tokens' (its loss the mean over them), so the average is over the replicas and their context
+    ranks together (Megatron's get_data_parallel_group(with_context_parallel=True));
   * sequence parallelism (Korthikanti et al., 2022, Sec. 4.2.2): the parameters used outside
     the split region (the LayerNorms, ToyModel's fc; marked `grad_is_partial`) saw 1/TP of the
     rows on each rank, so their gradients are partial sums, summed over the tensor-parallel
@@ -49,7 +51,8 @@ def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
     if isinstance(optimizer, DistributedOptimizer):  # the other sums, then each replica its shard
         loss = reduce_scatter_over_data_parallel_replicas(optimizer, loss, partial)
         return broadcast_from_last_stage(loss.detach())
-    if ps.get_data_parallel_world_size() > 1:  # replicas saw different rows: average them
+    if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:  # replicas saw different
+        # rows (context ranks other tokens): average them
         loss = average_over_data_parallel_replicas(params, loss, partial)
     elif partial or any(getattr(p, "grad_is_partial", False) for p in params):
         loss = allreduce_sequence_parallel_grads(params, loss, partial)
@@ -118,14 +121,16 @@ def average_over_data_parallel_replicas(params, loss, loss_is_partial):
     grads["partial" if loss_is_partial else "whole"].append(loss)
     if grads["split"]:  # a stage holding only replicated layers (the toy's last: fc) has none,
         # and so have its replicas, the data-parallel group: all of them skip alike
-        _average_over_data_parallel(grads["split"], ps.get_data_parallel_group())
+        _average_over_data_parallel(grads["split"],
+                                    ps.get_data_parallel_group(with_context_parallel=True))
     average_replicated(grads["whole"], grads["partial"])
     return loss[0]
 
 
 @wire.collective("dp_all_reduce", wire.ALL_REDUCE, summed=True)
 def _average_over_data_parallel(coalesced, group):
-    """The average over the data-parallel group (the replicas), in place."""
+    """The average over the data-parallel group (the replicas, with their context ranks), in
+    place."""
     dist.all_reduce(coalesced, group=group)
     return coalesced.div_(group.size())
 
@@ -148,12 +153,13 @@ def average_replicated(whole, partial=()) -> None:
         for t in whole:
             t.zero_()
     _average_replicated(whole + partial, ps.get_tensor_and_data_parallel_group(),
-                        ps.get_data_parallel_world_size())
+                        ps.get_data_parallel_world_size(with_context_parallel=True))
 
 
 @wire.collective("replicated_all_reduce", wire.ALL_REDUCE, summed=True)
 def _average_replicated(coalesced, group, data_parallel_size):
-    """Sum over the pipeline stage's ranks, divided by the data-parallel size, in place."""
+    """Sum over the pipeline stage's ranks, divided by the data-parallel size (times the
+    context-parallel size), in place."""
     dist.all_reduce(coalesced, group=group)
     return coalesced.div_(data_parallel_size)
 
@@ -192,7 +198,7 @@ def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial)
         allreduce_embedding_grads([p.main_grad for p in params
                                    if getattr(p, "shared_embedding", False)])
     loss = loss.detach().reshape(1).clone()
-    if ps.get_data_parallel_world_size() > 1 or loss_is_partial:
+    if ps.get_data_parallel_world_size(with_context_parallel=True) > 1 or loss_is_partial:
         average_replicated(*(([], [loss]) if loss_is_partial else ([loss], [])))
     optimizer.finish_grad_sync()
     return loss[0]

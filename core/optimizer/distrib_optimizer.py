@@ -67,7 +67,10 @@ class ParamAndGradBuffer:
     """
 
     def __init__(self, params, grad_dtype):
-        d, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        # The replicas and their context-parallel ranks (Megatron's with_context_parallel=True):
+        # every rank of them reduces the same gradients.
+        d = ps.get_data_parallel_world_size(with_context_parallel=True)
+        r = ps.get_data_parallel_rank(with_context_parallel=True)
         self.numel = sum(p.numel() for p in params)
         self.shard_size = -(-self.numel // d)
         self.shard = (r * self.shard_size, (r + 1) * self.shard_size)  # this rank's, of the buffer
@@ -99,15 +102,17 @@ class ParamAndGradBuffer:
     def reduce_scatter_grads(self):
         """Each rank gets the average over the replicas of its shard of the gradients."""
         shard = self.shard_of(self.grad_data)
-        shard.copy_(_reduce_scatter(self.grad_data, ps.get_data_parallel_group()))
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+        shard.copy_(_reduce_scatter(self.grad_data, group))
         # The average, as the plain all-reduce takes it: the sum divided after, where Megatron
         # scales before (gradient_scaling_factor); the same as the plain optimizer, bit for bit
         # (Megatron's rounds each share first: the same bits when d is a power of two).
-        shard /= ps.get_data_parallel_world_size()
+        shard /= group.size()
 
     def all_gather_params(self):
         """Every rank's updated shard of the parameters, into every rank's parameter buffer."""
-        _all_gather(self.shard_of(self.param_data), ps.get_data_parallel_group(),
+        _all_gather(self.shard_of(self.param_data),
+                    ps.get_data_parallel_group(with_context_parallel=True),
                     out=self.param_data)
 
 
@@ -155,7 +160,7 @@ class DistributedOptimizer:
                 by_dtype.setdefault(p.dtype, []).append(p)
             self.buffers += [ParamAndGradBuffer(params, self.main_dtype)
                              for params in by_dtype.values()]
-        d = ps.get_data_parallel_world_size()
+        d = ps.get_data_parallel_world_size(with_context_parallel=True)
         if all((d - 1) * buffer.shard_size >= buffer.numel for buffer in self.buffers):
             raise DistributedOptimizerError(
                 f"--use_distributed_optimizer: the {sum(b.numel for b in self.buffers)} "
@@ -259,7 +264,8 @@ class DistributedOptimizer:
             for piece, b, param, lo, hi, at in self.pieces:
                 if b is buffer:
                     flat[at:at + hi - lo] = piece
-            _all_gather(buffer.shard_of(flat), ps.get_data_parallel_group(), out=flat)
+            _all_gather(buffer.shard_of(flat),
+                        ps.get_data_parallel_group(with_context_parallel=True), out=flat)
             for param, start in buffer.ranges:
                 mains[id(param)].copy_(flat[start:start + param.numel()].view_as(param))
         return main

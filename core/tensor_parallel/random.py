@@ -33,6 +33,12 @@ from core import wire
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TENSOR_PARALLEL_SEED_OFFSET = 2718  # Megatron's: keeps the two streams' seeds apart
+# Context parallelism (core/context_parallel/): each rank of a context-parallel group holds other
+# tokens, so the dropout outside the split regions (the whole hidden state on every TP rank) must
+# draw a mask of its own per context rank, the same on its TP ranks: a third stream. (Megatron
+# draws it from the default generator, the same mask on every context rank, for other tokens.)
+CONTEXT_PARALLEL_RNG = "context-parallel-rng"
+_CONTEXT_PARALLEL_SEED_OFFSET = 1618
 
 
 class RNGDeviceError(RuntimeError):
@@ -122,10 +128,17 @@ def model_parallel_manual_seed(seed: int, device=None) -> None:
 
 
 def seed_tensor_parallel_stream(seed: int, device=None) -> None:
-    """Seed the tracker's stream only, differently on each tensor-parallel rank (also when a
-    checkpoint is resumed at another tensor-parallel size: the saved streams were the old
-    split's)."""
-    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    """Seed the tracker's streams only: the model-parallel one differently on each tensor- and
+    context-parallel rank, the context-parallel one (with C > 1) on each context rank (also when
+    a checkpoint is resumed at another size: the saved streams were the old split's)."""
+    tp_rank, tp, cp_rank, cp = 0, 1, 0, 1
+    if ps.model_parallel_is_initialized():
+        tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        cp_rank, cp = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
     cuda = torch.device(device or wire.get_device()).type == "cuda"
     _RNG_TRACKER.states.clear()
-    _RNG_TRACKER.add(MODEL_PARALLEL_RNG, seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank, cuda)
+    _RNG_TRACKER.add(MODEL_PARALLEL_RNG,
+                     seed + _TENSOR_PARALLEL_SEED_OFFSET + tp_rank + tp * cp_rank, cuda)
+    if cp > 1:
+        _RNG_TRACKER.add(CONTEXT_PARALLEL_RNG, seed + _CONTEXT_PARALLEL_SEED_OFFSET + cp_rank,
+                         cuda)
