@@ -5,11 +5,13 @@ repo's: the same numpy calls in the same order from seed 7 (X, then w, then
 the noise, drawn in float64 and added before the cast to float32).
 
 The token set (for the toy transformer) is next-token prediction on
-sequences that repeat with a period of PERIOD tokens: the first PERIOD are
+sequences that repeat with a period of PERIOD tokens (--period): the first PERIOD are
 random, every later token equals the one PERIOD positions back. Predicting
 it takes attention to a token several positions back; the first PERIOD - 1
 targets cannot be predicted, so the loss falls from log(vocab) towards
-(PERIOD - 1) / seq_length x log(vocab).
+(PERIOD - 1) / seq_length x log(vocab). The tests take --period 5: a split of the
+sequence into runs of 2, 4 or 8 tokens (sequence and context parallelism's) that a bug put
+in the wrong place would hold the same tokens under period 4, and no loss would tell.
 """
 
 import math
@@ -33,11 +35,11 @@ def make_data(num_samples=20000, input_size=64, seed=7, noise=0.001):
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
 
 
-def make_tokens(num_sequences=20000, seq_length=16, vocab_size=50, seed=7):
+def make_tokens(num_sequences=20000, seq_length=16, vocab_size=50, seed=7, period=PERIOD):
     """(train, valid) int64 arrays of sequences of seq_length + 1 tokens: inputs and next tokens."""
     rng = np.random.default_rng(seed)
-    key = rng.integers(vocab_size, size=(num_sequences, PERIOD))
-    tokens = np.tile(key, -(-(seq_length + 1) // PERIOD))[:, :seq_length + 1]
+    key = rng.integers(vocab_size, size=(num_sequences, period))
+    tokens = np.tile(key, -(-(seq_length + 1) // period))[:, :seq_length + 1]
     n_train = int(TRAIN_FRACTION * num_sequences)
     return tokens[:n_train], tokens[n_train:]
 
@@ -68,6 +70,8 @@ def main():
                         help="std of the Gaussian label noise")
     parser.add_argument("--vocab_size", type=int, default=50, help="tokens (--model transformer)")
     parser.add_argument("--seq_length", type=int, default=16, help="tokens per sequence (ditto)")
+    parser.add_argument("--period", type=int, default=PERIOD,
+                        help="the sequences repeat every PERIOD tokens (ditto)")
     args = parser.parse_args()
     data_dir = args.data_dir or ("data_transformer" if args.model == "transformer" else "data")
     check_output(parser, "--data_dir", data_dir, "dir")
@@ -76,9 +80,11 @@ def main():
     if not (args.noise >= 0 and math.isfinite(args.noise)):
         parser.error(f"--noise must be a number at least 0, got {args.noise}")
     if args.model == "transformer":
-        if args.vocab_size < 2 or args.seq_length < PERIOD:
-            parser.error(f"--vocab_size must be at least 2 and --seq_length at least {PERIOD}")
-        train, valid = make_tokens(args.num_samples, args.seq_length, args.vocab_size, args.seed)
+        if args.vocab_size < 2 or not 1 <= args.period <= args.seq_length:
+            parser.error(f"--vocab_size must be at least 2 and --period from 1 to --seq_length "
+                         f"{args.seq_length}")
+        train, valid = make_tokens(args.num_samples, args.seq_length, args.vocab_size, args.seed,
+                                   args.period)
         save_data((train, valid), data_dir, TOKEN_FILES)
         print(f"wrote {len(train)} train and {len(valid)} valid sequences of "
               f"{args.seq_length} + 1 tokens (vocabulary {args.vocab_size}) to {data_dir}/")

@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 from allpairspy import AllPairs
 
-# The options (parallel_train.py's flag names; data_parallel_size is the world size / (TP x PP))
+# The options (parallel_train.py's flag names; data_parallel_size is the world size /
+# (TP x PP x CP))
 # and their values, the first of each the plain run's. Each later chapter adds its own here.
 OPTIONS = OrderedDict(
     model=["toy", "transformer"],
@@ -40,6 +41,9 @@ OPTIONS = OrderedDict(
     micro_batch_size=[2, 4],
     num_layers=[2, 4],
     tp_reduce_dtype=["activation", "float32"],
+    context_parallel_size=[1, 2],
+    cp_comm_type=["p2p", "all_gather", "a2a"],
+    cp_load_balance=["on", "off"],
 )
 
 # The sizes every run shares: the smallest models that still split (a batch of 8 rows: DP 2 and
@@ -68,13 +72,18 @@ ARRAY_RULES = (
     (("model", "num_layers"), lambda a: a.model == "toy" and a.num_layers != 2),
     (("sequence_parallel", "tensor_model_parallel_size"),
      lambda a: a.sequence_parallel and a.tensor_model_parallel_size == 1),
-    (("use_distributed_optimizer", "data_parallel_size"),
-     lambda a: a.use_distributed_optimizer and a.data_parallel_size == 1),
+    (("use_distributed_optimizer", "data_parallel_size", "context_parallel_size"),
+     lambda a: a.use_distributed_optimizer and a.data_parallel_size * a.context_parallel_size == 1),
+    (("cp_comm_type", "context_parallel_size"),
+     lambda a: a.cp_comm_type != "p2p" and a.context_parallel_size == 1),
+    (("cp_load_balance", "context_parallel_size"),
+     lambda a: a.cp_load_balance != "on" and a.context_parallel_size == 1),
     # Not a rule of the scripts: a pair needs two of the three sizes, and 8 ranks on the suite's
     # 2 cores cost it 10 s (two more rank processes to start, the slowest runs).
-    (("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size"),
+    (("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size",
+      "context_parallel_size"),
      lambda a: a.tensor_model_parallel_size * a.pipeline_model_parallel_size *
-     a.data_parallel_size > 4),
+     a.data_parallel_size * a.context_parallel_size > 4),
 )
 
 
@@ -190,8 +199,11 @@ def flags(config):
         argv += ["--pipeline_schedule", c["pipeline_schedule"]]
     if c["tp_reduce_dtype"] != "activation":
         argv += ["--tp_reduce_dtype", c["tp_reduce_dtype"]]
+    if c["context_parallel_size"] > 1:
+        argv += ["--context_parallel_size", str(c["context_parallel_size"]), "--cp_comm_type",
+                 c["cp_comm_type"], "--cp_load_balance", c["cp_load_balance"]]
     nproc = c["tensor_model_parallel_size"] * c["pipeline_model_parallel_size"] * \
-        c["data_parallel_size"]
+        c["data_parallel_size"] * c["context_parallel_size"]
     return argv, nproc
 
 
@@ -216,7 +228,8 @@ def name(config):
                  pipeline_schedule="", data_parallel_size="dp", use_distributed_optimizer="dist",
                  optimizer="", dtype="", clip_grad="clip", dropout="drop",
                  recompute_granularity="rc-", micro_batch_size="mbs", num_layers="L",
-                 tp_reduce_dtype="reduce-")
+                 tp_reduce_dtype="reduce-", context_parallel_size="cp", cp_comm_type="",
+                 cp_load_balance="lb-")
     parts = [config["model"]]
     for option, value in config.items():
         if option != "model" and value != OPTIONS[option][0]:

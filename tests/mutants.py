@@ -271,6 +271,19 @@ MUTANTS = {
         "_Exchange.apply(kv, group, _send_next_recv_prev, _send_prev_recv_next)",
         "_Exchange.apply(kv, group, _send_next_recv_prev, _send_next_recv_prev)",
         ["tests/test_context_parallel.py"]),
+    "context parallelism: the load-balanced split with positions from the plain one": (
+        "transformer.py", "get_positions_on_every_cp_rank(seq_length, cp, cp_load_balance)",
+        "get_positions_on_every_cp_rank(seq_length, cp, False)",
+        ["tests/test_context_parallel_train.py"]),
+    "context parallelism: gradients averaged over DP only": (
+        "core/distributed/finalize_model_grads.py",
+        "        _average_over_data_parallel(grads[\"split\"],\n" + " " * 36 +
+        "ps.get_data_parallel_group(with_context_parallel=True))",
+        "        _average_over_data_parallel(grads[\"split\"], ps.get_data_parallel_group())",
+        ["tests/test_context_parallel_train.py"]),
+    "context parallelism: one dropout stream for every context rank": (
+        "core/tensor_parallel/random.py", "seed + _CONTEXT_PARALLEL_SEED_OFFSET + cp_rank,",
+        "seed + _CONTEXT_PARALLEL_SEED_OFFSET,", ["tests/test_context_parallel_train.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

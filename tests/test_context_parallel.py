@@ -90,8 +90,8 @@ def _expected_comm(variant, c, seq):
         return ({"cp_ring_send": (c - 1, 2 * (c - 1) * b, 2 * (c - 1) * b)},
                 {"cp_ring_send_grad": (c - 1, 2 * (c - 1) * b, 2 * (c - 1) * b)})
     if variant == "all_gather":  # this rank's K/V in, the C - 1 others' out: 2 (C - 1) B
-        return ({"all_gather": (1, 2 * b, 2 * (c - 1) * b)},
-                {"reduce_scatter": (1, 2 * c * b, 2 * (c - 1) * b)})
+        return ({"cp_all_gather": (1, 2 * b, 2 * (c - 1) * b)},
+                {"cp_reduce_scatter": (1, 2 * c * b, 2 * (c - 1) * b)})
     a2a = {"cp_all_to_all": (2, 4 * b, 4 * b * (c - 1) // c)}  # Q, K, V there, O back
     return a2a, a2a
 

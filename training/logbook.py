@@ -221,6 +221,8 @@ def report_communication(stats, args):
               "bytes the papers count below")
     if tp == 1:
         print(f"  {_what_ran_at_tp_1(stats)}")
+    if getattr(args, "context_parallel_size", 1) > 1:
+        _report_context_parallel_papers(args, stats)
     if getattr(args, "pipeline_model_parallel_size", 1) > 1:
         _report_pipeline_papers(args, tp)
         return
@@ -252,15 +254,21 @@ def report_communication(stats, args):
 
 # Who sends each row at tensor-parallel size 1 (core/distributed, core/optimizer,
 # core/pipeline_parallel, training/clip_grads.py).
-SENT_BY = {"dp_all_reduce": "the data-parallel average of the parallel layers' gradients",
-           "replicated_all_reduce": "the data-parallel average of the other layers' gradients "
-                                    "and the loss",
+SENT_BY = {"dp_all_reduce": "the data-parallel (and context-parallel) average of the parallel "
+                            "layers' gradients",
+           "replicated_all_reduce": "the data-parallel (and context-parallel) average of the "
+                                    "other layers' gradients and the loss",
            "dp_reduce_scatter": "the distributed optimizer's gradient shards",
            "dp_all_gather": "the distributed optimizer's updated parameters",
            "pipeline_send": "the activations and their gradients between pipeline stages",
            "pipeline_loss_broadcast": "the loss, from the last stage to the others",
            "embedding_all_reduce": "the tied embedding's gradient over the first and last stages",
            "grad_norm_all_reduce": "--clip_grad's norm",
+           "cp_ring_send": "the ring's K/V blocks (context parallelism, below)",
+           "cp_ring_send_grad": "the ring's K/V gradients, back",
+           "cp_all_gather": "the context ranks' K/V, gathered",
+           "cp_reduce_scatter": "the gathered K/V's gradients, back",
+           "cp_all_to_all": "Q, K, V and the output, heads traded for tokens",
            "grad_norm_pipeline_all_reduce": "--clip_grad's norm over the stages"}
 
 
@@ -270,7 +278,7 @@ def _what_ran_at_tp_1(stats):
            "identities; their counts start at size 2)"
     if not stats:
         return said + "; nothing was sent."
-    return said + "; what ran is data and pipeline parallelism's: " + "; ".join(
+    return said + "; what ran is data, context and pipeline parallelism's: " + "; ".join(
         f"{op}, {SENT_BY.get(op, 'see its @wire.collective')}" for op in stats) + "."
 
 
@@ -287,14 +295,52 @@ def _report_pipeline_papers(args, tp):
              if tp > 1 else ""))
 
 
+# What each context-parallel variant sends per block and micro-batch, in units of one of this
+# rank's Q, K, V or O blocks (rows x heads / TP x s / C x head_dim), forward and backward, as a
+# ring moves them: core/context_parallel/attention.py.
+CP_SENT = {"p2p": lambda c: (2 * (c - 1), 2 * (c - 1)),  # C - 1 steps of K and V; dK, dV back
+           "all_gather": lambda c: (2 * (c - 1), 2 * (c - 1)),  # the others' K, V; reduce-scatter
+           "a2a": lambda c: (4 * (c - 1) / c, 4 * (c - 1) / c)}  # Q, K, V there and O back
+
+
+def _report_context_parallel_papers(args, stats):
+    """The context-parallel variant's bytes by the formula, beside the table's cp_ rows."""
+    c, tp, variant = args.context_parallel_size, args.tensor_model_parallel_size, args.cp_comm_type
+    blocks = args.num_layers // args.pipeline_model_parallel_size  # this (the first) stage's
+    passes = 2 if args.recompute_granularity else 1  # recomputation runs attention's forward again
+    block = (args.micro_batch_size * args.num_attention_heads // tp * args.seq_length // c
+             * args.input_size // args.num_attention_heads * args.torch_dtype.itemsize / 1024)
+    forward, backward = CP_SENT[variant](c)
+    per_block = (passes * forward + backward) * block
+    total = per_block * blocks * args.num_microbatches
+    measured = sum(row["ring_bytes"] for op, row in stats.items() if op.startswith("cp_")) / 1024
+    what = {"p2p": "the ring: C - 1 steps of a K and a V block forward, their gradients back "
+                   "(the received blocks are kept for backward, not sent again as Transformer "
+                   "Engine does)",
+            "all_gather": "K and V all-gathered, (C - 1)/C of C blocks each, their gradients "
+                          "reduce-scattered back",
+            "a2a": "Q, K, V to their heads' ranks and O back, (C - 1)/C of each, the same in "
+                   "backward"}[variant]
+    print(f"  Context parallelism, --cp_comm_type {variant} at C = {c}: {what}. One block of "
+          f"{args.micro_batch_size}x{args.num_attention_heads // tp}x{args.seq_length // c}x"
+          f"{args.input_size // args.num_attention_heads} ({block:.2f} KiB) per block and "
+          f"micro-batch: forward {forward:g}"
+          + (" (x2, recomputed)" if passes == 2 else "") + f", backward {backward:g}; "
+          f"{blocks} block(s) x {args.num_microbatches} micro-batch(es): {total:.2f} KiB; the "
+          f"cp_ rows above: {measured:.2f} KiB"
+          + (" (met)." if abs(measured - total) <= 1e-9 * max(total, 1) else " (differs!)."))
+
+
 def _report_transformer_papers(args, tp, rows):
     """The paper's count for the toy transformer, beside the table report_communication printed."""
-    tokens, size = rows * args.seq_length, args.torch_dtype.itemsize
+    # (Under context parallelism each rank holds s / C of the tokens.)
+    tokens = rows * args.seq_length // getattr(args, "context_parallel_size", 1)
+    size = args.torch_dtype.itemsize
     kib = tokens * args.input_size * size / 1024  # batch x sequence x width
     layers = args.num_layers
     logits = tokens * args.vocab_size * size / 1024
     print(f"  Megatron-LM (Sec. 3, Fig. 4): per block 2 all-reduces of batch x sequence x width = "
-          f"{rows}x{args.seq_length}x{args.input_size} ({kib:.2f} KiB) in forward (g) and 2 in "
+          f"{rows}x{tokens // rows}x{args.input_size} ({kib:.2f} KiB) in forward (g) and 2 in "
           f"backward (f); {layers} block(s): {4 * layers}. The embedding's lookups: 1 in forward. "
           f"The output layer: f on the hidden states, 1 in backward; the cross-entropy: the max, "
           f"then the sum of exponentials with the target's logit, {3 * tokens * size / 1024:.2f} "

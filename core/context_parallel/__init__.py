@@ -19,6 +19,6 @@ attention that lets each rank's queries see the keys of the others (issue 38).
       TE's correction of out by lse                              attend
 
 Every transfer goes through core/wire.py, counted under its name: cp_ring_send (K/V, forward),
-cp_ring_send_grad (dK/dV, backward), all_gather and reduce_scatter (sequence_parallel.py's
-functions, over the group given), cp_all_to_all.
+cp_ring_send_grad (dK/dV, backward), cp_all_gather and cp_reduce_scatter (K/V
+and their gradients), cp_all_to_all.
 """

@@ -34,10 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from core import wire
-from core.tensor_parallel.sequence_parallel import (
-    _gather_along_first_dim,
-    _reduce_scatter_along_first_dim,
-)
+from core.utils import dist_all_gather_func, dist_reduce_scatter_func
 
 # Query chunk x key chunk pairs since reset_blocks() (a chunk: one of the split's 2C, or C, runs
 # of consecutive positions): "computed", or "skipped" (every key after every query: the causal
@@ -202,11 +199,26 @@ def ring_attention(q, k, v, positions, group, dropout=0.0):
 # ---------------------------------------------------------------------------
 # all_gather: Llama 3's.
 
+@wire.collective("cp_all_gather", wire.ALL_GATHER)
+def _all_gather_kv(tensor, group):
+    """Every rank's rows (K/V along the sequence), in rank order."""
+    output = tensor.new_empty((group.size() * tensor.shape[0], *tensor.shape[1:]))
+    dist_all_gather_func(output, tensor, group=group)
+    return output
+
+
+@wire.collective("cp_reduce_scatter", wire.REDUCE_SCATTER, summed=True)
+def _reduce_scatter_kv(tensor, group):
+    """The all-gather's adjoint: every rank's gradients of the gathered K/V summed, this rank's
+    rows kept."""
+    output = tensor.new_empty((tensor.shape[0] // group.size(), *tensor.shape[1:]))
+    dist_reduce_scatter_func(output, tensor, group=group)
+    return output
+
 def all_gather_attention(q, k, v, positions, group, dropout=0.0):
     """Every rank's K/V, in rank order, then this rank's queries against them."""
     kv = torch.stack([k, v]).movedim(-2, 0)  # (s / C, 2, batch, heads, d): gathered along s
-    kv = _Exchange.apply(kv, group, _gather_along_first_dim,
-                         _reduce_scatter_along_first_dim).movedim(0, -2)
+    kv = _Exchange.apply(kv, group, _all_gather_kv, _reduce_scatter_kv).movedim(0, -2)
     n = _chunks_per_rank(positions)
     partials = attend(q, (kv[0], kv[1]), positions[group.rank()], positions.reshape(-1),
                       (n, n * group.size()), dropout=dropout)
