@@ -9,9 +9,9 @@ sequences that repeat with a period of PERIOD tokens (--period): the first PERIO
 random, every later token equals the one PERIOD positions back. Predicting
 it takes attention to a token several positions back; the first PERIOD - 1
 targets cannot be predicted, so the loss falls from log(vocab) towards
-(PERIOD - 1) / seq_length x log(vocab). The tests take --period 5: a split of the
-sequence into runs of 2, 4 or 8 tokens (sequence and context parallelism's) that a bug put
-in the wrong place would hold the same tokens under period 4, and no loss would tell.
+(PERIOD - 1) / seq_length x log(vocab). Context parallelism's tests take --period 5
+(tests/conftest.py): runs of 4 or 8 tokens put in the wrong place, their positions with them,
+would hold the same tokens under period 4, and no loss would tell.
 """
 
 import math

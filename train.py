@@ -14,6 +14,7 @@ the way.
 import torch
 import torch.nn.functional as F
 
+from core.context_parallel.split import context_parallel_setup
 from core.optimizer import optimizer_with_param_groups
 from core.tensor_parallel.random import model_parallel_manual_seed
 from model import ToyModel
@@ -52,10 +53,9 @@ def build_model(args, device, tensor_parallel=False, pre_process=True, post_proc
                                distribute_saved_activations=getattr(
                                    args, "distribute_saved_activations", False),
                                pre_process=pre_process, post_process=post_process, layers=layers,
-                               context_parallel=tensor_parallel and getattr(
-                                   args, "context_parallel_size", 1) > 1,
-                               cp_comm_type=getattr(args, "cp_comm_type", "p2p"),
-                               cp_load_balance=getattr(args, "cp_load_balance", "on") == "on")
+                               context_parallel=context_parallel_setup(
+                                   args.seq_length, args.cp_comm_type,
+                                   args.cp_load_balance == "on") if tensor_parallel else None)
     else:
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
                          dtype=args.main_dtype, pre_process=pre_process, post_process=post_process)

@@ -72,7 +72,6 @@ import torch.nn.functional as F
 
 from core import parallel_state as ps
 from core.context_parallel.attention import context_parallel_attention
-from core.context_parallel.split import get_positions_on_every_cp_rank
 from core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from core.tensor_parallel.random import CONTEXT_PARALLEL_RNG, MODEL_PARALLEL_RNG, get_rng_tracker
@@ -225,10 +224,9 @@ class ToyTransformer(nn.Module):
     def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
                  tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None,
                  recompute_granularity=None, distribute_saved_activations=False,
-                 pre_process=True, post_process=True, layers=None, context_parallel=False,
-                 cp_comm_type="p2p", cp_load_balance=True):
+                 pre_process=True, post_process=True, layers=None, context_parallel=None):
         super().__init__()
-        self.vocab_size, self.tensor_parallel = vocab_size, tensor_parallel
+        self.vocab_size, self.tensor_parallel, self.dropout = vocab_size, tensor_parallel, dropout
         self.sequence_parallel = sequence_parallel and tensor_parallel
         self.recompute_granularity = recompute_granularity  # None, "full" or "selective"
         # With "full" and distribute_saved_activations, each rank keeps 1/p of a block's input,
@@ -236,15 +234,11 @@ class ToyTransformer(nn.Module):
         self.distribute_saved_activations = (distribute_saved_activations and tensor_parallel
                                              and not self.sequence_parallel)
         hidden = hidden or 32 * width  # as ToyModel's
-        # Context parallelism: every context rank's positions, (C, s / C), and the attention's
-        # variant, handed to the blocks; None without (a group of one: the serial model).
-        cp = ps.get_context_parallel_world_size() if context_parallel else 1
-        self.context_parallel = cp > 1
-        self.cp = (get_positions_on_every_cp_rank(seq_length, cp, cp_load_balance),
-                   cp_comm_type) if cp > 1 else None
+        # Context parallelism: (every context rank's positions, the attention's variant), handed
+        # to the blocks (core/context_parallel/split.py: context_parallel_setup); None without.
+        self.cp, self.context_parallel = context_parallel, context_parallel is not None
         # N(0, 0.02), GPT-2's and Megatron's init_method_normal. With nn.Embedding's N(0, 1) the
-        # tied output layer's first logits are ~12 wide and the first loss ~59 (measured at the
-        # defaults), not log(vocab) = 3.9.
+        # tied output layer's first logits are ~12 wide, the first loss ~59, not log(vocab) 3.9.
         init = lambda weight: nn.init.normal_(weight, std=0.02)
         if tensor_parallel:
             self.word_embeddings = VocabParallelEmbedding(vocab_size, width, init, dtype=dtype)
@@ -262,7 +256,6 @@ class ToyTransformer(nn.Module):
         layers = range(num_layers) if layers is None else layers
         self.blocks = nn.ModuleDict({str(i): blocks[i] for i in layers})
         self.ln_f = nn.LayerNorm(width, dtype=dtype)
-        self.dropout = dropout
         self._keep_this_stage(pre_process, post_process)
         for module in self.modules():  # their gradients come from 1/p of the tokens: summed
             if isinstance(module, nn.LayerNorm):

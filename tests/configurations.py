@@ -32,6 +32,9 @@ OPTIONS = OrderedDict(
     virtual_pipeline_model_parallel_size=[None, 2],
     pipeline_schedule=["1f1b", "gpipe"],
     data_parallel_size=[1, 2],
+    context_parallel_size=[1, 2],
+    cp_comm_type=["p2p", "all_gather", "a2a"],
+    cp_load_balance=["on", "off"],
     use_distributed_optimizer=[False, True],
     optimizer=["sgd", "adam"],
     dtype=["float32", "float64", "bfloat16"],
@@ -41,9 +44,6 @@ OPTIONS = OrderedDict(
     micro_batch_size=[2, 4],
     num_layers=[2, 4],
     tp_reduce_dtype=["activation", "float32"],
-    context_parallel_size=[1, 2],
-    cp_comm_type=["p2p", "all_gather", "a2a"],
-    cp_load_balance=["on", "off"],
 )
 
 # The sizes every run shares: the smallest models that still split (a batch of 8 rows: DP 2 and
@@ -107,7 +107,23 @@ def is_valid(values, rules=None):
     every option it reads is known."""
     a = _namespace(values)
     return not any(all(hasattr(a, name) for name in reads) and refuses(a)
-                   for reads, refuses in rules or _rules())
+                   for reads, refuses in (_rules() if rules is None else rules))
+
+
+def _needs(reads):
+    """The options a rule's reads are known from (FIXED's come with the model, num_microbatches
+    with the data-parallel and micro-batch sizes); None where one is no option's."""
+    needed = set()
+    for name in reads:
+        if name in OPTIONS:
+            needed.add(name)
+        elif name == "num_microbatches":
+            needed |= {"data_parallel_size", "micro_batch_size"}
+        elif name in FIXED["transformer"]:
+            needed.add("model")
+        else:
+            return None
+    return needed
 
 
 def _row_filter(rules):
@@ -121,13 +137,18 @@ def _completion(fixed, rules, wanted=frozenset()):
     that holds the most `wanted` pairs with the values chosen before it."""
     order = list(fixed) + [name for name in OPTIONS if name not in fixed]
     choices = [[fixed[name]] if name in fixed else OPTIONS[name] for name in order]
+    # asked[d]: the rules first decidable once the first d options are chosen (each asked once).
+    asked = [[] for _ in range(len(order) + 1)]
+    for reads, refuses in rules:
+        if (needs := _needs(reads)) is not None:
+            asked[1 + max(order.index(name) for name in needs)].append((reads, refuses))
 
     def gain(values, option, value):
         return sum(((a, va), (option, value)) in wanted or ((option, value), (a, va)) in wanted
                    for a, va in values.items())
 
     def extend(values, depth):
-        if not is_valid(values, rules):
+        if not is_valid(values, asked[depth]):
             return None
         if depth == len(order):
             return values

@@ -176,9 +176,9 @@ MUTANTS = {
         "        for buffer in self.buffers:\n            buffer.all_gather_params()",
         "        pass", ["tests/test_distrib_optimizer.py"]),
     "the reduce-scatter averaging the next shard": (
-        "core/optimizer/distrib_optimizer.py", "        shard /= ps.get_data_parallel_world_size()",
+        "core/optimizer/distrib_optimizer.py", "        shard /= group.size()",
         "        self.grad_data[self.shard[1] % self.grad_data.numel():][:self.shard_size] /= "
-        "ps.get_data_parallel_world_size()", ["tests/test_distrib_optimizer.py"]),
+        "group.size()", ["tests/test_distrib_optimizer.py"]),
     "the clipping norm of this replica's shard only": (
         "training/clip_grads.py",
         "        _sum_squares(squares, dist.group.WORLD)",
@@ -227,8 +227,9 @@ MUTANTS = {
     "pipeline x dropout: validation with the stages before the last in training mode": (
         "parallel_train.py",
         "    model.eval()\n    parts = microbatches(inputs, targets, args, chunk_rows, "
-        "sequence_parallel=False)",
-        "    parts = microbatches(inputs, targets, args, chunk_rows, sequence_parallel=False)",
+        "sequence_parallel=False, whole=True)",
+        "    parts = microbatches(inputs, targets, args, chunk_rows, sequence_parallel=False, "
+        "whole=True)",
         ["tests/test_configurations.py"]),
     "self-comparison: AdamW's decoupled decay built as Adam's L2": (
         "train.py", "adam = torch.optim.AdamW if wd else torch.optim.Adam",
@@ -272,8 +273,9 @@ MUTANTS = {
         "_Exchange.apply(kv, group, _send_next_recv_prev, _send_next_recv_prev)",
         ["tests/test_context_parallel.py"]),
     "context parallelism: the load-balanced split with positions from the plain one": (
-        "transformer.py", "get_positions_on_every_cp_rank(seq_length, cp, cp_load_balance)",
-        "get_positions_on_every_cp_rank(seq_length, cp, False)",
+        "core/context_parallel/split.py",
+        "    return get_positions_on_every_cp_rank(seq_length, cp, load_balanced), cp_comm_type",
+        "    return get_positions_on_every_cp_rank(seq_length, cp, False), cp_comm_type",
         ["tests/test_context_parallel_train.py"]),
     "context parallelism: gradients averaged over DP only": (
         "core/distributed/finalize_model_grads.py",

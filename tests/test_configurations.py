@@ -21,6 +21,7 @@ import ast
 import pytest
 import torch
 from configurations import (
+    FIXED,
     covering_array,
     flags,
     is_valid,
@@ -50,7 +51,7 @@ def test_every_pair_a_valid_configuration_holds_is_covered():
     covered = set().union(*map(judged_pairs, CONFIGS))
     missing = valid_pairs() - covered
     assert not missing, f"pairs no configuration holds: {sorted(missing, key=str)[:5]}"
-    assert len(CONFIGS) <= 35, f"{len(CONFIGS)} configurations: the suite's budget is 35"
+    assert len(CONFIGS) <= 30, f"{len(CONFIGS)} configurations: the suite's budget is 30"
 
 
 def test_a_pair_the_rules_refuse_is_in_no_configuration():
@@ -64,7 +65,7 @@ def test_a_pair_the_rules_refuse_is_in_no_configuration():
 
 
 @pytest.fixture(scope="module")
-def serial_run(data_dir, token_dir, tmp_path_factory):
+def serial_run(data_dir, token_dir_period_5, tmp_path_factory):
     """train.py's run for a configuration (and its reordered twins), each trained once."""
     runs = {}
 
@@ -74,7 +75,7 @@ def serial_run(data_dir, token_dir, tmp_path_factory):
         key = tuple(argv)
         if key not in runs:
             runs[key] = str(tmp_path_factory.mktemp("serial"))
-            data = token_dir if config["model"] == "transformer" else data_dir
+            data = token_dir_period_5 if config["model"] == "transformer" else data_dir
             run_script("train.py", *argv, "--data_dir", data, "--out_dir", runs[key])
         return runs[key]
     return get
@@ -110,7 +111,15 @@ def _assert_equal_to_serial(run_dir, serial_dir, config):
         # way (measured: 9.4e-4 relative in float32; 6.1e-16 in float64, where eps dominates).
         return
     for key in ws:
-        rel = ((ws[key] - wp[key]).abs().max() / ws[key].abs().max()).item()
+        a, b = ws[key], wp[key]
+        if config["optimizer"] == "adam" and key.endswith("query_key_value.bias"):
+            # The keys' biases out: their exact gradient is zero (q . b_k adds the same to every
+            # score of a query row, and softmax ignores it), so Adam steps them by its own
+            # division of round-off, which the context ranks' sums change (measured 3.4e-13
+            # absolute, 1.6e-12 relative, in float64; the queries' and values' rows 5.5e-17).
+            heads = FIXED["transformer"]["num_attention_heads"]
+            a, b = (t.view(heads, 3, -1)[:, [0, 2]] for t in (a, b))
+        rel = ((a - b).abs().max() / a.abs().max()).item()
         assert rel <= rtol, f"the final {key} differs from serial's by {rel:.1e} (> {rtol})"
 
 
@@ -145,12 +154,13 @@ EVAL_RTOL = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 1e-5}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[name(c) for c in CONFIGS])
-def test_each_configuration_is_the_serial_run(config, serial_run, data_dir, token_dir, tmp_path):
+def test_each_configuration_is_the_serial_run(config, serial_run, data_dir, token_dir_period_5,
+                                              tmp_path):
     from training.metrics import read_metrics
     argv, nproc = flags(config)
     command = (f"python scripts/launch.py --standalone --nproc_per_node {nproc} parallel_train.py "
                + " ".join(argv))
-    data = token_dir if config["model"] == "transformer" else data_dir
+    data = token_dir_period_5 if config["model"] == "transformer" else data_dir
     run = run_script("parallel_train.py", *argv, "--data_dir", data, "--out_dir", tmp_path,
                      nproc=nproc, ok=None)
     try:

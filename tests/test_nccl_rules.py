@@ -26,6 +26,7 @@ AROUND_THE_WIRE = {
     "core/pipeline_parallel/p2p_communication.py:_communicate",  # wire.point_to_point_wire
     "core/pipeline_parallel/p2p_communication.py:_announce",  # the check's headers
     "training/checkpointing.py:gather_over_pipeline",  # state_dicts as objects, on the CPU
+    "training/checkpointing.py:context_parallel_trackers",  # RNG states as objects, on the CPU
     "benchmarks/bench_pipeline.py:worker",  # the measurements, as objects
     "benchmarks/step_workers.py:dtensor_loop",  # torch's DTensor baseline, not this repo's code
 }

@@ -426,9 +426,11 @@ SIZE_RULES = (
          lambda a: a.model == "transformer" and a.sequence_parallel and
          a.seq_length % (a.tensor_model_parallel_size * a.context_parallel_size) != 0,
          lambda a: f"--sequence_parallel splits the {a.seq_length // a.context_parallel_size} "
-                   "tokens of a sequence on each rank between "
-                   f"{a.tensor_model_parallel_size} tensor-parallel ranks; choose a --seq_length "
-                   f"divisible by {a.tensor_model_parallel_size * a.context_parallel_size}"),
+                   f"tokens of a sequence{' on each context rank' * (a.context_parallel_size > 1)}"
+                   f" between {a.tensor_model_parallel_size} tensor-parallel ranks; choose a "
+                   "--seq_length that they divide" + (
+                       f" ({a.tensor_model_parallel_size} x --context_parallel_size "
+                       f"{a.context_parallel_size})" if a.context_parallel_size > 1 else "")),
     Rule(("model", "cp_comm_type", "context_parallel_size", "num_attention_heads",
           "tensor_model_parallel_size"),
          lambda a: a.model == "transformer" and a.cp_comm_type == "a2a" and

@@ -46,6 +46,11 @@ def reset_blocks() -> None:
     blocks.clear()
 
 
+# While a list: (first query position, last, first key position, last, computed) of every query
+# chunk x key chunk pair, appended in order (benchmarks/bench_context_parallel.py draws a run's).
+TRACE = None
+
+
 # ---------------------------------------------------------------------------
 # Partial attention and the log-sum-exp merge.
 
@@ -107,8 +112,10 @@ def attend(q, kv, q_pos, k_pos, chunks, partials=None, dropout=0.0):
     k, v = kv
     q_pieces, k_pieces = _pieces(q_pos, chunks[0]), _pieces(k_pos, chunks[1])
     partials = partials or [None] * len(q_pieces)
-    for i, (qa, qb, _, q_last) in enumerate(q_pieces):
-        for ka, kb, k_first, _ in k_pieces:
+    for i, (qa, qb, q_first, q_last) in enumerate(q_pieces):
+        for ka, kb, k_first, k_last in k_pieces:
+            if TRACE is not None:
+                TRACE.append((q_first, q_last, k_first, k_last, k_first <= q_last))
             if k_first > q_last:  # every key after every query
                 blocks["skipped"] += 1
                 continue

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 
+from core import parallel_state as ps
+
 
 def _check(seq_length: int, cp_size: int, load_balanced: bool) -> None:
     chunks = 2 * cp_size if load_balanced else cp_size
@@ -71,3 +73,12 @@ def context_parallel_disabled(model):
     finally:
         for module in modules:
             module.context_parallel = True
+
+
+def context_parallel_setup(seq_length: int, cp_comm_type: str = "p2p", load_balanced: bool = True):
+    """What the transformer's blocks need (transformer.py's `context_parallel`): every context
+    rank's positions, (C, s / C), and the attention's variant; None with no context ranks."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return None
+    return get_positions_on_every_cp_rank(seq_length, cp, load_balanced), cp_comm_type
