@@ -55,7 +55,8 @@ def build_model(args, device, tensor_parallel=False, pre_process=True, post_proc
                                pre_process=pre_process, post_process=post_process, layers=layers,
                                context_parallel=context_parallel_setup(
                                    args.seq_length, args.cp_comm_type,
-                                   args.cp_load_balance == "on") if tensor_parallel else None)
+                                   args.cp_load_balance == "on") if tensor_parallel and getattr(
+                                   args, "context_parallel_size", 1) > 1 else None)
     else:
         model = ToyModel(args.input_size, args.hidden_size, tensor_parallel, sequence_parallel,
                          dtype=args.main_dtype, pre_process=pre_process, post_process=post_process)

@@ -64,9 +64,11 @@ def token_dir_period_5(tmp_path_factory):
     """Token data that repeats every 5 tokens, not 4: where context parallelism cuts a sequence
     into runs of 2, 4 or 8 tokens, a run put in the wrong place, its positions with it, holds
     other tokens than the right one (under period 4 it would hold the same, and no loss would
-    tell: the context ranks' tests and the covering array train on this)."""
+    tell: the context ranks' tests and the covering array train on this). 2000 sequences, not
+    20000: their runs take a few batches, and every rank validates on all 200."""
     path = str(tmp_path_factory.mktemp("tokens_period_5"))
-    run_script("prepare_data.py", "--model", "transformer", "--data_dir", path, "--period", "5")
+    run_script("prepare_data.py", "--model", "transformer", "--data_dir", path, "--period", "5",
+               "--num_samples", "2000")
     return path
 
 
