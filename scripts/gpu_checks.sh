@@ -70,6 +70,18 @@ part "bash scripts"
   done
   echo "transformer bf16 Adam at DP 2, plain vs distributed optimizer:"
   "$PYTHON" compare_runs.py runs/do runs/do_on --rtol 1e-300
+  # Context parallelism with CUDA tensors: 2 context ranks on one GPU over gloo (the ring's
+  # batch_isend_irecv host-staged, the positions moved to the GPU), each variant against serial.
+  "$PYTHON" train.py --model transformer --num_layers 2 --dtype float64 --data_dir /tmp/gpu_tokens \
+      --update_freq 100 --num_iterations 50 --out_dir runs/cp_serial | tail -1
+  for cp in p2p all_gather a2a; do
+    timeout 120 "$PYTHON" scripts/launch.py --standalone --nproc_per_node 2 parallel_train.py \
+        --model transformer --num_layers 2 --dtype float64 --data_dir /tmp/gpu_tokens \
+        --update_freq 100 --num_iterations 50 --tensor_model_parallel_size 1 \
+        --context_parallel_size 2 --cp_comm_type $cp --out_dir runs/cp_$cp | grep "(met)"
+    echo "transformer float64, serial vs C=2 $cp:"
+    "$PYTHON" compare_runs.py runs/cp_serial runs/cp_$cp --rtol 1e-12
+  done
   # Iteration cost in a full run: 1000 more iterations, timed from outside.
   for n in 200 1200; do TIMEFORMAT="serial, $n iterations: %R s"; time "$PYTHON" train.py --data_dir /tmp/gpu_data \
       --num_iterations $n --update_freq 10 --eval_interval 100000 --out_dir /tmp/t_s >/dev/null; done
