@@ -147,7 +147,7 @@ class SelfAttention(nn.Module):
             positions, variant = self.cp
             with get_rng_tracker().fork():  # inside: this rank's heads and tokens, its own mask
                 context = context_parallel_attention(
-                    q, k, v, positions.to(q.device), ps.get_context_parallel_group(), variant,
+                    (q, k, v), positions.to(q.device), ps.get_context_parallel_group(), variant,
                     self.dropout if self.training else 0.0)
             return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)

@@ -60,7 +60,7 @@ def _run(variant, load_balanced, scale=1.0, seq=SEQ):
     positions = get_positions_on_every_cp_rank(seq, c, load_balanced)
     wire.reset_comm_stats()
     cp.reset_blocks()
-    out = cp.context_parallel_attention(*local, positions, group, variant)
+    out = cp.context_parallel_attention(local, positions, group, variant)
     forward = wire.comm_stats()
     blocks = {"computed": cp.blocks["computed"], "skipped": cp.blocks["skipped"]}
     wire.reset_comm_stats()

@@ -104,12 +104,12 @@ def merge(partial, new):
     return torch.exp(lse1 - base) * out1 + torch.exp(lse2 - base) * out2, lse
 
 
-def attend(q, kv, q_pos, k_pos, chunks, partials=None, dropout=0.0):
-    """Add the keys and values kv = (k, v), at positions k_pos, to each query chunk's partial
-    (out, lse), chunk by chunk (q_pos and k_pos each cut in `chunks` = (q's, k's) equal pieces),
+def attend(q, kv, positions, chunks, partials=None, dropout=0.0):
+    """Add the keys and values kv = (k, v) to each query chunk's partial (out, lse), chunk by
+    chunk (`positions` = (q_pos, k_pos), each cut in `chunks` = (q's, k's) equal pieces),
     skipping the pairs the causal mask zeroes. `partials`: one (out, lse) per query chunk, or
     None at first. `dropout`: of the probabilities, drawn from the caller's stream."""
-    k, v = kv
+    (k, v), (q_pos, k_pos) = kv, positions
     q_pieces, k_pieces = _pieces(q_pos, chunks[0]), _pieces(k_pos, chunks[1])
     partials = partials or [None] * len(q_pieces)
     for i, (qa, qb, q_first, q_last) in enumerate(q_pieces):
@@ -198,7 +198,7 @@ def ring_attention(q, k, v, positions, group, dropout=0.0):
         if step > 0:
             kv = _Exchange.apply(kv, group, _send_next_recv_prev, _send_prev_recv_next)
         owner = (rank - step) % size
-        partials = attend(q, (kv[0], kv[1]), positions[rank], positions[owner], (n, n),
+        partials = attend(q, (kv[0], kv[1]), (positions[rank], positions[owner]), (n, n),
                           partials, dropout)
     return _EveryStepBackward.apply(_output(partials), kv)
 
@@ -227,7 +227,7 @@ def all_gather_attention(q, k, v, positions, group, dropout=0.0):
     kv = torch.stack([k, v]).movedim(-2, 0)  # (s / C, 2, batch, heads, d): gathered along s
     kv = _Exchange.apply(kv, group, _all_gather_kv, _reduce_scatter_kv).movedim(0, -2)
     n = _chunks_per_rank(positions)
-    partials = attend(q, (kv[0], kv[1]), positions[group.rank()], positions.reshape(-1),
+    partials = attend(q, (kv[0], kv[1]), (positions[group.rank()], positions.reshape(-1)),
                       (n, n * group.size()), dropout=dropout)
     return _output(partials)
 
@@ -259,7 +259,8 @@ def a2a_attention(q, k, v, positions, group, dropout=0.0):
     qkv = qkv.movedim(0, -3).reshape(3, batch, heads // size, size * s, d)
     everyone = positions.reshape(-1)
     n = _chunks_per_rank(positions) * size
-    out = _output(attend(qkv[0], (qkv[1], qkv[2]), everyone, everyone, (n, n), dropout=dropout))
+    out = _output(attend(qkv[0], (qkv[1], qkv[2]), (everyone, everyone), (n, n),
+                         dropout=dropout))
     out = out.view(batch, heads // size, size, s, d).movedim(2, 0)  # chunk j: rank j's tokens
     # (C: which heads, batch, heads / C, s, d)
     out = _Exchange.apply(out, group, _all_to_all, _all_to_all)
@@ -269,10 +270,11 @@ def a2a_attention(q, k, v, positions, group, dropout=0.0):
 VARIANTS = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": a2a_attention}
 
 
-def context_parallel_attention(q, k, v, positions, group, variant="p2p", dropout=0.0):
-    """Causal attention for this rank's q, k, v (batch, heads, s / C, d) by `variant`; `dropout`
-    of the probabilities, drawn from the caller's stream (transformer.py: this rank's)."""
+def context_parallel_attention(qkv, positions, group, variant="p2p", dropout=0.0):
+    """Causal attention for this rank's qkv = (q, k, v), each (batch, heads, s / C, d), by
+    `variant`; `dropout` of the probabilities, drawn from the caller's stream (transformer.py:
+    this rank's)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown context-parallel attention {variant!r}; choose one of "
                          f"{', '.join(VARIANTS)}")
-    return VARIANTS[variant](q, k, v, positions, group, dropout)
+    return VARIANTS[variant](*qkv, positions, group, dropout)
