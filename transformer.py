@@ -295,7 +295,8 @@ class ToyTransformer(nn.Module):
         """Word + position embeddings, (seq, batch, width) (this rank's rows under SP). Under
         context parallelism `tokens` are this context rank's, at its positions."""
         if self.context_parallel:
-            positions = self.cp[0][ps.get_context_parallel_rank()].to(tokens.device)
+            # (A copy: the lookup keeps its indices for backward, and a row's view, the table.)
+            positions = self.cp[0][ps.get_context_parallel_rank()].to(tokens.device, copy=True)
         else:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.word_embeddings(tokens) + self.position_embeddings(positions)

@@ -10,7 +10,13 @@ import time
 
 import pytest
 
-from benchmarks import bench_distrib_optimizer, bench_pipeline, bench_step, launcher
+from benchmarks import (
+    bench_context_parallel,
+    bench_distrib_optimizer,
+    bench_pipeline,
+    bench_step,
+    launcher,
+)
 from benchmarks.configs import CONFIGS
 from distributed import pooled_subprocess
 from figures import bars, lines, png_pixels, record_saved_figures, words
@@ -215,6 +221,44 @@ def test_the_recompute_report_divides_by_none_only_where_it_ran(capsys):
     assert full.count("2.00x") == 2, full  # time and FLOPs, each against none's
 
 
+def test_context_parallel_balance_time_and_memory_against_the_formulas(tmp_path, monkeypatch,
+                                                                       capsys):
+    """bench_context_parallel.py --quick (C = 2): the score elements each rank computes in the
+    ring are the formula's exactly (plain: rank r r + 1 blocks, max/mean 2C/(C+1); Megatron's
+    load-balanced split: 2C + 1 blocks of (s/2C)^2 on every rank, max/mean 1); the ring on
+    sleeping blocks takes at least the formula's time; each variant's activations per rank are
+    more than 1/C of C = 1's, printed beside 1/C, and equal bench_context_parallel's formula
+    term by term; the picture is written."""
+    saved = record_saved_figures(monkeypatch)
+    run_driver(bench_context_parallel, monkeypatch, "--quick", "--plot", tmp_path / "c.png",
+               "--out", tmp_path / "c.json")
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "c.json").read_text())
+    work = report["work"]
+    rows, s = work["batch"] * work["heads"], work["seq"]
+    assert [p["C"] for p in report["points"]] == list(bench_context_parallel.QUICK_SIZES)
+    for point in report["points"]:
+        c, plain, balanced = point["C"], point["plain"], point["balanced"]
+        assert plain["work"] == [(r + 1) * (s // c) ** 2 * rows for r in range(c)]
+        assert balanced["work"] == [(2 * c + 1) * (s // (2 * c)) ** 2 * rows] * c
+        assert plain["imbalance"] == plain["imbalance_formula"] == 2 * c / (c + 1)
+        assert balanced["imbalance"] == balanced["imbalance_formula"] == 1
+        # Sleeping blocks: never faster than the sum of the steps' busiest sleeps.
+        for split in (plain, balanced):
+            assert split["time_s"] >= 0.95 * split["time_formula_s"], split
+        memory = point["memory"]
+        assert memory["serial_core"] == memory["serial_core_formula"], memory
+        for variant in bench_context_parallel.VARIANTS:
+            m = memory[variant]
+            assert m["ratio"] == [b / memory["serial_bytes"] for b in m["bytes"]], variant
+            assert 1 / c < min(m["ratio"]) and max(m["ratio"]) < 1, (variant, m["ratio"])
+            assert m["match"] and m["bytes"] == m["formula"], (variant, m)
+            assert f"C={c} {variant:>10}: saved per rank" in printed
+        assert printed.count(f"(1/C = {1 / c:.3f})") == len(bench_context_parallel.VARIANTS)
+    assert len(saved) == 1 and png_pixels(tmp_path / "c.png") == saved[0].pixels
+    assert "2C/(C+1)" in words(saved[0]) and "Liu et al., 2023" in words(saved[0])
+
+
 class _NoWorkers:
     """launcher.subprocess for a driver that must stop before its first worker."""
 
@@ -224,7 +268,8 @@ class _NoWorkers:
 
 @pytest.mark.parametrize("module,name", [(bench_pipeline, "pipeline_schedule"),
                                          (bench_distrib_optimizer,
-                                          "distributed_optimizer_memory")])
+                                          "distributed_optimizer_memory"),
+                                         (bench_context_parallel, "context_parallel")])
 def test_quick_writes_to_runs_and_the_outputs_are_checked_before_any_work(module, name,
                                                                           monkeypatch, capsys):
     """--quick leaves the committed assets/ alone (runs/NAME_quick.*); a full run writes them; an
