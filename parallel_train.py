@@ -26,6 +26,7 @@ from core import parallel_state as ps
 from core import wire
 from core.context_parallel.split import context_parallel_disabled, get_batch_on_this_cp_rank
 from core.distributed.finalize_model_grads import broadcast_from_last_stage, finalize_model_grads
+from core.distributed.param_and_grad_buffer import BucketGroup, grads_of
 from core.optimizer.distrib_optimizer import DistributedOptimizer
 from core.pipeline_parallel.schedules import chunk_layers, forward_only, get_forward_backward_func
 from core.tensor_parallel.sequence_parallel import sequence_parallel_disabled
@@ -201,11 +202,25 @@ def run(args, device, precision):
 
 def build_optimizer(model, args):
     """train.py's optimizer over this rank's chunks, or (--use_distributed_optimizer) each
-    data-parallel replica its shard of it."""
+    data-parallel replica its shard of it; with --overlap_grad_reduce the hooks that launch the
+    buckets of its gradients' average during backward."""
     if args.use_distributed_optimizer:  # each replica its shard of the optimizer
         return on_every_rank(DistributedOptimizer, model, torch_optimizer(args),
                              args.torch_dtype)  # (a stage may be too small for its shards)
-    return make_optimizer(model, args)
+    optimizer = make_optimizer(model, args)
+    overlap_grad_reduce(model, optimizer, args)
+    return optimizer
+
+
+def overlap_grad_reduce(model, optimizer, args):
+    """--overlap_grad_reduce: the data-parallel average in buckets, launched by hooks during
+    backward (core/distributed/param_and_grad_buffer.py) and waited for in finalize_model_grads,
+    which finds them on the model, as Megatron's DDP-wrapped chunks carry their own."""
+    d = ps.get_data_parallel_world_size(with_context_parallel=True)
+    if args.overlap_grad_reduce and d > 1:
+        size = args.ddp_bucket_size or max(40_000_000, 1_000_000 * d)  # Megatron's default
+        params = [p for chunk in model for p in chunk.parameters()]
+        model.grad_sync = BucketGroup(params, grads_of(optimizer), size, args.num_microbatches)
 
 
 def metrics_writer(args, device, precision, start):

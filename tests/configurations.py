@@ -36,6 +36,7 @@ OPTIONS = OrderedDict(
     cp_comm_type=["p2p", "all_gather", "a2a"],
     cp_load_balance=["on", "off"],
     use_distributed_optimizer=[False, True],
+    overlap_grad_reduce=[False, True],
     optimizer=["sgd", "adam"],
     dtype=["float32", "float64", "bfloat16"],
     clip_grad=[None, True],  # CLIP_GRAD, each model's
@@ -74,6 +75,8 @@ ARRAY_RULES = (
      lambda a: a.sequence_parallel and a.tensor_model_parallel_size == 1),
     (("use_distributed_optimizer", "data_parallel_size", "context_parallel_size"),
      lambda a: a.use_distributed_optimizer and a.data_parallel_size * a.context_parallel_size == 1),
+    (("overlap_grad_reduce", "data_parallel_size", "context_parallel_size"),
+     lambda a: a.overlap_grad_reduce and a.data_parallel_size * a.context_parallel_size == 1),
     (("cp_comm_type", "context_parallel_size"),
      lambda a: a.cp_comm_type != "p2p" and a.context_parallel_size == 1),
     (("cp_load_balance", "context_parallel_size"),
@@ -216,6 +219,8 @@ def flags(config):
     for option in ("sequence_parallel", "use_distributed_optimizer"):
         if c[option]:
             argv.append(f"--{option}")
+    if c["overlap_grad_reduce"]:  # buckets small enough to be several in every model here
+        argv += ["--overlap_grad_reduce", "--ddp_bucket_size", "1000"]
     if c["pipeline_model_parallel_size"] > 1:
         argv += ["--pipeline_schedule", c["pipeline_schedule"]]
     if c["tp_reduce_dtype"] != "activation":
@@ -247,6 +252,7 @@ def name(config):
     short = dict(model="", tensor_model_parallel_size="tp", sequence_parallel="sp",
                  pipeline_model_parallel_size="pp", virtual_pipeline_model_parallel_size="v",
                  pipeline_schedule="", data_parallel_size="dp", use_distributed_optimizer="dist",
+                 overlap_grad_reduce="overlap",
                  optimizer="", dtype="", clip_grad="clip", dropout="drop",
                  recompute_granularity="rc-", micro_batch_size="mbs", num_layers="L",
                  tp_reduce_dtype="reduce-", context_parallel_size="cp", cp_comm_type="",

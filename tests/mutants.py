@@ -286,6 +286,15 @@ MUTANTS = {
     "context parallelism: one dropout stream for every context rank": (
         "core/tensor_parallel/random.py", "seed + _CONTEXT_PARALLEL_SEED_OFFSET + cp_rank,",
         "seed + _CONTEXT_PARALLEL_SEED_OFFSET,", ["tests/test_context_parallel_train.py"]),
+    # The data-parallel average overlapped with backward (core/distributed/
+    # param_and_grad_buffer.py, issue 39).
+    "overlap: a bucket launched before its last gradient (after the first micro-batch)": (
+        "core/distributed/param_and_grad_buffer.py", "        if self.seen[i] == full:",
+        "        if self.seen[i] == len(self.buckets[i]):", ["tests/test_overlap.py"]),
+    "overlap: a bucket never waited for": (
+        "core/distributed/param_and_grad_buffer.py", "        for wait in self.waits:\n"
+        "            wait()", "        for wait in self.waits:\n            pass",
+        ["tests/test_overlap.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

@@ -84,7 +84,7 @@ def _check_bitwise(recomputations=RECOMPUTATIONS, sequence_parallel=(False, True
                     assert torch.equal(got_weights[name], weight), f"{run}: trained {name}"
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tp", [1, 2])  # (TP 4 splits the same way: the suite's time)
 def test_recomputation_changes_no_bit(tp):
     run_distributed(_check_bitwise, tp)
 

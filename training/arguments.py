@@ -164,7 +164,8 @@ PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes"
                  "--save_interval", "--load", "--distribute_saved_activations",
                  "--pipeline_model_parallel_size", "--pipeline_schedule",
                  "--virtual_pipeline_model_parallel_size", "--use_distributed_optimizer",
-                 "--context_parallel_size", "--cp_comm_type", "--cp_load_balance")
+                 "--context_parallel_size", "--cp_comm_type", "--cp_load_balance",
+                 "--overlap_grad_reduce", "--ddp_bucket_size")
 SERIAL_ONLY = ("--reorder_seed",)
 
 
@@ -252,6 +253,13 @@ def get_parallel_args(argv=None):
                         help="on: the sequence in 2C chunks, rank r keeps r and 2C-1-r, the same "
                              "causal work on every rank (Megatron's); off: rank r keeps chunk r "
                              "of C")
+    parser.add_argument("--overlap_grad_reduce", action="store_true",
+                        help="the data-parallel gradient average in buckets, each launched "
+                             "during backward once its gradients are complete (Megatron's flag; "
+                             "core/distributed/param_and_grad_buffer.py)")
+    parser.add_argument("--ddp_bucket_size", type=int, default=None, metavar="N",
+                        help="elements per bucket of --overlap_grad_reduce (default Megatron's: "
+                             "max(40M, 1M x the data-parallel size), one bucket for these models)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=None,
                         help="checkpoint every N iterations (default 100), and at the end")
@@ -264,6 +272,8 @@ def get_parallel_args(argv=None):
     if args.save_interval <= 0:
         parser.error(f"--save_interval must be a positive integer, got {args.save_interval}")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size <= 0:
+        parser.error(f"--ddp_bucket_size must be a positive integer, got {args.ddp_bucket_size}")
     cp = args.context_parallel_size
     for flag, size in (("tensor_model", tp), ("pipeline_model", pp), ("context", cp)):
         if size <= 0:
@@ -371,6 +381,10 @@ FLAG_RULES = (
          lambda a: a.model == "toy" and a.context_parallel_size > 1,
          lambda a: f"--context_parallel_size {a.context_parallel_size} splits the transformer's "
                    "sequences; the toy model has none: add --model transformer"),
+    Rule(("overlap_grad_reduce", "use_distributed_optimizer"),
+         lambda a: a.overlap_grad_reduce and a.use_distributed_optimizer,
+         lambda a: "--overlap_grad_reduce with --use_distributed_optimizer: the bucketed "
+                   "reduce-scatter is not built yet (issue 39); leave one out"),
     Rule(("tp_reduce_dtype", "tensor_model_parallel_size"),
          lambda a: a.tp_reduce_dtype == "float32" and a.tensor_model_parallel_size == 1,
          lambda a: "--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
@@ -490,6 +504,14 @@ def check_the_flags_given(parser, args, argv):
         notes.append(f"--pipeline_schedule {args.pipeline_schedule} orders the micro-batches "
                      "through a pipeline's stages: without a pipeline "
                      "(--pipeline_model_parallel_size 1) it changes nothing")
+    if "--ddp_bucket_size" in given and not getattr(args, "overlap_grad_reduce", False):
+        notes.append(f"--ddp_bucket_size {args.ddp_bucket_size} sizes --overlap_grad_reduce's "
+                     "buckets: without it the gradients are averaged in one piece after "
+                     "backward")
+    if getattr(args, "overlap_grad_reduce", False) and args.data_parallel_size * \
+            args.context_parallel_size == 1:
+        notes.append("--overlap_grad_reduce hides the data-parallel average behind backward: "
+                     "with one replica there is none, and it changes nothing")
     for flag in ("--cp_comm_type", "--cp_load_balance"):
         if flag in given and getattr(args, "context_parallel_size", 1) == 1:
             notes.append(f"{flag} {getattr(args, flag[2:])} chooses how context parallelism "

@@ -51,8 +51,12 @@ def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
     if isinstance(optimizer, DistributedOptimizer):  # the other sums, then each replica its shard
         loss = reduce_scatter_over_data_parallel_replicas(optimizer, loss, partial)
         return broadcast_from_last_stage(loss.detach())
-    if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:  # replicas saw different
-        # rows (context ranks other tokens): average them
+    grad_sync = getattr(model, "grad_sync", None)  # --overlap_grad_reduce: param_and_grad_buffer
+    if grad_sync is not None:  # the buckets' averages, launched during backward: waited for
+        grad_sync.finish_grad_sync()
+        loss = average_loss(loss, partial)
+    elif ps.get_data_parallel_world_size(with_context_parallel=True) > 1:  # replicas saw
+        # different rows (context ranks other tokens): average them
         loss = average_over_data_parallel_replicas(params, loss, partial)
     elif partial or any(getattr(p, "grad_is_partial", False) for p in params):
         loss = allreduce_sequence_parallel_grads(params, loss, partial)
@@ -164,6 +168,14 @@ def _average_replicated(coalesced, group, data_parallel_size):
     return coalesced.div_(data_parallel_size)
 
 
+def average_loss(loss, loss_is_partial):
+    """The loss alone averaged over the replicas (summed over the rows' ranks where partial),
+    where its gradients' sums went on without it."""
+    loss = loss.detach().reshape(1).clone()
+    average_replicated(*(([], [loss]) if loss_is_partial else ([loss], [])))
+    return loss[0]
+
+
 def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
     """The pipeline's last stage's `tensor` (the loss) on every stage; as is without one."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
@@ -197,8 +209,7 @@ def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         allreduce_embedding_grads([p.main_grad for p in params
                                    if getattr(p, "shared_embedding", False)])
-    loss = loss.detach().reshape(1).clone()
     if ps.get_data_parallel_world_size(with_context_parallel=True) > 1 or loss_is_partial:
-        average_replicated(*(([], [loss]) if loss_is_partial else ([loss], [])))
+        loss = average_loss(loss, loss_is_partial)
     optimizer.finish_grad_sync()
-    return loss[0]
+    return loss
