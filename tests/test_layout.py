@@ -21,7 +21,8 @@ MEGATRON_PATHS = ["core/parallel_state.py", "core/tensor_parallel/mappings.py",
                   "core/pipeline_parallel/p2p_communication.py",
                   "core/distributed/finalize_model_grads.py",
                   "core/optimizer/distrib_optimizer.py"]
-CONCEPTS = 12  # README's rows: f and g ... the group layout (issue 36's list), context parallelism
+CONCEPTS = 13  # README's rows: f and g ... the group layout (issue 36's list), context
+# parallelism, the overlapped gradient buckets
 
 
 def _read(path):

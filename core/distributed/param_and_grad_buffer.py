@@ -1,7 +1,7 @@
 """The data-parallel gradient average, bucketed and launched during backward: Megatron's
 --overlap-grad-reduce (megatron/core/distributed/distributed_data_parallel.py, its backward
 post-hooks, and param_and_grad_buffer.py, its bucket groups' start_grad_sync and
-finish_grad_sync).
+finish_grad_sync; PyTorch's DDP does the same, Li et al. 2020, Sec. 3.2.3).
 
 Without it the average waits for the whole backward (finalize_model_grads.py), and the step
 waits for the average. With it the parameters are cut into buckets of about --ddp_bucket_size
