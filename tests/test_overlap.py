@@ -73,3 +73,20 @@ def _buckets_and_their_errors():
 
 def test_buckets_are_the_last_parameters_first_and_each_launches_once():
     run_distributed(_buckets_and_their_errors, 1)
+
+
+def test_the_flags_say_what_they_do_in_one_line(capsys):
+    """Not built with the distributed optimizer yet: refused; a bucket size that is not one:
+    refused; without a data-parallel average, or a bucket size without the overlap: a note."""
+    from test_errors import flag_error
+    assert "--overlap_grad_reduce with --use_distributed_optimizer: the bucketed reduce-scatter " \
+        "is not built yet" in flag_error(["--overlap_grad_reduce", "--use_distributed_optimizer",
+                                          "--tensor_model_parallel_size", "1"], 2)
+    assert "--ddp_bucket_size must be a positive integer, got 0" in \
+        flag_error(["--overlap_grad_reduce", "--ddp_bucket_size", "0"], 2)
+    assert flag_error(["--overlap_grad_reduce"], 2) is None  # TP 2: no replicas
+    assert flag_error(["--ddp_bucket_size", "10", "--tensor_model_parallel_size", "1"], 2) is None
+    notes = capsys.readouterr().out
+    assert "note: --overlap_grad_reduce hides the data-parallel average behind backward: with " \
+        "one replica there is none" in notes
+    assert "note: --ddp_bucket_size 10 sizes --overlap_grad_reduce's buckets" in notes
