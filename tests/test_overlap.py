@@ -64,8 +64,9 @@ def _buckets_and_their_errors():
         for p in params[:3]:
             for _ in range(2):
                 (p * 1.0).sum().backward()
-        group.finish_grad_sync()  # the average over one replica: the sum itself, as launched
-        assert torch.equal(params[3].grad, torch.full((7,), 2.0))  # (the third came too late)
+        group.finish_grad_sync()  # the average over one replica: the sum itself
+        # (A bucket of one gradient is reduced in place: the third, too late, landed in it.)
+        assert torch.equal(params[3].grad, torch.full((7,), 3.0))
         assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in params[:3])
     finally:
         group.remove_hooks()

@@ -42,10 +42,11 @@ class GradSyncError(RuntimeError):
 
 
 def buckets_of(params, bucket_size):
-    """Lists of parameters, the last ones first, each about `bucket_size` elements (a parameter
-    larger than that is a bucket of its own; Megatron's default, 40M elements, makes one here)."""
+    """Lists of parameters, the last ones first, each closed once it holds `bucket_size` elements
+    or more (Megatron's rule; its default, 40M elements, makes one bucket here). Parameters
+    without gradients are left out, as Megatron's DDP leaves them."""
     buckets, current, size = [], [], 0
-    for param in reversed(params):
+    for param in reversed([p for p in params if p.requires_grad]):
         current.append(param)
         size += param.numel()
         if size >= bucket_size:
@@ -67,7 +68,7 @@ class BucketGroup:
         self.seen = [0] * len(self.buckets)  # gradients accumulated this step, per bucket
         self.waits = [None] * len(self.buckets)
         self.hooks = [p.register_post_accumulate_grad_hook(self.register_grad_ready)
-                      for p in params]
+                      for bucket in self.buckets for p in bucket]
 
     def register_grad_ready(self, param):
         i = self.bucket_of[id(param)]
@@ -108,10 +109,12 @@ def start_grad_sync(grads, params):
             g.zero_()
     replicas = ps.get_data_parallel_group(with_context_parallel=True)
     d, waits = replicas.size(), []
+    one = lambda tensors: tensors[0] if len(tensors) == 1 else tensors  # (one: no copy, in place)
     if split:
-        waits.append(_allreduce_bucket(split, replicas, async_op=True))
+        waits.append(_allreduce_bucket(one(split), replicas, async_op=True))
     if rest:
-        waits.append(_allreduce_replicated_bucket(rest, ps.get_tensor_and_data_parallel_group(),
+        waits.append(_allreduce_replicated_bucket(one(rest),
+                                                  ps.get_tensor_and_data_parallel_group(),
                                                   async_op=True))
 
     def finish():
