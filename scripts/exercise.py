@@ -64,6 +64,9 @@ CLIP = ["--clip_grad", "5"]
 TP2 = ["--tensor_model_parallel_size", "2"]
 DP2 = ["--tensor_model_parallel_size", "1"]  # 2 processes, TP 1: two data-parallel replicas
 PP2 = ["--tensor_model_parallel_size", "1", "--pipeline_model_parallel_size", "2"]
+CP2 = ["--tensor_model_parallel_size", "1", "--context_parallel_size", "2"]
+# Data sets beyond the two models' defaults: name -> (model, prepare_data.py's extra flags).
+DATA = {"transformer_period_5": ("transformer", "--period", "5")}
 NOISE_SEEDS = (1, 2)
 
 
@@ -151,12 +154,14 @@ class Lab:
                                 f"expect:\n{out[-3000:]}")
         return code, out
 
-    def data(self, model):
-        key = f"data_{model}"
+    def data(self, name):
+        """A data set (made once per `shared`): a model's default one, or one of DATA."""
+        key = f"data_{name}"
         if key not in self.shared:
             directory = os.path.join(self.shared["dir"], key)
-            self.launch(key, "prepare_data.py", ["--model", model, "--data_dir", directory],
-                        expect_ok=True, quiet=True)
+            model, *extra = DATA.get(name, (name,))
+            self.launch(key, "prepare_data.py", ["--model", model, "--data_dir", directory,
+                                                 *extra], expect_ok=True, quiet=True)
             self.shared[key] = directory
         return self.shared[key]
 
@@ -189,7 +194,8 @@ class Lab:
 
 # The reference runs: key: (data set, train.py's flags, --reorder_seed or None).
 REFERENCES = {"toy": ("toy", TOY, None), "toy_micro": ("toy", TOY + MICRO, None),
-              "transformer": ("transformer", TRANSFORMER, None)}
+              "transformer": ("transformer", TRANSFORMER, None),
+              "transformer_period_5": ("transformer_period_5", TRANSFORMER, None)}
 for _key in ("toy", "transformer"):
     for _k in NOISE_SEEDS:
         REFERENCES[f"{_key}_r{_k}"] = (*REFERENCES[_key][:2], str(_k))
@@ -278,6 +284,12 @@ def curve_only(flags):
         out = lab.train("parallel", TOY + flags, 2, expect_ok=True)
         lab.compare("compare", lab.reference("toy"), out, lab.noise("toy"))
     return run
+
+
+def cp_positions_plain(lab):
+    for data in ("transformer", "transformer_period_5"):
+        run = lab.train(f"cp2_{data}", TRANSFORMER + CP2, 2, data, expect_ok=True)
+        lab.compare(f"compare_{data}", lab.reference(data), run)
 
 
 def pipeline_shape_under_sp(lab):
@@ -427,6 +439,25 @@ EXERCISES = [
         into the 8-row buffer and says nothing; the next stage computes on a half-filled buffer
         and fails far from the cause, on a shape in the loss (where the shapes happened to fit,
         it would train on garbage). NCCL would hang."""),
+    Exercise(
+        "cp-positions-plain", """Context parallelism cuts the sequence into 2C chunks and gives
+        rank r chunks r and 2C - 1 - r (the causal load balance). What if the model takes its
+        positions from the plain split (rank r: chunk r of C) while the tokens are cut
+        load-balanced? Does a run on the default token data notice? On tokens that repeat every
+        5?""",
+        edit_from_mutant("context parallelism: the load-balanced split with positions from the "
+                         "plain one"),
+        cp_positions_plain, """On the default data, nothing: MATCH, to round-off (2e-16). Its
+        sequences repeat every 4 tokens, and at C = 2 the chunks are 4 tokens long, so the two
+        chunks a rank holds under the wrong positions are exactly the tokens that the right
+        chunks would hold there (rank 0's tokens 12 to 15 are tokens 4 to 7 again): the model
+        sees a relabelled sequence that is the same sequence, keys, queries and targets alike.
+        On tokens that repeat every 5 the relabelled sequence is another one, and the curve is
+        another curve, 1e-3 relative apart from the first iterations on (DIFFER). A check is
+        only as good as the data it runs on: the tests train context parallelism on period 5
+        (tests/conftest.py), and this bug passed every C = 2 run until they did.""",
+        data=("transformer", "transformer_period_5"),
+        references=("transformer", "transformer_period_5")),
 ]
 EXERCISES = {e.name: e for e in EXERCISES}
 

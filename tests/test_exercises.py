@@ -111,6 +111,13 @@ def check_pipeline_shape_under_sp(runs):
                          "b (4)" in out, out
 
 
+def check_cp_positions_plain(runs):
+    code, out = runs["compare_transformer"]  # period 4: the relabelled sequence is the same
+    assert code == 0 and ": MATCH over" in out, out
+    code, out = runs["compare_transformer_period_5"]
+    assert code == 1 and ": DIFFER over" in out, out
+
+
 CHECKS = {"g-skipped": check_g_skipped, "f-backward-dropped": check_f_backward_dropped,
           "one-f-one-b-warmup": check_one_f_one_b_warmup,
           "tied-embedding-not-summed": check_tied_embedding_not_summed,
@@ -119,7 +126,8 @@ CHECKS = {"g-skipped": check_g_skipped, "f-backward-dropped": check_f_backward_d
           "clip-norm-of-one-rank": check_clip_norm_of_one_rank,
           "dp-grads-summed": check_curve_only, "g-averaged": check_curve_only,
           "own-seed-init": check_curve_only,
-          "pipeline-shape-under-sp": check_pipeline_shape_under_sp}
+          "pipeline-shape-under-sp": check_pipeline_shape_under_sp,
+          "cp-positions-plain": check_cp_positions_plain}
 
 
 @pytest.mark.parametrize("name", list(exercise.EXERCISES))
