@@ -14,11 +14,10 @@ Every rank can compute every rank's positions without communication; the attenti
 (attention.py) takes them as a (C, s / C) table, row r rank r's (get_positions_on_every_cp_rank).
 """
 
-from contextlib import contextmanager
-
 import torch
 
 from core import parallel_state as ps
+from core.utils import flag_off
 
 
 def _check(seq_length: int, cp_size: int, load_balanced: bool) -> None:
@@ -61,18 +60,10 @@ def get_batch_on_this_cp_rank(tensor: torch.Tensor, seq_dim: int, cp_size: int, 
     return tensor.index_select(seq_dim, positions.to(tensor.device))
 
 
-@contextmanager
 def context_parallel_disabled(model):
     """Run forward-only passes (validation) on whole sequences, every rank alone: they save
-    nothing for backward, and the loss is the same. (sequence_parallel_disabled's twin.)"""
-    modules = [m for m in model.modules() if getattr(m, "context_parallel", False)]
-    for module in modules:
-        module.context_parallel = False
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.context_parallel = True
+    nothing for backward, and the loss is the same (as sequence_parallel_disabled)."""
+    return flag_off(model, "context_parallel")
 
 
 def context_parallel_setup(seq_length: int, cp_comm_type: str = "p2p", load_balanced: bool = True):

@@ -117,11 +117,7 @@ def average_over_data_parallel_replicas(params, loss, loss_is_partial):
     up over the tensor-parallel ranks in the same all-reduce.
     """
     loss = loss.detach().reshape(1).clone()
-    kind = lambda p: ("split" if getattr(p, "tensor_model_parallel", False) else
-                      "partial" if getattr(p, "grad_is_partial", False) else "whole")
-    grads = {"split": [], "partial": [], "whole": []}
-    for p in params:
-        grads[kind(p)].append(p.grad)
+    grads = by_kind(params, [p.grad for p in params])
     grads["partial" if loss_is_partial else "whole"].append(loss)
     if grads["split"]:  # a stage holding only replicated layers (the toy's last: fc) has none,
         # and so have its replicas, the data-parallel group: all of them skip alike
@@ -131,11 +127,24 @@ def average_over_data_parallel_replicas(params, loss, loss_is_partial):
     return loss[0]
 
 
+def by_kind(params, grads):
+    """`grads` (of `params`) by how they are averaged: "split" (this rank's shards, over the
+    data-parallel group), "whole" and "partial" (every tensor-parallel rank's, over the stage)."""
+    kinds = {"split": [], "partial": [], "whole": []}
+    for p, g in zip(params, grads):
+        kinds["split" if getattr(p, "tensor_model_parallel", False) else
+              "partial" if getattr(p, "grad_is_partial", False) else "whole"].append(g)
+    return kinds
+
+
 @wire.collective("dp_all_reduce", wire.ALL_REDUCE, summed=True)
-def _average_over_data_parallel(coalesced, group):
+def _average_over_data_parallel(coalesced, group, async_op=False):
     """The average over the data-parallel group (the replicas, with their context ranks), in
-    place."""
-    dist.all_reduce(coalesced, group=group)
+    place; with async_op the sum and torch's handle, the caller dividing once it has waited
+    (param_and_grad_buffer.py)."""
+    work = dist.all_reduce(coalesced, group=group, async_op=async_op)
+    if async_op:
+        return coalesced, work
     return coalesced.div_(group.size())
 
 
@@ -152,19 +161,29 @@ def average_replicated(whole, partial=()) -> None:
     the data-parallel sum, only tensor-parallel rank 0 contributes the whole tensors; every rank
     adds its part of the partial ones.
     """
-    whole, partial = list(whole), list(partial)
-    if ps.get_tensor_model_parallel_rank() != 0:
-        for t in whole:
-            t.zero_()
-    _average_replicated(whole + partial, ps.get_tensor_and_data_parallel_group(),
+    _average_replicated(from_tensor_rank_0(whole) + list(partial),
+                        ps.get_tensor_and_data_parallel_group(),
                         ps.get_data_parallel_world_size(with_context_parallel=True))
 
 
+def from_tensor_rank_0(whole):
+    """`whole`, zeroed on every tensor-parallel rank but 0: the stage's sum is then the
+    data-parallel one (average_replicated)."""
+    whole = list(whole)
+    if ps.get_tensor_model_parallel_rank() != 0:
+        for t in whole:
+            t.zero_()
+    return whole
+
+
 @wire.collective("replicated_all_reduce", wire.ALL_REDUCE, summed=True)
-def _average_replicated(coalesced, group, data_parallel_size):
+def _average_replicated(coalesced, group, data_parallel_size, async_op=False):
     """Sum over the pipeline stage's ranks, divided by the data-parallel size (times the
-    context-parallel size), in place."""
-    dist.all_reduce(coalesced, group=group)
+    context-parallel size), in place; with async_op the sum and torch's handle, the caller
+    dividing once it has waited (param_and_grad_buffer.py)."""
+    work = dist.all_reduce(coalesced, group=group, async_op=async_op)
+    if async_op:
+        return coalesced, work
     return coalesced.div_(data_parallel_size)
 
 

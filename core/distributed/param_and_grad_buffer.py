@@ -30,10 +30,13 @@ it launches, by the wire); the hooks on the parameters the optimizer sees the gr
 gloo's background thread, not a CUDA stream, moves the bytes.
 """
 
-import torch.distributed as dist
-
 from core import parallel_state as ps
-from core import wire
+from core.distributed.finalize_model_grads import (
+    _average_over_data_parallel,
+    _average_replicated,
+    by_kind,
+    from_tensor_rank_0,
+)
 
 
 class GradSyncError(RuntimeError):
@@ -100,22 +103,16 @@ class BucketGroup:
 def start_grad_sync(grads, params):
     """Launch one bucket's averages (finalize_model_grads.average_over_data_parallel_replicas's
     two sums, asynchronously); returns the function that waits and divides."""
-    split = [g for g, p in zip(grads, params) if getattr(p, "tensor_model_parallel", False)]
-    rest = [g for g, p in zip(grads, params) if not getattr(p, "tensor_model_parallel", False)]
-    whole = [g for g, p in zip(grads, params) if not getattr(p, "tensor_model_parallel", False)
-             and not getattr(p, "grad_is_partial", False)]
-    if ps.get_tensor_model_parallel_rank() != 0:
-        for g in whole:  # (only TP rank 0's whole gradients in the stage's sum: its docstring)
-            g.zero_()
+    kinds = by_kind(params, grads)
+    split, rest = kinds["split"], from_tensor_rank_0(kinds["whole"]) + kinds["partial"]
     replicas = ps.get_data_parallel_group(with_context_parallel=True)
     d, waits = replicas.size(), []
     one = lambda tensors: tensors[0] if len(tensors) == 1 else tensors  # (one: no copy, in place)
     if split:
-        waits.append(_allreduce_bucket(one(split), replicas, async_op=True))
+        waits.append(_average_over_data_parallel(one(split), replicas, async_op=True))
     if rest:
-        waits.append(_allreduce_replicated_bucket(one(rest),
-                                                  ps.get_tensor_and_data_parallel_group(),
-                                                  async_op=True))
+        waits.append(_average_replicated(one(rest), ps.get_tensor_and_data_parallel_group(), d,
+                                         async_op=True))
 
     def finish():
         for wait in waits:
@@ -123,22 +120,6 @@ def start_grad_sync(grads, params):
         for g in split + rest:
             g.div_(d)
     return finish
-
-
-@wire.collective("dp_all_reduce", wire.ALL_REDUCE, summed=True)
-def _allreduce_bucket(coalesced, group, async_op=False):
-    """A bucket of split weights' gradients summed over the data- (and context-) parallel group,
-    in place; with async_op, also torch's handle."""
-    work = dist.all_reduce(coalesced, group=group, async_op=async_op)
-    return (coalesced, work) if async_op else coalesced
-
-
-@wire.collective("replicated_all_reduce", wire.ALL_REDUCE, summed=True)
-def _allreduce_replicated_bucket(coalesced, group, async_op=False):
-    """A bucket of replicated parameters' gradients summed over the pipeline stage's ranks, in
-    place (finalize_model_grads.average_replicated)."""
-    work = dist.all_reduce(coalesced, group=group, async_op=async_op)
-    return (coalesced, work) if async_op else coalesced
 
 
 def grads_of(optimizer):

@@ -20,7 +20,6 @@ RowParallelLinear, `--sequence_parallel` for the run), and so are the names
 below; each layer hands over to this file in one marked branch.
 """
 
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 from core import parallel_state as ps
 from core import wire
-from core.utils import dist_all_gather_func, dist_reduce_scatter_func
+from core.utils import dist_all_gather_func, dist_reduce_scatter_func, flag_off
 
 
 @wire.collective("all_gather", wire.ALL_GATHER)
@@ -152,18 +151,10 @@ def _single_rank():
     return ps.get_tensor_model_parallel_world_size() == 1
 
 
-@contextmanager
 def sequence_parallel_disabled(model: nn.Module):
     """Run forward-only passes (validation) as plain tensor parallelism, on every row.
 
     They save no activations for backward, so sequence parallelism would save
     nothing there; the weights and the result are the same.
     """
-    layers = [m for m in model.modules() if getattr(m, "sequence_parallel", False)]
-    for layer in layers:
-        layer.sequence_parallel = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.sequence_parallel = True
+    return flag_off(model, "sequence_parallel")
