@@ -25,8 +25,12 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from core import parallel_state as ps
 from core import wire
 from core.context_parallel.split import context_parallel_disabled, get_batch_on_this_cp_rank
-from core.distributed.finalize_model_grads import broadcast_from_last_stage, finalize_model_grads
-from core.distributed.param_and_grad_buffer import BucketGroup, grads_of
+from core.distributed.finalize_model_grads import (
+    broadcast_from_last_stage,
+    finalize_model_grads,
+    start_grad_sync,
+)
+from core.distributed.param_and_grad_buffer import BucketGroup, buckets_of, grads_of
 from core.optimizer.distrib_optimizer import DistributedOptimizer
 from core.pipeline_parallel.schedules import chunk_layers, forward_only, get_forward_backward_func
 from core.tensor_parallel.sequence_parallel import sequence_parallel_disabled
@@ -59,7 +63,7 @@ def train(model, optimizer, batches, logbook, args, start=0):
     """train.py's loop through the pipeline's schedule, and what parallelism adds after backward
     (finalize_model_grads). `model`: this rank's chunks of the model (one, unless interleaved)."""
     params = optimized_parameters(optimizer)  # under bf16 the fp32 main parameters (or their shard)
-    forward_backward = get_forward_backward_func(args.pipeline_schedule)
+    forward_backward = get_forward_backward_func(args.pipeline_schedule, args.overlap_p2p_comm)
     shape = args.pipeline_tensor_shape = tensor_shape(args, args.micro_batch_size)
     wire.reset_comm_stats()  # what the steps send, reported at the end beside the paper's count
     model.train()
@@ -76,8 +80,9 @@ def train(model, optimizer, batches, logbook, args, start=0):
         # The global norm over every rank's shards (training/clip_grads.py), once the sums are done.
         grad_norm = clip_grad_norm(params, args.clip_grad, sharded=args.use_distributed_optimizer) \
             if args.clip_grad else None
-        optimizer.step()
+        optimizer.step()  # (--overlap_param_gather: its all-gathers waited for by the next forward)
         logbook.step(it, loss, grad_norm)  # logging, validation, the ranks' agreement, checkpoints
+    finish_param_sync(optimizer)
 
 
 def forward_step(model_chunk, microbatch, input_tensor):
@@ -187,8 +192,7 @@ def run(args, device, precision):
     log_prefix = f"Rank {tp_rank} " if rank < tp else None
     with Logbook(args, validate, metrics, log_prefix, start) as logbook:
         if args.save:
-            logbook.save_every(args.save_interval,
-                               lambda it: save_checkpoint(args.save, it, main, optimizer, args))
+            logbook.save_every(args.save_interval, lambda it: save(it, main, optimizer, args))
         train(model, optimizer, batches, logbook, args, start)
     state = serial_state_dict(optimizer.gather_main_model() if args.use_distributed_optimizer
                               else main)
@@ -204,23 +208,54 @@ def build_optimizer(model, args):
     """train.py's optimizer over this rank's chunks, or (--use_distributed_optimizer) each
     data-parallel replica its shard of it; with --overlap_grad_reduce the hooks that launch the
     buckets of its gradients' average during backward."""
+    size = bucket_size(args)
     if args.use_distributed_optimizer:  # each replica its shard of the optimizer
-        return on_every_rank(DistributedOptimizer, model, torch_optimizer(args),
-                             args.torch_dtype)  # (a stage may be too small for its shards)
-    optimizer = make_optimizer(model, args)
-    overlap_grad_reduce(model, optimizer, args)
+        optimizer = on_every_rank(DistributedOptimizer, model, torch_optimizer(args),
+                                  args.torch_dtype, size,  # (a stage may be too small for its
+                                  args.overlap_param_gather)  # shards)
+    else:
+        optimizer = make_optimizer(model, args)
+    if size is not None:
+        model.grad_sync = bucket_group(model, optimizer, size, args.num_microbatches)
     return optimizer
 
 
-def overlap_grad_reduce(model, optimizer, args):
+def bucket_size(args):
+    """--overlap_grad_reduce's elements per bucket (Megatron's default rule without
+    --ddp_bucket_size); None without the overlap, or without replicas to average over."""
+    d = ps.get_data_parallel_world_size(with_context_parallel=True)
+    if not args.overlap_grad_reduce or d == 1:
+        return None
+    return args.ddp_bucket_size or max(40_000_000, 1_000_000 * d)
+
+
+def bucket_group(model, optimizer, size, num_microbatches):
     """--overlap_grad_reduce: the data-parallel average in buckets, launched by hooks during
     backward (core/distributed/param_and_grad_buffer.py) and waited for in finalize_model_grads,
-    which finds them on the model, as Megatron's DDP-wrapped chunks carry their own."""
-    d = ps.get_data_parallel_world_size(with_context_parallel=True)
-    if args.overlap_grad_reduce and d > 1:
-        size = args.ddp_bucket_size or max(40_000_000, 1_000_000 * d)  # Megatron's default
-        params = [p for chunk in model for p in chunk.parameters()]
-        model.grad_sync = BucketGroup(params, grads_of(optimizer), size, args.num_microbatches)
+    which finds them on the model, as Megatron's DDP-wrapped chunks carry their own: the
+    distributed optimizer's buffers' buckets, each reduce-scattered, or the plain optimizer's,
+    each all-reduced."""
+    if isinstance(optimizer, DistributedOptimizer):
+        where = [(buffer, i) for buffer in optimizer.buffers for i in range(len(buffer.buckets))]
+        return BucketGroup([buffer.buckets[i].params for buffer, i in where],
+                           lambda j: where[j][0].start_grad_sync(where[j][1]), num_microbatches)
+    buckets = buckets_of([p for chunk in model for p in chunk.parameters()], size)
+    grads = grads_of(optimizer)
+    return BucketGroup(buckets, lambda i: start_grad_sync([grads(p) for p in buckets[i]],
+                                                          buckets[i]), num_microbatches)
+
+
+def save(iteration, main, optimizer, args):
+    """A checkpoint, once every parameter's all-gather has landed (--overlap_param_gather)."""
+    finish_param_sync(optimizer)
+    save_checkpoint(args.save, iteration, main, optimizer, args)
+
+
+def finish_param_sync(optimizer):
+    """--overlap_param_gather: the parameters' all-gathers still in flight waited for, before
+    what reads the parameters outside a forward (a checkpoint, the end's model)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.finish_param_sync()
 
 
 def metrics_writer(args, device, precision, start):

@@ -233,7 +233,8 @@ def collective(name: str, ring_share, summed: bool = False):
     tensors: `fn` then gets them laid end to end in one buffer, sums in place, and the result
     comes back into them. An output buffer given as `out=` is checked and overwritten (staged as
     an empty buffer where the backend moves it), and returned. With async_op=True the call
-    returns at once a function that waits and returns the result. `ring_share(p)`: the share of
+    returns at once a function that waits and returns the result (under TP_CHECK_COLLECTIVES one
+    that runs it then: _deferred). `ring_share(p)`: the share of
     its bytes each of p ranks sends when the collective runs as a ring (_count); `summed`: the
     collective adds the ranks' tensors.
     """
@@ -247,17 +248,32 @@ def collective(name: str, ring_share, summed: bool = False):
             if out is not None:
                 _check_rules(name, out)
                 given, tensor, kwargs["out"] = out, out, _empty_on_wire(out, summed)
-            if async_op:
-                output, work = fn(staged, group, *args, async_op=True, **kwargs)
-            else:
-                output, work = fn(staged, group, *args, **kwargs), None
-            if out is not None:
-                staged = kwargs["out"]
-            _check_in_place(name, given, staged, output)
-            return _off_wire(given, tensor, staged, output, work, async_op)
+
+            def run(input_, async_op):
+                if async_op:
+                    output, work = fn(input_, group, *args, async_op=True, **kwargs)
+                else:
+                    output, work = fn(input_, group, *args, **kwargs), None
+                result = input_ if out is None else kwargs["out"]
+                _check_in_place(name, given, result, output)
+                return _off_wire(given, tensor, result, output, work, async_op)
+            if async_op and CHECK_COLLECTIVES:  # the strictest timing torch allows (_deferred)
+                return _deferred(run, staged)
+            return run(staged, async_op)
         COLLECTIVES[f"{fn.__module__}.{fn.__qualname__}"] = call
         return call
     return wrap
+
+
+def _deferred(run, staged):
+    """Under TP_CHECK_COLLECTIVES an asynchronous collective reads its input when it is launched
+    and writes its result only when it is waited for, every time (a backend may do either at any
+    moment between the two). Code that reads a result before its wait then reads the old values,
+    and a gradient that lands after its bucket's launch is left out, on every run, not by the
+    luck of the wire's timing (docs/overlap.md). The collective runs at the wait: every rank
+    waits in the same order, so the ranks still issue their collectives alike."""
+    snapshot = staged.clone()
+    return lambda: run(snapshot, True)()  # (launched and waited for at once)
 
 
 def _check_in_place(name, given, staged, output):

@@ -165,7 +165,8 @@ PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes"
                  "--pipeline_model_parallel_size", "--pipeline_schedule",
                  "--virtual_pipeline_model_parallel_size", "--use_distributed_optimizer",
                  "--context_parallel_size", "--cp_comm_type", "--cp_load_balance",
-                 "--overlap_grad_reduce", "--ddp_bucket_size")
+                 "--overlap_grad_reduce", "--ddp_bucket_size", "--overlap_param_gather",
+                 "--overlap_p2p_comm")
 SERIAL_ONLY = ("--reorder_seed",)
 
 
@@ -260,6 +261,14 @@ def get_parallel_args(argv=None):
     parser.add_argument("--ddp_bucket_size", type=int, default=None, metavar="N",
                         help="elements per bucket of --overlap_grad_reduce (default Megatron's: "
                              "max(40M, 1M x the data-parallel size), one bucket for these models)")
+    parser.add_argument("--overlap_param_gather", action="store_true",
+                        help="--use_distributed_optimizer: each bucket's parameter all-gather "
+                             "launched after the step, waited for just before the forward that "
+                             "uses it (Megatron's flag; distrib_optimizer.py)")
+    parser.add_argument("--overlap_p2p_comm", action="store_true",
+                        help="interleaved pipeline: sends and receives posted, each waited for "
+                             "only when its tensor is used (Megatron's --overlap-p2p-"
+                             "communication; core/pipeline_parallel/schedules.py)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=None,
                         help="checkpoint every N iterations (default 100), and at the end")
@@ -381,10 +390,20 @@ FLAG_RULES = (
          lambda a: a.model == "toy" and a.context_parallel_size > 1,
          lambda a: f"--context_parallel_size {a.context_parallel_size} splits the transformer's "
                    "sequences; the toy model has none: add --model transformer"),
-    Rule(("overlap_grad_reduce", "use_distributed_optimizer"),
-         lambda a: a.overlap_grad_reduce and a.use_distributed_optimizer,
-         lambda a: "--overlap_grad_reduce with --use_distributed_optimizer: the bucketed "
-                   "reduce-scatter is not built yet (issue 39); leave one out"),
+    Rule(("overlap_param_gather", "use_distributed_optimizer"),
+         lambda a: a.overlap_param_gather and not a.use_distributed_optimizer,
+         lambda a: "--overlap_param_gather hides the distributed optimizer's parameter "
+                   "all-gather: add --use_distributed_optimizer (the plain optimizer gathers "
+                   "nothing)"),
+    Rule(("overlap_param_gather", "overlap_grad_reduce"),
+         lambda a: a.overlap_param_gather and not a.overlap_grad_reduce,
+         lambda a: "--overlap_param_gather gathers the buckets of --overlap_grad_reduce "
+                   "(Megatron asks for both): add --overlap_grad_reduce"),
+    Rule(("overlap_p2p_comm", "virtual_pipeline_model_parallel_size"),
+         lambda a: a.overlap_p2p_comm and a.virtual_pipeline_model_parallel_size is None,
+         lambda a: "--overlap_p2p_comm posts the interleaved schedule's sends and receives "
+                   "(Megatron's non-interleaved schedules refuse it too): add "
+                   "--virtual_pipeline_model_parallel_size"),
     Rule(("tp_reduce_dtype", "tensor_model_parallel_size"),
          lambda a: a.tp_reduce_dtype == "float32" and a.tensor_model_parallel_size == 1,
          lambda a: "--tp_reduce_dtype float32 widens the tensor-parallel sums; at "

@@ -48,10 +48,10 @@ def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
     for share in losses[1:]:  # in order, as train.py adds them
         loss = loss + share
     partial = model[-1].loss_is_partial
-    if isinstance(optimizer, DistributedOptimizer):  # the other sums, then each replica its shard
-        loss = reduce_scatter_over_data_parallel_replicas(optimizer, loss, partial)
-        return broadcast_from_last_stage(loss.detach())
     grad_sync = getattr(model, "grad_sync", None)  # --overlap_grad_reduce: param_and_grad_buffer
+    if isinstance(optimizer, DistributedOptimizer):  # the other sums, then each replica its shard
+        loss = reduce_scatter_over_data_parallel_replicas(optimizer, loss, partial, grad_sync)
+        return broadcast_from_last_stage(loss.detach())
     if grad_sync is not None:  # the buckets' averages, launched during backward: waited for
         grad_sync.finish_grad_sync()
         loss = average_loss(loss, partial)
@@ -141,11 +141,36 @@ def by_kind(params, grads):
 def _average_over_data_parallel(coalesced, group, async_op=False):
     """The average over the data-parallel group (the replicas, with their context ranks), in
     place; with async_op the sum and torch's handle, the caller dividing once it has waited
-    (param_and_grad_buffer.py)."""
+    (start_grad_sync)."""
     work = dist.all_reduce(coalesced, group=group, async_op=async_op)
     if async_op:
         return coalesced, work
     return coalesced.div_(group.size())
+
+
+def start_grad_sync(grads, params):
+    """--overlap_grad_reduce, the plain optimizer: launch one bucket's averages (those of
+    average_over_data_parallel_replicas, asynchronously, on fewer elements); returns the function
+    that waits and divides (param_and_grad_buffer.BucketGroup calls it from backward's hooks).
+    An element sums the same replicas' values as without the overlap, so with two replicas
+    (a + b) the result is the same bits; with more, the ring's order may differ by an ulp."""
+    kinds = by_kind(params, grads)
+    split, rest = kinds["split"], from_tensor_rank_0(kinds["whole"]) + kinds["partial"]
+    replicas = ps.get_data_parallel_group(with_context_parallel=True)
+    d, waits = replicas.size(), []
+    one = lambda tensors: tensors[0] if len(tensors) == 1 else tensors  # (one: no copy, in place)
+    if split:
+        waits.append(_average_over_data_parallel(one(split), replicas, async_op=True))
+    if rest:
+        waits.append(_average_replicated(one(rest), ps.get_tensor_and_data_parallel_group(), d,
+                                         async_op=True))
+
+    def finish():
+        for wait in waits:
+            wait()
+        for g in split + rest:
+            g.div_(d)
+    return finish
 
 
 def average_replicated(whole, partial=()) -> None:
@@ -180,7 +205,7 @@ def from_tensor_rank_0(whole):
 def _average_replicated(coalesced, group, data_parallel_size, async_op=False):
     """Sum over the pipeline stage's ranks, divided by the data-parallel size (times the
     context-parallel size), in place; with async_op the sum and torch's handle, the caller
-    dividing once it has waited (param_and_grad_buffer.py)."""
+    dividing once it has waited (start_grad_sync)."""
     work = dist.all_reduce(coalesced, group=group, async_op=async_op)
     if async_op:
         return coalesced, work
@@ -209,7 +234,8 @@ def _broadcast_from_last_stage(tensor, group):
     return tensor
 
 
-def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial):
+def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial,
+                                               grad_sync=None):
     """--use_distributed_optimizer (distrib_optimizer.py): each replica keeps the average of its
     shard of the gradients (a reduce-scatter of the buffers) instead of all of them; returns the
     loss, averaged beside.
@@ -217,10 +243,14 @@ def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial)
     The other sums come first, on the whole gradients (each parameter's `main_grad`, its view of
     the buffer): sequence parallelism's over the tensor-parallel group and the tied embeddings'
     over the embedding group. A sum commutes with the average, so this order gives the plain
-    optimizer's gradients; the older Megatron's order too (Megatron today reduce-scatters first
-    and then sums the embeddings' shards, which it can because it gives the shared embedding a
-    bucket of its own, the same shards on both stages).
+    optimizer's gradients; the older Megatron's order too. With --overlap_grad_reduce the
+    buckets' reduce-scatters (`grad_sync`), launched during backward, come first, as in Megatron
+    today, and the sums after them: each rank's shard is right (the tied embeddings have a bucket
+    of their own, the same shards on both stages; the rest of the buffer, never read, is not),
+    equal to the other order up to round-off.
     """
+    if grad_sync is not None:
+        grad_sync.finish_grad_sync()
     params = optimizer.params  # the model's
     partial = [p.main_grad for p in params if getattr(p, "grad_is_partial", False)]
     if partial:
@@ -230,5 +260,6 @@ def reduce_scatter_over_data_parallel_replicas(optimizer, loss, loss_is_partial)
                                    if getattr(p, "shared_embedding", False)])
     if ps.get_data_parallel_world_size(with_context_parallel=True) > 1 or loss_is_partial:
         loss = average_loss(loss, loss_is_partial)
-    optimizer.finish_grad_sync()
+    if grad_sync is None:
+        optimizer.finish_grad_sync()
     return loss

@@ -1,42 +1,44 @@
-"""The data-parallel gradient average, bucketed and launched during backward: Megatron's
---overlap-grad-reduce (megatron/core/distributed/distributed_data_parallel.py, its backward
-post-hooks, and param_and_grad_buffer.py, its bucket groups' start_grad_sync and
-finish_grad_sync; PyTorch's DDP does the same, Li et al. 2020, Sec. 3.2.3).
+"""The gradients' buckets and their collectives, launched during backward: Megatron's
+--overlap-grad-reduce and --overlap-param-gather (megatron/core/distributed/
+distributed_data_parallel.py, its backward post-hooks and forward pre-hooks, and
+param_and_grad_buffer.py, its buffers and bucket groups; PyTorch's DDP does the same, Li et al.
+2020, Sec. 3.2.3).
 
-Without it the average waits for the whole backward (finalize_model_grads.py), and the step
-waits for the average. With it the parameters are cut into buckets of about --ddp_bucket_size
-elements, in the reverse order of the model's parameters (backward meets the last layers
-first), and each bucket's all-reduce starts, asynchronously, the moment backward has finished
-the last gradient in it; backward goes on computing the earlier layers while the bucket is on
-the wire. finalize_model_grads waits for them all: what is still exposed is the last bucket's
-reduction (nothing computes after it) and whatever did not fit under the compute.
+Without the overlap the data-parallel sum waits for the whole backward (finalize_model_grads.py),
+and the step waits for the sum. With it the parameters are cut into buckets of about
+--ddp_bucket_size elements, in the reverse order of the model's parameters (backward meets the
+last layers first), and each bucket's collective starts, asynchronously, the moment backward has
+finished the last gradient in it; backward goes on computing the earlier layers while the bucket
+is on the wire. finalize_model_grads waits for them all: what is still exposed is the last
+bucket's (nothing computes after it) and whatever did not fit under the compute.
 
     backward  | layer 3 | layer 2 | layer 1 | layer 0 |
     buckets              [ b0: 3 ]  [ b1: 2 ]  [ b2: 1, 0 ] -> exposed
 
-A gradient is complete when its parameter has been accumulated once per micro-batch (the
-accumulate-grad hook of each micro-batch's backward: Megatron launches on the last
-micro-batch only, no_sync on the others; here the count says which one is the last). Each
-bucket's sums are the non-overlapped ones, on fewer elements: the split weights' gradients
-over the data- (and context-) parallel group, the replicated ones over the whole stage
-(finalize_model_grads.average_replicated: one communicator, so tensor-parallel ranks get the
-same bits), divided by the data-parallel size after the wait. An element sums the same
-replicas' values, so with two replicas (a + b) the result is the same bits; with more, the
-ring's order may differ by an ulp.
+The collective is the plain optimizer's all-reduce (finalize_model_grads.start_grad_sync) or,
+under the distributed optimizer, the reduce-scatter of the bucket's part of the gradient buffer
+(ParamAndGradBuffer below: each bucket padded to a multiple of d and cut in d shards of its own,
+as Megatron's). The distributed optimizer's all-gather of the updated parameters, bucket by
+bucket, is launched after the step and waited for by the forward pre-hook of the first module
+that needs it (distrib_optimizer.py).
 
-Not Megatron's: no contiguous gradient buffer (each bucket's gradients are laid end to end when
-it launches, by the wire); the hooks on the parameters the optimizer sees the gradients of
-(bf16: after mixed_precision.py's hook has moved the gradient to the fp32 main parameter);
-gloo's background thread, not a CUDA stream, moves the bytes.
+A gradient is complete when its parameter has been accumulated once per micro-batch (the
+accumulate-grad hook of each micro-batch's backward: Megatron launches on the last micro-batch
+only, no_sync on the others; here the count says which one is the last).
+
+Not Megatron's: the plain optimizer's gradients are not views of one buffer (each bucket's are
+laid end to end when it launches, by the wire); the hooks are on the parameters the optimizer
+sees the gradients of (bf16: after mixed_precision.py's hook has moved the gradient to the fp32
+main parameter); gloo's background thread, not a CUDA stream, moves the bytes.
 """
 
+from typing import NamedTuple
+
+import torch
+
 from core import parallel_state as ps
-from core.distributed.finalize_model_grads import (
-    _average_over_data_parallel,
-    _average_replicated,
-    by_kind,
-    from_tensor_rank_0,
-)
+from core import wire
+from core.utils import dist_all_gather_func, dist_reduce_scatter_func
 
 
 class GradSyncError(RuntimeError):
@@ -47,9 +49,16 @@ class GradSyncError(RuntimeError):
 def buckets_of(params, bucket_size):
     """Lists of parameters, the last ones first, each closed once it holds `bucket_size` elements
     or more (Megatron's rule; its default, 40M elements, makes one bucket here). Parameters
-    without gradients are left out, as Megatron's DDP leaves them."""
+    without gradients are left out, as Megatron's DDP leaves them. A pipeline's tied word
+    embeddings get a bucket of their own, as in Megatron: the same shards on the first stage and
+    the last, so that their sum over the two may come after the reduce-scatter."""
     buckets, current, size = [], [], 0
     for param in reversed([p for p in params if p.requires_grad]):
+        if getattr(param, "shared_embedding", False):
+            buckets += [current] if current else []
+            buckets.append([param])
+            current, size = [], 0
+            continue
         current.append(param)
         size += param.numel()
         if size >= bucket_size:
@@ -60,13 +69,11 @@ def buckets_of(params, bucket_size):
 
 class BucketGroup:
     """The buckets of one model's parameters, their hooks, and their launches (Megatron's
-    _ParamAndGradBucketGroup: register_grad_ready, start_grad_sync, finish_grad_sync)."""
+    _ParamAndGradBucketGroup: register_grad_ready, start_grad_sync, finish_grad_sync).
+    `launch(i)` starts bucket i's collective and returns the function that waits for it."""
 
-    def __init__(self, params, grads_of, bucket_size, num_microbatches):
-        """`params`: the model's, in order; `grads_of(param)`: the tensor its gradient ends in
-        (its .grad, or its fp32 main parameter's under bf16), read when the bucket launches."""
-        self.grads_of, self.num_microbatches = grads_of, num_microbatches
-        self.buckets = buckets_of(params, bucket_size)
+    def __init__(self, buckets, launch, num_microbatches):
+        self.buckets, self.launch, self.num_microbatches = buckets, launch, num_microbatches
         self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self.seen = [0] * len(self.buckets)  # gradients accumulated this step, per bucket
         self.waits = [None] * len(self.buckets)
@@ -81,8 +88,7 @@ class BucketGroup:
             raise GradSyncError(f"bucket {i}: {self.seen[i]} gradients where {full} were "
                                 "expected; launched twice")
         if self.seen[i] == full:  # its last gradient of the last micro-batch: on the wire
-            self.waits[i] = start_grad_sync([self.grads_of(p) for p in self.buckets[i]],
-                                            self.buckets[i])
+            self.waits[i] = self.launch(i)
 
     def finish_grad_sync(self):
         """Wait for every bucket (the average lands in the gradients); then the next step."""
@@ -100,28 +106,6 @@ class BucketGroup:
             hook.remove()
 
 
-def start_grad_sync(grads, params):
-    """Launch one bucket's averages (finalize_model_grads.average_over_data_parallel_replicas's
-    two sums, asynchronously); returns the function that waits and divides."""
-    kinds = by_kind(params, grads)
-    split, rest = kinds["split"], from_tensor_rank_0(kinds["whole"]) + kinds["partial"]
-    replicas = ps.get_data_parallel_group(with_context_parallel=True)
-    d, waits = replicas.size(), []
-    one = lambda tensors: tensors[0] if len(tensors) == 1 else tensors  # (one: no copy, in place)
-    if split:
-        waits.append(_average_over_data_parallel(one(split), replicas, async_op=True))
-    if rest:
-        waits.append(_average_replicated(one(rest), ps.get_tensor_and_data_parallel_group(), d,
-                                         async_op=True))
-
-    def finish():
-        for wait in waits:
-            wait()
-        for g in split + rest:
-            g.div_(d)
-    return finish
-
-
 def grads_of(optimizer):
     """param -> the tensor its gradient ends in for `optimizer`'s step: its own .grad, or under
     bf16 its fp32 main parameter's (mixed_precision.py), read at launch."""
@@ -130,3 +114,123 @@ def grads_of(optimizer):
         return lambda p: p.grad
     mains = dict(zip(map(id, optimizer.model.parameters()), main.parameters()))
     return lambda p: mains[id(p)].grad
+
+
+class Bucket(NamedTuple):
+    """A bucket of a ParamAndGradBuffer: its parameters, where it starts in the buffers, its
+    elements, and the size of each rank's shard of it (its padded length / d)."""
+    params: list
+    start: int
+    numel: int
+    shard_size: int
+
+    def shard(self, rank):
+        """[first, last) of the buffers: `rank`'s shard of this bucket."""
+        first = self.start + rank * self.shard_size
+        return first, first + self.shard_size
+
+
+class ParamAndGradBuffer:
+    """One dtype's parameters of one model chunk, laid end to end in two flat buffers: the
+    parameters' (the model's parameters become views of it, so the all-gather lands in the model)
+    and their gradients' (param.main_grad are views of it), in buckets, each padded to a multiple
+    of the data-parallel size d and cut in d shards (Megatron's _ParamAndGradBuffer).
+
+    `bucket_size` None: one bucket, the parameters in the model's order (the distributed
+    optimizer without the overlap); else buckets_of's, backward's order. Megatron always orders
+    them as backward meets them, starts each parameter at a multiple of 64 elements and pads each
+    bucket to a multiple of lcm(d, 128): its shards fall elsewhere, the numbers are the same
+    (docs/distributed-optimizer.md).
+    """
+
+    def __init__(self, params, grad_dtype, bucket_size=None):
+        # The replicas and their context-parallel ranks (Megatron's with_context_parallel=True):
+        # every rank of them reduces the same gradients.
+        self.group = ps.get_data_parallel_group(with_context_parallel=True)
+        d, self.rank = self.group.size(), ps.get_data_parallel_rank(with_context_parallel=True)
+        groups = [list(params)] if bucket_size is None else buckets_of(params, bucket_size)
+        self.buckets, start = [], 0
+        for bucket in groups:
+            numel = sum(p.numel() for p in bucket)
+            self.buckets.append(Bucket(bucket, start, numel, -(-numel // d)))
+            start += d * self.buckets[-1].shard_size
+        self.numel = sum(bucket.numel for bucket in self.buckets)
+        device = params[0].device
+        self.param_data = torch.zeros(start, dtype=params[0].dtype, device=device)
+        self.grad_data = torch.zeros(start, dtype=grad_dtype, device=device)
+        self.ranges = []  # (param, where it starts in the buffer, its bucket)
+        for bucket in self.buckets:
+            at = bucket.start
+            for param in bucket.params:
+                view = lambda buffer: buffer[at:at + param.numel()].view_as(param)
+                view(self.param_data).copy_(param.data)
+                param.data = view(self.param_data)
+                param.main_grad = view(self.grad_data)
+                self.ranges.append((param, at, bucket))
+                at += param.numel()
+
+    def pieces(self):
+        """(param, lo, hi, at): the elements [lo, hi) of each parameter (flattened) in this
+        rank's shards, at [at, at + hi - lo) of the buffers; a parameter straddling two shards is
+        a piece on each rank."""
+        for param, start, bucket in self.ranges:
+            first, last = bucket.shard(self.rank)
+            at, end = max(first, start), min(last, start + param.numel())
+            if at < end:
+                yield param, at - start, end - start, at
+
+    def shard_of(self, buffer, bucket):
+        return buffer[slice(*bucket.shard(self.rank))]
+
+    def start_grad_sync(self, i):
+        """Launch bucket i's reduce-scatter; returns the function that waits for it, leaving
+        this rank's shard of the bucket's gradients the average over the replicas."""
+        bucket = self.buckets[i]
+        whole = self.grad_data[bucket.start:bucket.start + self.group.size() * bucket.shard_size]
+        wait = _reduce_scatter(whole, self.group, async_op=True)
+
+        def finish():
+            shard = self.shard_of(self.grad_data, bucket)
+            shard.copy_(wait())
+            # The average, as the plain all-reduce takes it: the sum divided after, where
+            # Megatron scales before (gradient_scaling_factor); the same as the plain optimizer,
+            # bit for bit (Megatron's rounds each share first: the same bits when d is a power
+            # of two).
+            shard /= self.group.size()
+        return finish
+
+    def start_param_sync(self, i):
+        """Launch bucket i's all-gather of every rank's updated shard of the parameters, into
+        every rank's parameter buffer; returns the function that waits for it."""
+        bucket = self.buckets[i]
+        whole = self.param_data[bucket.start:bucket.start + self.group.size() * bucket.shard_size]
+        return _all_gather(self.shard_of(self.param_data, bucket), self.group, out=whole,
+                           async_op=True)
+
+    def reduce_scatter_grads(self):
+        """Each rank gets the average over the replicas of its shards of the gradients."""
+        for i in range(len(self.buckets)):
+            self.start_grad_sync(i)()
+
+    def all_gather_params(self):
+        """Every rank's updated shards of the parameters, into every rank's parameter buffer."""
+        for i in range(len(self.buckets)):
+            self.start_param_sync(i)()
+
+
+@wire.collective("dp_reduce_scatter", wire.REDUCE_SCATTER, summed=True)
+def _reduce_scatter(buffer, group, async_op=False):
+    """`buffer` summed over the data-parallel group; returns this rank's shard of the sum, a new
+    tensor (Megatron reduces in place; gloo does not promise an output aliasing its input), and
+    with async_op torch's handle."""
+    shard = buffer.new_empty(buffer.numel() // group.size())
+    work = dist_reduce_scatter_func(shard, buffer, group=group, async_op=async_op)
+    return (shard, work) if async_op else shard
+
+
+@wire.collective("dp_all_gather", wire.ALL_GATHER)
+def _all_gather(shard, group, out, async_op=False):
+    """Every rank's `shard` into `out`, in place: `shard` is this rank's part of `out` (NCCL
+    gathers in place when the input is the output's own part); with async_op torch's handle."""
+    work = dist_all_gather_func(out, shard, group=group, async_op=async_op)
+    return (out, work) if async_op else out

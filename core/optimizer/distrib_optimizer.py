@@ -33,8 +33,13 @@ and one step is:
 A reduce-scatter and an all-gather are the two halves of a ring all-reduce, (d-1)/d N bytes
 each (core/wire.py's _count): the wire carries what the plain optimizer's all-reduce did (under
 bf16 3/4 of it: the all-gather moves bf16 parameters, the reduce-scatter fp32 gradients).
-What differs from Megatron is said where it is: the buffer's order, no buckets, the sums before
-the reduce-scatter (finalize_model_grads.py), one file per replica in a checkpoint.
+With --overlap_grad_reduce the buffer is cut in buckets, each padded and sharded on its own,
+its reduce-scatter launched during backward (core/distributed/param_and_grad_buffer.py); with
+--overlap_param_gather step 4 only launches each bucket's all-gather, and the next forward waits
+for each just before the first module that needs it. What differs from Megatron is said where
+it is: the buffer's order and one bucket without the overlap (param_and_grad_buffer.py), the
+sums before the reduce-scatter without it (finalize_model_grads.py), one file per replica in a
+checkpoint.
 """
 
 import copy
@@ -43,9 +48,8 @@ import torch
 import torch.nn as nn
 
 from core import parallel_state as ps
-from core import wire
+from core.distributed.param_and_grad_buffer import ParamAndGradBuffer, _all_gather
 from core.optimizer import in_group, no_weight_decay, regrouped
-from core.utils import dist_all_gather_func, dist_reduce_scatter_func
 
 # What a piece of a main parameter inherits from its model parameter: what the gradient's sums
 # (finalize_model_grads.py) and the clipping norm (training/clip_grads.py) ask of a parameter.
@@ -54,83 +58,6 @@ INHERITED = ("tensor_model_parallel", "partition_dim", "grad_is_partial", "share
 
 class DistributedOptimizerError(ps.UserError, ValueError):
     """A model too small to give every data-parallel rank a shard."""
-
-
-class ParamAndGradBuffer:
-    """One dtype's parameters of one model chunk, laid end to end in two flat buffers: the
-    parameters' (the model's parameters become views of it, so the all-gather lands in the model)
-    and their gradients' (param.main_grad are views of it), padded to a multiple of the
-    data-parallel size d (Megatron's _ParamAndGradBuffer; it orders them as backward meets them,
-    to start reducing early, starts each at a multiple of 64 elements, pads each bucket to a
-    multiple of lcm(d, 128) and cuts them into buckets; here one bucket, in the model's order,
-    unaligned: the shards fall elsewhere, the numbers are the same, docs/distributed-optimizer.md).
-    """
-
-    def __init__(self, params, grad_dtype):
-        # The replicas and their context-parallel ranks (Megatron's with_context_parallel=True):
-        # every rank of them reduces the same gradients.
-        d = ps.get_data_parallel_world_size(with_context_parallel=True)
-        r = ps.get_data_parallel_rank(with_context_parallel=True)
-        self.numel = sum(p.numel() for p in params)
-        self.shard_size = -(-self.numel // d)
-        self.shard = (r * self.shard_size, (r + 1) * self.shard_size)  # this rank's, of the buffer
-        device = params[0].device
-        self.param_data = torch.zeros(d * self.shard_size, dtype=params[0].dtype, device=device)
-        self.grad_data = torch.zeros(d * self.shard_size, dtype=grad_dtype, device=device)
-        self.ranges, start = [], 0  # (param, where it starts in the buffer)
-        for param in params:
-            view = lambda buffer: buffer[start:start + param.numel()].view_as(param)
-            view(self.param_data).copy_(param.data)
-            param.data = view(self.param_data)
-            param.main_grad = view(self.grad_data)
-            self.ranges.append((param, start))
-            start += param.numel()
-
-    def pieces(self):
-        """(param, lo, hi, at): the elements [lo, hi) of each parameter (flattened) in this
-        rank's shard, at [at, at + hi - lo) of the buffers; a parameter straddling two shards is
-        a piece on each rank."""
-        first, last = self.shard
-        for param, start in self.ranges:
-            at, end = max(first, start), min(last, start + param.numel())
-            if at < end:
-                yield param, at - start, end - start, at
-
-    def shard_of(self, buffer):
-        return buffer[self.shard[0]:self.shard[1]]
-
-    def reduce_scatter_grads(self):
-        """Each rank gets the average over the replicas of its shard of the gradients."""
-        shard = self.shard_of(self.grad_data)
-        group = ps.get_data_parallel_group(with_context_parallel=True)
-        shard.copy_(_reduce_scatter(self.grad_data, group))
-        # The average, as the plain all-reduce takes it: the sum divided after, where Megatron
-        # scales before (gradient_scaling_factor); the same as the plain optimizer, bit for bit
-        # (Megatron's rounds each share first: the same bits when d is a power of two).
-        shard /= group.size()
-
-    def all_gather_params(self):
-        """Every rank's updated shard of the parameters, into every rank's parameter buffer."""
-        _all_gather(self.shard_of(self.param_data),
-                    ps.get_data_parallel_group(with_context_parallel=True),
-                    out=self.param_data)
-
-
-@wire.collective("dp_reduce_scatter", wire.REDUCE_SCATTER, summed=True)
-def _reduce_scatter(buffer, group):
-    """`buffer` summed over the data-parallel group; returns this rank's shard of the sum, a new
-    tensor (Megatron reduces in place; gloo does not promise an output aliasing its input)."""
-    shard = buffer.new_empty(buffer.numel() // group.size())
-    dist_reduce_scatter_func(shard, buffer, group=group)
-    return shard
-
-
-@wire.collective("dp_all_gather", wire.ALL_GATHER)
-def _all_gather(shard, group, out):
-    """Every rank's `shard` into `out`, in place: `shard` is this rank's part of `out` (NCCL
-    gathers in place when the input is the output's own part)."""
-    dist_all_gather_func(out, shard, group=group)
-    return out
 
 
 class DistributedOptimizer:
@@ -144,7 +71,11 @@ class DistributedOptimizer:
     elements of the gradient buffer.
     """
 
-    def __init__(self, model: nn.ModuleList, make_optimizer, dtype):
+    def __init__(self, model: nn.ModuleList, make_optimizer, dtype, bucket_size=None,
+                 overlap_param_gather=False):
+        """`bucket_size`: --overlap_grad_reduce's, each bucket sharded on its own
+        (param_and_grad_buffer.py); `overlap_param_gather`: the step only launches the buckets'
+        all-gathers, forward pre-hooks wait for them (_wait_before_forward)."""
         self.model, self.mixed_precision = model, dtype == torch.bfloat16
         self.names = [name for chunk in model for name, _ in chunk.named_parameters()]
         self.params = [p for chunk in model for p in chunk.parameters()]
@@ -158,16 +89,32 @@ class DistributedOptimizer:
             by_dtype = {}
             for p in chunk.parameters():
                 by_dtype.setdefault(p.dtype, []).append(p)
-            self.buffers += [ParamAndGradBuffer(params, self.main_dtype)
+            self.buffers += [ParamAndGradBuffer(params, self.main_dtype, bucket_size)
                              for params in by_dtype.values()]
+        self.pieces = self._pieces(values)
+        for param in self.params:
+            param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+            if self.mixed_precision:  # parallel_layers.LinearWithGradAccumulation adds its fp32
+                param.add_to_main_grad = param.main_grad.add_  # gradient here itself
+        self.optimizer = make_optimizer([main for main, *_ in self.pieces])
+        # --overlap_param_gather: (buffer, bucket) -> the wait of its all-gather, in flight
+        self.overlap_param_gather, self.param_syncs = overlap_param_gather, {}
+        self.bucket_of = {id(p): (j, i) for j, buffer in enumerate(self.buffers)
+                          for i, bucket in enumerate(buffer.buckets) for p in bucket.params}
+        if overlap_param_gather:
+            self._wait_before_forward()
+
+    def _pieces(self, values):
+        """(main piece, its buffer, its model parameter, lo, hi, where [lo, hi) is in the buffer)
+        for every piece of this rank's shards; `values`: the parameters in the main dtype."""
         d = ps.get_data_parallel_world_size(with_context_parallel=True)
-        if all((d - 1) * buffer.shard_size >= buffer.numel for buffer in self.buffers):
+        if all((d - 1) * bucket.shard_size >= bucket.numel
+               for buffer in self.buffers for bucket in buffer.buckets):
             raise DistributedOptimizerError(
                 f"--use_distributed_optimizer: the {sum(b.numel for b in self.buffers)} "
                 f"parameters of this stage leave data-parallel rank {d - 1} no shard; use fewer "
                 "data-parallel ranks")
-        # (main piece, its buffer, its model parameter, lo, hi, where [lo, hi) is in the buffer)
-        self.pieces = []
+        pieces = []
         for buffer in self.buffers:
             for param, lo, hi, at in buffer.pieces():
                 main = nn.Parameter(values[self.index[id(param)]][lo:hi].clone()
@@ -178,12 +125,23 @@ class DistributedOptimizer:
                         setattr(main, attribute, getattr(param, attribute))
                 # Its parameter's weight decay group (a piece is 1-D, a weight's too).
                 main.no_weight_decay = no_weight_decay(param)
-                self.pieces.append((main, buffer, param, lo, hi, at))
-        for param in self.params:
-            param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
-            if self.mixed_precision:  # parallel_layers.LinearWithGradAccumulation adds its fp32
-                param.add_to_main_grad = param.main_grad.add_  # gradient here itself
-        self.optimizer = make_optimizer([main for main, *_ in self.pieces])
+                pieces.append((main, buffer, param, lo, hi, at))
+        return pieces
+
+    def _wait_before_forward(self):
+        """--overlap_param_gather: a forward pre-hook on every module that holds parameters
+        waits for their buckets' all-gathers, launched by the last step (Megatron's DDP
+        _make_forward_pre_hook): the first module to need a bucket waits, the later buckets
+        still on the wire. A last stage's tied word embeddings, which its loss reads outside any
+        module's forward, are waited for by their chunk's own hook, before its forward."""
+        tied = lambda p: getattr(p, "shared_embedding", False)
+        for chunk in self.model:
+            for module in chunk.modules():
+                mine = [p for p in module.parameters(recurse=False) if not tied(p)]
+                mine += [p for p in chunk.parameters() if tied(p)] if module is chunk else []
+                if mine:
+                    module.register_forward_pre_hook(
+                        lambda _module, _inputs, mine=mine: self.finish_param_sync(mine))
 
     @property
     def param_groups(self):
@@ -206,8 +164,21 @@ class DistributedOptimizer:
         if self.mixed_precision:  # the update, rounded to bf16, into the parameter buffer
             for main, buffer, param, lo, hi, at in self.pieces:
                 buffer.param_data[at:at + hi - lo].copy_(main)
+        if self.overlap_param_gather:  # launched: the next forward's hooks wait for them
+            self.param_syncs = {(j, i): buffer.start_param_sync(i)
+                                for j, buffer in enumerate(self.buffers)
+                                for i in range(len(buffer.buckets))}
+            return
         for buffer in self.buffers:
             buffer.all_gather_params()
+
+    def finish_param_sync(self, params=None):
+        """Wait for the all-gathers still in flight of the buckets holding `params` (None:
+        every one), in the buckets' order; each bucket once per step. What reads the parameters
+        outside a forward (a checkpoint, the end's model) asks for them all first."""
+        wanted = self.param_syncs if params is None else {self.bucket_of[id(p)] for p in params}
+        for key in sorted(set(wanted) & set(self.param_syncs)):
+            self.param_syncs.pop(key)()
 
     # -- checkpoints: each replica writes its shard (training/checkpointing.py) ---------------
 
@@ -264,9 +235,10 @@ class DistributedOptimizer:
             for piece, b, param, lo, hi, at in self.pieces:
                 if b is buffer:
                     flat[at:at + hi - lo] = piece
-            _all_gather(buffer.shard_of(flat),
-                        ps.get_data_parallel_group(with_context_parallel=True), out=flat)
-            for param, start in buffer.ranges:
+            for bucket in buffer.buckets:
+                whole = flat[bucket.start:bucket.start + buffer.group.size() * bucket.shard_size]
+                _all_gather(buffer.shard_of(flat, bucket), buffer.group, out=whole)
+            for param, start, _ in buffer.ranges:
                 mains[id(param)].copy_(flat[start:start + param.numel()].view_as(param))
         return main
 
