@@ -234,13 +234,13 @@ def collective(name: str, ring_share, summed: bool = False):
     comes back into them. An output buffer given as `out=` is checked and overwritten (staged as
     an empty buffer where the backend moves it), and returned. With async_op=True the call
     returns at once a function that waits and returns the result (under TP_CHECK_COLLECTIVES one
-    that runs it then: _deferred). `ring_share(p)`: the share of
-    its bytes each of p ranks sends when the collective runs as a ring (_count); `summed`: the
-    collective adds the ranks' tensors.
+    that runs it then: _deferred); `then(result)`, if given, runs as the result lands
+    (_off_wire). `ring_share(p)`: the share of its bytes each of p ranks sends when the
+    collective runs as a ring (_count); `summed`: the collective adds the ranks' tensors.
     """
     def wrap(fn):
         @functools.wraps(fn)
-        def call(tensor, group, *args, async_op=False, out=None, **kwargs):
+        def call(tensor, group, *args, async_op=False, out=None, then=None, **kwargs):
             given = tensor
             if isinstance(tensor, (list, tuple)):
                 tensor = torch.cat([t.reshape(-1) for t in given])
@@ -256,7 +256,7 @@ def collective(name: str, ring_share, summed: bool = False):
                     output, work = fn(input_, group, *args, **kwargs), None
                 result = input_ if out is None else kwargs["out"]
                 _check_in_place(name, given, result, output)
-                return _off_wire(given, tensor, result, output, work, async_op)
+                return _off_wire(given, tensor, result, output, work, async_op, then)
             if async_op and CHECK_COLLECTIVES:  # the strictest timing torch allows (_deferred)
                 return _deferred(run, staged)
             return run(staged, async_op)
@@ -289,23 +289,34 @@ def _check_in_place(name, given, staged, output):
                                   "tensor it was given, itself (wire.collective)")
 
 
-def _off_wire(given, tensor, staged, output, work, async_op):
+def _off_wire(given, tensor, staged, output, work, async_op, then=None):
     """The result where the caller wants it (collective): into `tensor` when the function worked
     in place on `staged`, else in `tensor`'s device and dtype; into `given`, a list, from `tensor`
-    its flat copy. With async_op, a function that waits first."""
-    def finish():
-        if work is not None:
-            work.wait()
+    its flat copy; then `then(result)`, if given (the caller's division of a sum). With async_op
+    all of it runs on the backend's thread the moment the bytes arrive (the work's future's
+    callback), not at the wait, which only waits: the copies and the division are hidden behind
+    whatever the caller computes meanwhile, as the collective is."""
+    def land(_arrived=None):
         result = tensor.copy_(staged) if output is staged and staged is not tensor else \
             tensor if output is staged else output.to(tensor.device, tensor.dtype)
-        if not isinstance(given, (list, tuple)):
-            return result
-        offset = 0
-        for t in given:
-            t.copy_(result[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return given
-    return finish if async_op else finish()
+        if isinstance(given, (list, tuple)):
+            offset = 0
+            for t in given:
+                t.copy_(result[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+            result = given
+        if then is not None:
+            then(result)
+        return result
+    if not async_op:
+        return land()
+    try:
+        return work.get_future().then(land).wait
+    except RuntimeError:  # gloo's reduce-scatter has no future ("not implemented"): at the wait
+        def wait_and_land():
+            work.wait()
+            return land()
+        return wait_and_land
 
 
 # For training/ and benchmarks/ (the runs' own checks and measurements, off the reading path):

@@ -159,17 +159,18 @@ def start_grad_sync(grads, params):
     replicas = ps.get_data_parallel_group(with_context_parallel=True)
     d, waits = replicas.size(), []
     one = lambda tensors: tensors[0] if len(tensors) == 1 else tensors  # (one: no copy, in place)
+    # The division as the sum lands, on the backend's thread (wire._off_wire), not at the wait.
+    divide = lambda landed: [g.div_(d) for g in (landed if isinstance(landed, list) else [landed])]
     if split:
-        waits.append(_average_over_data_parallel(one(split), replicas, async_op=True))
+        waits.append(_average_over_data_parallel(one(split), replicas, async_op=True,
+                                                 then=divide))
     if rest:
         waits.append(_average_replicated(one(rest), ps.get_tensor_and_data_parallel_group(), d,
-                                         async_op=True))
+                                         async_op=True, then=divide))
 
     def finish():
         for wait in waits:
             wait()
-        for g in split + rest:
-            g.div_(d)
     return finish
 
 

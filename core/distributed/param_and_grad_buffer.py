@@ -187,17 +187,16 @@ class ParamAndGradBuffer:
         this rank's shard of the bucket's gradients the average over the replicas."""
         bucket = self.buckets[i]
         whole = self.grad_data[bucket.start:bucket.start + self.group.size() * bucket.shard_size]
-        wait = _reduce_scatter(whole, self.group, async_op=True)
+        shard = self.shard_of(self.grad_data, bucket)
 
-        def finish():
-            shard = self.shard_of(self.grad_data, bucket)
-            shard.copy_(wait())
+        def land(summed):  # as the sum arrives, on the backend's thread (wire._off_wire)
+            shard.copy_(summed)
             # The average, as the plain all-reduce takes it: the sum divided after, where
             # Megatron scales before (gradient_scaling_factor); the same as the plain optimizer,
             # bit for bit (Megatron's rounds each share first: the same bits when d is a power
             # of two).
-            shard /= self.group.size()
-        return finish
+            shard.div_(self.group.size())
+        return _reduce_scatter(whole, self.group, async_op=True, then=land)
 
     def start_param_sync(self, i):
         """Launch bucket i's all-gather of every rank's updated shard of the parameters, into
