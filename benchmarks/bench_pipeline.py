@@ -6,6 +6,10 @@
 On 2 CPU cores shared with other work: 79 s, and 21 s with --quick (docs/pipeline.md: what
 that load does to the measured bubble).
 
+The interleaved points run twice, the second time with --overlap_p2p_comm (each exchange posted
+and waited for where its tensor is used, schedules._InterleavedOverlapped): what hiding the
+exchanges behind compute takes off the bubble (docs/pipeline.md: little, on gloo and 2 cores).
+
 Each stage records when each micro-batch's forward and backward ran (schedules.TIMELINE); the
 step's span over all stages, less the ideal time m (t_f + t_b) of one stage's own work, over that
 ideal time, is the bubble fraction: (p - 1) / m for GPipe and 1F1B, (p - 1) / (v m) interleaved
@@ -38,6 +42,8 @@ QUICK_POINTS = [("gpipe", 2, 2, 1), ("1f1b", 2, 4, 2)]
 MEMORY = (4, 8)
 QUICK_MEMORY = (2, 4)
 PICTURE = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 8, 2)]  # the paper's Figs. 3, 4
+# The interleaved points again, their exchanges overlapped with compute (--overlap_p2p_comm).
+OVERLAPPED = [point for point in POINTS if point[3] > 1]
 
 
 class _Sleep(torch.autograd.Function):
@@ -108,7 +114,7 @@ def worker(args):
     step = lambda chunk, mb, x: (chunk.loss(chunk(mb[0] if x is None else x), mb[1])
                                  if ps.is_pipeline_last_stage() else chunk(mb[0] if x is None
                                                                            else x))
-    run = schedules.get_forward_backward_func(args.schedule)
+    run = schedules.get_forward_backward_func(args.schedule, args.overlap)
     saved = SavedBytes(model.parameters())
     for repeat in range(3):  # the first two warm up (allocations, connections)
         schedules.TIMELINE = [] if repeat == 2 else None
@@ -122,7 +128,8 @@ def worker(args):
     ps.destroy_model_parallel()
     if int(os.environ["RANK"]) == 0:
         print_result(dict(timelines=timelines, schedule=args.schedule, p=p, m=args.m, v=args.v,
-                          real=args.real, t_f=T_F, saved_peak_bytes=peaks))
+                          real=args.real, overlap_p2p_comm=args.overlap, t_f=T_F,
+                          saved_peak_bytes=peaks))
 
 
 def _build(args, p, v):
@@ -210,6 +217,7 @@ def plot(results, path):
         ax.invert_yaxis()
         name = {"gpipe": "GPipe", "1f1b": "1F1B"}[r["schedule"]] + (
             f", interleaved v={r['v']}" if r["v"] > 1 else "") + (
+            ", overlap_p2p_comm" if r["overlap_p2p_comm"] else "") + (
             ": the toy transformer, real compute" if r["real"] else "")
         ax.set_title(f"{name}, p={r['p']}, m={r['m']}: bubble {r['bubble']:.3f} measured, "
                      f"{r['formula']:.3f} = (p-1)/(v m) in the paper", fontsize=9)
@@ -223,44 +231,50 @@ def plot(results, path):
 def main():
     args = driver_args(__doc__, "pipeline_schedule", "pipeline",
                        ("pipeline_schedule", "num_microbatches", "virtual_size", "real_compute",
-                        "steps", "warmup", "threads", "config", "device"))
+                        "overlap_p2p_comm", "steps", "warmup", "threads", "config", "device"))
     if args.worker:
         args.schedule, args.m, args.v = (args.pipeline_schedule, int(args.num_microbatches),
                                          int(args.virtual_size))
-        args.real = args.real_compute == "1"
+        args.real, args.overlap = args.real_compute == "1", args.overlap_p2p_comm == "1"
         return worker(args)
     results = []
     points = QUICK_POINTS if args.quick else POINTS
     mp, mm = QUICK_MEMORY if args.quick else MEMORY
     # The real run's timeline beside the picture's (not with --quick: its memory runs are real).
-    runs = [(s, pp, m, v, False) for s, pp, m, v in points] + \
-        [("1f1b", 2, 4, 1, True)] * (not args.quick) + [(s, mp, mm, 1, True)
-                                                       for s in ("gpipe", "1f1b")]
-    for schedule, pp, m, v, real in runs:
+    overlapped = [] if args.quick else OVERLAPPED
+    runs = [(s, pp, m, v, False, False) for s, pp, m, v in points] + \
+        [(s, pp, m, v, False, True) for s, pp, m, v in overlapped] + \
+        [("1f1b", 2, 4, 1, True, False)] * (not args.quick) + [(s, mp, mm, 1, True, False)
+                                                              for s in ("gpipe", "1f1b")]
+    for schedule, pp, m, v, real, overlap in runs:
         extra = ("--pipeline_schedule", schedule, "--num_microbatches", str(m),
-                 "--virtual_size", str(v), "--real_compute", str(int(real)))
+                 "--virtual_size", str(v), "--real_compute", str(int(real)),
+                 "--overlap_p2p_comm", str(int(overlap)))
         r = launch("pipeline", "none", 1, 0, ranks=pp, extra=extra,
                    module="benchmarks.bench_pipeline")
         r.update(measure(r["timelines"], m, v, None if real else T_F))
         results.append(r)
         hop = f"  one hop {r['hop_ms']:.2f} ms" if r["hop_ms"] is not None else ""
-        print(f"{schedule:>6} p={pp} m={m} v={v}{' real' if real else '     '}  bubble "
+        print(f"{schedule:>6} p={pp} m={m} v={v}{' real' if real else '     '}"
+              f"{' overlap_p2p_comm' if overlap else ''}  bubble "
               f"{r['bubble']:.3f} (paper {r['formula']:.3f})  in flight per stage "
               f"{[round(x, 2) for x in r['in_flight']]}{hop}", flush=True)
     memory = report_memory(results[-2:])
     results = results[:-2]
     # The paper's figures and the real run; with --quick, every point measured.
     chosen = [r for r in results if (r["schedule"], r["p"], r["m"], r["v"]) in PICTURE
-              and not r["real"]]
+              and not r["real"] and not r["overlap_p2p_comm"]]
+    # Fig. 4 (bottom) again, its exchanges overlapped (--overlap_p2p_comm): the bubble it leaves.
+    overlapped = [r for r in results if r["overlap_p2p_comm"]
+                  and (r["schedule"], r["p"], r["m"], r["v"]) in PICTURE]
     real = [r for r in results if r["real"]]
+    drawn = chosen + overlapped + real if len(chosen) == len(PICTURE) else results
     print(f"measured on {cpu_name()}, {os.cpu_count()} cores")
     report = dict(machine=dict(processor=cpu_name(), cpu_count=os.cpu_count(),
                                torch=torch.__version__), t_f=T_F,
                   results=[{k: v for k, v in r.items() if k != "timelines"} for r in results],
                   memory=memory)
-    write_results(report, args.out,
-                  lambda path: plot(chosen + real if len(chosen) == len(PICTURE) else results,
-                                    path), args.plot)
+    write_results(report, args.out, lambda path: plot(drawn, path), args.plot)
 
 
 if __name__ == "__main__":

@@ -162,12 +162,12 @@ MUTANTS = {
         'if False and ps.is_pipeline_last_stage(', ["tests/test_pipeline.py"]),
     # The distributed optimizer (distrib_optimizer.py).
     "a straddling parameter's boundary element stepped by two replicas": (
-        "core/optimizer/distrib_optimizer.py",
+        "core/distributed/param_and_grad_buffer.py",
         "at, end = max(first, start), min(last, start + param.numel())",
         "at, end = max(first, start), min(last + 1, start + param.numel())",
         ["tests/test_distrib_optimizer.py"]),
     "the first element of each shard stepped by no replica": (
-        "core/optimizer/distrib_optimizer.py",
+        "core/distributed/param_and_grad_buffer.py",
         "at, end = max(first, start), min(last, start + param.numel())",
         "at, end = max(first + 1, start), min(last, start + param.numel())",
         ["tests/test_distrib_optimizer.py"]),
@@ -176,9 +176,9 @@ MUTANTS = {
         "        for buffer in self.buffers:\n            buffer.all_gather_params()",
         "        pass", ["tests/test_distrib_optimizer.py"]),
     "the reduce-scatter averaging the next shard": (
-        "core/optimizer/distrib_optimizer.py", "        shard /= group.size()",
-        "        self.grad_data[self.shard[1] % self.grad_data.numel():][:self.shard_size] /= "
-        "group.size()", ["tests/test_distrib_optimizer.py"]),
+        "core/distributed/param_and_grad_buffer.py", "            shard.div_(self.group.size())",
+        "            self.grad_data[bucket.shard(self.rank)[1] % self.grad_data.numel():]"
+        "[:bucket.shard_size].div_(self.group.size())", ["tests/test_distrib_optimizer.py"]),
     "the clipping norm of this replica's shard only": (
         "training/clip_grads.py",
         "        _sum_squares(squares, dist.group.WORLD)",
@@ -295,6 +295,15 @@ MUTANTS = {
         "core/distributed/param_and_grad_buffer.py", "        for wait in self.waits:\n"
         "            wait()", "        for wait in self.waits:\n            pass",
         ["tests/test_overlap.py"]),
+    "overlap: the param gather waited for after the forward": (
+        "core/optimizer/distrib_optimizer.py", "module.register_forward_pre_hook(\n"
+        "                        lambda _module, _inputs, mine=mine:",
+        "module.register_forward_hook(\n"
+        "                        lambda _module, _inputs, _output, mine=mine:",
+        ["tests/test_overlap.py"]),
+    "overlap: a checkpoint written before the parameters' gathers landed": (
+        "parallel_train.py", "    finish_param_sync(optimizer)\n    save_checkpoint(",
+        "    save_checkpoint(", ["tests/test_overlap.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",
@@ -304,6 +313,12 @@ MUTANTS = {
         "core/tensor_parallel/cross_entropy.py",
         "and last > vocab_size:  # padded", "and False:  # padded",
         ["tests/test_vocab_parallel.py", "tests/test_transformer_train.py"]),
+    # The interleaved schedule's exchanges overlapped with compute (core/pipeline_parallel/
+    # schedules.py, --overlap_p2p_comm, issue 39): a backward takes the forward's exchange.
+    "overlap: a p2p wait on the wrong tensor": (
+        "core/pipeline_parallel/schedules.py",
+        "output_grads[0] = output_grads[0].wait()[1]",
+        "output_grads[0] = self.posted[\"F\"][0].wait()[1]", ["tests/test_overlap_p2p.py"]),
 }
 
 

@@ -20,9 +20,20 @@ rank also records its sends and receives in order in `p2p_log`.
 At p = 2 the next and the previous stage are one rank: an exchange may then hold two sends to
 it and two receives from it, and they pair because every exchange lists the activation before
 the gradient, on both sides (_communicate).
+
+With overlap_p2p_comm (the interleaved schedule's; Megatron's --overlap-p2p-communication) the
+schedule keeps the Pending that _communicate returns under _posted() and calls its wait() where
+it uses the tensor. Its exchanges then go one way each, in every step the forward's (an
+activation on, one in) before the backward's (a gradient back, one in). At p = 2 they still
+pair: a rank sends its neighbour the same tensors in the same order as without the option (in
+a step the activation before the gradient, as _communicate lists them), the neighbour receives
+them in that order, and as an exchange now sends a rank at most one tensor and receives at most
+one from it, each header travels right before its own tensor on both sides (header, tensor,
+header, tensor, where one joint exchange sent both headers first).
 """
 
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -42,7 +53,8 @@ class PipelineP2PError(wire.CollectiveRuleError):
 def _communicate(tensor_send_next, tensor_send_prev, recv_prev, recv_next, tensor_shape, dtype):
     """One exchange with the neighbour stages: send an activation to the next stage and/or a
     gradient to the previous one, receive an activation from the previous stage and/or a
-    gradient from the next one, all in one batch. Returns (from prev, from next)."""
+    gradient from the next one, all in one batch. Returns (from prev, from next); under
+    _posted() (overlap_p2p_comm) the batch is not waited for, and each is its Pending."""
     next_rank = ps.get_pipeline_model_parallel_next_rank()  # global ranks, in the pipeline group
     group = ps.get_pipeline_model_parallel_group()
     prev_rank = ps.get_pipeline_model_parallel_prev_rank()
@@ -53,7 +65,7 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev, recv_next, tenso
                                                      (recv_next, next_rank, "gradient"))
              if wanted]
     if wire.CHECK_COLLECTIVES and (sends or recvs):
-        _announce(sends, recvs, tensor_shape, dtype)
+        _announce(sends, recvs, tensor_shape, dtype)  # blocking: the check, before the tensors
     ops, received = [], {}
     for tensor, peer, kind in sends:
         if wire.CHECK_COLLECTIVES:
@@ -65,14 +77,81 @@ def _communicate(tensor_send_next, tensor_send_prev, recv_prev, recv_next, tenso
             p2p_log.append(("recv", peer, kind, tuple(tensor_shape), dtype))
         received[kind] = wire.wire_buffer(tensor_shape, dtype)
         ops.append(dist.P2POp(dist.irecv, received[kind], peer, group))
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
+    pending = Pending(dist.batch_isend_irecv(ops) if ops else [], len(sends), received)
+    if not _wait_on_reqs:
+        return pending, pending
+    pending.wait_sent()
+    return pending.wait()
+
+
+_wait_on_reqs = True  # Megatron's _communicate(wait_on_reqs=...); False only inside _posted()
+
+
+@contextmanager
+def _posted(overlap_p2p_comm):
+    """With overlap_p2p_comm, _communicate's batch posted and not waited for. (A setting, not a
+    seventh parameter: scripts/print_schedule.py stands in for _communicate's six.)"""
+    global _wait_on_reqs
+    _wait_on_reqs = not overlap_p2p_comm
+    try:
+        yield
+    finally:
+        _wait_on_reqs = True
+
+
+_in_flight = set()  # the Pendings not yet waited for (check_nothing_in_flight)
+
+
+class Pending:
+    """An exchange posted and not yet waited for: its batch's requests and the buffers it
+    receives into. wait() waits for the receives, once, and returns (from prev, from next), as
+    _communicate does; wait_sent() waits for the sends, after which their tensors may be freed.
+    (Megatron's _communicate returns the tensors and the requests apart; here a received tensor
+    cannot be had without its wait.)"""
+
+    def __init__(self, requests, sends, received):
+        # gloo gives a request per op, the sends first (as _communicate lists them); NCCL one
+        # for the whole batch, which each of the two waits then waits for, sends and all.
+        split = len(requests) == sends + len(received)
+        self.sends, self.recvs = (requests[:sends], requests[sends:]) if split else (requests,) * 2
+        self.received, self.arrived = received, None
+        self.what = ", ".join([f"a receive ({kind})" for kind in received] or ["a send"])
+        if requests:
+            _in_flight.add(self)
+
+    def wait(self):
+        if self.arrived is None:
+            for request in self.recvs:
+                request.wait()
+            arrived = {kind: t.to(wire.get_device()) for kind, t in self.received.items()}
+            if "activation" in arrived:  # the input of this stage's forward: backward needs
+                arrived["activation"].requires_grad_()  # its gradient
+            self.arrived, self.recvs = (arrived.get("activation"), arrived.get("gradient")), []
+            self._done_if_waited()
+        return self.arrived
+
+    def wait_sent(self):
+        for request in self.sends:
             request.wait()
-    arrived = {kind: t.to(wire.get_device()) for kind, t in received.items()}
-    activation = arrived.get("activation")
-    if activation is not None:  # the input of this stage's forward: backward needs its gradient
-        activation.requires_grad_()
-    return activation, arrived.get("gradient")
+        self.sends = []
+        self._done_if_waited()
+
+    def _done_if_waited(self):
+        if not self.sends and not self.recvs:
+            _in_flight.discard(self)
+
+
+def check_nothing_in_flight():
+    """At the end of a schedule that did not wait at once (overlap_p2p_comm): every receive and
+    every send was waited for. One that was not is a tensor nobody used, or a send whose tensor
+    could be freed while it is read: a bug in the schedule."""
+    if _in_flight:
+        left = sorted(p.what for p in _in_flight)
+        _in_flight.clear()
+        raise PipelineP2PError(
+            f"pipeline: rank {dist.get_rank()}: {len(left)} exchange(s) posted and never waited "
+            f"for when the schedule ended ({'; '.join(left)}): with overlap_p2p_comm a receive "
+            "is waited for where its tensor is used, a send before the next one the same way")
 
 
 KINDS = ("activation", "gradient")
@@ -149,13 +228,20 @@ def send_backward_recv_forward(input_tensor_grad, tensor_shape, dtype):
     return _communicate(None, input_tensor_grad, True, False, tensor_shape, dtype)[0]
 
 
-def send_forward_recv_forward(output_tensor, recv_prev, tensor_shape, dtype):
-    """Interleaved schedule: this chunk's output on, the next chunk's input in."""
-    return _communicate(output_tensor, None, recv_prev, False, tensor_shape, dtype)[0]
+def send_forward_recv_forward(output_tensor, recv_prev, tensor_shape, dtype,
+                              overlap_p2p_comm=False):
+    """Interleaved schedule: this chunk's output on, the next chunk's input in. With
+    overlap_p2p_comm posted, not waited for: the Pending, whose wait()[0] is the input."""
+    with _posted(overlap_p2p_comm):
+        return _communicate(output_tensor, None, recv_prev, False, tensor_shape, dtype)[0]
 
 
-def send_backward_recv_backward(input_tensor_grad, recv_next, tensor_shape, dtype):
-    return _communicate(None, input_tensor_grad, False, recv_next, tensor_shape, dtype)[1]
+def send_backward_recv_backward(input_tensor_grad, recv_next, tensor_shape, dtype,
+                                overlap_p2p_comm=False):
+    """This chunk's input gradient back, the next backward's output gradient in (with
+    overlap_p2p_comm the Pending, whose wait()[1] it is)."""
+    with _posted(overlap_p2p_comm):
+        return _communicate(None, input_tensor_grad, False, recv_next, tensor_shape, dtype)[1]
 
 
 def send_forward_backward_recv_forward_backward(output_tensor, input_tensor_grad, recv_prev,

@@ -25,6 +25,7 @@ stage returns them, the other stages an empty list. Backward runs the micro-batc
 that accumulates the same micro-batches sums it.
 """
 
+import functools
 import time
 
 import torch
@@ -73,12 +74,16 @@ def chunk_layers(num_layers, pipeline_size, stage, virtual_size, chunk):
     return range(first, first + per_chunk)
 
 
-def get_forward_backward_func(pipeline_schedule="1f1b"):
-    """The schedule for this job: no pipeline, GPipe, 1F1B or (with virtual stages) interleaved."""
+def get_forward_backward_func(pipeline_schedule="1f1b", overlap_p2p_comm=False):
+    """The schedule for this job: no pipeline, GPipe, 1F1B or (with virtual stages) interleaved;
+    overlap_p2p_comm posts the interleaved schedule's exchanges, waited for where used."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return forward_backward_no_pipelining
     if ps.get_virtual_pipeline_model_parallel_world_size():
-        return forward_backward_pipelining_with_interleaving
+        return functools.partial(forward_backward_pipelining_with_interleaving,
+                                 overlap_p2p_comm=True) if overlap_p2p_comm \
+            else forward_backward_pipelining_with_interleaving
+    assert not overlap_p2p_comm, "overlap_p2p_comm: the interleaved schedule's, as Megatron's"
     return {"1f1b": forward_backward_pipelining_without_interleaving,
             "gpipe": forward_backward_gpipe}[pipeline_schedule]
 
@@ -206,11 +211,12 @@ def forward_backward_pipelining_without_interleaving(forward_step_func, microbat
 
 
 def forward_backward_pipelining_with_interleaving(forward_step_func, microbatches, model,
-                                                  tensor_shape, dtype):
+                                                  tensor_shape, dtype, overlap_p2p_comm=False):
     """Interleaved 1F1B: rank r holds chunks r, r + p, ..., and runs p micro-batches through one
     chunk, then through the next (Megatron's order: _Interleaved.chunk_id below, Megatron's
-    get_model_chunk_id)."""
-    return _Interleaved(forward_step_func, microbatches, model, tensor_shape, dtype).run()
+    get_model_chunk_id). overlap_p2p_comm: the same, its exchanges overlapped with compute."""
+    schedule = _InterleavedOverlapped if overlap_p2p_comm else _Interleaved
+    return schedule(forward_step_func, microbatches, model, tensor_shape, dtype).run()
 
 
 class _Interleaved:
@@ -335,3 +341,84 @@ class _Interleaved:
                                                           self.dtype)
             if recv_next:
                 self.output_grads[self.chunk_id(k + 1, forward=False)].append(output_grad)
+
+
+class _InterleavedOverlapped(_Interleaved):
+    """--overlap_p2p_comm (Megatron's overlap_p2p_comm): the same forwards and backwards in the
+    same order; each step's exchange is split in two and posted, not waited for:
+      after a forward, its output on and the next forward's input in: it travels during the
+          backward;
+      after a backward, its input gradient back and the next backward's output gradient in: it
+          travels during the next forward.
+    What an exchange receives is kept as a p2p.Pending in inputs / output_grads and waited for
+    by the forward (backward) that takes it, the next one the same way. Its send is waited for
+    when the next exchange the same way is posted (as Megatron waits for send_next_wait_handle
+    and send_prev_wait_handle), and only then is the sent output freed: the send reads it until
+    it ends. Nothing moves between operations: every number is the blocking schedule's."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.posted = {}  # "F" / "B": (the last exchange posted that way, the output it sends)
+
+    def forward(self, k):
+        inputs = self.inputs[self.chunk_id(k, forward=True)]
+        if inputs and isinstance(inputs[-1], p2p.Pending):
+            inputs[-1] = inputs[-1].wait()[0]  # this forward's input, from prev
+        return super().forward(k)
+
+    def backward(self, k):
+        output_grads = self.output_grads[self.chunk_id(k, forward=False)]
+        if output_grads and isinstance(output_grads[0], p2p.Pending):
+            output_grads[0] = output_grads[0].wait()[1]  # its output's, from next
+        return super().backward(k)
+
+    def settle(self, way):
+        """The last exchange posted this way: its send waited for, the output it sent freed."""
+        pending, output = self.posted.pop(way, (None, None))
+        if pending is not None:
+            pending.wait_sent()
+            deallocate_output_tensor(output)  # None for a gradient, or the last stage's
+
+    def post_forward(self, output, k, total):
+        """Forward k's exchange: its output on, forward k + 1's input in (recv_prev_after)."""
+        self.settle("F")
+        recv_prev = self.recv_prev_after(k, total)
+        pending = p2p.send_forward_recv_forward(output, recv_prev, self.shape, self.dtype,
+                                                overlap_p2p_comm=True)
+        self.posted["F"] = pending, output
+        if recv_prev:
+            self.inputs[self.chunk_id(k + 1, forward=True)].append(pending)
+
+    def post_backward(self, input_grad, k, total):
+        """Backward k's exchange: its input gradient back, backward k + 1's output gradient in."""
+        self.settle("B")
+        recv_next = self.recv_next_after(k, total)
+        pending = p2p.send_backward_recv_backward(input_grad, recv_next, self.shape, self.dtype,
+                                                  overlap_p2p_comm=True)
+        self.posted["B"] = pending, None
+        if recv_next:
+            self.output_grads[self.chunk_id(k + 1, forward=False)].append(pending)
+
+    def warm_up(self, warmup, total, all_warmup):
+        for k in range(warmup):
+            self.post_forward(self.forward(k), k, total)
+        # The first backward's gradient, asked for as "the exchange of backward -1" (nothing to
+        # send): at the end of the warm-up as _Interleaved asks for it, and for m = p too, where
+        # it asks in cool_down with nothing posted between (the same order on the wire).
+        self.post_backward(None, -1, total)
+
+    def steady(self, warmup, total):
+        for k in range(total - warmup):
+            self.post_forward(self.forward(k + warmup), k + warmup, total)
+            self.post_backward(self.backward(k), k, total)
+
+    def cool_down(self, warmup, total, all_warmup):
+        for k in range(total - warmup, total):
+            self.post_backward(self.backward(k), k, total)
+
+    def run(self):
+        losses = super().run()
+        self.settle("F")
+        self.settle("B")
+        p2p.check_nothing_in_flight()
+        return losses
