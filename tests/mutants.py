@@ -176,8 +176,8 @@ MUTANTS = {
         "        for buffer in self.buffers:\n            buffer.all_gather_params()",
         "        pass", ["tests/test_distrib_optimizer.py"]),
     "the reduce-scatter averaging the next shard": (
-        "core/distributed/param_and_grad_buffer.py", "            shard.div_(self.group.size())",
-        "            self.grad_data[bucket.shard(self.rank)[1] % self.grad_data.numel():]"
+        "core/distributed/param_and_grad_buffer.py", "then=lambda _: shard.div_(self.group.size())",
+        "then=lambda _: self.grad_data[bucket.shard(self.rank)[1] % self.grad_data.numel():]"
         "[:bucket.shard_size].div_(self.group.size())", ["tests/test_distrib_optimizer.py"]),
     "the clipping norm of this replica's shard only": (
         "training/clip_grads.py",

@@ -35,6 +35,7 @@ main parameter); gloo's background thread, not a CUDA stream, moves the bytes.
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from core import parallel_state as ps
 from core import wire
@@ -188,15 +189,12 @@ class ParamAndGradBuffer:
         bucket = self.buckets[i]
         whole = self.grad_data[bucket.start:bucket.start + self.group.size() * bucket.shard_size]
         shard = self.shard_of(self.grad_data, bucket)
-
-        def land(summed):  # as the sum arrives, on the backend's thread (wire._off_wire)
-            shard.copy_(summed)
-            # The average, as the plain all-reduce takes it: the sum divided after, where
-            # Megatron scales before (gradient_scaling_factor); the same as the plain optimizer,
-            # bit for bit (Megatron's rounds each share first: the same bits when d is a power
-            # of two).
-            shard.div_(self.group.size())
-        return _reduce_scatter(whole, self.group, async_op=True, then=land)
+        # The average, as the plain all-reduce takes it: the sum divided after (as it lands, on
+        # the backend's thread: wire._off_wire), where Megatron scales before
+        # (gradient_scaling_factor); the same as the plain optimizer, bit for bit (Megatron's
+        # rounds each share first: the same bits when d is a power of two).
+        return _reduce_scatter(whole, self.group, async_op=True,
+                               then=lambda _: shard.div_(self.group.size()))
 
     def start_param_sync(self, i):
         """Launch bucket i's all-gather of every rank's updated shard of the parameters, into
@@ -219,12 +217,19 @@ class ParamAndGradBuffer:
 
 @wire.collective("dp_reduce_scatter", wire.REDUCE_SCATTER, summed=True)
 def _reduce_scatter(buffer, group, async_op=False):
-    """`buffer` summed over the data-parallel group; returns this rank's shard of the sum, a new
-    tensor (Megatron reduces in place; gloo does not promise an output aliasing its input), and
-    with async_op torch's handle."""
-    shard = buffer.new_empty(buffer.numel() // group.size())
-    work = dist_reduce_scatter_func(shard, buffer, group=group, async_op=async_op)
-    return (shard, work) if async_op else shard
+    """`buffer` summed over the data-parallel group, in place: this rank's shard of it (its
+    r-th 1/d) holds the sum after, as Megatron reduces (NCCL's reduce-scatter in place: the
+    output its own part of the input); the rest is left to the backend. With async_op torch's
+    handle. gloo has no reduce-scatter of its own: torch's copies the buffer on the launching
+    thread, all-reduces the copy and returns a handle without a future; an all-reduce in place
+    moves the same bytes, and lands by its future (the wire counts a ring reduce-scatter's, what
+    NCCL sends)."""
+    if dist.get_backend(group) == "gloo":
+        work = dist.all_reduce(buffer, group=group, async_op=async_op)
+    else:
+        shard = buffer.chunk(group.size())[dist.get_rank(group)]
+        work = dist_reduce_scatter_func(shard, buffer, group=group, async_op=async_op)
+    return (buffer, work) if async_op else buffer
 
 
 @wire.collective("dp_all_gather", wire.ALL_GATHER)

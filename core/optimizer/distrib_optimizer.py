@@ -165,19 +165,28 @@ class DistributedOptimizer:
             for main, buffer, param, lo, hi, at in self.pieces:
                 buffer.param_data[at:at + hi - lo].copy_(main)
         if self.overlap_param_gather:  # launched: the next forward's hooks wait for them
-            self.param_syncs = {(j, i): buffer.start_param_sync(i)
-                                for j, buffer in enumerate(self.buffers)
-                                for i in range(len(buffer.buckets))}
+            self.start_param_sync()
             return
         for buffer in self.buffers:
             buffer.all_gather_params()
+
+    def start_param_sync(self):
+        """--overlap_param_gather: every bucket's all-gather launched, in the order the next
+        forward needs them: each chunk's buckets last first (they are in backward's order), as
+        Megatron chains them (next_param_gather_bucket_group); the backend moves them in that
+        order, so the first layer's bucket lands first and the later ones while forward
+        computes. (Megatron launches the first and each pre-hook the next; here all at once,
+        before forward: none of the launches' cost falls inside it.)"""
+        self.param_syncs = {(j, i): buffer.start_param_sync(i)
+                            for j, buffer in enumerate(self.buffers)
+                            for i in reversed(range(len(buffer.buckets)))}
 
     def finish_param_sync(self, params=None):
         """Wait for the all-gathers still in flight of the buckets holding `params` (None:
         every one), in the buckets' order; each bucket once per step. What reads the parameters
         outside a forward (a checkpoint, the end's model) asks for them all first."""
         wanted = self.param_syncs if params is None else {self.bucket_of[id(p)] for p in params}
-        for key in sorted(set(wanted) & set(self.param_syncs)):
+        for key in [key for key in self.param_syncs if key in wanted]:  # (in launch order)
             self.param_syncs.pop(key)()
 
     # -- checkpoints: each replica writes its shard (training/checkpointing.py) ---------------
