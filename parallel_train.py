@@ -209,10 +209,10 @@ def build_optimizer(model, args):
     data-parallel replica its shard of it; with --overlap_grad_reduce the hooks that launch the
     buckets of its gradients' average during backward."""
     size = bucket_size(args)
-    if args.use_distributed_optimizer:  # each replica its shard of the optimizer
+    if args.use_distributed_optimizer:  # each replica its shard of the optimizer (on every
+        # rank's own line: a stage may be too small for its shards)
         optimizer = on_every_rank(DistributedOptimizer, model, torch_optimizer(args),
-                                  args.torch_dtype, size,  # (a stage may be too small for its
-                                  args.overlap_param_gather)  # shards)
+                                  args.torch_dtype, size, args.overlap_param_gather)
     else:
         optimizer = make_optimizer(model, args)
     if size is not None:

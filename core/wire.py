@@ -297,8 +297,12 @@ def _off_wire(given, tensor, staged, output, work, async_op, then=None):
     callback), not at the wait, which only waits: the copies and the division are hidden behind
     whatever the caller computes meanwhile, as the collective is."""
     def land(_arrived=None):
-        result = tensor.copy_(staged) if output is staged and staged is not tensor else \
-            tensor if output is staged else output.to(tensor.device, tensor.dtype)
+        if output is not staged:  # a new tensor: to the caller's device and dtype
+            result = output.to(tensor.device, tensor.dtype)
+        elif staged is not tensor:  # in place on the wire's copy: back into the caller's
+            result = tensor.copy_(staged)
+        else:  # in place on the caller's own tensor
+            result = tensor
         if isinstance(given, (list, tuple)):
             offset = 0
             for t in given:

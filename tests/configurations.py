@@ -81,6 +81,8 @@ ARRAY_RULES = (
      lambda a: a.use_distributed_optimizer and a.data_parallel_size * a.context_parallel_size == 1),
     (("overlap_grad_reduce", "data_parallel_size", "context_parallel_size"),
      lambda a: a.overlap_grad_reduce and a.data_parallel_size * a.context_parallel_size == 1),
+    (("overlap_p2p_comm", "virtual_pipeline_model_parallel_size"),
+     lambda a: a.overlap_p2p_comm and a.virtual_pipeline_model_parallel_size is None),
     (("cp_comm_type", "context_parallel_size"),
      lambda a: a.cp_comm_type != "p2p" and a.context_parallel_size == 1),
     (("cp_load_balance", "context_parallel_size"),

@@ -109,9 +109,9 @@ def test_buckets_are_the_last_parameters_first_and_each_launches_once():
 
 def test_the_flags_say_what_they_do_in_one_line(capsys):
     """What the options need, refused in one line: the parameter gather needs the distributed
-    optimizer and the bucketed reduction, the posted sends the interleaved schedule; a bucket
-    size that is not one: refused; without a data-parallel average, or a bucket size without the
-    overlap: a note."""
+    optimizer and the bucketed reduction; a bucket size that is not one: refused; without a
+    data-parallel average, a bucket size without the overlap, the posted exchanges without the
+    interleaved schedule: a note."""
     from test_errors import flag_error
     tp1 = ["--tensor_model_parallel_size", "1"]
     assert "--overlap_param_gather hides the distributed optimizer's parameter all-gather: add " \
@@ -119,8 +119,8 @@ def test_the_flags_say_what_they_do_in_one_line(capsys):
     assert "--overlap_param_gather gathers the buckets of --overlap_grad_reduce (Megatron asks " \
         "for both): add --overlap_grad_reduce" in flag_error(
             ["--overlap_param_gather", "--use_distributed_optimizer", *tp1], 2)
-    assert "--overlap_p2p_comm posts the interleaved schedule's sends and receives" in \
-        flag_error(["--overlap_p2p_comm", "--pipeline_model_parallel_size", "2", *tp1], 2)
+    assert flag_error(["--overlap_p2p_comm", "--pipeline_model_parallel_size", "2", *tp1],
+                      2) is None  # 1F1B: a note, as Megatron turns it off
     assert "--ddp_bucket_size must be a positive integer, got 0" in \
         flag_error(["--overlap_grad_reduce", "--ddp_bucket_size", "0"], 2)
     assert flag_error(["--overlap_grad_reduce"], 2) is None  # TP 2: no replicas
@@ -129,3 +129,6 @@ def test_the_flags_say_what_they_do_in_one_line(capsys):
     assert "note: --overlap_grad_reduce hides the data-parallel average behind backward: with " \
         "one replica there is none" in notes
     assert "note: --ddp_bucket_size 10 sizes --overlap_grad_reduce's buckets" in notes
+    assert "note: --overlap_p2p_comm posts the interleaved schedule's sends and receives: " \
+        "without --pipeline_model_parallel_size and --virtual_pipeline_model_parallel_size it " \
+        "changes nothing" in notes

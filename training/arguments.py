@@ -267,8 +267,8 @@ def get_parallel_args(argv=None):
                              "uses it (Megatron's flag; distrib_optimizer.py)")
     parser.add_argument("--overlap_p2p_comm", action="store_true",
                         help="interleaved pipeline: sends and receives posted, each waited for "
-                             "only when its tensor is used (Megatron's --overlap-p2p-"
-                             "communication; core/pipeline_parallel/schedules.py)")
+                             "only when its tensor is used (Megatron's overlap_p2p_comm, on by "
+                             "default there; core/pipeline_parallel/schedules.py)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=None,
                         help="checkpoint every N iterations (default 100), and at the end")
@@ -399,11 +399,6 @@ FLAG_RULES = (
          lambda a: a.overlap_param_gather and not a.overlap_grad_reduce,
          lambda a: "--overlap_param_gather gathers the buckets of --overlap_grad_reduce "
                    "(Megatron asks for both): add --overlap_grad_reduce"),
-    Rule(("overlap_p2p_comm", "virtual_pipeline_model_parallel_size"),
-         lambda a: a.overlap_p2p_comm and a.virtual_pipeline_model_parallel_size is None,
-         lambda a: "--overlap_p2p_comm posts the interleaved schedule's sends and receives "
-                   "(Megatron's non-interleaved schedules refuse it too): add "
-                   "--virtual_pipeline_model_parallel_size"),
     Rule(("tp_reduce_dtype", "tensor_model_parallel_size"),
          lambda a: a.tp_reduce_dtype == "float32" and a.tensor_model_parallel_size == 1,
          lambda a: "--tp_reduce_dtype float32 widens the tensor-parallel sums; at "
@@ -531,6 +526,12 @@ def check_the_flags_given(parser, args, argv):
             args.context_parallel_size == 1:
         notes.append("--overlap_grad_reduce hides the data-parallel average behind backward: "
                      "with one replica there is none, and it changes nothing")
+    if getattr(args, "overlap_p2p_comm", False) and \
+            getattr(args, "virtual_pipeline_model_parallel_size", None) is None:
+        notes.append("--overlap_p2p_comm posts the interleaved schedule's sends and receives: "
+                     "without --pipeline_model_parallel_size and "
+                     "--virtual_pipeline_model_parallel_size it changes nothing (Megatron turns "
+                     "it off there too)")
     for flag in ("--cp_comm_type", "--cp_load_balance"):
         if flag in given and getattr(args, "context_parallel_size", 1) == 1:
             notes.append(f"{flag} {getattr(args, flag[2:])} chooses how context parallelism "

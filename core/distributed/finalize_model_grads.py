@@ -140,7 +140,7 @@ def by_kind(params, grads):
 @wire.collective("dp_all_reduce", wire.ALL_REDUCE, summed=True)
 def _average_over_data_parallel(coalesced, group, async_op=False):
     """The average over the data-parallel group (the replicas, with their context ranks), in
-    place; with async_op the sum and torch's handle, the caller dividing once it has waited
+    place; with async_op the sum and torch's handle, the caller dividing as the sum lands
     (start_grad_sync)."""
     work = dist.all_reduce(coalesced, group=group, async_op=async_op)
     if async_op:
@@ -151,7 +151,8 @@ def _average_over_data_parallel(coalesced, group, async_op=False):
 def start_grad_sync(grads, params):
     """--overlap_grad_reduce, the plain optimizer: launch one bucket's averages (those of
     average_over_data_parallel_replicas, asynchronously, on fewer elements); returns the function
-    that waits and divides (param_and_grad_buffer.BucketGroup calls it from backward's hooks).
+    that waits (param_and_grad_buffer.BucketGroup calls it from backward's hooks; the division
+    runs as the sum lands).
     An element sums the same replicas' values as without the overlap, so with two replicas
     (a + b) the result is the same bits; with more, the ring's order may differ by an ulp."""
     kinds = by_kind(params, grads)
@@ -206,7 +207,7 @@ def from_tensor_rank_0(whole):
 def _average_replicated(coalesced, group, data_parallel_size, async_op=False):
     """Sum over the pipeline stage's ranks, divided by the data-parallel size (times the
     context-parallel size), in place; with async_op the sum and torch's handle, the caller
-    dividing once it has waited (start_grad_sync)."""
+    dividing as the sum lands (start_grad_sync)."""
     work = dist.all_reduce(coalesced, group=group, async_op=async_op)
     if async_op:
         return coalesced, work

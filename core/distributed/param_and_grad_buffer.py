@@ -183,9 +183,10 @@ class ParamAndGradBuffer:
     def shard_of(self, buffer, bucket):
         return buffer[slice(*bucket.shard(self.rank))]
 
-    def start_grad_sync(self, i):
+    def start_grad_sync(self, i, async_op=True):
         """Launch bucket i's reduce-scatter; returns the function that waits for it, leaving
-        this rank's shard of the bucket's gradients the average over the replicas."""
+        this rank's shard of the bucket's gradients the average over the replicas (async_op
+        False: done when it returns)."""
         bucket = self.buckets[i]
         whole = self.grad_data[bucket.start:bucket.start + self.group.size() * bucket.shard_size]
         shard = self.shard_of(self.grad_data, bucket)
@@ -193,7 +194,7 @@ class ParamAndGradBuffer:
         # the backend's thread: wire._off_wire), where Megatron scales before
         # (gradient_scaling_factor); the same as the plain optimizer, bit for bit (Megatron's
         # rounds each share first: the same bits when d is a power of two).
-        return _reduce_scatter(whole, self.group, async_op=True,
+        return _reduce_scatter(whole, self.group, async_op=async_op,
                                then=lambda _: shard.div_(self.group.size()))
 
     def start_param_sync(self, i):
@@ -207,7 +208,7 @@ class ParamAndGradBuffer:
     def reduce_scatter_grads(self):
         """Each rank gets the average over the replicas of its shards of the gradients."""
         for i in range(len(self.buckets)):
-            self.start_grad_sync(i)()
+            self.start_grad_sync(i, async_op=False)
 
     def all_gather_params(self):
         """Every rank's updated shards of the parameters, into every rank's parameter buffer."""
@@ -218,17 +219,25 @@ class ParamAndGradBuffer:
 @wire.collective("dp_reduce_scatter", wire.REDUCE_SCATTER, summed=True)
 def _reduce_scatter(buffer, group, async_op=False):
     """`buffer` summed over the data-parallel group, in place: this rank's shard of it (its
-    r-th 1/d) holds the sum after, as Megatron reduces (NCCL's reduce-scatter in place: the
-    output its own part of the input); the rest is left to the backend. With async_op torch's
-    handle. gloo has no reduce-scatter of its own: torch's copies the buffer on the launching
-    thread, all-reduces the copy and returns a handle without a future; an all-reduce in place
-    moves the same bytes, and lands by its future (the wire counts a ring reduce-scatter's, what
-    NCCL sends)."""
-    if dist.get_backend(group) == "gloo":
-        work = dist.all_reduce(buffer, group=group, async_op=async_op)
+    r-th 1/d) holds the sum after, as Megatron reduces; the rest is left to the backend. With
+    async_op torch's handle.
+
+    NCCL reduce-scatters in place (the output its own part of the input). gloo has no
+    reduce-scatter of its own: torch's copies the buffer, all-reduces the copy and gives the
+    shard; synchronously that is what runs here, into a new shard (gloo does not promise an
+    output aliasing its input), copied in. Overlapped it would copy on backward's thread at each
+    launch and return a handle without a future (docs/overlap.md measures it), so there the
+    buffer is all-reduced in place: the bytes gloo moves either way, landing by a future. The
+    wire counts a ring reduce-scatter's bytes, what NCCL sends."""
+    mine = buffer.chunk(group.size())[dist.get_rank(group)]
+    if dist.get_backend(group) != "gloo":
+        work = dist_reduce_scatter_func(mine, buffer, group=group, async_op=async_op)
+    elif async_op:
+        work = dist.all_reduce(buffer, group=group, async_op=True)
     else:
-        shard = buffer.chunk(group.size())[dist.get_rank(group)]
-        work = dist_reduce_scatter_func(shard, buffer, group=group, async_op=async_op)
+        shard = buffer.new_empty(mine.shape)
+        dist_reduce_scatter_func(shard, buffer, group=group)
+        mine.copy_(shard)
     return (buffer, work) if async_op else buffer
 
 

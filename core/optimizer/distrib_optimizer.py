@@ -175,8 +175,12 @@ class DistributedOptimizer:
         forward needs them: each chunk's buckets last first (they are in backward's order), as
         Megatron chains them (next_param_gather_bucket_group); the backend moves them in that
         order, so the first layer's bucket lands first and the later ones while forward
-        computes. (Megatron launches the first and each pre-hook the next; here all at once,
-        before forward: none of the launches' cost falls inside it.)"""
+        computes. (Megatron dispatches the first from the first forward pre-hook, or from the
+        step under --overlap-param-gather-with-optimizer-step, and each pre-hook the next; here
+        all at once, before forward: none of the launches' cost falls inside it.)"""
+        if self.param_syncs:  # a gather never waited for: the step just wrote what it reads
+            raise RuntimeError(f"buckets {list(self.param_syncs)}: a parameter all-gather was "
+                               "launched and never waited for before the next step")
         self.param_syncs = {(j, i): buffer.start_param_sync(i)
                             for j, buffer in enumerate(self.buffers)
                             for i in reversed(range(len(buffer.buckets)))}
@@ -185,7 +189,7 @@ class DistributedOptimizer:
         """Wait for the all-gathers still in flight of the buckets holding `params` (None:
         every one), in the buckets' order; each bucket once per step. What reads the parameters
         outside a forward (a checkpoint, the end's model) asks for them all first."""
-        wanted = self.param_syncs if params is None else {self.bucket_of[id(p)] for p in params}
+        wanted = self.param_syncs if params is None else {self.bucket_of.get(id(p)) for p in params}
         for key in [key for key in self.param_syncs if key in wanted]:  # (in launch order)
             self.param_syncs.pop(key)()
 

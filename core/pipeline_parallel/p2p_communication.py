@@ -21,7 +21,7 @@ At p = 2 the next and the previous stage are one rank: an exchange may then hold
 it and two receives from it, and they pair because every exchange lists the activation before
 the gradient, on both sides (_communicate).
 
-With overlap_p2p_comm (the interleaved schedule's; Megatron's --overlap-p2p-communication) the
+With overlap_p2p_comm (the interleaved schedule's; Megatron's, on by default there) the
 schedule keeps the Pending that _communicate returns under _posted() and calls its wait() where
 it uses the tensor. Its exchanges then go one way each, in every step the forward's (an
 activation on, one in) before the backward's (a gradient back, one in). At p = 2 they still

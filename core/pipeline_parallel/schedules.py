@@ -76,14 +76,14 @@ def chunk_layers(num_layers, pipeline_size, stage, virtual_size, chunk):
 
 def get_forward_backward_func(pipeline_schedule="1f1b", overlap_p2p_comm=False):
     """The schedule for this job: no pipeline, GPipe, 1F1B or (with virtual stages) interleaved;
-    overlap_p2p_comm posts the interleaved schedule's exchanges, waited for where used."""
+    overlap_p2p_comm posts the interleaved schedule's exchanges, waited for where used (the
+    others ignore it, as Megatron's do)."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return forward_backward_no_pipelining
     if ps.get_virtual_pipeline_model_parallel_world_size():
         return functools.partial(forward_backward_pipelining_with_interleaving,
                                  overlap_p2p_comm=True) if overlap_p2p_comm \
             else forward_backward_pipelining_with_interleaving
-    assert not overlap_p2p_comm, "overlap_p2p_comm: the interleaved schedule's, as Megatron's"
     return {"1f1b": forward_backward_pipelining_without_interleaving,
             "gpipe": forward_backward_gpipe}[pipeline_schedule]
 
