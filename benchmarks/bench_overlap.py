@@ -64,14 +64,17 @@ wrapping the launch function the BucketGroup calls, or the step's), the moment i
 arrived (its gloo work's future, seen through wire._off_wire, which holds it) and its wait.
 Nothing in core/ is changed: the wrappers live in the worker.
 
-Measured (three full runs, 8 layers of 2^21 elements, t_f = 8 ms, 2026-12-07, 2-core AMD EPYC
+Measured (four full runs, 8 layers of 2^21 elements, t_f = 8 ms, 2026-12-07, 2-core AMD EPYC
 shared with other work, load average 0.9 to 1.4, gloo, torch 2.13.0 CPU), ms:
 
                    compute   communication   exposed   floor     exposed / floor
-  all-reduce       201       95-106          11-15     7.7-8.1   1.38, 1.43, 1.81 (85-90% hidden)
-  reduce-scatter   208-210   66-76           10-14     7.4-8.2   1.22, 1.78, 1.81 (81-85%)
-  all-gather       208-210   49-57           8.5-14    5.4-5.7   1.54, 2.30, 2.41 (76-83%)
-    Megatron's order                         6.2-12              1.08 to 2.23
+  all-reduce       200-201   95-127          11-15     7.7-10.6  1.38, 1.43, 1.81, 1.39 (85-90%)
+  reduce-scatter   205-210   66-95           10-18     7.4-10.1  1.22, 1.78, 1.81, 1.80 (81-85%)
+  all-gather       205-210   49-57           8.5-14    5.3-5.7   1.54, 2.30, 2.41, 2.39 (75-83%)
+    Megatron's order                         6.2-16              1.08 to 3.04
+
+(The reduce-scatter's communication without the overlap: 66 to 76 ms as an all-reduce in place,
+95 ms in the last run as gloo's own, which parallel_train.py now runs there.)
 
 The target is met in some runs, not in every one: on these cores the floor itself moves by 10%
 from run to run, and a few ms of the scheduler's weigh on an exposed time of 10. Every bucket but
