@@ -20,6 +20,7 @@ MEGATRON_PATHS = ["core/parallel_state.py", "core/tensor_parallel/mappings.py",
                   "core/pipeline_parallel/schedules.py",
                   "core/pipeline_parallel/p2p_communication.py",
                   "core/distributed/finalize_model_grads.py",
+                  "core/distributed/param_and_grad_buffer.py",
                   "core/optimizer/distrib_optimizer.py"]
 CONCEPTS = 13  # README's rows: f and g ... the group layout (issue 36's list), context
 # parallelism, the overlapped gradient buckets
