@@ -304,6 +304,13 @@ MUTANTS = {
     "overlap: a checkpoint written before the parameters' gathers landed": (
         "parallel_train.py", "    finish_param_sync(optimizer)\n    save_checkpoint(",
         "    save_checkpoint(", ["tests/test_overlap.py"]),
+    # Mixture of experts (core/transformer/moe/, issue 40).
+    "moe: the router's top-k in bf16": (
+        "core/transformer/moe/moe_utils.py", "    logits = logits.float()\n    if use_pre_softmax:",
+        "    logits = logits.bfloat16()\n    if use_pre_softmax:", ["tests/test_moe.py"]),
+    "moe: tokens un-permuted in the wrong order": (
+        "core/transformer/moe/moe_utils.py", "weights = probs.T.masked_select(routing_map.T)",
+        "weights = probs.masked_select(routing_map)", ["tests/test_moe.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

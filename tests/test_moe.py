@@ -1,0 +1,115 @@
+"""Mixture of experts (issue 40, in progress): core/transformer/moe/moe_utils.py's arithmetic
+against the same computed one token and one expert at a time in Python floats. The router's
+numbers are fp32 (its softmax and top k, whatever the logits' dtype): within 1e-6 relative, a few
+fp32 roundings of 6e-8 each; the permutation keeps the tokens' float64 and sums each token's
+experts in the same order as the loop: equal."""
+
+import math
+
+import pytest
+import torch
+
+from core.transformer.moe.moe_utils import (
+    apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
+    get_capacity,
+    permute,
+    switch_load_balancing_loss_func,
+    topk_routing_with_score_function,
+    unpermute,
+    z_loss_func,
+)
+
+T, E, K, H = 12, 4, 2, 3  # tokens, experts, top k, hidden
+
+
+def _logits(seed=0):
+    return torch.randn(T, E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_each_token_goes_to_its_top_k_with_the_softmax_over_them():
+    logits = _logits()
+    probs, routing_map = topk_routing_with_score_function(logits, K)
+    assert probs.dtype == torch.float32 and routing_map.sum(1).tolist() == [K] * T
+    for t in range(T):
+        chosen = sorted(range(E), key=lambda i: -logits[t, i].item())[:K]
+        assert routing_map[t].nonzero().flatten().tolist() == sorted(chosen)
+        z = sum(math.exp(logits[t, i].item()) for i in chosen)
+        for i in range(E):
+            expected = math.exp(logits[t, i].item()) / z if i in chosen else 0.0
+            assert probs[t, i].item() == pytest.approx(expected, rel=1e-6)  # fp32's round-off
+    pre, pre_map = topk_routing_with_score_function(logits, K, use_pre_softmax=True)
+    assert torch.equal(pre_map, routing_map)  # the softmax keeps the order
+    assert torch.allclose(pre, (torch.softmax(logits, -1) * routing_map).float())
+
+
+def test_the_top_k_is_taken_in_fp32_not_in_the_logits_bf16():
+    """Two experts 1/512 apart, below bf16's resolution near 1 (1/128): fp32 tells them apart,
+    the bf16 logits round them to one value."""
+    logits = torch.tensor([[1.0, 1.0 + 1 / 512, 0.0, -1.0]])
+    _, routing_map = topk_routing_with_score_function(logits, 1)
+    assert routing_map[0].tolist() == [False, True, False, False]
+    assert logits.bfloat16()[0, 0] == logits.bfloat16()[0, 1]  # what bf16 would have seen
+
+
+def test_the_load_balancing_loss_is_switch_s_sum_of_f_times_p():
+    logits, coeff = _logits(1), 0.01
+    routing_map, scores = compute_routing_scores_for_aux_loss(logits, K)
+    tokens_per_expert = routing_map.sum(0)
+    loss = switch_load_balancing_loss_func(scores, tokens_per_expert, T, K, E, coeff)
+    f = [tokens_per_expert[i].item() / (T * K) for i in range(E)]
+    p = [sum(scores[t, i].item() for t in range(T)) / T for i in range(E)]
+    assert loss.item() == pytest.approx(coeff * E * sum(fi * pi for fi, pi in zip(f, p)),
+                                        rel=1e-6)
+    uniform = switch_load_balancing_loss_func(torch.full((T, E), 1 / E),
+                                              torch.full((E,), T * K / E), T, K, E, coeff)
+    assert uniform.item() == pytest.approx(coeff)  # balanced routing: the coefficient itself
+    # Split over two ranks (each its tokens' probs, the counts global), the parts add up.
+    halves = [switch_load_balancing_loss_func(scores[s], tokens_per_expert, T, K, E, coeff)
+              for s in (slice(0, T // 2), slice(T // 2, T))]
+    assert (halves[0] + halves[1]).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_the_z_loss_is_the_mean_squared_log_sum_exp():
+    logits = _logits(2)
+    expected = sum(math.log(sum(math.exp(v) for v in row.tolist())) ** 2 for row in logits) / T
+    assert z_loss_func(logits, 1e-3).item() == pytest.approx(1e-3 * expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("drop_policy", ["probs", "position"])
+def test_an_expert_over_capacity_drops_its_lowest_tokens(drop_policy):
+    """Capacity factor 0.5: each expert keeps ceil(T K / E x 0.5) = 3 tokens; the ones it keeps
+    are its highest-probability ones (or its first); every other pair dropped, counted."""
+    probs, routing_map = topk_routing_with_score_function(_logits(3), K)
+    capacity = get_capacity(T * K, E, 0.5)
+    assert capacity == 3
+    kept_probs, kept = apply_router_token_dropping(probs, routing_map, K, 0.5, drop_policy)
+    dropped = 0
+    for i in range(E):
+        mine = [t for t in range(T) if routing_map[t, i]]
+        order = sorted(mine, key=lambda t: -probs[t, i].item()) if drop_policy == "probs" else mine
+        keep = set(order[:capacity])
+        assert [t for t in range(T) if kept[t, i]] == sorted(keep), (i, drop_policy)
+        dropped += len(mine) - len(keep)
+    assert dropped == int(routing_map.sum() - kept.sum()) > 0
+    assert torch.equal(kept_probs, probs * kept)
+    assert apply_router_token_dropping(probs, routing_map, K, 4.0)[1] is routing_map  # fits
+
+
+def test_permute_groups_tokens_by_expert_and_unpermute_weights_them_back():
+    """permute, an expert's function applied to its rows, unpermute: each token's output the sum
+    of its experts' outputs weighted by their probabilities."""
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    probs, routing_map = topk_routing_with_score_function(_logits(4), K)
+    permuted, sorted_indices = permute(x, routing_map)
+    counts = routing_map.sum(0).tolist()
+    assert permuted.shape == (T * K, H)
+    expert_of_row = [i for i in range(E) for _ in range(counts[i])]
+    assert sorted_indices.tolist() == [t for i in range(E) for t in range(T) if routing_map[t, i]]
+    expert = lambda i, rows: rows * (i + 1) + i  # expert i, a function of its rows
+    out_rows = torch.stack([expert(expert_of_row[j], permuted[j]) for j in range(T * K)])
+    out = unpermute(out_rows, sorted_indices, x.shape, probs, routing_map)
+    for t in range(T):
+        expected = sum(probs[t, i].double() * expert(i, x[t]) for i in range(E)
+                       if routing_map[t, i])
+        assert torch.equal(out[t], expected)
