@@ -306,7 +306,8 @@ MUTANTS = {
         "    save_checkpoint(", ["tests/test_overlap.py"]),
     # Mixture of experts (core/transformer/moe/, issue 40).
     "moe: the router's top-k in bf16": (
-        "core/transformer/moe/moe_utils.py", "    logits = logits.float()\n    if use_pre_softmax:",
+        "core/transformer/moe/moe_utils.py",
+        "    logits = at_least_fp32(logits)\n    if use_pre_softmax:",
         "    logits = logits.bfloat16()\n    if use_pre_softmax:", ["tests/test_moe.py"]),
     "moe: tokens un-permuted in the wrong order": (
         "core/transformer/moe/moe_utils.py", "weights = probs.T.masked_select(routing_map.T)",

@@ -12,12 +12,13 @@ expert outputs weighted by the scores. Everything here is per token, on a
     probs      [T, E]   the softmax over the k chosen experts, 0 elsewhere
     routing_map[T, E]   True where a token goes to an expert: k per row
 
-The scores are taken in fp32 whatever the model's dtype (Megatron's softmax is fp32; here the
-top-k too: a bf16 logit is rounded to 8 bits, ties between close experts resolved by the
-rounding, not by the router).
+The scores are taken in fp32 at least, whatever the model's dtype (Megatron's softmax is fp32;
+here the top-k too: a bf16 logit is rounded to 8 bits, ties between close experts resolved by
+the rounding, not by the router); a float64 model's in float64 (Megatron's --moe-router-dtype
+fp64), so that its runs agree to float64's round-off.
 
-Issue 40 builds on this file: the router, the experts, the token dispatchers and the expert
-groups are to come; nothing calls these functions yet but their tests (tests/test_moe.py).
+Issue 40 builds on this file (router.py, experts.py, moe_layer.py so far; the token
+dispatchers and the expert groups are to come); tests/test_moe.py checks each function.
 """
 
 import math
@@ -25,12 +26,17 @@ import math
 import torch
 
 
+def at_least_fp32(t):
+    """`t` in fp32, or as it is if wider (float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def topk_routing_with_score_function(logits, topk, use_pre_softmax=False):
     """(probs, routing_map), each [tokens, experts], from the router's `logits` [tokens,
-    experts], in fp32: each token's top `topk` experts by logit, their probabilities the softmax
-    over those k (Megatron's default), or with `use_pre_softmax` the softmax over all experts
-    taken first and its top k kept as they are."""
-    logits = logits.float()
+    experts], in fp32 at least: each token's top `topk` experts by logit, their probabilities
+    the softmax over those k (Megatron's default), or with `use_pre_softmax` the softmax over
+    all experts taken first and its top k kept as they are."""
+    logits = at_least_fp32(logits)
     if use_pre_softmax:
         probs, top = torch.topk(torch.softmax(logits, dim=-1), topk, dim=1)
     else:
@@ -42,9 +48,9 @@ def topk_routing_with_score_function(logits, topk, use_pre_softmax=False):
 
 
 def compute_routing_scores_for_aux_loss(logits, topk):
-    """(routing_map, scores) for the load-balancing loss: the softmax over every expert (fp32),
+    """(routing_map, scores) for the load-balancing loss: the softmax over every expert (fp32+),
     and each token's top k of it, as the loss counts them."""
-    scores = torch.softmax(logits.float(), dim=-1)
+    scores = torch.softmax(at_least_fp32(logits), dim=-1)
     top = torch.topk(scores, topk, dim=1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter(1, top, True), scores
 
@@ -70,7 +76,7 @@ def switch_load_balancing_loss_func(probs, tokens_per_expert, total_num_tokens, 
 def z_loss_func(logits, z_loss_coeff):
     """The router z-loss (ST-MoE, Zoph et al. 2022): coeff * mean_t logsumexp(logits_t)^2,
     which keeps the router's logits small (fp32: exp of a large bf16 logit loses the rest)."""
-    return torch.mean(torch.square(torch.logsumexp(logits.float(), dim=-1))) * z_loss_coeff
+    return torch.mean(torch.square(torch.logsumexp(at_least_fp32(logits), dim=-1))) * z_loss_coeff
 
 
 def get_capacity(num_tokens, num_experts, capacity_factor, min_capacity=None):
