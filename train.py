@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from core.context_parallel.split import context_parallel_setup
 from core.optimizer import optimizer_with_param_groups
 from core.tensor_parallel.random import model_parallel_manual_seed
+from core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from model import ToyModel
 from training.arguments import get_args
 from training.checkpointing import (
@@ -53,6 +54,7 @@ def build_model(args, device, tensor_parallel=False, pre_process=True, post_proc
                                distribute_saved_activations=getattr(
                                    args, "distribute_saved_activations", False),
                                pre_process=pre_process, post_process=post_process, layers=layers,
+                               moe=moe_config(args),
                                context_parallel=context_parallel_setup(
                                    args.seq_length, args.cp_comm_type,
                                    args.cp_load_balance == "on") if tensor_parallel and getattr(
@@ -67,6 +69,21 @@ def build_model(args, device, tensor_parallel=False, pre_process=True, post_proc
             state = {name: tensor for name, tensor in state.items() if name in names}
         load_serial_state_dict(model, state)
     return model
+
+
+def moe_config(args):
+    """--num_experts: the transformer's routed MLPs (core/transformer/moe/), as the keyword
+    arguments of MoELayer beside its width, and which blocks have one (--moe_layer_freq: every
+    N-th, from the first); None without."""
+    if not args.num_experts:
+        return None
+    return dict(freq=args.moe_layer_freq, num_experts=args.num_experts,
+                topk=args.moe_router_topk,
+                ffn_hidden_size=args.moe_ffn_hidden_size or args.hidden_size,
+                aux_loss_coeff=(args.moe_aux_loss_coeff
+                                if args.moe_router_load_balancing_type == "aux_loss" else 0.0),
+                z_loss_coeff=args.moe_z_loss_coeff,
+                capacity_factor=args.moe_expert_capacity_factor)
 
 
 def load_data(args):
@@ -124,6 +141,7 @@ def train(model, optimizer, batches, logbook, args):
     # --micro_batch_size: the batch's gradients summed over micro-batches, as a pipeline sums
     # them (and --reorder_seed's two, which split the batch's sums).
     m, rows = args.num_microbatches, args.micro_batch_size
+    MoEAuxLossAutoScaler.set_loss_scale(1 / m)  # --num_experts: their losses' share, as the loss's
     model.train()
     for it in range(1, args.num_iterations + 1):
         inputs, targets = next(batches)

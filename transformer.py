@@ -80,6 +80,7 @@ from core.tensor_parallel.sequence_parallel import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from core.transformer.moe.moe_layer import MoELayer
 from model import MLP
 from parallel_layers import (
     ColumnParallelLinear,
@@ -178,14 +179,20 @@ class Block(nn.Module):
 
     def __init__(self, width, hidden, num_heads, tensor_parallel=False, dropout=0.0,
                  sequence_parallel=False, dtype=None, checkpoint_core_attention=False,
-                 context_parallel=None):
+                 context_parallel=None, moe=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, dtype=dtype)
         self.attention = SelfAttention(width, num_heads, tensor_parallel, dropout,
                                        sequence_parallel, dtype, checkpoint_core_attention,
                                        context_parallel)
         self.ln_2 = nn.LayerNorm(width, dtype=dtype)
-        self.mlp = MLP(width, hidden, tensor_parallel, sequence_parallel, dtype=dtype)
+        if moe is None:
+            self.mlp = MLP(width, hidden, tensor_parallel, sequence_parallel, dtype=dtype)
+        else:  # the routed MLP (core/transformer/moe/): E experts, each the toy MLP, a router
+            expert = lambda: MLP(width, moe["ffn_hidden_size"], dtype=dtype)
+            self.mlp = MoELayer(width, moe["num_experts"], moe["topk"], expert,
+                                moe["aux_loss_coeff"], moe["z_loss_coeff"],
+                                moe["capacity_factor"], dtype)
         self.dropout, self.sequence_parallel = dropout, sequence_parallel
         self.context_parallel = context_parallel is not None
 
@@ -209,6 +216,10 @@ class ToyTransformer(nn.Module):
         blocks.N.ln_2.{weight,bias}   (width,)
         blocks.N.mlp.fc1.weight       (hidden, width)  as ToyModel's
         blocks.N.mlp.fc2.weight       (width, hidden)
+                                      (with --num_experts, serial only so far: the block's
+                                      mlp.router.weight (experts, width) and
+                                      mlp.experts.local_experts.E.fc{1,2}.weight, each the toy
+                                      MLP's: core/transformer/moe/, docs/moe.md)
         ln_f.{weight,bias}            (width,)
 
     The output layer is word_embeddings.weight again (tied). Seeding the
@@ -224,7 +235,7 @@ class ToyTransformer(nn.Module):
     def __init__(self, vocab_size, seq_length, width=64, hidden=None, num_heads=4, num_layers=1,
                  tensor_parallel=False, dropout=0.0, sequence_parallel=False, dtype=None,
                  recompute_granularity=None, distribute_saved_activations=False,
-                 pre_process=True, post_process=True, layers=None, context_parallel=None):
+                 pre_process=True, post_process=True, layers=None, context_parallel=None, moe=None):
         super().__init__()
         self.vocab_size, self.tensor_parallel, self.dropout = vocab_size, tensor_parallel, dropout
         self.sequence_parallel = sequence_parallel and tensor_parallel
@@ -249,10 +260,10 @@ class ToyTransformer(nn.Module):
         init(self.position_embeddings.weight)
         blocks = [Block(width, hidden, num_heads, tensor_parallel, dropout, self.sequence_parallel,
                         dtype, checkpoint_core_attention=recompute_granularity == "selective",
-                        context_parallel=self.cp)
-                  for _ in range(num_layers)]
-        # This stage's blocks, named by their number in the whole model (every stage drew them
-        # all, from the same generator: each holds serial's weights).
+                        context_parallel=self.cp,  # `moe`: every freq-th block's MLP routed
+                        moe=moe if moe and i % moe["freq"] == 0 else None)
+                  for i in range(num_layers)]
+        # This stage's blocks, numbered as in the whole model (each stage drew all: serial's).
         layers = range(num_layers) if layers is None else layers
         self.blocks = nn.ModuleDict({str(i): blocks[i] for i in layers})
         self.ln_f = nn.LayerNorm(width, dtype=dtype)

@@ -23,6 +23,12 @@ from core.transformer.moe.moe_utils import (
 T, E, K, H = 12, 4, 2, 3  # tokens, experts, top k, hidden
 
 
+def _expert():
+    """An expert: the toy model's MLP, width H, hidden 8, float64."""
+    from model import MLP
+    return MLP(H, 8, dtype=torch.float64)
+
+
 def _logits(seed=0):
     return torch.randn(T, E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -126,8 +132,9 @@ def test_the_moe_layer_is_each_token_through_its_experts_weighted():
     from core.transformer.moe.moe_layer import MoELayer
     for capacity_factor in (None, 0.5):
         torch.manual_seed(5)
-        layer = MoELayer(H, E, K, 8, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
-                         capacity_factor=capacity_factor, dtype=torch.float64)
+        layer = MoELayer(H, E, K, _expert, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
+                         capacity_factor=capacity_factor, dtype=torch.float64).eval()
+        # (eval: the losses added to the loss here, not injected in backward: the next test)
         x = torch.randn(4, 3, H, dtype=torch.float64, requires_grad=True)  # (seq, batch, width)
         out = layer(x)
         losses = layer.router.losses
@@ -159,3 +166,53 @@ def test_the_moe_layer_is_each_token_through_its_experts_weighted():
         for a, b in zip(got, want):
             assert (a - b).abs().max() <= 3e-15 * b.abs().max(), capacity_factor
 
+
+
+def test_the_aux_losses_gradient_is_scaled_as_the_loss_share():
+    """Two micro-batches: the router's losses, injected in backward (MoEAuxLossAutoScaler at the
+    scale the schedule sets, 1/2), train the model as adding half of each to the loss would, and
+    are not in the value: the same gradients (measured: equal)."""
+    from core.transformer.moe.moe_layer import MoELayer
+    from core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    try:
+        torch.manual_seed(6)
+        layer = MoELayer(H, E, K, _expert, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
+                         dtype=torch.float64)
+        x = torch.randn(2, 4, 3, H, dtype=torch.float64)  # two micro-batches of (seq, batch)
+        MoEAuxLossAutoScaler.set_loss_scale(1 / 2)
+        for micro_batch in x:
+            (layer(micro_batch).square().sum() / 2).backward()
+        injected = [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        layer.eval()  # (no injection: the losses added by hand)
+        for micro_batch in x:
+            out = layer(micro_batch)
+            ((out.square().sum() + sum(layer.router.losses.values())) / 2).backward()
+        assert all(torch.equal(a, p.grad) for a, p in zip(injected, layer.parameters()))
+    finally:
+        MoEAuxLossAutoScaler.set_loss_scale(saved)
+
+
+def test_train_py_runs_the_routed_transformer_and_parallel_train_says_not_yet(token_dir,
+                                                                              tmp_path):
+    """Serial train.py with 4 experts, top 2, the load-balancing and z losses, two micro-batches:
+    it learns (the validation loss falls); parallel_train.py refuses --num_experts in one line
+    (expert parallelism is to come), and the flags' checks are one line each."""
+    import csv
+
+    from distributed import run_script
+    from test_errors import flag_error
+    run_script("train.py", "--model", "transformer", "--data_dir", token_dir, "--num_layers", "2",
+               "--num_experts", "4", "--moe_aux_loss_coeff", "0.01", "--moe_z_loss_coeff",
+               "0.001", "--micro_batch_size", "16", "--num_iterations", "30",
+               "--eval_interval", "15", "--update_freq", "15", "--out_dir", tmp_path)
+    with open(tmp_path / "metrics.csv") as f:
+        valid = [float(row["valid_loss"]) for row in csv.DictReader(f) if row["valid_loss"]]
+    assert valid[-1] < valid[0] and math.isfinite(valid[-1]), valid
+    flags = ["--model", "transformer", "--num_experts", "4"]
+    assert "parallel_train.py does not split the experts yet" in flag_error(flags, 2)
+    assert "--moe_router_topk 5 of --num_experts 4" in flag_error(
+        [*flags, "--moe_router_topk", "5"], 1, parallel=False)
+    assert "the toy model is one MLP and fc" in flag_error(["--num_experts", "4"], 1,
+                                                          parallel=False)

@@ -80,6 +80,25 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
     p.add_argument("--recompute_granularity", choices=["full", "selective"], default=None,
                    help="transformer: recompute in backward each block (full) or its attention "
                         "core (selective) instead of keeping their activations (recompute.py)")
+    # Mixture of experts (core/transformer/moe/, issue 40: serial so far), Megatron's names.
+    p.add_argument("--num_experts", type=int, default=None, metavar="E",
+                   help="transformer: each MLP (every --moe_layer_freq-th block's) becomes E "
+                        "experts and a router that sends each token to its top k")
+    p.add_argument("--moe_router_topk", type=int, default=2, metavar="K")
+    p.add_argument("--moe_ffn_hidden_size", type=int, default=None,
+                   help="each expert's hidden size (default --hidden_size)")
+    p.add_argument("--moe_layer_freq", type=int, default=1,
+                   help="every N-th block's MLP is routed, from the first (default: every one)")
+    p.add_argument("--moe_router_load_balancing_type", choices=["aux_loss", "none"],
+                   default="aux_loss",
+                   help="aux_loss: Switch's load-balancing loss over each micro-batch's tokens, "
+                        "weighted by --moe_aux_loss_coeff; none")
+    p.add_argument("--moe_aux_loss_coeff", type=float, default=0.0)
+    p.add_argument("--moe_z_loss_coeff", type=float, default=None,
+                   help="ST-MoE's router z-loss, weighted by this (off by default)")
+    p.add_argument("--moe_expert_capacity_factor", type=float, default=None,
+                   help="each expert takes at most ceil(tokens x K / E x this) tokens, the rest "
+                        "dropped (default: dropless)")
     p.set_defaults(default_out_dir=out_dir)
     return p
 
@@ -89,7 +108,8 @@ def parse_args(parser, argv=None):
     if args.hidden_size is None:
         args.hidden_size = 32 * args.input_size
     positive = ("input_size", "hidden_size", "batch_size", "num_iterations", "update_freq",
-                "eval_interval", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
+                "eval_interval", "vocab_size", "seq_length", "num_attention_heads", "num_layers",
+                "moe_router_topk", "moe_layer_freq")
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -366,6 +386,21 @@ def check_combinations(parser, args, rules):
 # are checked against the world; SIZE_RULES: after, with the data-parallel size and the number of
 # micro-batches known.
 MODEL_RULES = (
+    Rule(("num_experts", "moe_ffn_hidden_size"),
+         lambda a: (a.num_experts or 1) <= 0 or (a.moe_ffn_hidden_size or 1) <= 0,
+         lambda a: "--num_experts and --moe_ffn_hidden_size must be positive integers, got "
+                   f"{a.num_experts} and {a.moe_ffn_hidden_size}"),
+    Rule(("num_experts", "model"), lambda a: a.num_experts is not None and a.model == "toy",
+         lambda a: f"--num_experts {a.num_experts} routes the transformer's MLPs; the toy model "
+                   "is one MLP and fc: add --model transformer"),
+    Rule(("num_experts", "moe_router_topk"),
+         lambda a: a.num_experts is not None and not 1 <= a.moe_router_topk <= a.num_experts,
+         lambda a: f"--moe_router_topk {a.moe_router_topk} of --num_experts {a.num_experts}: "
+                   "a token goes to at least 1 expert and at most all of them"),
+    Rule(("moe_expert_capacity_factor",),
+         lambda a: a.moe_expert_capacity_factor is not None and a.moe_expert_capacity_factor <= 0,
+         lambda a: f"--moe_expert_capacity_factor must be positive, got "
+                   f"{a.moe_expert_capacity_factor} (leave it out for dropless)"),
     Rule(("dropout", "model"), lambda a: a.dropout and a.model == "toy",
          lambda a: f"--dropout {a.dropout} drops out in the transformer's blocks; the toy model "
                    "has no dropout (Fig. 3a's MLP without it): add --model transformer"),
@@ -374,6 +409,9 @@ MODEL_RULES = (
                    "transformer's blocks; the toy model has none: add --model transformer"),
 )
 FLAG_RULES = (
+    Rule(("num_experts",), lambda a: a.num_experts is not None,
+         lambda a: f"--num_experts {a.num_experts}: parallel_train.py does not split the experts "
+                   "yet (expert parallelism, issue 40); train the routed model with train.py"),
     Rule(("tp_reduce_dtype", "dtype"), lambda a: a.tp_reduce_dtype == "float32" and
          a.dtype != "bfloat16",
          lambda a: f"--tp_reduce_dtype float32 changes bfloat16 runs only; this one is --dtype "

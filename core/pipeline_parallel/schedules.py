@@ -33,6 +33,7 @@ from torch.autograd import Variable
 
 from core import parallel_state as ps
 from core.pipeline_parallel import p2p_communication as p2p
+from core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 # benchmarks/bench_pipeline.py's timeline: a list to which every forward and backward appends
 # ("F" or "B", its chunk, start, end) in perf_counter seconds; None (no clock read) otherwise.
@@ -90,7 +91,9 @@ def get_forward_backward_func(pipeline_schedule="1f1b", overlap_p2p_comm=False):
 
 def forward_step(forward_step_func, model_chunk, microbatch, input_tensor, num_microbatches,
                  losses):
-    """One micro-batch's forward through one chunk; on the last stage its loss / m."""
+    """One micro-batch's forward through one chunk; on the last stage its loss / m (and the MoE
+    layers' auxiliary losses' gradient scaled alike: moe_utils.MoEAuxLossAutoScaler)."""
+    MoEAuxLossAutoScaler.set_loss_scale(1 / num_microbatches)
     output_tensor = _recorded("F", lambda: forward_step_func(model_chunk, microbatch, input_tensor))
     KEPT.add(1)
     if ps.is_pipeline_last_stage():

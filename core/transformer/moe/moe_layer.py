@@ -14,7 +14,7 @@ to come (issue 40).
 import torch.nn as nn
 
 from core.transformer.moe.experts import SequentialMLP
-from core.transformer.moe.moe_utils import permute, unpermute
+from core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, permute, unpermute
 from core.transformer.moe.router import TopKRouter
 
 
@@ -22,12 +22,13 @@ class MoELayer(nn.Module):
     """forward(hidden [seq, batch, width]) -> [seq, batch, width]; after it, `router.losses`
     holds this forward's auxiliary losses, and `tokens_per_expert` its routed counts."""
 
-    def __init__(self, width, num_experts, topk, ffn_hidden_size, aux_loss_coeff=0.0,
+    def __init__(self, width, num_experts, topk, make_expert, aux_loss_coeff=0.0,
                  z_loss_coeff=None, capacity_factor=None, dtype=None):
+        """`make_expert()`: one expert, a module of [tokens, width] -> [tokens, width]."""
         super().__init__()
         self.router = TopKRouter(width, num_experts, topk, aux_loss_coeff, z_loss_coeff,
                                  capacity_factor, dtype)
-        self.experts = SequentialMLP(num_experts, width, ffn_hidden_size, dtype)
+        self.experts = SequentialMLP(num_experts, make_expert)
         self.tokens_per_expert = None
 
     def forward(self, hidden):
@@ -37,4 +38,6 @@ class MoELayer(nn.Module):
         permuted, sorted_indices = permute(tokens, routing_map)
         expert_output = self.experts(permuted, self.tokens_per_expert)
         output = unpermute(expert_output, sorted_indices, tokens.shape, probs, routing_map)
+        if self.router.losses and self.training:  # their gradient, in backward (not the loss's)
+            output = MoEAuxLossAutoScaler.apply(output, sum(self.router.losses.values()))
         return output.view_as(hidden)

@@ -128,3 +128,27 @@ def unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map
     weighted = permuted_tokens * weights.unsqueeze(-1).to(permuted_tokens.dtype)
     output = torch.zeros(restore_shape, dtype=permuted_tokens.dtype, device=permuted_tokens.device)
     return output.index_add_(0, sorted_indices, weighted)
+
+
+class MoEAuxLossAutoScaler(torch.autograd.Function):
+    """The auxiliary losses' gradient, injected in backward at the MoE layer's output
+    (Megatron's): forward returns the output unchanged; backward gives the losses the gradient
+    `main_loss_backward_scale`, the factor the main loss is scaled by (1/m under m
+    micro-batches, set by the schedule's forward_step). So the losses train the router where
+    they are computed, on every pipeline stage, and are not in the loss the run reports."""
+
+    main_loss_backward_scale = 1.0
+
+    @staticmethod
+    def forward(ctx, output, aux_loss):
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, MoEAuxLossAutoScaler.main_loss_backward_scale)
+
+    @staticmethod
+    def set_loss_scale(scale):
+        MoEAuxLossAutoScaler.main_loss_backward_scale = scale
