@@ -4,6 +4,7 @@ numbers are fp32 (its softmax and top k, whatever the logits' dtype): within 1e-
 fp32 roundings of 6e-8 each; the permutation keeps the tokens' float64 and sums each token's
 experts in the same order as the loop: equal."""
 
+import contextlib
 import math
 
 import pytest
@@ -126,46 +127,61 @@ def test_permute_groups_tokens_by_expert_and_unpermute_weights_them_back():
 def test_the_moe_layer_is_each_token_through_its_experts_weighted():
     """MoELayer (router, permute, SequentialMLP, unpermute) against each token run through its
     own top-k experts one at a time, float64: outputs and every gradient (the router's through
-    the probabilities and the load-balancing and z losses) equal to round-off (measured 3.5e-16
-    of each tensor's largest element at most; the bound 3e-15), with a capacity that drops
-    tokens too."""
-    from core.transformer.moe.moe_layer import MoELayer
+    the probabilities and the load-balancing and z losses, injected in backward at the scale 1
+    of one micro-batch) equal to round-off (measured 3.5e-16 of each tensor's largest element
+    at most; the bound 3e-15), with a capacity that drops tokens too."""
     for capacity_factor in (None, 0.5):
-        torch.manual_seed(5)
-        layer = MoELayer(H, E, K, _expert, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
-                         capacity_factor=capacity_factor, dtype=torch.float64).eval()
-        # (eval: the losses added to the loss here, not injected in backward: the next test)
-        x = torch.randn(4, 3, H, dtype=torch.float64, requires_grad=True)  # (seq, batch, width)
-        out = layer(x)
-        losses = layer.router.losses
-        (out.square().sum() + sum(losses.values())).backward()
-        got = [x.grad] + [p.grad for p in layer.parameters()]
-        x.grad = None
-        layer.zero_grad()
-        tokens = x.reshape(-1, H)
-        kept = layer.router(tokens.detach())[1]  # what the capacity left (its own test above)
-        assert capacity_factor is None or kept.sum() < tokens.shape[0] * K  # some dropped
-        logits = tokens @ layer.router.weight.T
-        top = torch.topk(logits, K, dim=1).indices
-        rows = []
-        for t in range(tokens.shape[0]):
-            weights = torch.softmax(logits[t, top[t]], dim=-1)
-            rows.append(sum((w * layer.experts.local_experts[i](tokens[t])
-                             for w, i in zip(weights, top[t].tolist())
-                             if capacity_factor is None or kept[t, i]), torch.zeros(H)))
-        expected = torch.stack(rows).view_as(x)
-        assert (out - expected).abs().max() <= 3e-15 * expected.abs().max(), capacity_factor
-        scores = torch.softmax(logits, dim=-1)
-        counts = torch.zeros(E, dtype=torch.float64).scatter_add(
-            0, torch.topk(scores, K, 1).indices.flatten(),
-            torch.ones(tokens.shape[0] * K, dtype=torch.float64))
-        aux = 0.01 * E * (counts / (tokens.shape[0] * K) * scores.mean(0)).sum()
-        z = 1e-3 * torch.logsumexp(logits, -1).square().mean()
-        (expected.square().sum() + aux + z).backward()
-        want = [x.grad] + [p.grad for p in layer.parameters()]
-        for a, b in zip(got, want):
-            assert (a - b).abs().max() <= 3e-15 * b.abs().max(), capacity_factor
+        with _loss_scale(1.0):
+            _layer_against_each_token(capacity_factor)
 
+
+@contextlib.contextmanager
+def _loss_scale(scale):
+    """MoEAuxLossAutoScaler's scale inside the block (what the schedule sets), restored after."""
+    from core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    MoEAuxLossAutoScaler.set_loss_scale(scale)
+    try:
+        yield
+    finally:
+        MoEAuxLossAutoScaler.set_loss_scale(saved)
+
+
+def _layer_against_each_token(capacity_factor):
+    """(test_the_moe_layer_is_each_token_through_its_experts_weighted, one capacity.)"""
+    from core.transformer.moe.moe_layer import MoELayer
+    torch.manual_seed(5)
+    layer = MoELayer(H, E, K, _expert, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
+                     capacity_factor=capacity_factor, dtype=torch.float64)
+    x = torch.randn(4, 3, H, dtype=torch.float64, requires_grad=True)  # (seq, batch, width)
+    out = layer(x)
+    out.square().sum().backward()  # (the losses' gradient injected: MoEAuxLossAutoScaler)
+    got = [x.grad] + [p.grad for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    tokens = x.reshape(-1, H)
+    kept = layer.router(tokens.detach())[1]  # what the capacity left (its own test above)
+    assert capacity_factor is None or kept.sum() < tokens.shape[0] * K  # some dropped
+    logits = tokens @ layer.router.weight.T
+    top = torch.topk(logits, K, dim=1).indices
+    rows = []
+    for t in range(tokens.shape[0]):
+        weights = torch.softmax(logits[t, top[t]], dim=-1)
+        rows.append(sum((w * layer.experts.local_experts[i](tokens[t])
+                         for w, i in zip(weights, top[t].tolist())
+                         if capacity_factor is None or kept[t, i]), torch.zeros(H)))
+    expected = torch.stack(rows).view_as(x)
+    assert (out - expected).abs().max() <= 3e-15 * expected.abs().max(), capacity_factor
+    scores = torch.softmax(logits, dim=-1)
+    counts = torch.zeros(E, dtype=torch.float64).scatter_add(
+        0, torch.topk(scores, K, 1).indices.flatten(),
+        torch.ones(tokens.shape[0] * K, dtype=torch.float64))
+    aux = 0.01 * E * (counts / (tokens.shape[0] * K) * scores.mean(0)).sum()
+    z = 1e-3 * torch.logsumexp(logits, -1).square().mean()
+    (expected.square().sum() + aux + z).backward()
+    want = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 3e-15 * b.abs().max(), capacity_factor
 
 
 def test_the_aux_losses_gradient_is_scaled_as_the_loss_share():
@@ -173,25 +189,20 @@ def test_the_aux_losses_gradient_is_scaled_as_the_loss_share():
     scale the schedule sets, 1/2), train the model as adding half of each to the loss would, and
     are not in the value: the same gradients (measured: equal)."""
     from core.transformer.moe.moe_layer import MoELayer
-    from core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
-    try:
-        torch.manual_seed(6)
-        layer = MoELayer(H, E, K, _expert, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
-                         dtype=torch.float64)
-        x = torch.randn(2, 4, 3, H, dtype=torch.float64)  # two micro-batches of (seq, batch)
-        MoEAuxLossAutoScaler.set_loss_scale(1 / 2)
+    torch.manual_seed(6)
+    layer = MoELayer(H, E, K, _expert, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
+                     dtype=torch.float64)
+    x = torch.randn(2, 4, 3, H, dtype=torch.float64)  # two micro-batches of (seq, batch)
+    with _loss_scale(1 / 2):
         for micro_batch in x:
             (layer(micro_batch).square().sum() / 2).backward()
-        injected = [p.grad.clone() for p in layer.parameters()]
-        layer.zero_grad()
-        layer.eval()  # (no injection: the losses added by hand)
+    injected = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    with _loss_scale(0.0):  # nothing injected: the losses added by hand
         for micro_batch in x:
             out = layer(micro_batch)
             ((out.square().sum() + sum(layer.router.losses.values())) / 2).backward()
-        assert all(torch.equal(a, p.grad) for a, p in zip(injected, layer.parameters()))
-    finally:
-        MoEAuxLossAutoScaler.set_loss_scale(saved)
+    assert all(torch.equal(a, p.grad) for a, p in zip(injected, layer.parameters()))
 
 
 def test_train_py_runs_the_routed_transformer_and_parallel_train_says_not_yet(token_dir,
@@ -216,3 +227,5 @@ def test_train_py_runs_the_routed_transformer_and_parallel_train_says_not_yet(to
         [*flags, "--moe_router_topk", "5"], 1, parallel=False)
     assert "the toy model is one MLP and fc" in flag_error(["--num_experts", "4"], 1,
                                                           parallel=False)
+    assert "must be positive integers, got 4 and 0" in flag_error(
+        [*flags, "--moe_ffn_hidden_size", "0"], 1, parallel=False)

@@ -213,6 +213,12 @@ def get_args(argv=None):
         if args.micro_batch_size is None and (args.batch_size < 2 or args.batch_size % 2):
             parser.error("--reorder_seed takes each batch as two micro-batches: give it an even "
                          "--batch_size")
+        if args.micro_batch_size is None and args.num_experts and (
+                args.moe_aux_loss_coeff or args.moe_expert_capacity_factor is not None):
+            parser.error("--reorder_seed with --num_experts: it splits the batch in two, and the "
+                         "load-balancing loss and the capacity are per micro-batch, so the runs "
+                         "would differ by more than round-off; give both runs --micro_batch_size "
+                         f"{args.batch_size // 2}")
         if args.micro_batch_size is None:
             args.micro_batch_size = args.batch_size // 2
         if args.model == "transformer" and args.dropout > 0:
@@ -387,7 +393,7 @@ def check_combinations(parser, args, rules):
 # micro-batches known.
 MODEL_RULES = (
     Rule(("num_experts", "moe_ffn_hidden_size"),
-         lambda a: (a.num_experts or 1) <= 0 or (a.moe_ffn_hidden_size or 1) <= 0,
+         lambda a: any(v is not None and v <= 0 for v in (a.num_experts, a.moe_ffn_hidden_size)),
          lambda a: "--num_experts and --moe_ffn_hidden_size must be positive integers, got "
                    f"{a.num_experts} and {a.moe_ffn_hidden_size}"),
     Rule(("num_experts", "model"), lambda a: a.num_experts is not None and a.model == "toy",
@@ -556,6 +562,10 @@ def check_the_flags_given(parser, args, argv):
         notes.append(f"--pipeline_schedule {args.pipeline_schedule} orders the micro-batches "
                      "through a pipeline's stages: without a pipeline "
                      "(--pipeline_model_parallel_size 1) it changes nothing")
+    moe = [flag for flag in given if flag.startswith("--moe_")]
+    if moe and args.num_experts is None:
+        notes.append(f"{', '.join(sorted(moe))}: the routed MLP's; without --num_experts the "
+                     "transformer's MLPs are dense and they change nothing")
     if "--ddp_bucket_size" in given and not getattr(args, "overlap_grad_reduce", False):
         notes.append(f"--ddp_bucket_size {args.ddp_bucket_size} sizes --overlap_grad_reduce's "
                      "buckets: without it the gradients are averaged in one piece after "

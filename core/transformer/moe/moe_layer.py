@@ -38,6 +38,6 @@ class MoELayer(nn.Module):
         permuted, sorted_indices = permute(tokens, routing_map)
         expert_output = self.experts(permuted, self.tokens_per_expert)
         output = unpermute(expert_output, sorted_indices, tokens.shape, probs, routing_map)
-        if self.router.losses and self.training:  # their gradient, in backward (not the loss's)
+        if self.router.losses:  # their gradient, in backward (their value not in the loss)
             output = MoEAuxLossAutoScaler.apply(output, sum(self.router.losses.values()))
         return output.view_as(hidden)

@@ -125,9 +125,11 @@ def unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map
     summed over the token's experts: output_t = sum_i probs_ti expert_i(x_t). `probs` and
     `routing_map` are permute's [T, E]."""
     weights = probs.T.masked_select(routing_map.T)  # in permute's row order
-    weighted = permuted_tokens * weights.unsqueeze(-1).to(permuted_tokens.dtype)
-    output = torch.zeros(restore_shape, dtype=permuted_tokens.dtype, device=permuted_tokens.device)
-    return output.index_add_(0, sorted_indices, weighted)
+    # Weighted and summed in the probabilities' dtype (fp32 under bf16), cast once at the end,
+    # as Megatron's unpermute does.
+    weighted = permuted_tokens * weights.unsqueeze(-1)
+    output = torch.zeros(restore_shape, dtype=weighted.dtype, device=weighted.device)
+    return output.index_add_(0, sorted_indices, weighted).to(permuted_tokens.dtype)
 
 
 class MoEAuxLossAutoScaler(torch.autograd.Function):

@@ -4,7 +4,7 @@
 A linear layer of the hidden state gives each token E logits; the top k become its experts
 (moe_utils.topk_routing_with_score_function), weighted by the softmax over them. Computed in
 fp32 from fp32 copies of the input and the weight (Megatron's --moe-router-dtype fp32; a float64
-model's in float64), so that a bf16 model routes as its fp32 twin does. Beside the routing, the
+model's in float64): a bf16 model's bf16 values, routed by fp32 arithmetic. Beside the routing, the
 losses the training adds: Switch's load-balancing loss (Megatron's --moe-aux-loss-coeff) and
 ST-MoE's z-loss (--moe-z-loss-coeff), and with --moe-expert-capacity-factor the tokens dropped
 beyond each expert's capacity.
@@ -26,8 +26,9 @@ from core.transformer.moe.moe_utils import (
 
 class TopKRouter(nn.Module):
     """`weight` (experts, hidden), N(0, 0.02) as the model's other weights; forward(tokens
-    [T, hidden]) -> (probs, routing_map), each [T, experts], and `losses`, this forward's
-    {"load_balancing_loss", "z_loss"} (each with its graph: the model adds them to its loss)."""
+    [T, hidden]) -> (probs, routing_map), each [T, experts], and `losses`, a training forward's
+    {"load_balancing_loss", "z_loss"} (as Megatron, only in training with gradients on:
+    moe_layer.py injects their gradient in backward)."""
 
     def __init__(self, hidden_size, num_experts, topk, aux_loss_coeff=0.0, z_loss_coeff=None,
                  capacity_factor=None, dtype=None):
@@ -42,10 +43,11 @@ class TopKRouter(nn.Module):
     def forward(self, tokens):
         logits = F.linear(at_least_fp32(tokens), at_least_fp32(self.weight))  # (docstring)
         self.losses = {}
-        if self.z_loss_coeff:
+        training = self.training and torch.is_grad_enabled()
+        if self.z_loss_coeff and training:
             self.losses["z_loss"] = z_loss_func(logits, self.z_loss_coeff)
         probs, routing_map = topk_routing_with_score_function(logits, self.topk)
-        if self.aux_loss_coeff:  # Megatron's aux_loss: over this forward's (micro-batch's) tokens
+        if self.aux_loss_coeff and training:  # Megatron's aux_loss: this micro-batch's tokens
             aux_map, scores = compute_routing_scores_for_aux_loss(logits, self.topk)
             self.losses["load_balancing_loss"] = switch_load_balancing_loss_func(
                 scores, aux_map.sum(0), tokens.shape[0], self.topk, self.num_experts,
