@@ -106,7 +106,6 @@ cores, and over loopback gloo moves the bytes with the CPU.
 import json
 import os
 import statistics
-import threading
 import time
 
 import torch
@@ -243,17 +242,12 @@ def _timed_group(group, name_of):
 
 def _arrival(work):
     """Note when the launching bucket's collective (`work`, gloo's) has its bytes in: its
-    future's callback runs on gloo's thread then (~0.03 ms to register, measured). gloo's
-    reduce-scatter has no future (an all-reduce of a copy, wrapped in a work whose wait copies
-    the shard out): a thread of ours waits on it, ~0.1 ms to start, and repeats that copy."""
+    future's callback runs on gloo's thread then (~0.03 ms to register, measured)."""
     if LAUNCHING is None or EVENTS is None:
         return
     events, bucket = EVENTS, LAUNCHING
     arrived = lambda *_: events.append(("done", bucket, time.perf_counter(), time.perf_counter()))
-    try:
-        work.get_future().add_done_callback(arrived)
-    except RuntimeError:  # "Work::getFuture not implemented"
-        threading.Thread(target=lambda: (work.wait(), arrived()), daemon=True).start()
+    work.get_future().add_done_callback(arrived)
 
 
 def _watch_arrivals():
@@ -370,7 +364,6 @@ def distributed_modes(model, batch, bucket_size, layer_of, sleeping):
     d, rank, name = buffer.group.size(), buffer.rank, _bucket_name(layer_of)
     last = len(buffer.buckets) - 1  # backward's last; forward's first needs it (first below)
     _, first = optimizer.bucket_of[id(next(model.parameters()))]
-    whole = lambda data, b: data[b.start:b.start + d * b.shard_size]
 
     def shards():
         """On the sleeping model each rank's shards of the parameters a value of its own, the
@@ -417,7 +410,8 @@ def distributed_modes(model, batch, bucket_size, layer_of, sleeping):
     def gathered_right():
         expected = lambda b: torch.arange(1, d + 1).repeat_interleave(b.shard_size) / 1024
         return not optimizer.param_syncs and all(
-            torch.equal(whole(buffer.param_data, b), expected(b)) for b in buffer.buckets)
+            torch.equal(buffer.bucket_data(buffer.param_data, b), expected(b))
+            for b in buffer.buckets)
     on = lambda launch=None: _overlapped(model, batch, optimizer.zero_grad, bucket_group(
         chunks, optimizer, bucket_size, 1), name, launch)
     reduce_scatter = dict(

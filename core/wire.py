@@ -316,8 +316,8 @@ def _off_wire(given, tensor, staged, output, work, async_op, then=None):
         return land()
     try:
         return work.get_future().then(land).wait
-    except RuntimeError:  # gloo's reduce-scatter has no future ("not implemented"): at the wait
-        def wait_and_land():
+    except RuntimeError:  # gloo's reduce-scatter has no future ("not implemented": sequence
+        def wait_and_land():  # parallelism's overlapped one): it lands at the wait
             work.wait()
             return land()
         return wait_and_land

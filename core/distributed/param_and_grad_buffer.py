@@ -183,27 +183,30 @@ class ParamAndGradBuffer:
     def shard_of(self, buffer, bucket):
         return buffer[slice(*bucket.shard(self.rank))]
 
+    def bucket_data(self, buffer, bucket):
+        """`bucket`'s elements of `buffer`, its padding included: what its collectives move."""
+        return buffer[bucket.start:bucket.start + self.group.size() * bucket.shard_size]
+
     def start_grad_sync(self, i, async_op=True):
         """Launch bucket i's reduce-scatter; returns the function that waits for it, leaving
         this rank's shard of the bucket's gradients the average over the replicas (async_op
         False: done when it returns)."""
         bucket = self.buckets[i]
-        whole = self.grad_data[bucket.start:bucket.start + self.group.size() * bucket.shard_size]
         shard = self.shard_of(self.grad_data, bucket)
         # The average, as the plain all-reduce takes it: the sum divided after (as it lands, on
         # the backend's thread: wire._off_wire), where Megatron scales before
         # (gradient_scaling_factor); the same as the plain optimizer, bit for bit (Megatron's
         # rounds each share first: the same bits when d is a power of two).
-        return _reduce_scatter(whole, self.group, async_op=async_op,
+        return _reduce_scatter(self.bucket_data(self.grad_data, bucket), self.group,
+                               async_op=async_op,
                                then=lambda _: shard.div_(self.group.size()))
 
     def start_param_sync(self, i):
         """Launch bucket i's all-gather of every rank's updated shard of the parameters, into
         every rank's parameter buffer; returns the function that waits for it."""
         bucket = self.buckets[i]
-        whole = self.param_data[bucket.start:bucket.start + self.group.size() * bucket.shard_size]
-        return _all_gather(self.shard_of(self.param_data, bucket), self.group, out=whole,
-                           async_op=True)
+        return _all_gather(self.shard_of(self.param_data, bucket), self.group,
+                           out=self.bucket_data(self.param_data, bucket), async_op=True)
 
     def reduce_scatter_grads(self):
         """Each rank gets the average over the replicas of its shards of the gradients."""

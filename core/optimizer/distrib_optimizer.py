@@ -249,8 +249,8 @@ class DistributedOptimizer:
                 if b is buffer:
                     flat[at:at + hi - lo] = piece
             for bucket in buffer.buckets:
-                whole = flat[bucket.start:bucket.start + buffer.group.size() * bucket.shard_size]
-                _all_gather(buffer.shard_of(flat, bucket), buffer.group, out=whole)
+                _all_gather(buffer.shard_of(flat, bucket), buffer.group,
+                            out=buffer.bucket_data(flat, bucket))
             for param, start, _ in buffer.ranges:
                 mains[id(param)].copy_(flat[start:start + param.numel()].view_as(param))
         return main
