@@ -34,11 +34,13 @@ from core.distributed.param_and_grad_buffer import BucketGroup, buckets_of, grad
 from core.optimizer.distrib_optimizer import DistributedOptimizer
 from core.pipeline_parallel.schedules import chunk_layers, forward_only, get_forward_backward_func
 from core.tensor_parallel.sequence_parallel import sequence_parallel_disabled
+from core.transformer.moe.router import reset_global_aux_loss_trackers
 from train import build_model, evaluate, holds, load_data, make_optimizer, torch_optimizer
 from training import initialize
 from training.activation_memory import report_activations_kept
 from training.arguments import get_parallel_args
 from training.checkpointing import (
+    gather_over_experts,
     gather_over_pipeline,
     gather_serial_state_dict,
     load_checkpoint,
@@ -70,6 +72,7 @@ def train(model, optimizer, batches, logbook, args, start=0):
     for it in range(start + 1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
+        reset_global_aux_loss_trackers(model)  # --moe_router_load_balancing_type global_aux_loss
         # The micro-batches' forward and backward through the stages (one stage without a
         # pipeline); on the last, the loss: ToyModel's mean squared error, the transformer's
         # cross-entropy with the logits left split (Sec. 3).
@@ -167,7 +170,7 @@ def run(args, device, precision):
     ps.initialize_model_parallel(args.tensor_model_parallel_size,
                                  args.pipeline_model_parallel_size,
                                  args.virtual_pipeline_model_parallel_size,
-                                 args.context_parallel_size)
+                                 args.context_parallel_size, args.expert_model_parallel_size)
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
     model = build_chunks(args, device)
     wire.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")
@@ -274,8 +277,9 @@ def serial_state_dict(main):
     state = {}
     for chunk in main:
         state.update(gather_serial_state_dict(chunk))
+    state = gather_over_experts(state)
     stages = gather_over_pipeline(state)
-    if stages is None:
+    if stages is None or None in stages:  # (a pipeline of expert-parallel ranks other than 0)
         return None
     merged = {}
     for stage in stages:

@@ -18,6 +18,7 @@ from core.context_parallel.split import context_parallel_setup
 from core.optimizer import optimizer_with_param_groups
 from core.tensor_parallel.random import model_parallel_manual_seed
 from core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from core.transformer.moe.router import reset_global_aux_loss_trackers
 from model import ToyModel
 from training.arguments import get_args
 from training.checkpointing import (
@@ -81,9 +82,11 @@ def moe_config(args):
                 topk=args.moe_router_topk,
                 ffn_hidden_size=args.moe_ffn_hidden_size or args.hidden_size,
                 aux_loss_coeff=(args.moe_aux_loss_coeff
-                                if args.moe_router_load_balancing_type == "aux_loss" else 0.0),
+                                if args.moe_router_load_balancing_type != "none" else 0.0),
+                aux_loss_type=args.moe_router_load_balancing_type,
                 z_loss_coeff=args.moe_z_loss_coeff,
-                capacity_factor=args.moe_expert_capacity_factor)
+                capacity_factor=args.moe_expert_capacity_factor,
+                dispatcher=getattr(args, "moe_token_dispatcher_type", "alltoall"))
 
 
 def load_data(args):
@@ -146,6 +149,7 @@ def train(model, optimizer, batches, logbook, args):
     for it in range(1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
+        reset_global_aux_loss_trackers(model)  # --moe_router_load_balancing_type global_aux_loss
         loss = 0.0
         for x, y in zip(inputs.split(rows), targets.split(rows)):
             part = model.loss(model(x), y) / m  # its share of the mean

@@ -81,6 +81,7 @@ from core.tensor_parallel.sequence_parallel import (
     scatter_to_sequence_parallel_region,
 )
 from core.transformer.moe.moe_layer import MoELayer
+from core.transformer.moe.router import TopKRouter
 from model import MLP
 from parallel_layers import (
     ColumnParallelLinear,
@@ -192,7 +193,8 @@ class Block(nn.Module):
             expert = lambda: MLP(width, moe["ffn_hidden_size"], dtype=dtype)
             self.mlp = MoELayer(width, moe["num_experts"], moe["topk"], expert,
                                 moe["aux_loss_coeff"], moe["z_loss_coeff"],
-                                moe["capacity_factor"], dtype)
+                                moe["capacity_factor"], dtype, moe["aux_loss_type"],
+                                parallel=tensor_parallel, dispatcher=moe["dispatcher"])
         self.dropout, self.sequence_parallel = dropout, sequence_parallel
         self.context_parallel = context_parallel is not None
 
@@ -269,7 +271,7 @@ class ToyTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(width, dtype=dtype)
         self._keep_this_stage(pre_process, post_process)
         for module in self.modules():  # their gradients come from 1/p of the tokens: summed
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, TopKRouter)):
                 for p in module.parameters():
                     p.grad_is_partial = self.sequence_parallel
 

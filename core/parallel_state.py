@@ -16,6 +16,9 @@ _TENSOR_AND_DATA_PARALLEL_GROUP = None  # the ranks of one pipeline stage
 _PIPELINE_MODEL_PARALLEL_GROUP = None
 _PIPELINE_GLOBAL_RANKS = None  # this rank's pipeline, stage by stage
 _EMBEDDING_GROUP = None  # the first and the last stage: the tied word embeddings' two copies
+_TENSOR_AND_CONTEXT_PARALLEL_GROUP = None  # a micro-batch's sequences: the ranks that split them
+_EXPERT_MODEL_PARALLEL_GROUP = None  # the ranks that hold the experts of one MoE layer between them
+_EXPERT_DATA_PARALLEL_GROUP = None  # the ranks that hold the same experts: their gradients summed
 _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = None  # the model chunk running now (interleaved 1F1B)
 _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
 
@@ -33,7 +36,8 @@ class ParallelConfigError(UserError, ValueError):
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size=None,
-                              context_parallel_size: int = 1) -> None:
+                              context_parallel_size: int = 1,
+                              expert_model_parallel_size: int = 1) -> None:
     """Split the world (DP x PP x CP x TP ranks) into tensor-, context-, data- and
     pipeline-parallel groups, in Megatron's rank order: TP fastest, then CP, then DP, then PP
     (Megatron's "tp-cp-ep-dp-pp", without experts).
@@ -46,15 +50,17 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     gradients can be averaged element-wise. Pipeline groups hold one rank of each stage ([0, 4],
     [1, 5], [2, 6], [3, 7]): stage s sends its activations to stage s + 1, point to point, the
     least frequent and smallest traffic, over the slowest links (Sec. 3.2). The embedding group
-    is each pipeline's first and last stage. Context parallelism: group_ranks.
+    is each pipeline's first and last stage. Context and expert parallelism: group_ranks.
     """
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
     global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP
     global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
-    world_size, tp, pp, cp = dist.get_world_size(), tensor_model_parallel_size, \
-        pipeline_model_parallel_size, context_parallel_size
-    groups = group_ranks(world_size, tp, pp, cp)
+    global _TENSOR_AND_CONTEXT_PARALLEL_GROUP, _EXPERT_MODEL_PARALLEL_GROUP
+    global _EXPERT_DATA_PARALLEL_GROUP
+    world_size, tp, pp, cp, ep = dist.get_world_size(), tensor_model_parallel_size, \
+        pipeline_model_parallel_size, context_parallel_size, expert_model_parallel_size
+    groups = group_ranks(world_size, tp, pp, cp, ep)
     _TENSOR_MODEL_PARALLEL_GROUP, _ = _create(groups["tensor"])
     _DATA_PARALLEL_GROUP, _ = _create(groups["data"])
     _CONTEXT_PARALLEL_GROUP, _ = _create(groups["context"]) if cp > 1 else (None, None)
@@ -67,11 +73,20 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
         _TENSOR_AND_DATA_PARALLEL_GROUP, _ = _create(groups["stage"])
         _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = _create(groups["pipeline"])
         _EMBEDDING_GROUP, _ = _create(groups["embedding"])
+    # Only the groups a run uses are created (each new_group is a communicator to set up).
+    _TENSOR_AND_CONTEXT_PARALLEL_GROUP = (
+        _create(groups["tensor_and_context"])[0] if tp > 1 and cp > 1 else
+        _CONTEXT_PARALLEL_GROUP if cp > 1 else _TENSOR_MODEL_PARALLEL_GROUP)
+    if ep > 1:
+        _EXPERT_MODEL_PARALLEL_GROUP, _ = _create(groups["expert_model"])
+        _EXPERT_DATA_PARALLEL_GROUP, _ = _create(groups["expert_data"])
+    else:  # every rank holds every expert: summed over the stage
+        _EXPERT_DATA_PARALLEL_GROUP = _TENSOR_AND_DATA_PARALLEL_GROUP
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = virtual_pipeline_model_parallel_size
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = 0 if virtual_pipeline_model_parallel_size else None
 
 
-def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1) -> dict:
+def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> dict:
     """The ranks of every group, by kind: lists of global ranks, in Megatron's order (TP fastest,
     then CP, then DP, then PP; initialize_model_parallel's docstring draws them for 8 ranks).
 
@@ -79,13 +94,26 @@ def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1) -> dict:
     of its tokens: its groups are TP apart ([0, 2], [1, 3] at TP 2, CP 2). A replica is then C
     ranks wide, each of them saw other tokens, and the gradients are averaged over the data- and
     context-parallel ranks together (`data_with_context`: Megatron's
-    get_data_parallel_group(with_context_parallel=True))."""
+    get_data_parallel_group(with_context_parallel=True)).
+
+    Expert parallelism (core/transformer/moe/) carves its groups out of each stage anew, in
+    Megatron's expert order "tp-ep-dp-pp" (its expert tensor-parallel size 1 here, context
+    parallelism folded into the data-parallel ranks): the E experts of a layer are spread over
+    `ep` consecutive ranks (`expert_model`: [0, 1], [2, 3] at EP 2), and the ranks that hold the
+    same experts (`expert_data`: [0, 2], [1, 3]) sum their gradients. Every rank of a stage holds
+    other tokens (sequence parallelism splits a sequence over the TP ranks), so the EP group may
+    cross the TP, CP and DP groups alike. `tensor_and_context`: the ranks of one micro-batch's
+    sequences, over which the router counts the tokens per expert (Megatron's tp_cp group)."""
     if world_size % (tp * pp * cp) != 0:
         raise ParallelConfigError(
             f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp} x "
             f"--pipeline_model_parallel_size {pp} x --context_parallel_size {cp}; launch a "
             f"multiple of {tp * pp * cp} ranks with torchrun --nproc_per_node")
     stage_size = world_size // pp  # the ranks of one pipeline stage
+    if stage_size % ep != 0:
+        raise ParallelConfigError(
+            f"--expert_model_parallel_size {ep} does not divide the {stage_size} ranks of a "
+            f"pipeline stage (tensor x context x data parallel); choose a divisor of {stage_size}")
     dp = stage_size // (tp * cp)
     pipelines = [list(range(first, world_size, stage_size)) for first in range(stage_size)]
 
@@ -99,6 +127,11 @@ def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1) -> dict:
               for c in range(cp)],
         data_with_context=[in_stage(s, t, tp) for s in range(pp) for t in range(tp)],
         stage=[list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)],
+        tensor_and_context=[in_stage(s, d * tp * cp, 1)[:tp * cp] for s in range(pp)
+                            for d in range(dp)],
+        expert_model=[in_stage(s, e * ep, 1)[:ep] for s in range(pp)
+                      for e in range(stage_size // ep)],
+        expert_data=[in_stage(s, e, ep) for s in range(pp) for e in range(ep)],
         pipeline=pipelines,
         embedding=[sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
 
@@ -154,6 +187,36 @@ def get_context_parallel_world_size() -> int:
 def get_context_parallel_rank() -> int:
     group = get_context_parallel_group()
     return 0 if group is None else dist.get_rank(group=group)
+
+
+def get_tensor_and_context_parallel_group():
+    """The ranks that split this rank's micro-batch's sequences (TP under sequence parallelism,
+    CP): the router's token counts are summed over them (Megatron's tp_cp group)."""
+    assert _TENSOR_AND_CONTEXT_PARALLEL_GROUP is not None, "call initialize_model_parallel() first"
+    return _TENSOR_AND_CONTEXT_PARALLEL_GROUP
+
+
+def get_expert_model_parallel_group():
+    """The ranks over which a MoE layer's experts are spread (None at EP 1: callers ask
+    get_expert_model_parallel_world_size first)."""
+    return _EXPERT_MODEL_PARALLEL_GROUP
+
+
+def get_expert_model_parallel_world_size() -> int:
+    group = get_expert_model_parallel_group()
+    return 1 if group is None else dist.get_world_size(group=group)
+
+
+def get_expert_model_parallel_rank() -> int:
+    group = get_expert_model_parallel_group()
+    return 0 if group is None else dist.get_rank(group=group)
+
+
+def get_expert_data_parallel_group():
+    """The ranks holding this rank's experts, each having run them on other tokens: their
+    gradients are summed over it (finalize_model_grads.py), not over the data-parallel group."""
+    assert _EXPERT_DATA_PARALLEL_GROUP is not None, "call initialize_model_parallel() first"
+    return _EXPERT_DATA_PARALLEL_GROUP
 
 
 def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
@@ -240,6 +303,8 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
     global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP
+    global _TENSOR_AND_CONTEXT_PARALLEL_GROUP, _EXPERT_MODEL_PARALLEL_GROUP
+    global _EXPERT_DATA_PARALLEL_GROUP
     if dist.is_initialized():
         if barrier:
             dist.barrier()
@@ -248,3 +313,5 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     _TENSOR_AND_DATA_PARALLEL_GROUP = _PIPELINE_GLOBAL_RANKS = _EMBEDDING_GROUP = None
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
     _CONTEXT_PARALLEL_GROUP = _DATA_PARALLEL_GROUP_WITH_CP = None
+    _TENSOR_AND_CONTEXT_PARALLEL_GROUP = _EXPERT_MODEL_PARALLEL_GROUP = None
+    _EXPERT_DATA_PARALLEL_GROUP = None

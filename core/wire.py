@@ -85,12 +85,14 @@ def device_is_set() -> bool:
 # ---------------------------------------------------------------------------
 # Checked, counted, then staged: over the tensor-parallel group unless they say otherwise.
 
-def _to_wire(op: str, tensor: torch.Tensor, ring_share, group, summed: bool = False):
+def _to_wire(op: str, tensor: torch.Tensor, ring_share, group, summed: bool = False,
+             agree=None):
     """check -> count -> stage, the one order of every collective (a tensor refused is not
     counted); returns what the backend moves. `ring_share(p)`: the share of its bytes each of the
     group's p ranks sends in a ring (_count); `group`: the collective's; `summed`: the collective
-    adds the ranks' tensors (so --tp_reduce_dtype float32 widens a bf16 one)."""
-    _check(op, tensor, group)
+    adds the ranks' tensors (so --tp_reduce_dtype float32 widens a bf16 one); `agree()`: what
+    the ranks must agree on, checked in place of the same shape (an all-to-all's split sizes)."""
+    _check(op, tensor, group, agree)
     p = dist.get_world_size(group)
     _count(op, _wire_dtype(tensor, summed), tensor.numel(), ring_share(p))
     return _on_wire(tensor, summed)
@@ -140,13 +142,35 @@ NCCL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torc
 CHECK_COLLECTIVES = os.environ.get("TP_CHECK_COLLECTIVES", "0") == "1"
 
 
-def _check(op: str, tensor: torch.Tensor, group) -> None:
+def _check(op: str, tensor: torch.Tensor, group, agree=None) -> None:
     """NCCL's rules, on every backend, so that a CPU run finds what a GPU run would refuse."""
     _check_rules(op, tensor)
     if group is None:  # torch would take the world: name the group, as Megatron's calls do
         raise CollectiveRuleError(f"{op}: no process group given")
     if CHECK_COLLECTIVES:
-        _check_same_on_every_rank(op, tensor, group)
+        agree() if agree is not None else _check_same_on_every_rank(op, tensor, group)
+
+
+def check_splits(op, tensor, group, output_splits, input_splits):
+    """An all-to-all with split sizes (expert parallelism's): this rank's rows are the ones it
+    sends, and under TP_CHECK_COLLECTIVES every rank receives from rank j what rank j sends it.
+    Split sizes the ranks disagree on hang NCCL (and gloo moves the wrong rows); here they fail."""
+    if tensor.shape[0] != sum(input_splits):
+        raise CollectiveRuleError(f"{op}: {tensor.shape[0]} rows to send, but the input split "
+                                  f"sizes {list(input_splits)} add up to {sum(input_splits)}")
+    if not CHECK_COLLECTIVES:
+        return
+    mine = _on_wire(torch.tensor([list(input_splits), list(output_splits)],
+                                 dtype=torch.int64, device=get_device()))
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    me = dist.get_rank(group)
+    for rank, theirs in enumerate(everyone):
+        if theirs[0, me] != mine[1, rank]:
+            raise CollectiveRuleError(
+                f"{op}: split sizes the ranks disagree on (NCCL would hang): this rank expects "
+                f"{int(mine[1, rank])} rows from rank {rank} of the group, which sends it "
+                f"{int(theirs[0, me])}")
 
 
 def _check_rules(op: str, tensor: torch.Tensor) -> None:
@@ -223,7 +247,7 @@ def _on_wire(tensor: torch.Tensor, summed: bool = False) -> torch.Tensor:
 COLLECTIVES = {}  # "module.function": every function marked @collective, for the tests
 
 
-def collective(name: str, ring_share, summed: bool = False):
+def collective(name: str, ring_share, summed: bool = False, agree=None):
     """Put the wire around `fn(tensor, group, ...)`, a function that makes one torch.distributed
     call on `tensor` over `group` and returns its result (or, called with async_op=True, the
     result and torch's work handle): checked, counted under `name`, staged (module docstring).
@@ -236,7 +260,9 @@ def collective(name: str, ring_share, summed: bool = False):
     returns at once a function that waits and returns the result (under TP_CHECK_COLLECTIVES one
     that runs it then: _deferred); `then(result)`, if given, runs as the result lands
     (_off_wire). `ring_share(p)`: the share of its bytes each of p ranks sends when the
-    collective runs as a ring (_count); `summed`: the collective adds the ranks' tensors.
+    collective runs as a ring (_count); `summed`: the collective adds the ranks' tensors;
+    `agree(name, tensor, group, *args)`: what the ranks must agree on, checked in place of the
+    same shape (check_splits: an all-to-all's split sizes).
     """
     def wrap(fn):
         @functools.wraps(fn)
@@ -244,7 +270,8 @@ def collective(name: str, ring_share, summed: bool = False):
             given = tensor
             if isinstance(tensor, (list, tuple)):
                 tensor = torch.cat([t.reshape(-1) for t in given])
-            staged = _to_wire(name, tensor, ring_share, group, summed)
+            check = (lambda: agree(name, tensor, group, *args)) if agree else None
+            staged = _to_wire(name, tensor, ring_share, group, summed, check)
             if out is not None:
                 _check_rules(name, out)
                 given, tensor, kwargs["out"] = out, out, _empty_on_wire(out, summed)

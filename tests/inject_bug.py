@@ -67,7 +67,7 @@ max_norm = float(sys.argv[sys.argv.index("--clip_grad") + 1]) if "--clip_grad" i
 if kind in ("drop", "average", "off_by_1pct", "skipped_once"):
     mappings._reduce, parallel_train.Logbook = broken_reduce, CountingLogbook
 elif kind == "replicated_counted_tp_times":
-    clip_grads.counted_once = lambda param: True
+    clip_grads.counted_once = lambda param, sharded=False: True
 elif kind == "norm_not_all_reduced":
     clip_grads._sum_squares = lambda squares, group: (
         squares if group is ps.get_tensor_model_parallel_group() else sum_squares(squares, group))

@@ -75,7 +75,8 @@ MUTANTS = {
         ["tests/test_layers.py", "tests/test_model.py", "tests/test_end_to_end.py"]),
     # Clipping (training/clip_grads.py).
     "replicated parameters counted TP times": (
-        "training/clip_grads.py", "for p in filter(counted_once, parameters):",
+        "training/clip_grads.py",
+        "for p in (p for p in parameters if counted_once(p, sharded)):",
         "for p in parameters:", ["tests/test_precision.py"]),
     "the norm not all-reduced": (
         "training/clip_grads.py",

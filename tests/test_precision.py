@@ -142,7 +142,7 @@ def _clip_matches_serial(mutant, sequence_parallel):
     from training.checkpointing import gather_serial_state_dict
     from transformer import ToyTransformer
     if mutant == "replicated_counted_tp_times":
-        clip_grads.counted_once = lambda param: True
+        clip_grads.counted_once = lambda param, sharded=False: True
     if mutant == "norm_not_all_reduced":
         clip_grads._sum_squares = lambda squares, group: squares
     make = lambda tp: ToyTransformer(50, 8, 16, 64, 4, 1, tp, 0.0, sequence_parallel and tp,

@@ -80,7 +80,7 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
     p.add_argument("--recompute_granularity", choices=["full", "selective"], default=None,
                    help="transformer: recompute in backward each block (full) or its attention "
                         "core (selective) instead of keeping their activations (recompute.py)")
-    # Mixture of experts (core/transformer/moe/, issue 40: serial so far), Megatron's names.
+    # Mixture of experts (core/transformer/moe/), Megatron's names.
     p.add_argument("--num_experts", type=int, default=None, metavar="E",
                    help="transformer: each MLP (every --moe_layer_freq-th block's) becomes E "
                         "experts and a router that sends each token to its top k")
@@ -89,10 +89,11 @@ def get_args_parser(prog="train.py", description="Train the ToyModel on one devi
                    help="each expert's hidden size (default --hidden_size)")
     p.add_argument("--moe_layer_freq", type=int, default=1,
                    help="every N-th block's MLP is routed, from the first (default: every one)")
-    p.add_argument("--moe_router_load_balancing_type", choices=["aux_loss", "none"],
-                   default="aux_loss",
+    p.add_argument("--moe_router_load_balancing_type",
+                   choices=["aux_loss", "global_aux_loss", "none"], default="aux_loss",
                    help="aux_loss: Switch's load-balancing loss over each micro-batch's tokens, "
-                        "weighted by --moe_aux_loss_coeff; none")
+                        "weighted by --moe_aux_loss_coeff; global_aux_loss: over the global "
+                        "batch's (every data-parallel rank's); none")
     p.add_argument("--moe_aux_loss_coeff", type=float, default=0.0)
     p.add_argument("--moe_z_loss_coeff", type=float, default=None,
                    help="ST-MoE's router z-loss, weighted by this (off by default)")
@@ -186,7 +187,8 @@ PARALLEL_ONLY = ("--tensor_model_parallel_size", "--distributed_timeout_minutes"
                  "--virtual_pipeline_model_parallel_size", "--use_distributed_optimizer",
                  "--context_parallel_size", "--cp_comm_type", "--cp_load_balance",
                  "--overlap_grad_reduce", "--ddp_bucket_size", "--overlap_param_gather",
-                 "--overlap_p2p_comm")
+                 "--overlap_p2p_comm", "--expert_model_parallel_size",
+                 "--expert_tensor_parallel_size", "--moe_token_dispatcher_type")
 SERIAL_ONLY = ("--reorder_seed",)
 
 
@@ -295,6 +297,17 @@ def get_parallel_args(argv=None):
                         help="interleaved pipeline: sends and receives posted, each waited for "
                              "only when its tensor is used (Megatron's overlap_p2p_comm, on by "
                              "default there; core/pipeline_parallel/schedules.py)")
+    parser.add_argument("--expert_model_parallel_size", type=int, default=1, metavar="EP",
+                        help="--num_experts: each MoE layer's experts spread over EP ranks, carved "
+                             "out of the data-parallel ones; tokens sent to them and back "
+                             "(Megatron's flag; core/transformer/moe/token_dispatcher.py)")
+    parser.add_argument("--expert_tensor_parallel_size", type=int, default=1,
+                        help="the experts' own tensor-parallel size: 1, whole experts")
+    parser.add_argument("--moe_token_dispatcher_type", choices=["allgather", "alltoall"],
+                        default="allgather",
+                        help="how tokens reach their experts' ranks: every rank's gathered "
+                             "(allgather, Megatron's default) or each sent where it goes "
+                             "(alltoall, the counts first)")
     parser.add_argument("--save", default=None, help="checkpoint directory (Megatron layout)")
     parser.add_argument("--save_interval", type=int, default=None,
                         help="checkpoint every N iterations (default 100), and at the end")
@@ -310,7 +323,8 @@ def get_parallel_args(argv=None):
     if args.ddp_bucket_size is not None and args.ddp_bucket_size <= 0:
         parser.error(f"--ddp_bucket_size must be a positive integer, got {args.ddp_bucket_size}")
     cp = args.context_parallel_size
-    for flag, size in (("tensor_model", tp), ("pipeline_model", pp), ("context", cp)):
+    for flag, size in (("tensor_model", tp), ("pipeline_model", pp), ("context", cp),
+                       ("expert_model", args.expert_model_parallel_size)):
         if size <= 0:
             parser.error(f"--{flag}_parallel_size must be a positive integer, got {size}")
     check_combinations(parser, args, FLAG_RULES)
@@ -415,9 +429,31 @@ MODEL_RULES = (
                    "transformer's blocks; the toy model has none: add --model transformer"),
 )
 FLAG_RULES = (
-    Rule(("num_experts",), lambda a: a.num_experts is not None,
-         lambda a: f"--num_experts {a.num_experts}: parallel_train.py does not split the experts "
-                   "yet (expert parallelism, issue 40); train the routed model with train.py"),
+    Rule(("expert_model_parallel_size", "num_experts"),
+         lambda a: a.expert_model_parallel_size > 1 and (
+             a.num_experts or 1) % a.expert_model_parallel_size != 0,
+         lambda a: f"--expert_model_parallel_size {a.expert_model_parallel_size} spreads each "
+                   f"MoE layer's experts over as many ranks: --num_experts {a.num_experts} must "
+                   "be a multiple of it" + (" (add --num_experts)" if not a.num_experts else "")),
+    Rule(("expert_tensor_parallel_size",), lambda a: a.expert_tensor_parallel_size != 1,
+         lambda a: f"--expert_tensor_parallel_size {a.expert_tensor_parallel_size}: each expert is "
+                   "whole on its rank here (size 1, docs/moe.md: what differs); leave it out"),
+    Rule(("num_experts", "tensor_model_parallel_size", "sequence_parallel"),
+         lambda a: a.num_experts and a.tensor_model_parallel_size > 1 and not a.sequence_parallel,
+         lambda a: f"--num_experts with --tensor_model_parallel_size "
+                   f"{a.tensor_model_parallel_size}: the experts are whole on each rank, and each "
+                   "rank must route other tokens (Megatron's rule too): add --sequence_parallel"),
+    Rule(("save", "use_distributed_optimizer", "expert_model_parallel_size"),
+         lambda a: a.save and a.use_distributed_optimizer and a.expert_model_parallel_size > 1,
+         lambda a: "--save with --use_distributed_optimizer and --expert_model_parallel_size "
+                   f"{a.expert_model_parallel_size}: the experts' optimizer shards are not "
+                   "written here (docs/moe.md); save with the plain optimizer (a checkpoint "
+                   "resumes under either)"),
+    Rule(("num_experts", "overlap_grad_reduce"),
+         lambda a: a.num_experts and a.overlap_grad_reduce,
+         lambda a: "--overlap_grad_reduce with --num_experts: the experts' gradients, summed over "
+                   "the expert-data-parallel group, have no buckets here (docs/moe.md); leave "
+                   "out --overlap_grad_reduce"),
     Rule(("tp_reduce_dtype", "dtype"), lambda a: a.tp_reduce_dtype == "float32" and
          a.dtype != "bfloat16",
          lambda a: f"--tp_reduce_dtype float32 changes bfloat16 runs only; this one is --dtype "

@@ -144,12 +144,14 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     distributed = isinstance(optimizer, DistributedOptimizer)
     trackers = context_parallel_trackers()
+    params, optimizer_state = named_parameters(model), None
+    if ps.get_expert_model_parallel_world_size() > 1 and not distributed:  # (every rank)
+        params, optimizer_state = with_every_expert(params, optimizer.state_dict())
     if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
-        params = named_parameters(model)
         state = dict(
             iteration=iteration,
             model={name: p.detach() for name, p in params},
-            optimizer=optimizer.state_dict(),
+            optimizer=optimizer_state or optimizer.state_dict(),
             sizes=sizes(args),
             identity=identity(args),
             partition_dims={n: getattr(p, "partition_dim", None) for n, p in params},
@@ -176,6 +178,40 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
     dist.barrier()  # every shard is on disk before the tracker points at it
     if dist.get_rank() == 0:
         atomic_write(os.path.join(directory, TRACKER), lambda f: f.write(f"{iteration}\n".encode()))
+
+
+def with_every_expert(params, optimizer_state):
+    """Expert parallelism: (name, parameter) and the optimizer's state_dict of this rank's part of
+    the model, with the experts of every rank of its expert-model-parallel group added (each
+    holds other experts): a shard then holds every expert, as the serial model does, and resumes
+    at any expert-parallel size (load_checkpoint keeps a rank's own)."""
+    state = optimizer_state["state"]
+    mine = {name: (p.detach().cpu(), state.get(i)) for i, (name, p) in enumerate(params)
+            if not getattr(p, "allreduce", True)}
+    everyone = [None] * ps.get_expert_model_parallel_world_size()
+    dist.all_gather_object(everyone, mine, group=ps.get_expert_model_parallel_group())
+    merged = with_experts_of({name: (p, state.get(i)) for i, (name, p) in enumerate(params)},
+                             everyone)
+    names = list(merged)
+    groups = groups_over(optimizer_state["param_groups"], [merged[n][0] for n in names])
+    return [(name, merged[name][0]) for name in names], dict(
+        state={i: merged[n][1] for i, n in enumerate(names) if merged[n][1]}, param_groups=groups)
+
+
+def with_experts_of(state, everyone):
+    """`state` ({name: value}, serial order) with each MoE layer's experts replaced by those of
+    `everyone` ([{name: value} of each expert-parallel rank's experts], in rank order): serial's
+    names, in serial's order."""
+    merged = {}
+    for name, value in state.items():
+        layer = name.split("local_experts.")[0] + "local_experts." \
+            if "local_experts." in name else None
+        if layer is None:
+            merged[name] = value
+        elif not any(n.startswith(layer) for n in merged):  # the layer's first: all its experts
+            merged.update((n, v) for part in everyone for n, v in part.items()
+                          if n.startswith(layer))
+    return merged
 
 
 def context_parallel_trackers():
@@ -459,8 +495,8 @@ def load_checkpoint(directory, model, optimizer, args):
                               f"resume with --weight_decay {decay:g}")
     args.run_id = saved_identity.get("run", args.run_id)  # the run goes on under its own id
     state = saved if saved_tp == tp else reshard(read, saved_tp, tp, tp_rank)
-    if restaged:
-        state = this_stages_part(state, [name for name, _ in named_parameters(model)])
+    if restaged or ps.get_expert_model_parallel_world_size() > 1:  # (a shard holds every
+        state = this_stages_part(state, [name for name, _ in named_parameters(model)])  # expert)
     for chunk in chunks_of(model):  # each chunk its parameters, under the whole model's names
         chunk.load_state_dict({name: state["model"][name] for name in chunk.state_dict()})
     groups, changed = resumed_hyperparameters(state["optimizer"]["param_groups"], args)
@@ -678,6 +714,19 @@ def gather_over_pipeline(obj):
     gathered = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
     dist.gather_object(obj, gathered, dst=first, group=group)
     return gathered
+
+
+def gather_over_experts(state):
+    """`state` with every expert of its MoE layers, gathered from the expert-model-parallel
+    group onto its first rank (None on the others); as it is without expert parallelism."""
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return state
+    group = ps.get_expert_model_parallel_group()
+    first = dist.get_global_rank(group, 0)
+    experts = {name: t for name, t in state.items() if "local_experts." in name}
+    gathered = [None] * group.size() if dist.get_rank() == first else None
+    dist.gather_object(experts, gathered, dst=first, group=group)
+    return with_experts_of(state, gathered) if gathered else None
 
 
 def gather_serial_state_dict(model: nn.Module) -> dict:

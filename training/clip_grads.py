@@ -22,6 +22,11 @@ megatron/core/optimizer/clip_grads.py):
     last stage's copy of the tied word embeddings is not counted, the first
     stage's is (Megatron's param_is_not_shared): after the embedding group's sum
     both hold the one gradient the serial weight has;
+  * a MoE layer's experts under expert parallelism (core/transformer/moe/): each
+    rank of an expert-model-parallel group holds other experts, whole (after their
+    gradients' sum over the ranks holding the same ones): their squares are summed
+    over that group, once, beside the dense layers' (Megatron sums them over its
+    expert groups apart, too);
   * under the distributed optimizer (distrib_optimizer.py) each replica holds
     its shard of the gradients, as pieces that carry their parameter's marks:
     every rank's sum is added in one all-reduce over all ranks (as Megatron
@@ -38,13 +43,17 @@ from core import parallel_state as ps
 from core import wire
 
 
-def counted_once(param) -> bool:
+def counted_once(param, sharded=False) -> bool:
     """Does this rank add `param`'s gradient to the global norm? Shards: every rank its own.
     Replicated parameters: rank 0 of the tensor-parallel group only. The tied embeddings: the
-    first pipeline stage's copy only."""
+    first pipeline stage's copy only. Experts under expert parallelism, and `sharded` (the
+    distributed optimizer's pieces, the experts' over every rank of a stage): every rank its
+    own."""
     if getattr(param, "shared_embedding", False) and ps.is_pipeline_last_stage(ignore_virtual=True):
         return False
-    if getattr(param, "tensor_model_parallel", False):
+    if getattr(param, "tensor_model_parallel", False) or expert_parallel(param):
+        return True
+    if sharded and not getattr(param, "allreduce", True):  # the experts' shards: over all ranks
         return True
     return not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_rank() == 0
 
@@ -55,15 +64,17 @@ def get_grad_norm(parameters, sharded=False) -> torch.Tensor:
     parameters = [p for p in parameters if p.grad is not None]
     if not parameters:  # no gradient yet, on any rank alike: 0, as torch's clip_grad_norm_ says
         return torch.zeros(())
-    squares = parameters[0].grad.new_zeros(1)
-    for p in filter(counted_once, parameters):
-        squares += p.grad.pow(2).sum()
+    squares, experts = parameters[0].grad.new_zeros(1), parameters[0].grad.new_zeros(1)
+    for p in (p for p in parameters if counted_once(p, sharded)):
+        (experts if expert_parallel(p) and not sharded else squares).add_(p.grad.pow(2).sum())
     if sharded:  # every rank holds its own part: one sum over all of them, as Megatron's
         _sum_squares(squares, dist.group.WORLD)
         return squares[0].sqrt()
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         # + the other ranks' shards (and their zero for replicated ones)
         _sum_squares(squares, ps.get_tensor_model_parallel_group())
+    if any(map(expert_parallel, parameters)):  # + the other experts, once each
+        squares += _sum_expert_squares(experts, ps.get_expert_model_parallel_group())
     if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         _sum_squares_over_stages(squares, ps.get_pipeline_model_parallel_group())  # + other stages
     return squares[0].sqrt()
@@ -72,6 +83,14 @@ def get_grad_norm(parameters, sharded=False) -> torch.Tensor:
 @wire.collective("grad_norm_all_reduce", wire.ALL_REDUCE, summed=True)
 def _sum_squares(squares, group):
     """Every rank's sum of squares, summed over `group`, in place."""
+    dist.all_reduce(squares, group=group)
+    return squares
+
+
+@wire.collective("grad_norm_expert_all_reduce", wire.ALL_REDUCE, summed=True)
+def _sum_expert_squares(squares, group):
+    """Every rank's experts' sum of squares, summed over the expert-model-parallel `group`, in
+    place."""
     dist.all_reduce(squares, group=group)
     return squares
 
@@ -93,3 +112,9 @@ def clip_grad_norm(parameters, max_norm: float, sharded=False) -> torch.Tensor:
     for p in parameters:
         p.grad.mul_(coefficient)
     return norm
+
+
+def expert_parallel(param) -> bool:
+    """An expert spread over the expert-model-parallel group (each rank holds other experts)."""
+    return not getattr(param, "allreduce", True) and ps.model_parallel_is_initialized() and \
+        ps.get_expert_model_parallel_world_size() > 1

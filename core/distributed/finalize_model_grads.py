@@ -14,7 +14,11 @@ After backward each rank's gradients are not yet the model's:
   * pipeline parallelism (Narayanan et al., 2021): the tied word embeddings live on the first
     stage (the lookup) and the last (the output layer), each copy with the gradient of its own
     use; summed over the embedding group, both take the step the serial model's one weight
-    takes, and stay equal (Megatron's `_allreduce_word_embedding_grads`).
+    takes, and stay equal (Megatron's `_allreduce_word_embedding_grads`);
+  * expert parallelism (core/transformer/moe/): a MoE layer's experts (marked `allreduce`
+    False, as Megatron marks them) ran on the tokens routed to them from their
+    expert-model-parallel group only: summed over the ranks that hold the same experts (the
+    expert-data-parallel group), not averaged over the data-parallel one (allreduce_expert_grads).
 
 The loss the ranks report is finished alongside: the sum of the micro-batches' shares, averaged
 over the replicas where the model says it is a partial sum (`loss_is_partial`: ToyModel's under
@@ -33,7 +37,7 @@ import torch.distributed as dist
 
 from core import parallel_state as ps
 from core import wire
-from core.optimizer.distrib_optimizer import DistributedOptimizer
+from core.optimizer.distrib_optimizer import DistributedOptimizer, is_expert
 
 
 def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
@@ -60,9 +64,38 @@ def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
         loss = average_over_data_parallel_replicas(params, loss, partial)
     elif partial or any(getattr(p, "grad_is_partial", False) for p in params):
         loss = allreduce_sequence_parallel_grads(params, loss, partial)
+    allreduce_expert_grads([p.grad for p in params if is_expert(p)])
     if ps.get_pipeline_model_parallel_world_size() > 1:
         allreduce_embedding_grads([p.grad for p in params if getattr(p, "shared_embedding", 0)])
     return broadcast_from_last_stage(loss.detach())
+
+
+def allreduce_expert_grads(grads):
+    """The experts' gradients summed over the expert-data-parallel group and divided by the
+    data-parallel size (x the context-parallel size), in place (Megatron's DDP:
+    expert_gradient_scaling_factor, 1 / its data_parallel_world_size).
+
+    Why that divisor: every rank of a stage routes other tokens (other rows, other chunks of a
+    sequence), an expert's gradient on a rank is the sum over the tokens that reached it, from
+    its expert-model-parallel group; summed over the ranks that hold the expert, every token of
+    the stage has been counted once. The dense layers' gradients are averaged over the d data-
+    (and context-) parallel ranks, each rank's loss a mean over its own tokens: the experts'
+    sum is divided by the same d, whatever the size of their group."""
+    if not grads:
+        return
+    group = ps.get_expert_data_parallel_group()
+    d = ps.get_data_parallel_world_size(with_context_parallel=True)
+    if group.size() > 1:
+        _allreduce_expert_grads(grads, group)
+    for g in grads:
+        g.div_(d)
+
+
+@wire.collective("expert_dp_all_reduce", wire.ALL_REDUCE, summed=True)
+def _allreduce_expert_grads(coalesced, group):
+    """Sum over the expert-data-parallel group, in place."""
+    dist.all_reduce(coalesced, group=group)
+    return coalesced
 
 
 def allreduce_embedding_grads(grads):
@@ -129,10 +162,12 @@ def average_over_data_parallel_replicas(params, loss, loss_is_partial):
 
 def by_kind(params, grads):
     """`grads` (of `params`) by how they are averaged: "split" (this rank's shards, over the
-    data-parallel group), "whole" and "partial" (every tensor-parallel rank's, over the stage)."""
-    kinds = {"split": [], "partial": [], "whole": []}
+    data-parallel group), "whole" and "partial" (every tensor-parallel rank's, over the stage),
+    "expert" (allreduce_expert_grads, apart)."""
+    kinds = {"split": [], "partial": [], "whole": [], "expert": []}
     for p, g in zip(params, grads):
-        kinds["split" if getattr(p, "tensor_model_parallel", False) else
+        kinds["expert" if is_expert(p) else
+              "split" if getattr(p, "tensor_model_parallel", False) else
               "partial" if getattr(p, "grad_is_partial", False) else "whole"].append(g)
     return kinds
 

@@ -144,11 +144,15 @@ class ParamAndGradBuffer:
     (docs/distributed-optimizer.md).
     """
 
-    def __init__(self, params, grad_dtype, bucket_size=None):
+    def __init__(self, params, grad_dtype, bucket_size=None, expert=False):
         # The replicas and their context-parallel ranks (Megatron's with_context_parallel=True):
-        # every rank of them reduces the same gradients.
-        self.group = ps.get_data_parallel_group(with_context_parallel=True)
-        d, self.rank = self.group.size(), ps.get_data_parallel_rank(with_context_parallel=True)
+        # every rank of them reduces the same gradients. `expert`: a MoE layer's experts', summed
+        # over the ranks that hold them (the expert-data-parallel group), divided by the same
+        # number, the replicas' (finalize_model_grads.allreduce_expert_grads says why).
+        self.group = ps.get_expert_data_parallel_group() if expert else \
+            ps.get_data_parallel_group(with_context_parallel=True)
+        self.divisor = ps.get_data_parallel_world_size(with_context_parallel=True)
+        d, self.rank = self.group.size(), self.group.rank()
         groups = [list(params)] if bucket_size is None else buckets_of(params, bucket_size)
         self.buckets, start = [], 0
         for bucket in groups:
@@ -199,7 +203,7 @@ class ParamAndGradBuffer:
         # rounds each share first: the same bits when d is a power of two).
         return _reduce_scatter(self.bucket_data(self.grad_data, bucket), self.group,
                                async_op=async_op,
-                               then=lambda _: shard.div_(self.group.size()))
+                               then=lambda _: shard.div_(self.divisor))
 
     def start_param_sync(self, i):
         """Launch bucket i's all-gather of every rank's updated shard of the parameters, into

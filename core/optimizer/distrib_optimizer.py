@@ -53,7 +53,8 @@ from core.optimizer import in_group, no_weight_decay, regrouped
 
 # What a piece of a main parameter inherits from its model parameter: what the gradient's sums
 # (finalize_model_grads.py) and the clipping norm (training/clip_grads.py) ask of a parameter.
-INHERITED = ("tensor_model_parallel", "partition_dim", "grad_is_partial", "shared_embedding")
+INHERITED = ("tensor_model_parallel", "partition_dim", "grad_is_partial", "shared_embedding",
+             "allreduce")
 
 
 class DistributedOptimizerError(ps.UserError, ValueError):
@@ -83,14 +84,15 @@ class DistributedOptimizer:
         self.main_dtype = self.params[0].dtype  # fp32 under bf16: the gradients' and the pieces'
         values = [p.detach().reshape(-1) for p in self.params]  # in the main dtype, before the cast
         model.to(dtype)
-        # One buffer per dtype per chunk, as Megatron's DDP gives each chunk its own.
+        # One buffer per dtype per chunk, as Megatron's DDP gives each chunk its own, and the
+        # MoE experts' apart: sharded over the ranks that hold them (expert_data_parallel).
         self.buffers = []
         for chunk in model:
-            by_dtype = {}
+            by_kind = {}
             for p in chunk.parameters():
-                by_dtype.setdefault(p.dtype, []).append(p)
-            self.buffers += [ParamAndGradBuffer(params, self.main_dtype, bucket_size)
-                             for params in by_dtype.values()]
+                by_kind.setdefault((p.dtype, is_expert(p)), []).append(p)
+            self.buffers += [ParamAndGradBuffer(params, self.main_dtype, bucket_size, expert)
+                             for (_, expert), params in by_kind.items()]
         self.pieces = self._pieces(values)
         for param in self.params:
             param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
@@ -108,7 +110,7 @@ class DistributedOptimizer:
         """(main piece, its buffer, its model parameter, lo, hi, where [lo, hi) is in the buffer)
         for every piece of this rank's shards; `values`: the parameters in the main dtype."""
         d = ps.get_data_parallel_world_size(with_context_parallel=True)
-        if all((d - 1) * bucket.shard_size >= bucket.numel
+        if all((buffer.group.size() - 1) * bucket.shard_size >= bucket.numel
                for buffer in self.buffers for bucket in buffer.buckets):
             raise DistributedOptimizerError(
                 f"--use_distributed_optimizer: the {sum(b.numel for b in self.buffers)} "
@@ -254,6 +256,12 @@ class DistributedOptimizer:
             for param, start, _ in buffer.ranges:
                 mains[id(param)].copy_(flat[start:start + param.numel()].view_as(param))
         return main
+
+
+def is_expert(param) -> bool:
+    """A MoE layer's expert (Megatron's mark, `allreduce` False: not averaged over the
+    data-parallel group, summed over the expert-data-parallel one)."""
+    return not getattr(param, "allreduce", True)
 
 
 def _per_element(value, param) -> bool:

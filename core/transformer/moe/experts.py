@@ -9,14 +9,22 @@ import torch.nn as nn
 
 
 class SequentialMLP(nn.Module):
-    """`local_experts`: `num_experts` of make_expert(). forward(permuted tokens, laid out expert
-    by expert as moe_utils.permute lays them; tokens_per_expert) -> their outputs, in the same
-    rows."""
+    """`local_experts`: this rank's experts, named by their number among all `num_experts`
+    (expert parallelism's rank r holds `local` = r E/EP ... (r+1) E/EP - 1; serial all), so that
+    every rank's parameters carry the serial model's names. forward(permuted tokens, laid out
+    expert by expert as moe_utils.permute lays them; tokens_per_expert) -> their outputs, in the
+    same rows."""
 
-    def __init__(self, num_experts, make_expert):
+    def __init__(self, num_experts, make_expert, local=None):
         super().__init__()
-        self.local_experts = nn.ModuleList(make_expert() for _ in range(num_experts))
+        local = range(num_experts) if local is None else local
+        # Every expert drawn, in order, then this rank's kept: each has serial's initial weights.
+        experts = [make_expert() for _ in range(num_experts)]
+        self.local_experts = nn.ModuleDict({str(i): experts[i] for i in local})
+        for p in self.parameters():  # Megatron's mark: summed over the expert-data-parallel
+            p.allreduce = False       # group, not averaged over the data-parallel one
 
     def forward(self, permuted_tokens, tokens_per_expert):
         chunks = permuted_tokens.split(tokens_per_expert.tolist())
-        return torch.cat([expert(chunk) for expert, chunk in zip(self.local_experts, chunks)])
+        return torch.cat([expert(chunk) for expert, chunk in
+                          zip(self.local_experts.values(), chunks)])
