@@ -34,7 +34,7 @@ from core.distributed.param_and_grad_buffer import BucketGroup, buckets_of, grad
 from core.optimizer.distrib_optimizer import DistributedOptimizer
 from core.pipeline_parallel.schedules import chunk_layers, forward_only, get_forward_backward_func
 from core.tensor_parallel.sequence_parallel import sequence_parallel_disabled
-from core.transformer.moe.router import reset_global_aux_loss_trackers
+from core.transformer.moe.router import reset_moe_trackers
 from train import build_model, evaluate, holds, load_data, make_optimizer, torch_optimizer
 from training import initialize
 from training.activation_memory import report_activations_kept
@@ -50,7 +50,7 @@ from training.checkpointing import (
 from training.clip_grads import clip_grad_norm
 from training.data import iterate_batches, to_tensors
 from training.logbook import Logbook, report_communication
-from training.metrics import MetricsWriter, run_config, save_model
+from training.metrics import MetricsWriter, moe_load, run_config, save_model
 from training.mixed_precision import main_model, optimized_parameters
 from training.operations import (
     leaving_together,
@@ -72,7 +72,7 @@ def train(model, optimizer, batches, logbook, args, start=0):
     for it in range(start + 1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        reset_global_aux_loss_trackers(model)  # --moe_router_load_balancing_type global_aux_loss
+        reset_moe_trackers(model)  # --num_experts: the step's counts (router.py)
         # The micro-batches' forward and backward through the stages (one stage without a
         # pipeline); on the last, the loss: ToyModel's mean squared error, the transformer's
         # cross-entropy with the logits left split (Sec. 3).
@@ -84,7 +84,8 @@ def train(model, optimizer, batches, logbook, args, start=0):
         grad_norm = clip_grad_norm(params, args.clip_grad, sharded=args.use_distributed_optimizer) \
             if args.clip_grad else None
         optimizer.step()  # (--overlap_param_gather: its all-gathers waited for by the next forward)
-        logbook.step(it, loss, grad_norm)  # logging, validation, the ranks' agreement, checkpoints
+        # logging, validation, the ranks' agreement, checkpoints
+        logbook.step(it, loss, grad_norm, moe_load(model, args))
     finish_param_sync(optimizer)
 
 

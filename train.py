@@ -18,7 +18,7 @@ from core.context_parallel.split import context_parallel_setup
 from core.optimizer import optimizer_with_param_groups
 from core.tensor_parallel.random import model_parallel_manual_seed
 from core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from core.transformer.moe.router import reset_global_aux_loss_trackers
+from core.transformer.moe.router import reset_moe_trackers
 from model import ToyModel
 from training.arguments import get_args
 from training.checkpointing import (
@@ -30,7 +30,7 @@ from training.checkpointing import (
 from training.clip_grads import clip_grad_norm
 from training.data import iterate_batches, load_dataset, load_token_dataset, to_tensors
 from training.logbook import Logbook
-from training.metrics import MetricsWriter, run_config, save_model
+from training.metrics import MetricsWriter, moe_load, run_config, save_model
 from training.mixed_precision import MixedPrecisionOptimizer, main_model, optimized_parameters
 from training.operations import pin_float32_precision, run_cli
 from training.reorder import reorder_sums
@@ -149,7 +149,7 @@ def train(model, optimizer, batches, logbook, args):
     for it in range(1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        reset_global_aux_loss_trackers(model)  # --moe_router_load_balancing_type global_aux_loss
+        reset_moe_trackers(model)  # --num_experts: the step's counts (router.py)
         loss = 0.0
         for x, y in zip(inputs.split(rows), targets.split(rows)):
             part = model.loss(model(x), y) / m  # its share of the mean
@@ -157,7 +157,8 @@ def train(model, optimizer, batches, logbook, args):
             loss += part.detach()
         grad_norm = clip_grad_norm(params, args.clip_grad) if args.clip_grad else None
         optimizer.step()
-        logbook.step(it, loss, grad_norm)  # logging, validation, metrics.csv: training/logbook.py
+        # logging, validation, metrics.csv: training/logbook.py
+        logbook.step(it, loss, grad_norm, moe_load(model, args))
 
 
 def holds(args):

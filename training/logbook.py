@@ -53,6 +53,7 @@ class Logbook:
         self.save, self.save_interval = None, None
         self.rows, self.pending, self.unwritten, self.running = [], [], [], 0.0
         self.pending_norms = []  # with --clip_grad, each step's gradient norm
+        self.pending_loads = []  # with --num_experts, each step's load (metrics.moe_load)
         self.start = start
         self.first_step_comm = {}  # the collectives of the first step; stays empty if none ran
 
@@ -61,12 +62,14 @@ class Logbook:
         disk."""
         self.save, self.save_interval = save, interval
 
-    def step(self, it, loss, grad_norm=None):
+    def step(self, it, loss, grad_norm=None, load=None):
         if not self.pending and not self.rows:
             self.first_step_comm = wire.comm_stats()
         self.pending.append(loss.detach())
         if grad_norm is not None:
             self.pending_norms.append(grad_norm.detach())
+        if load is not None:
+            self.pending_loads.append(load)
         args = self.args
         evaluating = it % args.eval_interval == 0 or it == args.num_iterations
         # Every save_interval iterations and at the end, as Megatron does.
@@ -81,10 +84,11 @@ class Logbook:
         if diverged is not None:  # the same on every rank: they share the loss
             losses = losses[:diverged + 1]
         first = it - len(self.pending) + 1
-        new_rows = [[first + k, v, None, norm] for k, (v, norm) in
-                    enumerate(zip(losses.tolist(), self._pending_norms(len(self.pending))))]
+        new_rows = [[first + k, v, None, norm, load] for k, (v, norm, load) in
+                    enumerate(zip(losses.tolist(), *self._pending_extras()))]
         self.rows += new_rows
-        self.pending, self.pending_norms, self.unwritten = [], [], new_rows
+        self.pending, self.pending_norms, self.pending_loads = [], [], []
+        self.unwritten = new_rows
         if evaluating and diverged is None:
             self.rows[-1][2] = self.validate()
         self._print(new_rows, it)
@@ -105,11 +109,13 @@ class Logbook:
                 self.metrics.flush()  # a resumed run keeps exactly the rows up to its checkpoint
             self.save(it)
 
-    def _pending_norms(self, n):
-        """The pending steps' gradient norms as floats (one device-to-host copy), or Nones."""
-        if not self.pending_norms:
-            return [None] * n
-        return torch.stack(self.pending_norms).to("cpu", torch.float64).tolist()
+    def _pending_extras(self):
+        """The pending steps' gradient norms and MoE loads as floats (a device-to-host copy
+        each), or Nones."""
+        n = len(self.pending)
+        as_floats = lambda ts: torch.stack(ts).to("cpu", torch.float64).tolist() if ts else \
+            [None] * n
+        return as_floats(self.pending_norms), as_floats(self.pending_loads)
 
     def _print(self, new_rows, it):
         for row in new_rows:
@@ -143,8 +149,9 @@ class Logbook:
         if self.metrics:  # every row so far reaches the disk, however the loop ends
             # Interrupted before a log point wrote them: no collective now, so no per-rank losses.
             first_pending = self.rows[-1][0] + 1 if self.rows else self.start + 1
-            self.unwritten += [[first_pending + k, float(t), None, norm] for k, (t, norm) in
-                               enumerate(zip(self.pending, self._pending_norms(len(self.pending))))]
+            self.unwritten += [[first_pending + k, float(t), None, norm, load]
+                               for k, (t, norm, load) in
+                               enumerate(zip(self.pending, *self._pending_extras()))]
             if self.unwritten:
                 self.metrics.write(self.unwritten, rank_losses=None)
             self.metrics.close()

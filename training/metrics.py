@@ -3,7 +3,12 @@
 metrics.csv columns: iteration, train_loss, valid_loss (empty where not
 evaluated), grad_norm (with --clip_grad: the global gradient norm before
 clipping), and in a tensor-parallel run train_loss_rank0 ... rankN-1, each
-rank's own loss (they must be equal: it is how a reader sees that they are).
+rank's own loss (they must be equal: it is how a reader sees that they are);
+with --num_experts the step's load (moe_load): tokens_expert_0 ... E-1, the
+tokens each expert took over every MoE layer and micro-batch, tokens_dropped
+beyond the capacity, and load_balancing_loss (over the layers, the
+micro-batches' mean, without its coefficient's gradient factor: the serial
+model's value)
 
 Every file is replaced atomically (written to a temporary name, then
 renamed), so a reader, a plot or a crash never sees half a file.
@@ -18,8 +23,12 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from core import parallel_state as ps
+from core import wire
 from core.parallel_state import UserError
+from core.transformer.moe.router import TopKRouter
 
 RUN_FILES = ("metrics.csv", "config.json", "model.pt")
 # An earlier run's files, moved here when a new run starts in the same --out_dir, and removed only
@@ -56,7 +65,10 @@ class MetricsWriter:
         ranks = [f"train_loss_rank{r}" for r in range(num_ranks)] if num_ranks > 1 else []
         self.grad_norm = config.get("clip_grad") is not None
         norm = ["grad_norm"] if self.grad_norm else []
-        self.rows = [["iteration", "train_loss", "valid_loss", *norm, *ranks]]
+        experts = config.get("num_experts") or 0
+        load = [f"tokens_expert_{e}" for e in range(experts)] + \
+            ["tokens_dropped", "load_balancing_loss"] * bool(experts)
+        self.rows = [["iteration", "train_loss", "valid_loss", *norm, *ranks, *load]]
         if resume_from and same_run(out_dir, config):
             # Keep the rows up to the checkpoint; rows after it were recomputed by this run. A run
             # resumed at another tensor-parallel size, or with --clip_grad switched, keeps the
@@ -97,17 +109,18 @@ class MetricsWriter:
         return rows[0], rows[1:]
 
     def write(self, rows, rank_losses):
-        """rows: [iteration, train_loss, valid_loss or None, grad_norm or None];
-        rank_losses: (ranks, len(rows)) or None."""
+        """rows: [iteration, train_loss, valid_loss or None, grad_norm or None, the MoE load
+        or None]; rank_losses: (ranks, len(rows)) or None."""
         if rank_losses is not None:
             per_rank = rank_losses.t().tolist()
         else:
             per_rank = [[""] * self.num_ranks] * len(rows)
         # repr() of a float round-trips exactly: float64 curves can be compared at 1e-15.
         text = lambda x: "" if x is None or x == "" else repr(x)
-        for (it, loss, valid, norm), losses in zip(rows, per_rank):
+        for (it, loss, valid, norm, *load), losses in zip(rows, per_rank):
             ranks = [text(x) for x in losses] if self.num_ranks > 1 else []
-            row = [it, repr(loss), text(valid), *([text(norm)] if self.grad_norm else []), *ranks]
+            row = [it, repr(loss), text(valid), *([text(norm)] if self.grad_norm else []), *ranks,
+                   *map(text, load[0] if load and load[0] else [])]
             self.rows.append(row + [""] * (len(self.rows[0]) - len(row)))
         if time.monotonic() - self.last_flush >= self.min_interval_s:
             self.flush()
@@ -233,3 +246,24 @@ def why_not_comparable(run_dirs, metrics, configs):
     if n[0] != n[1]:
         return f"the runs have {n[0]} and {n[1]} iterations (did one stop early?)"
     return None
+
+
+def moe_load(model, args):
+    """--num_experts: the step's load, summed over every rank and MoE layer (each rank routes
+    its own tokens, each stage its own layers), for metrics.csv: [tokens per expert..., tokens
+    dropped, load-balancing loss] (router.py's `load`); None without experts."""
+    if not args.num_experts:
+        return None
+    loads = [m.load for m in model.modules() if isinstance(m, TopKRouter)]
+    load = torch.stack(loads).sum(0) if loads else torch.zeros(args.num_experts + 2,
+                                                              dtype=torch.float64)
+    if ps.model_parallel_is_initialized():
+        load = _sum_over_every_rank(load.to(wire.get_device()), dist.group.WORLD)
+    load[-1] /= args.num_microbatches  # the micro-batches' mean
+    return load
+
+
+@wire.collective("moe_load_all_reduce", wire.ALL_REDUCE, summed=True)
+def _sum_over_every_rank(load, group):
+    dist.all_reduce(load, group=group)
+    return load

@@ -52,7 +52,7 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)
         self.losses = {}
-        self.reset_global_tokens_per_expert()
+        self.reset_trackers()
 
     def forward(self, tokens):
         logits = F.linear(at_least_fp32(tokens), at_least_fp32(self.weight))  # (docstring)
@@ -64,10 +64,26 @@ class TopKRouter(nn.Module):
         probs, routing_map = topk_routing_with_score_function(logits, self.topk)
         if self.aux_loss_coeff and training:
             self.losses["load_balancing_loss"] = self.load_balancing_loss(logits)
+        routed = routing_map.sum(0)
         if self.capacity_factor is not None:
             probs, routing_map = apply_router_token_dropping(probs, routing_map, self.topk,
                                                              self.capacity_factor)
+        if training:  # what the run logs (training/metrics.py: moe_load)
+            self.load += torch.cat([routing_map.sum(0), (routed - routing_map.sum(0)).sum(
+                ).reshape(1), self.logged_loss().reshape(1)]).to(self.load)
         return probs, routing_map
+
+    def logged_loss(self):
+        """This rank's share of the load-balancing loss the run logs (the serial model's, the
+        sum over the ranks divided by the micro-batches): its part before the gradient's factor,
+        under aux_loss over the d data-parallel ranks' micro-batches, 1/d."""
+        loss = self.losses.get("load_balancing_loss")
+        if loss is None:
+            return torch.zeros(())
+        divisor = self.load_balancing_group(self.aux_loss_type)[1]
+        if self.aux_loss_type == "aux_loss" and self.parallel:
+            divisor *= ps.get_data_parallel_world_size()
+        return loss.detach() / divisor
 
     def load_balancing_loss(self, logits):
         """Switch's loss over the set Megatron's --moe_router_load_balancing_type balances: this
@@ -103,18 +119,20 @@ class TopKRouter(nn.Module):
             return ps.get_tensor_and_data_parallel_group(), cp * dp
         return (tp_cp if tp_cp.size() > 1 else None), cp
 
-    def reset_global_tokens_per_expert(self):
-        """global_aux_loss: a new step's counts (the training loops call it, through
-        reset_global_aux_loss_trackers, before each step)."""
+    def reset_trackers(self):
+        """A new step: global_aux_loss's counts restart (Megatron resets them after each step),
+        and `load`, the step's [tokens per expert..., tokens dropped, load-balancing loss] (this
+        rank's; training/metrics.py's moe_load sums them). The training loops call it, through
+        reset_moe_trackers, before each step."""
         self.global_tokens_per_expert, self.ga_steps = 0, 0
+        self.load = torch.zeros(self.num_experts + 2, dtype=torch.float64)
 
 
-def reset_global_aux_loss_trackers(model):
-    """A new step for every router of `model` (global_aux_loss's counts restart; Megatron resets
-    them after each step)."""
+def reset_moe_trackers(model):
+    """A new step for every router of `model` (TopKRouter.reset_trackers)."""
     for module in model.modules():
         if isinstance(module, TopKRouter):
-            module.reset_global_tokens_per_expert()
+            module.reset_trackers()
 
 
 @wire.collective("moe_tokens_per_expert_all_reduce", wire.ALL_REDUCE, summed=True)
