@@ -164,13 +164,12 @@ def check_splits(op, tensor, group, output_splits, input_splits):
                                  dtype=torch.int64, device=get_device()))
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
-    me = dist.get_rank(group)
-    for rank, theirs in enumerate(everyone):
-        if theirs[0, me] != mine[1, rank]:
+    for i, j in ((i, j) for i in range(len(everyone)) for j in range(len(everyone))):
+        if everyone[i][0, j] != everyone[j][1, i]:  # every rank checks every pair: all raise
             raise CollectiveRuleError(
-                f"{op}: split sizes the ranks disagree on (NCCL would hang): this rank expects "
-                f"{int(mine[1, rank])} rows from rank {rank} of the group, which sends it "
-                f"{int(theirs[0, me])}")
+                f"{op}: split sizes the ranks disagree on (NCCL would hang): rank {i} of the "
+                f"group sends rank {j} {int(everyone[i][0, j])} rows, which expects "
+                f"{int(everyone[j][1, i])}")
 
 
 def _check_rules(op: str, tensor: torch.Tensor) -> None:

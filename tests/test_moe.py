@@ -1,4 +1,4 @@
-"""Mixture of experts (issue 40, in progress): core/transformer/moe/moe_utils.py's arithmetic
+"""Mixture of experts (issue 40): core/transformer/moe/moe_utils.py's arithmetic
 against the same computed one token and one expert at a time in Python floats. The router's
 numbers are fp32 (its softmax and top k, whatever the logits' dtype): within 1e-6 relative, a few
 fp32 roundings of 6e-8 each; the permutation keeps the tokens' float64 and sums each token's
@@ -205,11 +205,10 @@ def test_the_aux_losses_gradient_is_scaled_as_the_loss_share():
     assert all(torch.equal(a, p.grad) for a, p in zip(injected, layer.parameters()))
 
 
-def test_train_py_runs_the_routed_transformer_and_parallel_train_says_not_yet(token_dir,
-                                                                              tmp_path):
+def test_train_py_runs_the_routed_transformer(token_dir, tmp_path):
     """Serial train.py with 4 experts, top 2, the load-balancing and z losses, two micro-batches:
-    it learns (the validation loss falls); parallel_train.py refuses --num_experts in one line
-    (expert parallelism is to come), and the flags' checks are one line each."""
+    it learns (the validation loss falls), and the flags' checks are one line each (expert
+    parallelism's: test_expert_parallel.py)."""
     import csv
 
     from distributed import run_script
@@ -222,7 +221,6 @@ def test_train_py_runs_the_routed_transformer_and_parallel_train_says_not_yet(to
         valid = [float(row["valid_loss"]) for row in csv.DictReader(f) if row["valid_loss"]]
     assert valid[-1] < valid[0] and math.isfinite(valid[-1]), valid
     flags = ["--model", "transformer", "--num_experts", "4"]
-    assert "parallel_train.py does not split the experts yet" in flag_error(flags, 2)
     assert "--moe_router_topk 5 of --num_experts 4" in flag_error(
         [*flags, "--moe_router_topk", "5"], 1, parallel=False)
     assert "the toy model is one MLP and fc" in flag_error(["--num_experts", "4"], 1,

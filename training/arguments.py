@@ -360,6 +360,11 @@ def get_parallel_args(argv=None):
                      f"{tp} x --pipeline_model_parallel_size {pp} x --context_parallel_size {cp}; "
                      f"launch a multiple of {tp * pp * cp} processes")
     dp = args.data_parallel_size = world_size // (tp * pp * cp)
+    stage, ep = world_size // pp, args.expert_model_parallel_size
+    if stage % ep != 0:  # (parallel_state.group_ranks says it too, for callers of its own)
+        parser.error(f"--expert_model_parallel_size {ep} does not divide the {stage} ranks of a "
+                     f"pipeline stage (tensor x context x data parallel); choose a divisor of "
+                     f"{stage}")
     if args.batch_size % dp != 0:
         sizes = f"tensor-parallel size {tp}" if pp == cp == 1 else \
             f"(tensor-parallel size {tp} x pipeline-parallel size {pp}" + \

@@ -110,13 +110,22 @@ def sort_chunks_by_idxs(tokens, split_sizes, order):
     return torch.cat([chunks[i] for i in order])
 
 
-class MoEAlltoAllTokenDispatcher:
+class _Dispatcher:
+    def __init__(self, num_experts, group):
+        self.num_experts, self.group, self.ep = num_experts, group, group.size()
+
+    def __deepcopy__(self, memo):  # a copy of the model (bf16's fp32 main model): the same group
+        return type(self)(self.num_experts, self.group)
+
+
+class MoEAlltoAllTokenDispatcher(_Dispatcher):
     """alltoall: token_permutation(tokens [T, hidden], probs, routing_map [T, E]) -> (the tokens
     this rank's experts take, expert by expert; tokens per local expert); token_unpermutation(
     their outputs) -> [T, hidden], this rank's tokens' outputs, weighted by their probs."""
 
     def __init__(self, num_experts, group):
-        self.group, self.ep, rank = group, group.size(), group.rank()
+        super().__init__(num_experts, group)
+        rank = group.rank()
         self.num_local_experts = num_experts // self.ep
         self.local_experts = slice(rank * self.num_local_experts,
                                    (rank + 1) * self.num_local_experts)
@@ -147,12 +156,12 @@ class MoEAlltoAllTokenDispatcher:
         return unpermute(returned, self.sorted_indices, self.shape, self.probs, self.routing_map)
 
 
-class MoEAllGatherTokenDispatcher:
+class MoEAllGatherTokenDispatcher(_Dispatcher):
     """allgather: the same interface as MoEAlltoAllTokenDispatcher's."""
 
     def __init__(self, num_experts, group):
-        self.group, self.ep, rank = group, group.size(), group.rank()
-        n = num_experts // self.ep
+        super().__init__(num_experts, group)
+        rank, n = group.rank(), num_experts // self.ep
         self.local_experts = slice(rank * n, (rank + 1) * n)
 
     def token_permutation(self, tokens, probs, routing_map):
