@@ -167,7 +167,7 @@ def _layer_against_each_token(capacity_factor):
     rows = []
     for t in range(tokens.shape[0]):
         weights = torch.softmax(logits[t, top[t]], dim=-1)
-        rows.append(sum((w * layer.experts.local_experts[i](tokens[t])
+        rows.append(sum((w * layer.experts.local_experts[str(i)](tokens[t])
                          for w, i in zip(weights, top[t].tolist())
                          if capacity_factor is None or kept[t, i]), torch.zeros(H)))
     expected = torch.stack(rows).view_as(x)
