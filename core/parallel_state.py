@@ -38,34 +38,30 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size=None,
                               context_parallel_size: int = 1,
                               expert_model_parallel_size: int = 1) -> None:
-    """Split the world (DP x PP x CP x TP ranks) into tensor-, context-, data- and
-    pipeline-parallel groups, in Megatron's rank order: TP fastest, then CP, then DP, then PP
-    (Megatron's "tp-cp-ep-dp-pp", without experts).
+    """Split the world (DP x PP x CP x TP ranks) into tensor-, context-, data-, pipeline- (and
+    expert-) parallel groups, in Megatron's rank order: TP fastest, then CP, DP, PP.
 
-    Tensor-parallel groups are runs of consecutive ranks, as in Megatron: with 8 ranks, TP 2
-    and PP 2 they are [0, 1], [2, 3], [4, 5], [6, 7]. Consecutive ranks share a node, and the
-    tensor-parallel all-reduces are the most frequent, so they get the fastest links.
+    Tensor-parallel groups are runs of consecutive ranks, as in Megatron: with 8 ranks, TP 2 and
+    PP 2 they are [0, 1], [2, 3], [4, 5], [6, 7]. Consecutive ranks share a node, and the
+    tensor-parallel all-reduces are the most frequent: they get the fastest links.
     Data-parallel groups hold the ranks of one stage with the same tensor-parallel rank ([0, 2],
     [1, 3], [4, 6], [5, 7]): each holds the same shard of a different replica, so their
     gradients can be averaged element-wise. Pipeline groups hold one rank of each stage ([0, 4],
     [1, 5], [2, 6], [3, 7]): stage s sends its activations to stage s + 1, point to point, the
     least frequent and smallest traffic, over the slowest links (Sec. 3.2). The embedding group
-    is each pipeline's first and last stage. Context and expert parallelism: group_ranks.
-    """
+    is each pipeline's first and last stage. Context: group_ranks; experts: expert_group_ranks."""
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
-    global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP
+    global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP, _EXPERT_DATA_PARALLEL_GROUP
     global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
     global _TENSOR_AND_CONTEXT_PARALLEL_GROUP, _EXPERT_MODEL_PARALLEL_GROUP
-    global _EXPERT_DATA_PARALLEL_GROUP
-    world_size, tp, pp, cp, ep = dist.get_world_size(), tensor_model_parallel_size, \
-        pipeline_model_parallel_size, context_parallel_size, expert_model_parallel_size
-    groups = group_ranks(world_size, tp, pp, cp, ep)
-    _TENSOR_MODEL_PARALLEL_GROUP, _ = _create(groups["tensor"])
-    _DATA_PARALLEL_GROUP, _ = _create(groups["data"])
-    _CONTEXT_PARALLEL_GROUP, _ = _create(groups["context"]) if cp > 1 else (None, None)
-    _DATA_PARALLEL_GROUP_WITH_CP, _ = _create(groups["data_with_context"]) if cp > 1 else \
-        (_DATA_PARALLEL_GROUP, None)
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    groups = group_ranks(dist.get_world_size(), tp, pp, cp, expert_model_parallel_size)
+    _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP = (_create(groups[kind])[0]
+                                                          for kind in ("tensor", "data"))
+    _CONTEXT_PARALLEL_GROUP = _create(groups["context"])[0] if cp > 1 else None
+    _DATA_PARALLEL_GROUP_WITH_CP = _create(groups["data_with_context"])[0] if cp > 1 else \
+        _DATA_PARALLEL_GROUP
     if pp == 1:  # one stage, the world: nothing to create (a pipeline of one sends nothing)
         _TENSOR_AND_DATA_PARALLEL_GROUP = dist.group.WORLD
         _PIPELINE_GLOBAL_RANKS = [dist.get_rank()]
@@ -73,17 +69,22 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
         _TENSOR_AND_DATA_PARALLEL_GROUP, _ = _create(groups["stage"])
         _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = _create(groups["pipeline"])
         _EMBEDDING_GROUP, _ = _create(groups["embedding"])
-    # Only the groups a run uses are created (each new_group is a communicator to set up).
-    _TENSOR_AND_CONTEXT_PARALLEL_GROUP = (
-        _create(groups["tensor_and_context"])[0] if tp > 1 and cp > 1 else
-        _CONTEXT_PARALLEL_GROUP if cp > 1 else _TENSOR_MODEL_PARALLEL_GROUP)
-    if ep > 1:
-        _EXPERT_MODEL_PARALLEL_GROUP, _ = _create(groups["expert_model"])
-        _EXPERT_DATA_PARALLEL_GROUP, _ = _create(groups["expert_data"])
-    else:  # every rank holds every expert: summed over the stage
-        _EXPERT_DATA_PARALLEL_GROUP = _TENSOR_AND_DATA_PARALLEL_GROUP
+    _TENSOR_AND_CONTEXT_PARALLEL_GROUP, _EXPERT_MODEL_PARALLEL_GROUP, \
+        _EXPERT_DATA_PARALLEL_GROUP = _create_moe_groups(groups, tp, cp, expert_model_parallel_size)
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = virtual_pipeline_model_parallel_size
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = 0 if virtual_pipeline_model_parallel_size else None
+
+
+def _create_moe_groups(groups, tp, cp, ep):
+    """The groups a MoE layer uses (group_ranks, expert_group_ranks), created only where a run
+    uses them (each new_group is a communicator to set up): (tensor_and_context, expert_model,
+    expert_data)."""
+    tensor_and_context = (_create(groups["tensor_and_context"])[0] if tp > 1 and cp > 1 else
+                          _CONTEXT_PARALLEL_GROUP if cp > 1 else _TENSOR_MODEL_PARALLEL_GROUP)
+    if ep == 1:  # every rank holds every expert: their gradients summed over the stage
+        return tensor_and_context, None, _TENSOR_AND_DATA_PARALLEL_GROUP
+    return tensor_and_context, _create(groups["expert_model"])[0], \
+        _create(groups["expert_data"])[0]
 
 
 def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> dict:
@@ -94,26 +95,14 @@ def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> 
     of its tokens: its groups are TP apart ([0, 2], [1, 3] at TP 2, CP 2). A replica is then C
     ranks wide, each of them saw other tokens, and the gradients are averaged over the data- and
     context-parallel ranks together (`data_with_context`: Megatron's
-    get_data_parallel_group(with_context_parallel=True)).
-
-    Expert parallelism (core/transformer/moe/) carves its groups out of each stage anew, in
-    Megatron's expert order "tp-ep-dp-pp" (its expert tensor-parallel size 1 here, context
-    parallelism folded into the data-parallel ranks): the E experts of a layer are spread over
-    `ep` consecutive ranks (`expert_model`: [0, 1], [2, 3] at EP 2), and the ranks that hold the
-    same experts (`expert_data`: [0, 2], [1, 3]) sum their gradients. Every rank of a stage holds
-    other tokens (sequence parallelism splits a sequence over the TP ranks), so the EP group may
-    cross the TP, CP and DP groups alike. `tensor_and_context`: the ranks of one micro-batch's
-    sequences, over which the router counts the tokens per expert (Megatron's tp_cp group)."""
+    get_data_parallel_group(with_context_parallel=True)). Expert parallelism's groups:
+    expert_group_ranks."""
     if world_size % (tp * pp * cp) != 0:
         raise ParallelConfigError(
             f"world size {world_size} is not divisible by --tensor_model_parallel_size {tp} x "
             f"--pipeline_model_parallel_size {pp} x --context_parallel_size {cp}; launch a "
             f"multiple of {tp * pp * cp} ranks with torchrun --nproc_per_node")
     stage_size = world_size // pp  # the ranks of one pipeline stage
-    if stage_size % ep != 0:
-        raise ParallelConfigError(
-            f"--expert_model_parallel_size {ep} does not divide the {stage_size} ranks of a "
-            f"pipeline stage (tensor x context x data parallel); choose a divisor of {stage_size}")
     dp = stage_size // (tp * cp)
     pipelines = [list(range(first, world_size, stage_size)) for first in range(stage_size)]
 
@@ -129,11 +118,30 @@ def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> 
         stage=[list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)],
         tensor_and_context=[in_stage(s, d * tp * cp, 1)[:tp * cp] for s in range(pp)
                             for d in range(dp)],
-        expert_model=[in_stage(s, e * ep, 1)[:ep] for s in range(pp)
-                      for e in range(stage_size // ep)],
-        expert_data=[in_stage(s, e, ep) for s in range(pp) for e in range(ep)],
+        **expert_group_ranks(stage_size, pp, ep),
         pipeline=pipelines,
         embedding=[sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
+
+
+def expert_group_ranks(stage_size: int, pp: int, ep: int) -> dict:
+    """Expert parallelism's groups (core/transformer/moe/), carved out of each pipeline stage's
+    ranks anew, in Megatron's expert order "tp-ep-dp-pp" (its expert tensor-parallel size 1 here,
+    context parallelism folded into the data-parallel ranks): a layer's E experts are spread
+    over `ep` consecutive ranks (`expert_model`: [0, 1], [2, 3] at EP 2), and the ranks that hold
+    the same experts (`expert_data`: [0, 2], [1, 3]) sum their gradients. Every rank of a stage
+    routes other tokens (sequence parallelism splits a sequence over the TP ranks), so an EP
+    group may cross the TP, CP and DP groups alike. (`tensor_and_context`, group_ranks': the
+    ranks of one micro-batch's sequences, over which the router counts the tokens per expert,
+    Megatron's tp_cp group.)"""
+    if stage_size % ep != 0:
+        raise ParallelConfigError(
+            f"--expert_model_parallel_size {ep} does not divide the {stage_size} ranks of a "
+            f"pipeline stage (tensor x context x data parallel); choose a divisor of {stage_size}")
+    first = [s * stage_size for s in range(pp)]
+    return dict(expert_model=[list(range(f + e, f + e + ep)) for f in first
+                              for e in range(0, stage_size, ep)],
+                expert_data=[list(range(f + e, f + stage_size, ep)) for f in first
+                             for e in range(ep)])
 
 
 def _create(groups):
