@@ -203,7 +203,7 @@ def run(args, device, precision):
     report_activations_kept(args)  # every stage's, gathered to the first
     if rank == 0:
         save_model(state, args.out_dir)
-        report_communication(logbook.first_step_comm, args)
+        report_communication(logbook.first_step_comm, args, logbook.first_step_tallies)
         report_optimizer_memory(model, optimizer, args, ps.get_data_parallel_world_size())
         print(f"wrote {args.out_dir}/metrics.csv and {args.out_dir}/model.pt{holds(args)}")
 

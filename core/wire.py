@@ -46,6 +46,7 @@ _REDUCE_IN_FP32 = False  # --tp_reduce_dtype float32: bf16 tensors are summed as
 comm_calls = Counter()
 comm_bytes = Counter()
 comm_ring_bytes = Counter()
+comm_tallies = Counter()  # what a formula needs beside the bytes (the rows an all-to-all routed)
 
 
 class CollectiveRuleError(RuntimeError):
@@ -124,6 +125,13 @@ def reset_comm_stats() -> None:
     comm_calls.clear()
     comm_bytes.clear()
     comm_ring_bytes.clear()
+    comm_tallies.clear()
+
+
+def tally(name: str, n: int) -> None:
+    """Count `n` under `name` beside the collectives (comm_tallies): what the communication
+    table's formula reads that the bytes do not say (expert parallelism's routed rows)."""
+    comm_tallies[name] += n
 
 
 def comm_stats() -> dict:

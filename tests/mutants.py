@@ -313,6 +313,22 @@ MUTANTS = {
     "moe: tokens un-permuted in the wrong order": (
         "core/transformer/moe/moe_utils.py", "weights = probs.T.masked_select(routing_map.T)",
         "weights = probs.masked_select(routing_map)", ["tests/test_moe.py"]),
+    "moe: the aux loss from one rank's tokens": (
+        "core/transformer/moe/router.py",
+        "            tokens_per_expert = _reduce_tokens_per_expert(tokens_per_expert, group)\n",
+        "            pass\n", ["tests/test_expert_parallel.py"]),
+    "moe: expert gradients averaged over all data-parallel ranks": (
+        "core/distributed/finalize_model_grads.py",
+        "    group = ps.get_expert_data_parallel_group()\n",
+        "    group = ps.get_data_parallel_group(with_context_parallel=True)\n",
+        ["tests/test_expert_parallel.py"]),
+    "moe: split sizes from the previous micro-batch": (
+        "core/transformer/moe/token_dispatcher.py",
+        "        counts = _gather_counts(routing_map.sum(0), self.group)\n",
+        "        counts, self.last = getattr(self, 'last', None), _gather_counts(\n"
+        "            routing_map.sum(0), self.group)\n"
+        "        counts = self.last if counts is None else counts\n",
+        ["tests/test_expert_parallel.py"]),
     # Operations (training/operations.py).
     "no watcher thread for a rank stuck in C code": (
         "training/operations.py", "        _leave_if_stuck_after_a_signal()\n", "        pass\n",

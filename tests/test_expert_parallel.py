@@ -64,9 +64,12 @@ def _load(run_dir):
 @pytest.mark.parametrize("run", list(RUNS))
 def test_expert_parallel_run_equals_serial(run, serial, token_dir, tmp_path):
     """Every loss, validation included, the final weights (every expert gathered back under
-    serial's names), and each step's tokens per expert: serial's."""
+    serial's names), and each step's tokens per expert: serial's; the communication table's
+    dispatcher bytes and the memory line's experts per rank: their formulas'."""
     ranks, flags = RUNS[run]
-    _parallel(ranks, str(tmp_path), token_dir, *flags)
+    log = _parallel(ranks, str(tmp_path), token_dir, *flags)
+    assert "the moe_ rows above (met)." in log  # the dispatcher's bytes: the formula's
+    assert "x 2 H F = " in log and "(met); the dense rest" in log  # rank 0's experts: E / EP
     assert_same_curve(serial, str(tmp_path), "float64")
     assert_weights_close(serial, str(tmp_path))
     tokens = lambda rows: [[r[f"tokens_expert_{e}"] for e in range(4)] for r in rows]

@@ -227,3 +227,26 @@ def test_train_py_runs_the_routed_transformer(token_dir, tmp_path):
                                                           parallel=False)
     assert "must be positive integers, got 4 and 0" in flag_error(
         [*flags, "--moe_ffn_hidden_size", "0"], 1, parallel=False)
+
+
+def test_the_load_picture_draws_each_expert_s_share(tmp_path):
+    """scripts/plot_moe_load.py: a panel per run from metrics.csv's tokens_expert_* columns, the
+    imbalance (busiest over mean) in its title; a run without them is one line."""
+    import subprocess
+    import sys
+
+    from distributed import REPO
+    from scripts.plot_moe_load import imbalance, main
+    for name, rows in (("even", [[5, 5, 5, 5]] * 30), ("skewed", [[10, 4, 3, 3]] * 30)):
+        (tmp_path / name).mkdir()
+        lines = ["iteration,train_loss,valid_loss," + ",".join(f"tokens_expert_{e}"
+                                                                for e in range(4))]
+        lines += [f"{i + 1},1.0,," + ",".join(map(str, r)) for i, r in enumerate(rows)]
+        (tmp_path / name / "metrics.csv").write_text("\n".join(lines) + "\n")
+    main([str(tmp_path / "even"), str(tmp_path / "skewed"), "--out", str(tmp_path / "load.png")])
+    assert (tmp_path / "load.png").stat().st_size > 0
+    assert imbalance(torch.tensor([[10.0, 4, 3, 3]]).numpy()) == 2.0
+    run = subprocess.run([sys.executable, "scripts/plot_moe_load.py", str(tmp_path), "--out",
+                          str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1
+    assert "has no metrics.csv with tokens_expert_* columns" in run.stderr

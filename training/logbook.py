@@ -25,6 +25,7 @@ import torch
 from core import parallel_state as ps
 from core import wire
 from core.parallel_state import UserError
+from core.pipeline_parallel.schedules import chunk_layers
 from training.metrics import EARLIER_RUN
 from training.operations import Terminated
 
@@ -56,6 +57,7 @@ class Logbook:
         self.pending_loads = []  # with --num_experts, each step's load (metrics.moe_load)
         self.start = start
         self.first_step_comm = {}  # the collectives of the first step; stays empty if none ran
+        self.first_step_tallies = {}  # and wire.tally's counts
 
     def save_every(self, interval, save):
         """Call save(iteration) every `interval` iterations, once that iteration's rows are on
@@ -65,6 +67,7 @@ class Logbook:
     def step(self, it, loss, grad_norm=None, load=None):
         if not self.pending and not self.rows:
             self.first_step_comm = wire.comm_stats()
+            self.first_step_tallies = dict(wire.comm_tallies)
         self.pending.append(loss.detach())
         if grad_norm is not None:
             self.pending_norms.append(grad_norm.detach())
@@ -205,8 +208,9 @@ def _kib(nbytes):
     return f"{nbytes / 1024:.2f}" if nbytes == 0 or nbytes >= 1024 / 100 else f"{nbytes / 1024:.4f}"
 
 
-def report_communication(stats, args):
-    """Print what one step sent beside what the papers count, in bytes a ring moves per rank."""
+def report_communication(stats, args, tallies=None):
+    """Print what one step sent beside what the papers count, in bytes a ring moves per rank;
+    `tallies`: the step's wire.tally counts (expert parallelism's routed rows)."""
     tp, rows = args.tensor_model_parallel_size, args.batch_size // ps.get_data_parallel_world_size()
     print("Communication in one training step (measured in its first step, "
           f"tensor-parallel size {tp}):")
@@ -230,6 +234,8 @@ def report_communication(stats, args):
         print(f"  {_what_ran_at_tp_1(stats)}")
     if getattr(args, "context_parallel_size", 1) > 1:
         _report_context_parallel_papers(args, stats)
+    if getattr(args, "expert_model_parallel_size", 1) > 1:
+        _report_expert_parallel_formula(args, stats, tallies or {})
     if getattr(args, "pipeline_model_parallel_size", 1) > 1:
         _report_pipeline_papers(args, tp)
         return
@@ -276,7 +282,15 @@ SENT_BY = {"dp_all_reduce": "the data-parallel (and context-parallel) average of
            "cp_all_gather": "the context ranks' K/V, gathered",
            "cp_reduce_scatter": "the gathered K/V's gradients, back",
            "cp_all_to_all": "Q, K, V and the output, heads traded for tokens",
-           "grad_norm_pipeline_all_reduce": "--clip_grad's norm over the stages"}
+           "grad_norm_pipeline_all_reduce": "--clip_grad's norm over the stages",
+           "expert_dp_all_reduce": "the experts' gradients over the ranks holding them",
+           "grad_norm_expert_all_reduce": "--clip_grad's norm of the experts, over their group",
+           "moe_all_to_all": "the tokens to their experts and back (expert parallelism, below)",
+           "moe_counts_all_gather": "the tokens per expert, before the all-to-all",
+           "moe_all_gather": "every rank's tokens, gathered for the experts (below)",
+           "moe_reduce_scatter": "the experts' outputs, summed back to their tokens' ranks",
+           "moe_tokens_per_expert_all_reduce": "the load-balancing loss's token counts",
+           "moe_load_all_reduce": "the step's tokens per expert, for metrics.csv"}
 
 
 def _what_ran_at_tp_1(stats):
@@ -336,6 +350,45 @@ def _report_context_parallel_papers(args, stats):
           f"{blocks} block(s) x {args.num_microbatches} micro-batch(es): {total:.2f} KiB; the "
           f"cp_ rows above: {measured:.2f} KiB"
           + (" (met)." if abs(measured - total) <= 1e-9 * max(total, 1) else " (differs!)."))
+
+
+def _report_expert_parallel_formula(args, stats, tallies):
+    """The token dispatcher's bytes (core/transformer/moe/token_dispatcher.py) by their formula,
+    beside the table's moe_ rows: per MoE layer of rank 0 and micro-batch, T tokens of width H
+    (T = micro-batch rows x sequence / TP under sequence parallelism / C), b bytes each."""
+    tp = args.tensor_model_parallel_size if args.sequence_parallel else 1
+    t = args.micro_batch_size * args.seq_length // tp // args.context_parallel_size
+    h, b, e = args.input_size, args.torch_dtype.itemsize, args.num_experts
+    v = args.virtual_pipeline_model_parallel_size or 1
+    layers = sum(i % args.moe_layer_freq == 0 for c in range(v) for i in chunk_layers(
+        args.num_layers, args.pipeline_model_parallel_size, 0, v, c))
+    n = layers * args.num_microbatches  # the dispatches in the step (each forward's)
+    passes = 2 if args.recompute_granularity == "full" else 1  # forward run again in backward
+    pb = max(b, 4)  # the probabilities' bytes: fp32 at least (moe_utils.py)
+    if args.moe_token_dispatcher_type == "alltoall":
+        sent, received = (tallies.get(f"moe_rows_{k}", 0) // passes for k in ("sent", "received"))
+        formula = {"moe_all_to_all": (passes + 1) * (sent + received) * h * b,
+                   "moe_counts_all_gather": passes * n * e * 8}
+        what = (f"the all-to-all, the tokens out and back, in forward (x{passes}) and backward: "
+                f"(sent + received) rows x H {h} x {b} B each, the rows the routing gave rank 0 in "
+                f"the step: {sent} sent (layers x micro-batches x T x K = {n} x {t} x "
+                f"{args.moe_router_topk} = {n * t * args.moe_router_topk} when none is dropped), "
+                f"{received} received; before each forward's, the E = {e} counts (int64) "
+                "all-gathered")
+    else:
+        ep = args.expert_model_parallel_size
+        formula = {"moe_all_gather": n * (passes * t * (h * b + e * (pb + 1)) + t * h * b),
+                   "moe_reduce_scatter": n * ep * t * ((passes + 1) * h * b + e * pb)}
+        what = (f"every rank's T = {t} tokens, probabilities ({pb} B) and routing (1 B) "
+                f"gathered in forward (x{passes}), the outputs' gradients in backward; the outputs "
+                f"reduce-scattered in forward, the gathered tokens' and probabilities' gradients "
+                f"in backward, EP x as many rows; whatever the routing")
+    met = all(stats.get(op, {}).get("bytes") == value for op, value in formula.items())
+    print(f"  Expert parallelism, --moe_token_dispatcher_type {args.moe_token_dispatcher_type} "
+          f"at EP = {args.expert_model_parallel_size}, {layers} MoE layer(s) x "
+          f"{args.num_microbatches} micro-batch(es): {what}: "
+          + ", ".join(f"{op} {value / 1024:.2f} KiB" for op, value in formula.items())
+          + " in, per rank; the moe_ rows above" + (" (met)." if met else " (differ!)."))
 
 
 def _report_transformer_papers(args, tp, rows):

@@ -11,7 +11,9 @@ optimizer is split over (1 for the plain optimizer). Adam under bf16: 18 plain, 
 
 import torch
 
-from core.optimizer.distrib_optimizer import DistributedOptimizer
+from core import parallel_state as ps
+from core.optimizer.distrib_optimizer import DistributedOptimizer, is_expert
+from core.pipeline_parallel.schedules import chunk_layers
 
 
 def optimizer_memory(model, optimizer) -> dict:
@@ -40,12 +42,15 @@ def optimizer_memory(model, optimizer) -> dict:
         numel=sum(p.numel() for p in model_params))
 
 
-def formula(args, d) -> float:
-    """Bytes per parameter by the formula above, for this run's dtype and optimizer."""
+def formula(args, d, expert_share=0.0, d_experts=1) -> float:
+    """Bytes per parameter by the formula above, for this run's dtype and optimizer; with MoE
+    experts, `expert_share` of the parameters, their (M + S) split over `d_experts` ranks (the
+    expert-data-parallel group) instead of d."""
     main = args.main_dtype.itemsize
     state = (2 if args.optimizer == "adam" else 1) * main
     mains = main if args.dtype == "bfloat16" else 0
-    return args.torch_dtype.itemsize + main + (mains + state) / d
+    return args.torch_dtype.itemsize + main + (mains + state) * (
+        (1 - expert_share) / d + expert_share / d_experts)
 
 
 def report_optimizer_memory(model, optimizer, args, data_parallel_size):
@@ -54,8 +59,30 @@ def report_optimizer_memory(model, optimizer, args, data_parallel_size):
     per = {k: v / counted["numel"] for k, v in counted.items() if k != "numel"}
     distributed = isinstance(optimizer, DistributedOptimizer)
     d = data_parallel_size if distributed else 1
+    experts = sum(p.numel() for p in model.parameters() if is_expert(p))
+    d_experts = ps.get_expert_data_parallel_group().size() if distributed and experts else 1
     kind = f"distributed over {d} data-parallel replicas" if distributed else "plain"
     print(f"Memory of rank 0's model and optimizer ({args.optimizer}, {args.dtype}, {kind}), "
           f"counted from its tensors, in bytes per parameter of its {counted['numel']}:")
     print("  " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in per.items()) +
-          f" = {sum(per.values()):.2f}; the formula P + G + (M + S)/d: {formula(args, d):.2f}")
+          f" = {sum(per.values()):.2f}; the formula P + G + (M + S)/d: "
+          f"{formula(args, d, experts / counted['numel'], d_experts):.2f}" +
+          (f" (the experts' M + S over their {d_experts} ranks)" if d_experts != d else ""))
+    if experts:
+        report_expert_parameters(args, counted["numel"], experts)
+
+
+def report_expert_parameters(args, numel, experts):
+    """--num_experts: rank 0's parameters, its experts' and the rest, beside the formula: each
+    MoE layer's E experts of 2 H F weights (the toy MLP's two) spread over EP ranks."""
+    ep = args.expert_model_parallel_size
+    v = args.virtual_pipeline_model_parallel_size or 1
+    layers = sum(i % args.moe_layer_freq == 0 for c in range(v) for i in chunk_layers(
+        args.num_layers, args.pipeline_model_parallel_size, 0, v, c))
+    f = args.moe_ffn_hidden_size or args.hidden_size
+    expected = layers * args.num_experts // ep * 2 * args.input_size * f
+    print(f"  of which experts {experts} ({experts / numel:.0%}): {layers} MoE layer(s) x E "
+          f"{args.num_experts} / EP {ep} x 2 H F = {layers} x {args.num_experts // ep} x 2 x "
+          f"{args.input_size} x {f} = {expected}" + (" (met)" if expected == experts else
+                                                       " (differs!)") +
+          f"; the dense rest {numel - experts}, on every expert-parallel rank")

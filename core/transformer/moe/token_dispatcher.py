@@ -139,6 +139,8 @@ class MoEAlltoAllTokenDispatcher(_Dispatcher):
         local = counts[:, self.local_experts]  # [ranks, local experts]: what comes here
         self.output_splits = local.sum(1).tolist()
         self.received = local.reshape(-1)  # the chunks as they arrive: rank by rank
+        wire.tally("moe_rows_sent", sum(self.input_splits))  # (the communication table's formula)
+        wire.tally("moe_rows_received", sum(self.output_splits))
         # 2. This rank's tokens expert by expert (so rank by rank), then to their ranks.
         permuted, self.sorted_indices = permute(tokens, routing_map)
         arrived = _AllToAll.apply(permuted, self.group, self.output_splits, self.input_splits)
