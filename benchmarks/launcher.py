@@ -17,7 +17,7 @@ from training.operations import ArgumentParser, Terminated, check_output
 
 DEVICE = "cpu"  # the driver's --device, passed to every worker
 PARALLEL = ("ours", "dtensor", "loop-ours", "loop-dtensor", "recompute",  # launched with ranks
-            "pipeline", "optimizer", "context", "overlap")
+            "pipeline", "optimizer", "context", "overlap", "moe")
 STOP_S = 30  # a stopped worker's time to stop its ranks (torchrun waits on them), then SIGKILL
 
 

@@ -13,6 +13,7 @@ import pytest
 from benchmarks import (
     bench_context_parallel,
     bench_distrib_optimizer,
+    bench_moe,
     bench_overlap,
     bench_pipeline,
     bench_step,
@@ -271,7 +272,8 @@ class _NoWorkers:
                                          (bench_distrib_optimizer,
                                           "distributed_optimizer_memory"),
                                          (bench_context_parallel, "context_parallel"),
-                                         (bench_overlap, "overlap")])
+                                         (bench_overlap, "overlap"),
+                                         (bench_moe, "moe_dispatchers")])
 def test_quick_writes_to_runs_and_the_outputs_are_checked_before_any_work(module, name,
                                                                           monkeypatch, capsys):
     """--quick leaves the committed assets/ alone (runs/NAME_quick.*); a full run writes them; an
@@ -417,3 +419,23 @@ def test_overlap_leaves_exposed_only_about_the_last_bucket(tmp_path, monkeypatch
     assert all(ratios[k] < bound for k, bound in OVERLAP_BOUND.items()), ratios
     assert len(saved) == 1 and png_pixels(tmp_path / "o.png") == saved[0].pixels
     assert "--overlap-grad-reduce" in words(saved[0])
+
+
+def test_the_moe_dispatchers_bytes_are_their_formulas(tmp_path, monkeypatch, capsys):
+    """bench_moe.py --quick (EP = 2): one MoE layer through each token dispatcher, its counted
+    bytes the formula's exactly (alltoall: 2 (sent + received) H b and the counts; allgather: the
+    tokens, probabilities and routing gathered, the outputs and gradients reduce-scattered), the
+    two agreeing on outputs and gradients, the picture written."""
+    saved = record_saved_figures(monkeypatch)
+    run_driver(bench_moe, monkeypatch, "--quick", "--plot", tmp_path / "m.png", "--out",
+               tmp_path / "m.json")
+    report = json.loads((tmp_path / "m.json").read_text())
+    (point,) = report["points"]
+    layer = report["layer"]
+    assert point["EP"] == 2 and point["agree"] <= bench_moe.ATOL
+    for d in bench_moe.DISPATCHERS:
+        assert point[d]["match"] and point[d]["bytes"] == point[d]["formula"], point[d]
+    sent = point["alltoall"]["tallies"]["moe_rows_sent"]
+    assert sent == layer["tokens"] * layer["topk"]  # dropless: every (token, expert) pair, once
+    assert "the formula's: met" in capsys.readouterr().out
+    assert len(saved) == 1
