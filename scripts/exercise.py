@@ -65,6 +65,11 @@ TP2 = ["--tensor_model_parallel_size", "2"]
 DP2 = ["--tensor_model_parallel_size", "1"]  # 2 processes, TP 1: two data-parallel replicas
 PP2 = ["--tensor_model_parallel_size", "1", "--pipeline_model_parallel_size", "2"]
 CP2 = ["--tensor_model_parallel_size", "1", "--context_parallel_size", "2"]
+# The transformer's MLPs as 4 experts, top 2, the load-balancing loss on, micro-batches of 8 rows
+# (each rank's as serial's: the loss balances each micro-batch); EP 2 on 2 ranks (DP 2).
+MOE = ["--num_experts", "4", "--moe_aux_loss_coeff", "0.01", "--micro_batch_size", "8"]
+EP2 = ["--tensor_model_parallel_size", "1", "--expert_model_parallel_size", "2",
+       "--moe_token_dispatcher_type", "alltoall"]
 # Data sets beyond the two models' defaults: name -> (model, prepare_data.py's extra flags).
 DATA = {"transformer_period_5": ("transformer", "--period", "5")}
 NOISE_SEEDS = (1, 2)
@@ -195,7 +200,8 @@ class Lab:
 # The reference runs: key: (data set, train.py's flags, --reorder_seed or None).
 REFERENCES = {"toy": ("toy", TOY, None), "toy_micro": ("toy", TOY + MICRO, None),
               "transformer": ("transformer", TRANSFORMER, None),
-              "transformer_period_5": ("transformer_period_5", TRANSFORMER, None)}
+              "transformer_period_5": ("transformer_period_5", TRANSFORMER, None),
+              "transformer_moe": ("transformer", TRANSFORMER + MOE, None)}
 for _key in ("toy", "transformer"):
     for _k in NOISE_SEEDS:
         REFERENCES[f"{_key}_r{_k}"] = (*REFERENCES[_key][:2], str(_k))
@@ -290,6 +296,11 @@ def cp_positions_plain(lab):
     for data in ("transformer", "transformer_period_5"):
         run = lab.train(f"cp2_{data}", TRANSFORMER + CP2, 2, data, expect_ok=True)
         lab.compare(f"compare_{data}", lab.reference(data), run)
+
+
+def expert_grads_over_dp(lab):
+    run = lab.train("ep2", TRANSFORMER + MOE + EP2, 2, "transformer", expect_ok=True)
+    lab.compare("compare", lab.reference("transformer_moe"), run)
 
 
 def pipeline_shape_under_sp(lab):
@@ -458,6 +469,23 @@ EXERCISES = [
         (tests/conftest.py), and this bug passed every C = 2 run until they did.""",
         data=("transformer", "transformer_period_5"),
         references=("transformer", "transformer_period_5")),
+    Exercise(
+        "expert-grads-over-dp", """Under expert parallelism (EP 2 on 2 ranks, carved out of the
+        two data-parallel replicas) rank 0 holds experts 0 and 1 of each MoE layer, rank 1
+        experts 2 and 3, and each expert's gradient is summed over the ranks that hold it (the
+        expert-data-parallel group, here one rank) and divided by the data-parallel size. What if
+        the experts' gradients are averaged over the data-parallel group instead, as every dense
+        gradient is? What does the communication table show?""",
+        edit_from_mutant("moe: expert gradients averaged over all data-parallel ranks"),
+        expert_grads_over_dp, """The curve leaves serial's from the first update (DIFFER): each
+        rank's expert i now steps with the sum of its own gradient and the other rank's expert
+        i + 2's, a gradient of another expert on other tokens. The table shows it too: an
+        expert_dp_all_reduce row, over 2 ranks, where the right code has none (each expert is on
+        one rank only, its group one rank wide: nothing to sum). Nothing else complains: the
+        ranks do not share a loss to agree on (TP 1), and the sum has the right shapes. Megatron
+        marks every expert parameter allreduce = False for this: its DDP keeps them in buffers of
+        their own, reduced over the expert-data-parallel group.""",
+        data=("transformer",), references=("transformer_moe",)),
 ]
 EXERCISES = {e.name: e for e in EXERCISES}
 

@@ -118,6 +118,12 @@ def check_cp_positions_plain(runs):
     assert code == 1 and ": DIFFER over" in out, out
 
 
+def check_expert_grads_over_dp(runs):
+    _differ(runs)
+    code, out = runs["ep2"]  # EP 2 on 2 ranks: each expert on one rank, no sum to run
+    assert code == 0 and "expert_dp_all_reduce" in comm_table(out), out
+
+
 CHECKS = {"g-skipped": check_g_skipped, "f-backward-dropped": check_f_backward_dropped,
           "one-f-one-b-warmup": check_one_f_one_b_warmup,
           "tied-embedding-not-summed": check_tied_embedding_not_summed,
@@ -127,7 +133,8 @@ CHECKS = {"g-skipped": check_g_skipped, "f-backward-dropped": check_f_backward_d
           "dp-grads-summed": check_curve_only, "g-averaged": check_curve_only,
           "own-seed-init": check_curve_only,
           "pipeline-shape-under-sp": check_pipeline_shape_under_sp,
-          "cp-positions-plain": check_cp_positions_plain}
+          "cp-positions-plain": check_cp_positions_plain,
+          "expert-grads-over-dp": check_expert_grads_over_dp}
 
 
 @pytest.mark.parametrize("name", list(exercise.EXERCISES))

@@ -21,9 +21,11 @@ MEGATRON_PATHS = ["core/parallel_state.py", "core/tensor_parallel/mappings.py",
                   "core/pipeline_parallel/p2p_communication.py",
                   "core/distributed/finalize_model_grads.py",
                   "core/distributed/param_and_grad_buffer.py",
-                  "core/optimizer/distrib_optimizer.py"]
-CONCEPTS = 13  # README's rows: f and g ... the group layout (issue 36's list), context
-# parallelism, the overlapped gradient buckets
+                  "core/optimizer/distrib_optimizer.py", "core/transformer/moe/router.py",
+                  "core/transformer/moe/token_dispatcher.py", "core/transformer/moe/experts.py",
+                  "core/transformer/moe/moe_layer.py", "core/transformer/moe/moe_utils.py"]
+CONCEPTS = 14  # README's rows: f and g ... the group layout (issue 36's list), context
+# parallelism, the overlapped gradient buckets, mixture of experts
 
 
 def _read(path):
@@ -168,3 +170,11 @@ def test_the_group_layout_is_the_one_its_docstring_draws():
     assert groups["context"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert groups["data"] == [[0, 4], [2, 6], [1, 5], [3, 7]]
     assert groups["data_with_context"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # Expert parallelism (docs/moe.md draws these): TP 2 x DP 4 with EP 4, and TP 2 x PP 2 with
+    # EP 2 (Megatron's tp-ep-dp-pp, the experts whole on each rank).
+    groups = group_ranks(8, 2, 1, 1, 4)
+    assert groups["expert_model"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups["expert_data"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    groups = group_ranks(8, 2, 2, 1, 2)
+    assert groups["expert_model"] == groups["tensor"]
+    assert groups["expert_data"] == [[0, 2], [1, 3], [4, 6], [5, 7]]

@@ -60,7 +60,7 @@ def report_optimizer_memory(model, optimizer, args, data_parallel_size):
     distributed = isinstance(optimizer, DistributedOptimizer)
     d = data_parallel_size if distributed else 1
     experts = sum(p.numel() for p in model.parameters() if is_expert(p))
-    d_experts = ps.get_expert_data_parallel_group().size() if distributed and experts else 1
+    d_experts = ps.get_expert_data_parallel_group().size() if distributed and experts else d
     kind = f"distributed over {d} data-parallel replicas" if distributed else "plain"
     print(f"Memory of rank 0's model and optimizer ({args.optimizer}, {args.dtype}, {kind}), "
           f"counted from its tensors, in bytes per parameter of its {counted['numel']}:")

@@ -17,8 +17,8 @@ here the top-k too: a bf16 logit is rounded to 8 bits, ties between close expert
 the rounding, not by the router); a float64 model's in float64 (Megatron's --moe-router-dtype
 fp64), so that its runs agree to float64's round-off.
 
-Issue 40 builds on this file (router.py, experts.py, moe_layer.py so far; the token
-dispatchers and the expert groups are to come); tests/test_moe.py checks each function.
+router.py, experts.py, token_dispatcher.py and moe_layer.py build on this file;
+tests/test_moe.py checks each function.
 """
 
 import math
