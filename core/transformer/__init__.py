@@ -1,2 +1,2 @@
-"""Megatron-core's transformer/ in miniature: so far its moe/ (issue 40, in progress). The
-transformer itself is the root's transformer.py."""
+"""Megatron-core's transformer/ in miniature: so far its moe/ (mixture of experts and expert
+parallelism, docs/moe.md). The transformer itself is the root's transformer.py."""
