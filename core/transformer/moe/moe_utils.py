@@ -57,7 +57,7 @@ def compute_routing_scores_for_aux_loss(logits, topk):
 
 def switch_load_balancing_loss_func(probs, tokens_per_expert, total_num_tokens, topk,
                                     num_experts, moe_aux_loss_coeff):
-    """The load-balancing loss (Switch Transformer, Fedus et al. 2022; here with top k):
+    """The load-balancing loss (Switch Transformer, Fedus et al. 2022, Sec. 2.2; here with top k):
 
         coeff * E * sum_i f_i * P_i,   f_i = tokens_per_expert_i / (T k),  P_i = mean_t probs_ti
 
