@@ -1,6 +1,7 @@
 """Expert parallelism trained end to end (issue 40): parallel_train.py --num_experts with
 --expert_model_parallel_size against serial train.py, each dispatcher, EP 2 and 4, EP 2 with
-TP 2 + sequence parallelism, with a pipeline, DP 4 with EP 2 and the distributed optimizer; a
+TP 2 + sequence parallelism, with a pipeline, DP 4 with EP 2 and the distributed optimizer, EP 2
+over the two context ranks of a sequence; a
 capacity factor dropping the tokens serial drops; the global load-balancing loss; a checkpoint
 resumed at EP 2 -> 1 -> 4 and merged; bf16 with Adam, clipping and recomputation; the split
 sizes' check; one-line errors.
@@ -38,6 +39,7 @@ RUNS = {  # (ranks, flags) against serial with SERIAL's micro-batches
     "ep2-tp2-sp": (4, [EP, "2", *A2A, *TP2_SP]),
     "ep2-pp2": (4, [EP, "2", "--pipeline_model_parallel_size", "2"]),
     "dp4-ep2-distopt": (4, [EP, "2", *A2A, "--use_distributed_optimizer"]),
+    "ep2-cp2": (2, [EP, "2", *A2A, "--context_parallel_size", "2"]),  # the tokens of a sequence
 }
 
 
