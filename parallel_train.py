@@ -171,7 +171,8 @@ def run(args, device, precision):
     ps.initialize_model_parallel(args.tensor_model_parallel_size,
                                  args.pipeline_model_parallel_size,
                                  args.virtual_pipeline_model_parallel_size,
-                                 args.context_parallel_size, args.expert_model_parallel_size)
+                                 args.context_parallel_size, args.expert_model_parallel_size,
+                                 args.expert_tensor_parallel_size)
     tp, tp_rank = args.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
     model = build_chunks(args, device)
     wire.set_reduce_in_fp32(args.tp_reduce_dtype == "float32")

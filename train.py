@@ -65,7 +65,8 @@ def build_model(args, device, tensor_parallel=False, pre_process=True, post_proc
                          dtype=args.main_dtype, pre_process=pre_process, post_process=post_process)
     if args.init_from:
         state = read_state_dict(args.init_from)
-        if not (pre_process and post_process and layers is None):  # a stage: its part of it
+        if not (pre_process and post_process and layers is None) or getattr(
+                args, "expert_model_parallel_size", 1) > 1:  # a stage, or EP: its part of it
             names = dict(model.named_parameters())
             state = {name: tensor for name, tensor in state.items() if name in names}
         load_serial_state_dict(model, state)

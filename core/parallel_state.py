@@ -19,6 +19,8 @@ _EMBEDDING_GROUP = None  # the first and the last stage: the tied word embedding
 _TENSOR_AND_CONTEXT_PARALLEL_GROUP = None  # a micro-batch's sequences: the ranks that split them
 _EXPERT_MODEL_PARALLEL_GROUP = None  # the ranks that hold the experts of one MoE layer between them
 _EXPERT_DATA_PARALLEL_GROUP = None  # the ranks that hold the same experts: their gradients summed
+_EXPERT_TENSOR_PARALLEL_GROUP = None  # the ranks that split each expert's weights (Megatron's ETP)
+_EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP = None  # both: a layer's experts, every shard once
 _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = None  # the model chunk running now (interleaved 1F1B)
 _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
 
@@ -37,7 +39,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size=None,
                               context_parallel_size: int = 1,
-                              expert_model_parallel_size: int = 1) -> None:
+                              expert_model_parallel_size: int = 1,
+                              expert_tensor_parallel_size: int = 1) -> None:
     """Split the world (DP x PP x CP x TP ranks) into tensor-, context-, data-, pipeline- (and
     expert-) parallel groups, in Megatron's rank order: TP fastest, then CP, DP, PP.
 
@@ -51,12 +54,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     least frequent and smallest traffic, over the slowest links (Sec. 3.2). The embedding group
     is each pipeline's first and last stage. Context: group_ranks; experts: expert_group_ranks."""
     global _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP
-    global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP, _EXPERT_DATA_PARALLEL_GROUP
+    global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP
     global _TENSOR_AND_DATA_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GROUP
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
-    global _TENSOR_AND_CONTEXT_PARALLEL_GROUP, _EXPERT_MODEL_PARALLEL_GROUP
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
-    groups = group_ranks(dist.get_world_size(), tp, pp, cp, expert_model_parallel_size)
+    expert = expert_model_parallel_size, expert_tensor_parallel_size
+    groups = group_ranks(dist.get_world_size(), tp, pp, cp, *expert)
     _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP = (_create(groups[kind])[0]
                                                           for kind in ("tensor", "data"))
     _CONTEXT_PARALLEL_GROUP = _create(groups["context"])[0] if cp > 1 else None
@@ -69,25 +72,33 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
         _TENSOR_AND_DATA_PARALLEL_GROUP, _ = _create(groups["stage"])
         _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_GLOBAL_RANKS = _create(groups["pipeline"])
         _EMBEDDING_GROUP, _ = _create(groups["embedding"])
-    _TENSOR_AND_CONTEXT_PARALLEL_GROUP, _EXPERT_MODEL_PARALLEL_GROUP, \
-        _EXPERT_DATA_PARALLEL_GROUP = _create_moe_groups(groups, tp, cp, expert_model_parallel_size)
+    _create_moe_groups(groups, tp, cp, *expert)
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = virtual_pipeline_model_parallel_size
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = 0 if virtual_pipeline_model_parallel_size else None
 
 
-def _create_moe_groups(groups, tp, cp, ep):
+def _create_moe_groups(groups, tp, cp, ep, etp):
     """The groups a MoE layer uses (group_ranks, expert_group_ranks), created only where a run
-    uses them (each new_group is a communicator to set up): (tensor_and_context, expert_model,
-    expert_data)."""
-    tensor_and_context = (_create(groups["tensor_and_context"])[0] if tp > 1 and cp > 1 else
-                          _CONTEXT_PARALLEL_GROUP if cp > 1 else _TENSOR_MODEL_PARALLEL_GROUP)
-    if ep == 1:  # every rank holds every expert: their gradients summed over the stage
-        return tensor_and_context, None, _TENSOR_AND_DATA_PARALLEL_GROUP
-    return tensor_and_context, _create(groups["expert_model"])[0], \
-        _create(groups["expert_data"])[0]
+    uses them (each new_group is a communicator to set up; the expert tensor-parallel group is
+    the tensor-parallel one, its size 1 or TP)."""
+    global _TENSOR_AND_CONTEXT_PARALLEL_GROUP, _EXPERT_MODEL_PARALLEL_GROUP
+    global _EXPERT_DATA_PARALLEL_GROUP, _EXPERT_TENSOR_PARALLEL_GROUP
+    global _EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP
+    _TENSOR_AND_CONTEXT_PARALLEL_GROUP = (
+        _create(groups["tensor_and_context"])[0] if tp > 1 and cp > 1 else
+        _CONTEXT_PARALLEL_GROUP if cp > 1 else _TENSOR_MODEL_PARALLEL_GROUP)
+    _EXPERT_TENSOR_PARALLEL_GROUP = _TENSOR_MODEL_PARALLEL_GROUP if etp > 1 else None
+    _EXPERT_MODEL_PARALLEL_GROUP = _create(groups["expert_model"])[0] if ep > 1 else None
+    _EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP = (
+        _create(groups["expert_tensor_and_model"])[0] if ep > 1 and etp > 1 else
+        _EXPERT_MODEL_PARALLEL_GROUP or _EXPERT_TENSOR_PARALLEL_GROUP)
+    # Every rank of the stage holds every expert (EP 1, ETP 1): their gradients summed over it.
+    _EXPERT_DATA_PARALLEL_GROUP = _create(groups["expert_data"])[0] if ep * etp > 1 else \
+        _TENSOR_AND_DATA_PARALLEL_GROUP
 
 
-def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> dict:
+def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1,
+                etp: int = 1) -> dict:
     """The ranks of every group, by kind: lists of global ranks, in Megatron's order (TP fastest,
     then CP, then DP, then PP; initialize_model_parallel's docstring draws them for 8 ranks).
 
@@ -118,30 +129,37 @@ def group_ranks(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> 
         stage=[list(range(stage * stage_size, (stage + 1) * stage_size)) for stage in range(pp)],
         tensor_and_context=[in_stage(s, d * tp * cp, 1)[:tp * cp] for s in range(pp)
                             for d in range(dp)],
-        **expert_group_ranks(stage_size, pp, ep),
+        **expert_group_ranks(stage_size, pp, ep, etp),
         pipeline=pipelines,
         embedding=[sorted({ranks[0], ranks[-1]}) for ranks in pipelines])
 
 
-def expert_group_ranks(stage_size: int, pp: int, ep: int) -> dict:
+def expert_group_ranks(stage_size: int, pp: int, ep: int, etp: int = 1) -> dict:
     """Expert parallelism's groups (core/transformer/moe/), carved out of each pipeline stage's
-    ranks anew, in Megatron's expert order "tp-ep-dp-pp" (its expert tensor-parallel size 1 here,
-    context parallelism folded into the data-parallel ranks): a layer's E experts are spread
-    over `ep` consecutive ranks (`expert_model`: [0, 1], [2, 3] at EP 2), and the ranks that hold
-    the same experts (`expert_data`: [0, 2], [1, 3]) sum their gradients. Every rank of a stage
-    routes other tokens (sequence parallelism splits a sequence over the TP ranks), so an EP
-    group may cross the TP, CP and DP groups alike. (`tensor_and_context`, group_ranks': the
+    ranks anew, in Megatron's expert order "tp-ep-dp-pp" (tp: the expert tensor-parallel size
+    `etp`; context parallelism folded into the data-parallel ranks): each expert's weights split
+    over `etp` consecutive ranks (`expert_tensor`), a layer's E experts spread over `ep` ranks
+    etp apart (`expert_model`: [0, 1], [2, 3] at EP 2, ETP 1; [0, 2], [1, 3] at EP 2, ETP 2), the
+    etp x ep of them together holding each shard of each expert once (`expert_tensor_and_model`),
+    and the ranks that hold the same shards (`expert_data`) sum their gradients. Every rank of a
+    stage routes other tokens (sequence parallelism splits a sequence over the TP ranks), so an
+    EP group may cross the TP, CP and DP groups alike. (`tensor_and_context`, group_ranks': the
     ranks of one micro-batch's sequences, over which the router counts the tokens per expert,
     Megatron's tp_cp group.)"""
-    if stage_size % ep != 0:
+    if stage_size % (ep * etp) != 0:
         raise ParallelConfigError(
-            f"--expert_model_parallel_size {ep} does not divide the {stage_size} ranks of a "
-            f"pipeline stage (tensor x context x data parallel); choose a divisor of {stage_size}")
-    first = [s * stage_size for s in range(pp)]
-    return dict(expert_model=[list(range(f + e, f + e + ep)) for f in first
-                              for e in range(0, stage_size, ep)],
-                expert_data=[list(range(f + e, f + stage_size, ep)) for f in first
-                             for e in range(ep)])
+            f"--expert_model_parallel_size {ep} x --expert_tensor_parallel_size {etp} does not "
+            f"divide the {stage_size} ranks of a pipeline stage (tensor x context x data "
+            f"parallel); choose sizes whose product divides {stage_size}")
+    blocks = [f + b for f in range(0, pp * stage_size, stage_size)
+              for b in range(0, stage_size, ep * etp)]  # each block: etp x ep ranks
+    return dict(
+        expert_tensor=[list(range(b + e * etp, b + (e + 1) * etp)) for b in blocks
+                       for e in range(ep)],
+        expert_model=[list(range(b + t, b + ep * etp, etp)) for b in blocks for t in range(etp)],
+        expert_tensor_and_model=[list(range(b, b + ep * etp)) for b in blocks],
+        expert_data=[list(range(f + i, f + stage_size, ep * etp))
+                     for f in range(0, pp * stage_size, stage_size) for i in range(ep * etp)])
 
 
 def _create(groups):
@@ -218,6 +236,22 @@ def get_expert_model_parallel_world_size() -> int:
 def get_expert_model_parallel_rank() -> int:
     group = get_expert_model_parallel_group()
     return 0 if group is None else dist.get_rank(group=group)
+
+
+def get_expert_tensor_parallel_group():
+    """The ranks that split each expert's weights (None at expert tensor-parallel size 1)."""
+    return _EXPERT_TENSOR_PARALLEL_GROUP
+
+
+def get_expert_tensor_parallel_world_size() -> int:
+    group = get_expert_tensor_parallel_group()
+    return 1 if group is None else dist.get_world_size(group=group)
+
+
+def get_expert_tensor_and_model_parallel_group():
+    """The expert tensor- and model-parallel ranks together: every shard of every expert of a
+    layer once (None when both sizes are 1)."""
+    return _EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP
 
 
 def get_expert_data_parallel_group():
@@ -312,7 +346,8 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     global _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK, _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
     global _CONTEXT_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_WITH_CP
     global _TENSOR_AND_CONTEXT_PARALLEL_GROUP, _EXPERT_MODEL_PARALLEL_GROUP
-    global _EXPERT_DATA_PARALLEL_GROUP
+    global _EXPERT_DATA_PARALLEL_GROUP, _EXPERT_TENSOR_PARALLEL_GROUP
+    global _EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP
     if dist.is_initialized():
         if barrier:
             dist.barrier()
@@ -322,4 +357,5 @@ def destroy_model_parallel(barrier: bool = True) -> None:
     _VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK = _VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = None
     _CONTEXT_PARALLEL_GROUP = _DATA_PARALLEL_GROUP_WITH_CP = None
     _TENSOR_AND_CONTEXT_PARALLEL_GROUP = _EXPERT_MODEL_PARALLEL_GROUP = None
-    _EXPERT_DATA_PARALLEL_GROUP = None
+    _EXPERT_DATA_PARALLEL_GROUP = _EXPERT_TENSOR_PARALLEL_GROUP = None
+    _EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP = None

@@ -324,9 +324,9 @@ MUTANTS = {
         ["tests/test_expert_parallel.py"]),
     "moe: split sizes from the previous micro-batch": (
         "core/transformer/moe/token_dispatcher.py",
-        "        counts = _gather_counts(routing_map.sum(0), self.group)\n",
-        "        counts, self.last = getattr(self, 'last', None), _gather_counts(\n"
-        "            routing_map.sum(0), self.group)\n"
+        "ps.get_expert_tensor_and_model_parallel_group()).view(ep, etp, -1)\n",
+        "ps.get_expert_tensor_and_model_parallel_group()).view(ep, etp, -1)\n"
+        "        counts, self.last = getattr(self, 'last', None), counts\n"
         "        counts = self.last if counts is None else counts\n",
         ["tests/test_expert_parallel.py"]),
     # Operations (training/operations.py).

@@ -1,7 +1,8 @@
 """Expert parallelism trained end to end (issue 40): parallel_train.py --num_experts with
 --expert_model_parallel_size against serial train.py, each dispatcher, EP 2 and 4, EP 2 with
-TP 2 + sequence parallelism, with a pipeline, DP 4 with EP 2 and the distributed optimizer, EP 2
-over the two context ranks of a sequence; a
+TP 2 + sequence parallelism (each expert whole, or split over the TP ranks: expert tensor
+parallelism), with a pipeline, DP 4 with EP 2 and the distributed optimizer, EP 2 over the two
+context ranks of a sequence; a
 capacity factor dropping the tokens serial drops; the global load-balancing loss; a checkpoint
 resumed at EP 2 -> 1 -> 4 and merged; bf16 with Adam, clipping and recomputation; the split
 sizes' check; one-line errors.
@@ -29,7 +30,7 @@ MODEL = ["--model", "transformer", "--dtype", "float64", "--input_size", "32", "
          "--eval_interval", "3", "--update_freq", "3", "--num_iterations", "6",
          "--num_experts", "4", "--moe_aux_loss_coeff", "0.01", "--moe_z_loss_coeff", "0.001"]
 SERIAL = ["--micro_batch_size", "2"]  # every rank's micro-batches hold 2 rows: the aux loss's set
-EP = "--expert_model_parallel_size"
+EP, ETP = "--expert_model_parallel_size", "--expert_tensor_parallel_size"
 A2A = ["--moe_token_dispatcher_type", "alltoall"]
 TP2_SP = ["--tensor_model_parallel_size", "2", "--sequence_parallel"]
 
@@ -40,6 +41,9 @@ RUNS = {  # (ranks, flags) against serial with SERIAL's micro-batches
     "ep2-pp2": (4, [EP, "2", "--pipeline_model_parallel_size", "2"]),
     "dp4-ep2-distopt": (4, [EP, "2", *A2A, "--use_distributed_optimizer"]),
     "ep2-cp2": (2, [EP, "2", *A2A, "--context_parallel_size", "2"]),  # the tokens of a sequence
+    # Expert tensor parallelism: each expert's hidden units split over the TP ranks.
+    "ep2-etp2-tp2-sp": (4, [EP, "2", ETP, "2", *A2A, *TP2_SP]),
+    "etp2-tp2-sp-allgather": (2, [ETP, "2", *TP2_SP]),
 }
 
 
@@ -71,7 +75,7 @@ def test_expert_parallel_run_equals_serial(run, serial, token_dir, tmp_path):
     ranks, flags = RUNS[run]
     log = _parallel(ranks, str(tmp_path), token_dir, *flags)
     assert "the moe_ rows above (met)." in log  # the dispatcher's bytes: the formula's
-    assert "x 2 H F = " in log and "(met); the dense rest" in log  # rank 0's experts: E / EP
+    assert "x 2 H F / ETP " in log and "(met); the dense rest" in log  # rank 0's experts: E / EP
     assert_same_curve(serial, str(tmp_path), "float64")
     assert_weights_close(serial, str(tmp_path))
     tokens = lambda rows: [[r[f"tokens_expert_{e}"] for e in range(4)] for r in rows]
@@ -174,12 +178,15 @@ def test_split_sizes_the_ranks_disagree_on_fail_in_one_line():
       "1"], 3,
      "--num_experts 4 must be a multiple of it"),
     (["--model", "transformer", "--num_experts", "4", EP, "4", "--tensor_model_parallel_size",
-      "1"], 2,
-     "--expert_model_parallel_size 4 does not divide the 2 ranks of a pipeline stage"),
+      "1"], 2, "--expert_model_parallel_size 4 x --expert_tensor_parallel_size 1 does not divide "
+               "the 2 ranks of a pipeline stage"),
     (["--model", "transformer", "--num_experts", "4"], 2,
      "each rank must route other tokens (Megatron's rule too): add --sequence_parallel"),
-    (["--model", "transformer", "--num_experts", "4", "--expert_tensor_parallel_size", "2",
-      "--tensor_model_parallel_size", "1"], 2, "each expert is whole on its rank here"),
+    (["--model", "transformer", "--num_experts", "4", ETP, "2", "--tensor_model_parallel_size",
+      "1"], 2, "each expert is whole on its rank (1) or split over the tensor-parallel group "
+               "(--tensor_model_parallel_size 1) here"),
+    (["--model", "transformer", "--num_experts", "4", ETP, "2", "--sequence_parallel",
+      "--moe_ffn_hidden_size", "63"], 2, "63 (--moe_ffn_hidden_size) is not divisible by it"),
     (["--model", "transformer", EP, "2", "--tensor_model_parallel_size", "1"], 2,
      "(add --num_experts)"),
 ])

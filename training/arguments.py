@@ -302,7 +302,8 @@ def get_parallel_args(argv=None):
                              "out of the data-parallel ones; tokens sent to them and back "
                              "(Megatron's flag; core/transformer/moe/token_dispatcher.py)")
     parser.add_argument("--expert_tensor_parallel_size", type=int, default=1,
-                        help="the experts' own tensor-parallel size: 1, whole experts")
+                        help="the experts' own tensor-parallel size: 1, whole experts, or the "
+                             "tensor-parallel size, each expert's hidden units split over it")
     parser.add_argument("--moe_token_dispatcher_type", choices=["allgather", "alltoall"],
                         default="allgather",
                         help="how tokens reach their experts' ranks: every rank's gathered "
@@ -324,7 +325,8 @@ def get_parallel_args(argv=None):
         parser.error(f"--ddp_bucket_size must be a positive integer, got {args.ddp_bucket_size}")
     cp = args.context_parallel_size
     for flag, size in (("tensor_model", tp), ("pipeline_model", pp), ("context", cp),
-                       ("expert_model", args.expert_model_parallel_size)):
+                       ("expert_model", args.expert_model_parallel_size),
+                       ("expert_tensor", args.expert_tensor_parallel_size)):
         if size <= 0:
             parser.error(f"--{flag}_parallel_size must be a positive integer, got {size}")
     check_combinations(parser, args, FLAG_RULES)
@@ -360,11 +362,12 @@ def get_parallel_args(argv=None):
                      f"{tp} x --pipeline_model_parallel_size {pp} x --context_parallel_size {cp}; "
                      f"launch a multiple of {tp * pp * cp} processes")
     dp = args.data_parallel_size = world_size // (tp * pp * cp)
-    stage, ep = world_size // pp, args.expert_model_parallel_size
-    if stage % ep != 0:  # (parallel_state.group_ranks says it too, for callers of its own)
-        parser.error(f"--expert_model_parallel_size {ep} does not divide the {stage} ranks of a "
-                     f"pipeline stage (tensor x context x data parallel); choose a divisor of "
-                     f"{stage}")
+    stage, ep, etp = world_size // pp, args.expert_model_parallel_size, \
+        args.expert_tensor_parallel_size
+    if stage % (ep * etp) != 0:  # (parallel_state.expert_group_ranks says it too)
+        parser.error(f"--expert_model_parallel_size {ep} x --expert_tensor_parallel_size {etp} "
+                     f"does not divide the {stage} ranks of a pipeline stage (tensor x context x "
+                     f"data parallel); choose sizes whose product divides {stage}")
     if args.batch_size % dp != 0:
         sizes = f"tensor-parallel size {tp}" if pp == cp == 1 else \
             f"(tensor-parallel size {tp} x pipeline-parallel size {pp}" + \
@@ -440,9 +443,21 @@ FLAG_RULES = (
          lambda a: f"--expert_model_parallel_size {a.expert_model_parallel_size} spreads each "
                    f"MoE layer's experts over as many ranks: --num_experts {a.num_experts} must "
                    "be a multiple of it" + (" (add --num_experts)" if not a.num_experts else "")),
-    Rule(("expert_tensor_parallel_size",), lambda a: a.expert_tensor_parallel_size != 1,
-         lambda a: f"--expert_tensor_parallel_size {a.expert_tensor_parallel_size}: each expert is "
-                   "whole on its rank here (size 1, docs/moe.md: what differs); leave it out"),
+    Rule(("expert_tensor_parallel_size", "tensor_model_parallel_size"),
+         lambda a: a.expert_tensor_parallel_size not in (1, a.tensor_model_parallel_size),
+         lambda a: f"--expert_tensor_parallel_size {a.expert_tensor_parallel_size}: each expert "
+                   "is whole on its rank (1) or split over the tensor-parallel group "
+                   f"(--tensor_model_parallel_size {a.tensor_model_parallel_size}) here "
+                   "(docs/moe.md: what differs); choose one of the two"),
+    Rule(("expert_tensor_parallel_size", "num_experts", "moe_ffn_hidden_size", "hidden_size"),
+         lambda a: a.expert_tensor_parallel_size > 1 and (
+             not a.num_experts or (a.moe_ffn_hidden_size or a.hidden_size)
+             % a.expert_tensor_parallel_size != 0),
+         lambda a: f"--expert_tensor_parallel_size {a.expert_tensor_parallel_size} splits each "
+                   "expert's hidden units: " + (
+                       "add --num_experts" if not a.num_experts else
+                       f"{a.moe_ffn_hidden_size or a.hidden_size} (--moe_ffn_hidden_size) is not "
+                       "divisible by it")),
     Rule(("num_experts", "tensor_model_parallel_size", "sequence_parallel"),
          lambda a: a.num_experts and a.tensor_model_parallel_size > 1 and not a.sequence_parallel,
          lambda a: f"--num_experts with --tensor_model_parallel_size "

@@ -64,19 +64,22 @@ from training.reshard import reshard
 TRACKER = "latest_checkpointed_iteration.txt"
 SIZES = ("tensor_model_parallel_size", "input_size", "hidden_size", "dtype",
          "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-         "context_parallel_size")
+         "context_parallel_size", "expert_tensor_parallel_size")
 # In checkpoints from before them:
-ABSENT = dict(model="toy", pipeline_model_parallel_size=1, context_parallel_size=1)
+ABSENT = dict(model="toy", pipeline_model_parallel_size=1, context_parallel_size=1,
+              expert_tensor_parallel_size=1, num_experts=None, moe_ffn_hidden_size=None,
+              moe_layer_freq=1)
 RESHARDABLE = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                "virtual_pipeline_model_parallel_size",
                "context_parallel_size")  # the rest change the model: must match
-TRANSFORMER_SIZES = ("model", "vocab_size", "seq_length", "num_attention_heads", "num_layers")
+TRANSFORMER_SIZES = ("model", "vocab_size", "seq_length", "num_attention_heads", "num_layers",
+                     "num_experts", "moe_ffn_hidden_size", "moe_layer_freq")
 
 
 def sizes(args):
     """What a checkpoint must match to be resumed: the model's sizes and the split."""
     keys = SIZES + (TRANSFORMER_SIZES if args.model == "transformer" else ())
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k, ABSENT.get(k)) for k in keys}
 
 
 def identity(args):
@@ -186,12 +189,15 @@ def with_every_expert(params, optimizer_state):
     holds other experts): a shard then holds every expert, as the serial model does, and resumes
     at any expert-parallel size (load_checkpoint keeps a rank's own)."""
     state = optimizer_state["state"]
-    mine = {name: (p.detach().cpu(), state.get(i)) for i, (name, p) in enumerate(params)
-            if not getattr(p, "allreduce", True)}
+    mine = {name: (p.detach().cpu(), state.get(i), getattr(p, "partition_dim", None))
+            for i, (name, p) in enumerate(params) if not getattr(p, "allreduce", True)}
     everyone = [None] * ps.get_expert_model_parallel_world_size()
     dist.all_gather_object(everyone, mine, group=ps.get_expert_model_parallel_group())
+    for part in everyone:  # an expert's shard keeps its dimension (expert tensor parallelism)
+        for tensor, _, dim in part.values():
+            tensor.partition_dim = dim
     merged = with_experts_of({name: (p, state.get(i)) for i, (name, p) in enumerate(params)},
-                             everyone)
+                             [{n: v[:2] for n, v in part.items()} for part in everyone])
     names = list(merged)
     groups = groups_over(optimizer_state["param_groups"], [merged[n][0] for n in names])
     return [(name, merged[name][0]) for name in names], dict(
@@ -469,8 +475,8 @@ def load_checkpoint(directory, model, optimizer, args):
             # Only the heads leave the weights' shapes as they were: another size's weights
             # would not load into this model, by --init_from either.
             fix = ("or merge it with merge_checkpoint.py and start a new run from it with "
-                   "--init_from" if key == "num_attention_heads" else "its weights have that "
-                   "shape")
+                   "--init_from" if key in ("num_attention_heads", "expert_tensor_parallel_size")
+                   else "its weights have that shape")
             raise CheckpointError(
                 f"{directory} (iteration {iteration}) was saved with {key.replace('_', ' ')} "
                 f"{was}, this run has {value}; resume with --{key} {was} ({fix})")

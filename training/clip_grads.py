@@ -23,10 +23,11 @@ megatron/core/optimizer/clip_grads.py):
     stage's is (Megatron's param_is_not_shared): after the embedding group's sum
     both hold the one gradient the serial weight has;
   * a MoE layer's experts under expert parallelism (core/transformer/moe/): each
-    rank of an expert-model-parallel group holds other experts, whole (after their
-    gradients' sum over the ranks holding the same ones): their squares are summed
-    over that group, once, beside the dense layers' (Megatron sums them over its
-    expert groups apart, too);
+    rank of an expert-model-parallel group holds other experts (under expert tensor
+    parallelism, other shards of them), after their gradients' sum over the ranks
+    holding the same ones: their squares are summed over the expert tensor- and
+    model-parallel ranks, once, beside the dense layers' (Megatron sums them over
+    its expert groups apart, too);
   * under the distributed optimizer (distrib_optimizer.py) each replica holds
     its shard of the gradients, as pieces that carry their parameter's marks:
     every rank's sum is added in one all-reduce over all ranks (as Megatron
@@ -73,8 +74,8 @@ def get_grad_norm(parameters, sharded=False) -> torch.Tensor:
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         # + the other ranks' shards (and their zero for replicated ones)
         _sum_squares(squares, ps.get_tensor_model_parallel_group())
-    if any(map(expert_parallel, parameters)):  # + the other experts, once each
-        squares += _sum_expert_squares(experts, ps.get_expert_model_parallel_group())
+    if any(map(expert_parallel, parameters)):  # + the other experts (and shards), once each
+        squares += _sum_expert_squares(experts, ps.get_expert_tensor_and_model_parallel_group())
     if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         _sum_squares_over_stages(squares, ps.get_pipeline_model_parallel_group())  # + other stages
     return squares[0].sqrt()
@@ -89,8 +90,8 @@ def _sum_squares(squares, group):
 
 @wire.collective("grad_norm_expert_all_reduce", wire.ALL_REDUCE, summed=True)
 def _sum_expert_squares(squares, group):
-    """Every rank's experts' sum of squares, summed over the expert-model-parallel `group`, in
-    place."""
+    """Every rank's experts' sum of squares, summed over the expert tensor- and model-parallel
+    `group`, in place."""
     dist.all_reduce(squares, group=group)
     return squares
 
@@ -115,6 +116,7 @@ def clip_grad_norm(parameters, max_norm: float, sharded=False) -> torch.Tensor:
 
 
 def expert_parallel(param) -> bool:
-    """An expert spread over the expert-model-parallel group (each rank holds other experts)."""
+    """An expert spread over the expert-model- (and tensor-) parallel groups: each rank holds
+    other experts, or other shards of them."""
     return not getattr(param, "allreduce", True) and ps.model_parallel_is_initialized() and \
-        ps.get_expert_model_parallel_world_size() > 1
+        ps.get_expert_tensor_and_model_parallel_group() is not None

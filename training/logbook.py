@@ -234,7 +234,8 @@ def report_communication(stats, args, tallies=None):
         print(f"  {_what_ran_at_tp_1(stats)}")
     if getattr(args, "context_parallel_size", 1) > 1:
         _report_context_parallel_papers(args, stats)
-    if getattr(args, "expert_model_parallel_size", 1) > 1:
+    if getattr(args, "expert_model_parallel_size", 1) * getattr(
+            args, "expert_tensor_parallel_size", 1) > 1:
         _report_expert_parallel_formula(args, stats, tallies or {})
     if getattr(args, "pipeline_model_parallel_size", 1) > 1:
         _report_pipeline_papers(args, tp)
@@ -365,27 +366,34 @@ def _report_expert_parallel_formula(args, stats, tallies):
     n = layers * args.num_microbatches  # the dispatches in the step (each forward's)
     passes = 2 if args.recompute_granularity == "full" else 1  # forward run again in backward
     pb = max(b, 4)  # the probabilities' bytes: fp32 at least (moe_utils.py)
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
     if args.moe_token_dispatcher_type == "alltoall":
-        sent, received = (tallies.get(f"moe_rows_{k}", 0) // passes for k in ("sent", "received"))
-        formula = {"moe_all_to_all": (passes + 1) * (sent + received) * h * b,
-                   "moe_counts_all_gather": passes * n * e * 8}
+        sent, received, gathered = (tallies.get(f"moe_rows_{k}", 0) // passes
+                                    for k in ("sent", "received", "gathered"))
+        formula = {"moe_all_to_all": (passes + 1) * (sent + received) * h * b * (ep > 1),
+                   "moe_counts_all_gather": passes * n * e * 8,
+                   # ETP: the received rows to each ETP rank, the gathered partial sums back
+                   "moe_tp_all_to_all": (passes + 1) * (etp * received + gathered) * h * b
+                   * (etp > 1)}
+        formula = {op: value for op, value in formula.items() if value}
         what = (f"the all-to-all, the tokens out and back, in forward (x{passes}) and backward: "
                 f"(sent + received) rows x H {h} x {b} B each, the rows the routing gave rank 0 in "
                 f"the step: {sent} sent (layers x micro-batches x T x K = {n} x {t} x "
                 f"{args.moe_router_topk} = {n * t * args.moe_router_topk} when none is dropped), "
                 f"{received} received; before each forward's, the E = {e} counts (int64) "
-                "all-gathered")
-    else:
-        ep = args.expert_model_parallel_size
+                "all-gathered" + (f"; ETP {etp}: the received rows copied to every ETP rank "
+                                  f"and the {gathered} gathered rows' partial outputs sent back, "
+                                  "(ETP x received + gathered) rows each way" if etp > 1 else ""))
+    else:  # over the ETP x EP ranks
         formula = {"moe_all_gather": n * (passes * t * (h * b + e * (pb + 1)) + t * h * b),
-                   "moe_reduce_scatter": n * ep * t * ((passes + 1) * h * b + e * pb)}
+                   "moe_reduce_scatter": n * ep * etp * t * ((passes + 1) * h * b + e * pb)}
         what = (f"every rank's T = {t} tokens, probabilities ({pb} B) and routing (1 B) "
                 f"gathered in forward (x{passes}), the outputs' gradients in backward; the outputs "
                 f"reduce-scattered in forward, the gathered tokens' and probabilities' gradients "
                 f"in backward, EP x as many rows; whatever the routing")
     met = all(stats.get(op, {}).get("bytes") == value for op, value in formula.items())
     print(f"  Expert parallelism, --moe_token_dispatcher_type {args.moe_token_dispatcher_type} "
-          f"at EP = {args.expert_model_parallel_size}, {layers} MoE layer(s) x "
+          f"at EP = {ep}" + (f", ETP = {etp}" if etp > 1 else "") + f", {layers} MoE layer(s) x "
           f"{args.num_microbatches} micro-batch(es): {what}: "
           + ", ".join(f"{op} {value / 1024:.2f} KiB" for op, value in formula.items())
           + " in, per rank; the moe_ rows above" + (" (met)." if met else " (differ!)."))

@@ -74,15 +74,16 @@ def report_optimizer_memory(model, optimizer, args, data_parallel_size):
 
 def report_expert_parameters(args, numel, experts):
     """--num_experts: rank 0's parameters, its experts' and the rest, beside the formula: each
-    MoE layer's E experts of 2 H F weights (the toy MLP's two) spread over EP ranks."""
-    ep = args.expert_model_parallel_size
+    MoE layer's E experts of 2 H F weights (the toy MLP's two) spread over EP ranks, each split
+    over ETP."""
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
     v = args.virtual_pipeline_model_parallel_size or 1
     layers = sum(i % args.moe_layer_freq == 0 for c in range(v) for i in chunk_layers(
         args.num_layers, args.pipeline_model_parallel_size, 0, v, c))
     f = args.moe_ffn_hidden_size or args.hidden_size
-    expected = layers * args.num_experts // ep * 2 * args.input_size * f
+    expected = layers * args.num_experts // ep * 2 * args.input_size * f // etp
     print(f"  of which experts {experts} ({experts / numel:.0%}): {layers} MoE layer(s) x E "
-          f"{args.num_experts} / EP {ep} x 2 H F = {layers} x {args.num_experts // ep} x 2 x "
-          f"{args.input_size} x {f} = {expected}" + (" (met)" if expected == experts else
-                                                       " (differs!)") +
+          f"{args.num_experts} / EP {ep} x 2 H F / ETP {etp} = {layers} x "
+          f"{args.num_experts // ep} x 2 x {args.input_size} x {f} / {etp} = {expected}" +
+          (" (met)" if expected == experts else " (differs!)") +
           f"; the dense rest {numel - experts}, on every expert-parallel rank")

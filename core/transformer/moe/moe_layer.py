@@ -29,17 +29,19 @@ class MoELayer(nn.Module):
                  parallel=False, dispatcher="alltoall"):
         """`make_expert()`: one expert, a module of [tokens, width] -> [tokens, width];
         `parallel`: a parallel run's layer, its experts spread over parallel_state's
-        expert-model-parallel group (if it has more than one rank), the tokens taken there by
-        `dispatcher`, "alltoall" or "allgather"."""
+        expert-model-parallel group and split over its expert-tensor-parallel group (where they
+        have more than one rank), the tokens taken there by `dispatcher`, "alltoall" or
+        "allgather"."""
         super().__init__()
         self.router = TopKRouter(width, num_experts, topk, aux_loss_coeff, z_loss_coeff,
                                  capacity_factor, dtype, aux_loss_type, parallel)
+        etp = ps.get_expert_tensor_parallel_world_size() if parallel else 1
         self.dispatcher = None
-        if parallel and ps.get_expert_model_parallel_world_size() > 1:
-            self.dispatcher = DISPATCHERS[dispatcher](num_experts,
-                                                      ps.get_expert_model_parallel_group())
+        if parallel and ps.get_expert_model_parallel_world_size() * etp > 1:
+            self.dispatcher = DISPATCHERS[dispatcher](num_experts)
         local = self.dispatcher.local_experts if self.dispatcher else slice(0, num_experts)
-        self.experts = SequentialMLP(num_experts, make_expert, range(num_experts)[local])
+        self.experts = SequentialMLP(num_experts, make_expert, range(num_experts)[local], etp,
+                                     ps.get_tensor_model_parallel_rank() if etp > 1 else 0)
         self.tokens_per_expert = None
 
     def forward(self, hidden):
