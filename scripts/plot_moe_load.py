@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.metrics import atomic_write  # noqa: E402
+from plot_runs import save  # noqa: E402
 from training.operations import ArgumentParser, check_output  # noqa: E402
 
 
@@ -60,9 +60,7 @@ def plot(loads, labels, path):
     axes[0][0].set_ylabel("share of the routed tokens")
     axes[0][-1].legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 def main(argv=None):

@@ -171,10 +171,15 @@ def test_the_group_layout_is_the_one_its_docstring_draws():
     assert groups["data"] == [[0, 4], [2, 6], [1, 5], [3, 7]]
     assert groups["data_with_context"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
     # Expert parallelism (docs/moe.md draws these): TP 2 x DP 4 with EP 4, and TP 2 x PP 2 with
-    # EP 2 (Megatron's tp-ep-dp-pp, the experts whole on each rank).
+    # EP 2 (Megatron's tp-ep-dp-pp, the experts whole on each rank), TP 2 x DP 4 with EP 2, ETP 2.
     groups = group_ranks(8, 2, 1, 1, 4)
     assert groups["expert_model"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert groups["expert_data"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
     groups = group_ranks(8, 2, 2, 1, 2)
     assert groups["expert_model"] == groups["tensor"]
     assert groups["expert_data"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    groups = group_ranks(8, 2, 1, 1, 2, 2)  # and each expert split over the TP ranks (ETP 2)
+    assert groups["expert_tensor"] == groups["tensor"]
+    assert groups["expert_model"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["expert_tensor_and_model"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups["expert_data"] == [[0, 4], [1, 5], [2, 6], [3, 7]]

@@ -17,8 +17,8 @@ output come back. Two ways, as Megatron's --moe-token-dispatcher-type:
 With expert tensor parallelism (--expert_tensor_parallel_size ETP, experts.py) each expert's
 weights are split over ETP ranks, every one of which must see all the expert's tokens: alltoall
 gathers what its EP exchange brought over the ETP group and reduce-scatters the partial outputs
-back (the two ranks' counts differ: done as all-to-alls of copies, _GatherRows and
-_ReduceScatterRows); allgather gathers over the ETP x EP ranks at once.
+back (the two ranks' counts differ: done as all-to-alls of copies, gather_rows and
+reduce_scatter_rows); allgather gathers over the ETP x EP ranks at once.
 
 Both start and end in moe_utils.permute / unpermute, which lay a rank's tokens out expert by
 expert and put the outputs back in token order. docs/moe.md walks through a small example
@@ -76,60 +76,61 @@ def _reduce_scatter(tensor, group):
     return output
 
 
-class _AllToAll(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """A collective autograd runs through: forward `op(x)`, backward `adjoint(grad)`."""
+
+    @staticmethod
+    def forward(ctx, x, op, adjoint):
+        ctx.adjoint = adjoint
+        return op(x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.adjoint(grad.contiguous()), None, None
+
+
+def all_to_all(tokens, group, output_splits, input_splits):
     """The tokens out by their split sizes; in backward their gradients back, the splits
     swapped."""
-
-    @staticmethod
-    def forward(ctx, tokens, group, output_splits, input_splits):
-        ctx.group, ctx.splits = group, (output_splits, input_splits)
-        return _all_to_all(tokens.contiguous(), group, output_splits, input_splits)
-
-    @staticmethod
-    def backward(ctx, grad):
-        output_splits, input_splits = ctx.splits
-        grad = _all_to_all(grad.contiguous(), ctx.group, input_splits, output_splits)
-        return grad, None, None, None
+    return _Exchange.apply(tokens, lambda x: _all_to_all(x, group, output_splits, input_splits),
+                           lambda g: _all_to_all(g, group, input_splits, output_splits))
 
 
-class _GatherRows(torch.autograd.Function):
+def gather_tokens(tokens, group):
+    """Every rank's rows, in rank order; in backward each rank's gradient rows summed back."""
+    return _Exchange.apply(tokens, lambda x: _all_gather(x, group),
+                           lambda g: _reduce_scatter(g, group))
+
+
+def reduce_scatter_tokens(tokens, group):
+    """The ranks' rows summed, each rank keeping its own; in backward the gradients gathered."""
+    return _Exchange.apply(tokens, lambda x: _reduce_scatter(x, group),
+                           lambda g: _all_gather(g, group))
+
+
+def gather_rows(rows, group, sizes):
     """Every rank's rows, rank by rank, `sizes[j]` from rank j (an all-gather of unequal parts:
     an all-to-all of this rank's rows to each); in backward each rank's rows of the gradient
-    summed back (_ReduceScatterRows' forward)."""
-
-    @staticmethod
-    def forward(ctx, rows, group, sizes):
-        ctx.group, ctx.sizes = group, sizes
-        return _gather_rows(rows, group, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_rows(grad, ctx.group, ctx.sizes), None, None
+    summed back (reduce_scatter_rows)."""
+    return _Exchange.apply(rows, lambda x: _gather_rows(x, group, sizes),
+                           lambda g: _reduce_scatter_rows(g, group, sizes))
 
 
-class _ReduceScatterRows(torch.autograd.Function):
+def reduce_scatter_rows(rows, group, sizes):
     """Every rank's partial sums of all the rows (`sizes[j]` of them rank j's) summed, each rank
-    keeping its own; in backward the gradient's rows gathered (_GatherRows' forward)."""
-
-    @staticmethod
-    def forward(ctx, rows, group, sizes):
-        ctx.group, ctx.sizes = group, sizes
-        return _reduce_scatter_rows(rows, group, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_rows(grad, ctx.group, ctx.sizes), None, None
+    keeping its own; in backward the gradient's rows gathered (gather_rows)."""
+    return _Exchange.apply(rows, lambda x: _reduce_scatter_rows(x, group, sizes),
+                           lambda g: _gather_rows(g, group, sizes))
 
 
 def _gather_rows(rows, group, sizes):
     n, mine = group.size(), rows.shape[0]
-    return _tp_all_to_all(rows.contiguous().repeat(n, *[1] * (rows.dim() - 1)), group, sizes,
-                          [mine] * n)
+    return _tp_all_to_all(rows.repeat(n, *[1] * (rows.dim() - 1)), group, sizes, [mine] * n)
 
 
 def _reduce_scatter_rows(rows, group, sizes):
     n, mine = group.size(), sizes[group.rank()]
-    parts = _tp_all_to_all(rows.contiguous(), group, [mine] * n, sizes)
+    parts = _tp_all_to_all(rows, group, [mine] * n, sizes)
     return parts.view(n, mine, *rows.shape[1:]).sum(0)
 
 
@@ -178,11 +179,10 @@ class MoEAlltoAllTokenDispatcher(_Dispatcher):
         # 2. This rank's tokens expert by expert (so rank by rank), then to their EP ranks, then
         # (ETP) every expert tensor-parallel rank's to each.
         permuted, self.sorted_indices = permute(tokens, routing_map)
-        arrived = permuted if ep == 1 else _AllToAll.apply(
+        arrived = permuted if ep == 1 else all_to_all(
             permuted, ps.get_expert_model_parallel_group(), self.output_splits, self.input_splits)
         if etp > 1:
-            arrived = _GatherRows.apply(arrived, ps.get_expert_tensor_parallel_group(),
-                                        self.gathered)
+            arrived = gather_rows(arrived, ps.get_expert_tensor_parallel_group(), self.gathered)
         # 3. [t][j][local expert] -> [local expert][t][j]: each local expert's tokens together.
         self.by_expert = [(s * ep + j) * n + e for e in range(n) for s in range(etp)
                           for j in range(ep)]
@@ -192,37 +192,11 @@ class MoEAlltoAllTokenDispatcher(_Dispatcher):
         back_order = sorted(range(len(self.by_expert)), key=self.by_expert.__getitem__)
         back = sort_chunks_by_idxs(expert_output, self.received[self.by_expert], back_order)
         if self.etp > 1:  # each ETP rank's partial outputs summed, each keeping its own rows
-            back = _ReduceScatterRows.apply(back, ps.get_expert_tensor_parallel_group(),
-                                            self.gathered)
-        returned = back if self.ep == 1 else _AllToAll.apply(
+            back = reduce_scatter_rows(back, ps.get_expert_tensor_parallel_group(),
+                                       self.gathered)
+        returned = back if self.ep == 1 else all_to_all(
             back, ps.get_expert_model_parallel_group(), self.input_splits, self.output_splits)
         return unpermute(returned, self.sorted_indices, self.shape, self.probs, self.routing_map)
-
-
-class _GatherTokens(torch.autograd.Function):
-    """Every rank's rows, in rank order; in backward each rank's gradient rows summed back."""
-
-    @staticmethod
-    def forward(ctx, tokens, group):
-        ctx.group = group
-        return _all_gather(tokens.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad.contiguous(), ctx.group), None
-
-
-class _ReduceScatterTokens(torch.autograd.Function):
-    """The ranks' rows summed, each rank keeping its own; in backward the gradients gathered."""
-
-    @staticmethod
-    def forward(ctx, tokens, group):
-        ctx.group = group
-        return _reduce_scatter(tokens.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad.contiguous(), ctx.group), None
 
 
 class MoEAllGatherTokenDispatcher(_Dispatcher):
@@ -231,8 +205,7 @@ class MoEAllGatherTokenDispatcher(_Dispatcher):
     def token_permutation(self, tokens, probs, routing_map):
         # Every rank's tokens, probabilities (with their gradients) and routing, in rank order.
         group = ps.get_expert_tensor_and_model_parallel_group()
-        gathered = _GatherTokens.apply(tokens, group)
-        probs = _GatherTokens.apply(probs, group)
+        gathered, probs = gather_tokens(tokens, group), gather_tokens(probs, group)
         routing_map = _all_gather(routing_map.contiguous(), group)
         self.probs = probs[:, self.local_experts]
         self.routing_map = routing_map[:, self.local_experts]  # the tokens for this rank's experts
@@ -246,7 +219,7 @@ class MoEAllGatherTokenDispatcher(_Dispatcher):
         # others), each rank keeping its own.
         output = unpermute(expert_output, self.sorted_indices, self.shape, self.probs,
                            self.routing_map)
-        return _ReduceScatterTokens.apply(output, ps.get_expert_tensor_and_model_parallel_group())
+        return reduce_scatter_tokens(output, ps.get_expert_tensor_and_model_parallel_group())
 
 
 DISPATCHERS = {"alltoall": MoEAlltoAllTokenDispatcher, "allgather": MoEAllGatherTokenDispatcher}
