@@ -237,3 +237,15 @@ def test_the_load_picture_draws_each_expert_s_share(tmp_path):
         main([str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert e.value.code == 2 and len(err.getvalue().splitlines()) == 1
     assert "has no metrics.csv with tokens_expert_* columns" in err.getvalue()
+
+
+def test_the_dispatch_example_walks_the_alltoall_steps(capsys):
+    """scripts/moe_dispatch_example.py (docs/moe.md prints its output): the counts, each rank's
+    splits (what rank j sends rank r is what rank r expects from j), and every token back."""
+    from scripts.moe_dispatch_example import main
+    main()
+    out = capsys.readouterr().out
+    assert "[[2, 2, 2, 2], [2, 1, 3, 2]]" in out
+    assert "rank 0: input_splits [4, 4] (to rank 0, rank 1), output_splits [4, 3]" in out
+    assert "rank 1: input_splits [3, 5] (to rank 0, rank 1), output_splits [4, 5]" in out
+    assert out.count("every token back in its row, its own value: True") == 2
