@@ -2,7 +2,7 @@
 --expert_model_parallel_size against serial train.py, each dispatcher, EP 2 and 4, EP 2 with
 TP 2 + sequence parallelism (each expert whole, or split over the TP ranks: expert tensor
 parallelism), with a pipeline, DP 4 with EP 2 and the distributed optimizer, EP 2 over the two
-context ranks of a sequence; a
+context ranks of a sequence, under --overlap_grad_reduce (and --overlap_param_gather); a
 capacity factor dropping the tokens serial drops; the global load-balancing loss; a checkpoint
 resumed at EP 2 -> 1 -> 4 and merged; bf16 with Adam, clipping and recomputation; the split
 sizes' check; one-line errors.
@@ -33,6 +33,7 @@ SERIAL = ["--micro_batch_size", "2"]  # every rank's micro-batches hold 2 rows: 
 EP, ETP = "--expert_model_parallel_size", "--expert_tensor_parallel_size"
 A2A = ["--moe_token_dispatcher_type", "alltoall"]
 TP2_SP = ["--tensor_model_parallel_size", "2", "--sequence_parallel"]
+OVERLAP = ["--overlap_grad_reduce", "--ddp_bucket_size", "5000"]  # several buckets
 
 RUNS = {  # (ranks, flags) against serial with SERIAL's micro-batches
     "ep2-allgather": (2, [EP, "2"]),
@@ -40,9 +41,13 @@ RUNS = {  # (ranks, flags) against serial with SERIAL's micro-batches
     "ep2-tp2-sp": (4, [EP, "2", *A2A, *TP2_SP]),
     "ep2-pp2": (4, [EP, "2", "--pipeline_model_parallel_size", "2"]),
     "dp4-ep2-distopt": (4, [EP, "2", *A2A, "--use_distributed_optimizer"]),
-    "ep2-cp2": (2, [EP, "2", *A2A, "--context_parallel_size", "2"]),  # the tokens of a sequence
-    # Expert tensor parallelism: each expert's hidden units split over the TP ranks.
-    "ep2-etp2-tp2-sp": (4, [EP, "2", ETP, "2", *A2A, *TP2_SP]),
+    # EP over a sequence's context ranks; the experts' sums launched with the gradients' buckets
+    "ep2-cp2-overlap": (2, [EP, "2", *A2A, "--context_parallel_size", "2", *OVERLAP]),
+    # Expert tensor parallelism: each expert's hidden units split over the TP ranks; its expert
+    # buffers' reduce-scatters and all-gathers overlapped.
+    "ep2-etp2-tp2-sp-distopt-overlap": (4, [EP, "2", ETP, "2", *A2A, *TP2_SP,
+                                            "--use_distributed_optimizer", *OVERLAP,
+                                            "--overlap_param_gather"]),
     "etp2-tp2-sp-allgather": (2, [ETP, "2", *TP2_SP]),
 }
 
@@ -114,12 +119,13 @@ def test_the_global_load_balancing_loss_is_the_whole_batch_s(serial, token_dir, 
 
 
 def test_a_checkpoint_resumes_at_another_expert_parallel_size(serial, token_dir, tmp_path):
-    """EP 2 -> EP 1 -> EP 4 (the distributed optimizer): every loss and the final weights are
-    serial's; each shard holds every expert, and merge_checkpoint.py merges them into serial's
-    model at its iteration."""
+    """EP 2 (the distributed optimizer) -> EP 1 (plain) -> EP 4 (distributed again): every loss
+    and the final weights are serial's; each shard holds every expert, and merge_checkpoint.py
+    merges them into serial's model at its iteration."""
     ck, out, ep1 = str(tmp_path / "ck"), str(tmp_path / "run"), str(tmp_path / "ep1")
     common = ["--save", ck, "--save_interval", "2"]
-    _parallel(2, out, token_dir, *common, EP, "2", "--num_iterations", "2")
+    _parallel(2, out, token_dir, *common, EP, "2", "--num_iterations", "2",
+              "--use_distributed_optimizer")  # each rank's pieces of its own experts
     log = _parallel(2, ep1, token_dir, *common, "--load", ck, "--num_iterations", "4")
     assert "resuming from" in log and "at iteration 2" in log
     three_four = {k: v[2:4] for k, v in rows_after(serial).items()}  # iterations 3 and 4

@@ -463,17 +463,6 @@ FLAG_RULES = (
          lambda a: f"--num_experts with --tensor_model_parallel_size "
                    f"{a.tensor_model_parallel_size}: the experts are whole on each rank, and each "
                    "rank must route other tokens (Megatron's rule too): add --sequence_parallel"),
-    Rule(("save", "use_distributed_optimizer", "expert_model_parallel_size"),
-         lambda a: a.save and a.use_distributed_optimizer and a.expert_model_parallel_size > 1,
-         lambda a: "--save with --use_distributed_optimizer and --expert_model_parallel_size "
-                   f"{a.expert_model_parallel_size}: the experts' optimizer shards are not "
-                   "written here (docs/moe.md); save with the plain optimizer (a checkpoint "
-                   "resumes under either)"),
-    Rule(("num_experts", "overlap_grad_reduce"),
-         lambda a: a.num_experts and a.overlap_grad_reduce,
-         lambda a: "--overlap_grad_reduce with --num_experts: the experts' gradients, summed over "
-                   "the expert-data-parallel group, have no buckets here (docs/moe.md); leave "
-                   "out --overlap_grad_reduce"),
     Rule(("tp_reduce_dtype", "dtype"), lambda a: a.tp_reduce_dtype == "float32" and
          a.dtype != "bfloat16",
          lambda a: f"--tp_reduce_dtype float32 changes bfloat16 runs only; this one is --dtype "

@@ -148,7 +148,7 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
     distributed = isinstance(optimizer, DistributedOptimizer)
     trackers = context_parallel_trackers()
     params, optimizer_state = named_parameters(model), None
-    if ps.get_expert_model_parallel_world_size() > 1 and not distributed:  # (every rank)
+    if ps.get_expert_model_parallel_world_size() > 1:  # (every rank)
         params, optimizer_state = with_every_expert(params, optimizer.state_dict())
     if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
         state = dict(
@@ -176,7 +176,7 @@ def save_checkpoint(directory, iteration, model, optimizer, args):
         rank = ps.get_data_parallel_rank(with_context_parallel=True)
         shard = dict(iteration=iteration, data_parallel_rank=rank, identity=identity(args),
                      data_parallel_size=ps.get_data_parallel_world_size(with_context_parallel=True),
-                     shard=optimizer.sharded_state_dict())
+                     shard=with_peers_expert_pieces(optimizer.sharded_state_dict()))
         atomic_write(distrib_optim_path(path, rank), lambda f: torch.save(shard, f))
     dist.barrier()  # every shard is on disk before the tracker points at it
     if dist.get_rank() == 0:
@@ -202,6 +202,26 @@ def with_every_expert(params, optimizer_state):
     groups = groups_over(optimizer_state["param_groups"], [merged[n][0] for n in names])
     return [(name, merged[name][0]) for name in names], dict(
         state={i: merged[n][1] for i, n in enumerate(names) if merged[n][1]}, param_groups=groups)
+
+
+def with_peers_expert_pieces(shard):
+    """The distributed optimizer's `shard` of this rank, with its tensor-parallel peers' pieces of
+    whole experts added (expert tensor-parallel size 1): those are sharded over the
+    expert-data-parallel group, which crosses the tensor-parallel ranks, while the replicas'
+    files are written per tensor-parallel rank. So each TP rank's files hold every piece once
+    (a name may then hold several pieces: a list)."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1 or ps.get_expert_tensor_parallel_world_size() > 1:
+        return shard
+    mine = {name: piece for name, piece in shard.items() if "local_experts." in name}
+    everyone = [None] * tp
+    dist.all_gather_object(everyone, mine, group=ps.get_tensor_model_parallel_group())
+    for rank, part in enumerate(everyone):
+        if rank != ps.get_tensor_model_parallel_rank():
+            for name, piece in part.items():
+                held = shard.get(name, [])
+                shard[name] = (held if isinstance(held, list) else [held]) + [piece]
+    return shard
 
 
 def with_experts_of(state, everyone):

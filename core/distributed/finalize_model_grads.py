@@ -64,7 +64,8 @@ def finalize_model_grads(model, optimizer, losses) -> torch.Tensor:
         loss = average_over_data_parallel_replicas(params, loss, partial)
     elif partial or any(getattr(p, "grad_is_partial", False) for p in params):
         loss = allreduce_sequence_parallel_grads(params, loss, partial)
-    allreduce_expert_grads([p.grad for p in params if is_expert(p)])
+    if grad_sync is None:  # (--overlap_grad_reduce: the experts' sums launched with their bucket)
+        allreduce_expert_grads([p.grad for p in params if is_expert(p)])
     if ps.get_pipeline_model_parallel_world_size() > 1:
         allreduce_embedding_grads([p.grad for p in params if getattr(p, "shared_embedding", 0)])
     return broadcast_from_last_stage(loss.detach())
@@ -92,10 +93,10 @@ def allreduce_expert_grads(grads):
 
 
 @wire.collective("expert_dp_all_reduce", wire.ALL_REDUCE, summed=True)
-def _allreduce_expert_grads(coalesced, group):
-    """Sum over the expert-data-parallel group, in place."""
-    dist.all_reduce(coalesced, group=group)
-    return coalesced
+def _allreduce_expert_grads(coalesced, group, async_op=False):
+    """Sum over the expert-data-parallel group, in place (with async_op, and torch's handle)."""
+    work = dist.all_reduce(coalesced, group=group, async_op=async_op)
+    return (coalesced, work) if async_op else coalesced
 
 
 def allreduce_embedding_grads(grads):
@@ -203,6 +204,12 @@ def start_grad_sync(grads, params):
     if rest:
         waits.append(_average_replicated(one(rest), ps.get_tensor_and_data_parallel_group(), d,
                                          async_op=True, then=divide))
+    experts = ps.get_expert_data_parallel_group()  # (allreduce_expert_grads says why)
+    if kinds["expert"] and experts.size() == 1:  # on one rank each: / d alone
+        divide(kinds["expert"])
+    elif kinds["expert"]:  # summed over the ranks holding them, / d
+        waits.append(_allreduce_expert_grads(one(kinds["expert"]), experts, async_op=True,
+                                             then=divide))
 
     def finish():
         for wait in waits:

@@ -284,7 +284,9 @@ def unshard_state(shards, shapes):
     parameter's shape `shapes[name]`."""
     params, states = {}, {}
     for name, shape in shapes.items():
-        pieces = sorted((s[name] for s in shards if name in s), key=lambda p: p["range"][0])
+        held = [s[name] for s in shards if name in s]  # a piece, or several (an expert's)
+        pieces = sorted((p for h in held for p in (h if isinstance(h, list) else [h])),
+                        key=lambda p: p["range"][0])
         covered, numel = [p["range"] for p in pieces], shape.numel()
         if not pieces or covered[0][0] != 0 or covered[-1][1] != numel or any(
                 a[1] != b[0] for a, b in zip(covered, covered[1:])):
