@@ -26,6 +26,7 @@ AROUND_THE_WIRE = {
     "core/wire.py:check_splits",  # the check's own all-gather of an all-to-all's split sizes
     "training/checkpointing.py:gather_over_experts",  # state_dicts as objects, on the CPU
     "training/checkpointing.py:with_every_expert",  # the experts' and their state, as objects
+    "training/checkpointing.py:with_peers_expert_pieces",  # the optimizer's pieces, as objects
     "core/pipeline_parallel/p2p_communication.py:_communicate",  # wire.point_to_point_wire
     "core/pipeline_parallel/p2p_communication.py:_announce",  # the check's headers
     "training/checkpointing.py:gather_over_pipeline",  # state_dicts as objects, on the CPU

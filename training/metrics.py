@@ -254,7 +254,7 @@ def moe_load(model, args):
     dropped, load-balancing loss] (router.py's `load`); None without experts."""
     if not args.num_experts:
         return None
-    loads = [m.load for m in model.modules() if isinstance(m, TopKRouter)]
+    loads = [m.load for m in model.modules() if isinstance(m, TopKRouter) and m.load is not None]
     load = torch.stack(loads).sum(0) if loads else torch.zeros(args.num_experts + 2,
                                                               dtype=torch.float64)
     if ps.model_parallel_is_initialized():

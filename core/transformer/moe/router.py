@@ -59,7 +59,7 @@ class TopKRouter(nn.Module):
         self.losses = {}
         training = self.training and torch.is_grad_enabled()
         if self.z_loss_coeff and training:  # the mean over the micro-batch's tokens
-            group, factor = self.load_balancing_group("z_loss")
+            _, factor = self.load_balancing_group("z_loss")
             self.losses["z_loss"] = z_loss_func(logits, self.z_loss_coeff) * factor
         probs, routing_map = topk_routing_with_score_function(logits, self.topk)
         if self.aux_loss_coeff and training:
@@ -68,9 +68,11 @@ class TopKRouter(nn.Module):
         if self.capacity_factor is not None:
             probs, routing_map = apply_router_token_dropping(probs, routing_map, self.topk,
                                                              self.capacity_factor)
-        if training:  # what the run logs (training/metrics.py: moe_load)
-            self.load += torch.cat([routing_map.sum(0), (routed - routing_map.sum(0)).sum(
-                ).reshape(1), self.logged_loss().reshape(1)]).to(self.load)
+        if training:  # the step's load, for metrics.csv (training/metrics.py: moe_load)
+            kept = routing_map.sum(0)
+            step = torch.cat([kept, (routed - kept).sum().reshape(1),
+                              self.logged_loss().reshape(1)]).double()
+            self.load = step if self.load is None else self.load + step
         return probs, routing_map
 
     def logged_loss(self):
@@ -79,7 +81,7 @@ class TopKRouter(nn.Module):
         under aux_loss over the d data-parallel ranks' micro-batches, 1/d."""
         loss = self.losses.get("load_balancing_loss")
         if loss is None:
-            return torch.zeros(())
+            return torch.zeros((), device=self.weight.device)
         divisor = self.load_balancing_group(self.aux_loss_type)[1]
         if self.aux_loss_type == "aux_loss" and self.parallel:
             divisor *= ps.get_data_parallel_world_size()
@@ -125,7 +127,7 @@ class TopKRouter(nn.Module):
         rank's; training/metrics.py's moe_load sums them). The training loops call it, through
         reset_moe_trackers, before each step."""
         self.global_tokens_per_expert, self.ga_steps = 0, 0
-        self.load = torch.zeros(self.num_experts + 2, dtype=torch.float64)
+        self.load = None  # (on the run's device: no copy to the host in forward)
 
 
 def reset_moe_trackers(model):
