@@ -37,13 +37,13 @@ TP2_SP = ["--tensor_model_parallel_size", "2", "--sequence_parallel"]
 OVERLAP = ["--overlap_grad_reduce", "--ddp_bucket_size", "5000"]  # several buckets
 
 RUNS = {  # (ranks, flags) against serial with SERIAL's micro-batches
-    "ep2-allgather": (2, [EP, "2"]),
     "ep4-alltoall": (4, [EP, "4", *A2A]),
     "ep2-tp2-sp": (4, [EP, "2", *A2A, *TP2_SP]),
     "ep2-pp2": (4, [EP, "2", "--pipeline_model_parallel_size", "2"]),
     "dp4-ep2-distopt": (4, [EP, "2", *A2A, "--use_distributed_optimizer"]),
-    # EP over a sequence's context ranks; the experts' sums launched with the gradients' buckets
-    "ep2-cp2-overlap": (2, [EP, "2", *A2A, "--context_parallel_size", "2", *OVERLAP]),
+    # EP over a sequence's context ranks, the allgather dispatcher (Megatron's default); the
+    # experts' sums launched with the gradients' buckets
+    "ep2-cp2-allgather-overlap": (2, [EP, "2", "--context_parallel_size", "2", *OVERLAP]),
     # Expert tensor parallelism: each expert's hidden units split over the TP ranks; its expert
     # buffers' reduce-scatters and all-gathers overlapped.
     "ep2-etp2-tp2-sp-distopt-overlap": (4, [EP, "2", ETP, "2", *A2A, *TP2_SP,
