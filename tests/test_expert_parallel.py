@@ -147,14 +147,14 @@ def test_a_checkpoint_resumes_at_another_expert_parallel_size(serial, token_dir,
 
 
 def test_bf16_with_adam_clipping_and_recomputation_trains(token_dir, tmp_path):
-    """EP 2 x TP 2 + SP in bf16 (fp32 main parameters), Adam, clipping (the experts' norms
-    counted once, over the expert group) and full recomputation: it learns, and every rank
-    reports the same loss (the logbook checks it); the norm is serial's at the first step, before
-    bf16's round-off has grown (4 bf16 ulps)."""
+    """EP 2 in bf16 (fp32 main parameters), Adam, clipping at 0.5 and full recomputation (its
+    forward's dispatch run again in backward): it learns, and its first step's norm is serial's
+    within 3%, before bf16's round-off has grown (4 bf16 ulps). (The norm in float64, each
+    expert counted once: every run above.)"""
     flags = ["--dtype", "bfloat16", "--optimizer", "adam", "--clip_grad", "0.5",
              "--recompute_granularity", "full", "--num_iterations", "4", "--eval_interval", "2"]
-    launch(4, *MODEL, *TP2_SP, EP, "2", *A2A, "--micro_batch_size", "2", *flags,
-           "--data_dir", token_dir, "--out_dir", str(tmp_path / "run"))
+    launch(2, *MODEL, EP, "2", *A2A, "--tensor_model_parallel_size", "1", "--micro_batch_size",
+           "2", *flags, "--data_dir", token_dir, "--out_dir", str(tmp_path / "run"))
     _serial(str(tmp_path / "serial"), token_dir, *SERIAL, *flags)
     rows, serial = _load(tmp_path / "run"), _load(tmp_path / "serial")
     valid = [float(r["valid_loss"]) for r in rows if r["valid_loss"]]
