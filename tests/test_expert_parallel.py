@@ -190,14 +190,15 @@ def test_split_sizes_the_ranks_disagree_on_fail_in_one_line():
       "1"], 2, "--expert_model_parallel_size 4 x --expert_tensor_parallel_size 1 does not divide "
                "the 2 ranks of a pipeline stage"),
     (["--model", "transformer", "--num_experts", "4"], 2,
-     "each rank must route other tokens (Megatron's rule too): add --sequence_parallel"),
+     "each rank must route other tokens, its part of the sequence (Megatron's rule too): add "
+     "--sequence_parallel"),
     (["--model", "transformer", "--num_experts", "4", ETP, "2", "--tensor_model_parallel_size",
       "1"], 2, "each expert is whole on its rank (1) or split over the tensor-parallel group "
                "(--tensor_model_parallel_size 1) here"),
     (["--model", "transformer", "--num_experts", "4", ETP, "2", "--sequence_parallel",
       "--moe_ffn_hidden_size", "63"], 2, "63 (--moe_ffn_hidden_size) is not divisible by it"),
     (["--model", "transformer", EP, "2", "--tensor_model_parallel_size", "1"], 2,
-     "(add --num_experts)"),
+     "add --num_experts (a multiple of 2)"),
 ])
 def test_expert_parallel_flag_errors_are_one_line(argv, world_size, message):
     assert message in (flag_error(argv, world_size) or "")

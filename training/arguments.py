@@ -441,8 +441,9 @@ FLAG_RULES = (
          lambda a: a.expert_model_parallel_size > 1 and (
              a.num_experts or 1) % a.expert_model_parallel_size != 0,
          lambda a: f"--expert_model_parallel_size {a.expert_model_parallel_size} spreads each "
-                   f"MoE layer's experts over as many ranks: --num_experts {a.num_experts} must "
-                   "be a multiple of it" + (" (add --num_experts)" if not a.num_experts else "")),
+                   "MoE layer's experts over as many ranks: " + (
+                       f"--num_experts {a.num_experts} must be a multiple of it" if a.num_experts
+                       else f"add --num_experts (a multiple of {a.expert_model_parallel_size})")),
     Rule(("expert_tensor_parallel_size", "tensor_model_parallel_size"),
          lambda a: a.expert_tensor_parallel_size not in (1, a.tensor_model_parallel_size),
          lambda a: f"--expert_tensor_parallel_size {a.expert_tensor_parallel_size}: each expert "
@@ -461,8 +462,8 @@ FLAG_RULES = (
     Rule(("num_experts", "tensor_model_parallel_size", "sequence_parallel"),
          lambda a: a.num_experts and a.tensor_model_parallel_size > 1 and not a.sequence_parallel,
          lambda a: f"--num_experts with --tensor_model_parallel_size "
-                   f"{a.tensor_model_parallel_size}: the experts are whole on each rank, and each "
-                   "rank must route other tokens (Megatron's rule too): add --sequence_parallel"),
+                   f"{a.tensor_model_parallel_size}: each rank must route other tokens, its part "
+                   "of the sequence (Megatron's rule too): add --sequence_parallel"),
     Rule(("tp_reduce_dtype", "dtype"), lambda a: a.tp_reduce_dtype == "float32" and
          a.dtype != "bfloat16",
          lambda a: f"--tp_reduce_dtype float32 changes bfloat16 runs only; this one is --dtype "
