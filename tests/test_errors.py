@@ -619,6 +619,11 @@ def test_a_checkpoint_folder_without_its_tracker_is_refused(tmp_path):
     (["--optimizer", "adam", "--adam_beta2", "0.99", "--pipeline_model_parallel_size", "2",
       "--tensor_model_parallel_size", "1", "--pipeline_schedule", "gpipe"], None),
     (["--momentum", "0.5"], None),
+    (["--model", "transformer", "--num_experts", "4", "--moe_token_dispatcher_type", "alltoall",
+      "--tensor_model_parallel_size", "1"],
+     "note: --moe_token_dispatcher_type alltoall takes the tokens to other ranks' experts: at "
+     "--expert_model_parallel_size 1 (and --expert_tensor_parallel_size 1) every rank holds "
+     "every expert and it changes nothing"),
 ])
 def test_a_flag_that_does_nothing_here_says_so(argv, note, capsys):
     """One note on rank 0 for a flag the user gave (the default's value too) that this run does

@@ -612,6 +612,12 @@ def check_the_flags_given(parser, args, argv):
     if moe and args.num_experts is None:
         notes.append(f"{', '.join(sorted(moe))}: the routed MLP's; without --num_experts the "
                      "transformer's MLPs are dense and they change nothing")
+    elif "--moe_token_dispatcher_type" in given and args.num_experts and \
+            args.expert_model_parallel_size * args.expert_tensor_parallel_size == 1:
+        notes.append(f"--moe_token_dispatcher_type {args.moe_token_dispatcher_type} takes the "
+                     "tokens to other ranks' experts: at --expert_model_parallel_size 1 (and "
+                     "--expert_tensor_parallel_size 1) every rank holds every expert and it "
+                     "changes nothing")
     if "--ddp_bucket_size" in given and not getattr(args, "overlap_grad_reduce", False):
         notes.append(f"--ddp_bucket_size {args.ddp_bucket_size} sizes --overlap_grad_reduce's "
                      "buckets: without it the gradients are averaged in one piece after "
