@@ -72,7 +72,8 @@ def train(model, optimizer, batches, logbook, args, start=0):
     for it in range(start + 1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        reset_moe_trackers(model)  # --num_experts: the step's counts (router.py)
+        if args.num_experts:  # the routers' counts start again (router.py)
+            reset_moe_trackers(model)
         # The micro-batches' forward and backward through the stages (one stage without a
         # pipeline); on the last, the loss: ToyModel's mean squared error, the transformer's
         # cross-entropy with the logits left split (Sec. 3).

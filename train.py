@@ -87,7 +87,7 @@ def moe_config(args):
                 aux_loss_type=args.moe_router_load_balancing_type,
                 z_loss_coeff=args.moe_z_loss_coeff,
                 capacity_factor=args.moe_expert_capacity_factor,
-                dispatcher=getattr(args, "moe_token_dispatcher_type", "alltoall"))
+                dispatcher=getattr(args, "moe_token_dispatcher_type", "allgather"))
 
 
 def load_data(args):
@@ -150,7 +150,8 @@ def train(model, optimizer, batches, logbook, args):
     for it in range(1, args.num_iterations + 1):
         inputs, targets = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        reset_moe_trackers(model)  # --num_experts: the step's counts (router.py)
+        if args.num_experts:  # the routers' counts start again (router.py)
+            reset_moe_trackers(model)
         loss = 0.0
         for x, y in zip(inputs.split(rows), targets.split(rows)):
             part = model.loss(model(x), y) / m  # its share of the mean

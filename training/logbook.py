@@ -25,8 +25,7 @@ import torch
 from core import parallel_state as ps
 from core import wire
 from core.parallel_state import UserError
-from core.pipeline_parallel.schedules import chunk_layers
-from training.metrics import EARLIER_RUN
+from training.metrics import EARLIER_RUN, moe_layers_on_rank_0
 from training.operations import Terminated
 
 
@@ -360,9 +359,7 @@ def _report_expert_parallel_formula(args, stats, tallies):
     tp = args.tensor_model_parallel_size if args.sequence_parallel else 1
     t = args.micro_batch_size * args.seq_length // tp // args.context_parallel_size
     h, b, e = args.input_size, args.torch_dtype.itemsize, args.num_experts
-    v = args.virtual_pipeline_model_parallel_size or 1
-    layers = sum(i % args.moe_layer_freq == 0 for c in range(v) for i in chunk_layers(
-        args.num_layers, args.pipeline_model_parallel_size, 0, v, c))
+    layers = moe_layers_on_rank_0(args)
     n = layers * args.num_microbatches  # the dispatches in the step (each forward's)
     passes = 2 if args.recompute_granularity == "full" else 1  # forward run again in backward
     pb = max(b, 4)  # the probabilities' bytes: fp32 at least (moe_utils.py)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from core import parallel_state as ps
 from core import wire
 from core.parallel_state import UserError
+from core.pipeline_parallel.schedules import chunk_layers
 from core.transformer.moe.router import TopKRouter
 
 RUN_FILES = ("metrics.csv", "config.json", "model.pt")
@@ -246,6 +247,15 @@ def why_not_comparable(run_dirs, metrics, configs):
     if n[0] != n[1]:
         return f"the runs have {n[0]} and {n[1]} iterations (did one stop early?)"
     return None
+
+
+def moe_layers_on_rank_0(args):
+    """--num_experts: the MoE layers rank 0 holds (every --moe_layer_freq-th block of its
+    pipeline stage's chunks, the first always): the communication table's and the memory line's
+    formulas count them."""
+    v = args.virtual_pipeline_model_parallel_size or 1
+    return sum(i % args.moe_layer_freq == 0 for c in range(v) for i in chunk_layers(
+        args.num_layers, args.pipeline_model_parallel_size, 0, v, c))
 
 
 def moe_load(model, args):

@@ -13,7 +13,7 @@ import torch
 
 from core import parallel_state as ps
 from core.optimizer.distrib_optimizer import DistributedOptimizer, is_expert
-from core.pipeline_parallel.schedules import chunk_layers
+from training.metrics import moe_layers_on_rank_0
 
 
 def optimizer_memory(model, optimizer) -> dict:
@@ -77,9 +77,7 @@ def report_expert_parameters(args, numel, experts):
     MoE layer's E experts of 2 H F weights (the toy MLP's two) spread over EP ranks, each split
     over ETP."""
     ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
-    v = args.virtual_pipeline_model_parallel_size or 1
-    layers = sum(i % args.moe_layer_freq == 0 for c in range(v) for i in chunk_layers(
-        args.num_layers, args.pipeline_model_parallel_size, 0, v, c))
+    layers = moe_layers_on_rank_0(args)
     f = args.moe_ffn_hidden_size or args.hidden_size
     expected = layers * args.num_experts // ep * 2 * args.input_size * f // etp
     print(f"  of which experts {experts} ({experts / numel:.0%}): {layers} MoE layer(s) x E "

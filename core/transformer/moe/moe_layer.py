@@ -22,7 +22,7 @@ from core.transformer.moe.token_dispatcher import DISPATCHERS
 
 class MoELayer(nn.Module):
     """forward(hidden [seq, batch, width]) -> [seq, batch, width]; after it, `router.losses`
-    holds this forward's auxiliary losses, and `tokens_per_expert` its routed counts."""
+    holds this forward's auxiliary losses (and `router.load` the step's counts so far)."""
 
     def __init__(self, width, num_experts, topk, make_expert, aux_loss_coeff=0.0,
                  z_loss_coeff=None, capacity_factor=None, dtype=None, aux_loss_type="aux_loss",
@@ -42,15 +42,13 @@ class MoELayer(nn.Module):
         local = self.dispatcher.local_experts if self.dispatcher else slice(0, num_experts)
         self.experts = SequentialMLP(num_experts, make_expert, range(num_experts)[local], etp,
                                      ps.get_tensor_model_parallel_rank() if etp > 1 else 0)
-        self.tokens_per_expert = None
 
     def forward(self, hidden):
         tokens = hidden.reshape(-1, hidden.shape[-1])
         probs, routing_map = self.router(tokens)
-        self.tokens_per_expert = routing_map.sum(0)  # this rank's tokens' (training/metrics)
         if self.dispatcher is None:
             permuted, sorted_indices = permute(tokens, routing_map)
-            expert_output = self.experts(permuted, self.tokens_per_expert)
+            expert_output = self.experts(permuted, routing_map.sum(0))
             output = unpermute(expert_output, sorted_indices, tokens.shape, probs, routing_map)
         else:  # to the experts' ranks and back (token_dispatcher.py)
             permuted, tokens_per_local_expert = self.dispatcher.token_permutation(
